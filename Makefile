@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+:
+#   make run    run TaskRelay on its embedded SQLite store, with the provider sandbox
+#   make test   lint, type-check and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test lint install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The demo token and sandbox are defaults for trying TaskRelay out; set your own in production.
+run: $(STAMP)
+	TASKRELAY_SANDBOX=$${TASKRELAY_SANDBOX:-true} \
+	TASKRELAY_API_TOKENS=$${TASKRELAY_API_TOKENS:-demo:demo-token} \
+	$(BIN)/taskrelay serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests migrations
+	$(BIN)/ruff format --check service tests migrations
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
