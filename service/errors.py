@@ -1,0 +1,188 @@
+"""TaskRelay's one error hierarchy.
+
+Every error the service raises on purpose is a :class:`TaskRelayError`. Each carries a stable,
+machine-readable ``code``, the HTTP status it maps to and a message written for a person. Errors
+from httpx and the database are translated into these at the adapter and store boundaries
+(``raise ... from exc``); ``service.app`` turns them into JSON responses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskRelayError(Exception):
+    """Base class: ``status`` is the HTTP status, ``code`` a stable identifier for clients."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+class SettingsError(TaskRelayError):
+    """A configuration value is missing or malformed; start-up stops with this message."""
+
+    code = "invalid_settings"
+
+
+# --- client errors (4xx) -----------------------------------------------------------------------
+
+
+class BadRequest(TaskRelayError):
+    status = 400
+    code = "bad_request"
+
+
+class ValidationFailed(BadRequest):
+    """The request body or query does not validate; ``details`` lists each bad field."""
+
+    code = "validation_failed"
+
+
+class Unauthorized(TaskRelayError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(TaskRelayError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(TaskRelayError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(TaskRelayError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(TaskRelayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(TaskRelayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(TaskRelayError):
+    status = 422
+    code = "unprocessable"
+
+
+# --- callback token errors ---------------------------------------------------------------------
+
+
+class CallbackTokenInvalid(Unauthorized):
+    code = "callback_token_invalid"
+
+
+class CallbackTokenExpired(Unauthorized):
+    code = "callback_token_expired"
+
+
+class CallbackProviderMismatch(Forbidden):
+    code = "callback_provider_mismatch"
+
+
+class CallbackParseError(BadRequest):
+    """A callback body could not be turned into a task update (not JSON, wrong shape)."""
+
+    code = "callback_unparseable"
+
+
+# --- server-side errors ------------------------------------------------------------------------
+
+
+class StoreUnavailable(TaskRelayError):
+    """The database cannot be reached or refused the write: nothing was recorded."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+# --- upstream provider errors ------------------------------------------------------------------
+
+
+class ProviderError(TaskRelayError):
+    """An upstream provider refused or failed a request.
+
+    ``retryable`` says whether the same request may succeed later (the provider's fault), as
+    opposed to the caller's fault, which is final. ``retry_after`` keeps a provider's
+    Retry-After hint in seconds.
+    """
+
+    status = 502
+    code = "upstream_error"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+        details: Any = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, details=details, code=code)
+        self.provider = provider
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+
+
+class UpstreamBadRequest(ProviderError):
+    status = 502
+    code = "upstream_bad_request"
+
+
+class UpstreamUnauthorized(ProviderError):
+    status = 502
+    code = "upstream_unauthorized"
+
+
+class UpstreamNotFound(ProviderError):
+    status = 502
+    code = "upstream_not_found"
+
+
+class UpstreamRateLimited(ProviderError):
+    status = 503
+    code = "upstream_rate_limited"
+    retryable = True
+
+
+class UpstreamUnavailable(ProviderError):
+    status = 503
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class ContentPolicyViolation(ProviderError):
+    status = 502
+    code = "content_policy_violation"
+
+
+class UpstreamProtocolError(ProviderError):
+    """The provider answered, but not in the shape its documentation describes."""
+
+    status = 502
+    code = "upstream_protocol_error"
+    retryable = True

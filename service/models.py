@@ -1,0 +1,189 @@
+"""Database tables (SQLModel). Alembic migrations in ``migrations/`` create exactly this schema.
+
+- ``task``: one row per generation task, whatever provider runs it.
+- ``task_event``: the append-only history of a task's state changes, one row per real
+  transition, written in the same transaction as the change. It is also the event log that
+  later forwarding reads (``seq`` is a global, increasing position).
+- ``callback_receipt``: every callback TaskRelay accepted a token for, with its raw body
+  (size-capped) and what became of it, for audit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+    expired = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {TaskStatus.succeeded, TaskStatus.failed, TaskStatus.canceled, TaskStatus.expired}
+)
+
+
+class UpdateSource(StrEnum):
+    """Where a task's latest change came from."""
+
+    submit = "submit"
+    callback = "callback"
+    poll = "poll"
+    stream = "stream"
+    timeout = "timeout"
+    api = "api"
+
+
+class TaskOrigin(StrEnum):
+    submitted = "submitted"  # TaskRelay sent the request to the provider (POST /v1/tasks)
+    tracked = "tracked"  # the caller submitted it and registered it (POST /v1/tasks/track)
+
+
+class EventType(StrEnum):
+    submitted = "task.submitted"
+    progress = "task.progress"
+    succeeded = "task.succeeded"
+    failed = "task.failed"
+    canceled = "task.canceled"
+    expired = "task.expired"
+
+
+class ReceiptOutcome(StrEnum):
+    applied = "applied"  # changed the task
+    unchanged = "unchanged"  # a duplicate or stale update: recorded, nothing changed
+    terminal = "terminal"  # the task was already final: recorded, nothing changed
+    rejected = "rejected"  # the body could not be parsed or contradicted the task
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone of its own)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+def json_type() -> sa.types.TypeEngine[Any]:
+    return sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def big_pk_type() -> sa.types.TypeEngine[int]:
+    # BIGINT on PostgreSQL; plain INTEGER on SQLite, where only that is the rowid alias.
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class Task(SQLModel, table=True):
+    __tablename__ = "task"
+    __table_args__ = (
+        sa.UniqueConstraint("id", name="uq_task_id"),
+        sa.UniqueConstraint("owner", "idempotency_key", name="uq_task_owner_idempotency_key"),
+        sa.UniqueConstraint(
+            "owner", "provider", "provider_task_id", name="uq_task_owner_provider_task"
+        ),
+        sa.Index("ix_task_provider_task", "provider", "provider_task_id"),
+        sa.Index("ix_task_owner_pk", "owner", "pk"),
+        sa.Index("ix_task_owner_status_pk", "owner", "status", "pk"),
+        sa.Index("ix_task_owner_provider_pk", "owner", "provider", "pk"),
+    )
+
+    # Integer key: compact joins, and a strict newest-first order for cursor pagination.
+    pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    id: str = Field(sa_column=sa.Column(sa.String(40), nullable=False))
+    owner: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    provider: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    provider_task_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(255)))
+    origin: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    status: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    progress: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
+    request: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(json_type(), nullable=False)
+    )
+    images: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=sa.Column(json_type(), nullable=False)
+    )
+    error: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(json_type()))
+    meta: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column("metadata", json_type(), nullable=False)
+    )
+    raw_status: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
+    idempotency_key: str | None = Field(default=None, sa_column=sa.Column(sa.String(255)))
+    request_fingerprint: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
+    last_update_source: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    submit_attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    completed_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+
+
+class TaskEvent(SQLModel, table=True):
+    __tablename__ = "task_event"
+    __table_args__ = (
+        sa.UniqueConstraint("id", name="uq_task_event_id"),
+        sa.Index("ix_task_event_task_seq", "task_pk", "seq"),
+    )
+
+    seq: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    id: str = Field(sa_column=sa.Column(sa.String(40), nullable=False))
+    task_pk: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("task.pk", ondelete="CASCADE"), nullable=False
+        )
+    )
+    type: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    status: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    progress: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    source: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    # The task exactly as GET /v1/tasks/{id} showed it right after this change.
+    data: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
+
+
+class CallbackReceipt(SQLModel, table=True):
+    __tablename__ = "callback_receipt"
+    __table_args__ = (sa.Index("ix_callback_receipt_task_pk", "task_pk", "pk"),)
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    task_pk: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("task.pk", ondelete="CASCADE"), nullable=False
+        )
+    )
+    provider: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    received_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    outcome: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    content_type: str | None = Field(default=None, sa_column=sa.Column(sa.String(255)))
+    # The bytes exactly as received (up to the audit cap), whatever their encoding.
+    body: bytes = Field(sa_column=sa.Column(sa.LargeBinary, nullable=False))
+    body_size: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    body_truncated: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,42 @@
+"""Retry and backoff as pure objects: given what happened, they return a decision (wait this
+long, or give up). No sleeping and no clock inside, so tests check schedules exactly."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter.
+
+    Attempt 1 is the first try. ``delay(attempt)`` is the wait after attempt ``attempt``
+    failed, or ``None`` once ``max_attempts`` tries have been made. A provider's
+    Retry-After hint is honoured when it asks for longer.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 60.0
+    max_attempts: int = 4
+    jitter: float = 0.5  # fraction of the delay that is randomised (0 = none, 1 = full jitter)
+
+    def delay(
+        self,
+        attempt: int,
+        *,
+        retry_after: float | None = None,
+        rng: random.Random | None = None,
+    ) -> float | None:
+        if attempt >= self.max_attempts:
+            return None
+        raw = min(self.cap, self.base * self.factor ** (attempt - 1))
+        spread = raw * self.jitter
+        chosen = raw - spread + (rng or random).random() * spread
+        if retry_after is not None:
+            chosen = max(chosen, min(retry_after, self.cap))
+        return chosen
+
+
+SUBMIT_BACKOFF = Backoff(base=1.0, factor=4.0, cap=30.0, max_attempts=4)

@@ -1,0 +1,226 @@
+"""The JSON shapes of the HTTP API: request bodies (validated with pydantic) and task JSON.
+
+Request models forbid unknown fields, so a typo is a 400 that names it instead of a silently
+ignored option. The same models produce the JSON Schemas in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import ValidationFailed
+from service.models import Task, TaskEvent
+from service.settings import PROVIDERS
+
+ProviderName = Literal["openai", "grsai", "gptimage15", "evolink", "apiinone"]
+Size = Literal["1:1", "2:3", "3:2", "auto"]
+Quality = Literal["low", "medium", "high", "auto"]
+StatusName = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+
+MAX_PROMPT_CHARS = 32_000
+MAX_IMAGE_URLS = 16
+MAX_URL_CHARS = 2048
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+assert set(ProviderName.__args__) == set(PROVIDERS)  # type: ignore[attr-defined]
+
+
+def _check_http_url(value: str) -> str:
+    if len(value) > MAX_URL_CHARS:
+        raise ValueError(f"URL longer than {MAX_URL_CHARS} characters")
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TaskCreate(_Body):
+    """POST /v1/tasks: generate images with a provider; TaskRelay submits and tracks it."""
+
+    provider: ProviderName
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    size: Size | None = Field(
+        default=None, description="Aspect ratio; omitted means the provider's default (1:1)."
+    )
+    quality: Quality | None = Field(
+        default=None, description="Omitted means the provider's default."
+    )
+    n: Annotated[int, Field(ge=1, le=10)] = 1
+    image_urls: Annotated[list[str], Field(max_length=MAX_IMAGE_URLS)] = Field(
+        default_factory=list, description="Reference images (edit mode)."
+    )
+    model: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        default=None, description="Overrides the provider's configured model name."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("image_urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        return [_check_http_url(item) for item in value]
+
+
+class TaskTrack(_Body):
+    """POST /v1/tasks/track: register a task the caller submits to the provider itself."""
+
+    provider: ProviderName
+    provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskPatch(_Body):
+    """PATCH /v1/tasks/{id}: learn the provider task id later, or replace the metadata."""
+
+    provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ImageOut(BaseModel):
+    url: str
+    width: int | None = None
+    height: int | None = None
+
+
+class TaskErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class TaskOut(BaseModel):
+    """The task JSON of GET /v1/tasks/{id}, list pages and event payloads."""
+
+    id: str
+    provider: ProviderName
+    provider_task_id: str | None
+    origin: Literal["submitted", "tracked"]
+    status: StatusName
+    progress: Annotated[int, Field(ge=0, le=100)]
+    images: list[ImageOut]
+    error: TaskErrorOut | None
+    metadata: dict[str, Any]
+    request: dict[str, Any]
+    provider_status: str | None = Field(description="The provider's own last status word.")
+    last_update_source: Literal["submit", "callback", "poll", "stream", "timeout", "api"]
+    created_at: str
+    updated_at: str
+    completed_at: str | None
+
+
+class TrackedTaskOut(TaskOut):
+    callback_url: str = Field(description="Give this URL to the provider as its callback.")
+
+
+class TaskPage(BaseModel):
+    data: list[TaskOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: str
+    type: str
+    timestamp: str
+    sequence: int
+    source: str
+    data: TaskOut
+
+
+class EventPage(BaseModel):
+    data: list[EventOut]
+
+
+class CallbackAck(BaseModel):
+    received: bool
+    task_id: str
+    status: StatusName
+    outcome: Literal["applied", "unchanged", "terminal"]
+
+
+def isoformat(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(name: str, text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"Query parameter {name!r} is not an ISO 8601 timestamp.",
+            details=[{"field": name, "message": "use e.g. 2026-11-20T10:00:00Z"}],
+        ) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "provider": task.provider,
+        "provider_task_id": task.provider_task_id,
+        "origin": task.origin,
+        "status": task.status,
+        "progress": task.progress,
+        "images": list(task.images),
+        "error": task.error,
+        "metadata": task.meta,
+        "request": task.request,
+        "provider_status": task.raw_status,
+        "last_update_source": task.last_update_source,
+        "created_at": isoformat(task.created_at),
+        "updated_at": isoformat(task.updated_at),
+        "completed_at": isoformat(task.completed_at),
+    }
+
+
+def event_json(event: TaskEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "timestamp": isoformat(event.created_at),
+        "sequence": event.seq,
+        "source": event.source,
+        "data": event.data,
+    }
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    details = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"]) or "(body)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field; remove it (see the API reference for accepted fields)"
+        elif error["type"] == "literal_error":
+            message = message.replace("Input should be", "must be one of")
+        details.append({"field": location, "message": message})
+    return details
+
+
+def parse_body(model: type[ModelT], data: Any) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = validation_details(exc)
+        fields = ", ".join(sorted({item["field"] for item in details}))
+        raise ValidationFailed(
+            f"The request body has invalid fields: {fields}.", details=details
+        ) from exc

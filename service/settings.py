@@ -1,0 +1,385 @@
+"""All configuration, read once at start-up from ``TASKRELAY_*`` environment variables.
+
+An optional ``.env`` file (``TASKRELAY_ENV_FILE``, default ``./.env``) supplies values the
+environment does not. Every value is validated here; a bad one raises :class:`SettingsError`
+naming the variable and what it expects, so start-up stops with a message a person can act on.
+Secrets are wrapped in :class:`Secret` so they never print.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from service.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS: tuple[str, ...] = ("openai", "grsai", "gptimage15", "evolink", "apiinone")
+
+DEFAULT_BASE_URLS: dict[str, str] = {
+    "openai": "https://api.openai.com",
+    "grsai": "https://api.grsai.com",
+    "gptimage15": "https://gptimage15.ai",
+    "evolink": "https://api.evolink.ai",
+    "apiinone": "https://apiin.one",
+}
+
+# The seeds disagree on model ids (API in One shows both `gpt-image-1-5` and
+# `gpt-image-1.5-official`; GrsAI's example shows `sora-image`), so every one is configuration.
+DEFAULT_MODELS: dict[str, str] = {
+    "openai": "gpt-image-1.5",
+    "grsai": "gpt-image-1.5",
+    "gptimage15": "gpt-image-1.5",
+    "evolink": "gpt-image-1.5",
+    "apiinone": "gpt-image-1-5",
+}
+
+GRSAI_MODES = ("callback", "poll", "stream")
+
+SANDBOX_API_KEY = "sandbox-key"
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (logs, tracebacks, error pages)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    name: str
+    api_key: Secret | None
+    base_url: str
+    model: str
+    # GrsAI only: how results come back (webHook callback, "-1" id-then-poll, or stream).
+    mode: str = "callback"
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key is not None and bool(self.api_key)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    public_url: str
+    secret_key: Secret
+    secret_key_fallbacks: tuple[Secret, ...]
+    api_tokens: Mapping[str, Secret]
+    providers: Mapping[str, ProviderSettings]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    callback_token_ttl: float = 7 * 86400.0
+    max_body_bytes: int = 1024 * 1024
+    callback_audit_bytes: int = 64 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    db_pool_size: int = 10
+    log_level: str = "INFO"
+    sandbox: bool = False
+    files_dir: Path = field(default=Path("data/files"))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads variables from the environment first, then the .env file, naming them on error."""
+
+    def __init__(self, environ: Mapping[str, str], file_values: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.file_values = file_values
+
+    def raw(self, name: str) -> str | None:
+        if name in self.environ:
+            return self.environ[name]
+        return self.file_values.get(name)
+
+    def get(self, name: str, cast: Callable[[str], T], default: T, expects: str) -> T:
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            return default
+        try:
+            return cast(value.strip())
+        except (ValueError, TypeError) as exc:
+            reason = f" ({exc})" if str(exc) else ""
+            raise SettingsError(
+                f"{name}={value!r} is not valid: expected {expects}{reason}.",
+                details={"variable": name, "expected": expects},
+            ) from exc
+
+
+def parse_duration(text: str) -> float:
+    """``"90"`` (seconds), ``"500ms"``, ``"30s"``, ``"15m"``, ``"12h"``, ``"7d"`` -> seconds."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError("use a number of seconds or a number with ms, s, m, h or d")
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("use true or false")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError("must be between 1 and 65535")
+    return value
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("an absolute http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("no query string or fragment")
+    return text.rstrip("/")
+
+
+def _log_level(text: str) -> str:
+    upper = text.upper()
+    if upper not in _LOG_LEVELS:
+        raise ValueError("one of " + ", ".join(_LOG_LEVELS))
+    return upper
+
+
+def _database_url(text: str) -> str:
+    if text.startswith("postgresql://") or text.startswith("postgres://"):
+        # psycopg 3 is the PostgreSQL driver; accept the plain URL form users copy from elsewhere.
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
+    if text.startswith(("postgresql+psycopg://", "sqlite:///", "sqlite+pysqlite:///")):
+        return text
+    raise ValueError("a sqlite:///path or postgresql://user@host/db URL")
+
+
+def parse_api_tokens(text: str) -> dict[str, Secret]:
+    """``"alice:tok1,bob:tok2"`` -> ``{"alice": Secret("tok1"), ...}``; names and tokens unique."""
+    tokens: dict[str, Secret] = {}
+    seen: set[str] = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, token = item.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not name or not token:
+            raise ValueError("each entry must be name:token")
+        if not _TOKEN_NAME_RE.match(name):
+            raise ValueError(f"client name {name!r} may use only letters, digits, '.', '_', '-'")
+        if len(token) < 8:
+            raise ValueError(f"the token of client {name!r} is shorter than 8 characters")
+        if name in tokens:
+            raise ValueError(f"client name {name!r} appears twice")
+        if token in seen:
+            raise ValueError("two clients share one token")
+        seen.add(token)
+        tokens[name] = Secret(token)
+    return tokens
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A minimal ``KEY=value`` reader: comments, blank lines and surrounding quotes handled."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: expected KEY=value, got {line!r}.")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _load_or_create_secret_key(data_dir: Path) -> Secret:
+    """The signing key kept in the data folder, generated on first use (with a warning)."""
+    path = data_dir / "secret_key"
+    if path.is_file():
+        value = path.read_text(encoding="utf-8").strip()
+        if value:
+            return Secret(value)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    log.warning(
+        "TASKRELAY_SECRET_KEY is not set: generated a signing key and saved it to %s. "
+        "Set TASKRELAY_SECRET_KEY in production (every replica needs the same key).",
+        path,
+    )
+    return Secret(value)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, env_file: Path | None = None
+) -> Settings:
+    """Read and validate every setting. Raises :class:`SettingsError` on the first bad value."""
+    environ = os.environ if environ is None else environ
+    if env_file is None:
+        env_file = Path(environ.get("TASKRELAY_ENV_FILE", ".env"))
+    env = _Reader(environ, read_env_file(env_file))
+
+    data_dir = env.get("TASKRELAY_DATA_DIR", Path, Path("data"), "a folder path")
+    default_db = f"sqlite:///{data_dir / 'taskrelay.db'}"
+    database_url = env.get(
+        "TASKRELAY_DATABASE_URL", _database_url, default_db, "a sqlite:/// or postgresql:// URL"
+    )
+    host = env.get("TASKRELAY_HOST", str, "127.0.0.1", "a host name or address")
+    port = env.get("TASKRELAY_PORT", _port, 8000, "a TCP port number")
+    public_url = env.get(
+        "TASKRELAY_PUBLIC_URL", _http_url, f"http://{host}:{port}", "an http(s) base URL"
+    )
+
+    secret_raw = env.raw("TASKRELAY_SECRET_KEY")
+    if secret_raw is not None and secret_raw.strip():
+        if len(secret_raw.strip()) < 16:
+            raise SettingsError(
+                "TASKRELAY_SECRET_KEY is too short: use at least 16 random characters "
+                "(e.g. the output of `taskrelay new-token`).",
+                details={"variable": "TASKRELAY_SECRET_KEY"},
+            )
+        secret_key = Secret(secret_raw.strip())
+    else:
+        secret_key = _load_or_create_secret_key(data_dir)
+    fallbacks = tuple(
+        Secret(item.strip())
+        for item in (env.raw("TASKRELAY_SECRET_KEY_FALLBACKS") or "").split(",")
+        if item.strip()
+    )
+
+    no_tokens: dict[str, Secret] = {}
+    api_tokens = env.get(
+        "TASKRELAY_API_TOKENS", parse_api_tokens, no_tokens, "comma-separated name:token pairs"
+    )
+    sandbox = env.get("TASKRELAY_SANDBOX", parse_bool, False, "true or false")
+
+    providers: dict[str, ProviderSettings] = {}
+    for name in PROVIDERS:
+        prefix = f"TASKRELAY_{name.upper()}_"
+        key_raw = (env.raw(prefix + "API_KEY") or "").strip()
+        default_base = f"{public_url}/sandbox/{name}" if sandbox else DEFAULT_BASE_URLS[name]
+        if not key_raw and sandbox:
+            key_raw = SANDBOX_API_KEY
+        mode = "callback"
+        if name == "grsai":
+            mode = env.get(
+                prefix + "MODE", _choice(GRSAI_MODES), "callback", "callback, poll or stream"
+            )
+        providers[name] = ProviderSettings(
+            name=name,
+            api_key=Secret(key_raw) if key_raw else None,
+            base_url=env.get(prefix + "BASE_URL", _http_url, default_base, "an http(s) base URL"),
+            model=env.get(prefix + "MODEL", str, DEFAULT_MODELS[name], "a model name"),
+            mode=mode,
+        )
+
+    callback_token_ttl = env.get(
+        "TASKRELAY_CALLBACK_TOKEN_TTL", parse_duration, 7 * 86400.0, "a duration such as 7d"
+    )
+    if callback_token_ttl < 3600:
+        raise SettingsError(
+            "TASKRELAY_CALLBACK_TOKEN_TTL is shorter than one hour: providers retry callbacks "
+            "for a while and slow tasks take long, so use days (e.g. 7d).",
+            details={"variable": "TASKRELAY_CALLBACK_TOKEN_TTL"},
+        )
+
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        public_url=public_url,
+        secret_key=secret_key,
+        secret_key_fallbacks=fallbacks,
+        api_tokens=api_tokens,
+        providers=providers,
+        host=host,
+        port=port,
+        callback_token_ttl=callback_token_ttl,
+        max_body_bytes=env.get(
+            "TASKRELAY_MAX_BODY_BYTES", _positive_int, 1024 * 1024, "a number of bytes"
+        ),
+        callback_audit_bytes=env.get(
+            "TASKRELAY_CALLBACK_AUDIT_BYTES", _positive_int, 64 * 1024, "a number of bytes"
+        ),
+        max_metadata_bytes=env.get(
+            "TASKRELAY_MAX_METADATA_BYTES", _positive_int, 16 * 1024, "a number of bytes"
+        ),
+        db_pool_size=env.get("TASKRELAY_DB_POOL_SIZE", _positive_int, 10, "a positive integer"),
+        log_level=env.get(
+            "TASKRELAY_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"
+        ),
+        sandbox=sandbox,
+        files_dir=env.get("TASKRELAY_FILES_DIR", Path, data_dir / "files", "a folder path"),
+    )
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def cast(text: str) -> str:
+        if text not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return text
+
+    return cast

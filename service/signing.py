@@ -1,0 +1,71 @@
+"""Callback tokens: the proof a provider's callback carries, since no provider signs its own.
+
+A token is an itsdangerous-signed, timestamped value naming the task and its provider
+(HMAC-SHA256, URL-safe). It goes into the callback URL TaskRelay hands out:
+``{public_url}/callbacks/{provider}/{token}``. Verification is pure: no I/O.
+
+Key rotation: new tokens are signed with ``TASKRELAY_SECRET_KEY``; tokens signed with any key in
+``TASKRELAY_SECRET_KEY_FALLBACKS`` still verify until they expire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from service.errors import CallbackProviderMismatch, CallbackTokenExpired, CallbackTokenInvalid
+
+SALT = "taskrelay.callback.v1"
+
+
+@dataclass(frozen=True)
+class CallbackClaim:
+    task_id: str
+    provider: str
+
+
+class CallbackSigner:
+    def __init__(self, secret_key: str, fallbacks: Sequence[str] = (), *, max_age: float) -> None:
+        # itsdangerous signs with the last key and accepts all of them.
+        self._serializer = URLSafeTimedSerializer(
+            [*fallbacks, secret_key],
+            salt=SALT,
+            signer_kwargs={"digest_method": hashlib.sha256},
+        )
+        self.max_age = max_age
+
+    def token(self, task_id: str, provider: str) -> str:
+        value = self._serializer.dumps([task_id, provider])
+        return value if isinstance(value, str) else value.decode("ascii")
+
+    def callback_url(self, public_url: str, task_id: str, provider: str) -> str:
+        return f"{public_url}/callbacks/{provider}/{self.token(task_id, provider)}"
+
+    def verify(self, token: str, provider: str) -> CallbackClaim:
+        """The task a token names, or a typed error; checks signature, age and provider."""
+        try:
+            payload = self._serializer.loads(token, max_age=round(self.max_age))
+        except SignatureExpired as exc:
+            raise CallbackTokenExpired(
+                "This callback URL has expired; the task can still be refreshed by polling."
+            ) from exc
+        except BadSignature as exc:
+            raise CallbackTokenInvalid(
+                "This callback URL's token is not valid: it was not issued by this TaskRelay "
+                "or was altered."
+            ) from exc
+        if (
+            not isinstance(payload, list)
+            or len(payload) != 2
+            or not all(isinstance(item, str) for item in payload)
+        ):
+            raise CallbackTokenInvalid("This callback URL's token has an unexpected payload.")
+        task_id, token_provider = payload
+        if token_provider != provider:
+            raise CallbackProviderMismatch(
+                f"This callback URL was issued for provider {token_provider!r}, not {provider!r}."
+            )
+        return CallbackClaim(task_id=task_id, provider=token_provider)

@@ -1,0 +1,492 @@
+"""The task store: every read and write of tasks, their history and callback receipts.
+
+Each public method is one transaction. A task change and the history event it causes are
+written together, so a committed change always has its event and a rolled-back one never does.
+Database errors are translated here: connection and lock failures become
+:class:`StoreUnavailable` (the caller answers 503, never a 2xx for something not recorded).
+
+Methods are synchronous; the HTTP layer runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import Session, col, select
+
+from service.db import WRITE_OPTION
+from service.errors import Conflict, NotFound, StoreUnavailable, Unprocessable, ValidationFailed
+from service.lifecycle import Change, TaskState, TaskUpdate, decide, expire
+from service.models import (
+    CallbackReceipt,
+    EventType,
+    ReceiptOutcome,
+    Task,
+    TaskEvent,
+    TaskOrigin,
+    TaskStatus,
+    UpdateSource,
+    utcnow,
+)
+from service.schemas import task_json
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+def new_id(prefix: str) -> str:
+    """An opaque, URL-safe, unguessable identifier such as ``tsk_3q2-9aZ...``."""
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def encode_cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"before": pk}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        before = value["before"]
+        if not isinstance(before, int) or before < 1:
+            raise ValueError
+        return before
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeEncodeError) as exc:
+        raise ValidationFailed(
+            "The cursor is not valid: pass the next_cursor value of a previous page unchanged.",
+            details=[{"field": "cursor", "message": "not a cursor issued by this API"}],
+        ) from exc
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    task: dict[str, Any]
+    created: bool
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    task: dict[str, Any]
+    outcome: ReceiptOutcome
+    event: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ReceiptDraft:
+    """A callback body as received, before the store knows what it will do to the task."""
+
+    provider: str
+    body: bytes
+    content_type: str | None
+    error: str | None = None
+    # The full size when ``body`` is only what was read of a larger body.
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    status: tuple[str, ...] = ()
+    provider: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _state(task: Task) -> TaskState:
+    return TaskState(
+        status=TaskStatus(task.status),
+        progress=task.progress,
+        images=tuple(task.images),
+        error=task.error,
+        provider_task_id=task.provider_task_id,
+        raw_status=task.raw_status,
+    )
+
+
+class Store:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        audit_bytes: int = 64 * 1024,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.audit_bytes = audit_bytes
+
+    # --- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self, *, write: bool) -> Iterator[Session]:
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                if write:
+                    session.connection(execution_options={WRITE_OPTION: True})
+                yield session
+                if write:
+                    session.commit()
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise StoreUnavailable(
+                "The database is unavailable or refused the write; nothing was recorded. "
+                "Retry shortly.",
+                details={"reason": type(exc.orig).__name__ if exc.orig else type(exc).__name__},
+            ) from exc
+
+    def ping(self) -> None:
+        with self._session(write=False) as session:
+            session.execute(sa.text("SELECT 1"))
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        *,
+        owner: str,
+        provider: str,
+        origin: TaskOrigin,
+        request: dict[str, Any],
+        metadata: dict[str, Any],
+        provider_task_id: str | None = None,
+        idempotency_key: str | None = None,
+        request_fingerprint: str | None = None,
+    ) -> CreateResult:
+        """Insert a queued task and its ``task.submitted`` event, or return the task an
+        earlier request with the same idempotency key created."""
+        try:
+            with self._session(write=True) as session:
+                if idempotency_key is not None:
+                    existing = self._by_idempotency_key(session, owner, idempotency_key)
+                    if existing is not None:
+                        return self._replay(existing, request_fingerprint)
+                if provider_task_id is not None:
+                    self._ensure_not_tracked(session, owner, provider, provider_task_id)
+                now = self.clock()
+                task = Task(
+                    id=new_id("tsk"),
+                    owner=owner,
+                    provider=provider,
+                    provider_task_id=provider_task_id,
+                    origin=origin.value,
+                    status=TaskStatus.queued.value,
+                    progress=0,
+                    request=request,
+                    images=[],
+                    error=None,
+                    meta=metadata,
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=request_fingerprint,
+                    last_update_source=(
+                        UpdateSource.submit if origin is TaskOrigin.submitted else UpdateSource.api
+                    ).value,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(task)
+                session.flush()
+                self._append_event(session, task, EventType.submitted, task.last_update_source)
+                return CreateResult(task_json(task), created=True)
+        except IntegrityError as exc:
+            # Lost a race: a concurrent request with the same key or provider task id won.
+            with self._session(write=False) as session:
+                if idempotency_key is not None:
+                    existing = self._by_idempotency_key(session, owner, idempotency_key)
+                    if existing is not None:
+                        return self._replay(existing, request_fingerprint)
+                if provider_task_id is not None:
+                    self._ensure_not_tracked(session, owner, provider, provider_task_id)
+            raise Conflict("The task conflicts with one created at the same moment.") from exc
+
+    @staticmethod
+    def _by_idempotency_key(session: Session, owner: str, key: str) -> Task | None:
+        statement = select(Task).where(Task.owner == owner, Task.idempotency_key == key)
+        return session.exec(statement).first()
+
+    @staticmethod
+    def _replay(existing: Task, request_fingerprint: str | None) -> CreateResult:
+        if existing.request_fingerprint != request_fingerprint:
+            raise Unprocessable(
+                "This Idempotency-Key was already used with a different request body. "
+                "Use a new key for a new request.",
+                code="idempotency_key_reused",
+                details={"task_id": existing.id},
+            )
+        return CreateResult(task_json(existing), created=False)
+
+    @staticmethod
+    def _ensure_not_tracked(
+        session: Session, owner: str, provider: str, provider_task_id: str
+    ) -> None:
+        statement = select(Task.id).where(
+            Task.owner == owner,
+            Task.provider == provider,
+            Task.provider_task_id == provider_task_id,
+        )
+        existing = session.exec(statement).first()
+        if existing is not None:
+            raise Conflict(
+                f"Provider task {provider_task_id!r} at {provider} is already tracked as "
+                f"task {existing}.",
+                code="already_tracked",
+                details={"task_id": existing},
+            )
+
+    def get_task(self, owner: str, task_id: str) -> dict[str, Any]:
+        with self._session(write=False) as session:
+            return task_json(self._owned(session, owner, task_id))
+
+    def find_task(self, task_id: str) -> dict[str, Any] | None:
+        """A task by id whoever owns it (internal use: callbacks, background work)."""
+        with self._session(write=False) as session:
+            task = session.exec(select(Task).where(Task.id == task_id)).first()
+            return None if task is None else task_json(task)
+
+    @staticmethod
+    def _owned(session: Session, owner: str, task_id: str, *, lock: bool = False) -> Task:
+        statement = select(Task).where(Task.id == task_id, Task.owner == owner)
+        if lock:
+            statement = statement.with_for_update()
+        task = session.exec(statement).first()
+        if task is None:
+            # The same answer for "no such task" and "another client's task": ids leak nothing.
+            raise NotFound(f"No task {task_id!r} was found for this API client.")
+        return task
+
+    def list_tasks(
+        self,
+        owner: str,
+        filters: TaskFilter,
+        *,
+        cursor: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first. The cursor is a position in the insertion order, so tasks created
+        while a client pages never shift or repeat the pages that follow."""
+        statement = select(Task).where(Task.owner == owner)
+        if filters.status:
+            statement = statement.where(col(Task.status).in_(filters.status))
+        if filters.provider:
+            statement = statement.where(Task.provider == filters.provider)
+        if filters.created_after:
+            statement = statement.where(Task.created_at >= filters.created_after)
+        if filters.created_before:
+            statement = statement.where(Task.created_at < filters.created_before)
+        if cursor:
+            statement = statement.where(col(Task.pk) < decode_cursor(cursor))
+        statement = statement.order_by(col(Task.pk).desc()).limit(limit + 1)
+        with self._session(write=False) as session:
+            rows = list(session.exec(statement))
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            assert rows[-1].pk is not None
+            next_cursor = encode_cursor(rows[-1].pk)
+        return [task_json(task) for task in rows], next_cursor
+
+    def list_events(self, owner: str, task_id: str) -> list[TaskEvent]:
+        with self._session(write=False) as session:
+            task = self._owned(session, owner, task_id)
+            statement = (
+                select(TaskEvent).where(TaskEvent.task_pk == task.pk).order_by(col(TaskEvent.seq))
+            )
+            return list(session.exec(statement))
+
+    def patch_task(
+        self,
+        owner: str,
+        task_id: str,
+        *,
+        provider_task_id: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        with self._session(write=True) as session:
+            task = self._owned(session, owner, task_id, lock=True)
+            changed = False
+            if provider_task_id is not None and provider_task_id != task.provider_task_id:
+                if task.provider_task_id is not None:
+                    raise Conflict(
+                        f"Task {task_id} already has provider task id "
+                        f"{task.provider_task_id!r}; it cannot be changed.",
+                        code="provider_task_id_set",
+                    )
+                self._ensure_not_tracked(session, owner, task.provider, provider_task_id)
+                task.provider_task_id = provider_task_id
+                changed = True
+            if metadata is not None and metadata != task.meta:
+                task.meta = metadata
+                changed = True
+            if changed:
+                task.updated_at = self.clock()
+                session.add(task)
+            return task_json(task)
+
+    # --- updates from providers -------------------------------------------------------------
+
+    def apply_update(
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        source: UpdateSource,
+        *,
+        receipt: ReceiptDraft | None = None,
+    ) -> ApplyResult:
+        """Run ``update`` through the state machine and record it, with its receipt, in one
+        transaction. Concurrent updates of one task are serialised by the row lock (PostgreSQL)
+        or the write lock (SQLite), so a racing poll and callback make one transition."""
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            try:
+                change = decide(_state(task), update)
+            except Conflict as exc:
+                if receipt is not None:
+                    self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, exc.message)
+                    session.commit()
+                raise
+            return self._commit_change(session, task, change, source, receipt)
+
+    def expire_task(self, task_id: str, reason: str) -> ApplyResult:
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            change = expire(_state(task), reason)
+            return self._commit_change(session, task, change, UpdateSource.timeout, None)
+
+    def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
+        """Keep the raw body of a callback that could not be parsed, for audit."""
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, receipt.error)
+
+    def _locked(self, session: Session, task_id: str) -> Task:
+        task = session.exec(select(Task).where(Task.id == task_id).with_for_update()).first()
+        if task is None:
+            raise NotFound(f"No task {task_id!r} exists.")
+        return task
+
+    def _commit_change(
+        self,
+        session: Session,
+        task: Task,
+        change: Change | None,
+        source: UpdateSource,
+        receipt: ReceiptDraft | None,
+    ) -> ApplyResult:
+        event = None
+        if change is None:
+            outcome = (
+                ReceiptOutcome.terminal
+                if TaskStatus(task.status).terminal
+                else ReceiptOutcome.unchanged
+            )
+        else:
+            outcome = ReceiptOutcome.applied
+            state = change.state
+            task.status = state.status.value
+            task.progress = state.progress
+            task.images = list(state.images)
+            task.error = state.error
+            task.provider_task_id = state.provider_task_id
+            task.raw_status = state.raw_status
+            task.updated_at = self.clock()
+            task.last_update_source = source.value
+            if change.became_terminal:
+                task.completed_at = task.updated_at
+            session.add(task)
+            session.flush()
+            if change.event_type is not None:
+                event = self._append_event(session, task, change.event_type, source.value)
+        if receipt is not None:
+            self._add_receipt(session, task, receipt, outcome, receipt.error)
+        return ApplyResult(task_json(task), outcome, event)
+
+    def _append_event(
+        self, session: Session, task: Task, event_type: EventType, source: str
+    ) -> dict[str, Any]:
+        assert task.pk is not None
+        event = TaskEvent(
+            id=new_id("evt"),
+            task_pk=task.pk,
+            type=event_type.value,
+            status=task.status,
+            progress=task.progress,
+            source=source,
+            created_at=task.updated_at,
+            data=task_json(task),
+        )
+        session.add(event)
+        return {"id": event.id, "type": event.type}
+
+    def _add_receipt(
+        self,
+        session: Session,
+        task: Task,
+        receipt: ReceiptDraft,
+        outcome: ReceiptOutcome,
+        error: str | None,
+    ) -> None:
+        assert task.pk is not None
+        kept = receipt.body[: self.audit_bytes]
+        size = max(receipt.size or 0, len(receipt.body))
+        session.add(
+            CallbackReceipt(
+                task_pk=task.pk,
+                provider=receipt.provider,
+                received_at=self.clock(),
+                outcome=outcome.value,
+                error=error,
+                content_type=(receipt.content_type or "")[:255] or None,
+                body=kept,
+                body_size=size,
+                body_truncated=len(kept) < size,
+            )
+        )
+
+    def mark_submit_attempt(self, task_id: str) -> int:
+        """Record, before the request leaves, that a submission is being attempted."""
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            task.submit_attempts += 1
+            session.add(task)
+            return task.submit_attempts
+
+    def unsent_submissions(self, limit: int = 1000) -> list[str]:
+        """Submitted tasks whose request never left (a crash between commit and send)."""
+        statement = (
+            select(Task.id)
+            .where(
+                Task.origin == TaskOrigin.submitted.value,
+                Task.status == TaskStatus.queued.value,
+                Task.submit_attempts == 0,
+            )
+            .order_by(col(Task.pk))
+            .limit(limit)
+        )
+        with self._session(write=False) as session:
+            return list(session.exec(statement))
+
+    def list_receipts(self, owner: str, task_id: str) -> list[CallbackReceipt]:
+        with self._session(write=False) as session:
+            task = self._owned(session, owner, task_id)
+            statement = (
+                select(CallbackReceipt)
+                .where(CallbackReceipt.task_pk == task.pk)
+                .order_by(col(CallbackReceipt.pk))
+            )
+            return list(session.exec(statement))

@@ -1,0 +1,82 @@
+"""Callback tokens: signing, tampering, expiry, provider binding, key rotation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from service.errors import CallbackProviderMismatch, CallbackTokenExpired, CallbackTokenInvalid
+from service.signing import CallbackSigner
+
+KEY = "k" * 32
+WEEK = 7 * 86400.0
+
+
+def signer(
+    key: str = KEY, fallbacks: tuple[str, ...] = (), max_age: float = WEEK
+) -> CallbackSigner:
+    return CallbackSigner(key, fallbacks, max_age=max_age)
+
+
+def test_token_round_trip() -> None:
+    token = signer().token("tsk_abc", "evolink")
+    claim = signer().verify(token, "evolink")
+    assert claim.task_id == "tsk_abc"
+    assert claim.provider == "evolink"
+
+
+def test_callback_url_is_url_safe_and_well_under_evolinks_limit() -> None:
+    url = signer().callback_url("https://relay.example.com", "tsk_" + "x" * 22, "gptimage15")
+    assert url.startswith("https://relay.example.com/callbacks/gptimage15/")
+    assert len(url) < 300  # EvoLink accepts up to 2048 characters
+    token = url.rsplit("/", 1)[1]
+    assert all(ch.isalnum() or ch in "-_." for ch in token)
+
+
+def test_tampered_token_is_rejected() -> None:
+    token = signer().token("tsk_abc", "evolink")
+    payload, timestamp, signature = token.split(".")
+    tampered = f"{payload}.{timestamp}.{signature[:-2]}{'AA' if signature[-2:] != 'AA' else 'BB'}"
+    with pytest.raises(CallbackTokenInvalid):
+        signer().verify(tampered, "evolink")
+    # A payload swapped for another task's keeps the old signature: rejected too.
+    other = signer().token("tsk_other", "evolink").split(".")[0]
+    with pytest.raises(CallbackTokenInvalid):
+        signer().verify(f"{other}.{timestamp}.{signature}", "evolink")
+
+
+def test_forged_token_with_another_key_is_rejected() -> None:
+    forged = signer(key="attacker-key-" + "z" * 20).token("tsk_abc", "evolink")
+    with pytest.raises(CallbackTokenInvalid):
+        signer().verify(forged, "evolink")
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "a.b.c", "tsk_abc", "." * 5, "%00"])
+def test_garbage_is_rejected(garbage: str) -> None:
+    with pytest.raises(CallbackTokenInvalid):
+        signer().verify(garbage, "evolink")
+
+
+def test_wrong_provider_is_forbidden() -> None:
+    token = signer().token("tsk_abc", "evolink")
+    with pytest.raises(CallbackProviderMismatch):
+        signer().verify(token, "grsai")
+
+
+def test_expired_token_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    issued = signer(max_age=3600).token("tsk_abc", "evolink")
+    later = time.time() + 3601
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: later)
+    with pytest.raises(CallbackTokenExpired):
+        signer(max_age=3600).verify(issued, "evolink")
+
+
+def test_old_key_still_verifies_during_rotation() -> None:
+    old_token = signer(key="old-key-" + "o" * 24).token("tsk_abc", "evolink")
+    rotated = signer(key="new-key-" + "n" * 24, fallbacks=("old-key-" + "o" * 24,))
+    assert rotated.verify(old_token, "evolink").task_id == "tsk_abc"
+    # New tokens are signed with the new key: the old deployment would not accept them.
+    new_token = rotated.token("tsk_abc", "evolink")
+    with pytest.raises(CallbackTokenInvalid):
+        signer(key="old-key-" + "o" * 24).verify(new_token, "evolink")

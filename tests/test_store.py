@@ -1,0 +1,125 @@
+"""The store on a real database: transactions, races, history."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import sqlalchemy as sa
+
+from service.lifecycle import TaskUpdate
+from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource
+from service.store import ReceiptDraft, Store
+
+IMAGE = ({"url": "https://cdn.example/1.png"},)
+
+
+def new_task(store: Store, owner: str = "alice") -> str:
+    result = store.create_task(
+        owner=owner, provider="evolink", origin=TaskOrigin.tracked, request={}, metadata={}
+    )
+    return str(result.task["id"])
+
+
+def event_types(store: Store, task_id: str) -> list[str]:
+    return [event.type for event in store.list_events("alice", task_id)]
+
+
+def test_racing_poll_and_callbacks_make_one_transition(store: Store) -> None:
+    task_id = new_task(store)
+    barrier = threading.Barrier(8)
+
+    def deliver(index: int) -> ReceiptOutcome:
+        barrier.wait()
+        source = UpdateSource.poll if index % 2 else UpdateSource.callback
+        receipt = ReceiptDraft("evolink", b"{}", "application/json") if index % 2 == 0 else None
+        return store.apply_update(
+            task_id, TaskUpdate(status=TaskStatus.succeeded, images=IMAGE), source, receipt=receipt
+        ).outcome
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(deliver, range(8)))
+    assert outcomes.count(ReceiptOutcome.applied) == 1
+    assert outcomes.count(ReceiptOutcome.terminal) == 7
+    assert event_types(store, task_id) == ["task.submitted", "task.succeeded"]
+    assert len(store.list_receipts("alice", task_id)) == 4
+
+
+def test_racing_progress_updates_never_lower_progress(store: Store) -> None:
+    task_id = new_task(store)
+    barrier = threading.Barrier(10)
+
+    def deliver(progress: int) -> None:
+        barrier.wait()
+        store.apply_update(
+            task_id, TaskUpdate(status=TaskStatus.running, progress=progress), UpdateSource.callback
+        )
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        list(pool.map(deliver, range(10, 101, 10)))
+    task = store.get_task("alice", task_id)
+    assert task["progress"] == 100
+    progresses = [event.progress for event in store.list_events("alice", task_id)]
+    assert progresses == sorted(progresses)
+    assert len(progresses) == len(set(progresses))
+
+
+def test_event_snapshot_is_the_task_json_after_the_change(store: Store) -> None:
+    task_id = new_task(store)
+    store.apply_update(
+        task_id, TaskUpdate(status=TaskStatus.succeeded, images=IMAGE), UpdateSource.poll
+    )
+    last = store.list_events("alice", task_id)[-1]
+    assert last.data == store.get_task("alice", task_id)
+    assert last.source == "poll"
+    assert last.id.startswith("evt_")
+
+
+def test_a_failed_transaction_leaves_no_event(store: Store, monkeypatch: object) -> None:
+    task_id = new_task(store)
+    original = store._append_event
+
+    def broken(*args: object, **kwargs: object) -> object:
+        original(*args, **kwargs)  # type: ignore[arg-type]
+        raise RuntimeError("crash after writing the event, before commit")
+
+    store._append_event = broken  # type: ignore[method-assign]
+    try:
+        store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
+    except RuntimeError:
+        pass
+    finally:
+        store._append_event = original  # type: ignore[method-assign]
+    assert store.get_task("alice", task_id)["status"] == "queued"
+    assert event_types(store, task_id) == ["task.submitted"]
+
+
+def test_unsent_submissions_are_found_for_resumption(store: Store) -> None:
+    sent = store.create_task(
+        owner="a",
+        provider="evolink",
+        origin=TaskOrigin.submitted,
+        request={"prompt": "x"},
+        metadata={},
+    ).task["id"]
+    unsent = store.create_task(
+        owner="a",
+        provider="evolink",
+        origin=TaskOrigin.submitted,
+        request={"prompt": "y"},
+        metadata={},
+    ).task["id"]
+    new_task(store)  # tracked tasks are never sent by TaskRelay
+    assert store.mark_submit_attempt(sent) == 1
+    assert store.unsent_submissions() == [unsent]
+
+
+def test_timestamps_are_utc_and_ordered(store: Store) -> None:
+    task_id = new_task(store)
+    store.apply_update(task_id, TaskUpdate(status=TaskStatus.failed), UpdateSource.callback)
+    task = store.get_task("alice", task_id)
+    assert task["created_at"].endswith("Z")
+    assert task["created_at"] <= task["updated_at"] == task["completed_at"]
+    with store.engine.connect() as connection:
+        count = connection.execute(sa.text("SELECT count(*) FROM task_event")).scalar_one()
+    assert count == 2
