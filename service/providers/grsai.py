@@ -1,0 +1,281 @@
+"""GrsAI (``POST /v1/draw/completions``), the one provider with three reply modes.
+
+``settings.mode`` picks the mode by what goes in ``webHook``:
+
+- ``callback``: TaskRelay's callback URL. The reply is not documented; it is read like the
+  ``"-1"`` reply, ``{"code": 0, "data": {"id": ...}}``, and the result arrives by POST.
+- ``poll``: ``"-1"``. The reply is ``{"code": 0, "data": {"id": ...}}``; TaskRelay polls
+  ``POST /v1/draw/result``.
+- ``stream``: no ``webHook``. The reply is a stream of ``data: {json}`` lines with ``progress``;
+  the line that ends it (``progress`` 100 with ``status`` succeeded/failed) is the result.
+
+A non-zero ``code`` in any JSON answer is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import httpx
+
+from service.errors import ProviderError, UpstreamProtocolError
+from service.lifecycle import TaskUpdate
+from service.models import TaskStatus
+from service.providers import base
+from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+
+log = logging.getLogger(__name__)
+
+SIZES = ("auto", "1:1", "3:2", "2:3")
+MAX_VARIANTS = 2
+OK_CODES = (0,)
+# The "-1" webHook asks for the task id at once, for polling.
+POLL_WEBHOOK = "-1"
+STATUSES = {
+    "running": TaskStatus.running,
+    "succeeded": TaskStatus.succeeded,
+    "failed": TaskStatus.failed,
+}
+DEFAULT_FAILURE = "GrsAI reported the task as failed without giving a reason."
+# A stream stays open for the whole generation; the read timeout is the longest silence
+# between two progress lines, longer than the shared client's 30 s.
+STREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)
+# Lines that are not progress lines are kept (this much) to explain a stream that ends early.
+_LEFTOVER_CHARS = 4096
+
+
+class GrsAIAdapter(ProviderAdapter):
+    name: ClassVar[str] = "grsai"
+
+    def validate(self, request: GenerationRequest) -> None:
+        base.check_prompt(self.name, request.prompt)
+        base.check_choice(self.name, "size", request.size, SIZES)
+        if request.quality is not None:
+            raise base.rejected(
+                self.name,
+                "quality",
+                "GrsAI takes no quality setting; leave quality out",
+                accepted=[],
+            )
+        base.check_count(self.name, request.n, 1, MAX_VARIANTS)
+
+    def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model or self.settings.model,
+            "prompt": request.prompt,
+            "variants": request.n,
+        }
+        if request.size is not None:
+            body["size"] = request.size
+        if request.image_urls:
+            body["urls"] = list(request.image_urls)
+        if self.settings.mode == "callback":
+            # Without a callback URL, ask for the id and poll rather than hold a stream open.
+            body["webHook"] = callback_url or POLL_WEBHOOK
+        elif self.settings.mode == "poll":
+            body["webHook"] = POLL_WEBHOOK
+        return body
+
+    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
+        """The JSON reply of the callback and poll modes, or a stream mode reply as text."""
+        if not 200 <= status_code < 300:
+            raise base.reply_error(self.name, status_code, body)
+        if isinstance(body, str):
+            return SubmitResult(update=self.parse_stream(body), expects_callback=False)
+        update = base.guard_reply(self.name, lambda: self._accepted(body))
+        return SubmitResult(update=update, expects_callback=self.settings.mode == "callback")
+
+    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
+        if not 200 <= status_code < 300:
+            raise base.reply_error(self.name, status_code, body)
+        return base.guard_reply(self.name, lambda: self._status_reply(body))
+
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
+        """The status query's object, bare or in ``{"code": 0, "data": {...}}``."""
+        payload = base.parse_json_body(body)
+        return base.guard_callback(
+            self.name, lambda: self._task(base.status_object(payload, "the callback body"))
+        )
+
+    def parse_stream_line(self, line: str) -> TaskUpdate | None:
+        """One line of a stream reply: an update (running, or final), or ``None`` for a line
+        that carries none (blank, SSE comment or field, ``[DONE]``, broken JSON)."""
+        text = line.strip()
+        if text.startswith("data:"):
+            text = text[len("data:") :].strip()
+        elif not text.startswith("{"):
+            return None
+        if not text or text == "[DONE]":
+            return None
+        try:
+            payload = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            log.warning("grsai stream: skipped a line that is not JSON: %.200s", text)
+            return None
+        if not isinstance(payload, Mapping):
+            return None
+        base.check_body_code(self.name, payload, OK_CODES)
+        return base.guard_reply(self.name, lambda: self._stream_update(payload))
+
+    def parse_stream(self, text: str) -> TaskUpdate:
+        """A whole stream reply -> its final update (pure; for tests and recorded streams)."""
+        leftovers: list[str] = []
+        for line in text.splitlines():
+            update = self.parse_stream_line(line)
+            if update is None:
+                _keep(leftovers, line)
+            elif update.status is not None and update.status.terminal:
+                return update
+        raise self._unfinished(leftovers)
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        callback_url: str | None,
+        on_update: UpdateSink,
+    ) -> SubmitResult:
+        if self.settings.mode == "stream":
+            return await self._submit_stream(request, on_update)
+        body = await base.send_json(
+            self,
+            "POST",
+            self.url("/v1/draw/completions"),
+            json_body=self.build_submit(request, callback_url),
+        )
+        result = self.parse_submit_reply(200, body)
+        if callback_url is None and result.expects_callback:
+            return SubmitResult(update=result.update, expects_callback=False, extra=result.extra)
+        return result
+
+    async def query_status(self, provider_task_id: str) -> TaskUpdate:
+        body = await base.send_json(
+            self, "POST", self.url("/v1/draw/result"), json_body={"id": provider_task_id}
+        )
+        return self.parse_status(200, body)
+
+    async def _submit_stream(
+        self, request: GenerationRequest, on_update: UpdateSink
+    ) -> SubmitResult:
+        headers = {**self.headers(), "Accept": "text/event-stream, application/json"}
+        leftovers: list[str] = []
+        try:
+            async with self.http.stream(
+                "POST",
+                self.url("/v1/draw/completions"),
+                json=self.build_submit(request, None),
+                headers=headers,
+                timeout=STREAM_TIMEOUT,
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise base.reply_error(
+                        self.name,
+                        response.status_code,
+                        base.error_body(response),
+                        response.headers,
+                    )
+                async for line in response.aiter_lines():
+                    update = self.parse_stream_line(line)
+                    if update is None:
+                        _keep(leftovers, line)
+                    elif update.status is not None and update.status.terminal:
+                        return SubmitResult(update=update, expects_callback=False)
+                    else:
+                        await on_update(update)
+        except httpx.HTTPError as exc:
+            raise base.transport_error(self.name, exc) from exc
+        raise self._unfinished(leftovers)
+
+    def _unfinished(self, leftovers: Iterable[str]) -> ProviderError:
+        """A stream with no final line; a plain JSON error body in its place is that error."""
+        text = "\n".join(leftovers).strip()
+        try:
+            payload = json.loads(text) if text else None
+        except (json.JSONDecodeError, RecursionError):
+            payload = None
+        if isinstance(payload, Mapping):
+            try:
+                base.check_body_code(self.name, payload, OK_CODES)
+                base.check_error_body(self.name, payload)
+            except ProviderError as exc:
+                return exc
+        return UpstreamProtocolError(
+            "grsai's stream ended without a final line (progress 100 with status succeeded or "
+            "failed).",
+            provider=self.name,
+        )
+
+    def _accepted(self, body: Any) -> TaskUpdate:
+        reply = base.require_object(body, "the submit reply")
+        base.check_body_code(self.name, reply, OK_CODES)
+        data = reply.get("data")
+        if isinstance(data, Mapping) and isinstance(data.get("status"), str):
+            return self._task(data)
+        task_id = base.id_of(data.get("id")) if isinstance(data, Mapping) else None
+        task_id = task_id or base.id_of(reply.get("id"))
+        if task_id is None and self.settings.mode == "poll":
+            raise base.BodyShapeError(
+                'expected the task id to poll with in `data.id` ({"code": 0, "data": {"id": ...}})'
+            )
+        return TaskUpdate(status=TaskStatus.queued, provider_task_id=task_id)
+
+    def _status_reply(self, body: Any) -> TaskUpdate:
+        reply = base.require_object(body, "the status reply")
+        base.check_body_code(self.name, reply, OK_CODES)
+        return self._task(base.status_object(reply, "the status reply"))
+
+    def _task(self, task: Mapping[str, Any]) -> TaskUpdate:
+        """A status object (status query ``data``, callback, or stream line with a status)."""
+        raw = task.get("status")
+        if not isinstance(raw, str) or not raw.strip():
+            raise base.BodyShapeError(
+                "expected a `status` string (running, succeeded, failed) in the object or in "
+                f"its `data` object, got {base.json_type(raw)}"
+            )
+        return self._update(task, base.status_from_word(raw, STATUSES), raw)
+
+    def _stream_update(self, line: Mapping[str, Any]) -> TaskUpdate:
+        task = base.status_object(line, "the stream line") if base.is_envelope(line) else line
+        raw = task.get("status")
+        progress = base.progress_of(task.get("progress"))
+        if isinstance(raw, str) and raw.strip():
+            status = base.status_from_word(raw, STATUSES)
+            return self._update(task, status, raw)
+        # No status word: a progress line, or (leniently) a final line that only shows its result.
+        update = self._update(task, TaskStatus.running, None)
+        if progress is not None and progress >= 100:
+            if update.images:
+                return self._update(task, TaskStatus.succeeded, None)
+            if _reason(task):
+                return self._update(task, TaskStatus.failed, None)
+        return update
+
+    def _update(self, task: Mapping[str, Any], status: TaskStatus, raw: str | None) -> TaskUpdate:
+        results = task.get("results")
+        items = list(results) if isinstance(results, list) else [results]
+        # Stream lines carry the image at the top level.
+        items.append({key: task.get(key) for key in ("url", "width", "height")})
+        error = None
+        if status is TaskStatus.failed:
+            error = base.failure_error(_reason(task), DEFAULT_FAILURE)
+        return TaskUpdate(
+            status=status,
+            progress=base.progress_of(task.get("progress")),
+            images=tuple(base.image_list(items)),
+            error=error,
+            provider_task_id=base.id_of(task.get("id")),
+            raw_status=raw,
+        )
+
+
+def _reason(task: Mapping[str, Any]) -> str | None:
+    return base.text_of(task.get("failure_reason")) or base.text_of(task.get("error"))
+
+
+def _keep(leftovers: list[str], line: str) -> None:
+    if line.strip() and sum(map(len, leftovers)) < _LEFTOVER_CHARS:
+        leftovers.append(line)
