@@ -1,0 +1,277 @@
+"""The management API: submit, track, look up and list tasks (``/v1/tasks...``).
+
+Endpoints are thin: authenticate, validate the body, call the store in a worker thread, shape
+the JSON. A client sees and changes only its own tasks; another client's task is a 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.errors import ValidationFailed
+from service.models import TaskOrigin
+from service.providers.base import GenerationRequest
+from service.runtime import Runtime, runtime_of
+from service.schemas import (
+    StatusName,
+    TaskCreate,
+    TaskPatch,
+    TaskTrack,
+    event_json,
+    parse_body,
+    parse_timestamp,
+)
+from service.settings import PROVIDERS
+from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TaskFilter, fingerprint
+from service.web import json_response, read_json_object
+
+MAX_IDEMPOTENCY_KEY = 255
+_STATUSES = set(StatusName.__args__)  # type: ignore[attr-defined]
+
+
+def _check_metadata(runtime: Runtime, metadata: dict[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    size = len(json.dumps(metadata, separators=(",", ":")).encode("utf-8"))
+    limit = runtime.settings.max_metadata_bytes
+    if size > limit:
+        raise ValidationFailed(
+            f"metadata is {size} bytes as JSON; the limit is {limit} "
+            "(TASKRELAY_MAX_METADATA_BYTES).",
+            details=[{"field": "metadata", "message": f"larger than {limit} bytes"}],
+        )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ValidationFailed(
+            f"The Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
+            details=[{"field": "Idempotency-Key", "message": "empty or too long"}],
+        )
+    return key
+
+
+def _created(result_task: dict[str, Any], created: bool, status: int) -> Response:
+    if created:
+        return json_response(result_task, status_code=status)
+    return json_response(result_task, status_code=200, headers={"Idempotent-Replayed": "true"})
+
+
+async def create_task(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    body = await read_json_object(request, runtime.settings.max_body_bytes)
+    spec = parse_body(TaskCreate, body)
+    _check_metadata(runtime, spec.metadata)
+    generation = GenerationRequest(
+        prompt=spec.prompt,
+        size=spec.size,
+        quality=spec.quality,
+        n=spec.n,
+        image_urls=tuple(spec.image_urls),
+        model=spec.model,
+    )
+    runtime.require_submittable(spec.provider).validate(generation)
+    key = _idempotency_key(request)
+    result = await run_in_threadpool(
+        runtime.store.create_task,
+        owner=owner,
+        provider=spec.provider,
+        origin=TaskOrigin.submitted,
+        request=generation.to_json(),
+        metadata=spec.metadata,
+        idempotency_key=key,
+        request_fingerprint=fingerprint(spec.model_dump()) if key else None,
+    )
+    if result.created:
+        runtime.submitter.submit(result.task["id"])
+    # 202: the task is recorded and on its way; its outcome arrives later.
+    return _created(result.task, result.created, 202)
+
+
+async def track_task(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    body = await read_json_object(request, runtime.settings.max_body_bytes)
+    spec = parse_body(TaskTrack, body)
+    _check_metadata(runtime, spec.metadata)
+    key = _idempotency_key(request)
+    result = await run_in_threadpool(
+        runtime.store.create_task,
+        owner=owner,
+        provider=spec.provider,
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata=spec.metadata,
+        provider_task_id=spec.provider_task_id,
+        idempotency_key=key,
+        request_fingerprint=fingerprint(spec.model_dump()) if key else None,
+    )
+    task = dict(result.task)
+    task["callback_url"] = runtime.callback_url(task["id"], spec.provider)
+    return _created(task, result.created, 201)
+
+
+async def get_task(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    task = await run_in_threadpool(runtime.store.get_task, owner, request.path_params["task_id"])
+    return json_response(task)
+
+
+async def patch_task(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    body = await read_json_object(request, runtime.settings.max_body_bytes)
+    spec = parse_body(TaskPatch, body)
+    if spec.provider_task_id is None and spec.metadata is None:
+        raise ValidationFailed(
+            "Nothing to change: send provider_task_id and/or metadata.",
+            details=[{"field": "(body)", "message": "no updatable field given"}],
+        )
+    _check_metadata(runtime, spec.metadata)
+    task = await run_in_threadpool(
+        runtime.store.patch_task,
+        owner,
+        request.path_params["task_id"],
+        provider_task_id=spec.provider_task_id,
+        metadata=spec.metadata,
+    )
+    return json_response(task)
+
+
+def _page_size(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE_SIZE
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise ValidationFailed(
+            f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}.",
+            details=[{"field": "limit", "message": f"from 1 to {MAX_PAGE_SIZE}"}],
+        )
+    return value
+
+
+def _filters(request: Request) -> TaskFilter:
+    params = request.query_params
+    unknown = set(params) - {
+        "status",
+        "provider",
+        "created_after",
+        "created_before",
+        "limit",
+        "cursor",
+    }
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        raise ValidationFailed(
+            f"Unknown query parameter(s): {names}.",
+            details=[
+                {"field": name, "message": "unknown query parameter"} for name in sorted(unknown)
+            ],
+        )
+    statuses: list[str] = []
+    for value in params.getlist("status"):
+        statuses.extend(item.strip() for item in value.split(",") if item.strip())
+    bad = [item for item in statuses if item not in _STATUSES]
+    if bad:
+        raise ValidationFailed(
+            f"Unknown status {bad[0]!r}; use one of {', '.join(sorted(_STATUSES))}.",
+            details=[{"field": "status", "message": f"must be one of {sorted(_STATUSES)}"}],
+        )
+    provider = params.get("provider")
+    if provider is not None and provider not in PROVIDERS:
+        raise ValidationFailed(
+            f"Unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}.",
+            details=[{"field": "provider", "message": f"must be one of {list(PROVIDERS)}"}],
+        )
+    after = params.get("created_after")
+    before = params.get("created_before")
+    return TaskFilter(
+        status=tuple(dict.fromkeys(statuses)),
+        provider=provider,
+        created_after=parse_timestamp("created_after", after) if after else None,
+        created_before=parse_timestamp("created_before", before) if before else None,
+    )
+
+
+async def list_tasks(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    filters = _filters(request)
+    limit = _page_size(request.query_params.get("limit"))
+    tasks, next_cursor = await run_in_threadpool(
+        runtime.store.list_tasks,
+        owner,
+        filters,
+        cursor=request.query_params.get("cursor") or None,
+        limit=limit,
+    )
+    return json_response({"data": tasks, "next_cursor": next_cursor})
+
+
+async def list_events(request: Request) -> Response:
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    events = await run_in_threadpool(
+        runtime.store.list_events, owner, request.path_params["task_id"]
+    )
+    return json_response({"data": [event_json(event) for event in events]})
+
+
+def _body_json(body: bytes) -> dict[str, str]:
+    """UTF-8 bodies as text; anything else base64, so the audit copy is exact."""
+    try:
+        return {"body": body.decode("utf-8"), "body_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"body": base64.b64encode(body).decode("ascii"), "body_encoding": "base64"}
+
+
+async def list_callbacks(request: Request) -> Response:
+    """The audit trail of callbacks received for a task, raw bodies included."""
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    receipts = await run_in_threadpool(
+        runtime.store.list_receipts, owner, request.path_params["task_id"]
+    )
+    return json_response(
+        {
+            "data": [
+                {
+                    "received_at": receipt.received_at.isoformat().replace("+00:00", "Z"),
+                    "outcome": receipt.outcome,
+                    "error": receipt.error,
+                    "content_type": receipt.content_type,
+                    **_body_json(receipt.body),
+                    "body_size": receipt.body_size,
+                    "body_truncated": receipt.body_truncated,
+                }
+                for receipt in receipts
+            ]
+        }
+    )
+
+
+routes = [
+    Route("/v1/tasks", create_task, methods=["POST"]),
+    Route("/v1/tasks", list_tasks, methods=["GET"]),
+    Route("/v1/tasks/track", track_task, methods=["POST"]),
+    Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
+    Route("/v1/tasks/{task_id}", patch_task, methods=["PATCH"]),
+    Route("/v1/tasks/{task_id}/events", list_events, methods=["GET"]),
+    Route("/v1/tasks/{task_id}/callbacks", list_callbacks, methods=["GET"]),
+]

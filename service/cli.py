@@ -1,0 +1,166 @@
+"""The ``taskrelay`` command line: serve, migrate, sandbox, new-token."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from service import __version__
+from service.db import migrate, sqlite_path
+from service.errors import SettingsError
+from service.logs import configure_logging
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("taskrelay")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Command-line flags win over the environment; the uvicorn factory reads the environment
+    # again in each worker, so pass them on there.
+    if args.host:
+        os.environ["TASKRELAY_HOST"] = args.host
+    if args.port:
+        os.environ["TASKRELAY_PORT"] = str(args.port)
+    if args.sandbox:
+        os.environ["TASKRELAY_SANDBOX"] = "true"
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if settings.is_sqlite or args.migrate:
+        migrate(settings.database_url)
+        log.info("database schema is up to date", extra={"database": _describe(settings)})
+    # Build once here so a bad configuration stops start-up before uvicorn starts.
+    from service.app import create_app
+
+    try:
+        create_app(settings)
+    except SettingsError as exc:
+        print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    if settings.is_sqlite and args.workers > 1:
+        print(
+            "taskrelay: SQLite supports one process; use PostgreSQL for several workers.",
+            file=sys.stderr,
+        )
+        return 2
+    uvicorn.run(
+        "service.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        server_header=False,
+    )
+    return 0
+
+
+def _describe(settings: Settings) -> str:
+    path = sqlite_path(settings.database_url)
+    return f"sqlite file {path}" if path else "postgresql"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings()
+    configure_logging(settings.log_level)
+    migrate(settings.database_url, args.revision)
+    print(f"taskrelay: database migrated to {args.revision} ({_describe(settings)})")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    configure_logging("INFO")
+    from service.sandbox import run
+
+    run(args.host, args.port, api_key=args.api_key)
+    return 0
+
+
+def cmd_new_token(args: argparse.Namespace) -> int:
+    print(secrets.token_urlsafe(32))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskrelay",
+        description="TaskRelay tracks asynchronous image-generation tasks across providers. "
+        "Configuration comes from TASKRELAY_* environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"taskrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP service (migrates an embedded SQLite store first)",
+        description="Run the HTTP service with uvicorn.",
+    )
+    serve.add_argument("--host", help="address to listen on (default: TASKRELAY_HOST or 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, help="port to listen on (default: TASKRELAY_PORT or 8000)"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (PostgreSQL only)")
+    serve.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply migrations before serving on PostgreSQL too (SQLite always migrates)",
+    )
+    serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="mount the provider sandbox at /sandbox and point unconfigured providers at it",
+    )
+    serve.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight work"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    mig = commands.add_parser(
+        "migrate", help="apply database migrations", description="Apply database migrations."
+    )
+    mig.add_argument("--revision", default="head", help="target revision (default: head)")
+    mig.set_defaults(handler=cmd_migrate)
+
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run the provider sandbox on its own",
+        description="Run the emulator of all five providers' HTTP APIs on its own.",
+    )
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=9000)
+    sandbox.add_argument("--api-key", default="sandbox-key", help="the key clients must send")
+    sandbox.set_defaults(handler=cmd_sandbox)
+
+    token = commands.add_parser(
+        "new-token",
+        help="print a new random API token",
+        description="Print a random token for TASKRELAY_API_TOKENS or TASKRELAY_SECRET_KEY.",
+    )
+    token.set_defaults(handler=cmd_new_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Images TaskRelay keeps itself: OpenAI answers with base64 data, not a link, so TaskRelay
+writes the PNG to the files folder and serves it at ``{public_url}/files/{task_id}/{name}``.
+
+File URLs are capability URLs: the task id is 128 random bits, so they need no API token and
+work in a browser or an <img> tag, like the providers' own result links.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from service.errors import NotFound, UpstreamProtocolError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SAFE_FILE = re.compile(r"^[0-9]{1,3}\.png$")
+
+
+class ImageFiles:
+    def __init__(self, root: Path, public_url: str) -> None:
+        self.root = root
+        self.public_url = public_url
+
+    def save_b64(self, task_id: str, index: int, data: str, *, provider: str) -> str:
+        """Write one base64 PNG durably and return its public URL."""
+        if not _SAFE_NAME.match(task_id):
+            raise ValueError(f"unsafe task id {task_id!r}")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise UpstreamProtocolError(
+                f"{provider} returned image data that is not valid base64", provider=provider
+            ) from exc
+        folder = self.root / task_id
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{index}.png"
+        temporary = folder / f".{name}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, folder / name)
+        return f"{self.public_url}/files/{task_id}/{name}"
+
+    def path(self, task_id: str, name: str) -> Path:
+        if not _SAFE_NAME.match(task_id) or not _SAFE_FILE.match(name):
+            raise NotFound("No such file.")
+        path = self.root / task_id / name
+        if not path.is_file():
+            raise NotFound("No such file.")
+        return path
+
+
+async def serve_file(request: Request) -> Response:
+    from service.runtime import runtime_of
+
+    files = runtime_of(request).files
+    path = files.path(request.path_params["task_id"], request.path_params["name"])
+    return FileResponse(
+        path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+routes = [Route("/files/{task_id}/{name}", serve_file, methods=["GET", "HEAD"])]

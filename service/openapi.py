@@ -1,0 +1,260 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``.
+
+Schemas come from the same pydantic models that validate request bodies, so the document
+cannot drift from what the endpoints accept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service import __version__
+from service.schemas import (
+    CallbackAck,
+    ErrorResponse,
+    EventPage,
+    TaskCreate,
+    TaskOut,
+    TaskPage,
+    TaskPatch,
+    TaskTrack,
+    TrackedTaskOut,
+)
+from service.settings import PROVIDERS
+
+_MODELS: list[type[BaseModel]] = [
+    TaskCreate,
+    TaskTrack,
+    TaskPatch,
+    TaskOut,
+    TrackedTaskOut,
+    TaskPage,
+    EventPage,
+    ErrorResponse,
+    CallbackAck,
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid input; `details` names each bad field",
+        401: "Missing or invalid API token",
+        403: "Forbidden",
+        404: "Not found (or another client's task)",
+        409: "Conflict",
+        413: "Body larger than the limit",
+        415: "Body is not JSON",
+        422: "Idempotency-Key reused with a different body",
+        503: "Database unavailable; nothing was recorded",
+    }
+    return {str(status): _json("ErrorResponse", text[status]) for status in statuses}
+
+
+_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
+_TASK_ID = {
+    "name": "task_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "maxLength": 40},
+}
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "The same key from the same client returns the same task; nothing is "
+    "submitted twice.",
+}
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def build_openapi() -> dict[str, Any]:
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in _MODELS],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = definitions.get("$defs", {})
+    list_params = [
+        {
+            "name": "status",
+            "in": "query",
+            "required": False,
+            "schema": {
+                "type": "string",
+                "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"],
+            },
+        },
+        {
+            "name": "provider",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": list(PROVIDERS)},
+        },
+        {
+            "name": "created_after",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        {
+            "name": "created_before",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+        },
+        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
+    paths: dict[str, Any] = {
+        "/v1/tasks": {
+            "post": {
+                "summary": "Submit a generation task to a provider",
+                "operationId": "createTask",
+                "security": _AUTH,
+                "parameters": [_IDEMPOTENCY],
+                "requestBody": _json_body("TaskCreate"),
+                "responses": {
+                    "202": _json("TaskOut", "Task recorded; submission runs in the background"),
+                    "200": _json("TaskOut", "Idempotent replay of an earlier request"),
+                    **_errors(400, 401, 413, 415, 422, 503),
+                },
+            },
+            "get": {
+                "summary": "List tasks, newest first",
+                "operationId": "listTasks",
+                "security": _AUTH,
+                "parameters": list_params,
+                "responses": {
+                    "200": _json("TaskPage", "A page of tasks"),
+                    **_errors(400, 401, 503),
+                },
+            },
+        },
+        "/v1/tasks/track": {
+            "post": {
+                "summary": "Register a task submitted to the provider by the caller",
+                "operationId": "trackTask",
+                "security": _AUTH,
+                "parameters": [_IDEMPOTENCY],
+                "requestBody": _json_body("TaskTrack"),
+                "responses": {
+                    "201": _json("TrackedTaskOut", "Task registered, with its callback URL"),
+                    "200": _json("TrackedTaskOut", "Idempotent replay of an earlier request"),
+                    **_errors(400, 401, 409, 413, 415, 422, 503),
+                },
+            }
+        },
+        "/v1/tasks/{task_id}": {
+            "get": {
+                "summary": "Get a task",
+                "operationId": "getTask",
+                "security": _AUTH,
+                "parameters": [_TASK_ID],
+                "responses": {"200": _json("TaskOut", "The task"), **_errors(401, 404, 503)},
+            },
+            "patch": {
+                "summary": "Set the provider task id or replace metadata",
+                "operationId": "patchTask",
+                "security": _AUTH,
+                "parameters": [_TASK_ID],
+                "requestBody": _json_body("TaskPatch"),
+                "responses": {
+                    "200": _json("TaskOut", "The updated task"),
+                    **_errors(400, 401, 404, 409, 413, 415, 503),
+                },
+            },
+        },
+        "/v1/tasks/{task_id}/events": {
+            "get": {
+                "summary": "A task's history of state changes, oldest first",
+                "operationId": "listTaskEvents",
+                "security": _AUTH,
+                "parameters": [_TASK_ID],
+                "responses": {"200": _json("EventPage", "The events"), **_errors(401, 404, 503)},
+            }
+        },
+        "/v1/tasks/{task_id}/callbacks": {
+            "get": {
+                "summary": "Callbacks received for a task, raw bodies included (audit)",
+                "operationId": "listTaskCallbacks",
+                "security": _AUTH,
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "200": {"description": "The receipts", "content": {"application/json": {}}},
+                    **_errors(401, 404, 503),
+                },
+            }
+        },
+        "/callbacks/{provider}/{token}": {
+            "post": {
+                "summary": "Provider callback; the signed token in the URL is the proof",
+                "operationId": "receiveCallback",
+                "parameters": [
+                    {
+                        "name": "provider",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": list(PROVIDERS)},
+                    },
+                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json("CallbackAck", "Recorded (applied, unchanged or terminal)"),
+                    **_errors(400, 401, 403, 404, 409, 413, 503),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process is up",
+                "operationId": "healthz",
+                "responses": {"200": {"description": "Up", "content": {"application/json": {}}}},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: the database answers and its schema is current",
+                "operationId": "readyz",
+                "responses": {
+                    "200": {"description": "Ready", "content": {"application/json": {}}},
+                    "503": {"description": "Not ready", "content": {"application/json": {}}},
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "TaskRelay",
+            "version": __version__,
+            "description": "Tracks asynchronous image-generation tasks across providers.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

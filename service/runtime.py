@@ -1,0 +1,58 @@
+"""The resources one TaskRelay process shares, owned by the app's lifespan and handed to
+endpoints as typed state (``runtime_of(request)``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+from sqlalchemy.engine import Engine
+from starlette.requests import Request
+
+from service.auth import ApiClients
+from service.errors import ValidationFailed
+from service.providers.base import ProviderAdapter
+from service.settings import Settings
+from service.signing import CallbackSigner
+from service.store import Store
+
+if TYPE_CHECKING:
+    from service.files import ImageFiles
+    from service.submitter import Submitter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    store: Store
+    http: httpx.AsyncClient
+    adapters: Mapping[str, ProviderAdapter]
+    signer: CallbackSigner
+    clients: ApiClients
+    files: ImageFiles
+    submitter: Submitter
+
+    def callback_url(self, task_id: str, provider: str) -> str:
+        return self.signer.callback_url(self.settings.public_url, task_id, provider)
+
+    def require_submittable(self, provider: str) -> ProviderAdapter:
+        """The adapter for a provider TaskRelay may submit to (it needs an API key)."""
+        adapter = self.adapters[provider]
+        if not adapter.settings.configured:
+            raise ValidationFailed(
+                f"Provider {provider!r} is not configured: set "
+                f"TASKRELAY_{provider.upper()}_API_KEY "
+                "(or run with TASKRELAY_SANDBOX=true to use the built-in sandbox).",
+                code="provider_not_configured",
+                details=[{"field": "provider", "message": "no API key configured"}],
+            )
+        return adapter
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime = request.app.state.runtime
+    assert isinstance(runtime, Runtime)
+    return runtime

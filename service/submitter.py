@@ -1,0 +1,162 @@
+"""Sends submitted tasks to their provider, in the background, after the task row is committed.
+
+The order matters: the task exists (and its callback token is valid) before the request
+leaves, and each attempt is counted before it is sent. So a submission whose reply is lost to a
+timeout or a crash is not lost: the provider's callback still finds the task. Provider-side
+failures are retried with backoff a bounded number of times; the caller's faults are final and
+end the task ``failed`` with the provider's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ProviderError, StoreUnavailable, TaskRelayError
+from service.files import ImageFiles
+from service.lifecycle import TaskUpdate
+from service.models import TaskStatus, UpdateSource
+from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
+from service.retry import SUBMIT_BACKOFF, Backoff
+from service.signing import CallbackSigner
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Submitter:
+    def __init__(
+        self,
+        store: Store,
+        adapters: Mapping[str, ProviderAdapter],
+        signer: CallbackSigner,
+        files: ImageFiles,
+        *,
+        public_url: str,
+        backoff: Backoff = SUBMIT_BACKOFF,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.signer = signer
+        self.files = files
+        self.public_url = public_url
+        self.backoff = backoff
+        self.sleep = sleep
+        self._running: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+
+    def submit(self, task_id: str) -> None:
+        """Start sending ``task_id`` to its provider; returns at once."""
+        job = asyncio.create_task(self._submit(task_id), name=f"submit:{task_id}")
+        self._running.add(job)
+        job.add_done_callback(self._running.discard)
+
+    async def resume(self) -> int:
+        """At start-up: send the tasks whose request never left before a crash or restart."""
+        task_ids = await run_in_threadpool(self.store.unsent_submissions)
+        for task_id in task_ids:
+            self.submit(task_id)
+        if task_ids:
+            log.info("resuming %d unsent submissions", len(task_ids))
+        return len(task_ids)
+
+    async def idle(self) -> None:
+        """Wait until every submission in flight has finished (tests, shutdown)."""
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if not self._running:
+            return
+        _done, pending = await asyncio.wait(list(self._running), timeout=grace)
+        for job in pending:
+            job.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _submit(self, task_id: str) -> None:
+        try:
+            await self._attempts(task_id)
+        except StoreUnavailable:
+            log.error("submission of %s stopped: the database is unavailable", task_id)
+        except Exception:
+            log.exception("submission of %s failed unexpectedly", task_id)
+
+    async def _attempts(self, task_id: str) -> None:
+        task = await run_in_threadpool(self.store.find_task, task_id)
+        if task is None or task["status"] != TaskStatus.queued.value:
+            return
+        provider = task["provider"]
+        adapter = self.adapters[provider]
+        request = GenerationRequest.from_json(task["request"])
+        callback_url = self.signer.callback_url(self.public_url, task_id, provider)
+
+        async def on_update(update: TaskUpdate) -> None:
+            await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.stream)
+
+        attempt = 0
+        while True:
+            attempt += 1
+            await run_in_threadpool(self.store.mark_submit_attempt, task_id)
+            try:
+                result = await adapter.submit(
+                    request, callback_url=callback_url, on_update=on_update
+                )
+                update = await self._keep_images(task_id, provider, result)
+                await run_in_threadpool(
+                    self.store.apply_update, task_id, update, UpdateSource.submit
+                )
+                return
+            except ProviderError as exc:
+                delay = (
+                    self.backoff.delay(attempt, retry_after=exc.retry_after, rng=self._rng)
+                    if exc.retryable
+                    else None
+                )
+                if delay is None:
+                    log.warning(
+                        "submission of %s to %s failed for good after %d attempt(s): %s",
+                        task_id,
+                        provider,
+                        attempt,
+                        exc.code,
+                    )
+                    await self._fail(task_id, exc)
+                    return
+                log.info(
+                    "submission of %s to %s failed (%s); retrying in %.1fs",
+                    task_id,
+                    provider,
+                    exc.code,
+                    delay,
+                )
+                await self.sleep(delay)
+
+    async def _keep_images(self, task_id: str, provider: str, result: SubmitResult) -> TaskUpdate:
+        """Replace inline base64 images with files TaskRelay serves itself."""
+        update = result.update
+        if not any("b64_json" in image for image in update.images):
+            return update
+        images = []
+        for index, image in enumerate(update.images):
+            if "b64_json" in image:
+                url = await run_in_threadpool(
+                    self.files.save_b64, task_id, index, image["b64_json"], provider=provider
+                )
+                kept = {key: value for key, value in image.items() if key != "b64_json"}
+                images.append({**kept, "url": url})
+            else:
+                images.append(dict(image))
+        return replace(update, images=tuple(images))
+
+    async def _fail(self, task_id: str, exc: TaskRelayError) -> None:
+        update = TaskUpdate(
+            status=TaskStatus.failed, error={"code": exc.code, "message": exc.message}
+        )
+        await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.submit)

@@ -1,0 +1,188 @@
+"""HTTP plumbing shared by every endpoint: bounded body reading, JSON in and out, and the one
+place where errors become responses.
+
+Every error response has the shape ``{"error": {"code", "message", "details"}}``; no stack trace
+ever leaves the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    TaskRelayError,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 64
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "rate_limited",
+}
+
+
+class BodyTooLarge(PayloadTooLarge):
+    """Raised by :func:`read_body`; ``prefix`` is what was read before giving up."""
+
+    def __init__(self, message: str, prefix: bytes, size: int) -> None:
+        super().__init__(message)
+        self.prefix = prefix
+        self.size = size  # the declared size, or how much had arrived when reading stopped
+
+
+def json_response(
+    data: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(data, status_code=status_code, headers=headers)
+
+
+def error_response(exc: TaskRelayError) -> Response:
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="taskrelay"'
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int, *, keep_prefix: bool = False) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes without buffering it all.
+
+    With ``keep_prefix`` an oversized body is still read up to ``limit`` bytes, so the caller
+    can keep its start for audit; otherwise a too-large Content-Length is refused unread."""
+    declared = request.headers.get("content-length")
+    too_large = (
+        f"The request body is larger than the {limit}-byte limit; send a smaller body "
+        "(the limit is TASKRELAY_MAX_BODY_BYTES)."
+    )
+    declared_size = 0
+    if declared is not None:
+        try:
+            declared_size = int(declared)
+        except ValueError:
+            raise BadRequest("The Content-Length header is not a number.") from None
+        if declared_size > limit and not keep_prefix:
+            raise BodyTooLarge(too_large, b"", declared_size)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk)
+            raise BodyTooLarge(too_large, b"".join(chunks)[:limit], max(size, declared_size))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return True
+
+
+def decode_json(body: bytes, *, what: str = "request body") -> Any:
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"The {what} is not UTF-8 encoded.", code="invalid_encoding") from exc
+    if not text.strip():
+        raise BadRequest(f"The {what} is empty; send a JSON object.", code="invalid_json")
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"The {what} is not valid JSON: {exc}.", code="invalid_json") from exc
+    if not _depth_ok(value, MAX_JSON_DEPTH):
+        raise BadRequest(
+            f"The {what} is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
+        )
+    return value
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """A management API body: ``application/json`` (415 otherwise), bounded, a JSON object."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            f"Send the body as JSON with 'Content-Type: application/json' "
+            f"(got {content_type or 'no Content-Type'!r})."
+        )
+    value = decode_json(await read_body(request, limit))
+    if not isinstance(value, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return value
+
+
+async def handle_taskrelay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TaskRelayError)
+    if exc.status >= 500:
+        log.warning(
+            "request failed: %s %s -> %s %s",
+            request.method,
+            route_path(request),
+            exc.status,
+            exc.code,
+        )
+    return error_response(exc)
+
+
+def route_path(request: Request) -> str:
+    """The matched route's template (``/callbacks/{provider}/{token}``), never the concrete path:
+    callback paths carry tokens, which must not reach the logs."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "(unmatched route)"
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    if exc.status_code == 404:
+        message = f"No endpoint at {request.url.path}; see /openapi.json for the API."
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}."
+    body = {"error": {"code": code, "message": message, "details": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, route_path(request))
+    body = {
+        "error": {
+            "code": "internal_error",
+            "message": "TaskRelay hit an unexpected error. "
+            "Retrying is safe: updates are idempotent.",
+            "details": None,
+        }
+    }
+    return JSONResponse(body, status_code=500)

@@ -1,0 +1,167 @@
+"""Shared fixtures.
+
+Every test that uses ``database_url`` (directly or through ``app``/``client``/``store``) runs
+twice: on a real SQLite file, and on a real PostgreSQL when TASKRELAY_TEST_DATABASE_URL points
+at one (``.ci/run`` sets it). Each PostgreSQL run gets a database of its own, created for the
+session and dropped at the end; tables are emptied between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from starlette.applications import Starlette
+
+from service.app import create_app
+from service.db import make_engine, migrate
+from service.runtime import Runtime
+from service.settings import Settings, load_settings
+from service.store import Store
+
+PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
+TABLES = ("callback_receipt", "task_event", "task")
+
+ALICE = "alice-token-0123456789"
+BOB = "bob-token-0123456789"
+SECRET = "test-secret-key-0123456789abcdef"
+
+
+def _pg_url() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        return None
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+@dataclass
+class PostgresDatabase:
+    admin_url: str
+    url: str
+    name: str
+
+    @classmethod
+    def create(cls, admin_url: str, prefix: str = "taskrelay_test") -> PostgresDatabase:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        admin.dispose()
+        url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        return cls(admin_url, url, name)
+
+    def drop(self) -> None:
+        admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file; each test gets a copy (much faster than migrating each time)."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[PostgresDatabase]:
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip(f"{PG_ENV} is not set")
+    database = PostgresDatabase.create(admin_url)
+    migrate(database.url)
+    yield database
+    database.drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql" and _pg_url() is None:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV}")
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "taskrelay.db"
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+    database: PostgresDatabase = request.getfixturevalue("postgres_database")
+    engine = sa.create_engine(database.url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    return database.url
+
+
+def make_settings(database_url: str, tmp_path: Path, **overrides: str) -> Settings:
+    environ = {
+        "TASKRELAY_DATABASE_URL": database_url,
+        "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+        "TASKRELAY_PUBLIC_URL": "http://testserver",
+        "TASKRELAY_SECRET_KEY": SECRET,
+        "TASKRELAY_API_TOKENS": f"alice:{ALICE},bob:{BOB}",
+        "TASKRELAY_SANDBOX": "true",
+        **overrides,
+    }
+    return load_settings(environ, env_file=tmp_path / "no.env")
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return make_settings(database_url, tmp_path)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    engine = make_engine(database_url)
+    yield Store(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    """The service with its lifespan running. Outbound HTTP (to the mounted sandbox, and the
+    sandbox's callbacks back to TaskRelay) goes through the same app in-process."""
+    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
+    application = create_app(settings, http_transport=transport)
+    transport.app = application
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def runtime(app: Starlette) -> Runtime:
+    value = app.state.runtime
+    assert isinstance(value, Runtime)
+    return value
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    # Like a real server: an unhandled error is a 500 response (and a log line), not a raise.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+def auth(token: str = ALICE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def error_code(response: httpx.Response) -> Any:
+    return response.json()["error"]["code"]

@@ -1,0 +1,480 @@
+"""The management API through the ASGI app, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from service.runtime import Runtime
+from tests.conftest import ALICE, BOB, auth, error_code
+
+FAST = " sandbox:duration=0.05"
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, task_id: str, statuses: set[str], wait: float = 10.0
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        response = await client.get(f"/v1/tasks/{task_id}", headers=auth())
+        task: dict[str, Any] = response.json()
+        if task["status"] in statuses:
+            return task
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"task stayed {task['status']}: {task}")
+        await asyncio.sleep(0.02)
+
+
+async def track(client: httpx.AsyncClient, token: str = ALICE, **body: Any) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/tasks/track", json={"provider": "evolink", **body}, headers=auth(token)
+    )
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+# --- submitting -----------------------------------------------------------------------------
+
+
+async def test_submit_returns_202_then_completes_through_the_sandbox(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        "/v1/tasks",
+        json={
+            "provider": "evolink",
+            "prompt": "a lighthouse at dawn" + FAST,
+            "size": "3:2",
+            "quality": "low",
+            "metadata": {"order": 42},
+        },
+        headers=auth(),
+    )
+    assert response.status_code == 202, response.text
+    task = response.json()
+    assert task["id"].startswith("tsk_")
+    assert task["status"] == "queued"
+    assert task["origin"] == "submitted"
+    assert task["metadata"] == {"order": 42}
+    assert task["request"]["size"] == "3:2"
+    assert task["images"] == [] and task["error"] is None and task["completed_at"] is None
+
+    done = await wait_for_status(client, task["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+    assert done["progress"] == 100
+    assert done["provider_task_id"]
+    assert done["images"] and done["images"][0]["url"].startswith("http")
+    assert done["completed_at"] is not None
+    assert done["last_update_source"] == "callback"
+
+    events = (await client.get(f"/v1/tasks/{task['id']}/events", headers=auth())).json()["data"]
+    types = [event["type"] for event in events]
+    assert types[0] == "task.submitted"
+    assert types[-1] == "task.succeeded"
+    assert [event["sequence"] for event in events] == sorted(e["sequence"] for e in events)
+    assert events[-1]["data"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({"prompt": "x"}, {"provider"}),
+        ({"provider": "evolink"}, {"prompt"}),
+        ({"provider": "nope", "prompt": "x"}, {"provider"}),
+        ({"provider": "evolink", "prompt": ""}, {"prompt"}),
+        ({"provider": "evolink", "prompt": "x", "size": "16:9"}, {"size"}),
+        ({"provider": "evolink", "prompt": "x", "quality": "ultra"}, {"quality"}),
+        ({"provider": "evolink", "prompt": "x", "n": 0}, {"n"}),
+        ({"provider": "evolink", "prompt": "x", "n": 11}, {"n"}),
+        ({"provider": "evolink", "prompt": "x", "image_urls": ["ftp://a/b.png"]}, {"image_urls"}),
+        ({"provider": "evolink", "prompt": "x", "metadata": [1, 2]}, {"metadata"}),
+        ({"provider": "evolink", "prompt": "x", "colour": "red"}, {"colour"}),
+        ({"provider": "evolink", "prompt": 5, "n": "many"}, {"prompt", "n"}),
+    ],
+)
+async def test_invalid_bodies_are_400_naming_each_field(
+    client: httpx.AsyncClient, body: dict[str, Any], fields: set[str]
+) -> None:
+    response = await client.post("/v1/tasks", json=body, headers=auth())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "validation_failed"
+    named = {detail["field"].split(".")[0] for detail in error["details"]}
+    assert fields <= named, error
+    for field in fields:
+        assert field in error["message"]
+
+
+async def test_value_a_provider_cannot_take_is_400_before_anything_is_sent(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    response = await client.post(
+        "/v1/tasks",
+        json={"provider": "apiinone", "prompt": "x", "quality": "low"},
+        headers=auth(),
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_by_provider"
+    assert "apiinone" in error["message"]
+    assert error["details"][0]["accepted"]
+    listed = (await client.get("/v1/tasks", headers=auth())).json()["data"]
+    assert listed == []
+
+
+async def test_metadata_size_is_capped(client: httpx.AsyncClient) -> None:
+    body = {"provider": "evolink", "prompt": "x", "metadata": {"blob": "x" * 20_000}}
+    response = await client.post("/v1/tasks", json=body, headers=auth())
+    assert response.status_code == 400
+    assert response.json()["error"]["details"][0]["field"] == "metadata"
+
+
+async def test_unconfigured_provider_is_refused_clearly(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    adapter = runtime.adapters["openai"]
+    monkeypatch.setattr(adapter, "settings", replace(adapter.settings, api_key=None))
+    response = await client.post(
+        "/v1/tasks", json={"provider": "openai", "prompt": "x"}, headers=auth()
+    )
+    assert response.status_code == 400
+    assert error_code(response) == "provider_not_configured"
+    assert "TASKRELAY_OPENAI_API_KEY" in response.json()["error"]["message"]
+
+
+# --- idempotency ----------------------------------------------------------------------------
+
+
+async def test_same_idempotency_key_returns_the_same_task_and_submits_once(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    body = {"provider": "gptimage15", "prompt": "one cat" + FAST}
+    headers = {**auth(), "Idempotency-Key": "order-7"}
+    first = await client.post("/v1/tasks", json=body, headers=headers)
+    second = await client.post("/v1/tasks", json=body, headers=headers)
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert second.json()["id"] == first.json()["id"]
+    await app.state.runtime.submitter.idle()
+    submitted = [t for t in app.state.sandbox.tasks.values() if t.provider == "gptimage15"]
+    assert len(submitted) == 1
+
+
+async def test_concurrent_requests_with_one_key_make_one_task(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    body = {"provider": "evolink", "prompt": "race" + FAST}
+    headers = {**auth(), "Idempotency-Key": "same-key"}
+    responses = await asyncio.gather(
+        *(client.post("/v1/tasks", json=body, headers=headers) for _ in range(6))
+    )
+    assert {r.status_code for r in responses} <= {200, 202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.status_code == 202 for r in responses) == 1
+    await app.state.runtime.submitter.idle()
+    assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
+async def test_idempotency_key_reused_with_another_body_is_422(client: httpx.AsyncClient) -> None:
+    headers = {**auth(), "Idempotency-Key": "k1"}
+    first = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "a" + FAST}, headers=headers
+    )
+    assert first.status_code == 202
+    second = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "b" + FAST}, headers=headers
+    )
+    assert second.status_code == 422
+    assert error_code(second) == "idempotency_key_reused"
+
+
+async def test_idempotency_keys_are_per_client(client: httpx.AsyncClient) -> None:
+    body = {"provider": "evolink", "prompt": "a" + FAST}
+    a = await client.post("/v1/tasks", json=body, headers={**auth(ALICE), "Idempotency-Key": "k"})
+    b = await client.post("/v1/tasks", json=body, headers={**auth(BOB), "Idempotency-Key": "k"})
+    assert a.status_code == b.status_code == 202
+    assert a.json()["id"] != b.json()["id"]
+
+
+# --- tracking -------------------------------------------------------------------------------
+
+
+async def test_track_returns_a_callback_url_for_the_provider(client: httpx.AsyncClient) -> None:
+    task = await track(client, provider_task_id="task-unified-1", metadata={"job": "x"})
+    assert task["origin"] == "tracked"
+    assert task["provider_task_id"] == "task-unified-1"
+    assert task["callback_url"].startswith("http://testserver/callbacks/evolink/")
+    assert len(task["callback_url"]) < 2048
+    again = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": "task-unified-1"},
+        headers=auth(),
+    )
+    assert again.status_code == 409
+    assert again.json()["error"]["details"]["task_id"] == task["id"]
+
+
+async def test_provider_task_id_can_arrive_later_by_patch(client: httpx.AsyncClient) -> None:
+    task = await track(client)
+    assert task["provider_task_id"] is None
+    patched = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"provider_task_id": "up-1"}, headers=auth()
+    )
+    assert patched.status_code == 200
+    assert patched.json()["provider_task_id"] == "up-1"
+    same = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"provider_task_id": "up-1"}, headers=auth()
+    )
+    assert same.status_code == 200
+    conflict = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"provider_task_id": "up-2"}, headers=auth()
+    )
+    assert conflict.status_code == 409
+    meta = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"metadata": {"a": 1}}, headers=auth()
+    )
+    assert meta.json()["metadata"] == {"a": 1}
+    empty = await client.patch(f"/v1/tasks/{task['id']}", json={}, headers=auth())
+    assert empty.status_code == 400
+
+
+# --- ownership and auth ---------------------------------------------------------------------
+
+
+async def test_clients_see_only_their_own_tasks(client: httpx.AsyncClient) -> None:
+    mine = await track(client, ALICE)
+    theirs = await track(client, BOB)
+    assert (await client.get(f"/v1/tasks/{mine['id']}", headers=auth(ALICE))).status_code == 200
+    for method, path, body in [
+        ("GET", f"/v1/tasks/{theirs['id']}", None),
+        ("GET", f"/v1/tasks/{theirs['id']}/events", None),
+        ("GET", f"/v1/tasks/{theirs['id']}/callbacks", None),
+        ("PATCH", f"/v1/tasks/{theirs['id']}", {"metadata": {"stolen": True}}),
+    ]:
+        response = await client.request(method, path, json=body, headers=auth(ALICE))
+        assert response.status_code == 404, (method, path)
+        assert error_code(response) == "not_found"
+    ids = {t["id"] for t in (await client.get("/v1/tasks", headers=auth(ALICE))).json()["data"]}
+    assert ids == {mine["id"]}
+    untouched = await client.get(f"/v1/tasks/{theirs['id']}", headers=auth(BOB))
+    assert untouched.json()["metadata"] == {}
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_token"),
+        ({"Authorization": "Bearer wrong-token-123"}, "invalid_token"),
+        ({"Authorization": f"Basic {ALICE}"}, "invalid_token"),
+        ({"Authorization": "Bearer "}, "invalid_token"),
+    ],
+)
+async def test_management_endpoints_need_a_valid_token(
+    client: httpx.AsyncClient, headers: dict[str, str], code: str
+) -> None:
+    for method, path in [
+        ("GET", "/v1/tasks"),
+        ("POST", "/v1/tasks"),
+        ("POST", "/v1/tasks/track"),
+        ("GET", "/v1/tasks/tsk_x"),
+        ("GET", "/v1/tasks/tsk_x/events"),
+    ]:
+        response = await client.request(method, path, json={}, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert error_code(response) == code
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+async def test_non_json_content_type_is_415(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/tasks",
+        content=b"provider=evolink",
+        headers={**auth(), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b"\xff\xfe{}", "invalid_encoding"),
+        (b"[" * 100 + b"]" * 100, "invalid_json"),
+    ],
+)
+async def test_malformed_json_is_400(client: httpx.AsyncClient, content: bytes, code: str) -> None:
+    response = await client.post(
+        "/v1/tasks", content=content, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert error_code(response) == code
+
+
+async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    big = json.dumps({"provider": "evolink", "prompt": "x" * (1024 * 1024 + 10)})
+    response = await client.post(
+        "/v1/tasks", content=big, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert error_code(response) == "payload_too_large"
+
+    async def chunks() -> Any:  # no Content-Length: the limit applies while streaming
+        for _ in range(20):
+            yield b"x" * 65536
+
+    streamed = await client.post(
+        "/v1/tasks", content=chunks(), headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+async def test_list_filters(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    a = await track(client, provider="evolink")
+    b = await track(client, provider="grsai")
+    await track(client, BOB, provider="grsai")
+    from service.lifecycle import TaskUpdate
+    from service.models import TaskStatus, UpdateSource
+
+    runtime.store.apply_update(a["id"], TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
+
+    async def ids(query: str) -> list[str]:
+        response = await client.get(f"/v1/tasks?{query}", headers=auth())
+        assert response.status_code == 200, response.text
+        return [task["id"] for task in response.json()["data"]]
+
+    assert await ids("") == [b["id"], a["id"]]  # newest first
+    assert await ids("provider=grsai") == [b["id"]]
+    assert await ids("status=running") == [a["id"]]
+    assert await ids("status=queued,running") == [b["id"], a["id"]]
+    assert await ids("status=running&status=queued") == [b["id"], a["id"]]
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    assert await ids(f"created_after={httpx.QueryParams({'x': future})['x']}") == []
+    assert await ids(f"created_before={past.replace('+', '%2B')}") == []
+    assert len(await ids(f"created_after={past.replace('+', '%2B')}")) == 2
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=done",
+        "provider=acme",
+        "limit=0",
+        "limit=201",
+        "limit=ten",
+        "cursor=%%%",
+        "cursor=eyJ4IjoxfQ",
+        "created_after=yesterday",
+        "colour=red",
+    ],
+)
+async def test_bad_list_queries_are_400(client: httpx.AsyncClient, query: str) -> None:
+    response = await client.get(f"/v1/tasks?{query}", headers=auth())
+    assert response.status_code == 400, query
+    assert response.json()["error"]["details"]
+
+
+async def test_cursor_pagination_stays_correct_while_tasks_are_written(
+    client: httpx.AsyncClient,
+) -> None:
+    original = [(await track(client))["id"] for _ in range(11)]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = "limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = (await client.get(f"/v1/tasks?{query}", headers=auth())).json()
+        seen.extend(task["id"] for task in page["data"])
+        pages += 1
+        # Other writers keep inserting while this client pages.
+        await asyncio.gather(*(track(client) for _ in range(2)))
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(original))  # newest first, none skipped, none repeated
+    assert pages == 4
+
+
+# --- health, docs, errors ---------------------------------------------------------------------
+
+
+async def test_health_readiness_and_openapi(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    document = (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    for path in [
+        "/v1/tasks",
+        "/v1/tasks/track",
+        "/v1/tasks/{task_id}",
+        "/callbacks/{provider}/{token}",
+    ]:
+        assert path in document["paths"]
+    assert "TaskCreate" in document["components"]["schemas"]
+    create_schema = document["components"]["schemas"]["TaskCreate"]
+    assert create_schema["additionalProperties"] is False
+    assert set(create_schema["required"]) == {"provider", "prompt"}
+
+
+async def test_unknown_routes_and_methods_answer_json(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/v2/nothing")
+    assert missing.status_code == 404 and error_code(missing) == "not_found"
+    wrong = await client.delete("/v1/tasks", headers=auth())
+    assert wrong.status_code == 405 and error_code(wrong) == "method_not_allowed"
+
+
+async def test_unexpected_errors_are_500_json_without_a_traceback(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(runtime.store, "get_task", explode)
+    response = await client.get("/v1/tasks/tsk_x", headers=auth())
+    assert response.status_code == 500
+    assert error_code(response) == "internal_error"
+    assert "secret internal detail" not in response.text
+    assert "Traceback" not in response.text
+
+
+async def test_database_down_is_503_and_not_ready(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    from service.db import make_engine
+
+    dead = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    working = runtime.store.engine
+    runtime.store.engine = dead
+    runtime.engine = dead
+    try:
+        response = await client.post(
+            "/v1/tasks/track", json={"provider": "evolink"}, headers=auth()
+        )
+        assert response.status_code == 503
+        assert error_code(response) == "store_unavailable"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+    finally:
+        runtime.store.engine = working
+        runtime.engine = working
+        dead.dispose()
+    assert (await client.get("/readyz")).status_code == 200

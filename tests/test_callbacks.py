@@ -1,0 +1,301 @@
+"""The callback endpoint, with EvoLink's callback shape (its task object, PROVIDERS.md §4)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from service.runtime import Runtime
+from tests.conftest import ALICE, auth, error_code
+
+
+def evolink_body(status: str, progress: int = 0, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "created": 1757156493,
+        "id": "task-unified-1757156493-imcg5zqt",
+        "model": "gpt-image-1.5",
+        "object": "image.generation.task",
+        "progress": progress,
+        "status": status,
+        "type": "image",
+        **extra,
+    }
+    return body
+
+
+DONE = evolink_body("completed", 100, results=["https://files.evolink.example/a.png"])
+
+
+async def tracked(client: httpx.AsyncClient, provider: str = "evolink") -> tuple[str, str]:
+    response = await client.post("/v1/tasks/track", json={"provider": provider}, headers=auth())
+    task = response.json()
+    path = httpx.URL(task["callback_url"]).path
+    return task["id"], path
+
+
+async def get(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    return result
+
+
+async def events(client: httpx.AsyncClient, task_id: str) -> list[str]:
+    data = (await client.get(f"/v1/tasks/{task_id}/events", headers=auth())).json()["data"]
+    return [event["type"] for event in data]
+
+
+async def receipts(client: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = (
+        await client.get(f"/v1/tasks/{task_id}/callbacks", headers=auth())
+    ).json()["data"]
+    return data
+
+
+async def test_callback_completes_a_task_and_learns_its_provider_id(
+    client: httpx.AsyncClient,
+) -> None:
+    task_id, path = await tracked(client)
+    response = await client.post(path, json=DONE)
+    assert response.status_code == 200
+    assert response.json() == {
+        "received": True,
+        "task_id": task_id,
+        "status": "succeeded",
+        "outcome": "applied",
+    }
+    task = await get(client, task_id)
+    assert task["status"] == "succeeded"
+    assert task["progress"] == 100
+    assert task["provider_task_id"] == DONE["id"]
+    assert task["images"] == [{"url": "https://files.evolink.example/a.png"}]
+    assert task["last_update_source"] == "callback"
+    assert task["provider_status"] == "completed"
+    assert await events(client, task_id) == ["task.submitted", "task.succeeded"]
+    (receipt,) = await receipts(client, task_id)
+    assert receipt["outcome"] == "applied"
+    assert json.loads(receipt["body"]) == DONE
+
+
+async def test_duplicate_and_out_of_order_callbacks_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    task_id, path = await tracked(client)
+    assert (await client.post(path, json=evolink_body("processing", 40))).json()[
+        "outcome"
+    ] == "applied"
+    assert (await client.post(path, json=evolink_body("processing", 40))).json()[
+        "outcome"
+    ] == "unchanged"
+    assert (await client.post(path, json=evolink_body("processing", 20))).json()[
+        "outcome"
+    ] == "unchanged"
+    assert (await get(client, task_id))["progress"] == 40
+    assert (await client.post(path, json=DONE)).json()["outcome"] == "applied"
+    before = await get(client, task_id)
+    for late in (
+        DONE,
+        evolink_body("processing", 70),
+        evolink_body("failed", error={"message": "x"}),
+    ):
+        response = await client.post(path, json=late)
+        assert response.status_code == 200  # acknowledged, so the provider stops retrying
+        assert response.json()["outcome"] == "terminal"
+        assert response.json()["status"] == "succeeded"
+    after = await get(client, task_id)
+    assert after == before
+    assert await events(client, task_id) == ["task.submitted", "task.progress", "task.succeeded"]
+    outcomes = [r["outcome"] for r in await receipts(client, task_id)]
+    assert outcomes == [
+        "applied",
+        "unchanged",
+        "unchanged",
+        "applied",
+        "terminal",
+        "terminal",
+        "terminal",
+    ]
+
+
+async def test_failure_keeps_the_providers_reason(client: httpx.AsyncClient) -> None:
+    task_id, path = await tracked(client)
+    body = evolink_body(
+        "failed",
+        0,
+        error={"code": "content_policy", "message": "Content policy violation detected"},
+    )
+    assert (await client.post(path, json=body)).status_code == 200
+    task = await get(client, task_id)
+    assert task["status"] == "failed"
+    assert task["error"]["code"] == "content_policy_violation"
+    assert "Content policy" in task["error"]["message"]
+
+
+async def test_expired_task_still_takes_a_late_success(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    task_id, path = await tracked(client)
+    runtime.store.expire_task(task_id, "no answer in time")
+    assert (await get(client, task_id))["status"] == "expired"
+    response = await client.post(path, json=DONE)
+    assert response.json()["outcome"] == "applied"
+    task = await get(client, task_id)
+    assert task["status"] == "succeeded"
+    assert task["error"] is None
+    assert await events(client, task_id) == ["task.submitted", "task.expired", "task.succeeded"]
+
+
+async def test_unknown_status_is_recorded_without_breaking_anything(
+    client: httpx.AsyncClient,
+) -> None:
+    task_id, path = await tracked(client)
+    response = await client.post(path, json=evolink_body("warming_up", 5))
+    assert response.status_code == 200
+    task = await get(client, task_id)
+    assert task["status"] in {"queued", "running"}
+    assert task["provider_status"] == "warming_up"
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+async def assert_untouched(client: httpx.AsyncClient, task_id: str) -> None:
+    task = await get(client, task_id)
+    assert task["status"] == "queued"
+    assert await receipts(client, task_id) == []
+
+
+async def test_forged_and_tampered_tokens_are_401_and_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    task_id, path = await tracked(client)
+    token = path.rsplit("/", 1)[1]
+    payload, timestamp, signature = token.split(".")
+    flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
+    from service.signing import CallbackSigner
+
+    forged = CallbackSigner("an-attackers-own-key-0123456789", max_age=3600).token(
+        task_id, "evolink"
+    )
+    for bad in (f"{payload}.{timestamp}.{flipped}", forged, "tsk_guess", "x" * 300):
+        response = await client.post(f"/callbacks/evolink/{bad}", json=DONE)
+        assert response.status_code == 401, bad
+        assert error_code(response) == "callback_token_invalid"
+    await assert_untouched(client, task_id)
+
+
+async def test_expired_token_is_401(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id, path = await tracked(client)
+    later = time.time() + 8 * 86400  # the default lifetime is 7 days
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: later)
+    response = await client.post(path, json=DONE)
+    assert response.status_code == 401
+    assert error_code(response) == "callback_token_expired"
+    monkeypatch.undo()
+    await assert_untouched(client, task_id)
+
+
+async def test_wrong_provider_is_403_and_unknown_provider_404(client: httpx.AsyncClient) -> None:
+    task_id, path = await tracked(client)
+    token = path.rsplit("/", 1)[1]
+    wrong = await client.post(
+        f"/callbacks/grsai/{token}", json={"code": 0, "data": {"status": "succeeded"}}
+    )
+    assert wrong.status_code == 403
+    assert error_code(wrong) == "callback_provider_mismatch"
+    unknown = await client.post(f"/callbacks/acme/{token}", json=DONE)
+    assert unknown.status_code == 404
+    await assert_untouched(client, task_id)
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b"not json at all", "application/json"),
+        (b"", "application/json"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+        (b"[1, 2, 3]", "application/json"),
+        (b'{"no_status_anywhere": true}', "application/json"),
+        (b"[" * 5000 + b"]" * 5000, "application/json"),
+        (b"status=completed", "application/x-www-form-urlencoded"),
+    ],
+)
+async def test_malformed_bodies_are_400_and_kept_for_audit(
+    client: httpx.AsyncClient, content: bytes, content_type: str
+) -> None:
+    task_id, path = await tracked(client)
+    response = await client.post(path, content=content, headers={"Content-Type": content_type})
+    assert response.status_code == 400
+    assert error_code(response) == "callback_unparseable"
+    assert (await get(client, task_id))["status"] == "queued"
+    (receipt,) = await receipts(client, task_id)
+    assert receipt["outcome"] == "rejected"
+    assert receipt["error"]
+    assert receipt["body_size"] == len(content)
+    if receipt["body_encoding"] == "base64":
+        assert base64.b64decode(receipt["body"]) == content
+    else:
+        assert receipt["body"].encode() == content
+    assert receipt["content_type"] == content_type
+
+
+async def test_oversized_callback_is_413_with_a_capped_receipt(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    task_id, path = await tracked(client)
+    huge = b'{"status": "completed", "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    response = await client.post(path, content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert (await get(client, task_id))["status"] == "queued"
+    (receipt,) = await receipts(client, task_id)
+    assert receipt["outcome"] == "rejected"
+    assert receipt["body_truncated"] is True
+    assert len(receipt["body"]) == runtime.settings.callback_audit_bytes
+
+
+async def test_provider_task_id_mismatch_is_409_and_changes_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": "task-unified-REAL"},
+        headers=auth(ALICE),
+    )
+    task = response.json()
+    path = httpx.URL(task["callback_url"]).path
+    reply = await client.post(path, json=DONE)  # names task-unified-1757156493-imcg5zqt
+    assert reply.status_code == 409
+    assert error_code(reply) == "provider_task_id_mismatch"
+    assert (await get(client, task["id"]))["status"] == "queued"
+    (receipt,) = await receipts(client, task["id"])
+    assert receipt["outcome"] == "rejected"
+
+
+async def test_callback_is_503_not_2xx_when_it_cannot_be_stored(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    task_id, path = await tracked(client)
+    from service.db import make_engine
+
+    dead = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    working = runtime.store.engine
+    runtime.store.engine = dead
+    try:
+        response = await client.post(path, json=DONE)
+        assert response.status_code == 503
+        assert error_code(response) == "store_unavailable"
+    finally:
+        runtime.store.engine = working
+        dead.dispose()
+    assert (await get(client, task_id))["status"] == "queued"
+    # The provider retries; now it lands.
+    assert (await client.post(path, json=DONE)).status_code == 200
+    assert (await get(client, task_id))["status"] == "succeeded"
