@@ -125,12 +125,15 @@ class ProviderError(TaskRelayError):
 
     ``retryable`` says whether the same request may succeed later (the provider's fault), as
     opposed to the caller's fault, which is final. ``retry_after`` keeps a provider's
-    Retry-After hint in seconds.
+    Retry-After hint in seconds. ``ambiguous`` means the request may have been carried out
+    even though no usable answer came back (a read timeout, a garbled 2xx): sending it again
+    could start a second, paid task.
     """
 
     status = 502
     code = "upstream_error"
     retryable = False
+    ambiguous = False
 
     def __init__(
         self,
@@ -141,8 +144,11 @@ class ProviderError(TaskRelayError):
         retry_after: float | None = None,
         details: Any = None,
         code: str | None = None,
+        ambiguous: bool | None = None,
     ) -> None:
         super().__init__(message, details=details, code=code)
+        if ambiguous is not None:
+            self.ambiguous = ambiguous
         self.provider = provider
         self.upstream_status = upstream_status
         self.retry_after = retry_after
@@ -186,3 +192,4 @@ class UpstreamProtocolError(ProviderError):
     status = 502
     code = "upstream_protocol_error"
     retryable = True
+    ambiguous = True

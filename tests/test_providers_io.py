@@ -29,7 +29,7 @@ from service.errors import (
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
 from service.providers import ADAPTER_CLASSES, build_adapters
-from service.providers.base import GenerationRequest, ProviderAdapter
+from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
 from service.settings import DEFAULT_MODELS, PROVIDERS, ProviderSettings, Secret, load_settings
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -162,6 +162,7 @@ async def test_submit_sends_the_providers_request(
     assert result.update.provider_task_id == task_id
     # A callback comes only where the provider has one and TaskRelay gave it a URL.
     assert result.expects_callback is (provider != "openai" and callback_url is not None)
+    assert result.expects_callback is (adapter.delivers_callbacks() and callback_url is not None)
 
 
 async def test_openai_submit_waits_long_for_the_synchronous_result(upstream: Upstream) -> None:
@@ -205,6 +206,7 @@ async def test_grsai_submit_modes(
     result = await adapter.submit(REQUEST, callback_url=callback_url, on_update=no_updates)
     assert json.loads(upstream.last.content)["webHook"] == webhook
     assert result.expects_callback is expects_callback
+    assert result.expects_callback is (adapter.delivers_callbacks() and callback_url is not None)
     assert result.update == TaskUpdate(
         status=TaskStatus.queued, provider_task_id="f1b2c3d4-grsai-task"
     )
@@ -287,63 +289,69 @@ def error_body(provider: str, status: int) -> dict[str, Any]:
     return {"error": {"message": "boom from upstream", "type": "x", "code": None}}
 
 
-FAILURES: list[tuple[str, Callable[[str], Answer], type[ProviderError], str]] = [
-    (
-        "400",
-        lambda p: httpx.Response(400, json=error_body(p, 400)),
-        UpstreamBadRequest,
-        "answered HTTP 400: boom from upstream",
-    ),
-    (
-        "401",
-        lambda p: httpx.Response(401, json=error_body(p, 401)),
-        UpstreamUnauthorized,
-        "answered HTTP 401: boom from upstream",
-    ),
-    (
-        "404",
-        lambda p: httpx.Response(404, json=error_body(p, 404)),
-        UpstreamNotFound,
-        "answered HTTP 404: boom from upstream",
-    ),
+def answered(status: int, **response: Any) -> Callable[[str], Answer]:
+    """The provider answers HTTP ``status``, with an error body in its shape unless given one."""
+
+    def answer(provider: str) -> Answer:
+        has_body = {"json", "text", "stream"} & set(response)
+        body = {} if has_body else {"json": error_body(provider, status)}
+        return httpx.Response(status, **body, **response)
+
+    return answer
+
+
+# case, answer, error, what its message says, ambiguous: whether the provider may have acted on
+# a request it gave no usable answer to (so sending it again could start a second task).
+FAILURES: list[tuple[str, Callable[[str], Answer], type[ProviderError], str, bool]] = [
+    ("400", answered(400), UpstreamBadRequest, "answered HTTP 400: boom from upstream", False),
+    ("401", answered(401), UpstreamUnauthorized, "answered HTTP 401: boom from upstream", False),
+    ("404", answered(404), UpstreamNotFound, "answered HTTP 404: boom from upstream", False),
     (
         "429",
-        lambda p: httpx.Response(429, json=error_body(p, 429), headers={"Retry-After": "7"}),
+        answered(429, headers={"Retry-After": "7"}),
         UpstreamRateLimited,
         "answered HTTP 429: boom from upstream",
+        False,
     ),
-    (
-        "500",
-        lambda p: httpx.Response(500, json=error_body(p, 500)),
-        UpstreamUnavailable,
-        "answered HTTP 500: boom from upstream",
-    ),
+    ("500", answered(500), UpstreamUnavailable, "answered HTTP 500: boom from upstream", False),
     (
         "502-html",
-        lambda p: httpx.Response(502, text="<html>Bad Gateway</html>"),
+        answered(502, text="<html>Bad Gateway</html>"),
         UpstreamUnavailable,
         "answered HTTP 502",
+        False,
     ),
-    ("timeout", lambda p: httpx.ReadTimeout("read timed out"), UpstreamUnavailable, "timed out"),
+    (
+        "timeout",
+        lambda p: httpx.ReadTimeout("read timed out"),
+        UpstreamUnavailable,
+        "timed out",
+        True,
+    ),
     (
         "connect",
         lambda p: httpx.ConnectError("connection refused"),
         UpstreamUnavailable,
         "could not be reached",
+        False,
     ),
+    ("not-json", answered(200, text="<html>ok</html>"), UpstreamProtocolError, "not JSON", True),
+    ("wrong-shape", answered(200, json=[1, 2]), UpstreamProtocolError, "a JSON object", True),
     (
-        "not-json",
-        lambda p: httpx.Response(200, text="<html>ok</html>"),
+        "undecodable",
+        answered(200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")),
         UpstreamProtocolError,
-        "not JSON",
+        "cannot be decoded",
+        True,
     ),
     (
         "moderation",
-        lambda p: httpx.Response(
+        answered(
             400, json={"error": {"message": "Rejected by moderation", "code": "moderation_blocked"}}
         ),
         ContentPolicyViolation,
         "Rejected by moderation",
+        False,
     ),
 ]
 RETRYABLE = {UpstreamRateLimited, UpstreamUnavailable, UpstreamProtocolError}
@@ -363,7 +371,7 @@ OPERATIONS = [(p, "submit") for p in PROVIDERS] + [(p, "query") for p in PROVIDE
 
 @pytest.mark.parametrize(("provider", "operation"), OPERATIONS)
 @pytest.mark.parametrize(
-    ("case", "answer", "error", "says"), FAILURES, ids=[case[0] for case in FAILURES]
+    ("case", "answer", "error", "says", "ambiguous"), FAILURES, ids=[case[0] for case in FAILURES]
 )
 async def test_upstream_failures_map_to_the_most_specific_error(
     upstream: Upstream,
@@ -373,6 +381,7 @@ async def test_upstream_failures_map_to_the_most_specific_error(
     answer: Callable[[str], Answer],
     error: type[ProviderError],
     says: str,
+    ambiguous: bool,
 ) -> None:
     upstream.answer(answer(provider))
     with pytest.raises(ProviderError) as caught:
@@ -381,6 +390,7 @@ async def test_upstream_failures_map_to_the_most_specific_error(
     assert caught.value.provider == provider
     assert says in caught.value.message
     assert caught.value.retryable is (error in RETRYABLE)
+    assert caught.value.ambiguous is ambiguous
     assert len(upstream.requests) == 1  # one attempt: the caller owns retries
     if case == "429":
         assert caught.value.retry_after == 7.0
@@ -432,18 +442,33 @@ class Updates:
         self.seen.append(update)
 
 
-async def test_grsai_stream_reports_progress_and_returns_the_result(upstream: Upstream) -> None:
+async def submit_streamed(
+    upstream: Upstream,
+    updates: Updates,
+    content: AsyncIterator[bytes],
+    *,
+    request: GenerationRequest = REQUEST,
+    callback_url: str | None = None,
+    **response: Any,
+) -> SubmitResult:
+    """A stream mode GrsAI submission, answered with ``content``; progress goes to ``updates``."""
+    upstream.answer(httpx.Response(200, content=content, **response))
     adapter = upstream.adapter("grsai", mode="stream")
-    upstream.answer(
-        httpx.Response(
-            200,
-            headers={"Content-Type": "text/event-stream"},
-            content=chunked(stream_text("grsai/seed_stream_succeeded.txt")),
-        )
-    )
+    return await adapter.submit(request, callback_url=callback_url, on_update=updates)
+
+
+async def test_grsai_stream_reports_progress_and_returns_the_result(upstream: Upstream) -> None:
     updates = Updates()
-    request = GenerationRequest(prompt="猫", size="1:1", n=2, image_urls=("https://e.com/a.png",))
-    result = await adapter.submit(request, callback_url=CALLBACK, on_update=updates)
+    result = await submit_streamed(
+        upstream,
+        updates,
+        chunked(stream_text("grsai/seed_stream_succeeded.txt")),
+        request=GenerationRequest(
+            prompt="猫", size="1:1", n=2, image_urls=("https://e.com/a.png",)
+        ),
+        callback_url=CALLBACK,
+        headers={"Content-Type": "text/event-stream"},
+    )
 
     body = assert_json_request(
         upstream.last, "POST", "https://grsai.example/base/v1/draw/completions"
@@ -468,12 +493,9 @@ async def test_grsai_stream_reports_progress_and_returns_the_result(upstream: Up
 
 
 async def test_grsai_stream_failure_is_a_failed_result(upstream: Upstream) -> None:
-    adapter = upstream.adapter("grsai", mode="stream")
-    upstream.answer(
-        httpx.Response(200, content=chunked(stream_text("grsai/seed_stream_failed.txt"), 3))
-    )
     updates = Updates()
-    result = await adapter.submit(REQUEST, callback_url=None, on_update=updates)
+    content = chunked(stream_text("grsai/seed_stream_failed.txt"), 3)
+    result = await submit_streamed(upstream, updates, content)
     assert [u.progress for u in updates.seen] == [0, 40]
     assert result.update.status is TaskStatus.failed
     assert result.update.error == {
@@ -484,12 +506,9 @@ async def test_grsai_stream_failure_is_a_failed_result(upstream: Upstream) -> No
 
 
 async def test_grsai_stream_with_noise_keeps_the_task_id(upstream: Upstream) -> None:
-    adapter = upstream.adapter("grsai", mode="stream")
-    upstream.answer(
-        httpx.Response(200, content=chunked(stream_text("grsai/stream_sse_noise.txt"), 11))
-    )
     updates = Updates()
-    result = await adapter.submit(REQUEST, callback_url=None, on_update=updates)
+    content = chunked(stream_text("grsai/stream_sse_noise.txt"), 11)
+    result = await submit_streamed(upstream, updates, content)
     assert [(u.progress, u.provider_task_id) for u in updates.seen] == [
         (10, "f1b2c3d4-grsai-task"),
         (60, "f1b2c3d4-grsai-task"),
@@ -499,13 +518,12 @@ async def test_grsai_stream_with_noise_keeps_the_task_id(upstream: Upstream) -> 
 
 
 async def test_grsai_stream_without_a_final_line_is_a_protocol_error(upstream: Upstream) -> None:
-    adapter = upstream.adapter("grsai", mode="stream")
-    unfinished = stream_text("grsai/stream_unfinished.txt")
-    upstream.answer(httpx.Response(200, content=chunked(unfinished)))
     updates = Updates()
-    with pytest.raises(UpstreamProtocolError, match="ended without a final line"):
-        await adapter.submit(REQUEST, callback_url=None, on_update=updates)
+    unfinished = chunked(stream_text("grsai/stream_unfinished.txt"))
+    with pytest.raises(UpstreamProtocolError, match="ended without a final line") as caught:
+        await submit_streamed(upstream, updates, unfinished)
     assert [u.progress for u in updates.seen] == [10, 50]
+    assert caught.value.ambiguous
 
 
 @pytest.mark.parametrize(
@@ -538,6 +556,7 @@ async def test_grsai_stream_errors(
     with pytest.raises(error) as caught:
         await adapter.submit(REQUEST, callback_url=None, on_update=no_updates)
     assert says in caught.value.message
+    assert not caught.value.ambiguous  # each is an answer that says no, or a failure to connect
 
 
 async def test_grsai_stream_cut_off_midway_is_unavailable(upstream: Upstream) -> None:
@@ -545,12 +564,11 @@ async def test_grsai_stream_cut_off_midway_is_unavailable(upstream: Upstream) ->
         yield b'data: {"progress": 20}\n\n'
         raise httpx.ReadTimeout("no more lines")
 
-    adapter = upstream.adapter("grsai", mode="stream")
-    upstream.answer(httpx.Response(200, content=cut_off()))
     updates = Updates()
-    with pytest.raises(UpstreamUnavailable, match="timed out"):
-        await adapter.submit(REQUEST, callback_url=None, on_update=updates)
+    with pytest.raises(UpstreamUnavailable, match="timed out") as caught:
+        await submit_streamed(upstream, updates, cut_off())
     assert [u.progress for u in updates.seen] == [20]
+    assert caught.value.ambiguous
 
 
 # --- the registry --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -38,7 +38,7 @@ from service.errors import (
 )
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import ADAPTER_CLASSES, base
+from service.providers import ADAPTER_CLASSES, base, parsing
 from service.providers.base import GenerationRequest, ProviderAdapter
 from service.settings import DEFAULT_MODELS, PROVIDERS, ProviderSettings, Secret
 
@@ -110,157 +110,115 @@ def url(*urls: str) -> tuple[dict[str, Any], ...]:
     return tuple({"url": item} for item in urls)
 
 
+def sized(image_url: str, width: int, height: int) -> dict[str, Any]:
+    return {"url": image_url, "width": width, "height": height}
+
+
+OAI_URL = "https://oaidalleapiprodscus.blob.core.windows.net/private/img-1.png"
 GRSAI_ID = "f1b2c3d4-grsai-task"
-GRSAI_IMG: dict[str, Any] = {
-    "url": "https://file.grsai.example/result-1.png",
-    "width": 1024,
-    "height": 1536,
-}
-GRSAI_IMG2: dict[str, Any] = {
-    "url": "https://file.grsai.example/result-2.png",
-    "width": 1024,
-    "height": 1536,
-}
+GRSAI_IMG = sized("https://file.grsai.example/result-1.png", 1024, 1536)
+GRSAI_IMG2 = sized("https://file.grsai.example/result-2.png", 1024, 1536)
+GRSAI_STREAM_IMG = sized("https://file.grsai.example/stream-1.png", 1024, 1024)
 GPT_ID = "n36abc123def456gptimg"
 GPT_IMG = url("https://cdn.example.com/image.png")
+GPT_POLICY = "Content policy violation detected"
 EVO_ID = "task-unified-1757156493-imcg5zqt"
 EVO_A = "https://files.evolink.example/images/a.png"
 EVO_B = "https://files.evolink.example/images/b.png"
 AIO_ID = "n42xxxx_gptimg"
 AIO_IMG = url("https://cdn.apiin.one/outputs/n42xxxx_gptimg/0.png")
 S = TaskStatus
+POLICY = "content_policy_violation"
+FAILED = "provider_failed"
+NO_REASON = "without giving a reason"
+
+
+def task_of(task_id: str | None, **shared: Any) -> Callable[..., Expect]:
+    """Expectations for one provider's task samples, which share their task id (and more)."""
+
+    def expect(kind: str, status: TaskStatus, raw: str | None = None, **fields: Any) -> Expect:
+        return Expect(kind, status, raw, task_id, **shared, **fields)
+
+    return expect
+
+
+def bare_and_wrapped(name: str, expect: Expect) -> dict[str, Expect]:
+    """One callback sample bare and one in its provider's envelope: the same expectation."""
+    return {name.format(shape): expect for shape in ("bare", "wrapped")}
+
+
+def refused(
+    http: int, raises: type[ProviderError], message: str, *, body_code: bool = False
+) -> Expect:
+    return Expect("error", http=http, raises=raises, message=message, body_code=body_code)
+
+
+# One builder per provider: OpenAI's results are complete, GrsAI's seeds carry no task id,
+# EvoLink's objects all carry the seed's id and estimated_time.
+oai = task_of(None, progress=100)
+grs_seed = task_of(None)
+grs = task_of(GRSAI_ID)
+gpt = task_of(GPT_ID)
+evo = task_of(EVO_ID, estimated=100.0)
+aio = task_of(AIO_ID)
 
 SAMPLES: dict[str, Expect] = {
-    # openai
-    "openai/submit_b64.json": Expect(
-        "submit", S.succeeded, progress=100, images=({"b64_json": PNG},)
+    "openai/submit_b64.json": oai("submit", S.succeeded, images=({"b64_json": PNG},)),
+    "openai/submit_b64_two_with_size.json": oai(
+        "submit", S.succeeded, images=({"b64_json": PNG, "width": 1536, "height": 1024},) * 2
     ),
-    "openai/submit_b64_two_with_size.json": Expect(
-        "submit",
-        S.succeeded,
-        progress=100,
-        images=({"b64_json": PNG, "width": 1536, "height": 1024},) * 2,
+    "openai/submit_url.json": oai("submit", S.succeeded, images=url(OAI_URL)),
+    "openai/error_400_invalid_size.json": refused(
+        400, UpstreamBadRequest, "Invalid value: '1024x1792'"
     ),
-    "openai/submit_url.json": Expect(
-        "submit",
-        S.succeeded,
-        progress=100,
-        images=url("https://oaidalleapiprodscus.blob.core.windows.net/private/img-1.png"),
+    "openai/error_400_moderation.json": refused(
+        400, ContentPolicyViolation, "rejected by the safety system"
     ),
-    "openai/error_400_invalid_size.json": Expect(
-        "error", http=400, raises=UpstreamBadRequest, message="Invalid value: '1024x1792'"
-    ),
-    "openai/error_400_moderation.json": Expect(
-        "error", http=400, raises=ContentPolicyViolation, message="rejected by the safety system"
-    ),
-    "openai/error_401.json": Expect(
-        "error", http=401, raises=UpstreamUnauthorized, message="Incorrect API key"
-    ),
-    "openai/error_429.json": Expect(
-        "error", http=429, raises=UpstreamRateLimited, message="Rate limit reached"
-    ),
-    "openai/error_500.json": Expect(
-        "error", http=500, raises=UpstreamUnavailable, message="The server had an error"
-    ),
-    # grsai
+    "openai/error_401.json": refused(401, UpstreamUnauthorized, "Incorrect API key"),
+    "openai/error_429.json": refused(429, UpstreamRateLimited, "Rate limit reached"),
+    "openai/error_500.json": refused(500, UpstreamUnavailable, "The server had an error"),
     "grsai/seed_submit_reply_id.json": Expect("submit", S.queued, task_id=GRSAI_ID),
-    "grsai/seed_result_running.json": Expect("status", S.running, raw="running"),
-    "grsai/seed_result_succeeded.json": Expect(
-        "status", S.succeeded, raw="succeeded", images=url(GRSAI_IMG["url"])
+    "grsai/seed_result_running.json": grs_seed("status", S.running, "running"),
+    "grsai/seed_result_succeeded.json": grs_seed(
+        "status", S.succeeded, "succeeded", images=url(GRSAI_IMG["url"])
     ),
-    "grsai/seed_stream_succeeded.txt": Expect(
+    "grsai/seed_stream_succeeded.txt": grs_seed(
+        "stream", S.succeeded, "succeeded", progress=100, images=(GRSAI_STREAM_IMG,)
+    ),
+    "grsai/seed_stream_failed.txt": grs_seed(
+        "stream", S.failed, "failed", progress=100, error_code=POLICY, message="output_moderation"
+    ),
+    "grsai/status_running.json": grs("status", S.running, "running", progress=45),
+    "grsai/status_succeeded.json": grs(
+        "status", S.succeeded, "succeeded", progress=100, images=(GRSAI_IMG, GRSAI_IMG2)
+    ),
+    "grsai/status_failed_moderation.json": grs(
+        "status", S.failed, "failed", progress=100, error_code=POLICY, message="input_moderation"
+    ),
+    "grsai/status_failed_no_reason.json": grs(
+        "status", S.failed, "failed", progress=100, error_code=FAILED, message=NO_REASON
+    ),
+    "grsai/status_cancelled.json": grs("status", S.canceled, "cancelled", progress=10),
+    "grsai/status_unknown_word.json": grs("status", S.running, "queuing", progress=0),
+    "grsai/error_code_nonzero.json": refused(
+        400, UpstreamBadRequest, "apikey error", body_code=True
+    ),
+    **bare_and_wrapped(
+        "grsai/callback_{}_succeeded.json",
+        grs("callback", S.succeeded, "succeeded", progress=100, images=(GRSAI_IMG,)),
+    ),
+    "grsai/callback_bare_failed.json": grs(
+        "callback", S.failed, "failed", progress=100, error_code=POLICY, message="output_moderation"
+    ),
+    "grsai/callback_stream_shape.json": grs(
+        "callback", S.succeeded, "succeeded", progress=100, images=(GRSAI_STREAM_IMG,)
+    ),
+    "grsai/stream_sse_noise.txt": grs(
         "stream",
         S.succeeded,
-        raw="succeeded",
+        "succeeded",
         progress=100,
-        images=({"url": "https://file.grsai.example/stream-1.png", "width": 1024, "height": 1024},),
-    ),
-    "grsai/seed_stream_failed.txt": Expect(
-        "stream",
-        S.failed,
-        raw="failed",
-        progress=100,
-        error_code="content_policy_violation",
-        message="output_moderation",
-    ),
-    "grsai/status_running.json": Expect(
-        "status", S.running, raw="running", task_id=GRSAI_ID, progress=45
-    ),
-    "grsai/status_succeeded.json": Expect(
-        "status",
-        S.succeeded,
-        raw="succeeded",
-        task_id=GRSAI_ID,
-        progress=100,
-        images=(GRSAI_IMG, GRSAI_IMG2),
-    ),
-    "grsai/status_failed_moderation.json": Expect(
-        "status",
-        S.failed,
-        raw="failed",
-        task_id=GRSAI_ID,
-        progress=100,
-        error_code="content_policy_violation",
-        message="input_moderation",
-    ),
-    "grsai/status_failed_no_reason.json": Expect(
-        "status",
-        S.failed,
-        raw="failed",
-        task_id=GRSAI_ID,
-        progress=100,
-        error_code="provider_failed",
-        message="without giving a reason",
-    ),
-    "grsai/status_cancelled.json": Expect(
-        "status", S.canceled, raw="cancelled", task_id=GRSAI_ID, progress=10
-    ),
-    "grsai/status_unknown_word.json": Expect(
-        "status", S.running, raw="queuing", task_id=GRSAI_ID, progress=0
-    ),
-    "grsai/error_code_nonzero.json": Expect(
-        "error", http=400, raises=UpstreamBadRequest, message="apikey error", body_code=True
-    ),
-    "grsai/callback_bare_succeeded.json": Expect(
-        "callback",
-        S.succeeded,
-        raw="succeeded",
-        task_id=GRSAI_ID,
-        progress=100,
-        images=(GRSAI_IMG,),
-    ),
-    "grsai/callback_wrapped_succeeded.json": Expect(
-        "callback",
-        S.succeeded,
-        raw="succeeded",
-        task_id=GRSAI_ID,
-        progress=100,
-        images=(GRSAI_IMG,),
-    ),
-    "grsai/callback_bare_failed.json": Expect(
-        "callback",
-        S.failed,
-        raw="failed",
-        task_id=GRSAI_ID,
-        progress=100,
-        error_code="content_policy_violation",
-        message="output_moderation",
-    ),
-    "grsai/callback_stream_shape.json": Expect(
-        "callback",
-        S.succeeded,
-        raw="succeeded",
-        task_id=GRSAI_ID,
-        progress=100,
-        images=({"url": "https://file.grsai.example/stream-1.png", "width": 1024, "height": 1024},),
-    ),
-    "grsai/stream_sse_noise.txt": Expect(
-        "stream",
-        S.succeeded,
-        raw="succeeded",
-        task_id=GRSAI_ID,
-        progress=100,
-        images=({"url": "https://file.grsai.example/stream-2.png", "width": 1536, "height": 1024},),
+        images=(sized("https://file.grsai.example/stream-2.png", 1536, 1024),),
     ),
     "grsai/stream_unfinished.txt": Expect(
         "stream", raises=UpstreamProtocolError, message="ended without a final line"
@@ -268,240 +226,120 @@ SAMPLES: dict[str, Expect] = {
     "grsai/stream_error_body.txt": Expect(
         "stream", raises=UpstreamBadRequest, message="insufficient credits"
     ),
-    # gptimage15
-    "gptimage15/seed_submit_reply.json": Expect(
-        "submit", S.running, raw="IN_PROGRESS", task_id=GPT_ID
+    "gptimage15/seed_submit_reply.json": gpt("submit", S.running, "IN_PROGRESS"),
+    "gptimage15/seed_error_400.json": refused(
+        400, UpstreamBadRequest, "Bad Request: 'prompt' is required.", body_code=True
     ),
-    "gptimage15/seed_error_400.json": Expect(
-        "error",
-        http=400,
-        raises=UpstreamBadRequest,
-        message="Bad Request: 'prompt' is required.",
-        body_code=True,
+    "gptimage15/seed_status_in_progress.json": gpt("status", S.running, "IN_PROGRESS"),
+    "gptimage15/seed_status_success.json": gpt("status", S.succeeded, "SUCCESS", images=GPT_IMG),
+    "gptimage15/seed_status_failed.json": gpt(
+        "status", S.failed, "FAILED", error_code=POLICY, message=GPT_POLICY
     ),
-    "gptimage15/seed_status_in_progress.json": Expect(
-        "status", S.running, raw="IN_PROGRESS", task_id=GPT_ID
+    "gptimage15/status_pending.json": gpt("status", S.queued, "PENDING"),
+    "gptimage15/status_cancelled.json": gpt("status", S.canceled, "CANCELLED"),
+    "gptimage15/status_failed_no_reason.json": gpt(
+        "status", S.failed, "FAILED", error_code=FAILED, message=NO_REASON
     ),
-    "gptimage15/seed_status_success.json": Expect(
-        "status", S.succeeded, raw="SUCCESS", task_id=GPT_ID, images=GPT_IMG
+    **bare_and_wrapped(
+        "gptimage15/callback_{}_success.json",
+        gpt("callback", S.succeeded, "SUCCESS", images=GPT_IMG),
     ),
-    "gptimage15/seed_status_failed.json": Expect(
+    "gptimage15/callback_bare_failed.json": gpt(
+        "callback", S.failed, "FAILED", error_code=POLICY, message=GPT_POLICY
+    ),
+    "gptimage15/error_401.json": refused(
+        401, UpstreamUnauthorized, "invalid or missing API key", body_code=True
+    ),
+    "gptimage15/error_404.json": refused(404, UpstreamNotFound, "Task not found", body_code=True),
+    "gptimage15/error_500.json": refused(
+        500, UpstreamUnavailable, "Internal server error", body_code=True
+    ),
+    "evolink/seed_submit_reply.json": evo("submit", S.queued, "pending", progress=0),
+    "evolink/status_pending.json": evo("status", S.queued, "pending", progress=0),
+    "evolink/status_processing.json": evo("status", S.running, "processing", progress=40),
+    "evolink/status_completed.json": evo(
+        "status", S.succeeded, "completed", progress=100, images=url(EVO_A, EVO_B)
+    ),
+    "evolink/status_completed_objects.json": evo(
+        "status", S.succeeded, "completed", progress=100, images=(sized(EVO_A, 1024, 1024),)
+    ),
+    "evolink/status_failed_policy.json": evo(
         "status",
         S.failed,
-        raw="FAILED",
-        task_id=GPT_ID,
-        error_code="content_policy_violation",
-        message="Content policy violation detected",
-    ),
-    "gptimage15/status_pending.json": Expect("status", S.queued, raw="PENDING", task_id=GPT_ID),
-    "gptimage15/status_cancelled.json": Expect(
-        "status", S.canceled, raw="CANCELLED", task_id=GPT_ID
-    ),
-    "gptimage15/status_failed_no_reason.json": Expect(
-        "status",
-        S.failed,
-        raw="FAILED",
-        task_id=GPT_ID,
-        error_code="provider_failed",
-        message="without giving a reason",
-    ),
-    "gptimage15/callback_bare_success.json": Expect(
-        "callback", S.succeeded, raw="SUCCESS", task_id=GPT_ID, images=GPT_IMG
-    ),
-    "gptimage15/callback_wrapped_success.json": Expect(
-        "callback", S.succeeded, raw="SUCCESS", task_id=GPT_ID, images=GPT_IMG
-    ),
-    "gptimage15/callback_bare_failed.json": Expect(
-        "callback",
-        S.failed,
-        raw="FAILED",
-        task_id=GPT_ID,
-        error_code="content_policy_violation",
-        message="Content policy violation detected",
-    ),
-    "gptimage15/error_401.json": Expect(
-        "error",
-        http=401,
-        raises=UpstreamUnauthorized,
-        message="invalid or missing API key",
-        body_code=True,
-    ),
-    "gptimage15/error_404.json": Expect(
-        "error", http=404, raises=UpstreamNotFound, message="Task not found", body_code=True
-    ),
-    "gptimage15/error_500.json": Expect(
-        "error",
-        http=500,
-        raises=UpstreamUnavailable,
-        message="Internal server error",
-        body_code=True,
-    ),
-    # evolink
-    "evolink/seed_submit_reply.json": Expect(
-        "submit", S.queued, raw="pending", task_id=EVO_ID, progress=0, estimated=100.0
-    ),
-    "evolink/status_pending.json": Expect(
-        "status", S.queued, raw="pending", task_id=EVO_ID, progress=0, estimated=100.0
-    ),
-    "evolink/status_processing.json": Expect(
-        "status", S.running, raw="processing", task_id=EVO_ID, progress=40, estimated=100.0
-    ),
-    "evolink/status_completed.json": Expect(
-        "status",
-        S.succeeded,
-        raw="completed",
-        task_id=EVO_ID,
-        progress=100,
-        images=url(EVO_A, EVO_B),
-        estimated=100.0,
-    ),
-    "evolink/status_completed_objects.json": Expect(
-        "status",
-        S.succeeded,
-        raw="completed",
-        task_id=EVO_ID,
-        progress=100,
-        images=({"url": EVO_A, "width": 1024, "height": 1024},),
-        estimated=100.0,
-    ),
-    "evolink/status_failed_policy.json": Expect(
-        "status",
-        S.failed,
-        raw="failed",
-        task_id=EVO_ID,
+        "failed",
         progress=0,
-        error_code="content_policy_violation",
+        error_code=POLICY,
         message="The prompt was rejected by the moderation system.",
-        estimated=100.0,
     ),
-    "evolink/status_failed_string.json": Expect(
+    "evolink/status_failed_string.json": evo(
         "status",
         S.failed,
-        raw="failed",
-        task_id=EVO_ID,
+        "failed",
         progress=30,
-        error_code="provider_failed",
+        error_code=FAILED,
         message="Generation timed out upstream",
-        estimated=100.0,
     ),
-    "evolink/status_cancelled.json": Expect(
-        "status", S.canceled, raw="cancelled", task_id=EVO_ID, progress=10, estimated=100.0
+    "evolink/status_cancelled.json": evo("status", S.canceled, "cancelled", progress=10),
+    "evolink/status_unknown_word.json": evo("status", S.running, "warming_up", progress=5),
+    "evolink/callback_completed.json": evo(
+        "callback", S.succeeded, "completed", progress=100, images=url(EVO_A)
     ),
-    "evolink/status_unknown_word.json": Expect(
-        "status", S.running, raw="warming_up", task_id=EVO_ID, progress=5, estimated=100.0
+    "evolink/callback_wrapped_completed.json": evo(
+        "callback", S.succeeded, "completed", progress=100, images=url(EVO_A)
     ),
-    "evolink/callback_completed.json": Expect(
-        "callback",
-        S.succeeded,
-        raw="completed",
-        task_id=EVO_ID,
-        progress=100,
-        images=url(EVO_A),
-        estimated=100.0,
-    ),
-    "evolink/callback_wrapped_completed.json": Expect(
-        "callback",
-        S.succeeded,
-        raw="completed",
-        task_id=EVO_ID,
-        progress=100,
-        images=url(EVO_A),
-        estimated=100.0,
-    ),
-    "evolink/callback_failed.json": Expect(
+    "evolink/callback_failed.json": evo(
         "callback",
         S.failed,
-        raw="failed",
-        task_id=EVO_ID,
+        "failed",
         progress=0,
-        error_code="provider_failed",
+        error_code=FAILED,
         message="Image generation failed",
-        estimated=100.0,
     ),
-    "evolink/error_400.json": Expect(
-        "error", http=400, raises=UpstreamBadRequest, message="Invalid size"
+    "evolink/error_400.json": refused(400, UpstreamBadRequest, "Invalid size"),
+    "evolink/error_401.json": refused(401, UpstreamUnauthorized, "Invalid API key"),
+    "evolink/error_404.json": refused(404, UpstreamNotFound, "Task not found"),
+    "evolink/error_429.json": refused(429, UpstreamRateLimited, "Too many requests"),
+    "apiinone/seed_submit_reply.json": aio("submit", S.running, "IN_PROGRESS"),
+    "apiinone/seed_error.json": refused(
+        400, UpstreamBadRequest, "Invalid parameters", body_code=True
     ),
-    "evolink/error_401.json": Expect(
-        "error", http=401, raises=UpstreamUnauthorized, message="Invalid API key"
+    "apiinone/status_in_progress.json": aio("status", S.running, "IN_PROGRESS"),
+    # The same image wherever an (undocumented) status body may keep it, the word in any case.
+    **{
+        f"apiinone/status_completed_{where}.json": aio("status", S.succeeded, raw, images=AIO_IMG)
+        for where, raw in [
+            ("results", "completed"),
+            ("result_urls", "COMPLETED"),
+            ("output_nested", "completed"),
+            ("urls", "Completed"),
+            ("response", "completed"),
+        ]
+    },
+    "apiinone/status_completed_images_objects.json": aio(
+        "status", S.succeeded, "completed", images=(sized(AIO_IMG[0]["url"], 1024, 1024),)
     ),
-    "evolink/error_404.json": Expect(
-        "error", http=404, raises=UpstreamNotFound, message="Task not found"
-    ),
-    "evolink/error_429.json": Expect(
-        "error", http=429, raises=UpstreamRateLimited, message="Too many requests"
-    ),
-    # apiinone
-    "apiinone/seed_submit_reply.json": Expect(
-        "submit", S.running, raw="IN_PROGRESS", task_id=AIO_ID
-    ),
-    "apiinone/seed_error.json": Expect(
-        "error",
-        http=400,
-        raises=UpstreamBadRequest,
-        message="Invalid parameters",
-        body_code=True,
-    ),
-    "apiinone/status_in_progress.json": Expect(
-        "status", S.running, raw="IN_PROGRESS", task_id=AIO_ID
-    ),
-    "apiinone/status_completed_results.json": Expect(
-        "status", S.succeeded, raw="completed", task_id=AIO_ID, images=AIO_IMG
-    ),
-    "apiinone/status_completed_result_urls.json": Expect(
-        "status", S.succeeded, raw="COMPLETED", task_id=AIO_ID, images=AIO_IMG
-    ),
-    "apiinone/status_completed_images_objects.json": Expect(
-        "status",
-        S.succeeded,
-        raw="completed",
-        task_id=AIO_ID,
-        images=({**AIO_IMG[0], "width": 1024, "height": 1024},),
-    ),
-    "apiinone/status_completed_output_nested.json": Expect(
-        "status", S.succeeded, raw="completed", task_id=AIO_ID, images=AIO_IMG
-    ),
-    "apiinone/status_completed_urls.json": Expect(
-        "status", S.succeeded, raw="Completed", task_id=AIO_ID, images=AIO_IMG
-    ),
-    "apiinone/status_completed_response.json": Expect(
-        "status", S.succeeded, raw="completed", task_id=AIO_ID, images=AIO_IMG
-    ),
-    "apiinone/status_failed.json": Expect(
+    "apiinone/status_failed.json": aio(
         "status",
         S.failed,
-        raw="failed",
-        task_id=AIO_ID,
-        error_code="content_policy_violation",
+        "failed",
+        error_code=POLICY,
         message="Content policy violation: the prompt was flagged",
     ),
-    "apiinone/status_failed_error_object.json": Expect(
-        "status",
-        S.failed,
-        raw="FAILED",
-        task_id=AIO_ID,
-        error_code="provider_failed",
-        message="Upstream generation error",
+    "apiinone/status_failed_error_object.json": aio(
+        "status", S.failed, "FAILED", error_code=FAILED, message="Upstream generation error"
     ),
-    "apiinone/status_cancelled.json": Expect("status", S.canceled, raw="canceled", task_id=AIO_ID),
-    "apiinone/callback_bare_completed.json": Expect(
-        "callback", S.succeeded, raw="completed", task_id=AIO_ID, images=AIO_IMG
+    "apiinone/status_cancelled.json": aio("status", S.canceled, "canceled"),
+    **bare_and_wrapped(
+        "apiinone/callback_{}_completed.json",
+        aio("callback", S.succeeded, "completed", images=AIO_IMG),
     ),
-    "apiinone/callback_wrapped_completed.json": Expect(
-        "callback", S.succeeded, raw="completed", task_id=AIO_ID, images=AIO_IMG
+    "apiinone/error_401.json": refused(
+        401, UpstreamUnauthorized, "Invalid API key", body_code=True
     ),
-    "apiinone/error_401.json": Expect(
-        "error", http=401, raises=UpstreamUnauthorized, message="Invalid API key", body_code=True
+    "apiinone/error_402.json": refused(
+        402, UpstreamBadRequest, "Insufficient credits", body_code=True
     ),
-    "apiinone/error_402.json": Expect(
-        "error",
-        http=402,
-        raises=UpstreamBadRequest,
-        message="Insufficient credits",
-        body_code=True,
-    ),
-    "apiinone/error_404.json": Expect(
-        "error", http=404, raises=UpstreamNotFound, message="Task not found", body_code=True
-    ),
+    "apiinone/error_404.json": refused(404, UpstreamNotFound, "Task not found", body_code=True),
 }
 
 # Request bodies from the seeds, checked against build_submit in the seed tests below.
@@ -565,7 +403,7 @@ def test_sample(name: str) -> None:
         check(adapter.parse_status(200, body), expect)
         # A callback carries the status query's object, wrapped or bare (PROVIDERS.md).
         check(adapter.parse_callback(raw(name), {}), expect)
-        if base.is_envelope(body):
+        if parsing.is_envelope(body):
             bare = json.dumps(body["data"]).encode()
             check(adapter.parse_callback(bare, {}), expect)
     elif expect.kind == "callback":
@@ -580,7 +418,7 @@ def test_sample(name: str) -> None:
                 assert expect.message in caught.value.message
                 assert caught.value.provider == provider
                 if http == 200:  # the code came in the body
-                    code = base.int_of(body.get("code", body.get("error", {}).get("code")))
+                    code = parsing.int_of(body.get("code", body.get("error", {}).get("code")))
                     assert code is not None
                     assert caught.value.details == {"provider_code": code}
                     assert caught.value.upstream_status == (code if code >= 400 else None)
@@ -592,40 +430,26 @@ def test_sample(name: str) -> None:
 
 # --- normalising a request (PROVIDERS.md table 1) ----------------------------------------------
 
+RATIOS = ["1:1", "2:3", "3:2"]
+# Per provider: the field that takes the size, then its values for each of RATIOS.
 SIZE_ROWS = {
-    "1:1": {
-        "openai": ("size", "1024x1024"),
-        "grsai": ("size", "1:1"),
-        "gptimage15": ("size", "1024*1024"),
-        "evolink": ("size", "1:1"),
-        "apiinone": ("aspect_ratio", "1:1"),
-    },
-    "2:3": {
-        "openai": ("size", "1024x1536"),
-        "grsai": ("size", "2:3"),
-        "gptimage15": ("size", "1024*1536"),
-        "evolink": ("size", "2:3"),
-        "apiinone": ("aspect_ratio", "2:3"),
-    },
-    "3:2": {
-        "openai": ("size", "1536x1024"),
-        "grsai": ("size", "3:2"),
-        "gptimage15": ("size", "1536*1024"),
-        "evolink": ("size", "3:2"),
-        "apiinone": ("aspect_ratio", "3:2"),
-    },
+    "openai": ("size", "1024x1024", "1024x1536", "1536x1024"),
+    "grsai": ("size", "1:1", "2:3", "3:2"),
+    "gptimage15": ("size", "1024*1024", "1024*1536", "1536*1024"),
+    "evolink": ("size", "1:1", "2:3", "3:2"),
+    "apiinone": ("aspect_ratio", "1:1", "2:3", "3:2"),
 }
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("size", sorted(SIZE_ROWS))
+@pytest.mark.parametrize("size", RATIOS)
 def test_size_row(provider: str, size: str) -> None:
     adapter = make_adapter(provider)
     request = GenerationRequest(prompt="a cat", size=size)
     adapter.validate(request)
-    field, value = SIZE_ROWS[size][provider]
+    field, *values = SIZE_ROWS[provider]
     body = adapter.build_submit(request, None)
-    assert body[field] == value
+    assert body[field] == values[RATIOS.index(size)]
     assert ("size" in body) is (field == "size")
 
 
@@ -784,6 +608,22 @@ def test_grsai_expects_callback_by_mode(mode: str, expects_callback: bool) -> No
     assert result.update == TaskUpdate(status=TaskStatus.queued, provider_task_id=GRSAI_ID)
 
 
+@pytest.mark.parametrize(
+    ("provider", "mode", "delivers"),
+    [
+        ("openai", "callback", False),
+        ("grsai", "callback", True),
+        ("grsai", "poll", False),
+        ("grsai", "stream", False),
+        ("gptimage15", "callback", True),
+        ("evolink", "callback", True),
+        ("apiinone", "callback", True),
+    ],
+)
+def test_delivers_callbacks(provider: str, mode: str, delivers: bool) -> None:
+    assert make_adapter(provider, mode=mode).delivers_callbacks() is delivers
+
+
 # --- rejections ------------------------------------------------------------------------------
 
 
@@ -797,7 +637,6 @@ def assert_rejection(exc: ValidationFailed, provider: str, field: str, accepted:
     assert detail["accepted"] == accepted
 
 
-RATIOS = ["1:1", "2:3", "3:2"]
 REJECTIONS: list[tuple[str, dict[str, Any], str, Any]] = [
     ("apiinone", {"quality": "low"}, "quality", ["medium", "high"]),
     ("apiinone", {"quality": "auto"}, "quality", ["medium", "high"]),
@@ -1194,6 +1033,47 @@ def test_status_error_codes_in_the_body() -> None:
 def test_non_json_error_reply_still_maps_by_status() -> None:
     with pytest.raises(UpstreamUnavailable, match="answered HTTP 502"):
         make_adapter("evolink").parse_status(502, None)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504])
+@pytest.mark.parametrize("source", ["HTTP", "code"])
+def test_an_error_status_is_never_ambiguous(status: int, source: Literal["HTTP", "code"]) -> None:
+    """The provider answered and refused: sending the request again cannot start a second task."""
+    error = parsing.error_for_status("evolink", status, "no", source=source)
+    assert error.upstream_status == status
+    assert not error.ambiguous
+
+
+def test_a_status_outside_4xx_5xx_is_an_ambiguous_protocol_error() -> None:
+    error = parsing.error_for_status("evolink", 302)
+    assert type(error) is UpstreamProtocolError and error.ambiguous
+
+
+REQUEST_ERRORS: list[tuple[httpx.HTTPError, type[ProviderError], bool]] = [
+    (httpx.ConnectError("refused"), UpstreamUnavailable, False),
+    (httpx.ConnectTimeout("slow"), UpstreamUnavailable, False),
+    (httpx.PoolTimeout("busy"), UpstreamUnavailable, False),
+    (httpx.WriteTimeout("slow"), UpstreamUnavailable, True),
+    (httpx.WriteError("reset"), UpstreamUnavailable, True),
+    (httpx.ReadTimeout("slow"), UpstreamUnavailable, True),
+    (httpx.ReadError("reset"), UpstreamUnavailable, True),
+    (httpx.RemoteProtocolError("dropped"), UpstreamUnavailable, True),
+    (httpx.DecodingError("bad gzip"), UpstreamProtocolError, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("exc", "error", "ambiguous"),
+    REQUEST_ERRORS,
+    ids=[type(e).__name__ for e, *_ in REQUEST_ERRORS],
+)
+def test_request_errors_are_ambiguous_once_the_request_may_have_arrived(
+    exc: httpx.HTTPError, error: type[ProviderError], ambiguous: bool
+) -> None:
+    mapped = base.transport_error("gptimage15", exc)
+    assert type(mapped) is error
+    assert mapped.ambiguous is ambiguous
+    assert mapped.retryable and mapped.provider == "gptimage15"
 
 
 # --- the seed documents' exact bodies ----------------------------------------------------------

@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import base
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+from service.providers import base, parsing
+from service.providers.base import GenerationRequest, StatusQuery, TaskEndpointAdapter
 
 SIZES = ("1:1", "2:3", "3:2")
 QUALITIES = ("medium", "high")
@@ -38,8 +37,13 @@ REASON_FIELDS = ("error_message", "error", "failure_reason", "fail_reason")
 DEFAULT_FAILURE = "API in One reported the task as failed without giving a reason."
 
 
-class APIInOneAdapter(ProviderAdapter):
+class APIInOneAdapter(TaskEndpointAdapter):
     name: ClassVar[str] = "apiinone"
+    submit_path: ClassVar[str] = "/api/v1/images/generations"
+    ok_codes: ClassVar[tuple[int, ...]] = OK_CODES
+    statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
+    documented_statuses: ClassVar[str] = "IN_PROGRESS, completed, failed"
+    default_failure: ClassVar[str] = DEFAULT_FAILURE
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt)
@@ -48,106 +52,33 @@ class APIInOneAdapter(ProviderAdapter):
         base.check_count(self.name, request.n, 1, 1)
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model or self.settings.model,
-            "prompt": request.prompt,
-        }
-        if request.quality is not None:
-            body["quality"] = request.quality
-        if request.size is not None:
-            body["aspect_ratio"] = request.size
-        if request.image_urls:
-            body["input_urls"] = list(request.image_urls)
-        if callback_url is not None:
-            body["callback_url"] = callback_url
-        return body
-
-    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return SubmitResult(update=base.guard_reply(self.name, lambda: self._accepted(body)))
-
-    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return base.guard_reply(
-            self.name, lambda: self._task(self._object(body, "the status reply"))
+        return base.request_body(
+            model=request.model or self.settings.model,
+            prompt=request.prompt,
+            quality=request.quality,
+            aspect_ratio=request.size,
+            input_urls=list(request.image_urls),
+            callback_url=callback_url,
         )
 
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
-        """The task object, bare or in ``{"code": 200, "message", "data": {...}}``."""
-        payload = base.parse_json_body(body)
-        return base.guard_callback(
-            self.name, lambda: self._task(base.status_object(payload, "the callback body"))
-        )
+    def status_query(self, provider_task_id: str) -> StatusQuery:
+        return StatusQuery("GET", "/api/v1/tasks/" + quote(provider_task_id, safe=""))
 
-    async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
-    ) -> SubmitResult:
-        body = await base.send_json(
-            self,
-            "POST",
-            self.url("/api/v1/images/generations"),
-            json_body=self.build_submit(request, callback_url),
-        )
-        result = self.parse_submit_reply(200, body)
-        return SubmitResult(update=result.update, expects_callback=callback_url is not None)
+    def task_id_of(self, task: Mapping[str, Any]) -> str | None:
+        return parsing.id_of(task.get("task_id")) or parsing.id_of(task.get("id"))
 
-    async def query_status(self, provider_task_id: str) -> TaskUpdate:
-        path = "/api/v1/tasks/" + quote(provider_task_id, safe="")
-        body = await base.send_json(self, "GET", self.url(path))
-        return self.parse_status(200, body)
+    def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return _images(task)
 
-    def _object(self, body: Any, what: str) -> Mapping[str, Any]:
-        reply = base.require_object(body, what)
-        base.check_body_code(self.name, reply, OK_CODES)
-        base.check_error_body(self.name, reply)
-        return base.status_object(reply, what)
-
-    def _accepted(self, body: Any) -> TaskUpdate:
-        task = self._object(body, "the submit reply")
-        task_id = _task_id(task)
-        if task_id is None:
-            raise base.BodyShapeError("expected the task id in `data.task_id`")
-        if not isinstance(task.get("status"), str):
-            return TaskUpdate(status=TaskStatus.queued, provider_task_id=task_id)
-        return self._task(task)
-
-    def _task(self, task: Mapping[str, Any]) -> TaskUpdate:
-        raw = task.get("status")
-        if not isinstance(raw, str) or not raw.strip():
-            raise base.BodyShapeError(
-                "expected a `status` string (IN_PROGRESS, completed, failed) in the object or "
-                f"in its `data` object, got {base.json_type(raw)}"
-            )
-        status = base.status_from_word(raw, STATUSES)
-        error = None
-        if status is TaskStatus.failed:
-            reason = next((task[key] for key in REASON_FIELDS if base.text_of(task.get(key))), None)
-            error = base.failure_error(reason, DEFAULT_FAILURE)
-        return TaskUpdate(
-            status=status,
-            progress=base.progress_of(task.get("progress")),
-            images=tuple(_images(task)),
-            error=error,
-            provider_task_id=_task_id(task),
-            raw_status=raw,
-        )
-
-
-def _task_id(task: Mapping[str, Any]) -> str | None:
-    return base.id_of(task.get("task_id")) or base.id_of(task.get("id"))
+    def failure_reason(self, task: Mapping[str, Any]) -> Any:
+        return next((task[key] for key in REASON_FIELDS if parsing.text_of(task.get(key))), None)
 
 
 def _images(task: Mapping[str, Any], depth: int = 0) -> list[dict[str, Any]]:
     """The first of :data:`IMAGE_FIELDS` that holds images, looking one object level down."""
     for key in IMAGE_FIELDS:
         value = task.get(key)
-        images = base.image_list(value)
+        images = parsing.image_list(value)
         if not images and isinstance(value, Mapping) and depth == 0:
             images = _images(value, depth + 1)
         if images:

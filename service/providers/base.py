@@ -6,8 +6,12 @@ provider's replies, status answers and callback bodies into a normalised :class:
 
 The parsing methods (``parse_submit_reply``, ``parse_status``, ``parse_callback``) are pure:
 bytes or JSON in, ``TaskUpdate`` or a typed error out, so unit tests feed them recorded sample
-bodies with no network. The I/O methods use the shared ``httpx.AsyncClient`` handed in by the
-app's lifespan, and translate httpx errors into :mod:`service.errors` provider errors.
+bodies with no network; the functions they share are in :mod:`.parsing`. The I/O methods use the
+shared ``httpx.AsyncClient`` handed in by the app's lifespan, and translate httpx errors into
+:mod:`service.errors` provider errors.
+
+:class:`TaskEndpointAdapter` is the common shape of the asynchronous providers: a submit that
+answers with a task id, then a status endpoint and callbacks that carry one task object.
 """
 
 from __future__ import annotations
@@ -15,25 +19,20 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import httpx
 
 from service.errors import (
-    CallbackParseError,
-    ContentPolicyViolation,
     ProviderError,
-    UpstreamBadRequest,
-    UpstreamNotFound,
     UpstreamProtocolError,
-    UpstreamRateLimited,
-    UpstreamUnauthorized,
     UpstreamUnavailable,
     ValidationFailed,
 )
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
+from service.providers import parsing
 from service.settings import ProviderSettings
 
 UpdateSink = Callable[[TaskUpdate], Awaitable[None]]
@@ -82,6 +81,19 @@ class SubmitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StatusQuery:
+    """The request that asks a provider for one task's state, below its base URL."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] | None = None
+    json_body: Any = None
+
+
+# --- validating and mapping a request ----------------------------------------------------------
+
+
 def rejected(
     provider: str, field_name: str, message: str, accepted: Any = None
 ) -> ValidationFailed:
@@ -96,397 +108,63 @@ def rejected(
     )
 
 
-def parse_json_body(body: bytes) -> Any:
-    """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
-    try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CallbackParseError("The callback body is not UTF-8 text.") from exc
-    if not text.strip():
-        raise CallbackParseError("The callback body is empty; expected a JSON object.")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
+def check_choice(provider: str, field_name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    if value is not None and value not in accepted:
+        raise rejected(provider, field_name, f"{value!r} is not accepted", accepted=list(accepted))
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        from datetime import UTC, datetime
-
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+def check_count(provider: str, n: int, low: int, high: int) -> None:
+    if not low <= n <= high:
+        only = f"only {low}" if low == high else f"{low} to {high}"
+        raise rejected(
+            provider,
+            "n",
+            f"{n} images cannot be made in one task ({only})",
+            accepted=list(range(low, high + 1)),
+        )
 
 
-def error_for_status(
-    provider: str, response: httpx.Response, message: str | None = None
-) -> ProviderError:
-    """Map an upstream HTTP error status to the most specific normalised error."""
-    status = response.status_code
-    text = message or f"{provider} answered HTTP {status}"
-    kwargs: dict[str, Any] = {"provider": provider, "upstream_status": status}
-    lowered = text.lower()
-    if "content policy" in lowered or "content_policy" in lowered or "safety" in lowered:
-        return ContentPolicyViolation(text, **kwargs)
-    if status == 401 or status == 403:
-        return UpstreamUnauthorized(text, **kwargs)
-    if status == 404:
-        return UpstreamNotFound(text, **kwargs)
-    if status == 429:
-        return UpstreamRateLimited(text, retry_after=retry_after_seconds(response), **kwargs)
-    if status >= 500:
-        return UpstreamUnavailable(text, retry_after=retry_after_seconds(response), **kwargs)
-    if 400 <= status < 500:
-        return UpstreamBadRequest(text, **kwargs)
-    return UpstreamProtocolError(text, **kwargs)
+def check_prompt(provider: str, prompt: str, max_chars: int | None = None) -> None:
+    if not prompt.strip():
+        raise rejected(provider, "prompt", "must not be empty")
+    if max_chars is not None and len(prompt) > max_chars:
+        raise rejected(
+            provider,
+            "prompt",
+            f"{len(prompt)} characters is over the limit of {max_chars}",
+            accepted={"max_characters": max_chars},
+        )
+
+
+def request_body(**fields: Any) -> dict[str, Any]:
+    """A JSON request body of the fields that have a value: ``None`` and ``[]`` are left out,
+    so each provider applies its own default."""
+    return {name: value for name, value in fields.items() if value is not None and value != []}
+
+
+# --- one request -------------------------------------------------------------------------------
 
 
 def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:
-    """Timeouts and connection failures: the provider is unavailable, worth retrying."""
+    """Timeouts and connection failures: the provider is unavailable, worth retrying.
+
+    Only a failure to connect proves the request never arrived; after that (a read timeout,
+    a dropped connection) the provider may have accepted it, so the error is ``ambiguous``.
+    A reply whose body cannot even be decoded is an (ambiguous) UpstreamProtocolError.
+    """
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamProtocolError(
+            f"{provider} answered with a body that cannot be decoded: {exc}", provider=provider
+        )
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "could not be reached"
-    return UpstreamUnavailable(f"{provider} {kind}: {type(exc).__name__}", provider=provider)
-
-
-class ProviderAdapter(abc.ABC):
-    """One provider's wire format. Subclasses live in ``service/providers/<name>.py``."""
-
-    name: ClassVar[str]
-    # False for providers without a status endpoint (OpenAI is synchronous).
-    can_query_status: ClassVar[bool] = True
-
-    def __init__(self, settings: ProviderSettings, http: httpx.AsyncClient) -> None:
-        self.settings = settings
-        self.http = http
-
-    def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key.reveal()}"
-        return headers
-
-    def url(self, path: str) -> str:
-        return f"{self.settings.base_url}{path}"
-
-    @abc.abstractmethod
-    def validate(self, request: GenerationRequest) -> None:
-        """Raise a 400 (:func:`rejected`) for any value this provider cannot take."""
-
-    @abc.abstractmethod
-    def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
-        """The JSON body of the provider's submit request (pure)."""
-
-    @abc.abstractmethod
-    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
-        """The provider's answer to a submit request (pure); raises ProviderError subclasses."""
-
-    @abc.abstractmethod
-    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
-        """The provider's answer to a status query (pure)."""
-
-    @abc.abstractmethod
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
-        """A callback body (pure); raises CallbackParseError when it cannot be understood."""
-
-    @abc.abstractmethod
-    async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
-    ) -> SubmitResult:
-        """Send the task to the provider. Streaming providers report progress via on_update."""
-
-    @abc.abstractmethod
-    async def query_status(self, provider_task_id: str) -> TaskUpdate:
-        """Ask the provider for a task's current state (the authoritative answer)."""
-
-
-# --- Helpers shared by the adapters ------------------------------------------------------------
-# Added with the five adapters. Everything here is pure except :func:`send_json`.
-
-# Words that make a failure a content-policy refusal. GrsAI answers in Chinese, hence the last two.
-CONTENT_POLICY_MARKERS = (
-    "content policy",
-    "content_policy",
-    "content-policy",
-    "safety",
-    "moderation",
-    "违规",
-    "内容政策",
-)
-
-
-class BodyShapeError(ValueError):
-    """A body is not the shape its provider documents.
-
-    Parsers raise this; :func:`guard_reply` turns it into an :class:`UpstreamProtocolError` (a
-    reply to our request) and :func:`guard_callback` into a :class:`CallbackParseError`.
-    """
-
-
-def mentions_content_policy(*texts: object) -> bool:
-    lowered = " ".join(text for text in texts if isinstance(text, str)).lower()
-    return any(marker in lowered for marker in CONTENT_POLICY_MARKERS)
-
-
-def text_of(value: Any) -> str | None:
-    """A provider's reason as text: a non-empty string, or an object's ``message``-like field."""
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, Mapping):
-        for key in ("message", "msg", "detail", "error_message", "reason"):
-            found = value.get(key)
-            if isinstance(found, str) and found.strip():
-                return found.strip()
-    return None
-
-
-def error_message(body: Any) -> str | None:
-    """The message of an error body: ``{"error": {"message"}}``, ``{"error": "..."}``,
-    ``{"message"}``, ``{"msg"}`` and the like; ``None`` when there is none."""
-    if not isinstance(body, Mapping):
-        return None
-    for key in ("error", "message", "msg", "detail", "error_message", "failure_reason"):
-        text = text_of(body.get(key))
-        if text:
-            return text
-    return None
-
-
-def error_hints(body: Any) -> tuple[str, ...]:
-    """Machine words in an error body (``error.code``, ``error.type``) that may name the cause."""
-    if not isinstance(body, Mapping):
-        return ()
-    hints: list[str] = []
-    for holder in (body, body.get("error")):
-        if isinstance(holder, Mapping):
-            hints.extend(
-                value for key in ("code", "type") if isinstance(value := holder.get(key), str)
-            )
-    return tuple(hints)
-
-
-def int_of(value: Any) -> int | None:
-    """An integer from a JSON number or a numeric string; ``None`` for anything else."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value == value and abs(value) < 1e15:
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(float(value.strip()))
-        except (ValueError, OverflowError):
-            return None
-    return None
-
-
-def progress_of(value: Any) -> int | None:
-    number = int_of(value)
-    return None if number is None else max(0, min(100, number))
-
-
-def seconds_of(value: Any) -> float | None:
-    """A non-negative, finite number of seconds; ``None`` for anything else (NaN included)."""
-    if isinstance(value, float):
-        return value if 0 <= value < 1e15 else None
-    number = int_of(value)
-    return float(number) if number is not None and number >= 0 else None
-
-
-def image_list(value: Any) -> list[dict[str, Any]]:
-    """Images from a list of URL strings and/or ``{"url", "width"?, "height"?}`` objects.
-
-    A single string or object counts as a list of one; entries without a URL are skipped.
-    """
-    items = value if isinstance(value, list) else [value]
-    images: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for item in items:
-        url = item.get("url") if isinstance(item, Mapping) else item
-        if not isinstance(url, str) or not url.strip() or url.strip() in seen:
-            continue
-        image: dict[str, Any] = {"url": url.strip()}
-        seen.add(image["url"])
-        if isinstance(item, Mapping):
-            for key in ("width", "height"):
-                size = item.get(key)
-                if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-                    image[key] = size
-        images.append(image)
-    return images
-
-
-def status_from_word(word: str, known: Mapping[str, TaskStatus]) -> TaskStatus:
-    """A provider's status word (any case) -> TaskStatus.
-
-    ``known`` maps lower-case words. An unknown word never raises: ``cancel*`` is ``canceled``,
-    anything else ``running`` (the lifecycle never lets that regress a task).
-    """
-    key = word.strip().lower()
-    if key in known:
-        return known[key]
-    if key.startswith("cancel"):
-        return TaskStatus.canceled
-    return TaskStatus.running
-
-
-def failure_error(reason: Any, default: str) -> dict[str, Any]:
-    """The normalised ``error`` of a failed task from the provider's reason (text or object)."""
-    message = text_of(reason) or default
-    code_hint = reason.get("code") if isinstance(reason, Mapping) else None
-    policy = mentions_content_policy(message, code_hint)
-    return {"code": "content_policy_violation" if policy else "provider_failed", "message": message}
-
-
-def json_type(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return "a number"
-
-
-def require_object(value: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise BodyShapeError(f"expected {what} to be a JSON object, got {json_type(value)}")
-    return value
-
-
-def is_envelope(body: Mapping[str, Any]) -> bool:
-    """``{code, data}``: a ``data`` key and no ``status`` of its own."""
-    return "data" in body and "status" not in body
-
-
-def status_object(body: Any, what: str = "the body") -> Mapping[str, Any]:
-    """The task object of a body: the bare object, or the ``data`` of a ``{code, data}``."""
-    envelope = require_object(body, what)
-    if not is_envelope(envelope):
-        return envelope
-    data = envelope.get("data")
-    if not isinstance(data, Mapping):
-        code, message = envelope.get("code"), error_message(envelope)
-        said = (
-            ""
-            if code is None
-            else f" (code {code!r}" + (f", message {message!r})" if message else ")")
-        )
-        raise BodyShapeError(
-            f"expected `data` to be an object carrying the task, got {json_type(data)}{said}"
-        )
-    return data
-
-
-def upstream_error(
-    provider: str,
-    status: int,
-    reason: str | None,
-    *,
-    headers: Mapping[str, str] | None = None,
-    hints: tuple[str, ...] = (),
-    source: str = "HTTP",
-) -> ProviderError:
-    """:func:`error_for_status` for a status from HTTP or from a body's ``code`` field.
-
-    Adds content-policy detection on the error's machine words (``moderation_blocked``), and maps
-    a body code that is no HTTP status (GrsAI's non-zero codes) to UpstreamBadRequest. A body
-    code is kept in ``details["provider_code"]``; ``upstream_status`` is set only when the code
-    reads as an HTTP status.
-    """
-    message = f"{provider} answered {source} {status}" + (f": {reason}" if reason else "")
-    http_like = 400 <= status <= 599
-    error: ProviderError
-    if mentions_content_policy(reason, *hints):
-        error = ContentPolicyViolation(
-            message, provider=provider, upstream_status=status if http_like else None
-        )
-    elif not http_like and source != "HTTP":
-        error = UpstreamBadRequest(message, provider=provider)
-    else:
-        error = error_for_status(provider, httpx.Response(status, headers=headers), message)
-    if source != "HTTP":
-        error.details = {"provider_code": status}
-    return error
-
-
-def reply_error(
-    provider: str, status: int, body: Any, headers: Mapping[str, str] | None = None
-) -> ProviderError:
-    """The error for a non-2xx reply, with the provider's message taken from its error body."""
-    return upstream_error(
-        provider, status, error_message(body), headers=headers, hints=error_hints(body)
+    never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return UpstreamUnavailable(
+        f"{provider} {kind}: {type(exc).__name__}", provider=provider, ambiguous=not never_sent
     )
-
-
-def check_body_code(provider: str, body: Mapping[str, Any], ok: tuple[int, ...]) -> None:
-    """Raise for a ``{code, message}`` envelope whose code is not a success code."""
-    if "code" not in body:
-        return
-    code = int_of(body.get("code"))
-    if code is None or code in ok:
-        return
-    raise upstream_error(
-        provider, code, error_message(body), hints=error_hints(body), source="code"
-    )
-
-
-def check_error_body(provider: str, body: Mapping[str, Any]) -> None:
-    """Raise for a 2xx reply that is an error body (``{"error": ...}``, no task in it)."""
-    error = body.get("error")
-    if error in (None, "", {}) or "status" in body or isinstance(body.get("data"), Mapping):
-        return
-    code = int_of(error.get("code")) if isinstance(error, Mapping) else None
-    raise upstream_error(
-        provider, code or 400, error_message(body), hints=error_hints(body), source="code"
-    )
-
-
-def guard_reply(provider: str, parse: Callable[[], TaskUpdate]) -> TaskUpdate:
-    """Run a reply parser; shape errors and odd JSON become UpstreamProtocolError."""
-    try:
-        return parse()
-    except BodyShapeError as exc:
-        raise UpstreamProtocolError(f"{provider} answered: {exc}.", provider=provider) from exc
-    except (RecursionError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise UpstreamProtocolError(
-            f"{provider} answered a body TaskRelay cannot read ({type(exc).__name__}).",
-            provider=provider,
-        ) from exc
-
-
-def guard_callback(provider: str, parse: Callable[[], TaskUpdate]) -> TaskUpdate:
-    """Run a callback parser; shape errors and odd JSON become CallbackParseError (never a 500)."""
-    try:
-        return parse()
-    except BodyShapeError as exc:
-        raise CallbackParseError(f"Unreadable {provider} callback: {exc}.") from exc
-    except (RecursionError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-        raise CallbackParseError(
-            f"Unreadable {provider} callback: the JSON has an unexpected shape "
-            f"({type(exc).__name__})."
-        ) from exc
 
 
 def decode_json(provider: str, response: httpx.Response) -> Any:
-    """A 2xx reply's JSON; UpstreamProtocolError when it is not JSON."""
+    """A 2xx reply's JSON; UpstreamProtocolError (ambiguous) when it is not JSON."""
     try:
         return json.loads(response.content.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -530,44 +208,204 @@ async def send_json(
     except httpx.HTTPError as exc:
         raise transport_error(adapter.name, exc) from exc
     if not response.is_success:
-        raise reply_error(
+        raise parsing.reply_error(
             adapter.name, response.status_code, error_body(response), response.headers
         )
     return decode_json(adapter.name, response)
 
 
-def check_choice(provider: str, field_name: str, value: Any, accepted: tuple[Any, ...]) -> None:
-    if value is not None and value not in accepted:
-        raise rejected(provider, field_name, f"{value!r} is not accepted", accepted=list(accepted))
+# --- the adapters ------------------------------------------------------------------------------
 
 
-def check_count(provider: str, n: int, low: int, high: int) -> None:
-    if not low <= n <= high:
-        only = f"only {low}" if low == high else f"{low} to {high}"
-        raise rejected(
-            provider,
-            "n",
-            f"{n} images cannot be made in one task ({only})",
-            accepted=list(range(low, high + 1)),
+class ProviderAdapter(abc.ABC):
+    """One provider's wire format. Subclasses live in ``service/providers/<name>.py``."""
+
+    name: ClassVar[str]
+    # False for providers without a status endpoint (OpenAI is synchronous).
+    can_query_status: ClassVar[bool] = True
+    # Where :meth:`submit` POSTs the body of :meth:`build_submit`, below the base URL.
+    submit_path: ClassVar[str]
+    # The submit request's timeout; None keeps the shared client's.
+    submit_timeout: ClassVar[httpx.Timeout | None] = None
+
+    def __init__(self, settings: ProviderSettings, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.http = http
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key.reveal()}"
+        return headers
+
+    def url(self, path: str) -> str:
+        return f"{self.settings.base_url}{path}"
+
+    def delivers_callbacks(self) -> bool:
+        """Whether the results of a submission made with a callback URL arrive by callback.
+
+        If they do, a submission that got no usable answer (``ProviderError.ambiguous``) is
+        not sent again: the provider may have accepted it, and its callback will still come.
+        """
+        return True
+
+    @abc.abstractmethod
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise a 400 (:func:`rejected`) for any value this provider cannot take."""
+
+    @abc.abstractmethod
+    def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
+        """The JSON body of the provider's submit request (pure)."""
+
+    @abc.abstractmethod
+    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
+        """The provider's answer to a submit request (pure); raises ProviderError subclasses."""
+
+    @abc.abstractmethod
+    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
+        """The provider's answer to a status query (pure)."""
+
+    @abc.abstractmethod
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
+        """A callback body (pure); raises CallbackParseError when it cannot be understood."""
+
+    @abc.abstractmethod
+    async def query_status(self, provider_task_id: str) -> TaskUpdate:
+        """Ask the provider for a task's current state (the authoritative answer)."""
+
+    async def submit(
+        self, request: GenerationRequest, *, callback_url: str | None, on_update: UpdateSink
+    ) -> SubmitResult:
+        """Send the task to the provider: one POST of :meth:`build_submit` to ``submit_path``.
+
+        A provider that streams its progress overrides this and reports it via ``on_update``.
+        """
+        body = await send_json(
+            self,
+            "POST",
+            self.url(self.submit_path),
+            json_body=self.build_submit(request, callback_url),
+            request_timeout=self.submit_timeout,
+        )
+        result = self.parse_submit_reply(200, body)
+        expects_callback = callback_url is not None and self.delivers_callbacks()
+        return replace(result, expects_callback=expects_callback)
+
+
+class TaskEndpointAdapter(ProviderAdapter):
+    """A provider that answers a submission with a task id, then reports on the task through a
+    status endpoint and callbacks that carry one task object (bare, or as the ``data`` of a
+    ``{code, data}`` envelope).
+
+    The reply handling lives here once; a subclass says what differs: validation, request
+    mapping, its status query, the success codes and status words, and the fields of its task
+    object (through the hooks below).
+    """
+
+    # Body ``code`` values that mean success (a 2xx reply may carry an error code).
+    ok_codes: ClassVar[tuple[int, ...]]
+    # Whether a 2xx reply may be an error body (``{"error": ...}``) in place of the task.
+    error_bodies: ClassVar[bool] = True
+    # Lower-case status word -> TaskStatus; the documented words, to name in errors.
+    statuses: ClassVar[Mapping[str, TaskStatus]]
+    documented_statuses: ClassVar[str]
+    # The task object's id field; where a submit reply carries it, to name in errors.
+    task_id_field: ClassVar[str] = "task_id"
+    task_id_where: ClassVar[str] = "`data.task_id`"
+    # The error message of a failed task whose provider gives no reason.
+    default_failure: ClassVar[str]
+
+    @abc.abstractmethod
+    def status_query(self, provider_task_id: str) -> StatusQuery:
+        """The request that asks for one task's state (pure)."""
+
+    @abc.abstractmethod
+    def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A task object's images (none until it has succeeded)."""
+
+    @abc.abstractmethod
+    def failure_reason(self, task: Mapping[str, Any]) -> Any:
+        """A failed task object's reason (text or an object), ``None`` where it gives none."""
+
+    def task_id_of(self, task: Mapping[str, Any]) -> str | None:
+        return parsing.id_of(task.get(self.task_id_field))
+
+    def estimated_seconds(self, task: Mapping[str, Any]) -> float | None:
+        """The provider's hint of how long the task will take, where it gives one."""
+        return None
+
+    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
+        update = parsing.parse_reply(
+            self.name,
+            status_code,
+            body,
+            lambda reply: self.accepted(self.task_object(reply, "the submit reply")),
+        )
+        return SubmitResult(update=update)
+
+    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
+        return parsing.parse_reply(
+            self.name,
+            status_code,
+            body,
+            lambda reply: self.task_update(self.task_object(reply, "the status reply")),
         )
 
+    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
+        """The status query's task object, bare or in the provider's ``{code, data}``."""
+        return parsing.parse_callback(self.name, body, self.task_update)
 
-def check_prompt(provider: str, prompt: str, max_chars: int | None = None) -> None:
-    if not prompt.strip():
-        raise rejected(provider, "prompt", "must not be empty")
-    if max_chars is not None and len(prompt) > max_chars:
-        raise rejected(
-            provider,
-            "prompt",
-            f"{len(prompt)} characters is over the limit of {max_chars}",
-            accepted={"max_characters": max_chars},
+    async def query_status(self, provider_task_id: str) -> TaskUpdate:
+        query = self.status_query(provider_task_id)
+        body = await send_json(
+            self,
+            query.method,
+            self.url(query.path),
+            json_body=query.json_body,
+            params=query.params,
         )
+        return self.parse_status(200, body)
 
+    def task_object(self, body: Any, what: str) -> Mapping[str, Any]:
+        """The task object of a 2xx reply; an error code or error body in it raises."""
+        reply = parsing.require_object(body, what)
+        parsing.check_body_code(self.name, reply, self.ok_codes)
+        if self.error_bodies:
+            parsing.check_error_body(self.name, reply)
+        return parsing.status_object(reply, what)
 
-def id_of(value: Any) -> str | None:
-    """A provider task id from a JSON string or integer; ``None`` for anything else."""
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
+    def accepted(self, task: Mapping[str, Any]) -> TaskUpdate:
+        """A submit reply's task object: it must name the task; with no status word yet, the
+        task is queued."""
+        task_id = self.task_id_of(task)
+        if task_id is None:
+            raise parsing.BodyShapeError(f"expected the task id in {self.task_id_where}")
+        if not isinstance(task.get("status"), str):
+            return TaskUpdate(
+                status=TaskStatus.queued,
+                provider_task_id=task_id,
+                estimated_seconds=self.estimated_seconds(task),
+            )
+        return self.task_update(task)
+
+    def task_update(self, task: Mapping[str, Any]) -> TaskUpdate:
+        """A task object, which must carry a status word."""
+        status, raw = parsing.read_status(task, self.statuses, self.documented_statuses)
+        return self.update_for(task, status, raw)
+
+    def update_for(
+        self, task: Mapping[str, Any], status: TaskStatus, raw: str | None
+    ) -> TaskUpdate:
+        """A task object's update, its status already read."""
+        error = None
+        if status is TaskStatus.failed:
+            error = parsing.failure_error(self.failure_reason(task), self.default_failure)
+        return TaskUpdate(
+            status=status,
+            progress=parsing.progress_of(task.get("progress")),
+            images=tuple(self.images(task)),
+            error=error,
+            provider_task_id=self.task_id_of(task),
+            raw_status=raw,
+            estimated_seconds=self.estimated_seconds(task),
+        )

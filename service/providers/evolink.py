@@ -12,16 +12,16 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import base
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+from service.providers import base, parsing
+from service.providers.base import GenerationRequest, StatusQuery, TaskEndpointAdapter
 
 SIZES = ("1:1", "2:3", "3:2")
 QUALITIES = ("low", "medium", "high")
 MAX_IMAGES = 10
 MAX_REFERENCE_IMAGES = 16
 MAX_PROMPT_TOKENS = 2000
+OK_CODES = (0, 200)
 STATUSES = {
     "pending": TaskStatus.queued,
     "processing": TaskStatus.running,
@@ -42,8 +42,15 @@ def estimated_tokens(prompt: str) -> int:
     return math.ceil(ascii_chars / 4 + (len(prompt) - ascii_chars) / 2)
 
 
-class EvoLinkAdapter(ProviderAdapter):
+class EvoLinkAdapter(TaskEndpointAdapter):
     name: ClassVar[str] = "evolink"
+    submit_path: ClassVar[str] = "/v1/images/generations"
+    ok_codes: ClassVar[tuple[int, ...]] = OK_CODES
+    statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
+    documented_statuses: ClassVar[str] = "pending, processing, completed, failed"
+    task_id_field: ClassVar[str] = "id"
+    task_id_where: ClassVar[str] = "`id`"
+    default_failure: ClassVar[str] = DEFAULT_FAILURE
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt)
@@ -69,103 +76,26 @@ class EvoLinkAdapter(ProviderAdapter):
             )
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model or self.settings.model,
-            "prompt": request.prompt,
-        }
-        if request.size is not None:
-            body["size"] = request.size
-        if request.quality is not None:
-            body["quality"] = request.quality
-        body["n"] = request.n
-        if request.image_urls:
-            body["image_urls"] = list(request.image_urls)
-        if callback_url is not None:
-            body["callback_url"] = callback_url
-        return body
-
-    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return SubmitResult(update=base.guard_reply(self.name, lambda: self._accepted(body)))
-
-    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return base.guard_reply(
-            self.name, lambda: self._task(self._object(body, "the status reply"))
+        return base.request_body(
+            model=request.model or self.settings.model,
+            prompt=request.prompt,
+            size=request.size,
+            quality=request.quality,
+            n=request.n,
+            image_urls=list(request.image_urls),
+            callback_url=callback_url,
         )
 
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
-        """The task object (as the status query answers it), bare or in ``{code, data}``."""
-        payload = base.parse_json_body(body)
-        return base.guard_callback(
-            self.name, lambda: self._task(base.status_object(payload, "the callback body"))
-        )
+    def status_query(self, provider_task_id: str) -> StatusQuery:
+        return StatusQuery("GET", "/v1/tasks/" + quote(provider_task_id, safe=""))
 
-    async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
-    ) -> SubmitResult:
-        body = await base.send_json(
-            self,
-            "POST",
-            self.url("/v1/images/generations"),
-            json_body=self.build_submit(request, callback_url),
-        )
-        result = self.parse_submit_reply(200, body)
-        return SubmitResult(update=result.update, expects_callback=callback_url is not None)
+    def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return parsing.image_list(task.get("results"))
 
-    async def query_status(self, provider_task_id: str) -> TaskUpdate:
-        path = "/v1/tasks/" + quote(provider_task_id, safe="")
-        body = await base.send_json(self, "GET", self.url(path))
-        return self.parse_status(200, body)
+    def failure_reason(self, task: Mapping[str, Any]) -> Any:
+        return task.get("error") or task.get("error_message")
 
-    def _object(self, body: Any, what: str) -> Mapping[str, Any]:
-        reply = base.require_object(body, what)
-        base.check_body_code(self.name, reply, (0, 200))
-        base.check_error_body(self.name, reply)
-        return base.status_object(reply, what)
-
-    def _accepted(self, body: Any) -> TaskUpdate:
-        task = self._object(body, "the submit reply")
-        if base.id_of(task.get("id")) is None:
-            raise base.BodyShapeError("expected the task id in `id`")
-        if not isinstance(task.get("status"), str):
-            return TaskUpdate(
-                status=TaskStatus.queued,
-                provider_task_id=base.id_of(task.get("id")),
-                estimated_seconds=_estimate(task),
-            )
-        return self._task(task)
-
-    def _task(self, task: Mapping[str, Any]) -> TaskUpdate:
-        raw = task.get("status")
-        if not isinstance(raw, str) or not raw.strip():
-            raise base.BodyShapeError(
-                "expected a `status` string (pending, processing, completed, failed) in the "
-                f"object or in its `data` object, got {base.json_type(raw)}"
-            )
-        status = base.status_from_word(raw, STATUSES)
-        error = None
-        if status is TaskStatus.failed:
-            error = base.failure_error(
-                task.get("error") or task.get("error_message"), DEFAULT_FAILURE
-            )
-        return TaskUpdate(
-            status=status,
-            progress=base.progress_of(task.get("progress")),
-            images=tuple(base.image_list(task.get("results"))),
-            error=error,
-            provider_task_id=base.id_of(task.get("id")),
-            raw_status=raw,
-            estimated_seconds=_estimate(task),
-        )
-
-
-def _estimate(task: Mapping[str, Any]) -> float | None:
-    info = task.get("task_info")
-    return base.seconds_of(info.get("estimated_time")) if isinstance(info, Mapping) else None
+    def estimated_seconds(self, task: Mapping[str, Any]) -> float | None:
+        """``task_info.estimated_time``."""
+        info = task.get("task_info")
+        return parsing.seconds_of(info.get("estimated_time")) if isinstance(info, Mapping) else None

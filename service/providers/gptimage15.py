@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import base
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+from service.providers import base, parsing
+from service.providers.base import GenerationRequest, StatusQuery, TaskEndpointAdapter
 
 SIZES = {"1:1": "1024*1024", "2:3": "1024*1536", "3:2": "1536*1024"}
 QUALITIES = ("low", "medium", "high")
@@ -27,8 +26,13 @@ STATUSES = {
 DEFAULT_FAILURE = "gptimage15 reported the task as failed without giving a reason."
 
 
-class GPTImage15Adapter(ProviderAdapter):
+class GPTImage15Adapter(TaskEndpointAdapter):
     name: ClassVar[str] = "gptimage15"
+    submit_path: ClassVar[str] = "/api/generate"
+    ok_codes: ClassVar[tuple[int, ...]] = OK_CODES
+    statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
+    documented_statuses: ClassVar[str] = "PENDING, IN_PROGRESS, SUCCESS, FAILED"
+    default_failure: ClassVar[str] = DEFAULT_FAILURE
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt, MAX_PROMPT_CHARS)
@@ -45,90 +49,19 @@ class GPTImage15Adapter(ProviderAdapter):
             )
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": request.prompt}
-        if request.size is not None:
-            body["size"] = SIZES[request.size]
-        if request.quality is not None:
-            body["quality"] = request.quality
-        if request.image_urls:
-            body["images"] = list(request.image_urls)
-        if callback_url is not None:
-            body["callback_url"] = callback_url
-        return body
-
-    def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return SubmitResult(update=base.guard_reply(self.name, lambda: self._accepted(body)))
-
-    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return base.guard_reply(self.name, lambda: self._reply(body, "the status reply"))
-
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
-        """The status query's ``data`` object, bare or in ``{"code": 200, "data": {...}}``."""
-        payload = base.parse_json_body(body)
-        return base.guard_callback(
-            self.name, lambda: self._task(base.status_object(payload, "the callback body"))
+        return base.request_body(
+            prompt=request.prompt,
+            size=None if request.size is None else SIZES[request.size],
+            quality=request.quality,
+            images=list(request.image_urls),
+            callback_url=callback_url,
         )
 
-    async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
-    ) -> SubmitResult:
-        body = await base.send_json(
-            self,
-            "POST",
-            self.url("/api/generate"),
-            json_body=self.build_submit(request, callback_url),
-        )
-        result = self.parse_submit_reply(200, body)
-        return SubmitResult(update=result.update, expects_callback=callback_url is not None)
+    def status_query(self, provider_task_id: str) -> StatusQuery:
+        return StatusQuery("GET", "/api/status", params={"task_id": provider_task_id})
 
-    async def query_status(self, provider_task_id: str) -> TaskUpdate:
-        body = await base.send_json(
-            self, "GET", self.url("/api/status"), params={"task_id": provider_task_id}
-        )
-        return self.parse_status(200, body)
+    def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return parsing.image_list(task.get("response"))
 
-    def _accepted(self, body: Any) -> TaskUpdate:
-        reply = base.require_object(body, "the submit reply")
-        base.check_body_code(self.name, reply, OK_CODES)
-        base.check_error_body(self.name, reply)
-        task = base.status_object(reply, "the submit reply")
-        task_id = base.id_of(task.get("task_id"))
-        if task_id is None:
-            raise base.BodyShapeError("expected the task id in `data.task_id`")
-        if not isinstance(task.get("status"), str):
-            return TaskUpdate(status=TaskStatus.queued, provider_task_id=task_id)
-        return self._task(task)
-
-    def _reply(self, body: Any, what: str) -> TaskUpdate:
-        reply = base.require_object(body, what)
-        base.check_body_code(self.name, reply, OK_CODES)
-        base.check_error_body(self.name, reply)
-        return self._task(base.status_object(reply, what))
-
-    def _task(self, task: Mapping[str, Any]) -> TaskUpdate:
-        raw = task.get("status")
-        if not isinstance(raw, str) or not raw.strip():
-            raise base.BodyShapeError(
-                "expected a `status` string (PENDING, IN_PROGRESS, SUCCESS, FAILED) in the "
-                f"object or in its `data` object, got {base.json_type(raw)}"
-            )
-        status = base.status_from_word(raw, STATUSES)
-        error = None
-        if status is TaskStatus.failed:
-            error = base.failure_error(task.get("error_message"), DEFAULT_FAILURE)
-        return TaskUpdate(
-            status=status,
-            progress=base.progress_of(task.get("progress")),
-            images=tuple(base.image_list(task.get("response"))),
-            error=error,
-            provider_task_id=base.id_of(task.get("task_id")),
-            raw_status=raw,
-        )
+    def failure_reason(self, task: Mapping[str, Any]) -> Any:
+        return task.get("error_message")

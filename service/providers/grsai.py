@@ -9,7 +9,9 @@
 - ``stream``: no ``webHook``. The reply is a stream of ``data: {json}`` lines with ``progress``;
   the line that ends it (``progress`` 100 with ``status`` succeeded/failed) is the result.
 
-A non-zero ``code`` in any JSON answer is an error.
+A non-zero ``code`` in any JSON answer is an error. In the callback and poll modes GrsAI is a
+task endpoint like the others (:class:`~service.providers.base.TaskEndpointAdapter`); the stream
+mode and its id-only submit reply are its own.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ import httpx
 from service.errors import ProviderError, UpstreamProtocolError
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import base
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+from service.providers import base, parsing
+from service.providers.base import (
+    GenerationRequest,
+    StatusQuery,
+    SubmitResult,
+    TaskEndpointAdapter,
+    UpdateSink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +55,20 @@ STREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)
 _LEFTOVER_CHARS = 4096
 
 
-class GrsAIAdapter(ProviderAdapter):
+class GrsAIAdapter(TaskEndpointAdapter):
     name: ClassVar[str] = "grsai"
+    submit_path: ClassVar[str] = "/v1/draw/completions"
+    ok_codes: ClassVar[tuple[int, ...]] = OK_CODES
+    # GrsAI's errors are body codes; it documents no `{"error": ...}` bodies.
+    error_bodies: ClassVar[bool] = False
+    statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
+    documented_statuses: ClassVar[str] = "running, succeeded, failed"
+    task_id_field: ClassVar[str] = "id"
+    default_failure: ClassVar[str] = DEFAULT_FAILURE
+
+    def delivers_callbacks(self) -> bool:
+        """Only in callback mode; a stream or a polled task reports nothing by itself."""
+        return self.settings.mode == "callback"
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt)
@@ -63,42 +83,34 @@ class GrsAIAdapter(ProviderAdapter):
         base.check_count(self.name, request.n, 1, MAX_VARIANTS)
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model or self.settings.model,
-            "prompt": request.prompt,
-            "variants": request.n,
-        }
-        if request.size is not None:
-            body["size"] = request.size
-        if request.image_urls:
-            body["urls"] = list(request.image_urls)
-        if self.settings.mode == "callback":
-            # Without a callback URL, ask for the id and poll rather than hold a stream open.
-            body["webHook"] = callback_url or POLL_WEBHOOK
-        elif self.settings.mode == "poll":
-            body["webHook"] = POLL_WEBHOOK
-        return body
+        return base.request_body(
+            model=request.model or self.settings.model,
+            prompt=request.prompt,
+            variants=request.n,
+            size=request.size,
+            urls=list(request.image_urls),
+            webHook=self._webhook(callback_url),
+        )
 
     def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
         """The JSON reply of the callback and poll modes, or a stream mode reply as text."""
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        if isinstance(body, str):
+        if isinstance(body, str) and 200 <= status_code < 300:
             return SubmitResult(update=self.parse_stream(body), expects_callback=False)
-        update = base.guard_reply(self.name, lambda: self._accepted(body))
-        return SubmitResult(update=update, expects_callback=self.settings.mode == "callback")
+        update = parsing.parse_reply(self.name, status_code, body, self._submit_reply)
+        return SubmitResult(update=update, expects_callback=self.delivers_callbacks())
 
-    def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        return base.guard_reply(self.name, lambda: self._status_reply(body))
+    def status_query(self, provider_task_id: str) -> StatusQuery:
+        return StatusQuery("POST", "/v1/draw/result", json_body={"id": provider_task_id})
 
-    def parse_callback(self, body: bytes, headers: Mapping[str, str]) -> TaskUpdate:
-        """The status query's object, bare or in ``{"code": 0, "data": {...}}``."""
-        payload = base.parse_json_body(body)
-        return base.guard_callback(
-            self.name, lambda: self._task(base.status_object(payload, "the callback body"))
-        )
+    def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
+        results = task.get("results")
+        items = list(results) if isinstance(results, list) else [results]
+        # Stream lines carry the image at the top level.
+        items.append({key: task.get(key) for key in ("url", "width", "height")})
+        return parsing.image_list(items)
+
+    def failure_reason(self, task: Mapping[str, Any]) -> Any:
+        return parsing.text_of(task.get("failure_reason")) or parsing.text_of(task.get("error"))
 
     def parse_stream_line(self, line: str) -> TaskUpdate | None:
         """One line of a stream reply: an update (running, or final), or ``None`` for a line
@@ -117,8 +129,8 @@ class GrsAIAdapter(ProviderAdapter):
             return None
         if not isinstance(payload, Mapping):
             return None
-        base.check_body_code(self.name, payload, OK_CODES)
-        return base.guard_reply(self.name, lambda: self._stream_update(payload))
+        parsing.check_body_code(self.name, payload, OK_CODES)
+        return parsing.guard_reply(self.name, lambda: self._stream_update(payload))
 
     def parse_stream(self, text: str) -> TaskUpdate:
         """A whole stream reply -> its final update (pure; for tests and recorded streams)."""
@@ -132,30 +144,18 @@ class GrsAIAdapter(ProviderAdapter):
         raise self._unfinished(leftovers)
 
     async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
+        self, request: GenerationRequest, *, callback_url: str | None, on_update: UpdateSink
     ) -> SubmitResult:
         if self.settings.mode == "stream":
             return await self._submit_stream(request, on_update)
-        body = await base.send_json(
-            self,
-            "POST",
-            self.url("/v1/draw/completions"),
-            json_body=self.build_submit(request, callback_url),
-        )
-        result = self.parse_submit_reply(200, body)
-        if callback_url is None and result.expects_callback:
-            return SubmitResult(update=result.update, expects_callback=False, extra=result.extra)
-        return result
+        return await super().submit(request, callback_url=callback_url, on_update=on_update)
 
-    async def query_status(self, provider_task_id: str) -> TaskUpdate:
-        body = await base.send_json(
-            self, "POST", self.url("/v1/draw/result"), json_body={"id": provider_task_id}
-        )
-        return self.parse_status(200, body)
+    def _webhook(self, callback_url: str | None) -> str | None:
+        """The mode's ``webHook``: none asks for a stream."""
+        if self.settings.mode == "callback":
+            # Without a callback URL, ask for the id and poll rather than hold a stream open.
+            return callback_url or POLL_WEBHOOK
+        return POLL_WEBHOOK if self.settings.mode == "poll" else None
 
     async def _submit_stream(
         self, request: GenerationRequest, on_update: UpdateSink
@@ -165,14 +165,14 @@ class GrsAIAdapter(ProviderAdapter):
         try:
             async with self.http.stream(
                 "POST",
-                self.url("/v1/draw/completions"),
+                self.url(self.submit_path),
                 json=self.build_submit(request, None),
                 headers=headers,
                 timeout=STREAM_TIMEOUT,
             ) as response:
                 if not response.is_success:
                     await response.aread()
-                    raise base.reply_error(
+                    raise parsing.reply_error(
                         self.name,
                         response.status_code,
                         base.error_body(response),
@@ -199,8 +199,8 @@ class GrsAIAdapter(ProviderAdapter):
             payload = None
         if isinstance(payload, Mapping):
             try:
-                base.check_body_code(self.name, payload, OK_CODES)
-                base.check_error_body(self.name, payload)
+                parsing.check_body_code(self.name, payload, OK_CODES)
+                parsing.check_error_body(self.name, payload)
             except ProviderError as exc:
                 return exc
         return UpstreamProtocolError(
@@ -209,71 +209,33 @@ class GrsAIAdapter(ProviderAdapter):
             provider=self.name,
         )
 
-    def _accepted(self, body: Any) -> TaskUpdate:
-        reply = base.require_object(body, "the submit reply")
-        base.check_body_code(self.name, reply, OK_CODES)
+    def _submit_reply(self, body: Any) -> TaskUpdate:
+        reply = parsing.require_object(body, "the submit reply")
+        parsing.check_body_code(self.name, reply, OK_CODES)
         data = reply.get("data")
         if isinstance(data, Mapping) and isinstance(data.get("status"), str):
-            return self._task(data)
-        task_id = base.id_of(data.get("id")) if isinstance(data, Mapping) else None
-        task_id = task_id or base.id_of(reply.get("id"))
+            return self.task_update(data)
+        task_id = parsing.id_of(data.get("id")) if isinstance(data, Mapping) else None
+        task_id = task_id or parsing.id_of(reply.get("id"))
         if task_id is None and self.settings.mode == "poll":
-            raise base.BodyShapeError(
+            raise parsing.BodyShapeError(
                 'expected the task id to poll with in `data.id` ({"code": 0, "data": {"id": ...}})'
             )
         return TaskUpdate(status=TaskStatus.queued, provider_task_id=task_id)
 
-    def _status_reply(self, body: Any) -> TaskUpdate:
-        reply = base.require_object(body, "the status reply")
-        base.check_body_code(self.name, reply, OK_CODES)
-        return self._task(base.status_object(reply, "the status reply"))
-
-    def _task(self, task: Mapping[str, Any]) -> TaskUpdate:
-        """A status object (status query ``data``, callback, or stream line with a status)."""
-        raw = task.get("status")
-        if not isinstance(raw, str) or not raw.strip():
-            raise base.BodyShapeError(
-                "expected a `status` string (running, succeeded, failed) in the object or in "
-                f"its `data` object, got {base.json_type(raw)}"
-            )
-        return self._update(task, base.status_from_word(raw, STATUSES), raw)
-
     def _stream_update(self, line: Mapping[str, Any]) -> TaskUpdate:
-        task = base.status_object(line, "the stream line") if base.is_envelope(line) else line
+        task = parsing.status_object(line, "the stream line") if parsing.is_envelope(line) else line
         raw = task.get("status")
-        progress = base.progress_of(task.get("progress"))
         if isinstance(raw, str) and raw.strip():
-            status = base.status_from_word(raw, STATUSES)
-            return self._update(task, status, raw)
+            return self.task_update(task)
         # No status word: a progress line, or (leniently) a final line that only shows its result.
-        update = self._update(task, TaskStatus.running, None)
-        if progress is not None and progress >= 100:
+        update = self.update_for(task, TaskStatus.running, None)
+        if update.progress is not None and update.progress >= 100:
             if update.images:
-                return self._update(task, TaskStatus.succeeded, None)
-            if _reason(task):
-                return self._update(task, TaskStatus.failed, None)
+                return self.update_for(task, TaskStatus.succeeded, None)
+            if self.failure_reason(task):
+                return self.update_for(task, TaskStatus.failed, None)
         return update
-
-    def _update(self, task: Mapping[str, Any], status: TaskStatus, raw: str | None) -> TaskUpdate:
-        results = task.get("results")
-        items = list(results) if isinstance(results, list) else [results]
-        # Stream lines carry the image at the top level.
-        items.append({key: task.get(key) for key in ("url", "width", "height")})
-        error = None
-        if status is TaskStatus.failed:
-            error = base.failure_error(_reason(task), DEFAULT_FAILURE)
-        return TaskUpdate(
-            status=status,
-            progress=base.progress_of(task.get("progress")),
-            images=tuple(base.image_list(items)),
-            error=error,
-            provider_task_id=base.id_of(task.get("id")),
-            raw_status=raw,
-        )
-
-
-def _reason(task: Mapping[str, Any]) -> str | None:
-    return base.text_of(task.get("failure_reason")) or base.text_of(task.get("error"))
 
 
 def _keep(leftovers: list[str], line: str) -> None:

@@ -17,8 +17,8 @@ import httpx
 from service.errors import CallbackParseError, UpstreamNotFound
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import base
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult, UpdateSink
+from service.providers import base, parsing
+from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
 
 SIZES = {"1:1": "1024x1024", "2:3": "1024x1536", "3:2": "1536x1024", "auto": "auto"}
 QUALITIES = ("low", "medium", "high", "auto")
@@ -35,6 +35,12 @@ _PIXELS_RE = re.compile(r"^(\d+)x(\d+)$")
 class OpenAIAdapter(ProviderAdapter):
     name: ClassVar[str] = "openai"
     can_query_status: ClassVar[bool] = False
+    submit_path: ClassVar[str] = "/v1/images/generations"
+    submit_timeout: ClassVar[httpx.Timeout | None] = GENERATION_TIMEOUT
+
+    def delivers_callbacks(self) -> bool:
+        """Never: the reply to the generation request is the result."""
+        return False
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt, MAX_PROMPT_CHARS)
@@ -52,21 +58,16 @@ class OpenAIAdapter(ProviderAdapter):
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
         # callback_url is not sent: OpenAI has no callbacks.
-        body: dict[str, Any] = {
-            "model": request.model or self.settings.model,
-            "prompt": request.prompt,
-            "n": request.n,
-        }
-        if request.size is not None:
-            body["size"] = SIZES[request.size]
-        if request.quality is not None:
-            body["quality"] = request.quality
-        return body
+        return base.request_body(
+            model=request.model or self.settings.model,
+            prompt=request.prompt,
+            n=request.n,
+            size=None if request.size is None else SIZES[request.size],
+            quality=request.quality,
+        )
 
     def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
-        if not 200 <= status_code < 300:
-            raise base.reply_error(self.name, status_code, body)
-        update = base.guard_reply(self.name, lambda: self._result(body))
+        update = parsing.parse_reply(self.name, status_code, body, self._result)
         return SubmitResult(update=update, expects_callback=False)
 
     def parse_status(self, status_code: int, body: Any) -> TaskUpdate:
@@ -78,22 +79,6 @@ class OpenAIAdapter(ProviderAdapter):
             "OpenAI sends no callbacks: its reply to the generation request is the result."
         )
 
-    async def submit(
-        self,
-        request: GenerationRequest,
-        *,
-        callback_url: str | None,
-        on_update: UpdateSink,
-    ) -> SubmitResult:
-        body = await base.send_json(
-            self,
-            "POST",
-            self.url("/v1/images/generations"),
-            json_body=self.build_submit(request, callback_url),
-            request_timeout=GENERATION_TIMEOUT,
-        )
-        return self.parse_submit_reply(200, body)
-
     async def query_status(self, provider_task_id: str) -> TaskUpdate:
         raise UpstreamNotFound(
             "OpenAI has no status endpoint: its generation call is synchronous and its reply "
@@ -103,17 +88,17 @@ class OpenAIAdapter(ProviderAdapter):
         )
 
     def _result(self, body: Any) -> TaskUpdate:
-        reply = base.require_object(body, "the generation reply")
-        base.check_error_body(self.name, reply)
+        reply = parsing.require_object(body, "the generation reply")
+        parsing.check_error_body(self.name, reply)
         data = reply.get("data")
         if not isinstance(data, list) or not data:
-            raise base.BodyShapeError(
-                f"expected `data` to be a non-empty array of images, got {base.json_type(data)}"
+            raise parsing.BodyShapeError(
+                f"expected `data` to be a non-empty array of images, got {parsing.json_type(data)}"
             )
         width_height = _pixels(reply.get("size"))
         images: list[dict[str, Any]] = []
         for item in data:
-            entry = base.require_object(item, "each entry of `data`")
+            entry = parsing.require_object(item, "each entry of `data`")
             b64 = entry.get("b64_json")
             url = entry.get("url")
             if isinstance(b64, str) and b64:
@@ -121,13 +106,9 @@ class OpenAIAdapter(ProviderAdapter):
             elif isinstance(url, str) and url:
                 image = {"url": url}
             else:
-                raise base.BodyShapeError("expected each image to carry `b64_json` or `url`")
+                raise parsing.BodyShapeError("expected each image to carry `b64_json` or `url`")
             images.append({**image, **width_height})
-        return TaskUpdate(
-            status=TaskStatus.succeeded,
-            progress=100,
-            images=tuple(images),
-        )
+        return TaskUpdate(status=TaskStatus.succeeded, progress=100, images=tuple(images))
 
 
 def _pixels(size: Any) -> dict[str, int]:

@@ -1,0 +1,396 @@
+"""Pure parsing shared by the adapters: provider bodies in, task updates or typed errors out.
+
+Nothing here does I/O, so unit tests feed these functions recorded sample bodies. Parsers raise
+:class:`BodyShapeError` for a body that is not the documented shape; :func:`parse_reply` and
+:func:`parse_callback` turn that into the error its source calls for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import httpx
+
+from service.errors import (
+    CallbackParseError,
+    ContentPolicyViolation,
+    ProviderError,
+    UpstreamBadRequest,
+    UpstreamNotFound,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+from service.lifecycle import TaskUpdate
+from service.models import TaskStatus
+
+# Words that make a failure a content-policy refusal. GrsAI answers in Chinese, hence the last two.
+CONTENT_POLICY_MARKERS = (
+    "content policy",
+    "content_policy",
+    "content-policy",
+    "safety",
+    "moderation",
+    "违规",
+    "内容政策",
+)
+# What a parser may trip over in JSON of an unexpected shape (RecursionError: deep nesting).
+_ODD_JSON = (RecursionError, TypeError, ValueError, KeyError, AttributeError, IndexError)
+
+
+class BodyShapeError(ValueError):
+    """A body is not the shape its provider documents.
+
+    Parsers raise this; :func:`guard_reply` turns it into an :class:`UpstreamProtocolError` (a
+    reply to our request) and :func:`guard_callback` into a :class:`CallbackParseError`.
+    """
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def text_of(value: Any) -> str | None:
+    """A provider's reason as text: a non-empty string, or an object's ``message``-like field."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, Mapping):
+        for key in ("message", "msg", "detail", "error_message", "reason"):
+            found = value.get(key)
+            if isinstance(found, str) and found.strip():
+                return found.strip()
+    return None
+
+
+def int_of(value: Any) -> int | None:
+    """An integer from a JSON number or a numeric string; ``None`` for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == value and abs(value) < 1e15:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(float(value.strip()))
+        except (ValueError, OverflowError):
+            return None
+    return None
+
+
+def progress_of(value: Any) -> int | None:
+    number = int_of(value)
+    return None if number is None else max(0, min(100, number))
+
+
+def seconds_of(value: Any) -> float | None:
+    """A non-negative, finite number of seconds; ``None`` for anything else (NaN included)."""
+    if isinstance(value, float):
+        return value if 0 <= value < 1e15 else None
+    number = int_of(value)
+    return float(number) if number is not None and number >= 0 else None
+
+
+def id_of(value: Any) -> str | None:
+    """A provider task id from a JSON string or integer; ``None`` for anything else."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def image_list(value: Any) -> list[dict[str, Any]]:
+    """Images from a list of URL strings and/or ``{"url", "width"?, "height"?}`` objects.
+
+    A single string or object counts as a list of one; entries without a URL are skipped.
+    """
+    items = value if isinstance(value, list) else [value]
+    images: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in items:
+        url = item.get("url") if isinstance(item, Mapping) else item
+        if not isinstance(url, str) or not url.strip() or url.strip() in seen:
+            continue
+        image: dict[str, Any] = {"url": url.strip()}
+        seen.add(image["url"])
+        if isinstance(item, Mapping):
+            for key in ("width", "height"):
+                size = item.get(key)
+                if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                    image[key] = size
+        images.append(image)
+    return images
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
+
+
+# --- task objects ------------------------------------------------------------------------------
+
+
+def status_from_word(word: str, known: Mapping[str, TaskStatus]) -> TaskStatus:
+    """A provider's status word (any case) -> TaskStatus.
+
+    ``known`` maps lower-case words. An unknown word never raises: ``cancel*`` is ``canceled``,
+    anything else ``running`` (the lifecycle never lets that regress a task).
+    """
+    key = word.strip().lower()
+    if key in known:
+        return known[key]
+    if key.startswith("cancel"):
+        return TaskStatus.canceled
+    return TaskStatus.running
+
+
+def read_status(
+    task: Mapping[str, Any], known: Mapping[str, TaskStatus], documented: str
+) -> tuple[TaskStatus, str]:
+    """A task object's ``status`` word and what it means; ``documented`` lists the words for
+    the error when there is none."""
+    raw = task.get("status")
+    if not isinstance(raw, str) or not raw.strip():
+        raise BodyShapeError(
+            f"expected a `status` string ({documented}) in the object or in its `data` object, "
+            f"got {json_type(raw)}"
+        )
+    return status_from_word(raw, known), raw
+
+
+def mentions_content_policy(*texts: object) -> bool:
+    lowered = " ".join(text for text in texts if isinstance(text, str)).lower()
+    return any(marker in lowered for marker in CONTENT_POLICY_MARKERS)
+
+
+def failure_error(reason: Any, default: str) -> dict[str, Any]:
+    """The normalised ``error`` of a failed task from the provider's reason (text or object)."""
+    message = text_of(reason) or default
+    code_hint = reason.get("code") if isinstance(reason, Mapping) else None
+    policy = mentions_content_policy(message, code_hint)
+    return {"code": "content_policy_violation" if policy else "provider_failed", "message": message}
+
+
+def require_object(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise BodyShapeError(f"expected {what} to be a JSON object, got {json_type(value)}")
+    return value
+
+
+def is_envelope(body: Mapping[str, Any]) -> bool:
+    """``{code, data}``: a ``data`` key and no ``status`` of its own."""
+    return "data" in body and "status" not in body
+
+
+def status_object(body: Any, what: str = "the body") -> Mapping[str, Any]:
+    """The task object of a body: the bare object, or the ``data`` of a ``{code, data}``."""
+    envelope = require_object(body, what)
+    if not is_envelope(envelope):
+        return envelope
+    data = envelope.get("data")
+    if not isinstance(data, Mapping):
+        code, message = envelope.get("code"), error_message(envelope)
+        said = (
+            ""
+            if code is None
+            else f" (code {code!r}" + (f", message {message!r})" if message else ")")
+        )
+        raise BodyShapeError(
+            f"expected `data` to be an object carrying the task, got {json_type(data)}{said}"
+        )
+    return data
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def error_message(body: Any) -> str | None:
+    """The message of an error body: ``{"error": {"message"}}``, ``{"error": "..."}``,
+    ``{"message"}``, ``{"msg"}`` and the like; ``None`` when there is none."""
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("error", "message", "msg", "detail", "error_message", "failure_reason"):
+        text = text_of(body.get(key))
+        if text:
+            return text
+    return None
+
+
+def error_hints(body: Any) -> tuple[str, ...]:
+    """Machine words in an error body (``error.code``, ``error.type``) that may name the cause."""
+    if not isinstance(body, Mapping):
+        return ()
+    hints: list[str] = []
+    for holder in (body, body.get("error")):
+        if isinstance(holder, Mapping):
+            hints.extend(
+                value for key in ("code", "type") if isinstance(value := holder.get(key), str)
+            )
+    return tuple(hints)
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds from now."""
+    value = httpx.Headers(headers).get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def error_for_status(
+    provider: str,
+    status: int,
+    reason: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    hints: tuple[str, ...] = (),
+    source: Literal["HTTP", "code"] = "HTTP",
+) -> ProviderError:
+    """The most specific error for an HTTP error status, or for a body's ``code`` field.
+
+    Content-policy wording in the reason or in the error's machine words (``hints``, e.g.
+    ``moderation_blocked``) wins over the status. A body code that is no HTTP status (GrsAI's
+    non-zero codes) is an UpstreamBadRequest and is kept in ``details["provider_code"]``;
+    ``upstream_status`` is set only for a status that reads as HTTP. None of these is
+    ``ambiguous``: the provider answered, and said no; only an HTTP status outside 4xx/5xx
+    (an UpstreamProtocolError) leaves open whether it acted on the request.
+    """
+    message = f"{provider} answered {source} {status}" + (f": {reason}" if reason else "")
+    from_body = source == "code"
+    policy = mentions_content_policy(reason, *hints)
+    http_like = 400 <= status <= 599
+    upstream_status = status if http_like or not (policy or from_body) else None
+    kwargs: dict[str, Any] = {
+        "provider": provider,
+        "upstream_status": upstream_status,
+        "details": {"provider_code": status} if from_body else None,
+    }
+    if policy:
+        return ContentPolicyViolation(message, **kwargs)
+    if from_body and not http_like:
+        return UpstreamBadRequest(message, **kwargs)
+    if status in (401, 403):
+        return UpstreamUnauthorized(message, **kwargs)
+    if status == 404:
+        return UpstreamNotFound(message, **kwargs)
+    if status == 429:
+        return UpstreamRateLimited(message, retry_after=retry_after_seconds(headers), **kwargs)
+    if status >= 500:
+        return UpstreamUnavailable(message, retry_after=retry_after_seconds(headers), **kwargs)
+    if status >= 400:
+        return UpstreamBadRequest(message, **kwargs)
+    return UpstreamProtocolError(message, **kwargs)
+
+
+def reply_error(
+    provider: str, status: int, body: Any, headers: Mapping[str, str] | None = None
+) -> ProviderError:
+    """The error for a non-2xx reply, with the provider's message taken from its error body."""
+    return error_for_status(
+        provider, status, error_message(body), headers=headers, hints=error_hints(body)
+    )
+
+
+def check_body_code(provider: str, body: Mapping[str, Any], ok: tuple[int, ...]) -> None:
+    """Raise for a ``{code, message}`` envelope whose code is not a success code."""
+    if "code" not in body:
+        return
+    code = int_of(body.get("code"))
+    if code is None or code in ok:
+        return
+    raise error_for_status(
+        provider, code, error_message(body), hints=error_hints(body), source="code"
+    )
+
+
+def check_error_body(provider: str, body: Mapping[str, Any]) -> None:
+    """Raise for a 2xx reply that is an error body (``{"error": ...}``, no task in it)."""
+    error = body.get("error")
+    if error in (None, "", {}) or "status" in body or isinstance(body.get("data"), Mapping):
+        return
+    code = int_of(error.get("code")) if isinstance(error, Mapping) else None
+    raise error_for_status(
+        provider, code or 400, error_message(body), hints=error_hints(body), source="code"
+    )
+
+
+# --- running a parser --------------------------------------------------------------------------
+
+
+def guard_reply(provider: str, parse: Callable[[], TaskUpdate]) -> TaskUpdate:
+    """Run a reply parser; shape errors and odd JSON become UpstreamProtocolError (ambiguous:
+    the provider may have acted on the request it answered so)."""
+    try:
+        return parse()
+    except BodyShapeError as exc:
+        raise UpstreamProtocolError(f"{provider} answered: {exc}.", provider=provider) from exc
+    except _ODD_JSON as exc:
+        raise UpstreamProtocolError(
+            f"{provider} answered a body TaskRelay cannot read ({type(exc).__name__}).",
+            provider=provider,
+        ) from exc
+
+
+def guard_callback(provider: str, parse: Callable[[], TaskUpdate]) -> TaskUpdate:
+    """Run a callback parser; shape errors and odd JSON become CallbackParseError (never a 500)."""
+    try:
+        return parse()
+    except BodyShapeError as exc:
+        raise CallbackParseError(f"Unreadable {provider} callback: {exc}.") from exc
+    except _ODD_JSON as exc:
+        raise CallbackParseError(
+            f"Unreadable {provider} callback: the JSON has an unexpected shape "
+            f"({type(exc).__name__})."
+        ) from exc
+
+
+def parse_reply(
+    provider: str, status_code: int, body: Any, parse: Callable[[Any], TaskUpdate]
+) -> TaskUpdate:
+    """A reply to one of our requests: an error status raises its error, a 2xx is parsed."""
+    if not 200 <= status_code < 300:
+        raise reply_error(provider, status_code, body)
+    return guard_reply(provider, lambda: parse(body))
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CallbackParseError("The callback body is not UTF-8 text.") from exc
+    if not text.strip():
+        raise CallbackParseError("The callback body is empty; expected a JSON object.")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
+
+
+def parse_callback(
+    provider: str, body: bytes, parse_task: Callable[[Mapping[str, Any]], TaskUpdate]
+) -> TaskUpdate:
+    """A callback body carrying a task object, bare or in a ``{code, data}`` envelope."""
+    payload = parse_json_body(body)
+    return guard_callback(provider, lambda: parse_task(status_object(payload, "the callback body")))
