@@ -7,7 +7,6 @@ import hashlib
 import os
 import socket
 import struct
-import subprocess
 import sys
 import time
 import zlib
@@ -20,9 +19,10 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from service.sandbox import BehaviourError, Sandbox, SandboxBehaviour
+from service.sandbox import app as sandbox_app
 from service.sandbox.behaviour import chance, parse_directives, rolls
-from service.sandbox.png import encode_png, placeholder_png
-from service.sandbox.testing import CallbackRecorder, ManualClock
+from service.sandbox.png import BAND_HALF_WIDTH, colour_for, encode_png, placeholder_png
+from service.sandbox.testing import CallbackRecorder, ManualClock, asgi_client
 
 AUTH = {"Authorization": "Bearer sandbox-key"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +51,7 @@ async def sandbox(clock: ManualClock) -> AsyncIterator[Sandbox]:
 
 @pytest.fixture
 async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox.test", headers=AUTH
-    ) as http:
+    async with asgi_client(sandbox.app, base_url="http://sandbox.test", headers=AUTH) as http:
         yield http
 
 
@@ -230,6 +228,20 @@ def test_placeholder_pngs(aspect: str, size: tuple[int, int]) -> None:
     assert placeholder_png("task-x", 0, aspect) != placeholder_png("task-x", 1, aspect)
 
 
+@pytest.mark.parametrize("aspect", ["1:1", "2:3", "3:2"])
+def test_placeholder_band_follows_the_diagonal(aspect: str) -> None:
+    width, height, pixels = parse_png(placeholder_png("task-x", 1, aspect))
+    red, green, blue = colour_for("task-x", 1)
+    base = bytes((red, green, blue))
+    light = bytes((min(255, red + 70), min(255, green + 70), min(255, blue + 70)))
+    stride = 1 + width * 3
+    for y in range(height):
+        row = pixels[y * stride + 1 : (y + 1) * stride]
+        for x in range(width):
+            near = abs(x - y * width // height) < BAND_HALF_WIDTH
+            assert row[x * 3 : x * 3 + 3] == (light if near else base), (x, y)
+
+
 async def test_served_images_and_their_404s(client: httpx.AsyncClient, clock: ManualClock) -> None:
     task_id = await evolink_task(client)
     url = f"/evolink/files/{task_id}/0.png"
@@ -245,6 +257,25 @@ async def test_served_images_and_their_404s(client: httpx.AsyncClient, clock: Ma
         "/evolink/files/nope/0.png",
     ):
         assert (await client.get(missing)).status_code == 404, missing
+
+
+async def test_file_names_int_cannot_read_are_404s(
+    client: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    task_id = await evolink_task(client)
+    clock.advance(4.0)
+    # "²" is a digit to str.isdigit() but not to int(); int() also stops at 4300 digits.
+    for name in ("².png", "1" * 5000 + ".png"):
+        assert (await client.get(f"/evolink/files/{task_id}/{name}")).status_code == 404
+
+
+async def test_the_oldest_tasks_are_forgotten_beyond_the_cap(
+    client: httpx.AsyncClient, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sandbox_app, "MAX_TASKS", 3)
+    ids = [await evolink_task(client) for _ in range(5)]
+    assert list(sandbox.tasks) == ids[2:]
+    assert (await client.get(f"/evolink/v1/tasks/{ids[0]}")).status_code == 404
 
 
 # --- mounted inside another app -------------------------------------------------------------------
@@ -329,6 +360,21 @@ async def test_control_changes_behaviour_at_run_time(
     assert (await client.put("/_sandbox/behaviour/evolink", content=b"[1]")).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b'{"duration": 1' + b"0" * 400 + b"}", "invalid_knob"),  # beyond float's range
+        (b'{"duration": 1' + b"0" * 5000 + b"}", "invalid_json"),  # beyond int()'s digits
+        (b"[" * 100_000, "invalid_json"),  # deeper than the JSON decoder recurses
+    ],
+)
+async def test_control_refuses_json_python_chokes_on(
+    client: httpx.AsyncClient, content: bytes, code: str
+) -> None:
+    response = await client.put("/_sandbox/behaviour/evolink", content=content)
+    assert response.status_code == 400 and response.json()["error"]["code"] == code
+
+
 async def test_control_reset(client: httpx.AsyncClient, sandbox: Sandbox) -> None:
     await client.put("/_sandbox/behaviour/*", json={"duration": 1})
     await evolink_task(client)
@@ -395,12 +441,14 @@ def free_port() -> int:
 async def test_run_serves_the_sandbox_over_real_http() -> None:
     port = free_port()
     code = f"from service.sandbox import run; run('127.0.0.1', {port}, api_key='real-key')"
-    process = subprocess.Popen(  # noqa: ASYNC220 - started once, stopped below
-        [sys.executable, "-c", code],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": "Bearer real-key"}
@@ -412,7 +460,9 @@ async def test_run_serves_the_sandbox_over_real_http() -> None:
                     await http.get("/_sandbox/tasks")
                     break
                 except httpx.TransportError:
-                    assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                    assert process.returncode is None, (
+                        await process.stderr.read() if process.stderr else b""
+                    )
                     assert time.monotonic() < deadline, "the sandbox did not start"
                     await asyncio.sleep(0.1)
 
@@ -436,11 +486,10 @@ async def test_run_serves_the_sandbox_over_real_http() -> None:
             listed = (await http.get(f"/_sandbox/tasks/{task_id}")).json()
             assert listed["status_queries"] >= 1
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr:
-            process.stderr.close()
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout=10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.sandbox import Sandbox, SandboxBehaviour
-from service.sandbox.testing import CallbackRecorder
+from service.sandbox import Sandbox, SandboxBehaviour, SandboxTask
+from service.sandbox.testing import ASYNC_APIS, CallbackRecorder, asgi_client
 
 AUTH = {"Authorization": "Bearer sandbox-key"}
 DURATION = 0.05
@@ -58,39 +58,22 @@ async def sandbox(transport: ReceiverTransport) -> AsyncIterator[Sandbox]:
 
 @pytest.fixture
 async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=sandbox.app), base_url="http://sandbox.test", headers=AUTH
-    ) as http:
+    async with asgi_client(sandbox.app, base_url="http://sandbox.test", headers=AUTH) as http:
         yield http
 
 
-SUBMITS: dict[str, tuple[str, dict[str, Any], str]] = {
-    # provider: (submit path, body, callback field)
-    "grsai": ("/grsai/v1/draw/completions", {"model": "m"}, "webHook"),
-    "gptimage15": ("/gptimage15/api/generate", {}, "callback_url"),
-    "evolink": ("/evolink/v1/images/generations", {"model": "gpt-image-1.5"}, "callback_url"),
-    "apiinone": ("/apiinone/api/v1/images/generations", {"model": "gpt-image-1-5"}, "callback_url"),
+# The submit body of each provider, besides the prompt and the callback URL.
+SUBMITS: dict[str, dict[str, Any]] = {
+    "grsai": {"model": "m"},
+    "gptimage15": {},
+    "evolink": {"model": "gpt-image-1.5"},
+    "apiinone": {"model": "gpt-image-1-5"},
 }
 PROVIDERS = pytest.mark.parametrize("provider", list(SUBMITS))
 
 
-def task_id_of(provider: str, body: Any) -> str:
-    if provider == "grsai":
-        return str(body["data"]["id"])
-    if provider == "evolink":
-        return str(body["id"])
-    return str(body["data"]["task_id"])
-
-
 async def status_body(http: httpx.AsyncClient, provider: str, task_id: str) -> Any:
-    if provider == "grsai":
-        response = await http.post("/grsai/v1/draw/result", json={"id": task_id})
-    elif provider == "gptimage15":
-        response = await http.get("/gptimage15/api/status", params={"task_id": task_id})
-    elif provider == "evolink":
-        response = await http.get(f"/evolink/v1/tasks/{task_id}")
-    else:
-        response = await http.get(f"/apiinone/api/v1/tasks/{task_id}")
+    response = await ASYNC_APIS[provider].status(http, task_id)
     assert response.status_code == 200
     return response.json()
 
@@ -103,10 +86,11 @@ def final_status(provider: str, body: Any) -> str:
 async def submit(
     http: httpx.AsyncClient, provider: str, prompt: str = "a cat", hook: str = HOOK
 ) -> str:
-    path, body, field = SUBMITS[provider]
-    response = await http.post(path, json={**body, "prompt": prompt, field: hook})
+    api = ASYNC_APIS[provider]
+    body = {**SUBMITS[provider], "prompt": prompt, api.callback_field: hook}
+    response = await http.post(api.submit_path, json=body)
     assert response.status_code == 200, response.text
-    return task_id_of(provider, response.json())
+    return api.task_id(response.json())
 
 
 async def settle(sandbox: Sandbox) -> None:
@@ -304,3 +288,57 @@ async def test_polling_without_a_callback_url_sends_nothing(
     await asyncio.sleep(DURATION * 3)
     assert recorder.received == [] and sandbox.tasks[task_id].callback_state == "none"
     assert sandbox.tasks[task_id].mode == "poll"
+
+
+# --- no sender outlives aclose() ------------------------------------------------------------------
+
+
+def hooked_task(task_id: str) -> SandboxTask:
+    """A task with a callback URL due in 5 s, made without a request."""
+    return SandboxTask(
+        id=task_id,
+        provider="evolink",
+        created_at=time.monotonic(),
+        created_unix=int(time.time()),
+        behaviour=SandboxBehaviour(duration=5.0),
+        outcome="succeeded",
+        base_url="http://sandbox.test/evolink",
+        request={},
+        callback_url=HOOK,
+    )
+
+
+async def test_no_callback_starts_after_aclose(
+    client: httpx.AsyncClient, recorder: CallbackRecorder, sandbox: Sandbox
+) -> None:
+    await sandbox.aclose()
+    task_id = await submit(client, "evolink")  # still answered, as during a server's shutdown
+    await asyncio.sleep(DURATION * 3)
+    assert recorder.received == []
+    assert sandbox.tasks[task_id].callback_state == "canceled"
+
+
+async def test_reset_cancels_a_callback_scheduled_while_it_waits(
+    client: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    await submit(client, "evolink", "x sandbox:duration=5")
+    resetting = asyncio.create_task(sandbox.reset())
+    await asyncio.sleep(0)  # reset() has canceled that sender and waits for it to end
+    late = sandbox.add_task(hooked_task("late"))
+    assert late.callback_state == "pending"
+    await resetting
+    assert late.callback_state == "canceled"
+    await sandbox.aclose()
+    assert late.callback_state == "canceled"
+
+
+async def test_canceling_aclose_cancels_its_caller(
+    client: httpx.AsyncClient, sandbox: Sandbox
+) -> None:
+    task_id = await submit(client, "evolink", "x sandbox:duration=5")
+    closing = asyncio.create_task(sandbox.aclose())
+    await asyncio.sleep(0)  # aclose() has canceled the sender and waits for it to end
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert sandbox.tasks[task_id].callback_state == "canceled"

@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from service.sandbox import Sandbox, SandboxBehaviour
-from service.sandbox.testing import CallbackRecorder, ManualClock
+from service.sandbox.testing import (
+    ASYNC_APIS,
+    CallbackRecorder,
+    ManualClock,
+    ProviderAPI,
+    asgi_client,
+)
 
 KEY = "sandbox-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -45,10 +51,7 @@ async def sandbox(clock: ManualClock) -> AsyncIterator[Sandbox]:
 
 @pytest.fixture
 async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=sandbox.app)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://sandbox.test", headers=AUTH
-    ) as http:
+    async with asgi_client(sandbox.app, base_url="http://sandbox.test", headers=AUTH) as http:
         yield http
 
 
@@ -57,15 +60,19 @@ async def client(sandbox: Sandbox) -> AsyncIterator[httpx.AsyncClient]:
 
 @dataclass(frozen=True)
 class Case:
-    provider: str
-    submit_path: str
+    api: ProviderAPI
     body: dict[str, Any]
-    task_id: Callable[[Any], str]
-    status: Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]
     # (raw status, progress or None, image URLs, failure message or None) of a status body
     normalise: Callable[[Any], tuple[str, int | None, list[str], str | None]]
     # The raw status while queued, running, succeeded, failed
     statuses: tuple[str, str, str, str]
+
+    @property
+    def provider(self) -> str:
+        return self.api.name
+
+    def status(self, http: httpx.AsyncClient, task_id: str) -> Awaitable[httpx.Response]:
+        return self.api.status(http, task_id)
 
 
 def _grsai(body: Any) -> tuple[str, int | None, list[str], str | None]:
@@ -91,38 +98,26 @@ def _apiinone(body: Any) -> tuple[str, int | None, list[str], str | None]:
 
 CASES = [
     Case(
-        "grsai",
-        "/grsai/v1/draw/completions",
+        ASYNC_APIS["grsai"],
         {"model": "gpt-image-1.5", "webHook": "-1"},
-        lambda body: body["data"]["id"],
-        lambda http, tid: http.post("/grsai/v1/draw/result", json={"id": tid}),
         _grsai,
         ("running", "running", "succeeded", "failed"),
     ),
     Case(
-        "gptimage15",
-        "/gptimage15/api/generate",
+        ASYNC_APIS["gptimage15"],
         {"size": "1024*1024", "quality": "medium"},
-        lambda body: body["data"]["task_id"],
-        lambda http, tid: http.get("/gptimage15/api/status", params={"task_id": tid}),
         _gptimage15,
         ("PENDING", "IN_PROGRESS", "SUCCESS", "FAILED"),
     ),
     Case(
-        "evolink",
-        "/evolink/v1/images/generations",
+        ASYNC_APIS["evolink"],
         {"model": "gpt-image-1.5", "size": "1:1", "quality": "low"},
-        lambda body: body["id"],
-        lambda http, tid: http.get(f"/evolink/v1/tasks/{tid}"),
         _evolink,
         ("pending", "processing", "completed", "failed"),
     ),
     Case(
-        "apiinone",
-        "/apiinone/api/v1/images/generations",
+        ASYNC_APIS["apiinone"],
         {"model": "gpt-image-1-5", "aspect_ratio": "1:1", "quality": "medium"},
-        lambda body: body["data"]["task_id"],
-        lambda http, tid: http.get(f"/apiinone/api/v1/tasks/{tid}"),
         _apiinone,
         ("IN_PROGRESS", "IN_PROGRESS", "completed", "failed"),
     ),
@@ -131,9 +126,9 @@ ASYNC_CASES = pytest.mark.parametrize("case", CASES, ids=[case.provider for case
 
 
 async def submit(http: httpx.AsyncClient, case: Case, prompt: str = "a cat") -> str:
-    response = await http.post(case.submit_path, json={**case.body, "prompt": prompt})
+    response = await http.post(case.api.submit_path, json={**case.body, "prompt": prompt})
     assert response.status_code == 200, response.text
-    return case.task_id(response.json())
+    return case.api.task_id(response.json())
 
 
 def assert_error_format(provider: str, response: httpx.Response, status: int) -> None:
@@ -326,14 +321,12 @@ async def test_success_fields_per_provider(client: httpx.AsyncClient, clock: Man
     assert png_size((await client.get(task["results"][2])).content) == (64, 96)
 
 
-async def test_unknown_task_ids(client: httpx.AsyncClient) -> None:
-    grs = await client.post("/grsai/v1/draw/result", json={"id": "nope"})
-    assert_error_format("grsai", grs, 404)
-    gpt = await client.get("/gptimage15/api/status", params={"task_id": "nope"})
-    assert_error_format("gptimage15", gpt, 404)
-    assert_error_format("evolink", await client.get("/evolink/v1/tasks/nope"), 404)
-    assert_error_format("apiinone", await client.get("/apiinone/api/v1/tasks/nope"), 404)
-    # A task of one provider is unknown to another.
+@ASYNC_CASES
+async def test_unknown_task_ids(case: Case, client: httpx.AsyncClient) -> None:
+    assert_error_format(case.provider, await case.status(client, "nope"), 404)
+
+
+async def test_a_task_of_one_provider_is_unknown_to_another(client: httpx.AsyncClient) -> None:
     task_id = await submit(client, CASES[2])
     assert (await client.get(f"/apiinone/api/v1/tasks/{task_id}")).status_code == 404
 
@@ -443,11 +436,9 @@ async def test_grsai_stream_failure(client: httpx.AsyncClient) -> None:
 
 SUBMIT_PATHS = {
     "openai": "/openai/v1/images/generations",
-    "grsai": "/grsai/v1/draw/completions",
-    "gptimage15": "/gptimage15/api/generate",
-    "evolink": "/evolink/v1/images/generations",
-    "apiinone": "/apiinone/api/v1/images/generations",
+    **{name: api.submit_path for name, api in ASYNC_APIS.items()},
 }
+ALL_PROVIDERS = pytest.mark.parametrize("provider", list(SUBMIT_PATHS))
 LONG_URL = "http://a/" + "b" * 2048
 VALIDATION = [
     ("grsai", {"prompt": "x", "variants": 3}),
@@ -503,13 +494,33 @@ async def test_validation_messages_follow_the_seeds(client: httpx.AsyncClient) -
     assert error["param"] == "quality"
 
 
-@pytest.mark.parametrize("provider", ["openai", "grsai", "gptimage15", "evolink", "apiinone"])
+@ALL_PROVIDERS
 async def test_a_body_that_is_not_a_json_object_is_a_400(
     client: httpx.AsyncClient, provider: str
 ) -> None:
     path = SUBMIT_PATHS[provider]
     assert_error_format(provider, await client.post(path, content=b"{not json"), 400)
     assert_error_format(provider, await client.post(path, json=["a list"]), 400)
+
+
+@pytest.mark.parametrize(
+    ("provider", "content"),
+    [
+        ("evolink", b'{"prompt": "x", "n": Infinity}'),
+        ("openai", b'{"prompt": "x", "n": NaN}'),
+        ("grsai", b'{"prompt": "x", "variants": 1e999}'),
+        ("evolink", b'{"prompt": "x", "n": 1' + b"0" * 5000 + b"}"),
+        ("evolink", b'{"prompt": "x", "image_urls": ["http://[::1/a.png"]}'),
+        ("gptimage15", b'{"prompt": "x", "callback_url": "http://[oops/hook"}'),
+    ],
+)
+async def test_values_python_chokes_on_are_a_400_not_a_crash(
+    client: httpx.AsyncClient, sandbox: Sandbox, provider: str, content: bytes
+) -> None:
+    """Infinity, NaN, numbers past int()'s digit limit and broken IPv6 URLs once raised."""
+    response = await client.post(SUBMIT_PATHS[provider], content=content)
+    assert_error_format(provider, response, 400)
+    assert sandbox.tasks == {}
 
 
 async def test_accepted_variants(client: httpx.AsyncClient) -> None:
@@ -613,15 +624,14 @@ async def test_status_error_rate_is_repeatable_per_task(
     assert {(await case.status(client, always)).status_code for _ in range(3)} == {500}
 
 
-@pytest.mark.parametrize("provider", ["openai", "grsai", "gptimage15", "evolink", "apiinone"])
+@ALL_PROVIDERS
 @pytest.mark.parametrize("error", [400, 401, 429, 500])
 async def test_submit_error_fails_the_submit(
     client: httpx.AsyncClient, sandbox: Sandbox, provider: str, error: int
 ) -> None:
     case = next((c for c in CASES if c.provider == provider), None)
-    path = case.submit_path if case else "/openai/v1/images/generations"
     body = {**(case.body if case else {}), "prompt": f"x sandbox:submit_error={error}"}
-    response = await client.post(path, json=body)
+    response = await client.post(SUBMIT_PATHS[provider], json=body)
     assert_error_format(provider, response, error)
     assert response.headers.get("retry-after") == ("1" if error == 429 else None)
     assert sandbox.tasks == {}

@@ -12,16 +12,14 @@ seed's message "Invalid parameters" and adds ``param`` and ``detail`` naming the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
+    Submission,
     callback_url,
     choice,
     require_prompt,
@@ -52,92 +50,41 @@ _TYPES = {
 
 class ApiInOneEmulator(ProviderEmulator):
     name = "apiinone"
+    submit_path = "/api/v1/images/generations"
+    status_route = ("GET", "/api/v1/tasks/{task_id}")
+    task_not_found = "Task not found"
 
-    def endpoints(self) -> list[BaseRoute]:
-        return [
-            Route("/api/v1/images/generations", self.generate, methods=["POST"]),
-            Route("/api/v1/tasks/{task_id}", self.status, methods=["GET"]),
-        ]
-
-    def error(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
-        error: dict[str, Any] = {
-            "code": status,
-            "message": message,
-            "type": _TYPES.get(status, "server_error"),
-        }
-        return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
+    def error_body(
+        self, status: int, message: str, *, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        error = {"code": status, "message": message, "type": _TYPES.get(status, "server_error")}
+        return {"error": error}
 
     def invalid(self, exc: Invalid) -> Response:
-        body = {
-            "error": {
-                "code": 400,
-                "message": "Invalid parameters",
-                "type": "invalid_request",
-                "param": exc.param,
-                "detail": exc.message,
-            }
-        }
+        # The seeds' fixed message; the field and the reason come on top.
+        body = self.error_body(400, "Invalid parameters", param=None, code=None)
+        body["error"] |= {"param": exc.param, "detail": exc.message}
         return JSONResponse(body, status_code=400)
 
-    async def generate(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        try:
-            body = await self.read_object(request)
-            model = string(body, "model", None)
-            if model is None:
-                raise Invalid("model", "'model' is required.")
-            prompt = require_prompt(body)
-            aspect = choice(body, "aspect_ratio", ASPECT_RATIOS, "1:1")
-            quality = choice(body, "quality", QUALITIES, "medium")
-            url_list(body, "input_urls", low=1, high=16)
-            hook = callback_url(body, "callback_url")
-            behaviour = self.behaviour_for(prompt)
-        except Invalid as exc:
-            return self.invalid(exc)
-        failure = await self.submit_failure(behaviour)
-        if failure is not None:
-            return failure
+    def parse_submit(self, body: dict[str, Any]) -> Submission:
+        model = string(body, "model", None)
+        if model is None:
+            raise Invalid("model", "'model' is required.")
+        prompt = require_prompt(body)
+        aspect = choice(body, "aspect_ratio", ASPECT_RATIOS, "1:1")
+        quality = choice(body, "quality", QUALITIES, "medium")
+        url_list(body, "input_urls", low=1, high=16)
+        hook = callback_url(body, "callback_url")
+        return Submission(prompt, model=model, aspect=aspect, quality=quality, callback_url=hook)
 
-        task = self.new_task(
-            request,
-            f"n42{random_token(12)}_gptimg",
-            behaviour,
-            body,
-            model=model,
-            aspect=aspect,
-            quality=quality,
-            mode="callback" if hook else "poll",
-            callback_url=hook,
-        )
-        return JSONResponse(
-            {
-                "code": 200,
-                "message": "success",
-                "data": {"task_id": task.id, "status": "IN_PROGRESS"},
-            }
-        )
+    def new_task_id(self, created_unix: int) -> str:
+        return f"n42{random_token(12)}_gptimg"
 
-    async def status(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        task = self.task(request.path_params["task_id"])
-        if task is None:
-            return self.error(404, "Task not found")
-        failure = await self.status_failure(task)
-        if failure is not None:
-            return failure
-        return JSONResponse(self.envelope(task, self.view(task)))
+    async def submit_reply(self, task: SandboxTask) -> Response:
+        data = {"task_id": task.id, "status": "IN_PROGRESS"}
+        return JSONResponse({"code": 200, "message": "success", "data": data})
 
-    def envelope(self, task: SandboxTask, view: View) -> dict[str, Any]:
+    def status_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
         return {
             "code": 200,
             "message": "success",
@@ -149,6 +96,3 @@ class ApiInOneEmulator(ProviderEmulator):
                 "error_message": task.failure_reason if view.phase == "failed" else None,
             },
         }
-
-    def callback_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
-        return self.envelope(task, view)

@@ -8,9 +8,9 @@ Its ``app`` mounts each provider's emulator under ``/<provider>`` and the contro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -76,8 +76,11 @@ class Sandbox:
         self.sleep = sleep
         self._initial_behaviour = initial
         self.behaviours: dict[str, SandboxBehaviour] = dict(initial)
-        self.tasks: dict[str, SandboxTask] = {}
+        # Oldest first; an OrderedDict drops its oldest entry in O(1), a dict does not.
+        self.tasks: OrderedDict[str, SandboxTask] = OrderedDict()
         self._senders: dict[asyncio.Task[None], SandboxTask] = {}
+        # Set by aclose(): the host's http client may be gone, so no callback starts after it.
+        self._closed = False
         self.emulators: dict[str, ProviderEmulator] = {
             emulator.name: emulator(self) for emulator in EMULATORS
         }
@@ -113,13 +116,15 @@ class Sandbox:
         """Register a new task and, when it has a callback URL, schedule its callbacks."""
         self.tasks[task.id] = task
         while len(self.tasks) > MAX_TASKS:
-            del self.tasks[next(iter(self.tasks))]
+            self.tasks.popitem(last=False)
         if task.callback_url:
             behaviour = task.behaviour
             if behaviour.callback == "drop" or rolls(
                 behaviour.callback_drop_rate, task.id, "callback_drop"
             ):
                 task.callback_state = "dropped"
+            elif self._closed:
+                task.callback_state = "canceled"
             else:
                 task.callback_state = "pending"
                 sender = asyncio.get_running_loop().create_task(self._send_callbacks(task))
@@ -144,23 +149,31 @@ class Sandbox:
         self.behaviours = dict(self._initial_behaviour)
 
     async def aclose(self) -> None:
-        """Cancel the pending background callback senders (the http client stays the host's)."""
+        """Cancel the pending background callback senders and start none from now on.
+
+        The http client stays the host's; tasks submitted later get ``callback_state``
+        "canceled".
+        """
+        self._closed = True
         await self._cancel_senders()
 
     def _forget_sender(self, sender: asyncio.Task[None]) -> None:
-        self._senders.pop(sender, None)
+        task = self._senders.pop(sender, None)
+        # A sender canceled before its first step never ran its own handler.
+        if task is not None and task.callback_state == "pending":
+            task.callback_state = "canceled"
 
     async def _cancel_senders(self) -> None:
-        senders = dict(self._senders)
-        for sender in senders:
-            sender.cancel()
-        for sender, task in senders.items():
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-            # A sender canceled before its first step never ran its own handler.
-            if task.callback_state == "pending":
-                task.callback_state = "canceled"
-        self._senders.clear()
+        # A request served while we wait may start another sender: repeat until none is left.
+        while self._senders:
+            senders = list(self._senders)
+            for sender in senders:
+                sender.cancel()
+            # gather() rather than awaiting each: a cancellation of our caller must propagate,
+            # not be taken for a sender's own.
+            await asyncio.gather(*senders, return_exceptions=True)
+            for sender in senders:
+                self._forget_sender(sender)
 
     # --- callbacks -----------------------------------------------------------------------------
 

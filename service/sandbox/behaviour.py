@@ -138,7 +138,10 @@ def _number(knob: str, value: Any, *, seconds: bool = False) -> float:
     if isinstance(value, bool):
         raise BehaviourError(knob, "expected a number")
     if isinstance(value, int | float):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int beyond float's range
+            raise BehaviourError(knob, "expected a finite number") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         match = _DURATION_RE.match(text) if seconds else None

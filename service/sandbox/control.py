@@ -13,7 +13,6 @@ Errors are ``{"error": {"code", "message"}}``.
 from __future__ import annotations
 
 import json
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.sandbox.behaviour import BehaviourError
+from service.sandbox.common import has_api_key
 
 if TYPE_CHECKING:
     from service.sandbox.app import Sandbox
@@ -32,10 +32,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 def control_routes(sandbox: Sandbox) -> list[BaseRoute]:
     def authorized(request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(
-            token.strip().encode(), sandbox.api_key.encode()
-        )
+        return has_api_key(request, sandbox.api_key)
 
     def unauthorized() -> JSONResponse:
         return _error(401, "unauthorized", "Send Authorization: Bearer <the sandbox api key>.")
@@ -76,7 +73,8 @@ def control_routes(sandbox: Sandbox) -> list[BaseRoute]:
         provider: str = request.path_params["provider"]
         try:
             knobs = json.loads(await request.body() or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        # ValueError also covers numbers longer than int() accepts, not only malformed JSON.
+        except (ValueError, RecursionError):
             return _error(400, "invalid_json", "The body must be a JSON object of knobs.")
         if not isinstance(knobs, dict):
             return _error(400, "invalid_json", "The body must be a JSON object of knobs.")

@@ -15,20 +15,18 @@ and local addresses because everything it talks to is local. A failed callback d
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+import math
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
+    Submission,
     callback_url,
     choice,
-    estimate_tokens,
+    failure_code,
     integer,
     require_prompt,
     string,
@@ -62,80 +60,46 @@ _ERRORS = {
 
 class EvoLinkEmulator(ProviderEmulator):
     name = "evolink"
+    submit_path = "/v1/images/generations"
+    status_route = ("GET", "/v1/tasks/{task_id}")
     callback_retries = 3
 
-    def endpoints(self) -> list[BaseRoute]:
-        return [
-            Route("/v1/images/generations", self.generate, methods=["POST"]),
-            Route("/v1/tasks/{task_id}", self.status, methods=["GET"]),
-        ]
-
-    def error(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
+    def error_body(
+        self, status: int, message: str, *, param: str | None, code: str | None
+    ) -> dict[str, Any]:
         kind, default_code = _ERRORS.get(status, ("api_error", "error"))
-        body = {"error": {"code": code or default_code, "message": message, "type": kind}}
+        error = {"code": code or default_code, "message": message, "type": kind}
         if param is not None:
-            body["error"]["param"] = param
-        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+            error["param"] = param
+        return {"error": error}
 
-    async def generate(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        try:
-            body = await self.read_object(request)
-            model = string(body, "model", "gpt-image-1.5")
-            prompt = require_prompt(body)
-            if estimate_tokens(prompt) > MAX_PROMPT_TOKENS:
-                raise Invalid("prompt", f"'prompt' must be at most {MAX_PROMPT_TOKENS} tokens.")
-            size = choice(body, "size", SIZES, "1:1")
-            quality = choice(body, "quality", QUALITIES, "high")
-            url_list(body, "image_urls", low=1, high=16)
-            n = integer(body, "n", 1, 10, 1)
-            hook = callback_url(body, "callback_url", max_length=2048)
-            behaviour = self.behaviour_for(prompt)
-        except Invalid as exc:
-            return self.invalid(exc)
-        failure = await self.submit_failure(behaviour)
-        if failure is not None:
-            return failure
-
-        created = int(time.time())
-        task = self.new_task(
-            request,
-            f"task-unified-{created}-{random_token(8)}",
-            behaviour,
-            body,
+    def parse_submit(self, body: dict[str, Any]) -> Submission:
+        model = string(body, "model", "gpt-image-1.5")
+        prompt = require_prompt(body)
+        if estimate_tokens(prompt) > MAX_PROMPT_TOKENS:
+            raise Invalid("prompt", f"'prompt' must be at most {MAX_PROMPT_TOKENS} tokens.")
+        size = choice(body, "size", SIZES, "1:1")
+        quality = choice(body, "quality", QUALITIES, "high")
+        url_list(body, "image_urls", low=1, high=16)
+        n = integer(body, "n", 1, 10, 1)
+        hook = callback_url(body, "callback_url", max_length=2048)
+        return Submission(
+            prompt,
             model=model,
             n=n,
             aspect=ASPECTS.get(size, size),
             quality=quality,
-            mode="callback" if hook else "poll",
             callback_url=hook,
         )
-        task.created_unix = created
+
+    def new_task_id(self, created_unix: int) -> str:
+        return f"task-unified-{created_unix}-{random_token(8)}"
+
+    async def submit_reply(self, task: SandboxTask) -> Response:
         # The submit reply is always the fresh task, as the seed shows it.
-        return JSONResponse(self.task_object(task, View("queued", 0)))
+        return JSONResponse(self.status_body(task, View("queued", 0)))
 
-    async def status(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        task_id = request.path_params["task_id"]
-        task = self.task(task_id)
-        if task is None:
-            return self.error(404, f"Task not found: {task_id}")
-        failure = await self.status_failure(task)
-        if failure is not None:
-            return failure
-        return JSONResponse(self.task_object(task, self.view(task)))
-
-    def task_object(self, task: SandboxTask, view: View) -> dict[str, Any]:
+    def status_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
         body: dict[str, Any] = {
             "created": task.created_unix,
             "id": task.id,
@@ -158,9 +122,10 @@ class EvoLinkEmulator(ProviderEmulator):
             body["results"] = task.image_urls()
         elif view.phase == "failed":
             reason = task.behaviour.failure_reason
-            code = "content_policy_violation" if "policy" in reason.lower() else "generation_failed"
-            body["error"] = {"code": code, "message": reason}
+            body["error"] = {"code": failure_code(reason), "message": reason}
         return body
 
-    def callback_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
-        return self.task_object(task, view)
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (EvoLink limits prompts in tokens): about four characters each."""
+    return max(len(text.split()), math.ceil(len(text) / 4))

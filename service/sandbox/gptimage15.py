@@ -10,17 +10,16 @@ The callback body is that same envelope.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
+    Submission,
     callback_url,
     choice,
     require_prompt,
@@ -53,71 +52,38 @@ _PREFIXES = {
 
 class GptImage15Emulator(ProviderEmulator):
     name = "gptimage15"
+    submit_path = "/api/generate"
+    status_route = ("GET", "/api/status")
+    task_not_found = "task not found."
 
-    def endpoints(self) -> list[BaseRoute]:
-        return [
-            Route("/api/generate", self.generate, methods=["POST"]),
-            Route("/api/status", self.status, methods=["GET"]),
-        ]
-
-    def error(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
+    def error_body(
+        self, status: int, message: str, *, param: str | None, code: str | None
+    ) -> dict[str, Any]:
         prefix = _PREFIXES.get(status, "Error")
-        body = {"code": status, "message": f"{prefix}: {message}", "data": None}
-        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+        return {"code": status, "message": f"{prefix}: {message}", "data": None}
 
-    async def generate(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        try:
-            body = await self.read_object(request)
-            prompt = require_prompt(body, max_chars=2000)
-            size = choice(body, "size", SIZES, "1024*1024")
-            quality = choice(body, "quality", QUALITIES, "medium")
-            url_list(body, "images", low=1, high=16)
-            choice(body, "input_fidelity", FIDELITIES, "high")
-            hook = callback_url(body, "callback_url")
-            behaviour = self.behaviour_for(prompt)
-        except Invalid as exc:
-            return self.invalid(exc)
-        failure = await self.submit_failure(behaviour)
-        if failure is not None:
-            return failure
+    def parse_submit(self, body: dict[str, Any]) -> Submission:
+        prompt = require_prompt(body, max_chars=2000)
+        size = choice(body, "size", SIZES, "1024*1024")
+        quality = choice(body, "quality", QUALITIES, "medium")
+        url_list(body, "images", low=1, high=16)
+        choice(body, "input_fidelity", FIDELITIES, "high")
+        hook = callback_url(body, "callback_url")
+        return Submission(prompt, aspect=ASPECTS[size], quality=quality, callback_url=hook)
 
-        task = self.new_task(
-            request,
-            f"n36{random_token(12)}gptimg",
-            behaviour,
-            body,
-            aspect=ASPECTS[size],
-            quality=quality,
-            mode="callback" if hook else "poll",
-            callback_url=hook,
-        )
+    def new_task_id(self, created_unix: int) -> str:
+        return f"n36{random_token(12)}gptimg"
+
+    async def submit_reply(self, task: SandboxTask) -> Response:
         return JSONResponse({"code": 200, "data": {"task_id": task.id, "status": "IN_PROGRESS"}})
 
-    async def status(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
+    async def status_task_id(self, request: Request) -> str:
         task_id = request.query_params.get("task_id")
         if not task_id:
-            return self.error(400, "'task_id' is required.")
-        task = self.task(task_id)
-        if task is None:
-            return self.error(404, "task not found.")
-        failure = await self.status_failure(task)
-        if failure is not None:
-            return failure
-        return JSONResponse(self.envelope(task, self.view(task)))
+            raise Invalid("task_id", "'task_id' is required.")
+        return task_id
 
-    def envelope(self, task: SandboxTask, view: View) -> dict[str, Any]:
+    def status_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
         created = datetime.fromtimestamp(task.created_unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return {
             "code": 200,
@@ -132,6 +98,3 @@ class GptImage15Emulator(ProviderEmulator):
                 "request": task.request,
             },
         }
-
-    def callback_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
-        return self.envelope(task, view)

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
+    Submission,
     callback_url,
     choice,
     integer,
+    json_object,
     require_prompt,
     string,
     url_list,
@@ -42,61 +43,37 @@ STATUSES = {"queued": "running", "running": "running", "succeeded": "succeeded",
 
 class GrsAIEmulator(ProviderEmulator):
     name = "grsai"
+    submit_path = "/v1/draw/completions"
+    status_route = ("POST", "/v1/draw/result")
+    task_not_found = "task not found: {task_id}"
 
-    def endpoints(self) -> list[BaseRoute]:
-        return [
-            Route("/v1/draw/completions", self.draw, methods=["POST"]),
-            Route("/v1/draw/result", self.result, methods=["POST"]),
-        ]
+    def error_body(
+        self, status: int, message: str, *, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        return {"code": -1, "msg": message, "data": None}
 
-    def error(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
-        body = {"code": -1, "msg": message, "data": None}
-        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
-
-    async def draw(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        try:
-            body = await self.read_object(request)
-            prompt = require_prompt(body)
-            model = string(body, "model", None)
-            size = choice(body, "size", SIZES, "auto")
-            variants = integer(body, "variants", 1, 2, 1)
-            url_list(body, "urls")
-            web_hook = body.get("webHook")
-            if web_hook is None or web_hook == "":
-                mode, hook = "stream", None
-            elif web_hook == POLL:
-                mode, hook = "poll", None
-            else:
-                mode, hook = "callback", callback_url(body, "webHook")
-            behaviour = self.behaviour_for(prompt)
-        except Invalid as exc:
-            return self.invalid(exc)
-        failure = await self.submit_failure(behaviour)
-        if failure is not None:
-            return failure
-
-        task = self.new_task(
-            request,
-            uuid.uuid4().hex,
-            behaviour,
-            body,
+    def parse_submit(self, body: dict[str, Any]) -> Submission:
+        prompt = require_prompt(body)
+        model = string(body, "model", None)
+        size = choice(body, "size", SIZES, "auto")
+        variants = integer(body, "variants", 1, 2, 1)
+        url_list(body, "urls")
+        web_hook = body.get("webHook")
+        stream = web_hook is None or web_hook == ""
+        return Submission(
+            prompt,
             model=model,
             n=variants,
             aspect="1:1" if size == "auto" else size,
-            mode=mode,
-            callback_url=hook,
+            mode="stream" if stream else None,
+            callback_url=None if stream or web_hook == POLL else callback_url(body, "webHook"),
         )
-        if mode == "stream":
+
+    def new_task_id(self, created_unix: int) -> str:
+        return uuid.uuid4().hex
+
+    async def submit_reply(self, task: SandboxTask) -> Response:
+        if task.mode == "stream":
             return StreamingResponse(self.stream(task), media_type="text/event-stream")
         return JSONResponse({"code": 0, "msg": "success", "data": {"id": task.id}})
 
@@ -115,23 +92,11 @@ class GrsAIEmulator(ProviderEmulator):
         await self.sandbox.sleep_until(task.finish_at)
         yield _sse(self.stream_line(task, task.view(task.finish_at)))
 
-    async def result(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.unauthorized()
-        try:
-            body = await self.read_object(request)
-        except Invalid as exc:
-            return self.invalid(exc)
-        task_id = body.get("id")
+    async def status_task_id(self, request: Request) -> str:
+        task_id = json_object(await request.body()).get("id")
         if not isinstance(task_id, str) or not task_id:
-            return self.error(400, "'id' is required.")
-        task = self.task(task_id)
-        if task is None:
-            return self.error(404, f"task not found: {task_id}")
-        failure = await self.status_failure(task)
-        if failure is not None:
-            return failure
-        return JSONResponse(self.envelope(task, self.view(task)))
+            raise Invalid("id", "'id' is required.")
+        return task_id
 
     def data(self, task: SandboxTask, view: View) -> dict[str, Any]:
         width, height = NOMINAL_SIZES[task.aspect]
@@ -153,11 +118,8 @@ class GrsAIEmulator(ProviderEmulator):
         first = data["results"][0] if data["results"] else {"url": "", "width": 0, "height": 0}
         return {**data, "url": first["url"], "width": first["width"], "height": first["height"]}
 
-    def envelope(self, task: SandboxTask, view: View) -> dict[str, Any]:
+    def status_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
         return {"code": 0, "msg": "success", "data": self.data(task, view)}
-
-    def callback_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
-        return self.envelope(task, view)
 
 
 def _sse(payload: dict[str, Any]) -> str:

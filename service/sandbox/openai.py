@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
+    Submission,
     choice,
+    failure_code,
     integer,
     require_prompt,
     string,
@@ -31,6 +30,8 @@ from service.sandbox.tasks import SandboxTask
 SIZES = ("1024x1024", "1024x1536", "1536x1024", "auto")
 QUALITIES = ("low", "medium", "high", "auto")
 ASPECTS = {"1024x1024": "1:1", "1024x1536": "2:3", "1536x1024": "3:2", "auto": "1:1"}
+# The size a reply reports ("auto" comes out square).
+SIZES_BY_ASPECT = {"1:1": "1024x1024", "2:3": "1024x1536", "3:2": "1536x1024"}
 # Image output tokens per image (square, non-square), as OpenAI bills them.
 OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
 
@@ -47,73 +48,50 @@ _ERROR_TYPES = {
 
 class OpenAIEmulator(ProviderEmulator):
     name = "openai"
+    submit_path = "/v1/images/generations"
 
-    def endpoints(self) -> list[BaseRoute]:
-        return [Route("/v1/images/generations", self.generate, methods=["POST"])]
-
-    def error(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Response:
+    def error_body(
+        self, status: int, message: str, *, param: str | None, code: str | None
+    ) -> dict[str, Any]:
         if code is None and status == 400:
             code = "invalid_value"
-        body = {
-            "error": {
-                "message": message,
-                "type": _ERROR_TYPES.get(status, "server_error"),
-                "param": param,
-                "code": code,
-            }
-        }
-        return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+        error_type = _ERROR_TYPES.get(status, "server_error")
+        return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
-    async def generate(self, request: Request) -> Response:
-        if not self.authorized(request):
-            return self.error(401, "Incorrect API key provided. (sandbox)", code="invalid_api_key")
-        try:
-            body = await self.read_object(request)
-            prompt = require_prompt(body, max_chars=32000)
-            model = string(body, "model", "gpt-image-1")
-            size = choice(body, "size", SIZES, "auto")
-            quality = choice(body, "quality", QUALITIES, "auto")
-            n = integer(body, "n", 1, 10, 1)
-            behaviour = self.behaviour_for(prompt)
-        except Invalid as exc:
-            code = "missing_required_parameter" if "required" in exc.message else None
-            return self.error(400, exc.message, param=exc.param, code=code)
-        failure = await self.submit_failure(behaviour)
-        if failure is not None:
-            return failure
+    def unauthorized(self) -> Response:
+        return self.error(401, "Incorrect API key provided. (sandbox)", code="invalid_api_key")
 
-        task = self.new_task(
-            request,
-            f"openai-{uuid.uuid4().hex}",
-            behaviour,
-            body,
-            model=model,
-            n=n,
-            aspect=ASPECTS[size],
-            quality=quality,
-            mode="sync",
-        )
+    def invalid(self, exc: Invalid) -> Response:
+        code = "missing_required_parameter" if "required" in exc.message else None
+        return self.error(400, exc.message, param=exc.param, code=code)
+
+    def parse_submit(self, body: dict[str, Any]) -> Submission:
+        prompt = require_prompt(body, max_chars=32000)
+        model = string(body, "model", "gpt-image-1")
+        size = choice(body, "size", SIZES, "auto")
+        quality = choice(body, "quality", QUALITIES, "auto")
+        n = integer(body, "n", 1, 10, 1)
+        aspect = ASPECTS[size]
+        return Submission(prompt, model=model, n=n, aspect=aspect, quality=quality, mode="sync")
+
+    def new_task_id(self, created_unix: int) -> str:
+        return f"openai-{uuid.uuid4().hex}"
+
+    async def submit_reply(self, task: SandboxTask) -> Response:
+        """Wait the task's duration, then answer its images or its failure."""
         await self.sandbox.sleep_until(task.finish_at)
         if task.outcome == "failed":
-            reason = behaviour.failure_reason
-            if "policy" in reason.lower():
-                return self.error(400, reason, code="content_policy_violation")
-            return self.error(500, reason, code="generation_failed")
-        return JSONResponse(self.result(task, prompt, size, quality))
+            reason = task.behaviour.failure_reason
+            code = failure_code(reason)
+            return self.error(400 if code == "content_policy_violation" else 500, reason, code=code)
+        return JSONResponse(self.result(task))
 
-    def result(self, task: SandboxTask, prompt: str, size: str, quality: str) -> dict[str, Any]:
-        resolved_quality = "medium" if quality == "auto" else quality
-        square, other = OUTPUT_TOKENS[resolved_quality]
+    def result(self, task: SandboxTask) -> dict[str, Any]:
+        # "auto" is billed, and reported, as medium.
+        quality = "medium" if task.quality == "auto" else str(task.quality)
+        square, other = OUTPUT_TOKENS[quality]
         output_tokens = (square if task.aspect == "1:1" else other) * task.n
-        input_tokens = len(prompt.split())
+        input_tokens = len(str(task.request["prompt"]).split())
         return {
             "created": task.created_unix,
             "data": [
@@ -122,8 +100,8 @@ class OpenAIEmulator(ProviderEmulator):
             ],
             "background": "opaque",
             "output_format": "png",
-            "quality": resolved_quality,
-            "size": "1024x1024" if size == "auto" else size,
+            "quality": quality,
+            "size": SIZES_BY_ASPECT[task.aspect],
             "usage": {
                 "input_tokens": input_tokens,
                 "input_tokens_details": {"image_tokens": 0, "text_tokens": input_tokens},

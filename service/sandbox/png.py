@@ -21,6 +21,8 @@ NOMINAL_SIZES: dict[str, tuple[int, int]] = {
     "2:3": (1024, 1536),
     "3:2": (1536, 1024),
 }
+# Pixels closer than this to the diagonal are drawn lighter.
+BAND_HALF_WIDTH = 6
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -63,8 +65,10 @@ def placeholder_png(task_id: str, index: int, aspect: str = "1:1") -> bytes:
     light = bytes((min(255, red + 70), min(255, green + 70), min(255, blue + 70)))
     rows = []
     for y in range(height):
-        row = bytearray()
-        for x in range(width):
-            row += light if abs(x - y * width // height) < 6 else base
-        rows.append(bytes(row))
+        # The band: pixels less than BAND_HALF_WIDTH from the diagonal, built a run at a time
+        # (pixel by pixel, each image held the event loop about 2 ms longer).
+        centre = y * width // height
+        start = max(0, centre - BAND_HALF_WIDTH + 1)
+        end = min(width, centre + BAND_HALF_WIDTH)
+        rows.append(base * start + light * (end - start) + base * (width - end))
     return encode_png(width, height, rows)

@@ -1,10 +1,11 @@
-"""Helpers for tests that drive the sandbox: a manual clock and a callback recorder.
+"""Helpers for tests that drive the sandbox: a manual clock, a callback recorder, client calls.
 
 ``ManualClock`` is passed as both ``clock`` and ``sleep`` so a test moves time itself and a
 sleeper advances it at once (no real waiting). ``CallbackRecorder`` is a tiny Starlette app that
 records what it receives; give the :class:`~service.sandbox.Sandbox` an ``httpx.AsyncClient``
-whose transport is ``httpx.ASGITransport(app=recorder.app)`` and callbacks travel as real HTTP
-requests without sockets.
+whose transport is ``httpx.ASGITransport(app=recorder.app)`` (:func:`asgi_client`) and callbacks
+travel as real HTTP requests without sockets. ``ASYNC_APIS`` says, from the client's side, how to
+submit to each asynchronous provider and ask a task's status.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,4 +91,62 @@ class CallbackRecorder:
 
     def client(self) -> httpx.AsyncClient:
         """An httpx client that delivers every request to this recorder."""
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app))
+        return asgi_client(self.app)
+
+
+def asgi_client(
+    app: Starlette, *, base_url: str = "", headers: Mapping[str, str] | None = None
+) -> httpx.AsyncClient:
+    """An httpx client that hands every request to ``app`` in-process, without sockets."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=base_url, headers=headers
+    )
+
+
+@dataclass(frozen=True)
+class ProviderAPI:
+    """How a client calls one asynchronous provider of the sandbox (paths from the sandbox root)."""
+
+    name: str
+    submit_path: str
+    # The submit body field that takes a callback URL.
+    callback_field: str
+    # The task id in a submit reply.
+    task_id: Callable[[Any], str]
+    # The request that asks a task's status.
+    status: Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]
+
+
+ASYNC_APIS: dict[str, ProviderAPI] = {
+    api.name: api
+    for api in (
+        ProviderAPI(
+            "grsai",
+            "/grsai/v1/draw/completions",
+            "webHook",
+            lambda reply: str(reply["data"]["id"]),
+            lambda http, task_id: http.post("/grsai/v1/draw/result", json={"id": task_id}),
+        ),
+        ProviderAPI(
+            "gptimage15",
+            "/gptimage15/api/generate",
+            "callback_url",
+            lambda reply: str(reply["data"]["task_id"]),
+            lambda http, task_id: http.get("/gptimage15/api/status", params={"task_id": task_id}),
+        ),
+        ProviderAPI(
+            "evolink",
+            "/evolink/v1/images/generations",
+            "callback_url",
+            lambda reply: str(reply["id"]),
+            lambda http, task_id: http.get(f"/evolink/v1/tasks/{task_id}"),
+        ),
+        ProviderAPI(
+            "apiinone",
+            "/apiinone/api/v1/images/generations",
+            "callback_url",
+            lambda reply: str(reply["data"]["task_id"]),
+            lambda http, task_id: http.get(f"/apiinone/api/v1/tasks/{task_id}"),
+        ),
+    )
+}
