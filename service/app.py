@@ -27,6 +27,7 @@ from service.files import ImageFiles
 from service.models import utcnow
 from service.openapi import build_openapi
 from service.providers import build_adapters
+from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.settings import Settings, load_settings
 from service.signing import CallbackSigner
@@ -121,7 +122,14 @@ def create_app(
         )
         adapters = build_adapters(settings, http)
         image_files = ImageFiles(settings.files_dir, settings.public_url)
-        submitter = Submitter(store, adapters, signer, image_files, public_url=settings.public_url)
+        submitter = Submitter(
+            store,
+            adapters,
+            signer,
+            image_files,
+            public_url=settings.public_url,
+            backoff=submit_backoff(settings.submit_backoff, settings.submit_attempts),
+        )
         sandbox: Any = None
         if settings.sandbox:
             from service.sandbox import Sandbox

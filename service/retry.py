@@ -39,4 +39,6 @@ class Backoff:
         return chosen
 
 
-SUBMIT_BACKOFF = Backoff(base=1.0, factor=4.0, cap=30.0, max_attempts=4)
+def submit_backoff(base: float, attempts: int) -> Backoff:
+    """Submissions: waits of about base, 4x base, 16x base... (capped at a minute)."""
+    return Backoff(base=base, factor=4.0, cap=60.0, max_attempts=attempts)

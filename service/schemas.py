@@ -118,6 +118,7 @@ class TaskOut(BaseModel):
     request: dict[str, Any]
     provider_status: str | None = Field(description="The provider's own last status word.")
     last_update_source: Literal["submit", "callback", "poll", "stream", "timeout", "api"]
+    submit_attempts: int = Field(description="How many times TaskRelay sent it to the provider.")
     created_at: str
     updated_at: str
     completed_at: str | None
@@ -185,6 +186,7 @@ def task_json(task: Task) -> dict[str, Any]:
         "request": task.request,
         "provider_status": task.raw_status,
         "last_update_source": task.last_update_source,
+        "submit_attempts": task.submit_attempts,
         "created_at": isoformat(task.created_at),
         "updated_at": isoformat(task.updated_at),
         "completed_at": isoformat(task.completed_at),

@@ -114,6 +114,8 @@ class Settings:
     log_level: str = "INFO"
     sandbox: bool = False
     files_dir: Path = field(default=Path("data/files"))
+    submit_attempts: int = 4
+    submit_backoff: float = 1.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -373,6 +375,12 @@ def load_settings(
         ),
         sandbox=sandbox,
         files_dir=env.get("TASKRELAY_FILES_DIR", Path, data_dir / "files", "a folder path"),
+        submit_attempts=env.get(
+            "TASKRELAY_SUBMIT_ATTEMPTS", _positive_int, 4, "a positive whole number"
+        ),
+        submit_backoff=env.get(
+            "TASKRELAY_SUBMIT_BACKOFF", parse_duration, 1.0, "a duration such as 1s"
+        ),
     )
 
 

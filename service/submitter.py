@@ -22,7 +22,7 @@ from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus, UpdateSource
 from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
-from service.retry import SUBMIT_BACKOFF, Backoff
+from service.retry import Backoff, submit_backoff
 from service.signing import CallbackSigner
 from service.store import Store
 
@@ -38,7 +38,7 @@ class Submitter:
         files: ImageFiles,
         *,
         public_url: str,
-        backoff: Backoff = SUBMIT_BACKOFF,
+        backoff: Backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
@@ -46,7 +46,7 @@ class Submitter:
         self.signer = signer
         self.files = files
         self.public_url = public_url
-        self.backoff = backoff
+        self.backoff = backoff or submit_backoff(1.0, 4)
         self.sleep = sleep
         self._running: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
@@ -114,6 +114,17 @@ class Submitter:
                 )
                 return
             except ProviderError as exc:
+                if exc.ambiguous and adapter.delivers_callbacks():
+                    # The provider may have accepted it: sending it again could start a second,
+                    # paid task. Its callback carries this task's token and will still land.
+                    log.warning(
+                        "submission of %s to %s got no usable answer (%s); not resending, "
+                        "waiting for the provider's callback",
+                        task_id,
+                        provider,
+                        exc.code,
+                    )
+                    return
                 delay = (
                     self.backoff.delay(attempt, retry_after=exc.retry_after, rng=self._rng)
                     if exc.retryable

@@ -1,0 +1,216 @@
+"""Contract tests, end to end: a real ``taskrelay serve`` process (uvicorn) with the sandbox
+mounted, real HTTP between TaskRelay and the sandbox, and the sandbox's callbacks coming back
+over real HTTP. Parametrised over the five providers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import ServiceProcess
+
+TOKEN = "contract-token-0123456789"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+PROVIDERS = ["openai", "grsai", "gptimage15", "evolink", "apiinone"]
+CALLBACK_PROVIDERS = ["grsai", "gptimage15", "evolink", "apiinone"]
+FAST = " sandbox:duration=0.3"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def start(tmp_path: Path, name: str, **environ: str) -> ServiceProcess:
+    service = ServiceProcess(
+        {
+            "TASKRELAY_DATA_DIR": str(tmp_path / name),
+            "TASKRELAY_API_TOKENS": f"contract:{TOKEN}",
+            "TASKRELAY_SANDBOX": "true",
+            "TASKRELAY_SUBMIT_BACKOFF": "50ms",
+            **environ,
+        },
+        log_path=tmp_path / f"{name}.log",
+    )
+    service.wait_ready()
+    return service
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    service = start(tmp_path_factory.mktemp("relay"), "relay")
+    try:
+        with httpx.Client(base_url=service.url, headers=HEADERS, timeout=10) as client:
+            yield client
+    finally:
+        service.stop()
+
+
+def wait_final(client: httpx.Client, task_id: str, limit: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        task: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
+        if task["status"] in {"succeeded", "failed", "canceled", "expired"}:
+            return task
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} not final: {client.get(f'/v1/tasks/{task_id}').json()}")
+
+
+def submit(client: httpx.Client, provider: str, prompt: str, **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/tasks", json={"provider": provider, "prompt": prompt, **extra})
+    assert response.status_code == 202, response.text
+    task: dict[str, Any] = response.json()
+    return task
+
+
+def event_types(client: httpx.Client, task_id: str) -> list[str]:
+    return [e["type"] for e in client.get(f"/v1/tasks/{task_id}/events").json()["data"]]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_submit_completes_with_real_images(relay: httpx.Client, provider: str) -> None:
+    task = submit(relay, provider, "a red bicycle" + FAST, size="2:3")
+    done = wait_final(relay, task["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 100
+    assert done["error"] is None
+    assert done["images"], done
+    for image in done["images"]:
+        picture = httpx.get(image["url"], timeout=5)
+        assert picture.status_code == 200
+        assert picture.content.startswith(PNG_SIGNATURE)
+    if provider == "openai":
+        # OpenAI answers with base64; TaskRelay keeps the file and serves it itself.
+        assert done["images"][0]["url"].startswith(f"{relay.base_url}/files/{task['id']}/")
+        assert done["last_update_source"] == "submit"
+    else:
+        assert done["provider_task_id"]
+        assert done["last_update_source"] == "callback"
+    types = event_types(relay, task["id"])
+    assert types[0] == "task.submitted" and types[-1] == "task.succeeded"
+    assert types.count("task.succeeded") == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_provider_failure_ends_failed_with_its_reason(relay: httpx.Client, provider: str) -> None:
+    task = submit(relay, provider, "forbidden" + FAST + " sandbox:fail=1")
+    done = wait_final(relay, task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "content_policy_violation"
+    assert "Content policy violation detected" in done["error"]["message"]
+    assert event_types(relay, task["id"])[-1] == "task.failed"
+
+
+@pytest.mark.parametrize("provider", CALLBACK_PROVIDERS)
+@pytest.mark.parametrize("mode", ["duplicate", "out_of_order"])
+def test_duplicate_and_reordered_callbacks_make_one_transition(
+    relay: httpx.Client, provider: str, mode: str
+) -> None:
+    task = submit(relay, provider, "twice" + FAST + f" sandbox:callback={mode}")
+    done = wait_final(relay, task["id"])
+    assert done["status"] == "succeeded"
+    time.sleep(0.3)  # let the second callback land
+    callbacks = relay.get(f"/v1/tasks/{task['id']}/callbacks").json()["data"]
+    assert len(callbacks) == 2
+    assert sorted(c["outcome"] for c in callbacks) == ["applied", "terminal"]
+    assert relay.get(f"/v1/tasks/{task['id']}").json()["status"] == "succeeded"
+    assert event_types(relay, task["id"]).count("task.succeeded") == 1
+
+
+@pytest.mark.parametrize("provider", CALLBACK_PROVIDERS)
+def test_tracked_task_completes_by_callback(relay: httpx.Client, provider: str) -> None:
+    """The caller submits to the provider itself and gives it TaskRelay's callback URL."""
+    tracked = relay.post("/v1/tasks/track", json={"provider": provider}).json()
+    callback_url = tracked["callback_url"]
+    base = f"{relay.base_url}/sandbox/{provider}"
+    sandbox = httpx.Client(headers={"Authorization": "Bearer sandbox-key"}, timeout=10)
+    prompt = "tracked" + FAST
+    if provider == "grsai":
+        reply = sandbox.post(
+            f"{base}/v1/draw/completions",
+            json={"model": "gpt-image-1.5", "prompt": prompt, "webHook": callback_url},
+        )
+    elif provider == "gptimage15":
+        reply = sandbox.post(
+            f"{base}/api/generate", json={"prompt": prompt, "callback_url": callback_url}
+        )
+    elif provider == "evolink":
+        reply = sandbox.post(
+            f"{base}/v1/images/generations",
+            json={"model": "gpt-image-1.5", "prompt": prompt, "callback_url": callback_url},
+        )
+    else:
+        reply = sandbox.post(
+            f"{base}/api/v1/images/generations",
+            json={"model": "gpt-image-1-5", "prompt": prompt, "callback_url": callback_url},
+        )
+    assert reply.status_code == 200, reply.text
+    done = wait_final(relay, tracked["id"])
+    assert done["status"] == "succeeded"
+    assert done["provider_task_id"]  # learned from the first callback
+    assert done["images"]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "attempts"),
+    [
+        ("500", "upstream_unavailable", 4),
+        ("429", "upstream_rate_limited", 4),
+        ("400", "upstream_bad_request", 1),
+        ("401", "upstream_unauthorized", 1),
+    ],
+)
+@pytest.mark.parametrize("provider", ["gptimage15", "evolink"])
+def test_submission_failures_retry_only_when_the_provider_is_at_fault(
+    relay: httpx.Client, provider: str, error: str, code: str, attempts: int
+) -> None:
+    task = submit(relay, provider, "doomed" + FAST + f" sandbox:submit_error={error}")
+    done = wait_final(relay, task["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == code
+    assert done["submit_attempts"] == attempts
+
+
+def sandbox_tasks(relay: httpx.Client) -> list[dict[str, Any]]:
+    """What the sandbox saw (its control API)."""
+    response = httpx.get(
+        f"{relay.base_url}/sandbox/_sandbox/tasks", headers={"Authorization": "Bearer sandbox-key"}
+    )
+    tasks: list[dict[str, Any]] = response.json()
+    return tasks
+
+
+def test_rejected_values_never_reach_the_provider(relay: httpx.Client) -> None:
+    before = len(sandbox_tasks(relay))
+    for provider, body in [
+        ("apiinone", {"quality": "low"}),
+        ("gptimage15", {"n": 2}),
+        ("grsai", {"n": 3}),
+        ("grsai", {"quality": "high"}),
+        ("gptimage15", {"prompt": "x" * 2001}),
+    ]:
+        payload = {"provider": provider, "prompt": "x", **body}
+        response = relay.post("/v1/tasks", json=payload)
+        assert response.status_code == 400, (provider, body)
+        assert provider in response.json()["error"]["message"]
+    after = len(sandbox_tasks(relay))
+    assert after == before
+
+
+def test_grsai_stream_mode_reports_live_progress(tmp_path: Path) -> None:
+    service = start(tmp_path, "stream", TASKRELAY_GRSAI_MODE="stream")
+    try:
+        with httpx.Client(base_url=service.url, headers=HEADERS, timeout=10) as client:
+            task = submit(client, "grsai", "streamed sandbox:duration=1")
+            done = wait_final(client, task["id"])
+            assert done["status"] == "succeeded"
+            assert done["images"]
+            events = client.get(f"/v1/tasks/{task['id']}/events").json()["data"]
+            progress = [e for e in events if e["type"] == "task.progress"]
+            assert len(progress) >= 3
+            assert all(e["source"] == "stream" for e in progress)
+            values = [e["data"]["progress"] for e in progress]
+            assert values == sorted(values) and values[-1] < 100
+    finally:
+        service.stop()
