@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.retry import submit_backoff
 from service.runtime import Runtime
 from tests.conftest import ALICE, BOB, auth, error_code
 
@@ -478,3 +479,61 @@ async def test_database_down_is_503_and_not_ready(
         runtime.engine = working
         dead.dispose()
     assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_submission_whose_reply_was_lost_still_completes_by_callback(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider accepted the task but its reply never arrived (a read timeout): the task
+    row existed before the request left, so the provider's callback still finds it, and the
+    submission is not sent twice."""
+    from service.errors import UpstreamUnavailable
+
+    adapter = app.state.runtime.adapters["evolink"]
+    real_submit = adapter.submit
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        await real_submit(*args, **kwargs)
+        raise UpstreamUnavailable(
+            "evolink timed out: ReadTimeout", provider="evolink", ambiguous=True
+        )
+
+    monkeypatch.setattr(adapter, "submit", reply_lost)
+    monkeypatch.setattr(app.state.runtime.submitter, "backoff", submit_backoff(0.01, 4))
+    response = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "lost reply" + FAST}, headers=auth()
+    )
+    task = response.json()
+    await wait_for_status(client, task["id"], {"succeeded", "failed"})
+    await app.state.runtime.submitter.idle()  # any resend would have happened by now
+    done = (await client.get(f"/v1/tasks/{task['id']}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert done["provider_task_id"]  # learned from the callback, not the lost reply
+    assert done["submit_attempts"] == 1
+    assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
+async def test_no_resend_once_the_task_has_been_settled(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider answered 503 but had in fact taken the task; its callback settles the task
+    during the backoff, so the retry is not sent."""
+    from service.errors import UpstreamUnavailable
+
+    adapter = app.state.runtime.adapters["evolink"]
+    real_submit = adapter.submit
+
+    async def accepted_then_503(*args: Any, **kwargs: Any) -> Any:
+        await real_submit(*args, **kwargs)
+        raise UpstreamUnavailable("evolink answered HTTP 503", provider="evolink")
+
+    monkeypatch.setattr(adapter, "submit", accepted_then_503)
+    monkeypatch.setattr(app.state.runtime.submitter, "backoff", submit_backoff(0.5, 4))
+    response = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "settled" + FAST}, headers=auth()
+    )
+    task = response.json()
+    await app.state.runtime.submitter.idle()
+    done = (await client.get(f"/v1/tasks/{task['id']}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert done["submit_attempts"] == 1
