@@ -151,6 +151,14 @@ async def patch_task(request: Request) -> Response:
     return json_response(task)
 
 
+async def refresh_task(request: Request) -> Response:
+    """Ask the provider about the task now, record the answer, return the task."""
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    task = await run_in_threadpool(runtime.store.get_task, owner, request.path_params["task_id"])
+    return json_response(await runtime.scheduler.refresh(task))
+
+
 def _page_size(text: str | None) -> int:
     if text is None:
         return DEFAULT_PAGE_SIZE
@@ -273,5 +281,6 @@ routes = [
     Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
     Route("/v1/tasks/{task_id}", patch_task, methods=["PATCH"]),
     Route("/v1/tasks/{task_id}/events", list_events, methods=["GET"]),
+    Route("/v1/tasks/{task_id}/refresh", refresh_task, methods=["POST"]),
     Route("/v1/tasks/{task_id}/callbacks", list_callbacks, methods=["GET"]),
 ]

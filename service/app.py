@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -24,11 +25,15 @@ from service.auth import ApiClients
 from service.db import current_revision, head_revision, make_engine
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
+from service.metrics import Metrics
 from service.models import utcnow
 from service.openapi import build_openapi
+from service.polling import PollPolicy
 from service.providers import build_adapters
+from service.providers.base import ProviderAdapter
 from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
+from service.scheduler import ProviderLimiter, Scheduler
 from service.settings import Settings, load_settings
 from service.signing import CallbackSigner
 from service.store import Store
@@ -90,13 +95,31 @@ async def _sandbox_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     await sandbox.app(scope, receive, send)
 
 
+def poll_policies(
+    settings: Settings, adapters: Mapping[str, ProviderAdapter]
+) -> dict[str, PollPolicy]:
+    return {
+        name: PollPolicy(
+            typical_duration=provider.typical_duration,
+            deadline=provider.deadline,
+            grace=settings.poll_grace,
+            max_interval=settings.poll_max_interval,
+            queryable=adapters[name].can_query_status,
+        )
+        for name, provider in settings.providers.items()
+    }
+
+
 def create_app(
     settings: Settings,
     *,
     clock: Callable[[], datetime] = utcnow,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     http_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
-    """Build the service. ``clock`` and ``http_transport`` are seams for tests."""
+    """Build the service. ``clock``, ``monotonic``, ``sleep`` and ``http_transport`` are seams
+    for tests (the sandbox, when mounted, runs on the same clock)."""
     if not settings.api_tokens:
         raise SettingsError(
             "TASKRELAY_API_TOKENS is empty: set it to name:token pairs, one per API client "
@@ -114,13 +137,18 @@ def create_app(
             transport=http_transport,
             follow_redirects=False,
         )
-        store = Store(engine, clock=clock, audit_bytes=settings.callback_audit_bytes)
+        adapters = build_adapters(settings, http)
+        store = Store(
+            engine,
+            clock=clock,
+            audit_bytes=settings.callback_audit_bytes,
+            policies=poll_policies(settings, adapters),
+        )
         signer = CallbackSigner(
             settings.secret_key.reveal(),
             [key.reveal() for key in settings.secret_key_fallbacks],
             max_age=settings.callback_token_ttl,
         )
-        adapters = build_adapters(settings, http)
         image_files = ImageFiles(settings.files_dir, settings.public_url)
         submitter = Submitter(
             store,
@@ -134,8 +162,23 @@ def create_app(
         if settings.sandbox:
             from service.sandbox import Sandbox
 
-            sandbox = Sandbox(http)
+            sandbox = Sandbox(http, clock=monotonic, sleep=sleep)
             app.state.sandbox = sandbox
+        metrics = Metrics()
+        scheduler = Scheduler(
+            store,
+            adapters,
+            {
+                name: ProviderLimiter(
+                    provider.poll_concurrency, provider.poll_rate, monotonic=monotonic, sleep=sleep
+                )
+                for name, provider in settings.providers.items()
+            },
+            metrics=metrics,
+            lease_seconds=settings.poll_lease,
+            tick_seconds=settings.scheduler_tick,
+            clock=clock,
+        )
         app.state.runtime = Runtime(
             settings=settings,
             engine=engine,
@@ -146,6 +189,8 @@ def create_app(
             clients=ApiClients(settings.api_tokens),
             files=image_files,
             submitter=submitter,
+            scheduler=scheduler,
+            metrics=metrics,
         )
         try:
             await submitter.resume()
@@ -159,9 +204,13 @@ def create_app(
                 "sandbox": settings.sandbox,
             },
         )
+        if settings.scheduler:
+            await scheduler.start()
         try:
             yield
         finally:
+            if settings.scheduler:
+                await scheduler.stop()
             await submitter.stop()
             if sandbox is not None:
                 await sandbox.aclose()

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from service import __version__
-from service.db import migrate, sqlite_path
+from service.db import current_revision, head_revision, make_engine, migrate, sqlite_path
 from service.errors import SettingsError
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
@@ -40,6 +40,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.is_sqlite or args.migrate:
         migrate(settings.database_url)
         log.info("database schema is up to date", extra={"database": _describe(settings)})
+    else:
+        problem = _schema_problem(settings)
+        if problem:
+            print(f"taskrelay: {problem}", file=sys.stderr)
+            return 2
     # Build once here so a bad configuration stops start-up before uvicorn starts.
     from service.app import create_app
 
@@ -69,6 +74,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _schema_problem(settings: Settings) -> str | None:
+    """Why the database cannot be served as it is, or None when its schema is current."""
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        revision = current_revision(engine)
+    except Exception as exc:  # any driver error: report it in plain words
+        return f"cannot reach the database ({type(exc).__name__}): check TASKRELAY_DATABASE_URL."
+    finally:
+        engine.dispose()
+    expected = head_revision(settings.database_url)
+    if revision != expected:
+        return (
+            f"the database schema is at {revision or 'nothing (empty database)'}, this version "
+            f"needs {expected}: run `taskrelay migrate` first (or `taskrelay serve --migrate`)."
+        )
+    return None
 
 
 def _describe(settings: Settings) -> str:

@@ -110,6 +110,8 @@ class Task(SQLModel, table=True):
         sa.Index("ix_task_owner_pk", "owner", "pk"),
         sa.Index("ix_task_owner_status_pk", "owner", "status", "pk"),
         sa.Index("ix_task_owner_provider_pk", "owner", "provider", "pk"),
+        # The scheduler's queue per provider: due tasks, earliest first, straight from the index.
+        sa.Index("ix_task_provider_next_check_at", "provider", "next_check_at"),
     )
 
     # Integer key: compact joins, and a strict newest-first order for cursor pagination.
@@ -139,6 +141,20 @@ class Task(SQLModel, table=True):
     created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     completed_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    # Polling (service/polling.py, service/scheduler.py): when the task should be finished,
+    # when TaskRelay gives up on it, when it is next due for a look, and who holds it.
+    expected_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    deadline_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    next_check_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    progress_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    poll_count: int = Field(
+        default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default=sa.text("0"))
+    )
+    poll_errors: int = Field(
+        default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default=sa.text("0"))
+    )
+    lease_owner: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
 
 
 class TaskEvent(SQLModel, table=True):

@@ -20,6 +20,8 @@ from service.store import Store
 
 if TYPE_CHECKING:
     from service.files import ImageFiles
+    from service.metrics import Metrics
+    from service.scheduler import Scheduler
     from service.submitter import Submitter
 
 
@@ -34,6 +36,8 @@ class Runtime:
     clients: ApiClients
     files: ImageFiles
     submitter: Submitter
+    scheduler: Scheduler
+    metrics: Metrics
 
     def callback_url(self, task_id: str, provider: str) -> str:
         return self.signer.callback_url(self.settings.public_url, task_id, provider)

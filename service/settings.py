@@ -45,6 +45,16 @@ DEFAULT_MODELS: dict[str, str] = {
 
 GRSAI_MODES = ("callback", "poll", "stream")
 
+# How long a task usually takes, when the provider gives no estimate (seconds): API in One
+# documents 3-10 s, EvoLink's example estimate is 100 s.
+DEFAULT_TYPICAL_DURATIONS: dict[str, float] = {
+    "openai": 60.0,
+    "grsai": 60.0,
+    "gptimage15": 30.0,
+    "evolink": 100.0,
+    "apiinone": 10.0,
+}
+
 SANDBOX_API_KEY = "sandbox-key"
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -89,6 +99,10 @@ class ProviderSettings:
     model: str
     # GrsAI only: how results come back (webHook callback, "-1" id-then-poll, or stream).
     mode: str = "callback"
+    typical_duration: float = 60.0  # seconds, when the provider gives no estimate
+    deadline: float = 3600.0  # seconds after creation before a task is expired
+    poll_concurrency: int = 8  # status queries in flight at once, per process
+    poll_rate: float = 5.0  # status queries per second, per process
 
     @property
     def configured(self) -> bool:
@@ -116,6 +130,11 @@ class Settings:
     files_dir: Path = field(default=Path("data/files"))
     submit_attempts: int = 4
     submit_backoff: float = 1.0
+    poll_grace: float = 1.0
+    poll_max_interval: float = 300.0
+    poll_lease: float = 60.0
+    scheduler_tick: float = 1.0
+    scheduler: bool = True
 
     @property
     def is_sqlite(self) -> bool:
@@ -174,6 +193,13 @@ def parse_bool(text: str) -> bool:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
         raise ValueError("must be greater than zero")
     return value
 
@@ -337,6 +363,19 @@ def load_settings(
             base_url=env.get(prefix + "BASE_URL", _http_url, default_base, "an http(s) base URL"),
             model=env.get(prefix + "MODEL", str, DEFAULT_MODELS[name], "a model name"),
             mode=mode,
+            typical_duration=env.get(
+                prefix + "TYPICAL_DURATION",
+                parse_duration,
+                DEFAULT_TYPICAL_DURATIONS[name],
+                "a duration such as 30s",
+            ),
+            deadline=env.get(prefix + "DEADLINE", parse_duration, 3600.0, "a duration such as 1h"),
+            poll_concurrency=env.get(
+                prefix + "POLL_CONCURRENCY", _positive_int, 8, "a positive whole number"
+            ),
+            poll_rate=env.get(
+                prefix + "POLL_RATE", _positive_float, 5.0, "a number of queries per second"
+            ),
         )
 
     callback_token_ttl = env.get(
@@ -381,6 +420,15 @@ def load_settings(
         submit_backoff=env.get(
             "TASKRELAY_SUBMIT_BACKOFF", parse_duration, 1.0, "a duration such as 1s"
         ),
+        poll_grace=env.get("TASKRELAY_POLL_GRACE", parse_duration, 1.0, "a duration such as 1s"),
+        poll_max_interval=env.get(
+            "TASKRELAY_POLL_MAX_INTERVAL", parse_duration, 300.0, "a duration such as 5m"
+        ),
+        poll_lease=env.get("TASKRELAY_POLL_LEASE", parse_duration, 60.0, "a duration such as 60s"),
+        scheduler_tick=env.get(
+            "TASKRELAY_SCHEDULER_TICK", parse_duration, 1.0, "a duration such as 1s"
+        ),
+        scheduler=env.get("TASKRELAY_SCHEDULER", parse_bool, True, "true or false"),
     )
 
 

@@ -14,11 +14,12 @@ import base64
 import binascii
 import hashlib
 import json
+import random
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,7 +28,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from service.db import WRITE_OPTION
-from service.errors import Conflict, NotFound, StoreUnavailable, Unprocessable, ValidationFailed
+from service.errors import (
+    Conflict,
+    NotFound,
+    ProviderError,
+    StoreUnavailable,
+    Unprocessable,
+    UpstreamProtocolError,
+    ValidationFailed,
+)
 from service.lifecycle import Change, TaskState, TaskUpdate, decide, expire
 from service.models import (
     CallbackReceipt,
@@ -40,10 +49,13 @@ from service.models import (
     UpdateSource,
     utcnow,
 )
+from service.polling import PollPolicy, TaskTiming, next_check, next_check_after_error
 from service.schemas import task_json
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
+UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
 
 
 def new_id(prefix: str) -> str:
@@ -101,6 +113,16 @@ class ReceiptDraft:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A task leased to one scheduler worker for one look."""
+
+    task_id: str
+    provider: str
+    provider_task_id: str | None
+    deadline_at: datetime
+
+
+@dataclass(frozen=True)
 class TaskFilter:
     status: tuple[str, ...] = ()
     provider: str | None = None
@@ -126,10 +148,29 @@ class Store:
         *,
         clock: Callable[[], datetime] = utcnow,
         audit_bytes: int = 64 * 1024,
+        policies: Mapping[str, PollPolicy] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.audit_bytes = audit_bytes
+        self.policies = dict(policies or {})
+        self.rng = rng or random.Random()
+
+    # --- polling plans ----------------------------------------------------------------------
+
+    def policy(self, provider: str) -> PollPolicy:
+        return self.policies.get(provider, DEFAULT_POLICY)
+
+    def _plan(self, task: Task, now: datetime) -> None:
+        """Set when the scheduler should next look at ``task`` (None once it is final)."""
+        policy = self.policy(task.provider)
+        if task.deadline_at is None:
+            task.deadline_at = task.created_at + timedelta(seconds=policy.deadline)
+        task.next_check_at = next_check(self._timing(task), now, policy, self.rng)
+        if task.next_check_at is None:
+            task.lease_owner = None
+            task.lease_expires_at = None
 
     # --- transactions ---------------------------------------------------------------------
 
@@ -200,6 +241,7 @@ class Store:
                     created_at=now,
                     updated_at=now,
                 )
+                self._plan(task, now)
                 session.add(task)
                 session.flush()
                 self._append_event(session, task, EventType.submitted, task.last_update_source)
@@ -329,6 +371,7 @@ class Store:
                     )
                 self._ensure_not_tracked(session, owner, task.provider, provider_task_id)
                 task.provider_task_id = provider_task_id
+                self._plan(task, self.clock())
                 changed = True
             if metadata is not None and metadata != task.meta:
                 task.meta = metadata
@@ -360,7 +403,7 @@ class Store:
                     self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, exc.message)
                     session.commit()
                 raise
-            return self._commit_change(session, task, change, source, receipt)
+            return self._commit_change(session, task, change, source, receipt, update)
 
     def expire_task(self, task_id: str, reason: str) -> ApplyResult:
         with self._session(write=True) as session:
@@ -387,8 +430,16 @@ class Store:
         change: Change | None,
         source: UpdateSource,
         receipt: ReceiptDraft | None,
+        update: TaskUpdate | None = None,
     ) -> ApplyResult:
         event = None
+        now = self.clock()
+        replan = False
+        if update is not None and update.estimated_seconds is not None:
+            expected = task.created_at + timedelta(seconds=update.estimated_seconds)
+            if expected != task.expected_at:
+                task.expected_at = expected
+                replan = True
         if change is None:
             outcome = (
                 ReceiptOutcome.terminal
@@ -404,14 +455,19 @@ class Store:
             task.error = state.error
             task.provider_task_id = state.provider_task_id
             task.raw_status = state.raw_status
-            task.updated_at = self.clock()
+            task.updated_at = now
             task.last_update_source = source.value
+            if "progress" in change.changed_fields:
+                task.progress_at = now
             if change.became_terminal:
                 task.completed_at = task.updated_at
+            replan = True
+        if replan:
+            self._plan(task, now)
             session.add(task)
             session.flush()
-            if change.event_type is not None:
-                event = self._append_event(session, task, change.event_type, source.value)
+        if change is not None and change.event_type is not None:
+            event = self._append_event(session, task, change.event_type, source.value)
         if receipt is not None:
             self._add_receipt(session, task, receipt, outcome, receipt.error)
         return ApplyResult(task_json(task), outcome, event)
@@ -456,6 +512,140 @@ class Store:
                 body_size=size,
                 body_truncated=len(kept) < size,
             )
+        )
+
+    # --- the scheduler's queue ---------------------------------------------------------------
+
+    def claim_due(
+        self, provider: str, worker: str, *, limit: int, lease_seconds: float
+    ) -> list[Claim]:
+        """Lease up to ``limit`` of ``provider``'s due tasks to ``worker``, earliest first.
+
+        ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: several processes claim disjoint tasks
+        without waiting on each other; a crashed worker's leases simply expire.
+        """
+        now = self.clock()
+        statement = (
+            select(Task)
+            .where(
+                Task.provider == provider,
+                col(Task.next_check_at) <= now,
+                sa.or_(col(Task.lease_expires_at).is_(None), col(Task.lease_expires_at) <= now),
+            )
+            .order_by(col(Task.next_check_at))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._session(write=True) as session:
+            tasks = list(session.exec(statement))
+            expires = now + timedelta(seconds=lease_seconds)
+            claims = []
+            for task in tasks:
+                task.lease_owner = worker
+                task.lease_expires_at = expires
+                session.add(task)
+                assert task.deadline_at is not None
+                claims.append(
+                    Claim(task.id, task.provider, task.provider_task_id, task.deadline_at)
+                )
+            return claims
+
+    def record_poll(
+        self,
+        task_id: str,
+        worker: str | None,
+        *,
+        update: TaskUpdate | None = None,
+        error: ProviderError | None = None,
+    ) -> ApplyResult:
+        """A status query's answer (or failure), through the same state machine as a
+        callback; then the next check is planned and ``worker``'s lease released."""
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            now = self.clock()
+            task.poll_count += 1
+            change = None
+            if update is not None:
+                try:
+                    change = decide(_state(task), update)
+                except Conflict as exc:
+                    error = UpstreamProtocolError(exc.message, provider=task.provider)
+            if error is not None:
+                task.poll_errors += 1
+                task.next_check_at = next_check_after_error(
+                    self._timing(task),
+                    now,
+                    self.policy(task.provider),
+                    retry_after=error.retry_after,
+                    rng=self.rng,
+                )
+                result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None)
+            else:
+                task.poll_errors = 0
+                result = self._commit_change(session, task, change, UpdateSource.poll, None, update)
+                self._plan(task, now)
+                result = ApplyResult(task_json(task), result.outcome, result.event)
+            if worker is None or task.lease_owner == worker:
+                task.lease_owner = None
+                task.lease_expires_at = None
+            session.add(task)
+            return result
+
+    def reschedule(self, task_id: str, worker: str | None) -> dict[str, Any]:
+        """Plan the next look at a task without asking its provider, releasing the lease."""
+        with self._session(write=True) as session:
+            task = self._locked(session, task_id)
+            self._plan(task, self.clock())
+            if worker is None or task.lease_owner == worker:
+                task.lease_owner = None
+                task.lease_expires_at = None
+            session.add(task)
+            return task_json(task)
+
+    def release_leases(self, worker: str) -> int:
+        """Hand back every task ``worker`` still holds (graceful shutdown)."""
+        statement = (
+            sa.update(Task)
+            .where(col(Task.lease_owner) == worker)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        with self._session(write=True) as session:
+            return int(session.execute(statement).rowcount or 0)  # type: ignore[attr-defined]
+
+    def reconcile(self, batch: int = 1000) -> int:
+        """Give every unfinished task without a plan a deadline and a next check (tasks from
+        before polling existed, or whose plan was lost). Returns how many were planned."""
+        planned = 0
+        while True:
+            statement = (
+                select(Task)
+                .where(col(Task.status).in_(UNFINISHED), col(Task.next_check_at).is_(None))
+                .limit(batch)
+            )
+            with self._session(write=True) as session:
+                tasks = list(session.exec(statement))
+                now = self.clock()
+                for task in tasks:
+                    self._plan(task, now)
+                    if task.next_check_at is None:  # cannot happen for an unfinished task
+                        task.next_check_at = now
+                    session.add(task)
+            planned += len(tasks)
+            if len(tasks) < batch:
+                return planned
+
+    def _timing(self, task: Task) -> TaskTiming:
+        assert task.deadline_at is not None
+        return TaskTiming(
+            status=TaskStatus(task.status),
+            started_at=task.created_at,
+            expected_at=task.expected_at,
+            deadline_at=task.deadline_at,
+            progress=task.progress,
+            progress_at=task.progress_at,
+            poll_count=task.poll_count,
+            poll_errors=task.poll_errors,
+            has_provider_task_id=task.provider_task_id is not None,
         )
 
     def mark_submit_attempt(self, task_id: str) -> int:

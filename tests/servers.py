@@ -64,3 +64,54 @@ class ServiceProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class SandboxProcess:
+    """``taskrelay sandbox`` on a free port; providers at ``{url}/{provider}``."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "sandbox", "--port", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(
+            base_url=self.url, headers={"Authorization": "Bearer sandbox-key"}, timeout=10
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.http.get("/_sandbox/tasks").raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the sandbox did not start") from None
+                time.sleep(0.1)
+
+    def provider_environment(self) -> dict[str, str]:
+        """TASKRELAY_* settings that point every provider at this sandbox."""
+        env = {}
+        for provider in ("openai", "grsai", "gptimage15", "evolink", "apiinone"):
+            env[f"TASKRELAY_{provider.upper()}_BASE_URL"] = f"{self.url}/{provider}"
+            env[f"TASKRELAY_{provider.upper()}_API_KEY"] = "sandbox-key"
+        return env
+
+    def behave(self, provider: str, **knobs: object) -> None:
+        self.http.put(f"/_sandbox/behaviour/{provider}", json=knobs).raise_for_status()
+
+    def tasks(self) -> list[dict[str, object]]:
+        tasks: list[dict[str, object]] = self.http.get("/_sandbox/tasks").json()
+        return tasks
+
+    def stop(self) -> None:
+        self.http.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

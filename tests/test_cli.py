@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
+from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import ServiceProcess
 
 
@@ -51,6 +53,26 @@ def test_bad_configuration_stops_start_up_with_the_variable_named(tmp_path: Path
     result = run_cli("serve", env=env)
     assert result.returncode == 2
     assert "TASKRELAY_API_TOKENS" in result.stderr
+
+
+def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_cli")
+    try:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "TASKRELAY_DATA_DIR": str(tmp_path),
+            "TASKRELAY_API_TOKENS": "me:token-12345678",
+            "TASKRELAY_DATABASE_URL": database.url,
+        }
+        result = run_cli("serve", env=env)
+        assert result.returncode == 2
+        assert "taskrelay migrate" in result.stderr
+        assert run_cli("migrate", env=env).returncode == 0
+    finally:
+        database.drop()
 
 
 def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:

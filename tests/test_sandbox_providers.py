@@ -609,6 +609,18 @@ async def test_a_timeout_status_error_hangs_then_answers_504(
     assert sandbox.tasks[task_id].status_queries[0].answer == "timeout"
 
 
+@ASYNC_CASES
+async def test_status_latency_slows_every_answer(
+    case: Case, client: httpx.AsyncClient, clock: ManualClock, sandbox: Sandbox
+) -> None:
+    task_id = await submit(client, case, "x sandbox:status_latency=250ms")
+    start = clock.now
+    response = await case.status(client, task_id)
+    assert response.status_code == 200
+    assert clock.now - start == pytest.approx(0.25)
+    assert sandbox.tasks[task_id].status_queries[0].at == pytest.approx(start)
+
+
 async def test_status_error_rate_is_repeatable_per_task(
     client: httpx.AsyncClient, sandbox: Sandbox
 ) -> None:

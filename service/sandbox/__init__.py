@@ -48,7 +48,8 @@ towards the length limits, and gptimage15 echoes it in ``request``).
 Injected errors: ``submit_error`` fails the submit itself (no task is created); the first
 ``status_errors`` status queries of a task, and any query with probability ``status_error_rate``,
 answer ``status_error``. 429 carries ``Retry-After: 1``; ``timeout`` hangs ``timeout_seconds``
-and then answers 504. All in the provider's own error format.
+and then answers 504. All in the provider's own error format. ``status_latency`` delays every
+status answer (a slow provider).
 
 Serving and testing: :func:`run` (or ``python -m service.sandbox``) serves it alone with uvicorn;
 ``service.sandbox.testing`` has a manual clock and a callback-recording receiver app for tests.

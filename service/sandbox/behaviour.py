@@ -71,6 +71,8 @@ class SandboxBehaviour:
     status_error_rate: float = 0.0
     # How long a "timeout" answer hangs before it gives up with HTTP 504.
     timeout_seconds: float = 30.0
+    # How long every status answer takes (a slow provider; makes overlapping queries visible).
+    status_latency: float = 0.0
     # Make the submit request itself fail (no task is created).
     submit_error: SubmitError | None = None
     # EvoLink's task_info.estimated_time; None means the duration rounded up.
@@ -86,7 +88,13 @@ class SandboxBehaviour:
     callback_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("duration", "callback_delay", "timeout_seconds", "callback_retry_backoff"):
+        for name in (
+            "duration",
+            "callback_delay",
+            "timeout_seconds",
+            "callback_retry_backoff",
+            "status_latency",
+        ):
             if getattr(self, name) < 0:
                 raise BehaviourError(name, "must not be negative")
         if self.callback_timeout <= 0:
@@ -192,6 +200,7 @@ def _coerce(raw_name: str, name: str, value: Any) -> Any:
         "timeout_seconds",
         "callback_retry_backoff",
         "callback_timeout",
+        "status_latency",
     ):
         return _number(raw_name, value, seconds=True)
     if name in ("fail_rate", "callback_drop_rate", "status_error_rate"):

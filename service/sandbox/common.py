@@ -264,6 +264,8 @@ class ProviderEmulator(abc.ABC):
         failure = await self.status_failure(task)
         if failure is not None:
             return failure
+        if task.behaviour.status_latency:
+            await self.sandbox.sleep(task.behaviour.status_latency)
         return JSONResponse(self.status_body(task, self.view(task)))
 
     async def file(self, request: Request) -> Response:

@@ -1,0 +1,276 @@
+"""The polling fallback: finds tasks whose update is overdue and asks their provider.
+
+Each pass claims, per provider, the tasks that are due (leases in the database, so several
+processes never query the same task at once), queries their status within that provider's
+concurrency and rate caps, and records each answer through the same state machine as a
+callback. A task past its deadline gets one last query, then becomes ``expired``. The loop
+wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives its
+own errors. :meth:`Scheduler.run_until_idle` drives it step by step in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import Conflict, ProviderError, StoreUnavailable
+from service.metrics import Metrics
+from service.models import TERMINAL_STATUSES, TaskStatus
+from service.providers.base import ProviderAdapter
+from service.store import Claim, Store
+
+log = logging.getLogger(__name__)
+
+# A pass claims about this many seconds' worth of each provider's query budget.
+PASS_SECONDS = 2.0
+
+
+class ProviderLimiter:
+    """At most ``concurrency`` queries in flight and ``rate`` per second for one provider, and a
+    provider-wide pause after it answers 429 (its Retry-After, when it gives one)."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        rate: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.concurrency = concurrency
+        self.rate = rate
+        self._slots = asyncio.Semaphore(concurrency)
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._next_start = 0.0
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, self._monotonic() + seconds)
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        try:
+            async with self._lock:  # starts are spaced 1/rate apart, in arrival order
+                while True:
+                    now = self._monotonic()
+                    start = max(now, self._next_start, self._paused_until)
+                    if start <= now:
+                        break
+                    await self._sleep(start - now)
+                self._next_start = now + 1.0 / self.rate
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._slots.release()
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    task: dict[str, Any] | None
+    queried: bool
+    expired: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        adapters: Mapping[str, ProviderAdapter],
+        limiters: Mapping[str, ProviderLimiter],
+        *,
+        metrics: Metrics,
+        lease_seconds: float = 60.0,
+        tick_seconds: float = 1.0,
+        clock: Callable[[], datetime],
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.limiters = limiters
+        self.metrics = metrics
+        self.lease_seconds = lease_seconds
+        self.tick_seconds = tick_seconds
+        self.clock = clock
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reconcile (plan every unfinished task that has no plan), then run the loop."""
+        try:
+            planned = await run_in_threadpool(self.store.reconcile)
+            if planned:
+                log.info("reconciled %d unfinished tasks into the polling schedule", planned)
+        except StoreUnavailable:
+            log.error("start-up reconciliation skipped: the database is unavailable")
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        try:
+            await run_in_threadpool(self.store.release_leases, self.worker_id)
+        except StoreUnavailable:
+            log.warning("could not release polling leases; they expire on their own")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                found = await self.run_once()
+            except StoreUnavailable:
+                log.warning("scheduler pass skipped: the database is unavailable")
+                found = 0
+            except Exception:
+                log.exception("scheduler pass failed")
+                found = 0
+            if found:
+                continue  # more may be due: go again at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_seconds)
+            self._wake.clear()
+
+    # --- passes -----------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """One pass over every provider's due tasks; returns how many were handled."""
+        claims: list[Claim] = []
+        for provider, limiter in self.limiters.items():
+            limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
+            claims.extend(
+                await run_in_threadpool(
+                    self.store.claim_due,
+                    provider,
+                    self.worker_id,
+                    limit=limit,
+                    lease_seconds=self.lease_seconds,
+                )
+            )
+        if claims:
+            self.metrics.set("poll_due_tasks", len(claims))
+            await asyncio.gather(*(self._handle(claim) for claim in claims))
+        return len(claims)
+
+    async def run_until_idle(self, max_passes: int = 1000) -> int:
+        """Passes until nothing is due (tests and benchmarks); returns how many were handled."""
+        handled = 0
+        for _ in range(max_passes):
+            found = await self.run_once()
+            if not found:
+                return handled
+            handled += found
+        raise RuntimeError("the scheduler did not become idle")
+
+    async def _handle(self, claim: Claim) -> None:
+        try:
+            await self.poll(claim, worker=self.worker_id)
+        except StoreUnavailable:
+            log.warning("poll of %s not recorded: the database is unavailable", claim.task_id)
+        except Exception:
+            log.exception("poll of %s failed", claim.task_id)
+
+    async def poll(self, claim: Claim, *, worker: str | None) -> PollOutcome:
+        """Ask the provider about one task and record the answer; past the deadline, expire
+        the task unless that last answer was final."""
+        final_look = self.clock() >= claim.deadline_at
+        adapter = self.adapters[claim.provider]
+        task = None
+        queried = False
+        if adapter.can_query_status and claim.provider_task_id is not None:
+            task = await self._query(adapter, claim, worker)
+            queried = True
+        if final_look and (task is None or task["status"] not in _FINAL):
+            result = await run_in_threadpool(
+                self.store.expire_task,
+                claim.task_id,
+                "No final answer from the provider before the task's deadline.",
+            )
+            self.metrics.inc("tasks_expired_total", provider=claim.provider)
+            log.info("task %s expired at its deadline", claim.task_id)
+            return PollOutcome(result.task, queried, expired=result.event is not None)
+        if not queried:
+            # Nothing to ask (no provider task id yet, or no status endpoint): plan the next
+            # look, which is never later than the deadline.
+            task = await run_in_threadpool(self.store.reschedule, claim.task_id, worker)
+        return PollOutcome(task, queried, expired=False)
+
+    async def _query(
+        self, adapter: ProviderAdapter, claim: Claim, worker: str | None
+    ) -> dict[str, Any]:
+        assert claim.provider_task_id is not None
+        limiter = self.limiters[claim.provider]
+        async with limiter:
+            try:
+                update = await adapter.query_status(claim.provider_task_id)
+            except ProviderError as exc:
+                self.metrics.inc("status_queries_total", provider=claim.provider, outcome=exc.code)
+                if exc.code == "upstream_rate_limited":
+                    limiter.pause(exc.retry_after or 1.0)
+                log.info(
+                    "status query for %s failed: %s",
+                    claim.task_id,
+                    exc.code,
+                    extra={"provider": claim.provider},
+                )
+                result = await run_in_threadpool(
+                    self.store.record_poll, claim.task_id, worker, error=exc
+                )
+                return result.task
+        self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
+        result = await run_in_threadpool(
+            self.store.record_poll, claim.task_id, worker, update=update
+        )
+        return result.task
+
+    async def refresh(self, task: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/tasks/{id}/refresh``: query the provider now and record the answer."""
+        adapter = self.adapters[task["provider"]]
+        if not adapter.can_query_status:
+            raise Conflict(
+                f"{task['provider']} has no status endpoint: its results arrive with the "
+                "submission itself.",
+                code="not_queryable",
+            )
+        if task["provider_task_id"] is None:
+            raise Conflict(
+                "The task has no provider task id yet, so the provider cannot be asked about "
+                "it; set one with PATCH /v1/tasks/{id}.",
+                code="not_queryable",
+            )
+        claim = Claim(task["id"], task["provider"], task["provider_task_id"], _FAR_FUTURE)
+        limiter = self.limiters[claim.provider]
+        async with limiter:
+            try:
+                update = await adapter.query_status(task["provider_task_id"])
+            except ProviderError as exc:
+                self.metrics.inc("status_queries_total", provider=claim.provider, outcome=exc.code)
+                await run_in_threadpool(self.store.record_poll, claim.task_id, None, error=exc)
+                raise
+        self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
+        result = await run_in_threadpool(self.store.record_poll, claim.task_id, None, update=update)
+        return result.task
+
+
+_FINAL = {status.value for status in TERMINAL_STATUSES if status is not TaskStatus.expired}
+_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)

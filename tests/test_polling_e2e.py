@@ -1,0 +1,130 @@
+"""The polling fallback across real processes: a standalone sandbox that drops every
+callback, TaskRelay killed mid-flight and restarted, and two TaskRelay processes sharing one
+PostgreSQL database."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.db import migrate
+from tests.conftest import PostgresDatabase, _pg_url
+from tests.servers import SandboxProcess, ServiceProcess
+
+TOKEN = "polling-token-0123456789"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+FINAL = {"succeeded", "failed", "canceled", "expired"}
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxProcess]:
+    process = SandboxProcess(tmp_path / "sandbox.log")
+    process.behave("*", callback="drop")
+    yield process
+    process.stop()
+
+
+def relay(tmp_path: Path, name: str, sandbox: SandboxProcess, **environ: str) -> ServiceProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    service = ServiceProcess(
+        {
+            "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+            "TASKRELAY_API_TOKENS": f"poller:{TOKEN}",
+            "TASKRELAY_SECRET_KEY": "polling-e2e-secret-0123456789",
+            "TASKRELAY_SCHEDULER_TICK": "100ms",
+            "TASKRELAY_APIINONE_TYPICAL_DURATION": "2s",
+            "TASKRELAY_GPTIMAGE15_TYPICAL_DURATION": "2s",
+            **sandbox.provider_environment(),
+            **environ,
+        },
+        log_path=tmp_path / f"{name}.log",
+    )
+    service.wait_ready()
+    return service
+
+
+def wait_all(url: str, ids: list[str], limit: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + limit
+    while True:
+        tasks = [httpx.get(f"{url}/v1/tasks/{i}", headers=HEADERS).json() for i in ids]
+        if all(task["status"] in FINAL for task in tasks) or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.2)
+
+
+def test_a_restart_in_the_middle_loses_nothing(tmp_path: Path, sandbox: SandboxProcess) -> None:
+    first = relay(tmp_path, "first", sandbox)
+    ids = []
+    try:
+        for index in range(6):
+            provider = "evolink" if index % 2 else "apiinone"
+            response = httpx.post(
+                f"{first.url}/v1/tasks",
+                json={"provider": provider, "prompt": f"p{index} sandbox:duration=2"},
+                headers=HEADERS,
+            )
+            assert response.status_code == 202
+            ids.append(response.json()["id"])
+        # Wait until every submission has reached the provider, then crash hard.
+        deadline = time.monotonic() + 10
+        while len(sandbox.tasks()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sandbox.tasks()) == 6
+    finally:
+        first.stop(signal.SIGKILL)
+    time.sleep(3)  # the tasks finish at the provider while TaskRelay is down
+    second = relay(tmp_path, "second", sandbox)
+    try:
+        tasks = wait_all(second.url, ids)
+    finally:
+        second.stop()
+    assert [task["status"] for task in tasks] == ["succeeded"] * 6, tasks
+    assert all(task["last_update_source"] == "poll" for task in tasks)
+    assert all(task["submit_attempts"] == 1 for task in tasks)  # nothing sent twice
+
+
+def test_two_processes_on_postgresql_never_query_one_task_at_once(
+    tmp_path: Path, sandbox: SandboxProcess
+) -> None:
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_polling")
+    migrate(database.url)
+    latency = 0.3
+    sandbox.behave("gptimage15", callback="drop", status_latency=latency)
+    environ = {"TASKRELAY_DATABASE_URL": database.url, "TASKRELAY_GPTIMAGE15_POLL_RATE": "50"}
+    processes: list[ServiceProcess] = []
+    try:
+        processes.append(relay(tmp_path / "a", "a", sandbox, **environ))
+        processes.append(relay(tmp_path / "b", "b", sandbox, **environ))
+        ids = []
+        for index in range(24):
+            url = processes[index % 2].url
+            response = httpx.post(
+                f"{url}/v1/tasks",
+                # Unfinished at the first look, so each task is queried several times.
+                json={"provider": "gptimage15", "prompt": f"t{index} sandbox:duration=3"},
+                headers=HEADERS,
+            )
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+        tasks = wait_all(processes[0].url, ids)
+        assert [task["status"] for task in tasks] == ["succeeded"] * 24
+        for task in sandbox.tasks():
+            times = sorted(query["at"] for query in task["status_query_log"])  # type: ignore[union-attr]
+            assert times, task
+            gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+            # A query takes `latency` seconds: a gap shorter than that is an overlap.
+            assert all(gap >= latency - 0.02 for gap in gaps), (task["id"], gaps)
+    finally:
+        for process in processes:
+            process.stop()
+        database.drop()

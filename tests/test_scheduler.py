@@ -1,0 +1,392 @@
+"""The polling fallback through the real app, sandbox and database, on a fake clock shared by
+TaskRelay, the mounted sandbox and the rate limiter, so minutes of provider time take
+milliseconds. The scheduler is driven pass by pass (``run_until_idle``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from service.app import create_app
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.scheduler import ProviderLimiter, Scheduler
+from tests.conftest import BOB, auth, error_code, make_settings
+
+ASYNC_PROVIDERS = ["grsai", "gptimage15", "evolink", "apiinone"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.seconds = 1_000_000.0
+        self.epoch = datetime(2026, 11, 20, tzinfo=UTC) - timedelta(seconds=self.seconds)
+
+    def now(self) -> datetime:
+        return self.epoch + timedelta(seconds=self.seconds)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.seconds += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+class Harness:
+    def __init__(self, app: Starlette, client: httpx.AsyncClient, clock: FakeClock) -> None:
+        self.app = app
+        self.client = client
+        self.clock = clock
+        self.runtime: Runtime = app.state.runtime
+        self.scheduler: Scheduler = self.runtime.scheduler
+        self.sandbox: Any = app.state.sandbox
+
+    async def submit(self, provider: str, prompt: str, token: str | None = None) -> str:
+        response = await self.client.post(
+            "/v1/tasks",
+            json={"provider": provider, "prompt": prompt},
+            headers=auth(token) if token else auth(),
+        )
+        assert response.status_code == 202, response.text
+        await self.runtime.submitter.idle()
+        task_id: str = response.json()["id"]
+        return task_id
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = (
+            await self.client.get(f"/v1/tasks/{task_id}", headers=auth())
+        ).json()
+        return result
+
+    def queries(self, provider: str | None = None) -> int:
+        return int(
+            self.runtime.metrics.counter(
+                "status_queries_total", **({"provider": provider} if provider else {})
+            )
+        )
+
+    def sandbox_task(self, provider_task_id: str) -> Any:
+        return self.sandbox.tasks[provider_task_id]
+
+    async def run_until_final(
+        self, task_ids: list[str], step: float = 1.0, limit: int = 2000
+    ) -> None:
+        for _ in range(limit):
+            await self.scheduler.run_until_idle()
+            states = [(await self.task(task_id))["status"] for task_id in task_ids]
+            if all(state in {"succeeded", "failed", "expired", "canceled"} for state in states):
+                return
+            self.clock.advance(step)
+        raise AssertionError("tasks did not finish")
+
+
+async def start_harness(settings: Any, clock: FakeClock) -> AsyncIterator[Harness]:
+    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
+    app = create_app(
+        settings,
+        clock=clock.now,
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
+        http_transport=transport,
+    )
+    transport.app = app
+    async with app.router.lifespan_context(app):
+        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=client_transport, base_url="http://testserver"
+        ) as client:
+            yield Harness(app, client, clock)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def harness(database_url: str, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Harness]:
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TASKRELAY_SCHEDULER="false",
+        TASKRELAY_GRSAI_MODE="poll",
+        TASKRELAY_EVOLINK_DEADLINE="10m",
+        TASKRELAY_APIINONE_POLL_RATE="2",
+    )
+    async for harness in start_harness(settings, clock):
+        harness.sandbox.set_behaviour("*", {"callback": "drop"})
+        yield harness
+
+
+# --- callbacks lost -------------------------------------------------------------------------
+
+
+async def test_every_task_ends_right_when_all_callbacks_are_lost(harness: Harness) -> None:
+    tasks = {}
+    for provider in ASYNC_PROVIDERS:
+        tasks[harness_key(provider, "ok")] = await harness.submit(
+            provider, "ok sandbox:duration=20"
+        )
+        tasks[harness_key(provider, "bad")] = await harness.submit(
+            provider, "bad sandbox:duration=20 sandbox:fail=1"
+        )
+    await harness.scheduler.run_until_idle()
+    assert harness.queries() == 0  # nothing is due before the expected finish
+    await harness.run_until_final(list(tasks.values()), step=5.0)
+    for key, task_id in tasks.items():
+        task = await harness.task(task_id)
+        assert task["last_update_source"] == "poll", task
+        if key.endswith("ok"):
+            assert task["status"] == "succeeded" and task["images"], task
+        else:
+            assert task["status"] == "failed"
+            assert task["error"]["code"] == "content_policy_violation"
+    # EvoLink's estimate (20 s) is exact in the sandbox: one look per task suffices.
+    evolink_ids = [tasks[harness_key("evolink", kind)] for kind in ("ok", "bad")]
+    for task_id in evolink_ids:
+        provider_id = (await harness.task(task_id))["provider_task_id"]
+        assert len(harness.sandbox_task(provider_id).status_queries) == 1
+
+
+def harness_key(provider: str, kind: str) -> str:
+    return f"{provider}:{kind}"
+
+
+async def test_no_status_queries_when_callbacks_arrive(harness: Harness) -> None:
+    harness.sandbox.set_behaviour("*", {"callback": "normal"})
+    ids = [
+        await harness.submit(p, "cb sandbox:duration=5") for p in ASYNC_PROVIDERS if p != "grsai"
+    ]
+    # The sandbox's callbacks land (its sleeps move the fake clock; the store works in
+    # threads, so give it real time, bounded).
+    for _ in range(500):
+        states = {(await harness.task(task_id))["status"] for task_id in ids}
+        if states == {"succeeded"}:
+            break
+        await asyncio.sleep(0.01)
+    assert states == {"succeeded"}
+    harness.clock.advance(3600 * 2)
+    await harness.scheduler.run_until_idle()
+    assert harness.queries() == 0
+    assert all(not t.status_queries for t in harness.sandbox.tasks.values())
+
+
+# --- errors and limits ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", ["429", "500"])
+async def test_status_errors_back_off_and_honour_retry_after(harness: Harness, error: str) -> None:
+    task_id = await harness.submit(
+        "evolink", f"storm sandbox:duration=10 sandbox:status_errors=4 sandbox:status_error={error}"
+    )
+    await harness.run_until_final([task_id], step=0.5)
+    task = await harness.task(task_id)
+    assert task["status"] == "succeeded"
+    times = [q.at for q in harness.sandbox_task(task["provider_task_id"]).status_queries]
+    assert len(times) == 5  # four failures, then the answer
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # Error backoff 5 s, 10 s, 20 s, 40 s (+/- 10 % jitter, on 0.5 s steps): never hot.
+    for gap, expected in zip(gaps, [5, 10, 20, 40], strict=True):
+        assert expected * 0.9 - 0.01 <= gap <= expected * 1.1 + 0.51, gaps
+    assert harness.queries("evolink") == 5
+
+
+async def test_per_provider_rate_cap(harness: Harness) -> None:
+    ids = [await harness.submit("apiinone", f"t{i} sandbox:duration=5") for i in range(12)]
+    harness.clock.advance(60)
+    await harness.scheduler.run_until_idle()
+    starts = sorted(
+        q.at
+        for t in harness.sandbox.tasks.values()
+        if t.provider == "apiinone"
+        for q in t.status_queries
+    )
+    assert len(starts) == 12
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.5 - 1e-6  # TASKRELAY_APIINONE_POLL_RATE=2
+    for task_id in ids:
+        assert (await harness.task(task_id))["status"] == "succeeded"
+
+
+async def test_limiter_caps_concurrency_and_pauses_after_429(clock: FakeClock) -> None:
+    limiter = ProviderLimiter(3, 1000.0, monotonic=clock.monotonic, sleep=clock.sleep)
+    running = 0
+    peak = 0
+
+    async def query() -> None:
+        nonlocal running, peak
+        async with limiter:
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.001)
+            running -= 1
+
+    await asyncio.gather(*(query() for _ in range(20)))
+    assert peak == 3
+    limiter.pause(30)
+    before = clock.monotonic()
+    async with limiter:
+        assert clock.monotonic() - before >= 30
+
+
+# --- deadlines ------------------------------------------------------------------------------
+
+
+async def test_deadline_expires_after_one_last_query_and_late_results_still_land(
+    harness: Harness,
+) -> None:
+    task_id = await harness.submit("evolink", "slow sandbox:duration=3000")
+    await harness.run_until_final([task_id], step=10.0)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired"
+    assert task["error"]["code"] == "deadline_exceeded"
+    assert task["last_update_source"] == "timeout"
+    created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
+    completed = datetime.fromisoformat(task["completed_at"].replace("Z", "+00:00"))
+    assert timedelta(minutes=10) <= completed - created < timedelta(minutes=10, seconds=11)
+    sandbox_task = harness.sandbox_task(task["provider_task_id"])
+    last_query = sandbox_task.status_queries[-1].at
+    assert last_query >= harness.clock.monotonic() - 10  # the final look happened at the deadline
+    # The provider finishes later: a refresh (or its callback) still lands on the expired task.
+    harness.clock.advance(3000)
+    refreshed = (await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())).json()
+    assert refreshed["status"] == "succeeded"
+    assert refreshed["error"] is None
+
+
+async def test_tasks_without_a_provider_id_expire_at_their_deadline_unqueried(
+    harness: Harness,
+) -> None:
+    tracked = (
+        await harness.client.post("/v1/tasks/track", json={"provider": "evolink"}, headers=auth())
+    ).json()
+    harness.clock.advance(599)  # the harness's EvoLink deadline is 10 minutes
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(tracked["id"]))["status"] == "queued"
+    harness.clock.advance(2)
+    await harness.scheduler.run_until_idle()
+    task = await harness.task(tracked["id"])
+    assert task["status"] == "expired"
+    assert harness.queries() == 0
+
+
+# --- refresh --------------------------------------------------------------------------------
+
+
+async def test_refresh_queries_the_provider_now(harness: Harness) -> None:
+    task_id = await harness.submit("gptimage15", "now sandbox:duration=5")
+    harness.clock.advance(6)
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 200
+    assert response.json()["status"] == "succeeded"
+    assert response.json()["last_update_source"] == "poll"
+    assert harness.queries("gptimage15") == 1
+    other = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth(BOB))
+    assert other.status_code == 404
+
+
+async def test_refresh_refuses_what_cannot_be_asked(harness: Harness) -> None:
+    tracked = (
+        await harness.client.post("/v1/tasks/track", json={"provider": "evolink"}, headers=auth())
+    ).json()
+    response = await harness.client.post(f"/v1/tasks/{tracked['id']}/refresh", headers=auth())
+    assert response.status_code == 409
+    assert error_code(response) == "not_queryable"
+
+
+async def test_refresh_reports_provider_errors(harness: Harness) -> None:
+    task_id = await harness.submit(
+        "evolink", "err sandbox:duration=5 sandbox:status_errors=1 sandbox:status_error=503"
+    )
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 503
+    assert error_code(response) == "upstream_unavailable"
+
+
+# --- several workers ------------------------------------------------------------------------
+
+
+async def test_two_schedulers_never_query_one_task_at_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [await harness.submit("gptimage15", f"w{i} sandbox:duration=5") for i in range(16)]
+    adapter = harness.runtime.adapters["gptimage15"]
+    real_query = adapter.query_status
+    in_flight: Counter[str] = Counter()
+    overlaps: list[str] = []
+    queried_by: Counter[str] = Counter()
+
+    async def slow_query(provider_task_id: str) -> Any:
+        in_flight[provider_task_id] += 1
+        if in_flight[provider_task_id] > 1:
+            overlaps.append(provider_task_id)
+        await asyncio.sleep(0.01)  # real time: the other worker gets its chance meanwhile
+        try:
+            return await real_query(provider_task_id)
+        finally:
+            in_flight[provider_task_id] -= 1
+
+    monkeypatch.setattr(adapter, "query_status", slow_query)
+    first = harness.scheduler
+    second = Scheduler(
+        harness.runtime.store,
+        harness.runtime.adapters,
+        first.limiters,
+        metrics=Metrics(),
+        clock=harness.clock.now,
+        worker_id="second-worker",
+    )
+    original_claim = harness.runtime.store.claim_due
+
+    def counting_claim(provider: str, worker: str, **kwargs: Any) -> Any:
+        claims = original_claim(provider, worker, **kwargs)
+        queried_by[worker] += len(claims)
+        return claims
+
+    monkeypatch.setattr(harness.runtime.store, "claim_due", counting_claim)
+    harness.clock.advance(60)
+    for _ in range(10):
+        await asyncio.gather(first.run_once(), second.run_once(), first.run_once())
+    assert overlaps == []
+    for task_id in ids:
+        assert (await harness.task(task_id))["status"] == "succeeded"
+    assert sum(queried_by.values()) == 16  # each task claimed exactly once
+
+
+async def test_a_crashed_workers_claims_are_taken_over_after_the_lease(harness: Harness) -> None:
+    task_id = await harness.submit("apiinone", "orphan sandbox:duration=5")
+    harness.clock.advance(60)
+    store = harness.runtime.store
+    claims = store.claim_due("apiinone", "crashed-worker", limit=10, lease_seconds=60)
+    assert [claim.task_id for claim in claims] == [task_id]
+    await harness.scheduler.run_until_idle()  # leased to the dead worker: left alone
+    assert harness.queries() == 0
+    harness.clock.advance(61)
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["status"] == "succeeded"
+
+
+async def test_start_up_reconciliation_plans_unplanned_tasks(harness: Harness) -> None:
+    task_id = await harness.submit("evolink", "legacy sandbox:duration=5")
+    import sqlalchemy as sa
+
+    with harness.runtime.engine.begin() as connection:
+        connection.execute(sa.text("UPDATE task SET next_check_at = NULL, deadline_at = NULL"))
+    harness.clock.advance(30)
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["status"] == "queued"  # unplanned: never picked up
+    assert harness.runtime.store.reconcile() == 1
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["status"] == "succeeded"
