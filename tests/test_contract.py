@@ -214,3 +214,27 @@ def test_grsai_stream_mode_reports_live_progress(tmp_path: Path) -> None:
             assert values == sorted(values) and values[-1] < 100
     finally:
         service.stop()
+
+
+def test_grsai_poll_mode_completes_by_status_queries(tmp_path: Path) -> None:
+    service = start(
+        tmp_path,
+        "poll",
+        TASKRELAY_GRSAI_MODE="poll",
+        TASKRELAY_GRSAI_TYPICAL_DURATION="1s",
+        TASKRELAY_SCHEDULER_TICK="100ms",
+    )
+    try:
+        with httpx.Client(base_url=service.url, headers=HEADERS, timeout=10) as client:
+            task = submit(client, "grsai", "polled sandbox:duration=1")
+            done = wait_final(client, task["id"])
+            assert done["status"] == "succeeded"
+            assert done["images"]
+            assert done["last_update_source"] == "poll"
+            seen = [t for t in sandbox_tasks(client) if t["provider"] == "grsai"]
+            assert len(seen) == 1
+            assert seen[0]["mode"] == "poll"  # submitted with webHook "-1"
+            assert seen[0]["status_queries"] >= 1
+            assert seen[0]["callbacks"] == []
+    finally:
+        service.stop()
