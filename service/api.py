@@ -49,6 +49,10 @@ def _check_metadata(runtime: Runtime, metadata: dict[str, Any] | None) -> None:
         )
 
 
+async def _notify_url(runtime: Runtime, url: str | None) -> str | None:
+    return None if url is None else await runtime.check_webhook_url(url, "notify_url")
+
+
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -83,6 +87,7 @@ async def create_task(request: Request) -> Response:
         model=spec.model,
     )
     runtime.require_submittable(spec.provider).validate(generation)
+    notify_url = await _notify_url(runtime, spec.notify_url)
     key = _idempotency_key(request)
     result = await run_in_threadpool(
         runtime.store.create_task,
@@ -93,6 +98,7 @@ async def create_task(request: Request) -> Response:
         metadata=spec.metadata,
         idempotency_key=key,
         request_fingerprint=fingerprint(spec.model_dump()) if key else None,
+        notify_url=notify_url,
     )
     if result.created:
         runtime.submitter.submit(result.task["id"])
@@ -106,9 +112,11 @@ async def track_task(request: Request) -> Response:
     body = await read_json_object(request, runtime.settings.max_body_bytes)
     spec = parse_body(TaskTrack, body)
     _check_metadata(runtime, spec.metadata)
+    notify_url = await _notify_url(runtime, spec.notify_url)
     key = _idempotency_key(request)
     result = await run_in_threadpool(
         runtime.store.create_task,
+        notify_url=notify_url,
         owner=owner,
         provider=spec.provider,
         origin=TaskOrigin.tracked,

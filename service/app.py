@@ -20,14 +20,17 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from service import api, callbacks, files
+from service import api, callbacks, files, stream, subscriptions
 from service.auth import ApiClients
 from service.db import current_revision, head_revision, make_engine
+from service.dispatcher import DELIVERY_TIMEOUT, Dispatcher
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.metrics import Metrics
 from service.models import utcnow
+from service.netguard import AddressPolicy, guarded_transport, parse_networks
 from service.openapi import build_openapi
+from service.outbox import Outbox
 from service.polling import PollPolicy
 from service.providers import build_adapters
 from service.providers.base import ProviderAdapter
@@ -37,6 +40,7 @@ from service.scheduler import ProviderLimiter, Scheduler
 from service.settings import Settings, load_settings
 from service.signing import CallbackSigner
 from service.store import Store
+from service.stream import EventSignal
 from service.submitter import Submitter
 from service.web import (
     handle_http_exception,
@@ -117,6 +121,7 @@ def create_app(
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    webhook_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """Build the service. ``clock``, ``monotonic``, ``sleep`` and ``http_transport`` are seams
     for tests (the sandbox, when mounted, runs on the same clock)."""
@@ -165,6 +170,31 @@ def create_app(
             sandbox = Sandbox(http, clock=monotonic, sleep=sleep)
             app.state.sandbox = sandbox
         metrics = Metrics()
+        address_policy = AddressPolicy(
+            allowed_networks=parse_networks(settings.webhook_allowed_networks)
+        )
+        # Subscriber deliveries: no proxies from the environment, no redirects, and every
+        # connection checked against the address policy at connect time (no DNS rebinding).
+        webhook_http = httpx.AsyncClient(
+            transport=webhook_transport or guarded_transport(address_policy),
+            trust_env=False,
+            follow_redirects=False,
+            timeout=DELIVERY_TIMEOUT,
+        )
+        outbox = Outbox(store, schedule=settings.delivery_schedule)
+        dispatcher = Dispatcher(
+            outbox,
+            webhook_http,
+            metrics=metrics,
+            concurrency=settings.delivery_concurrency,
+            per_subscription=settings.delivery_per_subscription,
+            lease_seconds=settings.poll_lease,
+            tick_seconds=settings.scheduler_tick,
+            monotonic=monotonic,
+        )
+        event_signal = EventSignal()
+        event_signal.bind(asyncio.get_running_loop())
+        store.listeners.extend([dispatcher.notify, event_signal.notify])
         scheduler = Scheduler(
             store,
             adapters,
@@ -191,6 +221,10 @@ def create_app(
             submitter=submitter,
             scheduler=scheduler,
             metrics=metrics,
+            outbox=outbox,
+            dispatcher=dispatcher,
+            event_signal=event_signal,
+            address_policy=address_policy,
         )
         try:
             await submitter.resume()
@@ -206,12 +240,17 @@ def create_app(
         )
         if settings.scheduler:
             await scheduler.start()
+        if settings.dispatcher:
+            await dispatcher.start()
         try:
             yield
         finally:
             if settings.scheduler:
                 await scheduler.stop()
             await submitter.stop()
+            if settings.dispatcher:
+                await dispatcher.stop()
+            await webhook_http.aclose()
             if sandbox is not None:
                 await sandbox.aclose()
             await http.aclose()
@@ -222,6 +261,8 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *api.routes,
+        *stream.routes,
+        *subscriptions.routes,
         *callbacks.routes,
         *files.routes,
     ]

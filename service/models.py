@@ -203,3 +203,118 @@ class CallbackReceipt(SQLModel, table=True):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"  # waiting for its (next) attempt
+    succeeded = "succeeded"  # a 2xx came back
+    dead = "dead"  # every attempt failed (or the subscriber answered 410): dead-lettered
+    coalesced = "coalesced"  # a progress event superseded by a newer event of the same task
+
+
+class SubscriptionKind(StrEnum):
+    endpoint = "endpoint"  # POST /v1/subscriptions
+    task = "task"  # a task's notify_url: that task's events only
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscription"
+    __table_args__ = (
+        sa.UniqueConstraint("id", name="uq_subscription_id"),
+        sa.Index("ix_subscription_owner_kind_pk", "owner", "kind", "pk"),
+        sa.Index("ix_subscription_task_pk", "task_pk"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    id: str = Field(sa_column=sa.Column(sa.String(40), nullable=False))
+    owner: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    kind: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    task_pk: int | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.BigInteger, sa.ForeignKey("task.pk", ondelete="CASCADE")),
+    )
+    url: str = Field(sa_column=sa.Column(sa.String(2048), nullable=False))
+    # None: every event type / provider.
+    event_types: list[str] | None = Field(default=None, sa_column=sa.Column(json_type()))
+    providers: list[str] | None = Field(default=None, sa_column=sa.Column(json_type()))
+    description: str | None = Field(default=None, sa_column=sa.Column(sa.String(500)))
+    # Standard Webhooks secrets ("whsec_..."); task subscriptions sign with the client's.
+    secret: str | None = Field(default=None, sa_column=sa.Column(sa.String(128)))
+    previous_secret: str | None = Field(default=None, sa_column=sa.Column(sa.String(128)))
+    previous_secret_expires_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(UTCDateTime())
+    )
+    enabled: bool = Field(sa_column=sa.Column(sa.Boolean, nullable=False))
+    disabled_reason: str | None = Field(default=None, sa_column=sa.Column(sa.String(255)))
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class ClientSecret(SQLModel, table=True):
+    """Each API client's default signing secret, for its tasks' notify_url deliveries."""
+
+    __tablename__ = "client_secret"
+
+    owner: str = Field(sa_column=sa.Column(sa.String(64), primary_key=True))
+    secret: str = Field(sa_column=sa.Column(sa.String(128), nullable=False))
+    previous_secret: str | None = Field(default=None, sa_column=sa.Column(sa.String(128)))
+    previous_secret_expires_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(UTCDateTime())
+    )
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class Delivery(SQLModel, table=True):
+    """One event owed to one subscription; attempts are logged in ``delivery_attempt``."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        sa.UniqueConstraint("id", name="uq_delivery_id"),
+        # The dispatcher's queue: pending deliveries, earliest first.
+        sa.Index("ix_delivery_status_next_attempt", "status", "next_attempt_at"),
+        # Order per task and subscriber: is an earlier event of this task still owed?
+        sa.Index("ix_delivery_subscription_task_seq", "subscription_pk", "task_pk", "event_seq"),
+        sa.Index("ix_delivery_subscription_pk", "subscription_pk", "pk"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    id: str = Field(sa_column=sa.Column(sa.String(40), nullable=False))
+    subscription_pk: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("subscription.pk", ondelete="CASCADE"), nullable=False
+        )
+    )
+    event_seq: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("task_event.seq", ondelete="CASCADE"), nullable=False
+        )
+    )
+    task_pk: int = Field(sa_column=sa.Column(sa.BigInteger, nullable=False))
+    event_type: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    status: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
+    next_attempt_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    lease_owner: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    last_status_code: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    delivered_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    __tablename__ = "delivery_attempt"
+    __table_args__ = (sa.Index("ix_delivery_attempt_delivery_pk", "delivery_pk", "pk"),)
+
+    pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))
+    delivery_pk: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger, sa.ForeignKey("delivery.pk", ondelete="CASCADE"), nullable=False
+        )
+    )
+    attempted_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    status_code: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    duration_ms: float = Field(sa_column=sa.Column(sa.Float, nullable=False))
+    response_body: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))

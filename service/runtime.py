@@ -19,9 +19,13 @@ from service.signing import CallbackSigner
 from service.store import Store
 
 if TYPE_CHECKING:
+    from service.dispatcher import Dispatcher
     from service.files import ImageFiles
     from service.metrics import Metrics
+    from service.netguard import AddressPolicy
+    from service.outbox import Outbox
     from service.scheduler import Scheduler
+    from service.stream import EventSignal
     from service.submitter import Submitter
 
 
@@ -38,6 +42,27 @@ class Runtime:
     submitter: Submitter
     scheduler: Scheduler
     metrics: Metrics
+    outbox: Outbox
+    dispatcher: Dispatcher
+    event_signal: EventSignal
+    address_policy: AddressPolicy
+
+    async def check_webhook_url(self, url: str, field: str) -> str:
+        """A subscriber URL is http(s) and, resolved, reaches only public addresses (unless
+        TASKRELAY_WEBHOOK_ALLOWED_NETWORKS allows more); a clear 400 otherwise."""
+        from urllib.parse import urlsplit
+
+        from service.netguard import check_url, resolve_and_check
+
+        try:
+            normalised = check_url(url, self.address_policy)
+            parts = urlsplit(normalised)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            await resolve_and_check(parts.hostname or "", port, self.address_policy)
+        except ValidationFailed as exc:
+            detail = {"field": field, "message": exc.message}
+            raise ValidationFailed(exc.message, code=exc.code, details=[detail]) from exc
+        return normalised
 
     def callback_url(self, task_id: str, provider: str) -> str:
         return self.signer.callback_url(self.settings.public_url, task_id, provider)

@@ -60,6 +60,10 @@ class TaskCreate(_Body):
         default=None, description="Overrides the provider's configured model name."
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
+    notify_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] | None = Field(
+        default=None,
+        description="Receives this task's events, signed with the client's notify secret.",
+    )
 
     @field_validator("image_urls")
     @classmethod
@@ -73,6 +77,10 @@ class TaskTrack(_Body):
     provider: ProviderName
     provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    notify_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] | None = Field(
+        default=None,
+        description="Receives this task's events, signed with the client's notify secret.",
+    )
 
 
 class TaskPatch(_Body):
@@ -80,6 +88,48 @@ class TaskPatch(_Body):
 
     provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     metadata: dict[str, Any] | None = None
+
+
+EventTypeName = Literal[
+    "task.submitted",
+    "task.progress",
+    "task.succeeded",
+    "task.failed",
+    "task.canceled",
+    "task.expired",
+]
+
+
+class SubscriptionCreate(_Body):
+    """POST /v1/subscriptions: an endpoint that receives the client's task events."""
+
+    url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)]
+    event_types: Annotated[list[EventTypeName], Field(min_length=1)] | None = Field(
+        default=None, description="Omitted: every event type."
+    )
+    providers: Annotated[list[ProviderName], Field(min_length=1)] | None = Field(
+        default=None, description="Omitted: tasks of every provider."
+    )
+    description: Annotated[str, Field(max_length=500)] | None = None
+
+
+class SubscriptionUpdate(_Body):
+    url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+    event_types: Annotated[list[EventTypeName], Field(min_length=1)] | None = None
+    providers: Annotated[list[ProviderName], Field(min_length=1)] | None = None
+    description: Annotated[str, Field(max_length=500)] | None = None
+    enabled: bool | None = None
+
+
+class SecretRotation(_Body):
+    overlap_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = Field(
+        default=86400, description="How long the previous secret keeps signing too."
+    )
+
+
+class Replay(_Body):
+    since: datetime
+    until: datetime | None = None
 
 
 class ErrorBody(BaseModel):

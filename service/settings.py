@@ -135,6 +135,20 @@ class Settings:
     poll_lease: float = 60.0
     scheduler_tick: float = 1.0
     scheduler: bool = True
+    delivery_schedule: tuple[float, ...] = (
+        0.0,
+        5.0,
+        300.0,
+        1800.0,
+        7200.0,
+        18000.0,
+        36000.0,
+        36000.0,
+    )
+    delivery_concurrency: int = 32
+    delivery_per_subscription: int = 4
+    webhook_allowed_networks: str = ""
+    dispatcher: bool = True
 
     @property
     def is_sqlite(self) -> bool:
@@ -179,6 +193,26 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``"0s,5s,5m,30m"`` -> waits (seconds) before attempt 1, 2, 3, ...; the first may be 0."""
+    waits = []
+    for item in text.split(","):
+        item = item.strip()
+        waits.append(0.0 if item in ("0", "0s", "0ms") else parse_duration(item))
+    if not waits:
+        raise ValueError("at least one attempt")
+    return tuple(waits)
+
+
+def _networks(text: str) -> str:
+    import ipaddress
+
+    for item in text.split(","):
+        if item.strip():
+            ipaddress.ip_network(item.strip(), strict=False)
+    return text
 
 
 def parse_bool(text: str) -> bool:
@@ -429,6 +463,25 @@ def load_settings(
             "TASKRELAY_SCHEDULER_TICK", parse_duration, 1.0, "a duration such as 1s"
         ),
         scheduler=env.get("TASKRELAY_SCHEDULER", parse_bool, True, "true or false"),
+        delivery_schedule=env.get(
+            "TASKRELAY_DELIVERY_SCHEDULE",
+            parse_schedule,
+            (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0),
+            "comma-separated waits before each attempt, such as 0s,5s,5m,30m,2h",
+        ),
+        delivery_concurrency=env.get(
+            "TASKRELAY_DELIVERY_CONCURRENCY", _positive_int, 32, "a positive whole number"
+        ),
+        delivery_per_subscription=env.get(
+            "TASKRELAY_DELIVERY_PER_SUBSCRIPTION", _positive_int, 4, "a positive whole number"
+        ),
+        webhook_allowed_networks=env.get(
+            "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS",
+            _networks,
+            "",
+            "comma-separated networks such as 127.0.0.0/8,::1/128",
+        ),
+        dispatcher=env.get("TASKRELAY_DISPATCHER", parse_bool, True, "true or false"),
     )
 
 

@@ -10,7 +10,10 @@ Key rotation: new tokens are signed with ``TASKRELAY_SECRET_KEY``; tokens signed
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,3 +72,36 @@ class CallbackSigner:
                 f"This callback URL was issued for provider {token_provider!r}, not {provider!r}."
             )
         return CallbackClaim(task_id=task_id, provider=token_provider)
+
+
+# --- Standard Webhooks (https://www.standardwebhooks.com) -------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105  (a format prefix, not a secret)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 24 random bytes."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode("ascii")
+
+
+def webhook_signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` keyed by the secret's bytes."""
+    key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(key, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def webhook_headers(
+    signing_secrets: Sequence[str], message_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The three Standard Webhooks headers; during a secret rotation both secrets sign
+    (space-separated signatures), so receivers holding either one accept the delivery."""
+    signatures = " ".join(
+        webhook_signature(secret, message_id, timestamp, body) for secret in signing_secrets
+    )
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signatures,
+    }

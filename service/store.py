@@ -42,6 +42,8 @@ from service.models import (
     CallbackReceipt,
     EventType,
     ReceiptOutcome,
+    Subscription,
+    SubscriptionKind,
     Task,
     TaskEvent,
     TaskOrigin,
@@ -156,6 +158,8 @@ class Store:
         self.audit_bytes = audit_bytes
         self.policies = dict(policies or {})
         self.rng = rng or random.Random()
+        # Called after every commit that appended task events (wake the dispatcher, streams).
+        self.listeners: list[Callable[[], None]] = []
 
     # --- polling plans ----------------------------------------------------------------------
 
@@ -175,7 +179,9 @@ class Store:
     # --- transactions ---------------------------------------------------------------------
 
     @contextmanager
-    def _session(self, *, write: bool) -> Iterator[Session]:
+    def transaction(self, *, write: bool) -> Iterator[Session]:
+        """One transaction; commits on leaving a write transaction without an error. After a
+        commit that appended task events, the listeners are told (from this thread)."""
         try:
             with Session(self.engine, expire_on_commit=False) as session:
                 if write:
@@ -183,6 +189,9 @@ class Store:
                 yield session
                 if write:
                     session.commit()
+                    if session.info.pop("events", False):
+                        for listener in self.listeners:
+                            listener()
         except IntegrityError:
             raise
         except DBAPIError as exc:
@@ -193,7 +202,7 @@ class Store:
             ) from exc
 
     def ping(self) -> None:
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             session.execute(sa.text("SELECT 1"))
 
     # --- tasks ------------------------------------------------------------------------------
@@ -209,11 +218,12 @@ class Store:
         provider_task_id: str | None = None,
         idempotency_key: str | None = None,
         request_fingerprint: str | None = None,
+        notify_url: str | None = None,
     ) -> CreateResult:
         """Insert a queued task and its ``task.submitted`` event, or return the task an
         earlier request with the same idempotency key created."""
         try:
-            with self._session(write=True) as session:
+            with self.transaction(write=True) as session:
                 if idempotency_key is not None:
                     existing = self._by_idempotency_key(session, owner, idempotency_key)
                     if existing is not None:
@@ -244,11 +254,27 @@ class Store:
                 self._plan(task, now)
                 session.add(task)
                 session.flush()
+                if notify_url is not None:
+                    # Before the first event, so task.submitted is delivered there too.
+                    assert task.pk is not None
+                    session.add(
+                        Subscription(
+                            id=new_id("sub"),
+                            owner=owner,
+                            kind=SubscriptionKind.task.value,
+                            task_pk=task.pk,
+                            url=notify_url,
+                            enabled=True,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    session.flush()
                 self._append_event(session, task, EventType.submitted, task.last_update_source)
                 return CreateResult(task_json(task), created=True)
         except IntegrityError as exc:
             # Lost a race: a concurrent request with the same key or provider task id won.
-            with self._session(write=False) as session:
+            with self.transaction(write=False) as session:
                 if idempotency_key is not None:
                     existing = self._by_idempotency_key(session, owner, idempotency_key)
                     if existing is not None:
@@ -292,12 +318,12 @@ class Store:
             )
 
     def get_task(self, owner: str, task_id: str) -> dict[str, Any]:
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             return task_json(self._owned(session, owner, task_id))
 
     def find_task(self, task_id: str) -> dict[str, Any] | None:
         """A task by id whoever owns it (internal use: callbacks, background work)."""
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             task = session.exec(select(Task).where(Task.id == task_id)).first()
             return None if task is None else task_json(task)
 
@@ -334,7 +360,7 @@ class Store:
         if cursor:
             statement = statement.where(col(Task.pk) < decode_cursor(cursor))
         statement = statement.order_by(col(Task.pk).desc()).limit(limit + 1)
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             rows = list(session.exec(statement))
         next_cursor = None
         if len(rows) > limit:
@@ -344,10 +370,20 @@ class Store:
         return [task_json(task) for task in rows], next_cursor
 
     def list_events(self, owner: str, task_id: str) -> list[TaskEvent]:
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             task = self._owned(session, owner, task_id)
             statement = (
                 select(TaskEvent).where(TaskEvent.task_pk == task.pk).order_by(col(TaskEvent.seq))
+            )
+            return list(session.exec(statement))
+
+    def events_after(self, owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
+        with self.transaction(write=False) as session:
+            task = self._owned(session, owner, task_id)
+            statement = (
+                select(TaskEvent)
+                .where(TaskEvent.task_pk == task.pk, col(TaskEvent.seq) > after_seq)
+                .order_by(col(TaskEvent.seq))
             )
             return list(session.exec(statement))
 
@@ -359,7 +395,7 @@ class Store:
         provider_task_id: str | None,
         metadata: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._owned(session, owner, task_id, lock=True)
             changed = False
             if provider_task_id is not None and provider_task_id != task.provider_task_id:
@@ -394,7 +430,7 @@ class Store:
         """Run ``update`` through the state machine and record it, with its receipt, in one
         transaction. Concurrent updates of one task are serialised by the row lock (PostgreSQL)
         or the write lock (SQLite), so a racing poll and callback make one transition."""
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             try:
                 change = decide(_state(task), update)
@@ -406,14 +442,14 @@ class Store:
             return self._commit_change(session, task, change, source, receipt, update)
 
     def expire_task(self, task_id: str, reason: str) -> ApplyResult:
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             change = expire(_state(task), reason)
             return self._commit_change(session, task, change, UpdateSource.timeout, None)
 
     def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
         """Keep the raw body of a callback that could not be parsed, for audit."""
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, receipt.error)
 
@@ -475,6 +511,8 @@ class Store:
     def _append_event(
         self, session: Session, task: Task, event_type: EventType, source: str
     ) -> dict[str, Any]:
+        from service.outbox import fan_out  # the outbox builds on the store
+
         assert task.pk is not None
         event = TaskEvent(
             id=new_id("evt"),
@@ -487,6 +525,9 @@ class Store:
             data=task_json(task),
         )
         session.add(event)
+        session.flush()
+        fan_out(session, task, event, self.clock())
+        session.info["events"] = True
         return {"id": event.id, "type": event.type}
 
     def _add_receipt(
@@ -536,7 +577,7 @@ class Store:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             tasks = list(session.exec(statement))
             expires = now + timedelta(seconds=lease_seconds)
             claims = []
@@ -560,7 +601,7 @@ class Store:
     ) -> ApplyResult:
         """A status query's answer (or failure), through the same state machine as a
         callback; then the next check is planned and ``worker``'s lease released."""
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             now = self.clock()
             task.poll_count += 1
@@ -593,7 +634,7 @@ class Store:
 
     def reschedule(self, task_id: str, worker: str | None) -> dict[str, Any]:
         """Plan the next look at a task without asking its provider, releasing the lease."""
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             self._plan(task, self.clock())
             if worker is None or task.lease_owner == worker:
@@ -609,7 +650,7 @@ class Store:
             .where(col(Task.lease_owner) == worker)
             .values(lease_owner=None, lease_expires_at=None)
         )
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             return int(session.execute(statement).rowcount or 0)  # type: ignore[attr-defined]
 
     def reconcile(self, batch: int = 1000) -> int:
@@ -622,7 +663,7 @@ class Store:
                 .where(col(Task.status).in_(UNFINISHED), col(Task.next_check_at).is_(None))
                 .limit(batch)
             )
-            with self._session(write=True) as session:
+            with self.transaction(write=True) as session:
                 tasks = list(session.exec(statement))
                 now = self.clock()
                 for task in tasks:
@@ -650,7 +691,7 @@ class Store:
 
     def mark_submit_attempt(self, task_id: str) -> int:
         """Record, before the request leaves, that a submission is being attempted."""
-        with self._session(write=True) as session:
+        with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             task.submit_attempts += 1
             session.add(task)
@@ -668,11 +709,11 @@ class Store:
             .order_by(col(Task.pk))
             .limit(limit)
         )
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             return list(session.exec(statement))
 
     def list_receipts(self, owner: str, task_id: str) -> list[CallbackReceipt]:
-        with self._session(write=False) as session:
+        with self.transaction(write=False) as session:
             task = self._owned(session, owner, task_id)
             statement = (
                 select(CallbackReceipt)

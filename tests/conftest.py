@@ -28,7 +28,15 @@ from service.settings import Settings, load_settings
 from service.store import Store
 
 PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
-TABLES = ("callback_receipt", "task_event", "task")
+TABLES = (
+    "delivery_attempt",
+    "delivery",
+    "subscription",
+    "client_secret",
+    "callback_receipt",
+    "task_event",
+    "task",
+)
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789"

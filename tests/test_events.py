@@ -1,0 +1,515 @@
+"""Event forwarding through the real app and database: subscriptions, Standard Webhooks
+signatures (checked with the stock `standardwebhooks` verifier), order per task, retries on a
+fake clock, dead letters, manual retry, replay, notify_url, secret rotation, the SSE stream.
+
+Subscribers here are an in-process recording app behind the dispatcher's transport seam; the
+end-to-end file runs real subscriber servers over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.app import create_app
+from service.lifecycle import TaskUpdate
+from service.models import TaskStatus, UpdateSource
+from service.netguard import AddressPolicy
+from service.runtime import Runtime
+from tests.conftest import ALICE, BOB, auth, error_code, make_settings
+from tests.test_scheduler import FakeClock
+
+HOOK = "http://127.0.0.1:9/hooks/{name}"
+
+
+class Receiver:
+    """Subscriber endpoints at /hooks/{name}: records every request, answers ``status``."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, list[tuple[dict[str, str], bytes]]] = defaultdict(list)
+        self.answered: dict[str, list[int]] = defaultdict(list)
+        self.status: dict[str, int] = defaultdict(lambda: 200)
+        self.hold: dict[str, asyncio.Event] = {}
+
+        async def hook(request: Request) -> Response:
+            name = request.path_params["name"]
+            body = await request.body()
+            self.received[name].append((dict(request.headers), body))
+            status = self.status[name]
+            self.answered[name].append(status)
+            if name in self.hold:
+                await self.hold[name].wait()
+            return Response(status_code=status)
+
+        self.app = Starlette(routes=[Route("/hooks/{name}", hook, methods=["POST"])])
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received[name]]
+
+
+class Harness:
+    def __init__(
+        self, app: Starlette, client: httpx.AsyncClient, clock: FakeClock, receiver: Receiver
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.clock = clock
+        self.receiver = receiver
+        self.runtime: Runtime = app.state.runtime
+
+    async def subscribe(self, name: str, token: str = ALICE, **body: Any) -> dict[str, Any]:
+        response = await self.client.post(
+            "/v1/subscriptions", json={"url": HOOK.format(name=name), **body}, headers=auth(token)
+        )
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def track(self, token: str = ALICE, **body: Any) -> str:
+        response = await self.client.post(
+            "/v1/tasks/track", json={"provider": "evolink", **body}, headers=auth(token)
+        )
+        assert response.status_code == 201, response.text
+        task_id: str = response.json()["id"]
+        return task_id
+
+    def update(self, task_id: str, status: TaskStatus, progress: int | None = None) -> None:
+        images = ({"url": "https://cdn.example/1.png"},) if status is TaskStatus.succeeded else ()
+        self.runtime.store.apply_update(
+            task_id, TaskUpdate(status=status, progress=progress, images=images), UpdateSource.poll
+        )
+
+    async def deliver(self) -> int:
+        return await self.runtime.dispatcher.run_until_idle()
+
+
+@pytest.fixture
+async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    receiver = Receiver()
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TASKRELAY_SCHEDULER="false",
+        TASKRELAY_DISPATCHER="false",
+        TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+    )
+    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
+    app = create_app(
+        settings,
+        clock=clock.now,
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
+        http_transport=transport,
+        webhook_transport=httpx.ASGITransport(app=receiver.app),
+    )
+    transport.app = app
+    async with app.router.lifespan_context(app):
+        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=client_transport, base_url="http://testserver"
+        ) as client:
+            yield Harness(app, client, clock, receiver)
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = Webhook(secret).verify(body, headers)
+    return result
+
+
+# --- signatures and envelope ------------------------------------------------------------------
+
+
+async def test_deliveries_pass_a_stock_standard_webhooks_verifier(harness: Harness) -> None:
+    subscription = await harness.subscribe("a")
+    assert subscription["secret"].startswith("whsec_")
+    task_id = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    assert await harness.deliver() == 2
+    events = (await harness.client.get(f"/v1/tasks/{task_id}/events", headers=auth())).json()[
+        "data"
+    ]
+    received = harness.receiver.received["a"]
+    assert len(received) == 2
+    for (headers, body), expected in zip(received, events, strict=True):
+        payload = verify(subscription["secret"], headers, body)
+        assert headers["webhook-id"] == expected["id"]
+        assert payload == {
+            "id": expected["id"],
+            "type": expected["type"],
+            "timestamp": expected["timestamp"],
+            "data": expected["data"],
+        }
+    assert [json.loads(body)["type"] for _, body in received] == [
+        "task.submitted",
+        "task.succeeded",
+    ]
+    # The event data is the same task JSON as GET /v1/tasks/{id}.
+    current = (await harness.client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert json.loads(received[-1][1])["data"] == current
+    # A tampered body or another secret fails verification.
+    headers, body = received[0]
+    with pytest.raises(WebhookVerificationError):
+        verify(subscription["secret"], headers, body.replace(b"evolink", b"grsai"))
+    other = await harness.subscribe("b")
+    with pytest.raises(WebhookVerificationError):
+        verify(other["secret"], headers, body)
+
+
+async def test_filters_and_client_isolation(harness: Harness) -> None:
+    await harness.subscribe("finals", event_types=["task.succeeded", "task.failed"])
+    await harness.subscribe("grsai-only", providers=["grsai"])
+    await harness.subscribe("bobs", token=BOB)
+    alice_task = await harness.track()
+    harness.update(alice_task, TaskStatus.failed)
+    bob_task = await harness.track(BOB)
+    harness.update(bob_task, TaskStatus.succeeded)
+    await harness.deliver()
+    assert [e["type"] for e in harness.receiver.events("finals")] == ["task.failed"]
+    assert harness.receiver.events("grsai-only") == []
+    assert {e["data"]["id"] for e in harness.receiver.events("bobs")} == {bob_task}
+    listed = (await harness.client.get("/v1/subscriptions", headers=auth(BOB))).json()["data"]
+    assert [s["url"] for s in listed] == [HOOK.format(name="bobs")]
+    assert "secret" not in listed[0]
+    finals_id = (await harness.client.get("/v1/subscriptions", headers=auth())).json()["data"][0][
+        "id"
+    ]
+    assert (
+        await harness.client.get(f"/v1/subscriptions/{finals_id}", headers=auth(BOB))
+    ).status_code == 404
+    assert (
+        await harness.client.delete(f"/v1/subscriptions/{finals_id}", headers=auth(BOB))
+    ).status_code == 404
+
+
+# --- order, coalescing ------------------------------------------------------------------------
+
+
+async def test_order_per_task_under_concurrency(harness: Harness) -> None:
+    await harness.subscribe("ordered")
+    task_ids = [await harness.track() for _ in range(8)]
+
+    def drive(task_id: str) -> None:
+        for progress in (10, 30, 50, 70, 90):
+            harness.update(task_id, TaskStatus.running, progress)
+            harness.clock.advance(2)  # past the progress coalescing delay
+        harness.update(task_id, TaskStatus.succeeded)
+
+    threads = [threading.Thread(target=drive, args=(task_id,)) for task_id in task_ids]
+    for thread in threads:
+        thread.start()
+    deliveries = asyncio.create_task(_deliver_while(harness, threads))
+    for thread in threads:
+        await asyncio.to_thread(thread.join)
+    await deliveries
+    harness.clock.advance(5)
+    await harness.deliver()
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in harness.receiver.events("ordered"):
+        by_task[event["data"]["id"]].append(event)
+    assert set(by_task) == set(task_ids)
+    for events in by_task.values():
+        types = [e["type"] for e in events]
+        assert types[0] == "task.submitted" and types[-1] == "task.succeeded"
+        progress = [e["data"]["progress"] for e in events]
+        assert progress == sorted(progress)  # never a later event before an earlier one
+        assert len({e["id"] for e in events}) == len(events)
+
+
+async def _deliver_while(harness: Harness, threads: list[threading.Thread]) -> None:
+    while any(thread.is_alive() for thread in threads):
+        await harness.runtime.dispatcher.run_once()
+        await asyncio.sleep(0.001)
+
+
+async def test_progress_events_are_coalesced(harness: Harness) -> None:
+    await harness.subscribe("calm")
+    task_id = await harness.track()
+    await harness.deliver()  # task.submitted
+    for progress in range(1, 100):
+        harness.update(task_id, TaskStatus.running, progress)
+    harness.clock.advance(2)
+    await harness.deliver()
+    types = [e["type"] for e in harness.receiver.events("calm")]
+    assert types == ["task.submitted", "task.progress"]
+    assert harness.receiver.events("calm")[-1]["data"]["progress"] == 99
+    harness.update(task_id, TaskStatus.running, 100 - 1 + 0)  # unchanged: no event
+    harness.update(task_id, TaskStatus.succeeded)
+    await harness.deliver()
+    assert [e["type"] for e in harness.receiver.events("calm")][-1] == "task.succeeded"
+
+
+# --- retries, dead letters, manual retry, replay ----------------------------------------------
+
+
+async def test_retry_schedule_then_dead_letter_then_manual_retry(harness: Harness) -> None:
+    subscription = await harness.subscribe("flaky", event_types=["task.submitted"])
+    harness.receiver.status["flaky"] = 500
+    task_id = await harness.track()
+    schedule = harness.runtime.outbox.schedule
+    assert schedule == (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    start = harness.clock.now()
+    for wait in schedule[1:]:
+        await harness.deliver()
+        harness.clock.advance(wait - 0.001)
+        assert await harness.deliver() == 0  # not a moment early
+        harness.clock.advance(0.001)
+    await harness.deliver()
+    assert len(harness.receiver.received["flaky"]) == len(schedule)
+    dead = (
+        await harness.client.get(
+            f"/v1/subscriptions/{subscription['id']}/deliveries?status=dead", headers=auth()
+        )
+    ).json()["data"]
+    assert len(dead) == 1 and dead[0]["attempts"] == 8 and dead[0]["last_status_code"] == 500
+    detail = (await harness.client.get(f"/v1/deliveries/{dead[0]['id']}", headers=auth())).json()
+    times = [a["attempted_at"] for a in detail["attempt_log"]]
+    offsets = [
+        (harness.clock.epoch.fromisoformat(t.replace("Z", "+00:00")) - start).total_seconds()
+        for t in times
+    ]
+    expected = [sum(schedule[: i + 1]) for i in range(len(schedule))]
+    assert offsets == pytest.approx(expected, abs=0.01)
+    assert all(a["status_code"] == 500 for a in detail["attempt_log"])
+    # The subscriber is fixed: a manual retry delivers it, with the same webhook-id.
+    harness.receiver.status["flaky"] = 200
+    retried = await harness.client.post(f"/v1/deliveries/{dead[0]['id']}/retry", headers=auth())
+    assert retried.status_code == 202
+    await harness.deliver()
+    ids = [headers["webhook-id"] for headers, _ in harness.receiver.received["flaky"]]
+    assert len(set(ids)) == 1
+    done = (await harness.client.get(f"/v1/deliveries/{dead[0]['id']}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert task_id
+
+
+async def test_subscriber_down_then_up_gets_every_event_once(harness: Harness) -> None:
+    subscription = await harness.subscribe("outage")
+    harness.receiver.status["outage"] = 503
+    tasks = [await harness.track() for _ in range(5)]
+    for task_id in tasks:
+        harness.update(task_id, TaskStatus.running, 50)
+        harness.clock.advance(2)
+        harness.update(task_id, TaskStatus.succeeded)
+    for wait in (0, 5, 300, 1800):  # down through four attempts
+        harness.clock.advance(wait)
+        await harness.deliver()
+    assert 200 not in harness.receiver.answered["outage"]
+    harness.receiver.status["outage"] = 200
+    harness.clock.advance(7200)
+    await harness.deliver()
+    ok = Counter(
+        headers["webhook-id"]
+        for (headers, _), code in zip(
+            harness.receiver.received["outage"], harness.receiver.answered["outage"], strict=True
+        )
+        if code == 200
+    )
+    owed: set[str] = set()
+    superseded: set[str] = set()
+    for task_id in tasks:
+        response = await harness.client.get(f"/v1/tasks/{task_id}/events", headers=auth())
+        for event in response.json()["data"]:
+            (superseded if event["type"] == "task.progress" else owed).add(event["id"])
+    # Every event arrived exactly once, except the progress events that each task's final
+    # event superseded while the subscriber was down (coalesced by design, and listed so).
+    assert set(ok) == owed
+    assert set(ok.values()) == {1}
+    coalesced = await harness.client.get(
+        f"/v1/subscriptions/{subscription['id']}/deliveries?status=coalesced", headers=auth()
+    )
+    assert {d["event_id"] for d in coalesced.json()["data"]} == superseded
+
+
+async def test_410_gone_disables_the_subscription(harness: Harness) -> None:
+    subscription = await harness.subscribe("gone")
+    harness.receiver.status["gone"] = 410
+    await harness.track()
+    await harness.deliver()
+    after = (
+        await harness.client.get(f"/v1/subscriptions/{subscription['id']}", headers=auth())
+    ).json()
+    assert after["enabled"] is False
+    assert "410" in after["disabled_reason"]
+    await harness.track()
+    harness.clock.advance(3600)
+    await harness.deliver()
+    assert len(harness.receiver.received["gone"]) == 1
+
+
+async def test_replay_seeds_a_new_subscriber_with_the_same_event_ids(harness: Harness) -> None:
+    first = await harness.track()
+    harness.update(first, TaskStatus.succeeded)
+    since = harness.clock.now() - timedelta(minutes=1)
+    subscription = await harness.subscribe("late")
+    assert await harness.deliver() == 0  # it did not exist when those events happened
+    replayed = await harness.client.post(
+        f"/v1/subscriptions/{subscription['id']}/replay",
+        json={"since": since.isoformat()},
+        headers=auth(),
+    )
+    assert replayed.status_code == 202 and replayed.json() == {"replayed": 2}
+    await harness.deliver()
+    events = (await harness.client.get(f"/v1/tasks/{first}/events", headers=auth())).json()["data"]
+    assert [h["webhook-id"] for h, _ in harness.receiver.received["late"]] == [
+        e["id"] for e in events
+    ]
+
+
+async def test_a_crashed_dispatchers_delivery_is_sent_again_with_the_same_id(
+    harness: Harness,
+) -> None:
+    await harness.subscribe("resumed")
+    await harness.track()
+    claimed = harness.runtime.outbox.claim("crashed-dispatcher", limit=10, lease_seconds=60)
+    assert len(claimed) == 1  # the crashed process took it and never sent it
+    assert await harness.deliver() == 0
+    harness.clock.advance(61)
+    assert await harness.deliver() == 1
+    ((headers, _),) = harness.receiver.received["resumed"]
+    assert headers["webhook-id"] == claimed[0].event_id
+
+
+async def test_a_slow_subscriber_does_not_hold_up_others(harness: Harness) -> None:
+    await harness.subscribe("slow")
+    await harness.subscribe("fast")
+    harness.receiver.hold["slow"] = asyncio.Event()
+    for _ in range(6):
+        await harness.track()
+    dispatcher = harness.runtime.dispatcher
+    for _ in range(10):
+        await dispatcher.run_once(wait=False)
+        await asyncio.sleep(0.01)
+    assert len(harness.receiver.received["fast"]) == 6
+    assert len(harness.receiver.received["slow"]) == 4  # its per-subscriber cap
+    harness.receiver.hold["slow"].set()
+    await harness.deliver()
+    assert len(harness.receiver.received["slow"]) == 6
+
+
+# --- notify_url and secrets ---------------------------------------------------------------------
+
+
+async def test_notify_url_gets_that_tasks_events_signed_with_the_client_secret(
+    harness: Harness,
+) -> None:
+    task_id = await harness.track(notify_url=HOOK.format(name="notify"))
+    other = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    harness.update(other, TaskStatus.succeeded)
+    await harness.deliver()
+    secret = (await harness.client.get("/v1/notify-secret", headers=auth())).json()["secret"]
+    received = harness.receiver.received["notify"]
+    assert [json.loads(b)["type"] for _, b in received] == ["task.submitted", "task.succeeded"]
+    for headers, body in received:
+        assert verify(secret, headers, body)["data"]["id"] == task_id
+    bob_secret = (await harness.client.get("/v1/notify-secret", headers=auth(BOB))).json()["secret"]
+    assert bob_secret != secret
+
+
+async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harness) -> None:
+    subscription = await harness.subscribe("rotating")
+    old = subscription["secret"]
+    rotated = (
+        await harness.client.post(
+            f"/v1/subscriptions/{subscription['id']}/rotate-secret",
+            json={"overlap_seconds": 3600},
+            headers=auth(),
+        )
+    ).json()
+    new = rotated["secret"]
+    assert new != old and rotated["previous_secret_expires_at"]
+    await harness.track()
+    await harness.deliver()
+    headers, body = harness.receiver.received["rotating"][-1]
+    assert verify(old, headers, body) and verify(new, headers, body)
+    harness.clock.advance(3601)
+    await harness.track()
+    await harness.deliver()
+    headers, body = harness.receiver.received["rotating"][-1]
+    assert verify(new, headers, body)
+    with pytest.raises(WebhookVerificationError):
+        verify(old, headers, body)
+
+
+# --- SSRF at registration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://192.168.1.5/hook",
+        "http://127.0.0.1/hook",
+        "http://localhost:8000/hook",  # a name that resolves to loopback
+        "http://2130706433/hook",  # 127.0.0.1 written as one number
+        "ftp://example.com/hook",
+        "http://user:pass@example.com/hook",
+    ],
+)
+async def test_internal_or_odd_subscriber_urls_are_refused(
+    harness: Harness, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in production: no private network allowed (the harness allows 127.0.0.0/8).
+    monkeypatch.setattr(harness.runtime, "address_policy", AddressPolicy())
+    response = await harness.client.post("/v1/subscriptions", json={"url": url}, headers=auth())
+    assert response.status_code == 400, url
+    assert response.json()["error"]["details"][0]["field"] == "url"
+    notify = await harness.client.post(
+        "/v1/tasks/track", json={"provider": "evolink", "notify_url": url}, headers=auth()
+    )
+    assert notify.status_code == 400
+    assert error_code(notify) in {"destination_not_allowed", "validation_failed"}
+
+
+# --- the live stream ------------------------------------------------------------------------------
+
+
+async def test_stream_starts_with_the_current_state_and_ends_after_the_final_event(
+    harness: Harness,
+) -> None:
+    task_id = await harness.track()
+    harness.update(task_id, TaskStatus.running, 20)
+
+    async def finish_later() -> None:
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(harness.update, task_id, TaskStatus.running, 60)
+        await asyncio.to_thread(harness.update, task_id, TaskStatus.succeeded)
+
+    finisher = asyncio.create_task(finish_later())
+    frames = []
+    async with harness.client.stream(
+        "GET", f"/v1/tasks/{task_id}/stream", headers=auth()
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        block: dict[str, str] = {}
+        async for line in response.aiter_lines():
+            if line.startswith(("event:", "data:", "id:")):
+                key, _, value = line.partition(":")
+                block[key] = value.strip()
+            elif not line and block:
+                frames.append(block)
+                block = {}
+    await finisher
+    types = [frame["event"] for frame in frames]
+    assert types == ["task.state", "task.progress", "task.succeeded"]
+    assert json.loads(frames[0]["data"])["data"]["progress"] == 20
+    assert json.loads(frames[-1]["data"])["data"]["status"] == "succeeded"
+    other = await harness.client.get(f"/v1/tasks/{task_id}/stream", headers=auth(BOB))
+    assert other.status_code == 404
