@@ -473,7 +473,8 @@ def as_json(results: list[Result], run: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
-        description="TaskRelay's polling fallback against a fixed 5 s poll, callbacks lost."
+        description="TaskRelay's polling fallback against a fixed 5 s poll, callbacks lost.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--tasks", type=int, default=defaults.tasks, help="tasks per workload")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
@@ -485,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tick",
         type=float,
         default=None,
-        help="seconds between idle scheduler passes (default: the scheduler's own, 1 s; "
-        "0: a pass every step)",
+        help="seconds between idle scheduler passes; 0: a pass every step "
+        "(default: the scheduler's own, TASKRELAY_SCHEDULER_TICK, 1 s)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON, not markdown")
     args = parser.parse_args(argv)

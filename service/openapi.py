@@ -13,15 +13,23 @@ from pydantic.json_schema import models_json_schema
 
 from service import __version__
 from service.schemas import (
+    EVENT_SCHEMA_VERSION,
     CallbackAck,
+    DeliveryOut,
     ErrorResponse,
     EventPage,
+    Replay,
+    SecretRotation,
+    SubscriptionCreate,
+    SubscriptionOut,
+    SubscriptionUpdate,
     TaskCreate,
     TaskOut,
     TaskPage,
     TaskPatch,
     TaskTrack,
     TrackedTaskOut,
+    WebhookEvent,
 )
 from service.settings import PROVIDERS
 
@@ -35,6 +43,13 @@ _MODELS: list[type[BaseModel]] = [
     EventPage,
     ErrorResponse,
     CallbackAck,
+    WebhookEvent,
+    SubscriptionCreate,
+    SubscriptionUpdate,
+    SubscriptionOut,
+    SecretRotation,
+    Replay,
+    DeliveryOut,
 ]
 
 
@@ -80,6 +95,195 @@ _IDEMPOTENCY = {
 
 def _json_body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_SUBSCRIPTION_ID = {
+    "name": "subscription_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "maxLength": 40},
+}
+_DELIVERY_ID = {
+    "name": "delivery_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "maxLength": 40},
+}
+_OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _op(summary: str, op_id: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": op_id,
+        "security": _AUTH,
+        **extra,
+        "responses": responses,
+    }
+
+
+def _event_paths() -> dict[str, Any]:
+    sub_params = [_SUBSCRIPTION_ID]
+    page = {
+        "description": "A page of deliveries",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "data": {"type": "array", "items": _ref("DeliveryOut")},
+                        "next_cursor": {"type": ["string", "null"]},
+                    },
+                }
+            }
+        },
+    }
+    return {
+        "/v1/tasks/{task_id}/refresh": {
+            "post": _op(
+                "Ask the provider about the task now",
+                "refreshTask",
+                {"200": _json("TaskOut", "The updated task"), **_errors(401, 404, 409, 503)},
+                parameters=[_TASK_ID],
+            )
+        },
+        "/v1/tasks/{task_id}/stream": {
+            "get": _op(
+                "The task's events as Server-Sent Events, until its final event",
+                "streamTask",
+                {
+                    "200": {
+                        "description": "text/event-stream",
+                        "content": {"text/event-stream": {}},
+                    },
+                    **_errors(401, 404),
+                },
+                parameters=[_TASK_ID],
+            )
+        },
+        "/v1/subscriptions": {
+            "post": _op(
+                "Subscribe an endpoint to your task events",
+                "createSubscription",
+                {
+                    "201": _json("SubscriptionOut", "Created, with its secret"),
+                    **_errors(400, 401, 413, 415),
+                },
+                requestBody=_json_body("SubscriptionCreate"),
+            ),
+            "get": _op("Your subscriptions", "listSubscriptions", {"200": _OBJECT, **_errors(401)}),
+        },
+        "/v1/subscriptions/{subscription_id}": {
+            "get": _op(
+                "A subscription",
+                "getSubscription",
+                {"200": _json("SubscriptionOut", "The subscription"), **_errors(401, 404)},
+                parameters=sub_params,
+            ),
+            "patch": _op(
+                "Change a subscription (url, filters, description, enabled)",
+                "updateSubscription",
+                {
+                    "200": _json("SubscriptionOut", "The subscription"),
+                    **_errors(400, 401, 404, 413, 415),
+                },
+                parameters=sub_params,
+                requestBody=_json_body("SubscriptionUpdate"),
+            ),
+            "delete": _op(
+                "Delete a subscription",
+                "deleteSubscription",
+                {"204": {"description": "Deleted"}, **_errors(401, 404)},
+                parameters=sub_params,
+            ),
+        },
+        "/v1/subscriptions/{subscription_id}/rotate-secret": {
+            "post": _op(
+                "New secret; the previous one keeps signing during the overlap",
+                "rotateSubscriptionSecret",
+                {"200": _json("SubscriptionOut", "With the new secret"), **_errors(400, 401, 404)},
+                parameters=sub_params,
+                requestBody={
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("SecretRotation")}},
+                },
+            )
+        },
+        "/v1/subscriptions/{subscription_id}/deliveries": {
+            "get": _op(
+                "The subscription's deliveries, newest first",
+                "listDeliveries",
+                {"200": page, **_errors(400, 401, 404)},
+                parameters=[
+                    _SUBSCRIPTION_ID,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "enum": ["pending", "succeeded", "dead", "coalesced"],
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                ],
+            )
+        },
+        "/v1/subscriptions/{subscription_id}/replay": {
+            "post": _op(
+                "Send the events since a time again",
+                "replayEvents",
+                {"202": _OBJECT, **_errors(400, 401, 404, 409)},
+                parameters=sub_params,
+                requestBody=_json_body("Replay"),
+            )
+        },
+        "/v1/deliveries/{delivery_id}": {
+            "get": _op(
+                "A delivery with its attempt log",
+                "getDelivery",
+                {"200": _OBJECT, **_errors(401, 404)},
+                parameters=[_DELIVERY_ID],
+            )
+        },
+        "/v1/deliveries/{delivery_id}/retry": {
+            "post": _op(
+                "Send a delivery again now",
+                "retryDelivery",
+                {"202": _json("DeliveryOut", "Scheduled"), **_errors(401, 404, 409)},
+                parameters=[_DELIVERY_ID],
+            )
+        },
+        "/v1/notify-secret": {
+            "get": _op(
+                "The secret that signs your tasks' notify_url deliveries",
+                "getNotifySecret",
+                {"200": _OBJECT, **_errors(401)},
+            )
+        },
+        "/v1/notify-secret/rotate": {
+            "post": _op(
+                "Rotate the notify secret",
+                "rotateNotifySecret",
+                {"200": _OBJECT, **_errors(400, 401)},
+                requestBody={
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("SecretRotation")}},
+                },
+            )
+        },
+    }
 
 
 def build_openapi() -> dict[str, Any]:
@@ -245,6 +449,7 @@ def build_openapi() -> dict[str, Any]:
             }
         },
     }
+    paths.update(_event_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -253,6 +458,20 @@ def build_openapi() -> dict[str, Any]:
             "description": "Tracks asynchronous image-generation tasks across providers.",
         },
         "paths": paths,
+        "webhooks": {
+            "taskEvent": {
+                "post": {
+                    "summary": f"A task event (event schema version {EVENT_SCHEMA_VERSION})",
+                    "description": "Signed per the Standard Webhooks specification: headers "
+                    "webhook-id (the event id), webhook-timestamp and webhook-signature "
+                    "(v1,<base64 HMAC-SHA256 of '{id}.{timestamp}.{body}'>).",
+                    "requestBody": {
+                        "content": {"application/json": {"schema": _ref("WebhookEvent")}}
+                    },
+                    "responses": {"200": {"description": "Any 2xx acknowledges the event"}},
+                }
+            }
+        },
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

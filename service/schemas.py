@@ -196,6 +196,47 @@ class EventPage(BaseModel):
     data: list[EventOut]
 
 
+EVENT_SCHEMA_VERSION = 1
+
+
+class WebhookEvent(BaseModel):
+    """What subscribers receive (event schema version 1): one task change."""
+
+    id: str = Field(description="The event id; also the webhook-id header, stable across retries.")
+    type: EventTypeName
+    timestamp: str = Field(description="When the change happened (ISO 8601, UTC).")
+    data: TaskOut = Field(description="The task right after the change, as GET /v1/tasks/{id}.")
+
+
+class SubscriptionOut(BaseModel):
+    id: str
+    url: str
+    event_types: list[EventTypeName] | None
+    providers: list[ProviderName] | None
+    description: str | None
+    enabled: bool
+    disabled_reason: str | None
+    previous_secret_expires_at: str | None
+    created_at: str
+    updated_at: str
+    secret: str | None = Field(
+        default=None, description="Only in the answers that create or rotate it."
+    )
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    event_id: str
+    event_type: EventTypeName
+    status: Literal["pending", "succeeded", "dead", "coalesced"]
+    attempts: int
+    next_attempt_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: str
+    delivered_at: str | None
+
+
 class CallbackAck(BaseModel):
     received: bool
     task_id: str

@@ -513,3 +513,29 @@ async def test_stream_starts_with_the_current_state_and_ends_after_the_final_eve
     assert json.loads(frames[-1]["data"])["data"]["status"] == "succeeded"
     other = await harness.client.get(f"/v1/tasks/{task_id}/stream", headers=auth(BOB))
     assert other.status_code == 404
+
+
+async def test_shutdown_releases_in_flight_deliveries_for_another_process(
+    harness: Harness,
+) -> None:
+    from service.dispatcher import Dispatcher
+    from service.metrics import Metrics
+
+    await harness.subscribe("stuck")
+    await harness.track()
+    harness.receiver.hold["stuck"] = asyncio.Event()
+    leaving = harness.runtime.dispatcher
+    await leaving.run_once(wait=False)
+    await asyncio.sleep(0.05)
+    assert len(harness.receiver.received["stuck"]) == 1  # in flight, held by the subscriber
+    await leaving.stop(grace=0.1)  # it cannot finish in time: released, not kept leased
+    harness.receiver.hold.pop("stuck").set()
+    successor = Dispatcher(
+        harness.runtime.outbox,
+        leaving.http,
+        metrics=Metrics(),
+        monotonic=harness.clock.monotonic,
+    )
+    assert await successor.run_until_idle() == 1  # at once: no lease to wait out
+    ids = {headers["webhook-id"] for headers, _ in harness.receiver.received["stuck"]}
+    assert len(ids) == 1 and len(harness.receiver.received["stuck"]) == 2
