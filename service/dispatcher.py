@@ -21,6 +21,7 @@ import httpx
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import NotFound, StoreUnavailable
+from service.loops import Ticker
 from service.metrics import Metrics
 from service.outbox import AttemptResult, DeliveryJob, Outbox
 
@@ -54,26 +55,19 @@ class Dispatcher:
         self.tick_seconds = tick_seconds
         self.monotonic = monotonic
         self.worker_id = worker_id or f"dispatch-{uuid.uuid4().hex[:12]}"
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._ticker = Ticker("dispatcher", self._pass, tick_seconds)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._busy: dict[int, int] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop_task = asyncio.create_task(self._run(), name="dispatcher")
+        self._ticker.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let in-flight deliveries finish (up to ``grace``), then release
         every lease still held so another process sends them."""
-        self._stopping.set()
-        self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
+        await self._ticker.stop()
         if self._in_flight:
             _done, pending = await asyncio.wait(list(self._in_flight), timeout=grace)
             for job in pending:
@@ -86,24 +80,10 @@ class Dispatcher:
 
     def notify(self) -> None:
         """New events were committed (may be called from any thread)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake.set)
+        self._ticker.wake()
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                found = await self.run_once(wait=False)
-            except StoreUnavailable:
-                log.warning("dispatcher pass skipped: the database is unavailable")
-                found = 0
-            except Exception:
-                log.exception("dispatcher pass failed")
-                found = 0
-            if found:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_seconds)
-            self._wake.clear()
+    async def _pass(self) -> int:
+        return await self.run_once(wait=False)
 
     # --- passes -----------------------------------------------------------------------------
 

@@ -88,6 +88,23 @@ def _matches(subscription: Subscription, event_type: str, provider: str) -> bool
     return subscription.providers is None or provider in subscription.providers
 
 
+def new_delivery(subscription_pk: int, event: TaskEvent, due: datetime, now: datetime) -> Delivery:
+    """A pending delivery of ``event`` to a subscription, first attempt at ``due``."""
+    assert event.seq is not None
+    return Delivery(
+        id=new_id("dlv"),
+        subscription_pk=subscription_pk,
+        event_seq=event.seq,
+        task_pk=event.task_pk,
+        event_type=event.type,
+        status=DeliveryStatus.pending.value,
+        attempts=0,
+        next_attempt_at=due,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def fan_out(session: Session, task: Task, event: TaskEvent, now: datetime) -> int:
     """Inside the event's own transaction: one pending delivery per matching subscription.
 
@@ -126,20 +143,7 @@ def fan_out(session: Session, task: Task, event: TaskEvent, now: datetime) -> in
             session.add(old)
         if event.type == EventType.progress.value:
             due = min((old.next_attempt_at for old in waiting), default=now + PROGRESS_DELAY)
-        session.add(
-            Delivery(
-                id=new_id("dlv"),
-                subscription_pk=subscription.pk,
-                event_seq=event.seq,
-                task_pk=task.pk,
-                event_type=event.type,
-                status=DeliveryStatus.pending.value,
-                attempts=0,
-                next_attempt_at=due,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        session.add(new_delivery(subscription.pk, event, due, now))
         created += 1
     return created
 
@@ -542,20 +546,6 @@ class Outbox:
             for event, provider in rows:
                 if not _matches(subscription, event.type, provider):
                     continue
-                assert event.seq is not None
-                session.add(
-                    Delivery(
-                        id=new_id("dlv"),
-                        subscription_pk=subscription.pk,
-                        event_seq=event.seq,
-                        task_pk=event.task_pk,
-                        event_type=event.type,
-                        status=DeliveryStatus.pending.value,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+                session.add(new_delivery(subscription.pk, event, now, now))
                 count += 1
             return count

@@ -11,7 +11,6 @@ own errors. :meth:`Scheduler.run_until_idle` drives it step by step in tests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import Conflict, ProviderError, StoreUnavailable
+from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import TERMINAL_STATUSES, TaskStatus
 from service.providers.base import ProviderAdapter
@@ -106,9 +106,7 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.clock = clock
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._ticker = Ticker("scheduler", self.run_once, tick_seconds)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -120,36 +118,17 @@ class Scheduler:
                 log.info("reconciled %d unfinished tasks into the polling schedule", planned)
         except StoreUnavailable:
             log.error("start-up reconciliation skipped: the database is unavailable")
-        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        self._ticker.start()
 
     async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
+        await self._ticker.stop()
         try:
             await run_in_threadpool(self.store.release_leases, self.worker_id)
         except StoreUnavailable:
             log.warning("could not release polling leases; they expire on their own")
 
     def wake(self) -> None:
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                found = await self.run_once()
-            except StoreUnavailable:
-                log.warning("scheduler pass skipped: the database is unavailable")
-                found = 0
-            except Exception:
-                log.exception("scheduler pass failed")
-                found = 0
-            if found:
-                continue  # more may be due: go again at once
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_seconds)
-            self._wake.clear()
+        self._ticker.wake()
 
     # --- passes -----------------------------------------------------------------------------
 

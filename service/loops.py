@@ -1,0 +1,56 @@
+"""The loop every background worker runs: do a pass; go again at once if it found work,
+otherwise sleep until woken or the tick interval passes; stop when asked. Each pass handles
+and logs its own errors, so one bad pass never ends the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from service.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Ticker:
+    def __init__(self, name: str, step: Callable[[], Awaitable[int]], tick_seconds: float) -> None:
+        self.name = name
+        self.step = step
+        self.tick_seconds = tick_seconds
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    def wake(self) -> None:
+        """Run a pass now. Safe from any thread (store commits happen in worker threads)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                found = await self.step()
+            except StoreUnavailable:
+                log.warning("%s pass skipped: the database is unavailable", self.name)
+                found = 0
+            except Exception:
+                log.exception("%s pass failed", self.name)
+                found = 0
+            if found:
+                continue  # more may be due: go again at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_seconds)
+            self._wake.clear()
