@@ -23,8 +23,8 @@ run: $(STAMP)
 	$(BIN)/taskrelay serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests migrations
-	$(BIN)/ruff format --check service tests migrations
+	$(BIN)/ruff check service tests migrations bench
+	$(BIN)/ruff format --check service tests migrations bench
 	$(BIN)/mypy
 
 test: lint

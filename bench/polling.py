@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -336,6 +337,7 @@ class Bench:
 
     def measure(self, jobs: list[Job]) -> list[Result]:
         results = []
+        queries_seen: Counter[str] = Counter()  # TaskRelay's queries, by the sandbox's record
         for workload in WORKLOADS:
             ours: list[Measure] = []
             naive: list[Measure] = []
@@ -349,11 +351,17 @@ class Bench:
                 ours_task = self.sandbox.tasks[task["provider_task_id"]]
                 ours_lag = self.clock.to_seconds(known) - ours_task.finish_at
                 ours.append(Measure(len(ours_task.status_queries), ours_lag))
+                queries_seen[workload.provider] += len(ours_task.status_queries)
                 naive_task = self.sandbox.tasks[job.naive_provider_task_id]
                 assert job.naive_known_at is not None
                 naive_lag = job.naive_known_at - naive_task.finish_at
                 naive.append(Measure(len(naive_task.status_queries), naive_lag))
             results.append(Result(workload, Summary.of(ours), Summary.of(naive), not_succeeded))
+        # The naive poll went around TaskRelay: its metrics count only TaskRelay's own queries.
+        for provider, seen in queries_seen.items():
+            counted = self.runtime.metrics.counter("status_queries_total", provider=provider)
+            if seen != counted:
+                raise RuntimeError(f"{provider}: the sandbox saw {seen} queries, metrics {counted}")
         return results
 
 
@@ -485,24 +493,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tick",
         type=float,
-        default=None,
+        default=argparse.SUPPRESS,
         help="seconds between idle scheduler passes; 0: a pass every step "
         "(default: the scheduler's own, TASKRELAY_SCHEDULER_TICK, 1 s)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON, not markdown")
     args = parser.parse_args(argv)
-    if args.tasks < 2 or args.step <= 0 or args.window < 0 or (args.tick or 0.0) < 0:
+    tick: float | None = getattr(args, "tick", None)
+    if args.tasks < 2 or args.step <= 0 or args.window < 0 or (tick or 0.0) < 0:
         parser.error("--tasks must be at least 2, --step positive, --window and --tick >= 0")
-    config = RunConfig(args.tasks, args.seed, args.step, args.window, args.tick)
+    config = RunConfig(args.tasks, args.seed, args.step, args.window, tick)
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
-    results, tick = asyncio.run(run_benchmark(config))
+    results, used_tick = asyncio.run(run_benchmark(config))
     wall = time.perf_counter() - started
     if args.json:
-        run = {**dataclasses.asdict(config), "tick": tick, "wall_seconds": round(wall, 1)}
+        run = {**dataclasses.asdict(config), "tick": used_tick, "wall_seconds": round(wall, 1)}
         print(json.dumps(as_json(results, run), indent=2))
     else:
-        print(markdown(results, config, tick))
+        print(markdown(results, config, used_tick))
         print(f"\n(wall time {wall:.1f} s)")
     return 0
 

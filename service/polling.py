@@ -3,9 +3,10 @@
 Callbacks are the normal path; a status query is the fallback for a callback that is late or
 lost. So the first query waits until the task should be finished (the provider's estimate, or
 what progress so far predicts, or the provider's typical duration) plus a short grace for the
-callback to arrive: when callbacks come on time, no query is ever sent. After that, queries
-follow a jittered, capped exponential backoff, pulled earlier when reported progress predicts
-the finish sooner; failed queries back off on their own schedule and honour Retry-After.
+callback to arrive: when callbacks come on time, no query is ever sent. After that, a query
+aims at the finish that reported progress predicts; without a prediction (or once it has
+passed, progress having stalled) queries follow a jittered, capped exponential backoff.
+Failed queries back off on their own schedule and honour Retry-After.
 Nothing is ever scheduled past the task's deadline, where one last query decides between the
 provider's answer and ``expired``.
 """
@@ -89,13 +90,17 @@ def next_check(
         # (a restart after an outage finds such tasks overdue).
         when = max(first, now)
     else:
-        step = min(policy.max_interval, policy.first_step * 2 ** max(0, timing.poll_count - 1))
         predicted = predicted_finish(timing)
-        if predicted is not None:
-            until_predicted = (predicted + grace - now).total_seconds()
-            step = min(step, max(policy.min_interval, until_predicted))
-        step = max(policy.min_interval, step)
-        when = now + timedelta(seconds=_jittered(step, policy, rng))
+        target = predicted + grace if predicted is not None else None
+        if target is not None and target > now:
+            # Progress says when it will be done: look right then (no jitter: never early).
+            until = (target - now).total_seconds()
+            wait = min(policy.max_interval, max(policy.min_interval, until))
+        else:
+            # No prediction, or it has passed (progress stalled): capped, jittered backoff.
+            step = policy.first_step * 2 ** max(0, timing.poll_count - 1)
+            wait = _jittered(max(policy.min_interval, min(policy.max_interval, step)), policy, rng)
+        when = now + timedelta(seconds=wait)
     return min(when, timing.deadline_at)
 
 

@@ -88,14 +88,29 @@ def test_backoff_after_the_expected_finish_doubles_up_to_the_cap() -> None:
     assert steps == [5, 10, 20, 40, 40, 40]
 
 
-def test_progress_pulls_the_next_look_to_the_predicted_finish() -> None:
-    # 50 % at 60 s -> done at 120 s. The backoff has grown to 160 s (six looks), but the
-    # prediction says the task ends sooner: look right after the predicted finish.
+def test_later_looks_aim_at_the_finish_progress_predicts() -> None:
+    # 50 % at 60 s -> done at 120 s: look right after that, whatever the backoff is at.
     halfway = timing(progress=50, progress_at=T0 + s(60), poll_count=6)
     now = T0 + s(61)
-    assert next_check(halfway, now, POLICY) == T0 + s(121)
-    # With the backoff still short (20 s after three looks), the backoff wins.
-    assert next_check(replace(halfway, poll_count=3), now, POLICY) == T0 + s(81)
+    jittery = replace(POLICY, jitter=0.5)
+    for count in (1, 3, 6):
+        looked = replace(halfway, poll_count=count)
+        for seed in range(5):
+            assert next_check(looked, now, jittery, random.Random(seed)) == T0 + s(121)
+    # ...never further off than the longest interval.
+    far = timing(progress=1, progress_at=T0 + s(60), poll_count=2)
+    assert next_check(far, now, replace(POLICY, max_interval=100)) == now + s(100)
+
+
+def test_a_stalled_prediction_falls_back_to_backoff_not_to_hot_polling() -> None:
+    # Progress said 50 % at 60 s, so done at 120 s; it is 200 s now and nothing moved.
+    stalled = timing(progress=50, progress_at=T0 + s(60))
+    now = T0 + s(200)
+    steps = [
+        (next_check(replace(stalled, poll_count=count), now, POLICY) - now).total_seconds()  # type: ignore[operator]
+        for count in (1, 2, 3, 4)
+    ]
+    assert steps == [5, 10, 20, 40]
     # ...but never sooner than the minimum interval.
     almost = timing(progress=99, progress_at=T0 + s(60), poll_count=1)
     assert next_check(almost, T0 + s(61), POLICY) == T0 + s(62)
