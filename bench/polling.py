@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import sys
@@ -381,9 +382,12 @@ async def run_benchmark(config: RunConfig) -> tuple[list[Result], float]:
     with tempfile.TemporaryDirectory(prefix="taskrelay-bench-") as folder:
         database_url = f"sqlite:///{Path(folder) / 'taskrelay.db'}"
         migrate(database_url)
-        # Every other setting keeps its default: the polling policy under test is the real one.
+        # Every other setting keeps its default (the polling policy under test is the real
+        # one) unless the environment sets it: e.g. TASKRELAY_APIINONE_TYPICAL_DURATION=6.5s.
+        tuning = {k: v for k, v in os.environ.items() if k.startswith("TASKRELAY_")}
         settings = load_settings(
             {
+                **tuning,
                 "TASKRELAY_DATABASE_URL": database_url,
                 "TASKRELAY_DATA_DIR": str(Path(folder) / "data"),
                 "TASKRELAY_PUBLIC_URL": PUBLIC_URL,
