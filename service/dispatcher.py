@@ -28,6 +28,8 @@ from service.outbox import AttemptResult, DeliveryJob, Outbox
 log = logging.getLogger(__name__)
 
 DELIVERY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+# The whole attempt, however the subscriber trickles its answer.
+ATTEMPT_DEADLINE_SECONDS = 30.0
 RESPONSE_READ_CAP = 4096
 USER_AGENT = "TaskRelay-Webhooks/1"
 
@@ -58,6 +60,7 @@ class Dispatcher:
         self._ticker = Ticker("dispatcher", self._pass, tick_seconds)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._busy: dict[int, int] = {}
+        self._sending: set[int] = set()  # delivery pks this process is sending right now
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -95,7 +98,11 @@ class Dispatcher:
                 await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             return 0
         jobs = await run_in_threadpool(
-            self.outbox.claim, self.worker_id, limit=free, lease_seconds=self.lease_seconds
+            self.outbox.claim,
+            self.worker_id,
+            limit=free,
+            lease_seconds=self.lease_seconds,
+            exclude=frozenset(self._sending),
         )
         started: list[asyncio.Task[None]] = []
         waiting: list[int] = []
@@ -125,8 +132,9 @@ class Dispatcher:
         raise RuntimeError("the dispatcher did not become idle")
 
     async def _deliver(self, job: DeliveryJob) -> None:
+        self._sending.add(job.delivery_pk)
         try:
-            result = await self.send(job)
+            result = await self._send_holding_lease(job)
             outcome = "succeeded" if result.succeeded else "failed"
             self.metrics.inc("deliveries_total", outcome=outcome)
             # NotFound: the subscription was deleted while we were sending.
@@ -137,9 +145,28 @@ class Dispatcher:
         except Exception:
             log.exception("delivery %s failed unexpectedly", job.delivery_id)
         finally:
+            self._sending.discard(job.delivery_pk)
             self._busy[job.subscription_pk] -= 1
             if not self._busy[job.subscription_pk]:
                 del self._busy[job.subscription_pk]
+
+    async def _send_holding_lease(self, job: DeliveryJob) -> AttemptResult:
+        """Send, renewing the lease while the subscriber takes its time, so no other process
+        (and no later pass of this one) sends the same delivery meanwhile."""
+        sending = asyncio.create_task(self.send(job))
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=self.lease_seconds / 3)
+                if done:
+                    return sending.result()
+                await run_in_threadpool(
+                    self.outbox.extend_lease, job.delivery_pk, self.worker_id, self.lease_seconds
+                )
+        finally:
+            if not sending.done():
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
 
     async def send(self, job: DeliveryJob) -> AttemptResult:
         """One POST of the signed event; never raises for the subscriber's failures."""
@@ -153,10 +180,15 @@ class Dispatcher:
         }
         started = self.monotonic()
         try:
-            async with self.http.stream(
-                "POST", job.url, content=job.body, headers=headers, timeout=DELIVERY_TIMEOUT
-            ) as response:
-                body = await _read_capped(response)
+            async with asyncio.timeout(ATTEMPT_DEADLINE_SECONDS):
+                async with self.http.stream(
+                    "POST", job.url, content=job.body, headers=headers, timeout=DELIVERY_TIMEOUT
+                ) as response:
+                    body = await _read_capped(response)
+        except TimeoutError:
+            elapsed = (self.monotonic() - started) * 1000
+            late = f"no complete answer within {ATTEMPT_DEADLINE_SECONDS:.0f} s"
+            return AttemptResult(None, elapsed, error=late)
         except httpx.HTTPError as exc:
             elapsed = (self.monotonic() - started) * 1000
             return AttemptResult(None, elapsed, error=f"{type(exc).__name__}: {exc}"[:500])

@@ -304,7 +304,14 @@ class Outbox:
 
     # --- the dispatcher's queue -------------------------------------------------------------
 
-    def claim(self, worker: str, *, limit: int, lease_seconds: float) -> list[DeliveryJob]:
+    def claim(
+        self,
+        worker: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        exclude: frozenset[int] = frozenset(),
+    ) -> list[DeliveryJob]:
         """Lease up to ``limit`` due deliveries. A delivery is due only once every earlier
         event of its task has been settled for its subscription (order per task)."""
         now = self.clock()
@@ -332,6 +339,7 @@ class Outbox:
                 col(Subscription.enabled).is_(True),
                 ~blocked,
             )
+            .where(col(Delivery.pk).not_in(exclude) if exclude else sa.true())
             .order_by(col(Delivery.next_attempt_at))
             .limit(limit)
             .with_for_update(skip_locked=True, of=Delivery)
@@ -422,6 +430,16 @@ class Outbox:
                 delivery.status = DeliveryStatus.dead.value
             session.add(delivery)
             return delivery
+
+    def extend_lease(self, delivery_pk: int, worker: str, lease_seconds: float) -> None:
+        """Keep holding a delivery that is still being sent."""
+        statement = (
+            sa.update(Delivery)
+            .where(col(Delivery.pk) == delivery_pk, col(Delivery.lease_owner) == worker)
+            .values(lease_expires_at=self.clock() + timedelta(seconds=lease_seconds))
+        )
+        with self.store.transaction(write=True) as session:
+            session.execute(statement)
 
     def unclaim(self, delivery_pks: Sequence[int], worker: str) -> None:
         """Hand back claimed deliveries that were not started."""

@@ -65,8 +65,8 @@ async def stream_task(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     task_id = request.path_params["task_id"]
-    task = await run_in_threadpool(runtime.store.get_task, owner, task_id)  # 404 if not theirs
-    events = await run_in_threadpool(runtime.store.list_events, owner, task_id)
+    # The task and its events from one snapshot, so no event falls between them.
+    task, events = await run_in_threadpool(runtime.store.task_with_events, owner, task_id)
     resume_from = request.headers.get("last-event-id")
     last_seq = 0
     if resume_from:

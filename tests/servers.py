@@ -115,3 +115,188 @@ class SandboxProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+# --- a real webhook subscriber ------------------------------------------------------------------
+
+from typing import Any  # noqa: E402  (this section was added after the others)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def subscriber_main(argv: list[str]) -> None:
+    """Run the subscriber app (in its own process): ``PORT RECORDS_PATH STATUS HOLD``.
+
+    Every POST (any path) is appended to RECORDS_PATH as one JSON line when it arrives
+    (``kind: request``: path, headers, body, the status it will be answered), and once more when
+    it is answered (``kind: answer``: whether the client was still connected). ``POST /_control``
+    ``{"status": 503, "hold": 5.0}`` changes how later requests are answered and releases
+    requests being held; ``GET /_health`` answers 200.
+    """
+    import asyncio
+    import contextlib
+    import json
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    port, records_path = int(argv[0]), Path(argv[1])
+    mode: dict[str, float] = {"status": int(argv[2]), "hold": float(argv[3])}
+    release = asyncio.Event()
+    counter = {"n": 0}
+    records = open(records_path, "a", encoding="utf-8")  # noqa: SIM115  (lives with the process)
+
+    def write(record: dict[str, object]) -> None:
+        records.write(json.dumps(record) + "\n")
+        records.flush()
+
+    async def hook(request: Request) -> Response:
+        body = await request.body()
+        counter["n"] += 1
+        number = f"{os.getpid()}-{counter['n']}"
+        status, hold = int(mode["status"]), mode["hold"]
+        write(
+            {
+                "kind": "request",
+                "n": number,
+                "at": time.time(),
+                "path": request.url.path,
+                "headers": dict(request.headers),
+                "body": body.decode("utf-8", errors="replace"),
+                "status": status,
+                "held": hold,
+            }
+        )
+        gone = False
+        if hold > 0:
+            waiter = release
+            deadline = time.monotonic() + hold
+            while time.monotonic() < deadline and not waiter.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), timeout=0.1)
+                if await request.is_disconnected():
+                    gone = True
+                    break
+        gone = gone or await request.is_disconnected()
+        write({"kind": "answer", "n": number, "at": time.time(), "client_gone": gone})
+        return Response(status_code=status)
+
+    async def control(request: Request) -> Response:
+        nonlocal release
+        changes = await request.json()
+        mode.update({k: changes[k] for k in ("status", "hold") if k in changes})
+        release.set()  # held requests are answered now
+        release = asyncio.Event()
+        return JSONResponse(mode)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"pid": os.getpid(), **mode})
+
+    app = Starlette(
+        routes=[
+            Route("/_control", control, methods=["POST"]),
+            Route("/_health", health, methods=["GET"]),
+            Route("/{path:path}", hook, methods=["POST"]),
+        ]
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+
+
+class SubscriberProcess:
+    """A real webhook receiver (Starlette on uvicorn) in a process of its own, on a free port.
+
+    It records every request to a JSON-lines file that outlives the process, so it can be
+    killed (the subscriber is down: connections are refused) and started again on the same
+    port. ``configure(status=..., hold=...)`` changes how it answers while it runs.
+    """
+
+    def __init__(self, directory: Path, *, status: int = 200, hold: float = 0.0) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.records_path = directory / "subscriber.jsonl"
+        self.records_path.touch()
+        self._log_path = directory / "subscriber.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start(status=status, hold=hold)
+
+    def hook_url(self, path: str) -> str:
+        return f"{self.url}/{path.lstrip('/')}"
+
+    def start(self, *, status: int = 200, hold: float = 0.0, timeout: float = 20.0) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        code = "import sys; from tests.servers import subscriber_main as m; m(sys.argv[1:])"
+        with open(self._log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    str(self.port),
+                    str(self.records_path),
+                    str(status),
+                    str(hold),
+                ],
+                cwd=_REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                health = httpx.get(f"{self.url}/_health", timeout=1.0)
+                if health.status_code == 200 and health.json()["pid"] == self.process.pid:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise RuntimeError(
+                    f"the subscriber did not start:\n{self._log_path.read_text(errors='replace')}"
+                )
+            time.sleep(0.05)
+
+    def configure(self, *, status: int | None = None, hold: float | None = None) -> None:
+        changes = {k: v for k, v in (("status", status), ("hold", hold)) if v is not None}
+        httpx.post(f"{self.url}/_control", json=changes, timeout=5.0).raise_for_status()
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the process; SIGKILL (the default) drops held requests on the floor."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def requests(self, path: str | None = None) -> list[dict[str, Any]]:
+        """Every request received so far (oldest first), each with ``answered`` (whether it
+        was answered while its client was still connected) merged in."""
+        import json
+
+        received: list[dict[str, Any]] = []
+        answers: dict[str, dict[str, Any]] = {}
+        for line in self.records_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line being written right now
+                continue
+            if record["kind"] == "answer":
+                answers[record["n"]] = record
+            elif path is None or record["path"] == path:
+                received.append(record)
+        for record in received:
+            answer = answers.get(record["n"])
+            record["answered"] = answer is not None and not answer["client_gone"]
+        return received
