@@ -97,12 +97,16 @@ class Dispatcher:
             if self._in_flight:
                 await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             return 0
+        saturated = frozenset(
+            pk for pk, busy in self._busy.items() if busy >= self.per_subscription
+        )
         jobs = await run_in_threadpool(
             self.outbox.claim,
             self.worker_id,
             limit=free,
             lease_seconds=self.lease_seconds,
             exclude=frozenset(self._sending),
+            exclude_subscriptions=saturated,
         )
         started: list[asyncio.Task[None]] = []
         waiting: list[int] = []
@@ -126,9 +130,12 @@ class Dispatcher:
         total = 0
         for _ in range(max_passes):
             found = await self.run_once(wait=True)
-            if not found:
+            if found:
+                total += found
+            elif self._in_flight:  # started by earlier passes: idle only once they are done
+                await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+            else:
                 return total
-            total += found
         raise RuntimeError("the dispatcher did not become idle")
 
     async def _deliver(self, job: DeliveryJob) -> None:

@@ -311,6 +311,7 @@ class Outbox:
         limit: int,
         lease_seconds: float,
         exclude: frozenset[int] = frozenset(),
+        exclude_subscriptions: frozenset[int] = frozenset(),
     ) -> list[DeliveryJob]:
         """Lease up to ``limit`` due deliveries. A delivery is due only once every earlier
         event of its task has been settled for its subscription (order per task)."""
@@ -340,6 +341,13 @@ class Outbox:
                 ~blocked,
             )
             .where(col(Delivery.pk).not_in(exclude) if exclude else sa.true())
+            .where(
+                # Subscribers already at their in-flight cap here: leave their backlog alone,
+                # so the claim goes to everyone else's deliveries.
+                col(Delivery.subscription_pk).not_in(exclude_subscriptions)
+                if exclude_subscriptions
+                else sa.true()
+            )
             .order_by(col(Delivery.next_attempt_at))
             .limit(limit)
             .with_for_update(skip_locked=True, of=Delivery)

@@ -22,7 +22,8 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import Conflict, ProviderError, StoreUnavailable
+from service.errors import Conflict, ProviderError, StoreUnavailable, UpstreamRateLimited
+from service.lifecycle import TaskUpdate
 from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import TERMINAL_STATUSES, TaskStatus
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 
 # A pass claims about this many seconds' worth of each provider's query budget.
 PASS_SECONDS = 2.0
+
+
+class ProviderPaused(Exception):
+    """The provider asked for a pause longer than a pass may wait."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"paused for {seconds:.1f} s")
+        self.seconds = seconds
 
 
 class ProviderLimiter:
@@ -46,7 +55,9 @@ class ProviderLimiter:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_pause_wait: float = PASS_SECONDS,
     ) -> None:
+        self.max_pause_wait = max_pause_wait
         self.concurrency = concurrency
         self.rate = rate
         self._slots = asyncio.Semaphore(concurrency)
@@ -59,12 +70,18 @@ class ProviderLimiter:
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, self._monotonic() + seconds)
 
+    def paused_for(self) -> float:
+        """Seconds until the provider may be asked again (0 when it may be asked now)."""
+        return max(0.0, self._paused_until - self._monotonic())
+
     async def __aenter__(self) -> None:
         await self._slots.acquire()
         try:
             async with self._lock:  # starts are spaced 1/rate apart, in arrival order
                 while True:
                     now = self._monotonic()
+                    if self._paused_until - now > self.max_pause_wait:
+                        raise ProviderPaused(self._paused_until - now)
                     start = max(now, self._next_start, self._paused_until)
                     if start <= now:
                         break
@@ -194,9 +211,9 @@ class Scheduler:
             task = await run_in_threadpool(self.store.reschedule, claim.task_id, worker)
         return PollOutcome(task, queried, expired=False)
 
-    async def _query(
-        self, adapter: ProviderAdapter, claim: Claim, worker: str | None
-    ) -> dict[str, Any]:
+    async def _ask(self, adapter: ProviderAdapter, claim: Claim) -> TaskUpdate:
+        """One status query within the provider's limits. Failures are counted and raised;
+        a 429 pauses the provider; a long pause raises ProviderPaused instead of waiting."""
         assert claim.provider_task_id is not None
         limiter = self.limiters[claim.provider]
         async with limiter:
@@ -212,18 +229,36 @@ class Scheduler:
                     exc.code,
                     extra={"provider": claim.provider},
                 )
-                result = await run_in_threadpool(
-                    self.store.record_poll, claim.task_id, worker, error=exc
-                )
-                return result.task
+                raise
         self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
+        return update
+
+    async def _query(
+        self, adapter: ProviderAdapter, claim: Claim, worker: str | None
+    ) -> dict[str, Any]:
+        try:
+            update = await self._ask(adapter, claim)
+        except ProviderPaused as paused:
+            # The provider asked us to back off: hand the task back for when the pause ends
+            # instead of sleeping on its lease (and holding up this pass for other providers).
+            return await run_in_threadpool(
+                self.store.defer, claim.task_id, worker, seconds=paused.seconds
+            )
+        except ProviderError as exc:
+            failed = await run_in_threadpool(
+                self.store.record_poll, claim.task_id, worker, error=exc
+            )
+            return failed.task
         result = await run_in_threadpool(
             self.store.record_poll, claim.task_id, worker, update=update
         )
         return result.task
 
     async def refresh(self, task: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/tasks/{id}/refresh``: query the provider now and record the answer."""
+        """``POST /v1/tasks/{id}/refresh``: query the provider now and record the answer.
+
+        The task is leased like a scheduled poll, so a refresh never runs at the same moment
+        as another process's (or this one's) status query of the same task."""
         adapter = self.adapters[task["provider"]]
         if not adapter.can_query_status:
             raise Conflict(
@@ -237,17 +272,31 @@ class Scheduler:
                 "it; set one with PATCH /v1/tasks/{id}.",
                 code="not_queryable",
             )
+        worker = f"refresh-{uuid.uuid4().hex[:12]}"
+        claimed = await run_in_threadpool(
+            self.store.claim_task, task["id"], worker, lease_seconds=self.lease_seconds
+        )
+        if not claimed:
+            raise Conflict(
+                "The provider is being asked about this task right now; try again in a moment.",
+                code="poll_in_progress",
+            )
         claim = Claim(task["id"], task["provider"], task["provider_task_id"], _FAR_FUTURE)
-        limiter = self.limiters[claim.provider]
-        async with limiter:
-            try:
-                update = await adapter.query_status(task["provider_task_id"])
-            except ProviderError as exc:
-                self.metrics.inc("status_queries_total", provider=claim.provider, outcome=exc.code)
-                await run_in_threadpool(self.store.record_poll, claim.task_id, None, error=exc)
-                raise
-        self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
-        result = await run_in_threadpool(self.store.record_poll, claim.task_id, None, update=update)
+        try:
+            update = await self._ask(adapter, claim)
+        except ProviderPaused as paused:
+            await run_in_threadpool(self.store.defer, claim.task_id, worker, seconds=paused.seconds)
+            raise UpstreamRateLimited(
+                f"{task['provider']} asked for a pause in status queries.",
+                provider=task["provider"],
+                retry_after=paused.seconds,
+            ) from None
+        except ProviderError as exc:
+            await run_in_threadpool(self.store.record_poll, claim.task_id, worker, error=exc)
+            raise
+        result = await run_in_threadpool(
+            self.store.record_poll, claim.task_id, worker, update=update
+        )
         return result.task
 
 

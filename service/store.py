@@ -645,6 +645,31 @@ class Store:
             session.add(task)
             return result
 
+    def claim_task(self, task_id: str, worker: str, *, lease_seconds: float) -> bool:
+        """Lease one task to ``worker`` unless someone else holds a live lease on it."""
+        with self.transaction(write=True) as session:
+            task = self._locked(session, task_id)
+            now = self.clock()
+            if task.lease_owner and task.lease_expires_at and task.lease_expires_at > now:
+                return False
+            task.lease_owner = worker
+            task.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            session.add(task)
+            return True
+
+    def defer(self, task_id: str, worker: str | None, *, seconds: float) -> dict[str, Any]:
+        """Look at a task again in ``seconds`` (never past its deadline), without asking its
+        provider now; releases the lease."""
+        with self.transaction(write=True) as session:
+            task = self._locked(session, task_id)
+            later = self.clock() + timedelta(seconds=seconds)
+            task.next_check_at = min(later, task.deadline_at) if task.deadline_at else later
+            if worker is None or task.lease_owner == worker:
+                task.lease_owner = None
+                task.lease_expires_at = None
+            session.add(task)
+            return task_json(task)
+
     def reschedule(self, task_id: str, worker: str | None) -> dict[str, Any]:
         """Plan the next look at a task without asking its provider, releasing the lease."""
         with self.transaction(write=True) as session:

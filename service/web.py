@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -60,7 +61,7 @@ def error_response(exc: TaskRelayError) -> Response:
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="taskrelay"'
     retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
+    if isinstance(retry_after, int | float) and math.isfinite(retry_after):
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 

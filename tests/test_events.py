@@ -539,3 +539,35 @@ async def test_shutdown_releases_in_flight_deliveries_for_another_process(
     assert await successor.run_until_idle() == 1  # at once: no lease to wait out
     ids = {headers["webhook-id"] for headers, _ in harness.receiver.received["stuck"]}
     assert len(ids) == 1 and len(harness.receiver.received["stuck"]) == 2
+
+
+async def test_a_saturated_subscriber_does_not_take_the_claims_from_others(
+    harness: Harness,
+) -> None:
+    """A hanging subscriber with a long backlog due first must not starve another client's
+    subscriber: the dispatcher stops claiming for a subscriber at its in-flight cap."""
+    from service.dispatcher import Dispatcher
+    from service.metrics import Metrics
+
+    await harness.subscribe("hanging")
+    harness.receiver.hold["hanging"] = asyncio.Event()
+    for _ in range(10):
+        await harness.track()
+    harness.clock.advance(1)
+    await harness.subscribe("other", token=BOB)
+    await harness.track(BOB)
+    dispatcher = Dispatcher(
+        harness.runtime.outbox,
+        harness.runtime.dispatcher.http,
+        metrics=Metrics(),
+        concurrency=4,
+        per_subscription=2,
+        monotonic=harness.clock.monotonic,
+    )
+    for _ in range(20):
+        await dispatcher.run_once(wait=False)
+        await asyncio.sleep(0.005)
+    assert len(harness.receiver.received["other"]) == 1
+    assert len(harness.receiver.received["hanging"]) == 2  # its cap
+    harness.receiver.hold["hanging"].set()
+    await dispatcher.stop(grace=5)

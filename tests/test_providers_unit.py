@@ -1251,3 +1251,13 @@ def test_registry_names_every_provider_once() -> None:
         assert cls.name == name
         assert issubclass(cls, ProviderAdapter)
     assert [name for name, cls in ADAPTER_CLASSES.items() if not cls.can_query_status] == ["openai"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30", 30.0), ("inf", None), ("nan", None), ("-5", 0.0), ("99999999", 3600.0), ("soon", None)],
+)
+def test_retry_after_is_finite_and_bounded(value: str, seconds: float | None) -> None:
+    from service.providers.parsing import retry_after_seconds
+
+    assert retry_after_seconds({"Retry-After": value}) == seconds

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from service.app import create_app
 from service.metrics import Metrics
 from service.runtime import Runtime
-from service.scheduler import ProviderLimiter, Scheduler
+from service.scheduler import ProviderLimiter, ProviderPaused, Scheduler
 from tests.conftest import BOB, auth, error_code, make_settings
 
 ASYNC_PROVIDERS = ["grsai", "gptimage15", "evolink", "apiinone"]
@@ -235,10 +235,15 @@ async def test_limiter_caps_concurrency_and_pauses_after_429(clock: FakeClock) -
 
     await asyncio.gather(*(query() for _ in range(20)))
     assert peak == 3
-    limiter.pause(30)
+    limiter.pause(1.5)  # a short pause is waited out...
     before = clock.monotonic()
     async with limiter:
-        assert clock.monotonic() - before >= 30
+        assert clock.monotonic() - before >= 1.5
+    limiter.pause(30)  # ...a long one is refused, so the caller hands the task back
+    with pytest.raises(ProviderPaused) as paused:
+        async with limiter:
+            pass
+    assert paused.value.seconds == pytest.approx(30)
 
 
 # --- deadlines ------------------------------------------------------------------------------
@@ -390,3 +395,53 @@ async def test_start_up_reconciliation_plans_unplanned_tasks(harness: Harness) -
     assert harness.runtime.store.reconcile() == 1
     await harness.scheduler.run_until_idle()
     assert (await harness.task(task_id))["status"] == "succeeded"
+
+
+async def test_one_providers_long_pause_does_not_stall_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.errors import UpstreamRateLimited
+
+    paused_ids = [await harness.submit("evolink", f"p{i} sandbox:duration=5") for i in range(3)]
+    other_ids = [await harness.submit("gptimage15", f"o{i} sandbox:duration=5") for i in range(3)]
+
+    async def rate_limited(provider_task_id: str) -> Any:
+        raise UpstreamRateLimited("slow down", provider="evolink", retry_after=3600)
+
+    monkeypatch.setattr(harness.runtime.adapters["evolink"], "query_status", rate_limited)
+    harness.clock.advance(60)
+    before = harness.clock.monotonic()
+    await harness.scheduler.run_once()
+    # The pass did not sleep out the hour (the fake clock only moves when something sleeps).
+    assert harness.clock.monotonic() - before < 10
+    for task_id in other_ids:
+        assert (await harness.task(task_id))["status"] == "succeeded"
+    assert harness.queries("evolink") == 1  # one 429, then the provider is left alone
+    from sqlmodel import Session, select
+
+    from service.models import Task
+
+    with Session(harness.runtime.engine) as session:
+        for task_id in paused_ids:
+            row = session.exec(select(Task).where(Task.id == task_id)).one()
+            assert row.lease_owner is None  # handed back, not held while waiting
+            assert row.next_check_at is not None
+            wait = (row.next_check_at - harness.clock.now()).total_seconds()
+            # Not before the pause ends, nor past the poll cap (5 min) or the 10-min deadline.
+            assert 290 <= wait <= 600
+
+
+async def test_refresh_waits_for_nobody_and_never_overlaps_a_poll(harness: Harness) -> None:
+    task_id = await harness.submit("gptimage15", "busy sandbox:duration=5")
+    harness.clock.advance(60)
+    claims = harness.runtime.store.claim_due(
+        "gptimage15", "scheduled-poll", limit=5, lease_seconds=60
+    )
+    assert [claim.task_id for claim in claims] == [task_id]
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 409
+    assert error_code(response) == "poll_in_progress"
+    assert harness.queries() == 0
+    harness.clock.advance(61)  # the poll's lease ran out (its process died)
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"

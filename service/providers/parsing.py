@@ -8,6 +8,7 @@ Nothing here does I/O, so unit tests feed these functions recorded sample bodies
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -243,19 +244,28 @@ def error_hints(body: Any) -> tuple[str, ...]:
     return tuple(hints)
 
 
+MAX_RETRY_AFTER = 3600.0
+
+
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """A Retry-After header (seconds or an HTTP date) in seconds from now."""
     value = httpx.Headers(headers).get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         try:
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None  # "inf" or "nan" is no hint at all
+    # A provider's hint is honoured up to an hour: a wild value must not park work for days.
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def error_for_status(

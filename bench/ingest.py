@@ -1,0 +1,1208 @@
+"""Benchmark: callback ingestion (issue 6, benchmark 1), against a bare endpoint in the same run.
+
+The service measured is a real ``taskrelay serve`` process (uvicorn with its default settings) on
+a SQLite file in a temporary folder, and again on a fresh PostgreSQL database when
+``--database-url`` or ``TASKRELAY_TEST_DATABASE_URL`` names a server (the database is created,
+migrated, and dropped afterwards; the URL's user needs ``CREATEDB``). The scheduler and the
+webhook dispatcher keep their defaults (on); there are no subscriptions, so every event is an
+outbox row that owes no delivery.
+
+Every measured request is a real state change: tasks are registered through
+``POST /v1/tasks/track`` (EvoLink), and each one then gets EvoLink-shaped callbacks at its own
+signed callback URL, progress 1..99 and then ``completed``, interleaved over many tasks (the same
+task comes round again only after every other task of its block), so each request moves one task
+forward, commits, keeps a receipt and appends a history event. Only 2xx answers count; anything
+else is reported. After the run the database is read back to check that the answers match the
+rows written.
+
+The baseline is ``bench/bare_app.py``: one Starlette POST endpoint that reads the body and
+answers 200, in a process of its own under the same ``uvicorn.run`` options.
+
+Load (127.0.0.1 only, bounded in time and count, and sharing the machine's cores with the server;
+its CPU use is reported):
+
+* closed loop: ``--concurrency`` connections, each sending its next request as soon as the last is
+  answered, for ``--duration`` seconds after ``--warmup``: the maximum rate, p50/p99 latency. It
+  uses ``wrk`` when installed (one thread, a Lua script feeding the callbacks), else async httpx
+  (``--processes`` to spread it over several processes);
+* open loop: a fixed rate, half of TaskRelay's closed-loop rate, for ``--duration`` seconds, on
+  both servers, with async httpx. Latency is counted from when a request was due to be sent, not
+  from when it went out, so a server (or generator) that falls behind shows in the numbers.
+
+``--profile DIR`` adds a closed-loop phase per database under py-spy (``pip install py-spy``),
+after the measured phases, and summarises where the service's samples fell.
+
+Run from the repository root: ``.venv/bin/python bench/ingest.py`` (``--help`` for options).
+``TASKRELAY_*`` settings in the environment are passed on to the service (except the ones this
+benchmark sets), e.g. ``TASKRELAY_DISPATCHER=false`` to see what the dispatcher costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import sqlalchemy as sa
+
+from service.db import migrate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BARE_APP = Path(__file__).resolve().parent / "bare_app.py"
+PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
+
+API_TOKEN = "bench-token-0123456789"
+SECRET_KEY = "bench-secret-key-0123456789abcdef"
+PROVIDER = "evolink"
+# Per task: progress 1..99, then completed: 100 state changes, each one event.
+STEPS_PER_TASK = 100
+# A task comes round again only after this many other callbacks at least, so concurrent
+# requests (up to --concurrency) never race on one task's row.
+MIN_TASKS_PER_BLOCK_PER_CONNECTION = 8
+# Callbacks kept in reserve beyond what a phase is expected to use (rate x duration x this).
+FEED_MARGIN = 1.5
+SETUP_CONCURRENCY = 8
+REQUEST_TIMEOUT_SECONDS = 10.0
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 20.0
+# The open loop gives up (and says so) when this many requests are waiting for an answer.
+OPEN_LOOP_MAX_IN_FLIGHT = 2000
+# The open loop's own lag (sending later than due) above which its results are flagged.
+GENERATOR_LAG_WARNING_MS = 5.0
+# The issue's targets.
+TARGET_RATIO = {"sqlite": 0.50, "postgresql": 0.35}
+TARGET_P99_MS_AT_HALF_RATE = 25.0
+JSON_HEADERS = {"Content-Type": "application/json"}
+# Settings this benchmark sets itself: the environment's values are not passed on.
+OWN_SETTINGS = frozenset(
+    {
+        "TASKRELAY_DATABASE_URL",
+        "TASKRELAY_DATA_DIR",
+        "TASKRELAY_FILES_DIR",
+        "TASKRELAY_PUBLIC_URL",
+        "TASKRELAY_SECRET_KEY",
+        "TASKRELAY_SECRET_KEY_FALLBACKS",
+        "TASKRELAY_API_TOKENS",
+        "TASKRELAY_HOST",
+        "TASKRELAY_PORT",
+        "TASKRELAY_ENV_FILE",
+        PG_ENV,
+    }
+)
+
+Mode = Literal["closed", "open"]
+
+
+# --- the callbacks to send ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Callback:
+    path: str  # /callbacks/evolink/<signed token>
+    body: bytes
+
+
+def evolink_body(provider_task_id: str, step: int) -> bytes:
+    """EvoLink's callback for ``step`` (0-based): progress step+1 while processing, then the
+    completed task with its image (the shape of tests/test_callbacks.py's ``evolink_body``)."""
+    body: dict[str, Any] = {
+        "created": 1757156493,
+        "id": provider_task_id,
+        "model": "gpt-image-1.5",
+        "object": "image.generation.task",
+        "progress": step + 1,
+        "status": "processing",
+        "type": "image",
+    }
+    if step == STEPS_PER_TASK - 1:
+        body["progress"] = 100
+        body["status"] = "completed"
+        body["results"] = [f"https://files.evolink.example/{provider_task_id}.png"]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class CallbackFeed:
+    """Every callback still to send, in order. Tasks come in blocks; within a block the order is
+    step-major (every task's progress 1, then every task's progress 2, ...), so consecutive
+    requests hit different tasks and each task still sees its callbacks in order."""
+
+    def __init__(self) -> None:
+        self.items: list[Callback] = []
+        self.position = 0
+        self.tasks = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.items) - self.position
+
+    def add_block(self, tasks: Sequence[tuple[str, str]]) -> None:
+        """``tasks``: (callback path, provider task id) of freshly tracked tasks."""
+        for step in range(STEPS_PER_TASK):
+            self.items.extend(Callback(path, evolink_body(ptid, step)) for path, ptid in tasks)
+        self.tasks += len(tasks)
+
+    def upcoming(self) -> list[Callback]:
+        return self.items[self.position :]
+
+    def advance(self, count: int) -> None:
+        self.position = min(len(self.items), self.position + count)
+
+
+def shard(items: Sequence[Callback], index: int, count: int) -> list[Callback]:
+    return list(items[index::count])
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class ServerProcess:
+    """An HTTP server of ours in a process of its own, on a free port of 127.0.0.1."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], env: dict[str, str], port: int, folder: Path
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = folder / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
+        self.process = subprocess.Popen(
+            list(argv), env=env, cwd=folder, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, probe: Callable[[httpx.Client], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        with httpx.Client(base_url=self.url, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.logs()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if probe(client):
+                        return
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not become ready:\n{self.logs()}")
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds_of(self.pid)
+
+    def logs(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def service_environment(database_url: str, folder: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
+    env.update(
+        {
+            "TASKRELAY_DATABASE_URL": database_url,
+            "TASKRELAY_DATA_DIR": str(folder / "data"),
+            "TASKRELAY_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "TASKRELAY_SECRET_KEY": SECRET_KEY,
+            "TASKRELAY_API_TOKENS": f"bench:{API_TOKEN}",
+        }
+    )
+    return env
+
+
+def passed_settings() -> dict[str, str]:
+    """TASKRELAY_* settings from the environment that the service gets as they are."""
+    return {
+        k: v for k, v in os.environ.items() if k.startswith("TASKRELAY_") and k not in OWN_SETTINGS
+    }
+
+
+def start_taskrelay(database_url: str, folder: Path) -> ServerProcess:
+    port = free_port()
+    server = ServerProcess(
+        "taskrelay",
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        service_environment(database_url, folder, port),
+        port,
+        folder,
+    )
+    server.wait_ready(lambda client: client.get("/readyz").status_code == 200)
+    return server
+
+
+def start_bare(folder: Path) -> ServerProcess:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRELAY_")}
+    server = ServerProcess(
+        "bare", [sys.executable, str(BARE_APP), "--port", str(port)], env, port, folder
+    )
+    probe_path = f"/callbacks/{PROVIDER}/probe"
+    server.wait_ready(lambda client: client.post(probe_path, content=b"{}").status_code == 200)
+    return server
+
+
+# --- load generation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    mode: Mode
+    duration: float
+    concurrency: int = 64  # closed loop: connections; open loop: the connection pool's size
+    rate: float = 0.0  # open loop: requests per second
+    # Go round the callbacks again when they run out (the bare app only reads and drops them).
+    repeat: bool = False
+
+
+@dataclass
+class RawLoad:
+    """What one generator (process) saw."""
+
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, 2xx answers only
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # no answer: timeouts, resets
+    elapsed: float = 0.0
+    cpu: float = 0.0
+    lags: list[float] = field(default_factory=list)  # open loop: sent this late (seconds)
+    exhausted: bool = False
+    overloaded: bool = False
+    # wrk keeps a latency histogram, not the samples: its p50 and p99 (seconds, all answers).
+    histogram_percentiles: tuple[float, float] | None = None
+
+    def merge(self, other: RawLoad) -> None:
+        self.sent += other.sent
+        self.latencies += other.latencies
+        self.statuses.update(other.statuses)
+        self.errors.update(other.errors)
+        self.elapsed = max(self.elapsed, other.elapsed)
+        self.cpu += other.cpu
+        self.lags += other.lags
+        self.exhausted = self.exhausted or other.exhausted
+        self.overloaded = self.overloaded or other.overloaded
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of unsorted ``values`` (nan when empty)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+async def _closed_loop(url: str, items: list[Callback], spec: LoadSpec) -> RawLoad:
+    raw = RawLoad()
+    feed: Iterator[Callback] = itertools.cycle(items) if spec.repeat else iter(items)
+    limits = httpx.Limits(
+        max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency
+    )
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
+    ) as client:
+        deadline = time.perf_counter() + spec.duration
+
+        async def connection() -> None:
+            while time.perf_counter() < deadline:
+                item = next(feed, None)
+                if item is None:
+                    raw.exhausted = True
+                    return
+                raw.sent += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post(item.path, content=item.body, headers=JSON_HEADERS)
+                except httpx.HTTPError as exc:
+                    raw.errors[type(exc).__name__] += 1
+                    continue
+                raw.statuses[response.status_code] += 1
+                if response.is_success:
+                    raw.latencies.append(time.perf_counter() - started)
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(connection() for _ in range(spec.concurrency)))
+        raw.elapsed = time.perf_counter() - started
+        raw.cpu = time.process_time() - cpu
+    return raw
+
+
+async def _open_loop(url: str, items: list[Callback], spec: LoadSpec) -> RawLoad:
+    raw = RawLoad()
+    wanted = math.ceil(spec.rate * spec.duration)
+    count = wanted if spec.repeat else min(len(items), wanted)
+    raw.exhausted = count < wanted
+    limits = httpx.Limits(
+        max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency
+    )
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
+    ) as client:
+
+        async def send(item: Callback, due: float) -> None:
+            try:
+                response = await client.post(item.path, content=item.body, headers=JSON_HEADERS)
+            except httpx.HTTPError as exc:
+                raw.errors[type(exc).__name__] += 1
+                return
+            raw.statuses[response.status_code] += 1
+            if response.is_success:
+                raw.latencies.append(time.perf_counter() - due)
+
+        cpu = time.process_time()
+        start = time.perf_counter() + 0.05
+        in_flight: set[asyncio.Task[None]] = set()
+        for index in range(count):
+            due = start + index / spec.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            raw.lags.append(max(0.0, time.perf_counter() - due))
+            task = asyncio.create_task(send(items[index % len(items)], due))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            raw.sent += 1
+            if len(in_flight) > OPEN_LOOP_MAX_IN_FLIGHT:
+                raw.overloaded = True
+                break
+        if in_flight:
+            await asyncio.wait(in_flight)
+        raw.elapsed = time.perf_counter() - start
+        raw.cpu = time.process_time() - cpu
+    return raw
+
+
+def _run(coroutine: Coroutine[Any, Any, RawLoad]) -> RawLoad:
+    """Run one generator on uvloop when it is installed (cheaper per request)."""
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+def httpx_generator(url: str, items: list[Callback], spec: LoadSpec) -> RawLoad:
+    """One generator process's share of a phase (also the entry point in worker processes)."""
+    if spec.mode == "closed":
+        return _run(_closed_loop(url, items, spec))
+    return _run(_open_loop(url, items, spec))
+
+
+def run_httpx(url: str, items: list[Callback], spec: LoadSpec, processes: int) -> RawLoad:
+    if processes <= 1:
+        return httpx_generator(url, items, spec)
+    shares = [
+        dataclasses.replace(
+            spec,
+            concurrency=max(1, spec.concurrency // processes),
+            rate=spec.rate / processes,
+        )
+        for _ in range(processes)
+    ]
+    context = multiprocessing.get_context("fork")
+    merged = RawLoad()
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        futures = [
+            pool.submit(httpx_generator, url, shard(items, index, processes), shares[index])
+            for index in range(processes)
+        ]
+        for future in futures:
+            merged.merge(future.result())
+    return merged
+
+
+WRK_SCRIPT = r"""
+-- Feeds bench/ingest.py's callbacks to wrk, in order, one per request; counts answers by status.
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  repeat_items = args[2] == "repeat"
+  items = {}
+  for line in io.lines(args[1]) do
+    local tab = line:find("\t", 1, true)
+    local headers = {["Content-Type"] = "application/json"}
+    items[#items + 1] = wrk.format("POST", line:sub(1, tab - 1), headers, line:sub(tab + 1))
+  end
+  sent = 0
+  ok = 0
+  exhausted = 0
+  codes = {}
+end
+
+function request()
+  sent = sent + 1
+  if repeat_items then
+    return items[(sent - 1) % #items + 1]
+  end
+  if sent > #items then
+    exhausted = 1
+    sent = #items
+    wrk.thread:stop()
+  end
+  return items[sent]
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then
+    ok = ok + 1
+  else
+    local key = tostring(status)
+    codes[key] = (codes[key] or 0) + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local thread = threads[1]
+  local codes = thread:get("codes")
+  local parts = {}
+  for code, count in pairs(codes) do
+    parts[#parts + 1] = string.format('"%s":%d', code, count)
+  end
+  io.write(string.format(
+    'BENCH_JSON {"sent":%d,"ok":%d,"exhausted":%d,"requests":%d,"duration_us":%d,' ..
+    '"connect":%d,"read":%d,"write":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"codes":{%s}}\n',
+    thread:get("sent"), thread:get("ok"), thread:get("exhausted"), summary.requests,
+    summary.duration, summary.errors.connect, summary.errors.read, summary.errors.write,
+    summary.errors.timeout, latency:percentile(50), latency:percentile(99),
+    table.concat(parts, ",")))
+end
+"""
+
+
+def run_wrk(url: str, items: list[Callback], spec: LoadSpec, folder: Path) -> RawLoad:
+    """A closed-loop phase with wrk (one thread; it is C and far cheaper than Python)."""
+    feed_path = folder / "wrk-feed.txt"
+    with open(feed_path, "w", encoding="utf-8") as feed:
+        for item in items:
+            feed.write(f"{item.path}\t{item.body.decode()}\n")
+    script_path = folder / "feed.lua"
+    script_path.write_text(WRK_SCRIPT)
+    argv = [
+        "wrk",
+        "--threads",
+        "1",
+        "--connections",
+        str(spec.concurrency),
+        "--duration",
+        f"{max(1, round(spec.duration))}s",
+        "--timeout",
+        f"{REQUEST_TIMEOUT_SECONDS:g}s",
+        "--script",
+        str(script_path),
+        url,
+        "--",
+        str(feed_path),
+        "repeat" if spec.repeat else "once",
+    ]
+    cpu = children_cpu_seconds()
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    cpu = children_cpu_seconds() - cpu
+    lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    data = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    raw = RawLoad(sent=int(data["sent"]), elapsed=data["duration_us"] / 1e6, cpu=cpu)
+    raw.statuses[200] = int(data["ok"])  # 2xx, all counted as one
+    for code, count in data["codes"].items():
+        raw.statuses[int(code)] += int(count)
+    for kind in ("connect", "read", "write", "timeout"):
+        if data[kind]:
+            raw.errors[kind] += int(data[kind])
+    raw.exhausted = bool(data["exhausted"])
+    raw.histogram_percentiles = (data["p50_us"] / 1e6, data["p99_us"] / 1e6)
+    return raw
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    server: str  # "taskrelay" or "bare"
+    mode: Mode
+    generator: str  # "wrk" or "httpx xN"
+    duration: float
+    concurrency: int
+    offered_rate: float | None  # open loop only
+    sent: int
+    ok: int
+    non_2xx: dict[str, int]
+    errors: dict[str, int]
+    rate: float  # 2xx answers per second
+    p50_ms: float
+    p99_ms: float
+    generator_cpu: float  # share of one core
+    server_cpu: float  # share of one core
+    server_cpu_ms_per_request: float
+    generator_lag_p99_ms: float | None  # open loop: how late requests went out
+    exhausted: bool
+    overloaded: bool
+
+    @property
+    def trustworthy(self) -> bool:
+        lag_ok = self.generator_lag_p99_ms is None or (
+            self.generator_lag_p99_ms <= GENERATOR_LAG_WARNING_MS
+        )
+        return not (self.exhausted or self.overloaded) and lag_ok
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    concurrency: int
+    duration: float
+    warmup: float
+    generator: str  # "wrk" or "httpx"
+    processes: int
+
+
+def run_phase(
+    server: ServerProcess,
+    feed: CallbackFeed,
+    spec: LoadSpec,
+    options: LoadOptions,
+    folder: Path,
+) -> Phase:
+    items = feed.upcoming()
+    use_wrk = spec.mode == "closed" and options.generator == "wrk"
+    server_cpu = server.cpu_seconds()
+    if use_wrk:
+        raw = run_wrk(server.url, items, spec, folder)
+        generator = "wrk"
+    else:
+        raw = run_httpx(server.url, items, spec, options.processes)
+        generator = f"httpx x{options.processes}"
+    server_cpu = server.cpu_seconds() - server_cpu
+    feed.advance(raw.sent)
+    ok = sum(count for code, count in raw.statuses.items() if 200 <= code < 300)
+    if raw.histogram_percentiles is not None:
+        p50, p99 = raw.histogram_percentiles
+    else:
+        p50, p99 = percentile(raw.latencies, 0.50), percentile(raw.latencies, 0.99)
+    elapsed = raw.elapsed or spec.duration
+    return Phase(
+        server=server.name,
+        mode=spec.mode,
+        generator=generator,
+        duration=round(elapsed, 2),
+        concurrency=spec.concurrency,
+        offered_rate=round(spec.rate, 1) if spec.mode == "open" else None,
+        sent=raw.sent,
+        ok=ok,
+        non_2xx={str(c): n for c, n in sorted(raw.statuses.items()) if not 200 <= c < 300},
+        errors=dict(raw.errors),
+        rate=ok / elapsed,
+        p50_ms=p50 * 1000,
+        p99_ms=p99 * 1000,
+        generator_cpu=raw.cpu / elapsed,
+        server_cpu=server_cpu / elapsed,
+        server_cpu_ms_per_request=1000 * server_cpu / ok if ok else math.nan,
+        generator_lag_p99_ms=percentile(raw.lags, 0.99) * 1000 if spec.mode == "open" else None,
+        exhausted=raw.exhausted,
+        overloaded=raw.overloaded,
+    )
+
+
+# --- TaskRelay set-up and read-back ---------------------------------------------------------------
+
+
+async def _track(url: str, count: int, first_number: int) -> list[tuple[str, str]]:
+    """Register ``count`` EvoLink tasks; their callback paths and provider task ids."""
+    numbers = iter(range(first_number, first_number + count))
+    tracked: list[tuple[str, str]] = []
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30.0) as client:
+
+        async def register() -> None:
+            for number in numbers:
+                response = await client.post("/v1/tasks/track", json={"provider": PROVIDER})
+                response.raise_for_status()
+                path = httpx.URL(response.json()["callback_url"]).raw_path.decode()
+                tracked.append((path, f"task-unified-bench-{number:07d}"))
+
+        await asyncio.gather(*(register() for _ in range(SETUP_CONCURRENCY)))
+    return tracked
+
+
+def ensure_feed(server: ServerProcess, feed: CallbackFeed, needed: float, concurrency: int) -> None:
+    """Track more tasks until at least ``needed`` callbacks are waiting to be sent."""
+    if feed.remaining >= needed:
+        return
+    missing = math.ceil((needed - feed.remaining) / STEPS_PER_TASK)
+    block = max(missing, concurrency * MIN_TASKS_PER_BLOCK_PER_CONNECTION)
+    feed.add_block(asyncio.run(_track(server.url, block, feed.tasks)))
+
+
+@dataclass(frozen=True)
+class Readback:
+    """What the service wrote, read from its database after it stopped."""
+
+    tasks: dict[str, int]
+    receipts: dict[str, int]
+    events: dict[str, int]
+    deliveries: int
+    status_queries: int
+
+
+def read_back(database_url: str) -> Readback:
+    engine = sa.create_engine(database_url)
+
+    def grouped(connection: sa.Connection, table: str, column: str) -> dict[str, int]:
+        rows = connection.execute(
+            sa.text(f"SELECT {column}, COUNT(*) FROM {table} GROUP BY {column} ORDER BY {column}")
+        )
+        return {str(value): int(count) for value, count in rows}
+
+    try:
+        with engine.connect() as connection:
+            return Readback(
+                tasks=grouped(connection, "task", "status"),
+                receipts=grouped(connection, "callback_receipt", "outcome"),
+                events=grouped(connection, "task_event", "type"),
+                deliveries=int(
+                    connection.execute(sa.text("SELECT COUNT(*) FROM delivery")).scalar_one()
+                ),
+                status_queries=int(
+                    connection.execute(
+                        sa.text("SELECT COALESCE(SUM(poll_count), 0) FROM task")
+                    ).scalar_one()
+                ),
+            )
+    finally:
+        engine.dispose()
+
+
+# --- profiling ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hotspot:
+    frame: str
+    share: float  # of all samples
+
+
+ProfileMode = Literal["wall", "gil"]
+# py-spy options per mode: every thread's stack, waiting ones included (where time goes), or only
+# the thread holding the GIL (where Python's CPU goes; one core's worth at most).
+PROFILE_FLAGS: dict[ProfileMode, list[str]] = {"wall": ["--idle"], "gil": ["--gil"]}
+
+
+@dataclass(frozen=True)
+class Profile:
+    mode: ProfileMode
+    raw_path: str
+    samples: int
+    rate_under_profiler: float
+    self_time: list[Hotspot]  # the frame running when sampled
+    inclusive: list[Hotspot]  # the frame anywhere on the stack
+    by_package: list[Hotspot]  # self time by the running frame's top-level package
+
+
+def _package(frame: str) -> str:
+    """``execute (sqlalchemy/engine/base.py)`` -> ``sqlalchemy``."""
+    start, end = frame.rfind("("), frame.rfind(")")
+    path = frame[start + 1 : end] if 0 <= start < end else frame
+    path = path.split(":")[0]
+    if "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    elif "/lib/python3" in path:
+        return "stdlib"
+    head = path.split("/", 1)[0]
+    return head.removesuffix(".py") or path
+
+
+def summarise_profile(mode: ProfileMode, raw_path: Path, rate: float, top: int) -> Profile:
+    total = 0
+    own: Counter[str] = Counter()
+    anywhere: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        packages[_package(frames[-1])] += count
+        for frame in set(frames):
+            anywhere[frame] += count
+
+    def ranked(counter: Counter[str]) -> list[Hotspot]:
+        return [Hotspot(frame, n / total) for frame, n in counter.most_common(top)]
+
+    return Profile(
+        mode, str(raw_path), total, rate, ranked(own), ranked(anywhere), ranked(packages)
+    )
+
+
+def profile_phase(
+    server: ServerProcess,
+    feed: CallbackFeed,
+    options: LoadOptions,
+    folder: Path,
+    out: Path,
+    label: str,
+    mode: ProfileMode,
+    top: int,
+) -> tuple[Profile, Phase]:
+    """A closed-loop phase with py-spy sampling the service (not one of the measured phases:
+    the sampler pauses the process at every sample)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / f"ingest-{label}-{mode}.txt"
+    argv = [
+        py_spy,
+        "record",
+        "--pid",
+        str(server.pid),
+        "--duration",
+        str(max(1, round(options.duration))),
+        "--rate",
+        "100",
+        "--format",
+        "raw",
+        "--nolineno",
+        *PROFILE_FLAGS[mode],
+        "--output",
+        str(raw_path),
+    ]
+    sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # attached before the load starts
+    spec = LoadSpec("closed", options.duration, options.concurrency)
+    phase = run_phase(server, feed, spec, options, folder)
+    _, errors = sampler.communicate(timeout=options.duration + 30)
+    if sampler.returncode != 0 or not raw_path.exists():
+        raise RuntimeError(f"py-spy failed ({sampler.returncode}): {errors.decode()[-2000:]}")
+    return summarise_profile(mode, raw_path, phase.rate, top), phase
+
+
+# --- one database ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatabaseResult:
+    database: str  # "sqlite" or "postgresql"
+    phases: list[Phase]  # the measured ones
+    readback: Readback
+    tasks: int
+    # Every phase against TaskRelay, warm-up and profiling included: requests sent, 2xx answers.
+    sent_to_service: int
+    answered_2xx: int
+    profiles: list[Profile]
+
+    def phase(self, server: str, mode: Mode) -> Phase:
+        return next(p for p in self.phases if p.server == server and p.mode == mode)
+
+    @property
+    def ratio(self) -> float:
+        return self.phase("taskrelay", "closed").rate / self.phase("bare", "closed").rate
+
+    @property
+    def targets(self) -> dict[str, tuple[str, bool]]:
+        """Target -> (measured, met)."""
+        wanted = TARGET_RATIO[self.database]
+        half = self.phase("taskrelay", "open")
+        return {
+            f"rate >= {wanted:.0%} of bare": (f"{self.ratio:.1%}", self.ratio >= wanted),
+            f"p99 <= {TARGET_P99_MS_AT_HALF_RATE:g} ms at half rate": (
+                f"{half.p99_ms:.1f} ms",
+                half.p99_ms <= TARGET_P99_MS_AT_HALF_RATE and half.trustworthy,
+            ),
+        }
+
+
+def measure_database(
+    database: str,
+    database_url: str,
+    options: LoadOptions,
+    initial_tasks: int,
+    profile_dir: Path | None,
+    top: int,
+) -> DatabaseResult:
+    with tempfile.TemporaryDirectory(prefix=f"taskrelay-ingest-{database}-") as name:
+        folder = Path(name)
+        feed = CallbackFeed()
+        phases: list[Phase] = []
+        profiles: list[Profile] = []
+        closed_spec = LoadSpec("closed", options.duration, options.concurrency)
+        warmup_spec = LoadSpec("closed", options.warmup, options.concurrency)
+        service = start_taskrelay(database_url, folder)
+        try:
+            ensure_feed(service, feed, initial_tasks * STEPS_PER_TASK, options.concurrency)
+            warm = run_phase(service, feed, warmup_spec, options, folder)
+            ensure_feed(
+                service, feed, warm.rate * options.duration * FEED_MARGIN, options.concurrency
+            )
+            closed = run_phase(service, feed, closed_spec, options, folder)
+            phases.append(closed)
+            half_rate = closed.rate / 2
+            open_spec = LoadSpec("open", options.duration, options.concurrency, half_rate)
+            ensure_feed(service, feed, half_rate * options.duration * 1.1, options.concurrency)
+            phases.append(run_phase(service, feed, open_spec, options, folder))
+            extra = [warm]
+            if profile_dir is not None:
+                for mode in PROFILE_FLAGS:
+                    ensure_feed(
+                        service,
+                        feed,
+                        closed.rate * options.duration * FEED_MARGIN,
+                        options.concurrency,
+                    )
+                    profile, phase = profile_phase(
+                        service, feed, options, folder, profile_dir, database, mode, top
+                    )
+                    profiles.append(profile)
+                    extra.append(phase)
+        finally:
+            service.stop()
+        readback = read_back(database_url)
+        service_phases = [*phases, *extra]
+        # The baseline gets the same requests (paths and bodies), gone round again as often as
+        # needed: it only reads and drops them.
+        bare = start_bare(folder)
+        try:
+            bare_feed = CallbackFeed()
+            bare_feed.items = feed.items
+            for spec in (warmup_spec, closed_spec, open_spec):
+                bare_feed.position = 0
+                phase = run_phase(
+                    bare, bare_feed, dataclasses.replace(spec, repeat=True), options, folder
+                )
+                if spec is not warmup_spec:
+                    phases.append(phase)
+        finally:
+            bare.stop()
+        return DatabaseResult(
+            database,
+            phases,
+            readback,
+            feed.tasks,
+            sent_to_service=sum(p.sent for p in service_phases),
+            answered_2xx=sum(p.ok for p in service_phases),
+            profiles=profiles,
+        )
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def psycopg_url(url: str) -> str:
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+@contextlib.contextmanager
+def fresh_postgres(admin_url: str) -> Iterator[str]:
+    """A new, migrated database on the server ``admin_url`` names; dropped afterwards."""
+    name = f"taskrelay_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        try:
+            migrate(url)
+            yield url
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+DATABASE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def _ms(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f} ms"
+
+
+def _problems(phase: Phase) -> list[str]:
+    notes = []
+    if phase.non_2xx:
+        notes.append(f"non-2xx answers {phase.non_2xx}")
+    if phase.errors:
+        notes.append(f"no answer {phase.errors}")
+    if phase.exhausted:
+        notes.append("ran out of callbacks to send")
+    if phase.overloaded:
+        notes.append(f"gave up with over {OPEN_LOOP_MAX_IN_FLIGHT} requests waiting")
+    if phase.generator_lag_p99_ms is not None and not phase.trustworthy:
+        notes.append(f"generator sent late (p99 {phase.generator_lag_p99_ms:.1f} ms)")
+    return notes
+
+
+def markdown(results: list[DatabaseResult], run: dict[str, Any]) -> str:
+    lines = [
+        f"Closed loop: {run['concurrency']} connections for {run['duration']:g} s after a "
+        f"{run['warmup']:g} s warm-up ({run['closed_loop_generator']}); open loop: half of "
+        f"TaskRelay's closed-loop rate for {run['duration']:g} s (httpx, latency from when each "
+        f"request was due). uvicorn loop/http: {run['uvicorn']}. {run['cores']} cores shared "
+        "by server and load generator.",
+    ]
+    if run["settings_passed"]:
+        lines.append(
+            f"Settings passed to TaskRelay from the environment: {run['settings_passed']}."
+        )
+    for result in results:
+        bare_closed, ours_closed = (
+            result.phase("bare", "closed"),
+            result.phase("taskrelay", "closed"),
+        )
+        bare_open, ours_open = result.phase("bare", "open"), result.phase("taskrelay", "open")
+        rate = ours_open.offered_rate
+        lines += [
+            "",
+            f"#### {DATABASE_NAMES[result.database]}",
+            "",
+            "| | bare Starlette | TaskRelay | TaskRelay / bare |",
+            "|---|---:|---:|---:|",
+            f"| max rate, closed loop (2xx/s) | {bare_closed.rate:,.0f} | {ours_closed.rate:,.0f} "
+            f"| {result.ratio:.1%} |",
+            f"| p50 / p99 at max | {_ms(bare_closed.p50_ms)} / {_ms(bare_closed.p99_ms)} | "
+            f"{_ms(ours_closed.p50_ms)} / {_ms(ours_closed.p99_ms)} | |",
+            f"| p50 / p99 at {rate:,.0f}/s (half TaskRelay's max), open loop | "
+            f"{_ms(bare_open.p50_ms)} / {_ms(bare_open.p99_ms)} | "
+            f"{_ms(ours_open.p50_ms)} / {_ms(ours_open.p99_ms)} | |",
+            f"| server CPU at max (share of a core; ms per request) | "
+            f"{bare_closed.server_cpu:.0%}; {bare_closed.server_cpu_ms_per_request:.2f} | "
+            f"{ours_closed.server_cpu:.0%}; {ours_closed.server_cpu_ms_per_request:.2f} | |",
+            f"| load generator CPU at max / at half rate | {bare_closed.generator_cpu:.0%} / "
+            f"{bare_open.generator_cpu:.0%} | {ours_closed.generator_cpu:.0%} / "
+            f"{ours_open.generator_cpu:.0%} | |",
+        ]
+        lines += ["", "| target | measured | met |", "|---|---:|---|"]
+        for target, (measured, met) in result.targets.items():
+            lines.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+        lines += readback_markdown(result)
+        for phase in result.phases:
+            problems = _problems(phase)
+            if problems:
+                lines.append(f"- {phase.server}, {phase.mode} loop: {'; '.join(problems)}")
+        for profile in result.profiles:
+            lines += profile_markdown(profile)
+    return "\n".join(lines)
+
+
+def readback_markdown(result: DatabaseResult) -> list[str]:
+    rb = result.readback
+    receipts = sum(rb.receipts.values())
+    applied = rb.receipts.get("applied", 0)
+    changes = sum(n for kind, n in rb.events.items() if kind != "task.submitted")
+    # Requests cut off when a phase ended may have been committed without their answer arriving.
+    consistent = result.answered_2xx <= receipts <= result.sent_to_service and applied == changes
+    return [
+        "",
+        f"Read back from the database after the run (every phase against TaskRelay, warm-up and "
+        f"profiling included): {result.sent_to_service:,} callbacks sent, "
+        f"{result.answered_2xx:,} answered 2xx; {receipts:,} receipts {rb.receipts}; events "
+        f"{rb.events}; {result.tasks:,} tasks {rb.tasks}; {rb.deliveries} deliveries; "
+        f"{rb.status_queries} status queries. "
+        + (
+            "Consistent: every 2xx has its receipt, every applied change its event."
+            if consistent
+            else "**Inconsistent**: 2xx answers, receipts and events do not match."
+        ),
+    ]
+
+
+def _short(frame: str, width: int = 90) -> str:
+    return frame if len(frame) <= width else frame[: width - 3] + "..."
+
+
+def profile_markdown(profile: Profile) -> list[str]:
+    what = {
+        "wall": "every thread, waiting ones included: where the time goes",
+        "gil": "only the thread holding the GIL: where Python's CPU goes",
+    }[profile.mode]
+    lines = [
+        "",
+        f"Profile `{profile.mode}` (py-spy, {what}; {profile.samples} samples, "
+        f"{profile.rate_under_profiler:,.0f} callbacks/s under the sampler; stacks in "
+        f"{profile.raw_path}):",
+    ]
+    for title, spots in (
+        ("running frame (self)", profile.self_time),
+        ("on the stack (inclusive)", profile.inclusive),
+        ("package of the running frame", profile.by_package),
+    ):
+        lines += ["", f"| {title} | share |", "|---|---:|"]
+        lines += [f"| `{_short(spot.frame)}` | {spot.share:.1%} |" for spot in spots]
+    return lines
+
+
+def as_json(results: list[DatabaseResult], run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run": run,
+        "databases": [
+            {
+                "database": r.database,
+                "ratio": r.ratio,
+                "targets": {k: {"measured": m, "met": ok} for k, (m, ok) in r.targets.items()},
+                "phases": [dataclasses.asdict(p) for p in r.phases],
+                "readback": dataclasses.asdict(r.readback),
+                "tasks": r.tasks,
+                "sent_to_service": r.sent_to_service,
+                "answered_2xx": r.answered_2xx,
+                "profiles": [dataclasses.asdict(profile) for profile in r.profiles],
+            }
+            for r in results
+        ],
+    }
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def uvicorn_implementation() -> str:
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop}/{http} (uvicorn's auto choice)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Callback ingestion: TaskRelay (taskrelay serve) against a bare Starlette "
+        "endpoint on the same uvicorn settings, on SQLite and (when configured) PostgreSQL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="closed-loop connections (open loop: pool)"
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="closed-loop warm-up, seconds")
+    parser.add_argument(
+        "--tasks", type=int, default=300, help="tasks tracked up front (more as needed)"
+    )
+    parser.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "httpx"),
+        default="auto",
+        help="closed-loop load generator (auto: wrk when installed)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="httpx generator processes per phase"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(PG_ENV),
+        help=f"a PostgreSQL server to run on too (default: ${PG_ENV}); a fresh database is "
+        "created on it and dropped afterwards",
+    )
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="add a closed-loop phase per database under py-spy; raw stacks go to DIR",
+    )
+    parser.add_argument("--top", type=int, default=15, help="hot spots listed per profile")
+    parser.add_argument("--json", action="store_true", help="print JSON, not markdown")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.duration < 1 or args.warmup < 1 or args.processes < 1:
+        parser.error("--concurrency and --processes must be positive; --duration, --warmup >= 1")
+    if args.no_sqlite and not args.database_url:
+        parser.error("--no-sqlite needs --database-url (or $TASKRELAY_TEST_DATABASE_URL)")
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "httpx"
+    elif generator == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk is not installed (apt-get install wrk), use --generator httpx")
+    options = LoadOptions(args.concurrency, args.duration, args.warmup, generator, args.processes)
+
+    started = time.perf_counter()
+    results = []
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory(prefix="taskrelay-ingest-db-") as folder:
+            url = f"sqlite:///{Path(folder) / 'taskrelay.db'}"
+            results.append(
+                measure_database("sqlite", url, options, args.tasks, args.profile, args.top)
+            )
+    if args.database_url:
+        with fresh_postgres(psycopg_url(args.database_url)) as url:
+            results.append(
+                measure_database("postgresql", url, options, args.tasks, args.profile, args.top)
+            )
+    wall = time.perf_counter() - started
+    run = {
+        "concurrency": args.concurrency,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "closed_loop_generator": "wrk, 1 thread"
+        if generator == "wrk"
+        else f"httpx, {args.processes} process(es)",
+        "uvicorn": uvicorn_implementation(),
+        "cores": os.cpu_count(),
+        "settings_passed": passed_settings(),
+        "wall_seconds": round(wall, 1),
+    }
+    if args.json:
+        print(json.dumps(as_json(results, run), indent=2))
+    else:
+        print(markdown(results, run))
+        print(f"\n(wall time {wall:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
