@@ -124,25 +124,27 @@ def fan_out(session: Session, task: Task, event: TaskEvent, now: datetime) -> in
         if not _matches(subscription, event.type, task.provider):
             continue
         assert subscription.pk is not None
-        due = now
-        waiting = list(
-            session.exec(
-                select(Delivery).where(
-                    Delivery.subscription_pk == subscription.pk,
-                    Delivery.task_pk == task.pk,
-                    Delivery.status == DeliveryStatus.pending.value,
-                    Delivery.event_type == EventType.progress.value,
-                    Delivery.attempts == 0,
-                    col(Delivery.lease_owner).is_(None),
-                )
+        # Supersede the progress deliveries still waiting for their first attempt. One
+        # conditional UPDATE: a delivery another process has just claimed (leased) or tried
+        # keeps going, so the order per task cannot be broken by a race.
+        superseded = session.execute(
+            sa.update(Delivery)
+            .where(
+                col(Delivery.subscription_pk) == subscription.pk,
+                col(Delivery.task_pk) == task.pk,
+                col(Delivery.status) == DeliveryStatus.pending.value,
+                col(Delivery.event_type) == EventType.progress.value,
+                col(Delivery.attempts) == 0,
+                col(Delivery.lease_owner).is_(None),
             )
-        )
-        for old in waiting:  # superseded before it ever went out
-            old.status = DeliveryStatus.coalesced.value
-            old.updated_at = now
-            session.add(old)
+            .values(status=DeliveryStatus.coalesced.value, updated_at=now)
+            .returning(col(Delivery.next_attempt_at))
+        ).all()
+        due = now
         if event.type == EventType.progress.value:
-            due = min((old.next_attempt_at for old in waiting), default=now + PROGRESS_DELAY)
+            # A progress event takes the slot of the one it replaces, or waits a moment for
+            # newer ones to replace it.
+            due = min((row[0] for row in superseded), default=now + PROGRESS_DELAY)
         session.add(new_delivery(subscription.pk, event, due, now))
         created += 1
     return created

@@ -727,13 +727,23 @@ class Store:
             has_provider_task_id=task.provider_task_id is not None,
         )
 
-    def mark_submit_attempt(self, task_id: str) -> int:
-        """Record, before the request leaves, that a submission is being attempted."""
+    def mark_submit_attempt(self, task_id: str, attempt: int) -> bool:
+        """Record, before the request leaves, that attempt number ``attempt`` is being made.
+
+        A compare-and-set: it succeeds only if ``attempt - 1`` attempts were recorded, so when
+        several processes try to send the same task (e.g. every replica resuming unsent tasks
+        at once), exactly one sends it."""
+        statement = (
+            sa.update(Task)
+            .where(
+                col(Task.id) == task_id,
+                col(Task.submit_attempts) == attempt - 1,
+                col(Task.status) == TaskStatus.queued.value,
+            )
+            .values(submit_attempts=attempt)
+        )
         with self.transaction(write=True) as session:
-            task = self._locked(session, task_id)
-            task.submit_attempts += 1
-            session.add(task)
-            return task.submit_attempts
+            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
     def unsent_submissions(self, limit: int = 1000) -> list[str]:
         """Submitted tasks whose request never left (a crash between commit and send)."""

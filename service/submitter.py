@@ -103,9 +103,9 @@ class Submitter:
         attempt = 0
         while True:
             attempt += 1
-            if attempt > 1 and not await self._still_queued(task_id):
-                return  # a callback or poll settled it meanwhile: nothing left to send
-            await run_in_threadpool(self.store.mark_submit_attempt, task_id)
+            if not await run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt):
+                # Another process is sending it, or a callback or poll settled it meanwhile.
+                return
             try:
                 result = await adapter.submit(
                     request, callback_url=callback_url, on_update=on_update
@@ -150,10 +150,6 @@ class Submitter:
                     delay,
                 )
                 await self.sleep(delay)
-
-    async def _still_queued(self, task_id: str) -> bool:
-        task = await run_in_threadpool(self.store.find_task, task_id)
-        return task is not None and task["status"] == TaskStatus.queued.value
 
     async def _keep_images(self, task_id: str, provider: str, result: SubmitResult) -> TaskUpdate:
         """Replace inline base64 images with files TaskRelay serves itself."""

@@ -110,7 +110,7 @@ def test_unsent_submissions_are_found_for_resumption(store: Store) -> None:
         metadata={},
     ).task["id"]
     new_task(store)  # tracked tasks are never sent by TaskRelay
-    assert store.mark_submit_attempt(sent) == 1
+    assert store.mark_submit_attempt(sent, 1)
     assert store.unsent_submissions() == [unsent]
 
 
@@ -123,3 +123,28 @@ def test_timestamps_are_utc_and_ordered(store: Store) -> None:
     with store.engine.connect() as connection:
         count = connection.execute(sa.text("SELECT count(*) FROM task_event")).scalar_one()
     assert count == 2
+
+
+def test_only_one_process_may_make_each_submit_attempt(store: Store) -> None:
+    """Every replica resumes unsent tasks at start-up; the attempt counter is a
+    compare-and-set, so exactly one of them sends each task."""
+    task_id = store.create_task(
+        owner="a",
+        provider="evolink",
+        origin=TaskOrigin.submitted,
+        request={"prompt": "x"},
+        metadata={},
+    ).task["id"]
+    barrier = threading.Barrier(6)
+
+    def try_first_attempt(_: int) -> bool:
+        barrier.wait()
+        return store.mark_submit_attempt(task_id, 1)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        winners = list(pool.map(try_first_attempt, range(6)))
+    assert winners.count(True) == 1
+    assert store.mark_submit_attempt(task_id, 2)  # the winner's retry
+    assert not store.mark_submit_attempt(task_id, 2)
+    store.apply_update(task_id, TaskUpdate(status=TaskStatus.failed), UpdateSource.submit)
+    assert not store.mark_submit_attempt(task_id, 3)  # settled: nothing left to send
