@@ -9,8 +9,9 @@ outbox row that owes no delivery.
 
 Every measured request is a real state change: tasks are registered through
 ``POST /v1/tasks/track`` (EvoLink), and each one then gets EvoLink-shaped callbacks at its own
-signed callback URL, progress 1..99 and then ``completed``, interleaved over many tasks (the same
-task comes round again only after every other task of its block), so each request moves one task
+signed callback URL, ``--steps`` of them: rising progress (10, 20, ... 90 by default; 1..99 with
+``--steps 100``) and then ``completed``, interleaved over at least a thousand tasks (the same task
+comes round again only after every other task of its block), so each request moves one task
 forward, commits, keeps a receipt and appends a history event. Only 2xx answers count; anything
 else is reported. After the run the database is read back to check that the answers match the
 rows written.
@@ -29,8 +30,10 @@ its CPU use is reported):
   both servers, with async httpx. Latency is counted from when a request was due to be sent, not
   from when it went out, so a server (or generator) that falls behind shows in the numbers.
 
-``--profile DIR`` adds a closed-loop phase per database under py-spy (``pip install py-spy``),
-after the measured phases, and summarises where the service's samples fell.
+``--profile DIR`` adds two closed-loop phases per database under py-spy (``pip install py-spy``),
+after the measured ones: ``wall`` samples every thread, waiting ones included (where a request's
+time goes: locks, I/O, the pool), ``gil`` only the thread holding the GIL (where Python's CPU
+goes). Raw stacks are kept in DIR (flamegraph.pl or speedscope read them) and summarised.
 
 Run from the repository root: ``.venv/bin/python bench/ingest.py`` (``--help`` for options).
 ``TASKRELAY_*`` settings in the environment are passed on to the service (except the ones this
@@ -77,11 +80,14 @@ PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
 API_TOKEN = "bench-token-0123456789"
 SECRET_KEY = "bench-secret-key-0123456789abcdef"
 PROVIDER = "evolink"
-# Per task: progress 1..99, then completed: 100 state changes, each one event.
-STEPS_PER_TASK = 100
-# A task comes round again only after this many other callbacks at least, so concurrent
-# requests (up to --concurrency) never race on one task's row.
-MIN_TASKS_PER_BLOCK_PER_CONNECTION = 8
+# Callbacks per task (--steps): progress updates, then completed; each one is a state change.
+DEFAULT_STEPS = 10
+# Tasks are tracked in blocks of at least this many (and this many per connection), and a task
+# comes round again only once every other task of its block has had its callback: concurrent
+# requests then never race on one task's row, unless one waits for seconds while later ones
+# overtake it (it then changes nothing: counted as "unchanged" in the read-back).
+MIN_TASKS_PER_BLOCK = 1000
+MIN_TASKS_PER_BLOCK_PER_CONNECTION = 16
 # Callbacks kept in reserve beyond what a phase is expected to use (rate x duration x this).
 FEED_MARGIN = 1.5
 SETUP_CONCURRENCY = 8
@@ -125,19 +131,20 @@ class Callback:
     body: bytes
 
 
-def evolink_body(provider_task_id: str, step: int) -> bytes:
-    """EvoLink's callback for ``step`` (0-based): progress step+1 while processing, then the
-    completed task with its image (the shape of tests/test_callbacks.py's ``evolink_body``)."""
+def evolink_body(provider_task_id: str, step: int, steps: int) -> bytes:
+    """EvoLink's callback ``step`` (0-based) of ``steps``: rising progress (1..99 with 100
+    steps, 10..90 with 10) while processing, then the completed task with its image (the shape of
+    tests/test_callbacks.py's ``evolink_body``)."""
     body: dict[str, Any] = {
         "created": 1757156493,
         "id": provider_task_id,
         "model": "gpt-image-1.5",
         "object": "image.generation.task",
-        "progress": step + 1,
+        "progress": max(1, min(99, round((step + 1) * 100 / steps))),
         "status": "processing",
         "type": "image",
     }
-    if step == STEPS_PER_TASK - 1:
+    if step == steps - 1:
         body["progress"] = 100
         body["status"] = "completed"
         body["results"] = [f"https://files.evolink.example/{provider_task_id}.png"]
@@ -149,7 +156,8 @@ class CallbackFeed:
     step-major (every task's progress 1, then every task's progress 2, ...), so consecutive
     requests hit different tasks and each task still sees its callbacks in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int = DEFAULT_STEPS) -> None:
+        self.steps = steps
         self.items: list[Callback] = []
         self.position = 0
         self.tasks = 0
@@ -160,8 +168,10 @@ class CallbackFeed:
 
     def add_block(self, tasks: Sequence[tuple[str, str]]) -> None:
         """``tasks``: (callback path, provider task id) of freshly tracked tasks."""
-        for step in range(STEPS_PER_TASK):
-            self.items.extend(Callback(path, evolink_body(ptid, step)) for path, ptid in tasks)
+        for step in range(self.steps):
+            self.items.extend(
+                Callback(path, evolink_body(ptid, step, self.steps)) for path, ptid in tasks
+            )
         self.tasks += len(tasks)
 
     def upcoming(self) -> list[Callback]:
@@ -592,11 +602,9 @@ class Phase:
     overloaded: bool
 
     @property
-    def trustworthy(self) -> bool:
-        lag_ok = self.generator_lag_p99_ms is None or (
-            self.generator_lag_p99_ms <= GENERATOR_LAG_WARNING_MS
-        )
-        return not (self.exhausted or self.overloaded) and lag_ok
+    def complete(self) -> bool:
+        """The phase ran as planned (did not run out of callbacks or give up)."""
+        return not (self.exhausted or self.overloaded)
 
 
 @dataclass(frozen=True)
@@ -680,8 +688,8 @@ def ensure_feed(server: ServerProcess, feed: CallbackFeed, needed: float, concur
     """Track more tasks until at least ``needed`` callbacks are waiting to be sent."""
     if feed.remaining >= needed:
         return
-    missing = math.ceil((needed - feed.remaining) / STEPS_PER_TASK)
-    block = max(missing, concurrency * MIN_TASKS_PER_BLOCK_PER_CONNECTION)
+    missing = math.ceil((needed - feed.remaining) / feed.steps)
+    block = max(missing, MIN_TASKS_PER_BLOCK, concurrency * MIN_TASKS_PER_BLOCK_PER_CONNECTION)
     feed.add_block(asyncio.run(_track(server.url, block, feed.tasks)))
 
 
@@ -737,13 +745,15 @@ ProfileMode = Literal["wall", "gil"]
 # py-spy options per mode: every thread's stack, waiting ones included (where time goes), or only
 # the thread holding the GIL (where Python's CPU goes; one core's worth at most).
 PROFILE_FLAGS: dict[ProfileMode, list[str]] = {"wall": ["--idle"], "gil": ["--gil"]}
+PROFILE_RATE_HZ = 100
 
 
 @dataclass(frozen=True)
 class Profile:
     mode: ProfileMode
     raw_path: str
-    samples: int
+    samples: int  # the ones counted below
+    note: str  # what was left out, or how often the GIL was held
     rate_under_profiler: float
     self_time: list[Hotspot]  # the frame running when sampled
     inclusive: list[Hotspot]  # the frame anywhere on the stack
@@ -763,8 +773,18 @@ def _package(frame: str) -> str:
     return head.removesuffix(".py") or path
 
 
-def summarise_profile(mode: ProfileMode, raw_path: Path, rate: float, top: int) -> Profile:
-    total = 0
+def _idle_worker(frames: Sequence[str]) -> bool:
+    """A thread-pool thread waiting for work (not serving any request)."""
+    for index, frame in enumerate(frames[:-1]):
+        if frame.startswith("WorkerThread.run ") and frames[index + 1].startswith("Queue.get "):
+            return True
+    return False
+
+
+def summarise_profile(
+    mode: ProfileMode, raw_path: Path, rate: float, top: int, seconds: float
+) -> Profile:
+    total = idle = 0
     own: Counter[str] = Counter()
     anywhere: Counter[str] = Counter()
     packages: Counter[str] = Counter()
@@ -776,6 +796,9 @@ def summarise_profile(mode: ProfileMode, raw_path: Path, rate: float, top: int) 
         frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
+        if mode == "wall" and _idle_worker(frames):
+            idle += count
+            continue
         total += count
         own[frames[-1]] += count
         packages[_package(frames[-1])] += count
@@ -785,8 +808,15 @@ def summarise_profile(mode: ProfileMode, raw_path: Path, rate: float, top: int) 
     def ranked(counter: Counter[str]) -> list[Hotspot]:
         return [Hotspot(frame, n / total) for frame, n in counter.most_common(top)]
 
+    if mode == "wall":
+        note = (
+            f"{idle / max(1, idle + total):.0%} of samples were idle thread-pool threads "
+            "waiting for work, left out"
+        )
+    else:
+        note = f"the GIL was held in {total / (PROFILE_RATE_HZ * seconds):.0%} of sampling ticks"
     return Profile(
-        mode, str(raw_path), total, rate, ranked(own), ranked(anywhere), ranked(packages)
+        mode, str(raw_path), total, note, rate, ranked(own), ranked(anywhere), ranked(packages)
     )
 
 
@@ -815,7 +845,7 @@ def profile_phase(
         "--duration",
         str(max(1, round(options.duration))),
         "--rate",
-        "100",
+        str(PROFILE_RATE_HZ),
         "--format",
         "raw",
         "--nolineno",
@@ -830,7 +860,7 @@ def profile_phase(
     _, errors = sampler.communicate(timeout=options.duration + 30)
     if sampler.returncode != 0 or not raw_path.exists():
         raise RuntimeError(f"py-spy failed ({sampler.returncode}): {errors.decode()[-2000:]}")
-    return summarise_profile(mode, raw_path, phase.rate, top), phase
+    return summarise_profile(mode, raw_path, phase.rate, top, phase.duration), phase
 
 
 # --- one database ---------------------------------------------------------------------------------
@@ -863,7 +893,7 @@ class DatabaseResult:
             f"rate >= {wanted:.0%} of bare": (f"{self.ratio:.1%}", self.ratio >= wanted),
             f"p99 <= {TARGET_P99_MS_AT_HALF_RATE:g} ms at half rate": (
                 f"{half.p99_ms:.1f} ms",
-                half.p99_ms <= TARGET_P99_MS_AT_HALF_RATE and half.trustworthy,
+                half.p99_ms <= TARGET_P99_MS_AT_HALF_RATE and half.complete,
             ),
         }
 
@@ -873,19 +903,20 @@ def measure_database(
     database_url: str,
     options: LoadOptions,
     initial_tasks: int,
+    steps: int,
     profile_dir: Path | None,
     top: int,
 ) -> DatabaseResult:
     with tempfile.TemporaryDirectory(prefix=f"taskrelay-ingest-{database}-") as name:
         folder = Path(name)
-        feed = CallbackFeed()
+        feed = CallbackFeed(steps)
         phases: list[Phase] = []
         profiles: list[Profile] = []
         closed_spec = LoadSpec("closed", options.duration, options.concurrency)
         warmup_spec = LoadSpec("closed", options.warmup, options.concurrency)
         service = start_taskrelay(database_url, folder)
         try:
-            ensure_feed(service, feed, initial_tasks * STEPS_PER_TASK, options.concurrency)
+            ensure_feed(service, feed, initial_tasks * steps, options.concurrency)
             warm = run_phase(service, feed, warmup_spec, options, folder)
             ensure_feed(
                 service, feed, warm.rate * options.duration * FEED_MARGIN, options.concurrency
@@ -918,7 +949,7 @@ def measure_database(
         # needed: it only reads and drops them.
         bare = start_bare(folder)
         try:
-            bare_feed = CallbackFeed()
+            bare_feed = CallbackFeed(steps)
             bare_feed.items = feed.items
             for spec in (warmup_spec, closed_spec, open_spec):
                 bare_feed.position = 0
@@ -973,8 +1004,15 @@ def fresh_postgres(admin_url: str) -> Iterator[str]:
 DATABASE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 
 
-def _ms(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.1f} ms"
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1f} ms"
+
+
+def _failures(result: DatabaseResult, server: str) -> str:
+    phases = [p for p in result.phases if p.server == server]
+    non_2xx = sum(sum(p.non_2xx.values()) for p in phases)
+    unanswered = sum(sum(p.errors.values()) for p in phases)
+    return f"{non_2xx} / {unanswered}"
 
 
 def _problems(phase: Phase) -> list[str]:
@@ -987,8 +1025,11 @@ def _problems(phase: Phase) -> list[str]:
         notes.append("ran out of callbacks to send")
     if phase.overloaded:
         notes.append(f"gave up with over {OPEN_LOOP_MAX_IN_FLIGHT} requests waiting")
-    if phase.generator_lag_p99_ms is not None and not phase.trustworthy:
-        notes.append(f"generator sent late (p99 {phase.generator_lag_p99_ms:.1f} ms)")
+    lag = phase.generator_lag_p99_ms
+    if lag is not None and lag > GENERATOR_LAG_WARNING_MS:
+        notes.append(
+            f"the generator itself sent late (p99 {lag:.1f} ms), which is counted in its latency"
+        )
     return notes
 
 
@@ -1030,6 +1071,10 @@ def markdown(results: list[DatabaseResult], run: dict[str, Any]) -> str:
             f"| load generator CPU at max / at half rate | {bare_closed.generator_cpu:.0%} / "
             f"{bare_open.generator_cpu:.0%} | {ours_closed.generator_cpu:.0%} / "
             f"{ours_open.generator_cpu:.0%} | |",
+            f"| open loop: generator's own lag p99 | {_ms(bare_open.generator_lag_p99_ms)} | "
+            f"{_ms(ours_open.generator_lag_p99_ms)} | |",
+            f"| non-2xx answers / no answer (all measured phases) | {_failures(result, 'bare')} "
+            f"| {_failures(result, 'taskrelay')} | |",
         ]
         lines += ["", "| target | measured | met |", "|---|---:|---|"]
         for target, (measured, met) in result.targets.items():
@@ -1077,9 +1122,9 @@ def profile_markdown(profile: Profile) -> list[str]:
     }[profile.mode]
     lines = [
         "",
-        f"Profile `{profile.mode}` (py-spy, {what}; {profile.samples} samples, "
-        f"{profile.rate_under_profiler:,.0f} callbacks/s under the sampler; stacks in "
-        f"{profile.raw_path}):",
+        f"Profile `{profile.mode}` (py-spy, {what}; {profile.samples} samples ("
+        f"{profile.note}), {profile.rate_under_profiler:,.0f} callbacks/s under the sampler; "
+        f"stacks in {profile.raw_path}):",
     ]
     for title, spots in (
         ("running frame (self)", profile.self_time),
@@ -1132,7 +1177,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="closed-loop warm-up, seconds")
     parser.add_argument(
-        "--tasks", type=int, default=300, help="tasks tracked up front (more as needed)"
+        "--tasks",
+        type=int,
+        default=MIN_TASKS_PER_BLOCK,
+        help="tasks tracked up front (more as needed)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="callbacks per task: progress updates, then completed (100: progress 1..99)",
     )
     parser.add_argument(
         "--generator",
@@ -1161,6 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.duration < 1 or args.warmup < 1 or args.processes < 1:
         parser.error("--concurrency and --processes must be positive; --duration, --warmup >= 1")
+    if not 2 <= args.steps <= 100:
+        parser.error("--steps must be between 2 and 100")
     if args.no_sqlite and not args.database_url:
         parser.error("--no-sqlite needs --database-url (or $TASKRELAY_TEST_DATABASE_URL)")
     generator = args.generator
@@ -1176,12 +1232,16 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="taskrelay-ingest-db-") as folder:
             url = f"sqlite:///{Path(folder) / 'taskrelay.db'}"
             results.append(
-                measure_database("sqlite", url, options, args.tasks, args.profile, args.top)
+                measure_database(
+                    "sqlite", url, options, args.tasks, args.steps, args.profile, args.top
+                )
             )
     if args.database_url:
         with fresh_postgres(psycopg_url(args.database_url)) as url:
             results.append(
-                measure_database("postgresql", url, options, args.tasks, args.profile, args.top)
+                measure_database(
+                    "postgresql", url, options, args.tasks, args.steps, args.profile, args.top
+                )
             )
     wall = time.perf_counter() - started
     run = {

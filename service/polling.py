@@ -19,6 +19,9 @@ from datetime import datetime, timedelta
 
 from service.models import TERMINAL_STATUSES, TaskStatus
 
+# Past this many doublings every interval is at its cap anyway (and 2**n stays a small float).
+MAX_DOUBLINGS = 30
+
 
 @dataclass(frozen=True)
 class PollPolicy:
@@ -98,7 +101,7 @@ def next_check(
             wait = min(policy.max_interval, max(policy.min_interval, until))
         else:
             # No prediction, or it has passed (progress stalled): capped, jittered backoff.
-            step = policy.first_step * 2 ** max(0, timing.poll_count - 1)
+            step = policy.first_step * 2 ** min(MAX_DOUBLINGS, max(0, timing.poll_count - 1))
             wait = _jittered(max(policy.min_interval, min(policy.max_interval, step)), policy, rng)
         when = now + timedelta(seconds=wait)
     return min(when, timing.deadline_at)
@@ -114,7 +117,8 @@ def next_check_after_error(
 ) -> datetime:
     """After a failed status query: back off (``poll_errors`` counts this failure too)."""
     rng = rng or random.Random()
-    wait = min(policy.max_interval, policy.error_backoff * 2 ** max(0, timing.poll_errors - 1))
+    doublings = min(MAX_DOUBLINGS, max(0, timing.poll_errors - 1))
+    wait = min(policy.max_interval, policy.error_backoff * 2**doublings)
     wait = _jittered(wait, policy, rng)
     if retry_after is not None:
         wait = max(wait, min(retry_after, policy.max_interval))

@@ -260,7 +260,18 @@ def parse_timestamp(name: str, text: str) -> datetime:
         ) from exc
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value
+    return in_utc(name, value)
+
+
+def in_utc(name: str, value: datetime) -> datetime:
+    """``value`` in UTC; a 400 (not a crash) for times that do not exist there (year 0/10000)."""
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError as exc:
+        raise ValidationFailed(
+            f"{name} is out of range.",
+            details=[{"field": name, "message": "a time between the years 1 and 9999 in UTC"}],
+        ) from exc
 
 
 def task_json(task: Task) -> dict[str, Any]:

@@ -179,7 +179,8 @@ class _Reader:
         except (ValueError, TypeError) as exc:
             reason = f" ({exc})" if str(exc) else ""
             raise SettingsError(
-                f"{name}={value!r} is not valid: expected {expects}{reason}.",
+                # The value is not repeated: it may be a token, a key or a password.
+                f"{name} is not valid: expected {expects}{reason}.",
                 details={"variable": name, "expected": expects},
             ) from exc
 

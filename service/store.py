@@ -24,11 +24,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from service.db import WRITE_OPTION
 from service.errors import (
+    BadRequest,
     Conflict,
     NotFound,
     ProviderError,
@@ -58,6 +59,13 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
 UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
+RAW_STATUS_CHARS = 64  # task.raw_status; a provider's status word is kept, cut to fit
+PROVIDER_TASK_ID_CHARS = 255
+
+
+def _reason(exc: Exception) -> str:
+    original = getattr(exc, "orig", None)
+    return type(original).__name__ if original is not None else type(exc).__name__
 
 
 def new_id(prefix: str) -> str:
@@ -194,11 +202,18 @@ class Store:
                             listener()
         except IntegrityError:
             raise
-        except DBAPIError as exc:
+        except DataError as exc:
+            # A value the database cannot hold: retrying would fail the same way, so this is
+            # not "unavailable". (Lengths are checked before writing; this is the last guard.)
+            raise BadRequest(
+                "A value in this request cannot be stored (too long or malformed).",
+                code="value_not_storable",
+            ) from exc
+        except (DBAPIError, sa.exc.TimeoutError) as exc:
             raise StoreUnavailable(
                 "The database is unavailable or refused the write; nothing was recorded. "
                 "Retry shortly.",
-                details={"reason": type(exc.orig).__name__ if exc.orig else type(exc).__name__},
+                details={"reason": _reason(exc)},
             ) from exc
 
     def ping(self) -> None:
@@ -408,6 +423,21 @@ class Store:
         provider_task_id: str | None,
         metadata: dict[str, Any] | None,
     ) -> dict[str, Any]:
+        try:
+            return self._patch(owner, task_id, provider_task_id, metadata)
+        except IntegrityError as exc:  # another request set the same id at the same moment
+            raise Conflict(
+                f"Provider task id {provider_task_id!r} was just given to another task.",
+                code="already_tracked",
+            ) from exc
+
+    def _patch(
+        self,
+        owner: str,
+        task_id: str,
+        provider_task_id: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         with self.transaction(write=True) as session:
             task = self._owned(session, owner, task_id, lock=True)
             changed = False
@@ -443,6 +473,27 @@ class Store:
         """Run ``update`` through the state machine and record it, with its receipt, in one
         transaction. Concurrent updates of one task are serialised by the row lock (PostgreSQL)
         or the write lock (SQLite), so a racing poll and callback make one transition."""
+        if update.provider_task_id and len(update.provider_task_id) > PROVIDER_TASK_ID_CHARS:
+            raise BadRequest(
+                f"The provider task id is longer than {PROVIDER_TASK_ID_CHARS} characters.",
+                code="provider_task_id_too_long",
+            )
+        try:
+            return self._apply(task_id, update, source, receipt)
+        except IntegrityError as exc:
+            raise Conflict(
+                "The provider task id in this update already belongs to another of the "
+                "client's tasks; nothing was changed.",
+                code="provider_task_id_taken",
+            ) from exc
+
+    def _apply(
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        source: UpdateSource,
+        receipt: ReceiptDraft | None,
+    ) -> ApplyResult:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             try:
@@ -503,7 +554,7 @@ class Store:
             task.images = list(state.images)
             task.error = state.error
             task.provider_task_id = state.provider_task_id
-            task.raw_status = state.raw_status
+            task.raw_status = state.raw_status[:RAW_STATUS_CHARS] if state.raw_status else None
             task.updated_at = now
             task.last_update_source = source.value
             if "progress" in change.changed_fields:
@@ -613,7 +664,25 @@ class Store:
         error: ProviderError | None = None,
     ) -> ApplyResult:
         """A status query's answer (or failure), through the same state machine as a
-        callback; then the next check is planned and ``worker``'s lease released."""
+        callback; then the next check is planned and ``worker``'s lease released. An answer
+        that cannot be stored (its provider task id belongs to another task) counts as a
+        failed query, so the task backs off instead of failing the same way each pass."""
+        try:
+            return self._record_poll(task_id, worker, update=update, error=error)
+        except (IntegrityError, BadRequest):
+            refused = UpstreamProtocolError(
+                "the provider's answer could not be stored", provider="taskrelay"
+            )
+            return self._record_poll(task_id, worker, update=None, error=refused)
+
+    def _record_poll(
+        self,
+        task_id: str,
+        worker: str | None,
+        *,
+        update: TaskUpdate | None,
+        error: ProviderError | None,
+    ) -> ApplyResult:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             now = self.clock()

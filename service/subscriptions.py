@@ -3,7 +3,7 @@ retries, replays and signing secrets. A client sees and changes only its own."""
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -19,11 +19,12 @@ from service.schemas import (
     SecretRotation,
     SubscriptionCreate,
     SubscriptionUpdate,
+    in_utc,
     isoformat,
     parse_body,
 )
 from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from service.web import json_response, read_json_object
+from service.web import decode_json, json_response, read_body, read_json_object
 
 _STATUSES = {status.value for status in DeliveryStatus}
 
@@ -152,9 +153,13 @@ async def delete_subscription(request: Request) -> Response:
 
 async def _rotation(request: Request) -> timedelta:
     runtime = runtime_of(request)
-    body: dict[str, Any] = {}
-    if await request.body():
-        body = await read_json_object(request, runtime.settings.max_body_bytes)
+    raw = await read_body(request, runtime.settings.max_body_bytes)  # capped: never buffered whole
+    body: Any = decode_json(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            "The request body must be a JSON object.",
+            details=[{"field": "(body)", "message": "not an object"}],
+        )
     return timedelta(seconds=parse_body(SecretRotation, body).overlap_seconds)
 
 
@@ -228,10 +233,8 @@ async def replay(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     spec = parse_body(Replay, await read_json_object(request, runtime.settings.max_body_bytes))
-    since = spec.since if spec.since.tzinfo else spec.since.replace(tzinfo=UTC)
-    until = spec.until
-    if until is not None and until.tzinfo is None:
-        until = until.replace(tzinfo=UTC)
+    since = in_utc("since", spec.since)
+    until = None if spec.until is None else in_utc("until", spec.until)
     count = await run_in_threadpool(
         runtime.outbox.replay,
         owner,

@@ -108,6 +108,10 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def decode_json(body: bytes, *, what: str = "request body") -> Any:
     try:
         text = body.decode("utf-8-sig")
@@ -116,8 +120,8 @@ def decode_json(body: bytes, *, what: str = "request body") -> Any:
     if not text.strip():
         raise BadRequest(f"The {what} is empty; send a JSON object.", code="invalid_json")
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"The {what} is not valid JSON: {exc}.", code="invalid_json") from exc
     if not _depth_ok(value, MAX_JSON_DEPTH):
         raise BadRequest(

@@ -537,3 +537,28 @@ async def test_no_resend_once_the_task_has_been_settled(
     done = (await client.get(f"/v1/tasks/{task['id']}", headers=auth())).json()
     assert done["status"] == "succeeded"
     assert done["submit_attempts"] == 1
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_json_constants_python_accepts_are_refused(
+    client: httpx.AsyncClient, constant: bytes
+) -> None:
+    body = b'{"provider": "evolink", "metadata": {"x": ' + constant + b"}}"
+    response = await client.post(
+        "/v1/tasks/track", content=body, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_json"
+    listed = await client.get("/v1/tasks", headers=auth())
+    assert listed.status_code == 200 and listed.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["created_after=0001-01-01T00:00:00%2B05:00", "created_before=9999-12-31T23:00:00-05:00"],
+)
+async def test_timestamps_that_do_not_exist_in_utc_are_400(
+    client: httpx.AsyncClient, query: str
+) -> None:
+    response = await client.get(f"/v1/tasks?{query}", headers=auth())
+    assert response.status_code == 400

@@ -301,3 +301,34 @@ async def test_callback_is_503_not_2xx_when_it_cannot_be_stored(
     # The provider retries; now it lands.
     assert (await client.post(path, json=DONE)).status_code == 200
     assert (await get(client, task_id))["status"] == "succeeded"
+
+
+async def test_nan_in_a_callback_is_a_400_not_a_stored_value(client: httpx.AsyncClient) -> None:
+    task_id, path = await tracked(client)
+    body = b'{"id": "t1", "status": "processing", "progress": NaN}'
+    response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert (await get(client, task_id))["status"] == "queued"
+
+
+async def test_a_very_long_status_word_is_kept_cut_to_fit(client: httpx.AsyncClient) -> None:
+    task_id, path = await tracked(client)
+    response = await client.post(path, json=evolink_body("x" * 500, 5))
+    assert response.status_code == 200
+    assert (await get(client, task_id))["provider_status"] == "x" * 64
+
+
+async def test_a_provider_task_id_of_another_task_is_409_not_500(
+    client: httpx.AsyncClient,
+) -> None:
+    first = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": DONE["id"]},
+        headers=auth(ALICE),
+    )
+    assert first.status_code == 201
+    task_id, path = await tracked(client)  # a second task of the same client
+    response = await client.post(path, json=DONE)  # names the first task's provider id
+    assert response.status_code == 409
+    assert error_code(response) == "provider_task_id_taken"
+    assert (await get(client, task_id))["status"] == "queued"

@@ -595,3 +595,22 @@ async def test_a_claimed_progress_delivery_is_not_coalesced_from_under_its_sende
     (final,) = outbox.claim("third-process", limit=10, lease_seconds=60)
     assert json.loads(final.body)["type"] == "task.succeeded"
     assert json.loads(in_flight.body)["type"] == "task.progress"
+
+
+async def test_rotation_bodies_are_capped_too(harness: Harness) -> None:
+    subscription = await harness.subscribe("capped")
+    huge = b'{"overlap_seconds": 60, "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    for path in (
+        f"/v1/subscriptions/{subscription['id']}/rotate-secret",
+        "/v1/notify-secret/rotate",
+    ):
+        response = await harness.client.post(
+            path, content=huge, headers={**auth(), "Content-Type": "application/json"}
+        )
+        assert response.status_code == 413, path
+    replay = await harness.client.post(
+        f"/v1/subscriptions/{subscription['id']}/replay",
+        json={"since": "9999-12-31T23:00:00-05:00"},
+        headers=auth(),
+    )
+    assert replay.status_code == 400

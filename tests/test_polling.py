@@ -146,3 +146,11 @@ def test_jitter_stays_within_its_band(seed: int) -> None:
         next_check(timing(poll_count=1), now, policy, random.Random(seed)) - now
     ).total_seconds()  # type: ignore[operator]
     assert 9.0 <= step <= 11.0
+
+
+def test_backoff_survives_any_number_of_looks() -> None:
+    now = T0 + s(61)
+    assert next_check(timing(poll_count=5000), now, POLICY) == now + s(300)
+    assert next_check_after_error(
+        timing(poll_errors=5000), now, replace(POLICY, max_interval=60)
+    ) == now + s(60)

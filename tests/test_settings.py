@@ -152,3 +152,13 @@ def test_postgres_url_is_given_the_psycopg_driver(tmp_path: Path) -> None:
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_errors_never_repeat_the_value(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_API_TOKENS="alice:VERY-SECRET-alice-token,bob:short")
+    assert "VERY-SECRET" not in caught.value.message
+    assert "bob" in caught.value.message  # says which entry is wrong
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_DATABASE_URL="mysql://user:hunter2@db/x")
+    assert "hunter2" not in caught.value.message

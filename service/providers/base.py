@@ -166,8 +166,10 @@ def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:
 def decode_json(provider: str, response: httpx.Response) -> Any:
     """A 2xx reply's JSON; UpstreamProtocolError (ambiguous) when it is not JSON."""
     try:
-        return json.loads(response.content.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return json.loads(
+            response.content.decode("utf-8-sig"), parse_constant=parsing.reject_json_constant
+        )
+    except (ValueError, RecursionError) as exc:
         raise UpstreamProtocolError(
             f"{provider} answered HTTP {response.status_code} with a body that is not JSON.",
             provider=provider,

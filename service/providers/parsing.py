@@ -384,6 +384,11 @@ def parse_reply(
     return guard_reply(provider, lambda: parse(body))
 
 
+def reject_json_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (Python accepts them by default)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json_body(body: bytes) -> Any:
     """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
     try:
@@ -393,8 +398,8 @@ def parse_json_body(body: bytes) -> Any:
     if not text.strip():
         raise CallbackParseError("The callback body is empty; expected a JSON object.")
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        return json.loads(text, parse_constant=reject_json_constant)
+    except (ValueError, RecursionError) as exc:
         raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
 
 
