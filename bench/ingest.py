@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -82,12 +83,14 @@ SECRET_KEY = "bench-secret-key-0123456789abcdef"
 PROVIDER = "evolink"
 # Callbacks per task (--steps): progress updates, then completed; each one is a state change.
 DEFAULT_STEPS = 10
-# Tasks are tracked in blocks of at least this many (and this many per connection), and a task
-# comes round again only once every other task of its block has had its callback: concurrent
-# requests then never race on one task's row, unless one waits for seconds while later ones
-# overtake it (it then changes nothing: counted as "unchanged" in the read-back).
-MIN_TASKS_PER_BLOCK = 1000
-MIN_TASKS_PER_BLOCK_PER_CONNECTION = 16
+# Tasks in flight at once (--window; a task's callbacks are this many requests apart): at
+# least this many, and this many per connection.
+MIN_WINDOW = 512
+WINDOW_PER_CONNECTION = 8
+# Callbacks queued before the warm-up (then as many as the warm-up's rate says are needed).
+INITIAL_CALLBACKS = 3000
+# Tasks tracked at a time when more are needed.
+MIN_TRACK_BATCH = 100
 # Callbacks kept in reserve beyond what a phase is expected to use (rate x duration x this).
 FEED_MARGIN = 1.5
 SETUP_CONCURRENCY = 8
@@ -151,28 +154,64 @@ def evolink_body(provider_task_id: str, step: int, steps: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-class CallbackFeed:
-    """Every callback still to send, in order. Tasks come in blocks; within a block the order is
-    step-major (every task's progress 1, then every task's progress 2, ...), so consecutive
-    requests hit different tasks and each task still sees its callbacks in order."""
+@dataclass
+class _Slot:
+    path: str
+    provider_task_id: str
+    step: int  # the next callback to send
 
-    def __init__(self, steps: int = DEFAULT_STEPS) -> None:
+
+class CallbackFeed:
+    """Every callback still to send, in order: a pipeline of ``window`` tasks in flight.
+
+    The callbacks go round the window's slots one after another, each slot's task getting its
+    next callback; a task that has had its ``completed`` makes room for a fresh one. So a task's
+    callbacks are always ``window`` requests apart (concurrent requests never race on one task's
+    row unless one waits while ``window`` later ones overtake it; it then changes nothing and is
+    counted "unchanged" in the read-back), each task sees its callbacks in order, and one in
+    ``steps`` requests completes a task from the start: the first tasks start at staggered steps
+    (a provider may skip progress updates), later ones at the first.
+    """
+
+    def __init__(self, steps: int = DEFAULT_STEPS, window: int = MIN_WINDOW) -> None:
         self.steps = steps
+        self.window = window
         self.items: list[Callback] = []
         self.position = 0
-        self.tasks = 0
+        self.tasks = 0  # tracked so far
+        self._fresh: collections.deque[tuple[str, str]] = collections.deque()
+        self._slots: list[_Slot] = []
+        self._turn = 0
 
     @property
     def remaining(self) -> int:
         return len(self.items) - self.position
 
-    def add_block(self, tasks: Sequence[tuple[str, str]]) -> None:
+    def tasks_needed(self, callbacks: float) -> int:
+        """Fresh tasks to track so that ``callbacks`` more can be queued."""
+        empty_slots = self.window - len(self._slots)
+        return max(1, empty_slots + math.ceil(callbacks / self.steps) - len(self._fresh) + 1)
+
+    def add_tasks(self, tasks: Sequence[tuple[str, str]]) -> None:
         """``tasks``: (callback path, provider task id) of freshly tracked tasks."""
-        for step in range(self.steps):
-            self.items.extend(
-                Callback(path, evolink_body(ptid, step, self.steps)) for path, ptid in tasks
-            )
+        self._fresh.extend(tasks)
         self.tasks += len(tasks)
+        while len(self._slots) < self.window and self._fresh:
+            path, ptid = self._fresh.popleft()
+            self._slots.append(_Slot(path, ptid, len(self._slots) % self.steps))
+        if len(self._slots) < self.window:
+            return
+        while True:
+            slot = self._slots[self._turn]
+            if slot.step >= self.steps:
+                if not self._fresh:
+                    return
+                path, ptid = self._fresh.popleft()
+                slot = self._slots[self._turn] = _Slot(path, ptid, 0)
+            body = evolink_body(slot.provider_task_id, slot.step, self.steps)
+            self.items.append(Callback(slot.path, body))
+            slot.step += 1
+            self._turn = (self._turn + 1) % self.window
 
     def upcoming(self) -> list[Callback]:
         return self.items[self.position :]
@@ -684,13 +723,11 @@ async def _track(url: str, count: int, first_number: int) -> list[tuple[str, str
     return tracked
 
 
-def ensure_feed(server: ServerProcess, feed: CallbackFeed, needed: float, concurrency: int) -> None:
+def ensure_feed(server: ServerProcess, feed: CallbackFeed, needed: float) -> None:
     """Track more tasks until at least ``needed`` callbacks are waiting to be sent."""
-    if feed.remaining >= needed:
-        return
-    missing = math.ceil((needed - feed.remaining) / feed.steps)
-    block = max(missing, MIN_TASKS_PER_BLOCK, concurrency * MIN_TASKS_PER_BLOCK_PER_CONNECTION)
-    feed.add_block(asyncio.run(_track(server.url, block, feed.tasks)))
+    while feed.remaining < needed:
+        count = max(MIN_TRACK_BATCH, feed.tasks_needed(needed - feed.remaining))
+        feed.add_tasks(asyncio.run(_track(server.url, count, feed.tasks)))
 
 
 @dataclass(frozen=True)
@@ -902,40 +939,33 @@ def measure_database(
     database: str,
     database_url: str,
     options: LoadOptions,
-    initial_tasks: int,
+    window: int,
     steps: int,
     profile_dir: Path | None,
     top: int,
 ) -> DatabaseResult:
     with tempfile.TemporaryDirectory(prefix=f"taskrelay-ingest-{database}-") as name:
         folder = Path(name)
-        feed = CallbackFeed(steps)
+        feed = CallbackFeed(steps, window)
         phases: list[Phase] = []
         profiles: list[Profile] = []
         closed_spec = LoadSpec("closed", options.duration, options.concurrency)
         warmup_spec = LoadSpec("closed", options.warmup, options.concurrency)
         service = start_taskrelay(database_url, folder)
         try:
-            ensure_feed(service, feed, initial_tasks * steps, options.concurrency)
+            ensure_feed(service, feed, INITIAL_CALLBACKS)
             warm = run_phase(service, feed, warmup_spec, options, folder)
-            ensure_feed(
-                service, feed, warm.rate * options.duration * FEED_MARGIN, options.concurrency
-            )
+            ensure_feed(service, feed, warm.rate * options.duration * FEED_MARGIN)
             closed = run_phase(service, feed, closed_spec, options, folder)
             phases.append(closed)
             half_rate = closed.rate / 2
             open_spec = LoadSpec("open", options.duration, options.concurrency, half_rate)
-            ensure_feed(service, feed, half_rate * options.duration * 1.1, options.concurrency)
+            ensure_feed(service, feed, half_rate * options.duration * 1.1)
             phases.append(run_phase(service, feed, open_spec, options, folder))
             extra = [warm]
             if profile_dir is not None:
                 for mode in PROFILE_FLAGS:
-                    ensure_feed(
-                        service,
-                        feed,
-                        closed.rate * options.duration * FEED_MARGIN,
-                        options.concurrency,
-                    )
+                    ensure_feed(service, feed, closed.rate * options.duration * FEED_MARGIN)
                     profile, phase = profile_phase(
                         service, feed, options, folder, profile_dir, database, mode, top
                     )
@@ -949,7 +979,7 @@ def measure_database(
         # needed: it only reads and drops them.
         bare = start_bare(folder)
         try:
-            bare_feed = CallbackFeed(steps)
+            bare_feed = CallbackFeed(steps, window)
             bare_feed.items = feed.items
             for spec in (warmup_spec, closed_spec, open_spec):
                 bare_feed.position = 0
@@ -1177,10 +1207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="closed-loop warm-up, seconds")
     parser.add_argument(
-        "--tasks",
+        "--window",
         type=int,
-        default=MIN_TASKS_PER_BLOCK,
-        help="tasks tracked up front (more as needed)",
+        help=f"tasks in flight at once: a task's callbacks are this many requests apart "
+        f"(default: {WINDOW_PER_CONNECTION} per connection, at least {MIN_WINDOW})",
     )
     parser.add_argument(
         "--steps",
@@ -1217,6 +1247,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency and --processes must be positive; --duration, --warmup >= 1")
     if not 2 <= args.steps <= 100:
         parser.error("--steps must be between 2 and 100")
+    window = args.window or max(MIN_WINDOW, WINDOW_PER_CONNECTION * args.concurrency)
+    if window < args.concurrency:
+        parser.error("--window must be at least --concurrency")
     if args.no_sqlite and not args.database_url:
         parser.error("--no-sqlite needs --database-url (or $TASKRELAY_TEST_DATABASE_URL)")
     generator = args.generator
@@ -1232,15 +1265,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="taskrelay-ingest-db-") as folder:
             url = f"sqlite:///{Path(folder) / 'taskrelay.db'}"
             results.append(
-                measure_database(
-                    "sqlite", url, options, args.tasks, args.steps, args.profile, args.top
-                )
+                measure_database("sqlite", url, options, window, args.steps, args.profile, args.top)
             )
     if args.database_url:
         with fresh_postgres(psycopg_url(args.database_url)) as url:
             results.append(
                 measure_database(
-                    "postgresql", url, options, args.tasks, args.steps, args.profile, args.top
+                    "postgresql", url, options, window, args.steps, args.profile, args.top
                 )
             )
     wall = time.perf_counter() - started

@@ -232,6 +232,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -413,6 +424,13 @@ def load_settings(
             ),
         )
 
+    if sandbox and not _is_loopback(host):
+        raise SettingsError(
+            f"TASKRELAY_SANDBOX=true needs TASKRELAY_HOST on a loopback address (it is {host}): "
+            "the sandbox's control API is open to anyone with its well-known key and lists "
+            "every task's callback URL. Use it for local development only.",
+            details={"variable": "TASKRELAY_SANDBOX"},
+        )
     callback_token_ttl = env.get(
         "TASKRELAY_CALLBACK_TOKEN_TTL", parse_duration, 7 * 86400.0, "a duration such as 7d"
     )

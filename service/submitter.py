@@ -28,6 +28,9 @@ from service.store import Store
 
 log = logging.getLogger(__name__)
 
+# Waits between tries to record an accepted submission while the database is unavailable.
+RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
+
 
 class Submitter:
     def __init__(
@@ -111,9 +114,7 @@ class Submitter:
                     request, callback_url=callback_url, on_update=on_update
                 )
                 update = await self._keep_images(task_id, provider, result)
-                await run_in_threadpool(
-                    self.store.apply_update, task_id, update, UpdateSource.submit
-                )
+                await self._record_reply(task_id, update)
                 return
             except ProviderError as exc:
                 if exc.ambiguous and adapter.delivers_callbacks():
@@ -150,6 +151,21 @@ class Submitter:
                     delay,
                 )
                 await self.sleep(delay)
+
+    async def _record_reply(self, task_id: str, update: TaskUpdate) -> None:
+        """The provider accepted the task: its answer (task id, OpenAI's images) must not be
+        lost to a brief database outage, so keep trying for a few minutes."""
+        for wait in (*RECORD_RETRY_WAITS, None):
+            try:
+                await run_in_threadpool(
+                    self.store.apply_update, task_id, update, UpdateSource.submit
+                )
+                return
+            except StoreUnavailable:
+                if wait is None:
+                    raise
+                log.warning("could not record the submit reply of %s yet; retrying", task_id)
+                await self.sleep(wait)
 
     async def _keep_images(self, task_id: str, provider: str, result: SubmitResult) -> TaskUpdate:
         """Replace inline base64 images with files TaskRelay serves itself."""

@@ -562,3 +562,36 @@ async def test_timestamps_that_do_not_exist_in_utc_are_400(
 ) -> None:
     response = await client.get(f"/v1/tasks?{query}", headers=auth())
     assert response.status_code == 400
+
+
+async def test_an_accepted_submission_is_recorded_through_a_brief_database_outage(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.errors import StoreUnavailable
+    from service.models import UpdateSource
+
+    runtime = app.state.runtime
+    real_apply = runtime.store.apply_update
+    failures = {"left": 3}
+
+    def flaky_apply(task_id: str, update: Any, source: Any, **kwargs: Any) -> Any:
+        if source is UpdateSource.submit and failures["left"]:
+            failures["left"] -= 1
+            raise StoreUnavailable("database restarting")
+        return real_apply(task_id, update, source, **kwargs)
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(runtime.store, "apply_update", flaky_apply)
+    monkeypatch.setattr(runtime.submitter, "sleep", no_wait)
+    response = await client.post(
+        "/v1/tasks",
+        json={"provider": "gptimage15", "prompt": "outage sandbox:duration=5"},
+        headers=auth(),
+    )
+    await runtime.submitter.idle()
+    task = (await client.get(f"/v1/tasks/{response.json()['id']}", headers=auth())).json()
+    assert failures["left"] == 0
+    assert task["provider_task_id"]  # the provider's answer was not lost
+    assert task["submit_attempts"] == 1  # and nothing was sent twice

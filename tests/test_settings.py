@@ -162,3 +162,14 @@ def test_errors_never_repeat_the_value(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as caught:
         load(tmp_path, TASKRELAY_DATABASE_URL="mysql://user:hunter2@db/x")
     assert "hunter2" not in caught.value.message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.com", "::"])
+def test_the_sandbox_is_refused_off_loopback(tmp_path: Path, host: str) -> None:
+    with pytest.raises(SettingsError, match="TASKRELAY_SANDBOX"):
+        load(tmp_path, TASKRELAY_SANDBOX="true", TASKRELAY_HOST=host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_the_sandbox_runs_on_loopback(tmp_path: Path, host: str) -> None:
+    assert load(tmp_path, TASKRELAY_SANDBOX="true", TASKRELAY_HOST=host).sandbox
