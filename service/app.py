@@ -194,7 +194,8 @@ def create_app(
         )
         event_signal = EventSignal()
         event_signal.bind(asyncio.get_running_loop())
-        store.listeners.extend([dispatcher.notify, event_signal.notify])
+        store.listeners.append(event_signal.notify)
+        store.delivery_listeners.append(dispatcher.notify)
         scheduler = Scheduler(
             store,
             adapters,

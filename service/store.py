@@ -166,8 +166,11 @@ class Store:
         self.audit_bytes = audit_bytes
         self.policies = dict(policies or {})
         self.rng = rng or random.Random()
-        # Called after every commit that appended task events (wake the dispatcher, streams).
+        # Called after every commit that appended task events (live streams), and after every
+        # commit that owes subscribers deliveries (the dispatcher: woken only when there is
+        # something to send, since an empty pass still costs a query).
         self.listeners: list[Callable[[], None]] = []
+        self.delivery_listeners: list[Callable[[], None]] = []
 
     # --- polling plans ----------------------------------------------------------------------
 
@@ -199,6 +202,9 @@ class Store:
                     session.commit()
                     if session.info.pop("events", False):
                         for listener in self.listeners:
+                            listener()
+                    if session.info.pop("deliveries", False):
+                        for listener in self.delivery_listeners:
                             listener()
         except IntegrityError:
             raise
@@ -590,7 +596,8 @@ class Store:
         )
         session.add(event)
         session.flush()
-        fan_out(session, task, event, self.clock())
+        if fan_out(session, task, event, self.clock()):
+            session.info["deliveries"] = True
         session.info["events"] = True
         return {"id": event.id, "type": event.type}
 

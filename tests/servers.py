@@ -37,6 +37,15 @@ class ServiceProcess:
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for /readyz; on failure the process is stopped (a caller that never got the
+        object back could not clean it up) and the error carries its log."""
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
