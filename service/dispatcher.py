@@ -129,12 +129,16 @@ class Dispatcher:
         """Passes until nothing is due (tests); returns how many deliveries were attempted."""
         total = 0
         for _ in range(max_passes):
+            # Deliveries finishing while a pass runs can make more claimable (their
+            # subscriber is no longer at its cap): idle means a pass that started with
+            # nothing in flight found nothing.
+            busy_before = bool(self._in_flight)
             found = await self.run_once(wait=True)
             if found:
                 total += found
             elif self._in_flight:  # started by earlier passes: idle only once they are done
                 await asyncio.gather(*list(self._in_flight), return_exceptions=True)
-            else:
+            elif not busy_before:
                 return total
         raise RuntimeError("the dispatcher did not become idle")
 
@@ -156,6 +160,7 @@ class Dispatcher:
             self._busy[job.subscription_pk] -= 1
             if not self._busy[job.subscription_pk]:
                 del self._busy[job.subscription_pk]
+            self.notify()  # a slot is free: that subscriber's next delivery may go now
 
     async def _send_holding_lease(self, job: DeliveryJob) -> AttemptResult:
         """Send, renewing the lease while the subscriber takes its time, so no other process
