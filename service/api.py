@@ -25,6 +25,7 @@ from service.schemas import (
     TaskPatch,
     TaskTrack,
     event_json,
+    isoformat,
     parse_body,
     parse_timestamp,
 )
@@ -268,7 +269,7 @@ async def list_callbacks(request: Request) -> Response:
         {
             "data": [
                 {
-                    "received_at": receipt.received_at.isoformat().replace("+00:00", "Z"),
+                    "received_at": isoformat(receipt.received_at),
                     "outcome": receipt.outcome,
                     "error": receipt.error,
                     "content_type": receipt.content_type,

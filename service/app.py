@@ -76,7 +76,7 @@ async def readyz(request: Request) -> Response:
         return json_response(
             {"status": "unavailable", "reason": "database check failed"}, status_code=503
         )
-    expected = head_revision(runtime.settings.database_url)
+    expected = request.app.state.schema_head
     if revision != expected:
         return json_response(
             {
@@ -279,6 +279,8 @@ def create_app(
         },
     )
     app.state.openapi = build_openapi()
+    # Read the migration scripts once, not on every readiness probe.
+    app.state.schema_head = head_revision(settings.database_url)
     return app
 
 

@@ -537,15 +537,17 @@ class Store:
         source: UpdateSource,
         receipt: ReceiptDraft | None,
         update: TaskUpdate | None = None,
+        *,
+        replan: bool = True,
     ) -> ApplyResult:
         event = None
+        touched = False
         now = self.clock()
-        replan = False
         if update is not None and update.estimated_seconds is not None:
             expected = task.created_at + timedelta(seconds=update.estimated_seconds)
             if expected != task.expected_at:
                 task.expected_at = expected
-                replan = True
+                touched = True
         if change is None:
             outcome = (
                 ReceiptOutcome.terminal
@@ -567,9 +569,10 @@ class Store:
                 task.progress_at = now
             if change.became_terminal:
                 task.completed_at = task.updated_at
-            replan = True
-        if replan:
-            self._plan(task, now)
+            touched = True
+        if touched:
+            if replan:
+                self._plan(task, now)
             session.add(task)
             session.flush()
         if change is not None and change.event_type is not None:
@@ -712,8 +715,10 @@ class Store:
                 result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None)
             else:
                 task.poll_errors = 0
-                result = self._commit_change(session, task, change, UpdateSource.poll, None, update)
-                self._plan(task, now)
+                result = self._commit_change(
+                    session, task, change, UpdateSource.poll, None, update, replan=False
+                )
+                self._plan(task, now)  # once: poll_count changed whether or not the task did
                 result = ApplyResult(task_json(task), result.outcome, result.event)
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
