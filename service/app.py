@@ -192,8 +192,13 @@ def create_app(
             tick_seconds=settings.scheduler_tick,
             monotonic=monotonic,
         )
-        event_signal = EventSignal()
-        event_signal.bind(asyncio.get_running_loop())
+        event_signal = EventSignal(
+            max_streams=settings.max_streams,
+            max_streams_per_client=settings.max_streams_per_client,
+        )
+        # Wakes open streams: commits here through the listener, other processes' commits
+        # through its watcher of this store (running only while a stream is open).
+        event_signal.bind(asyncio.get_running_loop(), store)
         store.listeners.append(event_signal.notify)
         store.delivery_listeners.append(dispatcher.notify)
         scheduler = Scheduler(
@@ -251,6 +256,7 @@ def create_app(
             await submitter.stop()
             if settings.dispatcher:
                 await dispatcher.stop()
+            await event_signal.stop()
             await webhook_http.aclose()
             if sandbox is not None:
                 await sandbox.aclose()

@@ -86,6 +86,18 @@ class Unprocessable(TaskRelayError):
     code = "unprocessable"
 
 
+class TooManyStreams(TaskRelayError):
+    """The client already holds as many open event streams as it may (429); ``retry_after``
+    (seconds) becomes the Retry-After header."""
+
+    status = 429
+    code = "too_many_streams"
+
+    def __init__(self, message: str, *, retry_after: float, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 # --- callback token errors ---------------------------------------------------------------------
 
 
@@ -115,6 +127,18 @@ class StoreUnavailable(TaskRelayError):
 
     status = 503
     code = "store_unavailable"
+
+
+class StreamCapacityReached(TaskRelayError):
+    """This process serves as many open event streams as it may (503): another replica, or
+    this one a little later (``retry_after`` seconds), can take the stream."""
+
+    status = 503
+    code = "stream_capacity_reached"
+
+    def __init__(self, message: str, *, retry_after: float, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
 
 
 # --- upstream provider errors ------------------------------------------------------------------

@@ -109,6 +109,10 @@ _DELIVERY_ID = {
     "required": True,
     "schema": {"type": "string", "maxLength": 40},
 }
+_RETRY_AFTER = {
+    "description": "Seconds to wait before opening another stream",
+    "schema": {"type": "integer"},
+}
 _OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
@@ -157,8 +161,34 @@ def _event_paths() -> dict[str, Any]:
                         "content": {"text/event-stream": {}},
                     },
                     **_errors(401, 404),
+                    "429": {
+                        **_json(
+                            "ErrorResponse",
+                            "This client already holds TASKRELAY_MAX_STREAMS_PER_CLIENT open "
+                            "streams (`too_many_streams`)",
+                        ),
+                        "headers": {"Retry-After": _RETRY_AFTER},
+                    },
+                    "503": {
+                        **_json(
+                            "ErrorResponse",
+                            "Database unavailable, or this process serves "
+                            "TASKRELAY_MAX_STREAMS streams (`stream_capacity_reached`)",
+                        ),
+                        "headers": {"Retry-After": _RETRY_AFTER},
+                    },
                 },
-                parameters=[_TASK_ID],
+                parameters=[
+                    _TASK_ID,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 40},
+                        "description": "Resume after this event (sent by EventSource on "
+                        "reconnect).",
+                    },
+                ],
             )
         },
         "/v1/subscriptions": {

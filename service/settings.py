@@ -149,6 +149,8 @@ class Settings:
     delivery_per_subscription: int = 4
     webhook_allowed_networks: str = ""
     dispatcher: bool = True
+    max_streams_per_client: int = 100  # open event streams one API client may hold, per process
+    max_streams: int = 1000  # open event streams one process serves at once
 
     @property
     def is_sqlite(self) -> bool:
@@ -501,6 +503,12 @@ def load_settings(
             "comma-separated networks such as 127.0.0.0/8,::1/128",
         ),
         dispatcher=env.get("TASKRELAY_DISPATCHER", parse_bool, True, "true or false"),
+        max_streams_per_client=env.get(
+            "TASKRELAY_MAX_STREAMS_PER_CLIENT", _positive_int, 100, "a positive whole number"
+        ),
+        max_streams=env.get(
+            "TASKRELAY_MAX_STREAMS", _positive_int, 1000, "a positive whole number"
+        ),
     )
 
 

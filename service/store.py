@@ -166,10 +166,11 @@ class Store:
         self.audit_bytes = audit_bytes
         self.policies = dict(policies or {})
         self.rng = rng or random.Random()
-        # Called after every commit that appended task events (live streams), and after every
-        # commit that owes subscribers deliveries (the dispatcher: woken only when there is
-        # something to send, since an empty pass still costs a query).
-        self.listeners: list[Callable[[], None]] = []
+        # Called after every commit that appended task events, with the ids of the tasks that
+        # got them (live streams), and after every commit that owes subscribers deliveries (the
+        # dispatcher: woken only when there is something to send, since an empty pass still
+        # costs a query).
+        self.listeners: list[Callable[[frozenset[str]], None]] = []
         self.delivery_listeners: list[Callable[[], None]] = []
 
     # --- polling plans ----------------------------------------------------------------------
@@ -200,12 +201,14 @@ class Store:
                 yield session
                 if write:
                     session.commit()
-                    if session.info.pop("events", False):
+                    changed = session.info.pop("events", None)
+                    if changed:
+                        task_ids = frozenset(changed)
                         for listener in self.listeners:
-                            listener()
+                            listener(task_ids)
                     if session.info.pop("deliveries", False):
-                        for listener in self.delivery_listeners:
-                            listener()
+                        for wake in self.delivery_listeners:
+                            wake()
         except IntegrityError:
             raise
         except DataError as exc:
@@ -601,7 +604,7 @@ class Store:
         session.flush()
         if fan_out(session, task, event, self.clock()):
             session.info["deliveries"] = True
-        session.info["events"] = True
+        session.info.setdefault("events", set()).add(task.id)
         return {"id": event.id, "type": event.type}
 
     def _add_receipt(
