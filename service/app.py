@@ -26,6 +26,7 @@ from service.db import current_revision, head_revision, make_engine
 from service.dispatcher import DELIVERY_TIMEOUT, Dispatcher
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
+from service.groupcommit import GroupCommitter
 from service.metrics import Metrics
 from service.models import utcnow
 from service.netguard import AddressPolicy, guarded_transport, parse_networks
@@ -192,6 +193,8 @@ def create_app(
             tick_seconds=settings.scheduler_tick,
             monotonic=monotonic,
         )
+        committer = GroupCommitter(store, max_batch=settings.write_batch)
+        committer.start()
         event_signal = EventSignal(
             max_streams=settings.max_streams,
             max_streams_per_client=settings.max_streams_per_client,
@@ -231,6 +234,7 @@ def create_app(
             dispatcher=dispatcher,
             event_signal=event_signal,
             address_policy=address_policy,
+            committer=committer,
         )
         try:
             await submitter.resume()
@@ -256,6 +260,7 @@ def create_app(
             await submitter.stop()
             if settings.dispatcher:
                 await dispatcher.stop()
+            await committer.stop()
             await event_signal.stop()
             await webhook_http.aclose()
             if sandbox is not None:
@@ -264,13 +269,14 @@ def create_app(
             engine.dispose()
 
     routes: list[Route | Mount] = [
+        # Callbacks first: the busiest route, and Starlette tries routes in order.
+        *callbacks.routes,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *api.routes,
         *stream.routes,
         *subscriptions.routes,
-        *callbacks.routes,
         *files.routes,
     ]
     if settings.sandbox:

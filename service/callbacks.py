@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.errors import CallbackParseError, NotFound
+from service.ingest import UpdateRequest
 from service.lifecycle import TaskUpdate
 from service.models import UpdateSource
 from service.providers.base import ProviderAdapter
@@ -66,13 +67,8 @@ async def receive_callback(request: Request) -> Response:
         log.info("callback for %s rejected: %s", claim.task_id, exc.message)
         raise
     draft = ReceiptDraft(provider, body, content_type)
-    applied = await run_in_threadpool(
-        runtime.store.apply_update,
-        claim.task_id,
-        update,
-        UpdateSource.callback,
-        receipt=draft,
-    )
+    request_ = UpdateRequest(claim.task_id, update, UpdateSource.callback, draft)
+    applied = await runtime.committer.apply(request_)
     return json_response(
         {
             "received": True,

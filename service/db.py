@@ -8,8 +8,10 @@ on a lock upgrade. PostgreSQL uses psycopg 3 with a connection pool and pre-ping
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,21 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             connection.exec_driver_sql("BEGIN")
+
+
+def one_of(
+    dialect: sa.Dialect, column: sa.ColumnElement[Any], name: str, values: Iterable[Any]
+) -> sa.ColumnElement[bool]:
+    """``column IN values`` with one bound parameter, however many values: an array on
+    PostgreSQL (``= ANY(:name)``), a JSON list read by ``json_each`` on SQLite. A plain
+    ``IN (...)`` binds, type-processes and renders one parameter per value on every call, which
+    costs more than the query on the hot path."""
+    listed = list(values)
+    if dialect.name == "postgresql":
+        array = sa.bindparam(name, listed, type_=postgresql.ARRAY(column.type))
+        return column == sa.any_(array)
+    each = sa.func.json_each(sa.bindparam(name, json.dumps(listed), type_=sa.String))
+    return column.in_(sa.select(each.table_valued("value").c.value))
 
 
 def _script_location() -> Path:

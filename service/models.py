@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -155,6 +156,42 @@ class Task(SQLModel, table=True):
     )
     lease_owner: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
     lease_expires_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """A task row as plain attributes, named as on :class:`Task` (``meta`` is the ``metadata``
+    column), for the Core SQL hot path (``service/ingest.py``), where building ORM objects
+    would cost more than the SQL. The store's planning and JSON helpers accept either."""
+
+    pk: int | None
+    id: str
+    owner: str
+    provider: str
+    provider_task_id: str | None
+    origin: str
+    status: str
+    progress: int
+    request: dict[str, Any]
+    images: list[dict[str, Any]]
+    error: dict[str, Any] | None
+    meta: dict[str, Any]
+    raw_status: str | None
+    idempotency_key: str | None
+    request_fingerprint: str | None
+    last_update_source: str
+    submit_attempts: int
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    expected_at: datetime | None
+    deadline_at: datetime | None
+    next_check_at: datetime | None
+    progress_at: datetime | None
+    poll_count: int
+    poll_errors: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
 
 
 class TaskEvent(SQLModel, table=True):

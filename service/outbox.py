@@ -1,9 +1,10 @@
 """The event outbox: subscriptions, and the deliveries each task event owes them.
 
 Task events are written in the same transaction as the task change that causes them
-(``store.py``); :func:`fan_out` runs inside that transaction too, so a committed change always
-owes its deliveries and a rolled-back one never does. The dispatcher then claims deliveries
-with leases, in order per (subscription, task), and records every attempt here.
+(``store.py``, ``ingest.py``); :func:`fan_out_many` runs inside that transaction too, so a
+committed change always owes its deliveries and a rolled-back one never does. The dispatcher
+then claims deliveries with leases, in order per (subscription, task), and records every attempt
+here.
 
 Progress events are coalesced: a progress delivery waits a moment (``PROGRESS_DELAY``) and is
 superseded by any newer event of the same task for the same subscription before it goes out.
@@ -15,12 +16,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
+from service.db import one_of
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import (
     ClientSecret,
@@ -105,49 +107,120 @@ def new_delivery(subscription_pk: int, event: TaskEvent, due: datetime, now: dat
     )
 
 
-def fan_out(session: Session, task: Task, event: TaskEvent, now: datetime) -> int:
-    """Inside the event's own transaction: one pending delivery per matching subscription.
+class NewEvent(NamedTuple):
+    """What fan-out needs of an event just appended (``seq`` is its position)."""
 
-    Called from the store for every new event; returns how many deliveries were created.
+    seq: int
+    task_pk: int
+    task_id: str
+    owner: str
+    provider: str
+    type: str
+
+
+_SUBSCRIPTION = Subscription.__table__  # type: ignore[attr-defined]
+_DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+
+
+def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: datetime) -> int:
+    """Inside the events' own transaction: one pending delivery per event and matching
+    subscription, with a fixed number of statements whatever the number of events (they come
+    in the order they were appended). Returns how many deliveries were created.
+
+    Progress coalescing: a new event of a task supersedes the progress deliveries of that task
+    still waiting for their first attempt, for the same subscription. One conditional UPDATE
+    does it for the rows already stored (a delivery another process has just claimed, leased,
+    or tried keeps going, so the order per task cannot be broken by a race); within the batch,
+    the same rule is applied in memory, event by event.
     """
-    assert task.pk is not None and event.seq is not None
-    statement = select(Subscription).where(
-        Subscription.owner == task.owner,
-        col(Subscription.enabled).is_(True),
-        sa.or_(
-            col(Subscription.kind) == SubscriptionKind.endpoint.value,
-            col(Subscription.task_pk) == task.pk,
-        ),
-    )
-    created = 0
-    for subscription in session.exec(statement):
-        if not _matches(subscription, event.type, task.provider):
-            continue
-        assert subscription.pk is not None
-        # Supersede the progress deliveries still waiting for their first attempt. One
-        # conditional UPDATE: a delivery another process has just claimed (leased) or tried
-        # keeps going, so the order per task cannot be broken by a race.
-        superseded = session.execute(
-            sa.update(Delivery)
-            .where(
-                col(Delivery.subscription_pk) == subscription.pk,
-                col(Delivery.task_pk) == task.pk,
-                col(Delivery.status) == DeliveryStatus.pending.value,
-                col(Delivery.event_type) == EventType.progress.value,
-                col(Delivery.attempts) == 0,
-                col(Delivery.lease_owner).is_(None),
-            )
-            .values(status=DeliveryStatus.coalesced.value, updated_at=now)
-            .returning(col(Delivery.next_attempt_at))
-        ).all()
+    if not events:
+        return 0
+    owners = {event.owner for event in events}
+    task_pks = {event.task_pk for event in events}
+    rows = connection.execute(
+        sa.select(
+            _SUBSCRIPTION.c.pk,
+            _SUBSCRIPTION.c.owner,
+            _SUBSCRIPTION.c.kind,
+            _SUBSCRIPTION.c.task_pk,
+            _SUBSCRIPTION.c.event_types,
+            _SUBSCRIPTION.c.providers,
+        )
+        .where(
+            one_of(connection.dialect, _SUBSCRIPTION.c.owner, "owners", owners),
+            _SUBSCRIPTION.c.enabled.is_(True),
+            sa.or_(
+                _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
+                one_of(connection.dialect, _SUBSCRIPTION.c.task_pk, "task_pks", task_pks),
+            ),
+        )
+        .order_by(_SUBSCRIPTION.c.pk)
+    ).all()
+    if not rows:
+        return 0
+    matches: list[tuple[NewEvent, int]] = []
+    for event in events:
+        for pk, owner, kind, task_pk, event_types, providers in rows:
+            if owner != event.owner:
+                continue
+            if kind == SubscriptionKind.task.value and task_pk != event.task_pk:
+                continue
+            if event_types is not None and event.type not in event_types:
+                continue
+            if providers is not None and event.provider not in providers:
+                continue
+            matches.append((event, pk))
+    if not matches:
+        return 0
+    pairs = {(pk, event.task_pk) for event, pk in matches}
+    superseded = connection.execute(
+        sa.update(_DELIVERY)
+        .where(
+            sa.tuple_(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk).in_(sorted(pairs)),
+            _DELIVERY.c.status == DeliveryStatus.pending.value,
+            _DELIVERY.c.event_type == EventType.progress.value,
+            _DELIVERY.c.attempts == 0,
+            _DELIVERY.c.lease_owner.is_(None),
+        )
+        .values(status=DeliveryStatus.coalesced.value, updated_at=now)
+        .returning(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk, _DELIVERY.c.next_attempt_at)
+    ).all()
+    # Per (subscription, task): the due times of progress deliveries still waiting, and the
+    # one created in this batch that a later event of the batch would supersede.
+    waiting: dict[tuple[int, int], list[datetime]] = {}
+    for subscription_pk, task_pk, due in superseded:
+        waiting.setdefault((subscription_pk, task_pk), []).append(due)
+    latest: dict[tuple[int, int], dict[str, Any]] = {}
+    deliveries: list[dict[str, Any]] = []
+    for event, subscription_pk in matches:
+        key = (subscription_pk, event.task_pk)
+        earlier = latest.pop(key, None)
+        if earlier is not None and earlier["event_type"] == EventType.progress.value:
+            earlier["status"] = DeliveryStatus.coalesced.value
         due = now
         if event.type == EventType.progress.value:
             # A progress event takes the slot of the one it replaces, or waits a moment for
             # newer ones to replace it.
-            due = min((row[0] for row in superseded), default=now + PROGRESS_DELAY)
-        session.add(new_delivery(subscription.pk, event, due, now))
-        created += 1
-    return created
+            due = min(waiting.pop(key, ()), default=now + PROGRESS_DELAY)
+            waiting[key] = [due]
+        else:
+            waiting.pop(key, None)
+        delivery = {
+            "id": new_id("dlv"),
+            "subscription_pk": subscription_pk,
+            "event_seq": event.seq,
+            "task_pk": event.task_pk,
+            "event_type": event.type,
+            "status": DeliveryStatus.pending.value,
+            "attempts": 0,
+            "next_attempt_at": due,
+            "created_at": now,
+            "updated_at": now,
+        }
+        latest[key] = delivery
+        deliveries.append(delivery)
+    connection.execute(sa.insert(_DELIVERY), deliveries)
+    return len(deliveries)
 
 
 def _signing_secrets(

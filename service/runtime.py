@@ -21,6 +21,7 @@ from service.store import Store
 if TYPE_CHECKING:
     from service.dispatcher import Dispatcher
     from service.files import ImageFiles
+    from service.groupcommit import GroupCommitter
     from service.metrics import Metrics
     from service.netguard import AddressPolicy
     from service.outbox import Outbox
@@ -46,6 +47,7 @@ class Runtime:
     dispatcher: Dispatcher
     event_signal: EventSignal
     address_policy: AddressPolicy
+    committer: GroupCommitter
 
     async def check_webhook_url(self, url: str, field: str) -> str:
         """A subscriber URL is http(s) and, resolved, reaches only public addresses (unless

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.errors import ValidationFailed
-from service.models import Task, TaskEvent
+from service.models import Task, TaskEvent, TaskRow
 from service.settings import PROVIDERS
 
 ProviderName = Literal["openai", "grsai", "gptimage15", "evolink", "apiinone"]
@@ -274,7 +274,7 @@ def in_utc(name: str, value: datetime) -> datetime:
         ) from exc
 
 
-def task_json(task: Task) -> dict[str, Any]:
+def task_json(task: Task | TaskRow) -> dict[str, Any]:
     return {
         "id": task.id,
         "provider": task.provider,

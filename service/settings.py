@@ -147,6 +147,8 @@ class Settings:
     )
     delivery_concurrency: int = 32
     delivery_per_subscription: int = 4
+    # Group commit (service/groupcommit.py): most callbacks written in one transaction.
+    write_batch: int = 256
     webhook_allowed_networks: str = ""
     dispatcher: bool = True
     max_streams_per_client: int = 100  # open event streams one API client may hold, per process
@@ -496,6 +498,7 @@ def load_settings(
         delivery_per_subscription=env.get(
             "TASKRELAY_DELIVERY_PER_SUBSCRIPTION", _positive_int, 4, "a positive whole number"
         ),
+        write_batch=env.get("TASKRELAY_WRITE_BATCH", _positive_int, 256, "a positive whole number"),
         webhook_allowed_networks=env.get(
             "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS",
             _networks,

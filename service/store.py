@@ -16,11 +16,11 @@ import hashlib
 import json
 import random
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -34,6 +34,7 @@ from service.errors import (
     NotFound,
     ProviderError,
     StoreUnavailable,
+    TaskRelayError,
     Unprocessable,
     UpstreamProtocolError,
     ValidationFailed,
@@ -48,12 +49,16 @@ from service.models import (
     Task,
     TaskEvent,
     TaskOrigin,
+    TaskRow,
     TaskStatus,
     UpdateSource,
     utcnow,
 )
 from service.polling import PollPolicy, TaskTiming, next_check, next_check_after_error
 from service.schemas import task_json
+
+if TYPE_CHECKING:
+    from service.ingest import UpdateRequest
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -140,7 +145,7 @@ class TaskFilter:
     created_before: datetime | None = None
 
 
-def _state(task: Task) -> TaskState:
+def task_state(task: Task | TaskRow) -> TaskState:
     return TaskState(
         status=TaskStatus(task.status),
         progress=task.progress,
@@ -149,6 +154,41 @@ def _state(task: Task) -> TaskState:
         provider_task_id=task.provider_task_id,
         raw_status=task.raw_status,
     )
+
+
+def transition(
+    task: Task | TaskRow,
+    change: Change | None,
+    source: UpdateSource,
+    update: TaskUpdate | None,
+    now: datetime,
+) -> tuple[ReceiptOutcome, bool]:
+    """Write ``change`` (and the update's duration hint) into ``task``'s fields. Returns what
+    became of the update, and whether any field changed (the task must then be replanned and
+    written)."""
+    touched = False
+    if update is not None and update.estimated_seconds is not None:
+        expected = task.created_at + timedelta(seconds=update.estimated_seconds)
+        if expected != task.expected_at:
+            task.expected_at = expected
+            touched = True
+    if change is None:
+        terminal = TaskStatus(task.status).terminal
+        return (ReceiptOutcome.terminal if terminal else ReceiptOutcome.unchanged), touched
+    state = change.state
+    task.status = state.status.value
+    task.progress = state.progress
+    task.images = list(state.images)
+    task.error = state.error
+    task.provider_task_id = state.provider_task_id
+    task.raw_status = state.raw_status[:RAW_STATUS_CHARS] if state.raw_status else None
+    task.updated_at = now
+    task.last_update_source = source.value
+    if "progress" in change.changed_fields:
+        task.progress_at = now
+    if change.became_terminal:
+        task.completed_at = now
+    return ReceiptOutcome.applied, True
 
 
 class Store:
@@ -178,7 +218,7 @@ class Store:
     def policy(self, provider: str) -> PollPolicy:
         return self.policies.get(provider, DEFAULT_POLICY)
 
-    def _plan(self, task: Task, now: datetime) -> None:
+    def plan(self, task: Task | TaskRow, now: datetime) -> None:
         """Set when the scheduler should next look at ``task`` (None once it is final)."""
         policy = self.policy(task.provider)
         if task.deadline_at is None:
@@ -275,7 +315,7 @@ class Store:
                     created_at=now,
                     updated_at=now,
                 )
-                self._plan(task, now)
+                self.plan(task, now)
                 session.add(task)
                 session.flush()
                 if notify_url is not None:
@@ -459,7 +499,7 @@ class Store:
                     )
                 self._ensure_not_tracked(session, owner, task.provider, provider_task_id)
                 task.provider_task_id = provider_task_id
-                self._plan(task, self.clock())
+                self.plan(task, self.clock())
                 changed = True
             if metadata is not None and metadata != task.meta:
                 task.meta = metadata
@@ -482,49 +522,53 @@ class Store:
         """Run ``update`` through the state machine and record it, with its receipt, in one
         transaction. Concurrent updates of one task are serialised by the row lock (PostgreSQL)
         or the write lock (SQLite), so a racing poll and callback make one transition."""
-        if update.provider_task_id and len(update.provider_task_id) > PROVIDER_TASK_ID_CHARS:
-            raise BadRequest(
-                f"The provider task id is longer than {PROVIDER_TASK_ID_CHARS} characters.",
-                code="provider_task_id_too_long",
-            )
-        try:
-            return self._apply(task_id, update, source, receipt)
-        except IntegrityError as exc:
-            raise Conflict(
-                "The provider task id in this update already belongs to another of the "
-                "client's tasks; nothing was changed.",
-                code="provider_task_id_taken",
-            ) from exc
+        from service.ingest import UpdateRequest
 
-    def _apply(
-        self,
-        task_id: str,
-        update: TaskUpdate,
-        source: UpdateSource,
-        receipt: ReceiptDraft | None,
-    ) -> ApplyResult:
-        with self.transaction(write=True) as session:
-            task = self._locked(session, task_id)
-            try:
-                change = decide(_state(task), update)
-            except Conflict as exc:
-                if receipt is not None:
-                    self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, exc.message)
-                    session.commit()
-                raise
-            return self._commit_change(session, task, change, source, receipt, update)
+        (result,) = self.apply_updates([UpdateRequest(task_id, update, source, receipt)])
+        if isinstance(result, TaskRelayError):
+            raise result
+        return result
+
+    def apply_updates(
+        self, requests: Sequence[UpdateRequest]
+    ) -> list[ApplyResult | TaskRelayError]:
+        """Apply many updates in one transaction (group commit: ``service/ingest.py``), one
+        result or error per request, in order. A value the database refuses (a provider task id
+        another task holds, say) fails the whole transaction; the requests are then applied one
+        by one, so that only the offending one fails. A database outage fails them all alike."""
+        from service.ingest import apply_updates
+
+        try:
+            with self.transaction(write=True) as session:
+                return apply_updates(self, session, requests)
+        except (IntegrityError, BadRequest) as exc:
+            if len(requests) > 1:
+                return [result for request in requests for result in self.apply_updates([request])]
+            if isinstance(exc, BadRequest):
+                return [exc]
+            return [
+                Conflict(
+                    "The provider task id in this update already belongs to another of the "
+                    "client's tasks; nothing was changed.",
+                    code="provider_task_id_taken",
+                )
+            ]
+        except StoreUnavailable as exc:
+            return [exc] * len(requests)
 
     def expire_task(self, task_id: str, reason: str) -> ApplyResult:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            change = expire(_state(task), reason)
-            return self._commit_change(session, task, change, UpdateSource.timeout, None)
+            change = expire(task_state(task), reason)
+            return self._commit_change(session, task, change, UpdateSource.timeout)
 
     def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
         """Keep the raw body of a callback that could not be parsed, for audit."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            self._add_receipt(session, task, receipt, ReceiptOutcome.rejected, receipt.error)
+            assert task.pk is not None
+            row = self.receipt_row(task.pk, receipt, ReceiptOutcome.rejected, receipt.error)
+            session.execute(sa.insert(CallbackReceipt), [row])
 
     def _locked(self, session: Session, task_id: str) -> Task:
         task = session.exec(select(Task).where(Task.id == task_id).with_for_update()).first()
@@ -538,56 +582,26 @@ class Store:
         task: Task,
         change: Change | None,
         source: UpdateSource,
-        receipt: ReceiptDraft | None,
         update: TaskUpdate | None = None,
         *,
         replan: bool = True,
     ) -> ApplyResult:
         event = None
-        touched = False
         now = self.clock()
-        if update is not None and update.estimated_seconds is not None:
-            expected = task.created_at + timedelta(seconds=update.estimated_seconds)
-            if expected != task.expected_at:
-                task.expected_at = expected
-                touched = True
-        if change is None:
-            outcome = (
-                ReceiptOutcome.terminal
-                if TaskStatus(task.status).terminal
-                else ReceiptOutcome.unchanged
-            )
-        else:
-            outcome = ReceiptOutcome.applied
-            state = change.state
-            task.status = state.status.value
-            task.progress = state.progress
-            task.images = list(state.images)
-            task.error = state.error
-            task.provider_task_id = state.provider_task_id
-            task.raw_status = state.raw_status[:RAW_STATUS_CHARS] if state.raw_status else None
-            task.updated_at = now
-            task.last_update_source = source.value
-            if "progress" in change.changed_fields:
-                task.progress_at = now
-            if change.became_terminal:
-                task.completed_at = task.updated_at
-            touched = True
+        outcome, touched = transition(task, change, source, update, now)
         if touched:
             if replan:
-                self._plan(task, now)
+                self.plan(task, now)
             session.add(task)
             session.flush()
         if change is not None and change.event_type is not None:
             event = self._append_event(session, task, change.event_type, source.value)
-        if receipt is not None:
-            self._add_receipt(session, task, receipt, outcome, receipt.error)
         return ApplyResult(task_json(task), outcome, event)
 
     def _append_event(
         self, session: Session, task: Task, event_type: EventType, source: str
     ) -> dict[str, Any]:
-        from service.outbox import fan_out  # the outbox builds on the store
+        from service.outbox import NewEvent, fan_out_many  # the outbox builds on the store
 
         assert task.pk is not None
         event = TaskEvent(
@@ -602,35 +616,30 @@ class Store:
         )
         session.add(event)
         session.flush()
-        if fan_out(session, task, event, self.clock()):
+        assert event.seq is not None
+        new_event = NewEvent(event.seq, task.pk, task.id, task.owner, task.provider, event.type)
+        if fan_out_many(session.connection(), [new_event], self.clock()):
             session.info["deliveries"] = True
         session.info.setdefault("events", set()).add(task.id)
         return {"id": event.id, "type": event.type}
 
-    def _add_receipt(
-        self,
-        session: Session,
-        task: Task,
-        receipt: ReceiptDraft,
-        outcome: ReceiptOutcome,
-        error: str | None,
-    ) -> None:
-        assert task.pk is not None
+    def receipt_row(
+        self, task_pk: int, receipt: ReceiptDraft, outcome: ReceiptOutcome, error: str | None
+    ) -> dict[str, Any]:
+        """A ``callback_receipt`` row: the body as received, cut to the audit size."""
         kept = receipt.body[: self.audit_bytes]
         size = max(receipt.size or 0, len(receipt.body))
-        session.add(
-            CallbackReceipt(
-                task_pk=task.pk,
-                provider=receipt.provider,
-                received_at=self.clock(),
-                outcome=outcome.value,
-                error=error,
-                content_type=(receipt.content_type or "")[:255] or None,
-                body=kept,
-                body_size=size,
-                body_truncated=len(kept) < size,
-            )
-        )
+        return {
+            "task_pk": task_pk,
+            "provider": receipt.provider,
+            "received_at": self.clock(),
+            "outcome": outcome.value,
+            "error": error,
+            "content_type": (receipt.content_type or "")[:255] or None,
+            "body": kept,
+            "body_size": size,
+            "body_truncated": len(kept) < size,
+        }
 
     # --- the scheduler's queue ---------------------------------------------------------------
 
@@ -703,7 +712,7 @@ class Store:
             change = None
             if update is not None:
                 try:
-                    change = decide(_state(task), update)
+                    change = decide(task_state(task), update)
                 except Conflict as exc:
                     error = UpstreamProtocolError(exc.message, provider=task.provider)
             if error is not None:
@@ -719,9 +728,9 @@ class Store:
             else:
                 task.poll_errors = 0
                 result = self._commit_change(
-                    session, task, change, UpdateSource.poll, None, update, replan=False
+                    session, task, change, UpdateSource.poll, update, replan=False
                 )
-                self._plan(task, now)  # once: poll_count changed whether or not the task did
+                self.plan(task, now)  # once: poll_count changed whether or not the task did
                 result = ApplyResult(task_json(task), result.outcome, result.event)
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
@@ -758,7 +767,7 @@ class Store:
         """Plan the next look at a task without asking its provider, releasing the lease."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            self._plan(task, self.clock())
+            self.plan(task, self.clock())
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
                 task.lease_expires_at = None
@@ -789,7 +798,7 @@ class Store:
                 tasks = list(session.exec(statement))
                 now = self.clock()
                 for task in tasks:
-                    self._plan(task, now)
+                    self.plan(task, now)
                     if task.next_check_at is None:  # cannot happen for an unfinished task
                         task.next_check_at = now
                     session.add(task)
@@ -797,7 +806,7 @@ class Store:
             if len(tasks) < batch:
                 return planned
 
-    def _timing(self, task: Task) -> TaskTiming:
+    def _timing(self, task: Task | TaskRow) -> TaskTiming:
         assert task.deadline_at is not None
         return TaskTiming(
             status=TaskStatus(task.status),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from service import ingest
 from service.lifecycle import TaskUpdate
 from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource
 from service.store import ReceiptDraft, Store
@@ -75,21 +78,20 @@ def test_event_snapshot_is_the_task_json_after_the_change(store: Store) -> None:
     assert last.id.startswith("evt_")
 
 
-def test_a_failed_transaction_leaves_no_event(store: Store, monkeypatch: object) -> None:
+def test_a_failed_transaction_leaves_no_event(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task_id = new_task(store)
-    original = store._append_event
+    original = ingest.fan_out_many
 
-    def broken(*args: object, **kwargs: object) -> object:
-        original(*args, **kwargs)  # type: ignore[arg-type]
+    def broken(*args: Any, **kwargs: Any) -> int:
+        original(*args, **kwargs)
         raise RuntimeError("crash after writing the event, before commit")
 
-    store._append_event = broken  # type: ignore[method-assign]
-    try:
+    monkeypatch.setattr(ingest, "fan_out_many", broken)
+    with pytest.raises(RuntimeError):
         store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
-    except RuntimeError:
-        pass
-    finally:
-        store._append_event = original  # type: ignore[method-assign]
+    monkeypatch.undo()
     assert store.get_task("alice", task_id)["status"] == "queued"
     assert event_types(store, task_id) == ["task.submitted"]
 
