@@ -557,9 +557,11 @@ function request()
     return items[(sent - 1) % #items + 1]
   end
   if sent > #items then
+    -- Out of callbacks: stop. wrk still wants a request for each connection that asks before
+    -- the stop takes effect; it gets the last one again (a recorded no-op), counted as sent.
     exhausted = 1
-    sent = #items
     wrk.thread:stop()
+    return items[#items]
   end
   return items[sent]
 end
@@ -623,7 +625,9 @@ def run_wrk(url: str, items: list[Callback], spec: LoadSpec, folder: Path) -> Ra
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     data = json.loads(lines[-1].removeprefix("BENCH_JSON "))
-    raw = RawLoad(sent=int(data["sent"]), elapsed=data["duration_us"] / 1e6, cpu=cpu)
+    sent = int(data["sent"])
+    raw = RawLoad(sent=sent, elapsed=data["duration_us"] / 1e6, cpu=cpu)
+    raw.consumed = sent if spec.repeat else min(sent, len(items))
     raw.statuses[200] = int(data["ok"])  # 2xx, all counted as one
     for code, count in data["codes"].items():
         raw.statuses[int(code)] += int(count)
