@@ -14,6 +14,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from service.errors import CallbackProviderMismatch, CallbackTokenExpired, CallbackTokenInvalid
 
 SALT = "taskrelay.callback.v1"
+VERIFIED_CACHE = 65_536  # tokens remembered after verifying (~200 bytes each)
+EXPIRED = "This callback URL has expired; the task can still be refreshed by polling."
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class CallbackSigner:
             signer_kwargs={"digest_method": hashlib.sha256},
         )
         self.max_age = max_age
+        self._verified: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
 
     def token(self, task_id: str, provider: str) -> str:
         value = self._serializer.dumps([task_id, provider])
@@ -48,13 +53,36 @@ class CallbackSigner:
         return f"{public_url}/callbacks/{provider}/{self.token(task_id, provider)}"
 
     def verify(self, token: str, provider: str) -> CallbackClaim:
-        """The task a token names, or a typed error; checks signature, age and provider."""
+        """The task a token names, or a typed error; checks signature, age and provider.
+
+        Tokens that verified are remembered (a bounded LRU of ``VERIFIED_CACHE`` entries, with
+        the time they were signed), so a task's later callbacks skip the HMAC and decoding; the
+        age is still checked on every use, against itsdangerous's own clock."""
+        known = self._verified.get(token)
+        if known is None:
+            known = self._verify_signature(token)
+            self._verified[token] = known
+            if len(self._verified) > VERIFIED_CACHE:
+                self._verified.popitem(last=False)
+        else:
+            self._verified.move_to_end(token)
+            if time.time() - known[2] > round(self.max_age):
+                del self._verified[token]
+                raise CallbackTokenExpired(EXPIRED)
+        task_id, token_provider, _signed_at = known
+        if token_provider != provider:
+            raise CallbackProviderMismatch(
+                f"This callback URL was issued for provider {token_provider!r}, not {provider!r}."
+            )
+        return CallbackClaim(task_id=task_id, provider=token_provider)
+
+    def _verify_signature(self, token: str) -> tuple[str, str, float]:
         try:
-            payload = self._serializer.loads(token, max_age=round(self.max_age))
+            payload, signed_at = self._serializer.loads(
+                token, max_age=round(self.max_age), return_timestamp=True
+            )
         except SignatureExpired as exc:
-            raise CallbackTokenExpired(
-                "This callback URL has expired; the task can still be refreshed by polling."
-            ) from exc
+            raise CallbackTokenExpired(EXPIRED) from exc
         except BadSignature as exc:
             raise CallbackTokenInvalid(
                 "This callback URL's token is not valid: it was not issued by this TaskRelay "
@@ -66,12 +94,7 @@ class CallbackSigner:
             or not all(isinstance(item, str) for item in payload)
         ):
             raise CallbackTokenInvalid("This callback URL's token has an unexpected payload.")
-        task_id, token_provider = payload
-        if token_provider != provider:
-            raise CallbackProviderMismatch(
-                f"This callback URL was issued for provider {token_provider!r}, not {provider!r}."
-            )
-        return CallbackClaim(task_id=task_id, provider=token_provider)
+        return payload[0], payload[1], signed_at.timestamp()
 
 
 # --- Standard Webhooks (https://www.standardwebhooks.com) -------------------------------------

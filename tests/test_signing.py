@@ -81,3 +81,42 @@ def test_old_key_still_verifies_during_rotation() -> None:
     new_token = rotated.token("tsk_abc", "evolink")
     with pytest.raises(CallbackTokenInvalid):
         signer(key="old-key-" + "o" * 24).verify(new_token, "evolink")
+
+
+# --- the cache of verified tokens ------------------------------------------------------------
+
+
+def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = signer(max_age=3600)
+    issued = verifier.token("tsk_abc", "evolink")
+    assert verifier.verify(issued, "evolink").task_id == "tsk_abc"  # now remembered
+    later = time.time() + 3601
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: later)
+    with pytest.raises(CallbackTokenExpired):
+        verifier.verify(issued, "evolink")
+    with pytest.raises(CallbackTokenExpired):  # and forgotten: the signature path says so too
+        verifier.verify(issued, "evolink")
+
+
+def test_a_remembered_token_is_still_bound_to_its_provider() -> None:
+    verifier = signer()
+    issued = verifier.token("tsk_abc", "evolink")
+    verifier.verify(issued, "evolink")
+    with pytest.raises(CallbackProviderMismatch):
+        verifier.verify(issued, "grsai")
+
+
+def test_only_valid_tokens_are_remembered_and_the_memory_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("service.signing.VERIFIED_CACHE", 3)
+    verifier = signer()
+    tokens = [verifier.token(f"tsk_{n}", "evolink") for n in range(5)]
+    for token in tokens:
+        verifier.verify(token, "evolink")
+    assert list(verifier._verified) == tokens[-3:]
+    with pytest.raises(CallbackTokenInvalid):
+        verifier.verify(tokens[0][:-2] + "xx", "evolink")
+    assert len(verifier._verified) == 3
+    # The oldest ones were forgotten, not refused: they verify again by signature.
+    assert verifier.verify(tokens[0], "evolink").task_id == "tsk_0"
