@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service import observe
 from service.errors import ValidationFailed
 from service.models import TaskOrigin
 from service.providers.base import GenerationRequest
@@ -30,7 +31,7 @@ from service.schemas import (
     parse_timestamp,
 )
 from service.settings import PROVIDERS
-from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TaskFilter, fingerprint
+from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TaskFilter, decode_cursor, fingerprint
 from service.web import json_response, read_json_object
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -101,8 +102,13 @@ async def create_task(request: Request) -> Response:
         request_fingerprint=fingerprint(spec.model_dump()) if key else None,
         notify_url=notify_url,
     )
-    if result.created:
-        runtime.submitter.submit(result.task["id"])
+    observe.bind(task_id=result.task["id"], provider=spec.provider)
+    task = result.task
+    if result.created or (task["status"] == "queued" and task["submit_attempts"] == 0):
+        # A replay of a task nobody has sent yet (its replica may have died before sending):
+        # send it now rather than at the next sweep. The first attempt is a compare-and-set,
+        # so if the first replica is sending it after all, only one of them does.
+        runtime.submitter.submit(task["id"])
     # 202: the task is recorded and on its way; its outcome arrives later.
     return _created(result.task, result.created, 202)
 
@@ -127,6 +133,7 @@ async def track_task(request: Request) -> Response:
         idempotency_key=key,
         request_fingerprint=fingerprint(spec.model_dump()) if key else None,
     )
+    observe.bind(task_id=result.task["id"], provider=spec.provider)
     task = dict(result.task)
     task["callback_url"] = runtime.callback_url(task["id"], spec.provider)
     return _created(task, result.created, 201)
@@ -135,6 +142,7 @@ async def track_task(request: Request) -> Response:
 async def get_task(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
     task = await run_in_threadpool(runtime.store.get_task, owner, request.path_params["task_id"])
     return json_response(task)
 
@@ -142,6 +150,7 @@ async def get_task(request: Request) -> Response:
 async def patch_task(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
     body = await read_json_object(request, runtime.settings.max_body_bytes)
     spec = parse_body(TaskPatch, body)
     if spec.provider_task_id is None and spec.metadata is None:
@@ -164,7 +173,9 @@ async def refresh_task(request: Request) -> Response:
     """Ask the provider about the task now, record the answer, return the task."""
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
     task = await run_in_threadpool(runtime.store.get_task, owner, request.path_params["task_id"])
+    observe.bind(provider=task["provider"])
     return json_response(await runtime.scheduler.refresh(task))
 
 
@@ -181,6 +192,15 @@ def _page_size(text: str | None) -> int:
             details=[{"field": "limit", "message": f"from 1 to {MAX_PAGE_SIZE}"}],
         )
     return value
+
+
+def page_cursor(request: Request) -> str | None:
+    """The ``cursor`` query parameter, refused (400) unless it could have come from a page: a
+    crafted position beyond any key is a value no database column takes."""
+    cursor = request.query_params.get("cursor") or None
+    if cursor is not None:
+        decode_cursor(cursor)  # 400 now, before any other work, if it is not one of ours
+    return cursor
 
 
 def _filters(request: Request) -> TaskFilter:
@@ -235,7 +255,7 @@ async def list_tasks(request: Request) -> Response:
         runtime.store.list_tasks,
         owner,
         filters,
-        cursor=request.query_params.get("cursor") or None,
+        cursor=page_cursor(request),
         limit=limit,
     )
     return json_response({"data": tasks, "next_cursor": next_cursor})
@@ -244,6 +264,7 @@ async def list_tasks(request: Request) -> Response:
 async def list_events(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
     events = await run_in_threadpool(
         runtime.store.list_events, owner, request.path_params["task_id"]
     )
@@ -262,6 +283,7 @@ async def list_callbacks(request: Request) -> Response:
     """The audit trail of callbacks received for a task, raw bodies included."""
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
     receipts = await run_in_threadpool(
         runtime.store.list_receipts, owner, request.path_params["task_id"]
     )

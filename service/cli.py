@@ -1,4 +1,4 @@
-"""The ``taskrelay`` command line: serve, migrate, sandbox, new-token."""
+"""The ``taskrelay`` command line: serve, migrate, doctor, sandbox, new-token."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from service import __version__
 from service.db import current_revision, head_revision, make_engine, migrate, sqlite_path
@@ -61,6 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes the requests in
+    # flight, then the app's lifespan finishes or releases its background work), then raises
+    # the signal again for the handler it found, the default one, which kills the process:
+    # an orchestrator would see "killed by SIGTERM" after a clean stop. Exit 0 instead. A
+    # SIGTERM before uvicorn has installed its own handler (still starting) also stops here.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "service.app:create_app_from_env",
         factory=True,
@@ -74,6 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _schema_problem(settings: Settings) -> str | None:
@@ -113,6 +125,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     run(args.host, args.port, api_key=args.api_key)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    # Reads only: no migration, no key file, no bytecode beside the migration scripts.
+    sys.dont_write_bytecode = True
+    from service import doctor
+
+    results = doctor.run_checks(os.environ, workers=args.workers, timeout=args.timeout)
+    print(doctor.render_json(results) if args.json else doctor.render_text(results))
+    return doctor.exit_code(results)
 
 
 def cmd_new_token(args: argparse.Namespace) -> int:
@@ -169,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=9000)
     sandbox.add_argument("--api-key", default="sandbox-key", help="the key clients must send")
     sandbox.set_defaults(handler=cmd_sandbox)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check configuration, database, migrations and providers; change nothing",
+        description="Check the configuration, the database and its schema, each configured "
+        "provider (one request that costs nothing) and the public callback URL, and say what "
+        "is wrong in plain words. Exits 1 when a check fails (warnings alone exit 0).",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.add_argument(
+        "--workers", type=int, default=1, help="the worker count you serve with (default: 1)"
+    )
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds each network check may take"
+    )
+    doctor.set_defaults(handler=cmd_doctor)
 
     token = commands.add_parser(
         "new-token",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -20,9 +21,11 @@ from collections.abc import Callable
 import httpx
 from starlette.concurrency import run_in_threadpool
 
+from service import observe
 from service.errors import NotFound, StoreUnavailable
 from service.loops import Ticker
 from service.metrics import Metrics
+from service.models import DeliveryStatus
 from service.outbox import AttemptResult, DeliveryJob, Outbox
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,8 @@ class Dispatcher:
         http: httpx.AsyncClient,
         *,
         metrics: Metrics,
-        concurrency: int = 32,
-        per_subscription: int = 4,
+        concurrency: int = 64,
+        per_subscription: int = 16,
         lease_seconds: float = 60.0,
         tick_seconds: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
@@ -61,6 +64,9 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._busy: dict[int, int] = {}
         self._sending: set[int] = set()  # delivery pks this process is sending right now
+        # Attempts waiting to be recorded, and the task recording them (see _record).
+        self._to_record: list[tuple[DeliveryJob, AttemptResult, asyncio.Future[str]]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -70,12 +76,24 @@ class Dispatcher:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let in-flight deliveries finish (up to ``grace``), then release
         every lease still held so another process sends them."""
-        await self._ticker.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # The loop's last pass may be waiting for a free slot, which only a finishing delivery
+        # gives: it and the deliveries share the one grace.
+        ticker = asyncio.create_task(self._ticker.stop())
+        await asyncio.wait({ticker}, timeout=grace)
         if self._in_flight:
-            _done, pending = await asyncio.wait(list(self._in_flight), timeout=grace)
-            for job in pending:
+            await asyncio.wait(list(self._in_flight), timeout=max(0.0, deadline - loop.time()))
+        # Past the grace: cut off what is still sending (a pass waiting for a slot then ends,
+        # and one that was claiming may start a last delivery, cut off in turn).
+        while self._in_flight or not ticker.done():
+            for job in list(self._in_flight):
                 job.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await asyncio.wait({ticker}, timeout=0.05)
+        await ticker
+        if self._recorder is not None:  # attempts already made are recorded, not re-sent
+            await asyncio.gather(self._recorder, return_exceptions=True)
         try:
             await run_in_threadpool(self.outbox.release, self.worker_id)
         except StoreUnavailable:
@@ -97,30 +115,22 @@ class Dispatcher:
             if self._in_flight:
                 await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             return 0
-        saturated = frozenset(
-            pk for pk, busy in self._busy.items() if busy >= self.per_subscription
-        )
         jobs = await run_in_threadpool(
             self.outbox.claim,
             self.worker_id,
             limit=free,
             lease_seconds=self.lease_seconds,
             exclude=frozenset(self._sending),
-            exclude_subscriptions=saturated,
+            per_subscription=self.per_subscription,
+            busy=dict(self._busy),
         )
         started: list[asyncio.Task[None]] = []
-        waiting: list[int] = []
         for job in jobs:
-            if self._busy.get(job.subscription_pk, 0) >= self.per_subscription:
-                waiting.append(job.delivery_pk)  # that subscriber has enough in flight
-                continue
             self._busy[job.subscription_pk] = self._busy.get(job.subscription_pk, 0) + 1
             task = asyncio.create_task(self._deliver(job), name=f"deliver:{job.delivery_id}")
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
             started.append(task)
-        if waiting:
-            await run_in_threadpool(self.outbox.unclaim, waiting, self.worker_id)
         if wait and started:
             await asyncio.gather(*started, return_exceptions=True)
         return len(started)
@@ -144,13 +154,15 @@ class Dispatcher:
 
     async def _deliver(self, job: DeliveryJob) -> None:
         self._sending.add(job.delivery_pk)
+        observe.bind(**_task_of(job))  # this delivery's own context (a task of its own)
         try:
             result = await self._send_holding_lease(job)
-            outcome = "succeeded" if result.succeeded else "failed"
-            self.metrics.inc("deliveries_total", outcome=outcome)
+            self._count(result)
             # NotFound: the subscription was deleted while we were sending.
             with contextlib.suppress(NotFound):
-                await run_in_threadpool(self.outbox.record_attempt, job, self.worker_id, result)
+                status = await self._record(job, result)
+                if status == DeliveryStatus.dead.value:
+                    self.metrics.inc("deliveries_dead_lettered_total")
         except StoreUnavailable:
             log.warning("delivery %s not recorded: the database is unavailable", job.delivery_id)
         except Exception:
@@ -161,6 +173,46 @@ class Dispatcher:
             if not self._busy[job.subscription_pk]:
                 del self._busy[job.subscription_pk]
             self.notify()  # a slot is free: that subscriber's next delivery may go now
+
+    async def _record(self, job: DeliveryJob, result: AttemptResult) -> str:
+        """Record an attempt together with the others that finished meanwhile: one
+        transaction per batch (a write per delivery would queue for the database behind
+        callback ingestion). Returns the delivery's status afterwards."""
+        recorded: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._to_record.append((job, result, recorded))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_batches())
+        return await recorded
+
+    async def _record_batches(self) -> None:
+        while self._to_record:
+            batch, self._to_record = self._to_record, []
+            try:
+                outcomes = await run_in_threadpool(
+                    self.outbox.record_attempts,
+                    [(job, result) for job, result, _ in batch],
+                    self.worker_id,
+                )
+            except Exception as exc:  # the database is unavailable: each sender logs it
+                for _, _, recorded in batch:
+                    if not recorded.done():
+                        recorded.set_exception(exc)
+                continue
+            for (_, _, recorded), outcome in zip(batch, outcomes, strict=True):
+                if recorded.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    recorded.set_exception(outcome)
+                else:
+                    recorded.set_result(outcome.status)
+
+    def _count(self, result: AttemptResult) -> None:
+        if result.succeeded:
+            outcome = "succeeded"
+        else:
+            outcome = "unreachable" if result.status_code is None else "failed"
+        self.metrics.inc("deliveries_total", outcome=outcome)
+        self.metrics.observe("delivery_attempt_duration_seconds", result.duration_ms / 1000)
 
     async def _send_holding_lease(self, job: DeliveryJob) -> AttemptResult:
         """Send, renewing the lease while the subscriber takes its time, so no other process
@@ -207,6 +259,15 @@ class Dispatcher:
         elapsed = (self.monotonic() - started) * 1000
         error = None if response.is_success else f"HTTP {response.status_code}"
         return AttemptResult(response.status_code, elapsed, response_body=body, error=error)
+
+
+def _task_of(job: DeliveryJob) -> dict[str, str]:
+    """The task an event is about (its ``data`` is the task), for the log context."""
+    try:
+        data = json.loads(job.body)["data"]
+        return {"task_id": str(data["id"]), "provider": str(data["provider"])}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 async def _read_capped(response: httpx.Response) -> str:

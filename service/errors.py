@@ -98,6 +98,18 @@ class TooManyStreams(TaskRelayError):
         self.retry_after = retry_after
 
 
+class RateLimited(TaskRelayError):
+    """The API client made more requests than TASKRELAY_RATE_LIMIT allows (429);
+    ``retry_after`` (seconds) becomes the Retry-After header."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 # --- callback token errors ---------------------------------------------------------------------
 
 

@@ -69,6 +69,11 @@ class GroupCommitter:
         self.batches = 0
         self.updates = 0
 
+    @property
+    def waiting(self) -> int:
+        """Updates queued and not yet taken by the writer (metrics)."""
+        return len(self._queue)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False

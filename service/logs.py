@@ -1,4 +1,11 @@
-"""Logging: one JSON object per line on stderr, so log shippers need no parsing rules."""
+"""Logging: one JSON object per line on stderr, so log shippers need no parsing rules.
+
+Each line carries the request id of the HTTP request it was emitted for, and the task id and
+provider of the task being worked on, when there are any (``service.observe`` keeps them in a
+context variable; :class:`LogContextFilter` copies them onto the record). Explicit ``extra``
+values win. Tokens and callback URLs never go into a log line: name a route by its template
+(``service.web.route_path``), never by its concrete path.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,13 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
+
+from service.observe import current
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# uvicorn's copy of its message with terminal colour codes: noise in a JSON line.
+_STANDARD.add("color_message")
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,11 +38,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class LogContextFilter(logging.Filter):
+    """Stamps ``request_id``, ``task_id`` and ``provider`` from the log context on a record.
+
+    A handler filter, so it runs in the thread (and context) that emitted the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = current()
+        fields = record.__dict__
+        if context.request_id is not None:
+            fields.setdefault("request_id", context.request_id)
+        if context.task_id is not None:
+            fields.setdefault("task_id", context.task_id)
+        if context.provider is not None:
+            fields.setdefault("provider", context.provider)
+        return True
+
+
+def json_handler(stream: TextIO) -> logging.Handler:
+    """A handler writing JSON lines, with the log context, to ``stream``."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(LogContextFilter())
+    return handler
+
+
+def configure_logging(level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [json_handler(sys.stderr)]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

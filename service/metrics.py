@@ -1,14 +1,170 @@
-"""In-process counters and gauges, cheap enough for hot paths: a dict update under a lock.
+"""Metrics: in-process counters, gauges and histograms, cheap enough for hot paths (a dict
+update under a lock), and their rendering in the Prometheus text format (version 0.0.4).
 
-The scheduler, submitter and callback endpoint record here; the metrics endpoint renders it.
+The scheduler, submitter, dispatcher and callback endpoint record here; ``GET /metrics``
+(:func:`metrics_endpoint`) adds the gauges read from the database at scrape time
+(:func:`queue_depths`) and renders everything with :func:`render`. Every family is declared in
+:data:`FAMILIES` with its help text, so each one is listed (``# HELP``/``# TYPE``) even before
+anything was recorded in it. Names are recorded without the ``taskrelay_`` prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import hashlib
+import hmac
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+import sqlalchemy as sa
+from sqlmodel import col
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.errors import StoreUnavailable, Unauthorized
+from service.models import Delivery, DeliveryStatus, Subscription, Task, TaskStatus
+from service.runtime import runtime_of
+
+if TYPE_CHECKING:
+    from service.store import Store
 
 Labels = tuple[tuple[str, str], ...]
+Kind = Literal["counter", "gauge", "histogram"]
+
+PREFIX = "taskrelay_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SCRAPE_TIMEOUT_SECONDS = 5.0
+
+# Callback handling is milliseconds when healthy and seconds under overload; provider status
+# queries and webhook attempts run up to their 30 s timeouts.
+CALLBACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # without PREFIX; counters end in _total
+    kind: Kind
+    help: str
+    buckets: tuple[float, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            "callbacks_total",
+            "counter",
+            "Provider callbacks received, by provider and outcome (applied, unchanged, terminal, "
+            "rejected, invalid_token, expired_token, wrong_provider, not_found, too_large, "
+            "overloaded, unavailable, error).",
+        ),
+        Family(
+            "callback_duration_seconds",
+            "histogram",
+            "Time to handle a provider callback, from routing to the answer (after the commit).",
+            CALLBACK_BUCKETS,
+        ),
+        Family(
+            "status_queries_total",
+            "counter",
+            "Status queries sent to providers, by provider and outcome (ok, or the error code).",
+        ),
+        Family(
+            "status_query_duration_seconds",
+            "histogram",
+            "Time a provider took to answer a status query, by provider.",
+            UPSTREAM_BUCKETS,
+        ),
+        Family(
+            "submissions_total",
+            "counter",
+            "Submission attempts to providers, by provider and outcome (accepted, retrying, "
+            "failed, unconfirmed: no usable answer, the provider's callback is awaited).",
+        ),
+        Family(
+            "tasks_expired_total",
+            "counter",
+            "Tasks expired at their deadline without a final answer, by provider.",
+        ),
+        Family(
+            "deliveries_total",
+            "counter",
+            "Webhook delivery attempts, by outcome (succeeded: a 2xx; failed: another status; "
+            "unreachable: no answer, a timeout or a connection error).",
+        ),
+        Family(
+            "deliveries_dead_lettered_total",
+            "counter",
+            "Webhook deliveries given up after their last attempt (or a 410 Gone).",
+        ),
+        Family(
+            "delivery_attempt_duration_seconds",
+            "histogram",
+            "Time one webhook delivery attempt took, whatever its outcome.",
+            DELIVERY_BUCKETS,
+        ),
+        Family(
+            "tasks_in_flight",
+            "gauge",
+            "Unfinished tasks, by status (from the database, at scrape time).",
+        ),
+        Family(
+            "tasks_due_for_poll",
+            "gauge",
+            "Tasks whose next status query is due now, including any being queried, by provider "
+            "(from the database, at scrape time).",
+        ),
+        Family(
+            "deliveries_pending",
+            "gauge",
+            "Webhook deliveries waiting to be sent; paused=true for disabled subscriptions "
+            "(from the database, at scrape time).",
+        ),
+        Family(
+            "oldest_pending_delivery_age_seconds",
+            "gauge",
+            "Age of the oldest delivery still waiting to be sent to an enabled subscription "
+            "(0 when none is waiting).",
+        ),
+        Family(
+            "group_commit_queue_depth",
+            "gauge",
+            "Updates (callbacks) waiting in this process's group-commit queue.",
+        ),
+        Family(
+            "group_commit_batches_total",
+            "counter",
+            "Transactions the group-commit writer of this process has committed.",
+        ),
+        Family(
+            "group_commit_updates_total",
+            "counter",
+            "Updates written by the group-commit writer of this process, over all its batches.",
+        ),
+        Family(
+            "database_up",
+            "gauge",
+            "1 when the database answered this scrape's queries, 0 when it did not (the "
+            "database gauges are then left out).",
+        ),
+    )
+}
+
+
+@dataclass
+class _Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int]  # per bucket, not cumulative; the last one is +Inf
+    total: float = 0.0
+    count: int = 0
 
 
 class Metrics:
@@ -16,6 +172,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[tuple[str, Labels], float] = {}
+        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
 
     @staticmethod
     def _key(name: str, labels: dict[str, str]) -> tuple[str, Labels]:
@@ -29,6 +186,19 @@ class Metrics:
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
             self._gauges[self._key(name, labels)] = value
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """Add one observation (seconds, say) to a histogram declared in :data:`FAMILIES`."""
+        key = self._key(name, labels)
+        with self._lock:
+            histogram = self._histograms.get(key)
+            if histogram is None:
+                bounds = FAMILIES[name].buckets
+                histogram = _Histogram(bounds, [0] * (len(bounds) + 1))
+                self._histograms[key] = histogram
+            histogram.counts[bisect.bisect_left(histogram.bounds, value)] += 1
+            histogram.total += value
+            histogram.count += 1
 
     def counter(self, name: str, **labels: str) -> float:
         """One counter's value; with fewer labels, the sum over the rest."""
@@ -44,8 +214,18 @@ class Metrics:
         with self._lock:
             return self._gauges.get(self._key(name, labels))
 
+    def histogram_count(self, name: str, **labels: str) -> int:
+        """Observations in one histogram; with fewer labels, the sum over the rest."""
+        wanted = set(labels.items())
+        with self._lock:
+            return sum(
+                histogram.count
+                for (metric, key), histogram in self._histograms.items()
+                if metric == name and wanted <= set(key)
+            )
+
     def samples(self) -> Iterator[tuple[str, str, Labels, float]]:
-        """(kind, name, labels, value) for every series, counters first."""
+        """(kind, name, labels, value) for every counter and gauge series, counters first."""
         with self._lock:
             counters = sorted(self._counters.items())
             gauges = sorted(self._gauges.items())
@@ -53,3 +233,193 @@ class Metrics:
             yield "counter", name, labels, value
         for (name, labels), value in gauges:
             yield "gauge", name, labels, value
+
+    def _snapshot(self) -> dict[str, list[tuple[str, Labels, float]]]:
+        """Every sample by family name, histograms expanded into their series."""
+        by_family: dict[str, list[tuple[str, Labels, float]]] = {}
+        with self._lock:
+            plain = [*self._counters.items(), *self._gauges.items()]
+            histograms = [
+                (key, histogram.bounds, list(histogram.counts), histogram.total, histogram.count)
+                for key, histogram in self._histograms.items()
+            ]
+        for (name, labels), value in plain:
+            by_family.setdefault(name, []).append((name, labels, value))
+        for (name, labels), bounds, counts, total, count in histograms:
+            series = by_family.setdefault(name, [])
+            cumulative = 0
+            for bound, bucket in zip((*bounds, math.inf), counts, strict=True):
+                cumulative += bucket
+                le = (("le", format_value(bound)),)
+                series.append((name + "_bucket", labels + le, float(cumulative)))
+            series.append((name + "_sum", labels, total))
+            series.append((name + "_count", labels, float(count)))
+        return by_family
+
+
+Sample = tuple[str, Labels, float]  # (name without PREFIX, labels, value)
+
+
+def render(metrics: Metrics, scraped: Iterable[Sample] = ()) -> str:
+    """Everything in ``metrics``, plus ``scraped`` (gauges computed for this scrape), in the
+    Prometheus text exposition format 0.0.4: declared families first, in declaration order."""
+    by_family = metrics._snapshot()
+    for name, labels, value in scraped:
+        by_family.setdefault(name, []).append((name, labels, value))
+    lines: list[str] = []
+    names = [*FAMILIES, *sorted(set(by_family) - set(FAMILIES))]
+    for name in names:
+        family = FAMILIES.get(name)
+        samples = by_family.get(name, [])
+        if family is None:
+            kind: Kind = "counter" if name.endswith("_total") else "gauge"
+            family = Family(name, kind, f"{name} (undocumented).")
+        lines.append(f"# HELP {PREFIX}{name} {_escape_help(family.help)}")
+        lines.append(f"# TYPE {PREFIX}{name} {family.kind}")
+        # Series of one histogram stay together, buckets in order (they were added that way).
+        for sample_name, labels, value in sorted(samples, key=_series_order):
+            lines.append(f"{PREFIX}{sample_name}{_labels(labels)} {format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _series_order(sample: Sample) -> tuple[Labels, int]:
+    name, labels, _ = sample
+    plain = tuple(pair for pair in labels if pair[0] != "le")
+    return plain, (0 if name.endswith("_bucket") else 1 if name.endswith("_sum") else 2)
+
+
+def format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{key}="{escape_label_value(value)}"' for key, value in labels)
+    return "{" + inner + "}"
+
+
+# --- gauges read from the database at scrape time ---------------------------------------------
+
+_IN_FLIGHT = (TaskStatus.queued.value, TaskStatus.running.value)
+
+
+def depth_queries(
+    providers: Sequence[str], now: datetime
+) -> tuple[sa.Select[str, int], sa.Select[str, int], sa.Select[bool, int, datetime]]:
+    """The scrape-time queries, each driven by an index, never a scan of the history:
+
+    - unfinished tasks by status: ``ix_task_status_next_check_at`` (status first);
+    - tasks due for a status query, per provider: ``ix_task_provider_next_check_at``;
+    - pending deliveries (and the oldest one): the pending range of
+      ``ix_delivery_status_next_attempt``, each joined to its subscription by primary key to
+      tell paused ones apart. This one grows with the backlog waiting to be sent, never with
+      delivered history.
+    """
+    in_flight = (
+        sa.select(col(Task.status), sa.func.count())
+        .where(col(Task.status).in_(_IN_FLIGHT))
+        .group_by(col(Task.status))
+    )
+    due = (
+        sa.select(col(Task.provider), sa.func.count())
+        .where(col(Task.provider).in_(list(providers)), col(Task.next_check_at) <= now)
+        .group_by(col(Task.provider))
+    )
+    pending = (
+        sa.select(col(Subscription.enabled), sa.func.count(), sa.func.min(col(Delivery.created_at)))
+        .select_from(Delivery)
+        .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
+        .where(col(Delivery.status) == DeliveryStatus.pending.value)
+        .group_by(col(Subscription.enabled))
+    )
+    return in_flight, due, pending
+
+
+def queue_depths(store: Store, providers: Sequence[str]) -> list[Sample]:
+    """Queue depths and the oldest pending delivery's age, read now (:func:`depth_queries`).
+    Raises :class:`~service.errors.StoreUnavailable` when the database does not answer."""
+    now = store.clock()
+    in_flight, due_query, pending_query = depth_queries(providers, now)
+    with store.transaction(write=False) as session:
+        by_status = {status: count for status, count in session.execute(in_flight)}
+        due = {provider: count for provider, count in session.execute(due_query)}
+        pending = session.execute(pending_query).all()
+    samples: list[Sample] = [
+        ("tasks_in_flight", (("status", status),), float(by_status.get(status, 0)))
+        for status in _IN_FLIGHT
+    ]
+    samples += [
+        ("tasks_due_for_poll", (("provider", provider),), float(due.get(provider, 0)))
+        for provider in providers
+    ]
+    counts = {True: 0, False: 0}
+    oldest: datetime | None = None
+    for enabled, count, first in pending:
+        counts[bool(enabled)] += count
+        if enabled and first is not None:
+            oldest = first
+    samples += [
+        ("deliveries_pending", (("paused", "false"),), float(counts[True])),
+        ("deliveries_pending", (("paused", "true"),), float(counts[False])),
+    ]
+    age = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+    samples.append(("oldest_pending_delivery_age_seconds", (), age))
+    return samples
+
+
+# --- GET /metrics ----------------------------------------------------------------------------
+
+
+def _check_metrics_token(request: Request, expected: str) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = hashlib.sha256(token.strip().encode("utf-8")).digest()
+    wanted = hashlib.sha256(expected.encode("utf-8")).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
+        raise Unauthorized(
+            "GET /metrics needs 'Authorization: Bearer <TASKRELAY_METRICS_TOKEN>'.",
+            code="invalid_token",
+        )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format: this process's counters and histograms, plus queue depths read
+    from the database now. Behind ``TASKRELAY_METRICS_TOKEN`` when it is set."""
+    runtime = runtime_of(request)
+    if runtime.settings.metrics_token is not None:
+        _check_metrics_token(request, runtime.settings.metrics_token.reveal())
+    scraped: list[Sample] = []
+    try:
+        scraped += await asyncio.wait_for(
+            run_in_threadpool(queue_depths, runtime.store, list(runtime.settings.providers)),
+            timeout=SCRAPE_TIMEOUT_SECONDS,
+        )
+        scraped.append(("database_up", (), 1.0))
+    except (StoreUnavailable, TimeoutError):
+        scraped.append(("database_up", (), 0.0))
+    committer = runtime.committer
+    scraped += [
+        ("group_commit_queue_depth", (), float(committer.waiting)),
+        ("group_commit_batches_total", (), float(committer.batches)),
+        ("group_commit_updates_total", (), float(committer.updates)),
+    ]
+    return Response(
+        render(runtime.metrics, scraped),
+        media_type=CONTENT_TYPE,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -111,8 +111,14 @@ class Task(SQLModel, table=True):
         sa.Index("ix_task_owner_pk", "owner", "pk"),
         sa.Index("ix_task_owner_status_pk", "owner", "status", "pk"),
         sa.Index("ix_task_owner_provider_pk", "owner", "provider", "pk"),
+        # Both filters: newest first straight from the index, whatever the store's size (SQLite,
+        # without statistics, would otherwise walk one of the two above at random).
+        sa.Index("ix_task_owner_status_provider_pk", "owner", "status", "provider", "pk"),
         # The scheduler's queue per provider: due tasks, earliest first, straight from the index.
         sa.Index("ix_task_provider_next_check_at", "provider", "next_check_at"),
+        # Start-up work among the tasks in flight, not the whole table: unfinished tasks
+        # without a plan (reconcile), queued tasks never sent (unsent_submissions).
+        sa.Index("ix_task_status_next_check_at", "status", "next_check_at"),
     )
 
     # Integer key: compact joins, and a strict newest-first order for cursor pagination.

@@ -71,6 +71,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body larger than the limit",
         415: "Body is not JSON",
         422: "Idempotency-Key reused with a different body",
+        502: "The provider refused or failed the request (`upstream_*`)",
         503: "Database unavailable; nothing was recorded",
     }
     return {str(status): _json("ErrorResponse", text[status]) for status in statuses}
@@ -110,9 +111,28 @@ _DELIVERY_ID = {
     "schema": {"type": "string", "maxLength": 40},
 }
 _RETRY_AFTER = {
-    "description": "Seconds to wait before opening another stream",
-    "schema": {"type": "integer"},
+    "description": "Seconds to wait before trying again",
+    "schema": {"type": "integer", "minimum": 1},
 }
+_RATE_LIMITED = {
+    **_json(
+        "ErrorResponse",
+        "This client made more requests than TASKRELAY_RATE_LIMIT allows (`rate_limited`); "
+        "nothing was done",
+    ),
+    "headers": {"Retry-After": _RETRY_AFTER},
+}
+
+
+def _with_rate_limits(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation that takes an API token may answer 429 (service/ratelimit.py)."""
+    for operations in paths.values():
+        for operation in operations.values():
+            if operation.get("security") and "429" not in operation["responses"]:
+                operation["responses"]["429"] = _RATE_LIMITED
+    return paths
+
+
 _OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
@@ -147,7 +167,15 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Ask the provider about the task now",
                 "refreshTask",
-                {"200": _json("TaskOut", "The updated task"), **_errors(401, 404, 409, 503)},
+                {
+                    "200": _json("TaskOut", "The updated task"),
+                    **_errors(401, 404, 409, 502),
+                    "503": _json(
+                        "ErrorResponse",
+                        "Database unavailable, or the provider unavailable or rate limiting "
+                        "(`upstream_unavailable`, `upstream_rate_limited`)",
+                    ),
+                },
                 parameters=[_TASK_ID],
             )
         },
@@ -165,7 +193,8 @@ def _event_paths() -> dict[str, Any]:
                         **_json(
                             "ErrorResponse",
                             "This client already holds TASKRELAY_MAX_STREAMS_PER_CLIENT open "
-                            "streams (`too_many_streams`)",
+                            "streams (`too_many_streams`), or made more requests than "
+                            "TASKRELAY_RATE_LIMIT allows (`rate_limited`)",
                         ),
                         "headers": {"Retry-After": _RETRY_AFTER},
                     },
@@ -478,6 +507,25 @@ def build_openapi() -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Metrics in the Prometheus text format (version 0.0.4)",
+                "description": "Counters and histograms of this process, and queue depths read "
+                "from the database at scrape time. Open unless TASKRELAY_METRICS_TOKEN is set; "
+                "then send 'Authorization: Bearer <that token>' (not an API token, so no "
+                "`security` entry here; nor is it rate limited).",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "The exposition",
+                        "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+                    },
+                    "401": _json(
+                        "ErrorResponse", "TASKRELAY_METRICS_TOKEN is set and was not sent"
+                    ),
+                },
+            }
+        },
     }
     paths.update(_event_paths())
     return {
@@ -487,7 +535,7 @@ def build_openapi() -> dict[str, Any]:
             "version": __version__,
             "description": "Tracks asynchronous image-generation tasks across providers.",
         },
-        "paths": paths,
+        "paths": _with_rate_limits(paths),
         "webhooks": {
             "taskEvent": {
                 "post": {

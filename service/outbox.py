@@ -37,9 +37,11 @@ from service.models import (
 )
 from service.schemas import isoformat
 from service.signing import new_webhook_secret
-from service.store import Store, decode_cursor, encode_cursor, new_id
+from service.store import Store, could_be_issued, decode_cursor, encode_cursor, new_id
 
 PROGRESS_DELAY = timedelta(seconds=1)
+# How many rows past its limit a claim looks at, to fill its slots from subscribers with room.
+CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
 RESPONSE_BODY_CAP = 2048
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -286,13 +288,12 @@ class Outbox:
 
     @staticmethod
     def _owned(session: Session, owner: str, subscription_id: str) -> Subscription:
-        subscription = session.exec(
-            select(Subscription).where(
-                Subscription.id == subscription_id,
-                Subscription.owner == owner,
-                Subscription.kind == SubscriptionKind.endpoint.value,
-            )
-        ).first()
+        statement = select(Subscription).where(
+            Subscription.id == subscription_id,
+            Subscription.owner == owner,
+            Subscription.kind == SubscriptionKind.endpoint.value,
+        )
+        subscription = session.exec(statement).first() if could_be_issued(subscription_id) else None
         if subscription is None:
             raise NotFound(f"No subscription {subscription_id!r} was found for this API client.")
         return subscription
@@ -386,10 +387,19 @@ class Outbox:
         limit: int,
         lease_seconds: float,
         exclude: frozenset[int] = frozenset(),
-        exclude_subscriptions: frozenset[int] = frozenset(),
+        per_subscription: int | None = None,
+        busy: Mapping[int, int] | None = None,
     ) -> list[DeliveryJob]:
         """Lease up to ``limit`` due deliveries. A delivery is due only once every earlier
-        event of its task has been settled for its subscription (order per task)."""
+        event of its task has been settled for its subscription (order per task). With
+        ``per_subscription``, a subscription takes at most that many less what this process is
+        already sending to it (``busy``): a busy subscriber's backlog is neither leased for
+        nothing nor in the way of the others'."""
+        busy = busy or {}
+
+        def room(pk: int) -> int:
+            return limit if per_subscription is None else per_subscription - busy.get(pk, 0)
+
         now = self.clock()
         earlier = aliased(Delivery)
         blocked = (
@@ -402,6 +412,7 @@ class Outbox:
             )
             .exists()
         )
+        full = [pk for pk in busy if room(pk) <= 0]
         statement = (
             select(Delivery)
             .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
@@ -416,103 +427,158 @@ class Outbox:
                 ~blocked,
             )
             .where(col(Delivery.pk).not_in(exclude) if exclude else sa.true())
-            .where(
-                # Subscribers already at their in-flight cap here: leave their backlog alone,
-                # so the claim goes to everyone else's deliveries.
-                col(Delivery.subscription_pk).not_in(exclude_subscriptions)
-                if exclude_subscriptions
-                else sa.true()
-            )
+            .where(col(Delivery.subscription_pk).not_in(full) if full else sa.true())
             .order_by(col(Delivery.next_attempt_at))
-            .limit(limit)
+            # Room per subscription is applied below: look a little further than ``limit``.
+            .limit(limit if per_subscription is None else limit + CLAIM_LOOKAHEAD)
             .with_for_update(skip_locked=True, of=Delivery)
         )
-        jobs: list[DeliveryJob] = []
         with self.store.transaction(write=True) as session:
-            deliveries = list(session.exec(statement))
-            for delivery in deliveries:
+            chosen: list[Delivery] = []
+            taken: dict[int, int] = {}
+            for delivery in session.exec(statement):
+                if len(chosen) == limit:
+                    break
+                pk = delivery.subscription_pk
+                if taken.get(pk, 0) >= room(pk):
+                    continue
+                taken[pk] = taken.get(pk, 0) + 1
+                chosen.append(delivery)
+            expires = now + timedelta(seconds=lease_seconds)
+            for delivery in chosen:
                 delivery.lease_owner = worker
-                delivery.lease_expires_at = now + timedelta(seconds=lease_seconds)
+                delivery.lease_expires_at = expires
                 session.add(delivery)
-                jobs.append(self._job(session, delivery, now))
-        return jobs
+            return self._jobs(session, chosen, now)
 
-    def _job(self, session: Session, delivery: Delivery, now: datetime) -> DeliveryJob:
-        subscription = session.get(Subscription, delivery.subscription_pk)
-        event = session.get(TaskEvent, delivery.event_seq)
-        assert subscription is not None and event is not None and delivery.pk is not None
-        if subscription.kind == SubscriptionKind.task.value:
-            owner_secret = self._client_secret(session, subscription.owner)
-            secrets = _signing_secrets(
-                owner_secret.secret,
-                owner_secret.previous_secret,
-                owner_secret.previous_secret_expires_at,
-                now,
+    def _jobs(
+        self, session: Session, deliveries: Sequence[Delivery], now: datetime
+    ) -> list[DeliveryJob]:
+        """What the dispatcher needs to send each delivery, with one query per table."""
+        if not deliveries:
+            return []
+        subscription_pks = {d.subscription_pk for d in deliveries}
+        subscriptions = {
+            s.pk: s
+            for s in session.exec(
+                select(Subscription).where(col(Subscription.pk).in_(subscription_pks))
             )
-        else:
-            secrets = _signing_secrets(
-                subscription.secret,
-                subscription.previous_secret,
-                subscription.previous_secret_expires_at,
-                now,
+        }
+        seqs = {d.event_seq for d in deliveries}
+        events = {
+            e.seq: e for e in session.exec(select(TaskEvent).where(col(TaskEvent.seq).in_(seqs)))
+        }
+        jobs = []
+        for delivery in deliveries:
+            subscription = subscriptions[delivery.subscription_pk]
+            event = events[delivery.event_seq]
+            assert subscription.pk is not None and delivery.pk is not None
+            if subscription.kind == SubscriptionKind.task.value:
+                owner_secret = self._client_secret(session, subscription.owner)
+                secrets = _signing_secrets(
+                    owner_secret.secret,
+                    owner_secret.previous_secret,
+                    owner_secret.previous_secret_expires_at,
+                    now,
+                )
+            else:
+                secrets = _signing_secrets(
+                    subscription.secret,
+                    subscription.previous_secret,
+                    subscription.previous_secret_expires_at,
+                    now,
+                )
+            jobs.append(
+                DeliveryJob(
+                    delivery_pk=delivery.pk,
+                    delivery_id=delivery.id,
+                    subscription_pk=subscription.pk,
+                    url=subscription.url,
+                    signing_secrets=secrets,
+                    event_id=event.id,
+                    body=envelope_bytes(event),
+                )
             )
-        assert subscription.pk is not None
-        return DeliveryJob(
-            delivery_pk=delivery.pk,
-            delivery_id=delivery.id,
-            subscription_pk=subscription.pk,
-            url=subscription.url,
-            signing_secrets=secrets,
-            event_id=event.id,
-            body=envelope_bytes(event),
-        )
+        return jobs
 
     def record_attempt(self, job: DeliveryJob, worker: str, result: AttemptResult) -> Delivery:
         """Log one attempt; then succeeded, scheduled again, or dead-lettered. A 410 Gone
         disables the subscription."""
+        (recorded,) = self.record_attempts([(job, result)], worker)
+        if isinstance(recorded, NotFound):
+            raise recorded
+        return recorded
+
+    def record_attempts(
+        self, attempts: Sequence[tuple[DeliveryJob, AttemptResult]], worker: str
+    ) -> list[Delivery | NotFound]:
+        """:meth:`record_attempt` for many attempts in one transaction (the dispatcher
+        records what finished meanwhile together); NotFound for a delivery whose subscription
+        was deleted while it was being sent."""
         with self.store.transaction(write=True) as session:
-            delivery = session.exec(
-                select(Delivery).where(Delivery.pk == job.delivery_pk).with_for_update()
-            ).first()
-            if delivery is None:  # its subscription was deleted meanwhile
-                raise NotFound(f"Delivery {job.delivery_id} no longer exists.")
-            now = self.clock()
-            session.add(
-                DeliveryAttempt(
-                    delivery_pk=job.delivery_pk,
-                    attempted_at=now,
-                    status_code=result.status_code,
-                    duration_ms=result.duration_ms,
-                    response_body=(result.response_body or "")[:RESPONSE_BODY_CAP] or None,
-                    error=result.error,
-                )
+            pks = sorted({job.delivery_pk for job, _ in attempts})
+            rows = session.exec(
+                select(Delivery)
+                .where(col(Delivery.pk).in_(pks))
+                .order_by(col(Delivery.pk))
+                .with_for_update()
             )
-            delivery.attempts += 1
-            delivery.last_status_code = result.status_code
-            delivery.last_error = result.error
-            delivery.updated_at = now
-            if delivery.lease_owner == worker:
-                delivery.lease_owner = None
-                delivery.lease_expires_at = None
-            if result.succeeded:
-                delivery.status = DeliveryStatus.succeeded.value
-                delivery.delivered_at = now
-            elif result.status_code == 410:
-                delivery.status = DeliveryStatus.dead.value
-                delivery.last_error = "The subscriber answered 410 Gone: subscription disabled."
-                subscription = session.get(Subscription, delivery.subscription_pk)
-                if subscription is not None:
-                    subscription.enabled = False
-                    subscription.disabled_reason = "the subscriber answered 410 Gone"
-                    subscription.updated_at = now
-                    session.add(subscription)
-            elif delivery.attempts < len(self.schedule):
-                wait = self.schedule[delivery.attempts]
-                delivery.next_attempt_at = now + timedelta(seconds=wait)
-            else:
-                delivery.status = DeliveryStatus.dead.value
-            session.add(delivery)
-            return delivery
+            deliveries = {delivery.pk: delivery for delivery in rows}
+            now = self.clock()
+            recorded: list[Delivery | NotFound] = []
+            for job, result in attempts:
+                delivery = deliveries.get(job.delivery_pk)
+                if delivery is None:
+                    recorded.append(NotFound(f"Delivery {job.delivery_id} no longer exists."))
+                else:
+                    recorded.append(self._record(session, delivery, job, worker, result, now))
+            return recorded
+
+    def _record(
+        self,
+        session: Session,
+        delivery: Delivery,
+        job: DeliveryJob,
+        worker: str,
+        result: AttemptResult,
+        now: datetime,
+    ) -> Delivery:
+        session.add(
+            DeliveryAttempt(
+                delivery_pk=job.delivery_pk,
+                attempted_at=now,
+                status_code=result.status_code,
+                duration_ms=result.duration_ms,
+                response_body=(result.response_body or "")[:RESPONSE_BODY_CAP] or None,
+                error=result.error,
+            )
+        )
+        delivery.attempts += 1
+        delivery.last_status_code = result.status_code
+        delivery.last_error = result.error
+        delivery.updated_at = now
+        if delivery.lease_owner == worker:
+            delivery.lease_owner = None
+            delivery.lease_expires_at = None
+        if result.succeeded:
+            delivery.status = DeliveryStatus.succeeded.value
+            delivery.delivered_at = now
+        elif result.status_code == 410:
+            delivery.status = DeliveryStatus.dead.value
+            delivery.last_error = "The subscriber answered 410 Gone: subscription disabled."
+            subscription = session.get(Subscription, delivery.subscription_pk)
+            if subscription is not None:
+                subscription.enabled = False
+                subscription.disabled_reason = "the subscriber answered 410 Gone"
+                subscription.updated_at = now
+                session.add(subscription)
+        elif delivery.attempts < len(self.schedule):
+            wait = self.schedule[delivery.attempts]
+            delivery.next_attempt_at = now + timedelta(seconds=wait)
+        else:
+            delivery.status = DeliveryStatus.dead.value
+        session.add(delivery)
+        return delivery
 
     def extend_lease(self, delivery_pk: int, worker: str, lease_seconds: float) -> None:
         """Keep holding a delivery that is still being sent."""
@@ -520,16 +586,6 @@ class Outbox:
             sa.update(Delivery)
             .where(col(Delivery.pk) == delivery_pk, col(Delivery.lease_owner) == worker)
             .values(lease_expires_at=self.clock() + timedelta(seconds=lease_seconds))
-        )
-        with self.store.transaction(write=True) as session:
-            session.execute(statement)
-
-    def unclaim(self, delivery_pks: Sequence[int], worker: str) -> None:
-        """Hand back claimed deliveries that were not started."""
-        statement = (
-            sa.update(Delivery)
-            .where(col(Delivery.pk).in_(delivery_pks), col(Delivery.lease_owner) == worker)
-            .values(lease_owner=None, lease_expires_at=None)
         )
         with self.store.transaction(write=True) as session:
             session.execute(statement)
@@ -576,11 +632,15 @@ class Outbox:
         return rows, next_cursor
 
     def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> Delivery:
-        row = session.exec(
-            select(Delivery)
-            .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
-            .where(Delivery.id == delivery_id, Subscription.owner == owner)
-        ).first()
+        row = (
+            session.exec(
+                select(Delivery)
+                .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
+                .where(Delivery.id == delivery_id, Subscription.owner == owner)
+            ).first()
+            if could_be_issued(delivery_id)
+            else None
+        )
         if row is None:
             raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
         return row

@@ -22,6 +22,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from service import observe
 from service.errors import Conflict, ProviderError, StoreUnavailable, UpstreamRateLimited
 from service.lifecycle import TaskUpdate
 from service.loops import Ticker
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # A pass claims about this many seconds' worth of each provider's query budget.
 PASS_SECONDS = 2.0
+# On shutdown, how long status queries already sent may take to finish before they are cut off.
+STOP_GRACE_SECONDS = 10.0
 
 
 class ProviderPaused(Exception):
@@ -42,6 +45,10 @@ class ProviderPaused(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"paused for {seconds:.1f} s")
         self.seconds = seconds
+
+
+class _Stopping(Exception):
+    """The scheduler is stopping: a claimed task is handed back instead of being queried."""
 
 
 class ProviderLimiter:
@@ -124,6 +131,8 @@ class Scheduler:
         self.clock = clock
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._ticker = Ticker("scheduler", self.run_once, tick_seconds)
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -137,8 +146,23 @@ class Scheduler:
             log.error("start-up reconciliation skipped: the database is unavailable")
         self._ticker.start()
 
-    async def stop(self) -> None:
-        await self._ticker.stop()
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop claiming; let the status queries already sent finish (up to ``grace``, then
+        they are cut off) and send no more; then hand back every lease still held, so the
+        next process polls those tasks at once instead of after the lease expires."""
+        self._stopping = True
+        ticker = asyncio.create_task(self._ticker.stop())
+        done, _ = await asyncio.wait({ticker}, timeout=grace)
+        if not done:
+            log.warning(
+                "stopping: %d polls still running (or waiting for a slot) after %.0f s are cut "
+                "off; their tasks are handed back",
+                len(self._in_flight),
+                grace,
+            )
+            for job in list(self._in_flight):
+                job.cancel()
+            await ticker
         try:
             await run_in_threadpool(self.store.release_leases, self.worker_id)
         except StoreUnavailable:
@@ -153,6 +177,8 @@ class Scheduler:
         """One pass over every provider's due tasks; returns how many were handled."""
         claims: list[Claim] = []
         for provider, limiter in self.limiters.items():
+            if self._stopping:
+                break
             limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
             claims.extend(
                 await run_in_threadpool(
@@ -164,8 +190,13 @@ class Scheduler:
                 )
             )
         if claims:
-            self.metrics.set("poll_due_tasks", len(claims))
-            await asyncio.gather(*(self._handle(claim) for claim in claims))
+            jobs = [asyncio.create_task(self._handle(claim)) for claim in claims]
+            self._in_flight.update(jobs)
+            try:
+                # A job cut off by stop() ends the pass like any other: not an error here.
+                await asyncio.gather(*jobs, return_exceptions=True)
+            finally:
+                self._in_flight.difference_update(jobs)
         return len(claims)
 
     async def run_until_idle(self, max_passes: int = 1000) -> int:
@@ -179,8 +210,11 @@ class Scheduler:
         raise RuntimeError("the scheduler did not become idle")
 
     async def _handle(self, claim: Claim) -> None:
+        observe.bind(task_id=claim.task_id, provider=claim.provider)  # this job's own context
         try:
             await self.poll(claim, worker=self.worker_id)
+        except _Stopping:
+            pass  # not asked: stop() hands the lease back
         except StoreUnavailable:
             log.warning("poll of %s not recorded: the database is unavailable", claim.task_id)
         except Exception:
@@ -211,12 +245,17 @@ class Scheduler:
             task = await run_in_threadpool(self.store.reschedule, claim.task_id, worker)
         return PollOutcome(task, queried, expired=False)
 
-    async def _ask(self, adapter: ProviderAdapter, claim: Claim) -> TaskUpdate:
+    async def _ask(
+        self, adapter: ProviderAdapter, claim: Claim, *, scheduled: bool = False
+    ) -> TaskUpdate:
         """One status query within the provider's limits. Failures are counted and raised;
         a 429 pauses the provider; a long pause raises ProviderPaused instead of waiting."""
         assert claim.provider_task_id is not None
         limiter = self.limiters[claim.provider]
         async with limiter:
+            if scheduled and self._stopping:  # waited for a slot while the process stopped
+                raise _Stopping
+            started = time.perf_counter()
             try:
                 update = await adapter.query_status(claim.provider_task_id)
             except ProviderError as exc:
@@ -230,6 +269,11 @@ class Scheduler:
                     extra={"provider": claim.provider},
                 )
                 raise
+            finally:
+                elapsed = time.perf_counter() - started
+                self.metrics.observe(
+                    "status_query_duration_seconds", elapsed, provider=claim.provider
+                )
         self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
         return update
 
@@ -237,7 +281,7 @@ class Scheduler:
         self, adapter: ProviderAdapter, claim: Claim, worker: str | None
     ) -> dict[str, Any]:
         try:
-            update = await self._ask(adapter, claim)
+            update = await self._ask(adapter, claim, scheduled=True)
         except ProviderPaused as paused:
             # The provider asked us to back off: hand the task back for when the pause ends
             # instead of sleeping on its lease (and holding up this pass for other providers).

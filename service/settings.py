@@ -9,6 +9,7 @@ Secrets are wrapped in :class:`Secret` so they never print.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import secrets
@@ -126,6 +127,8 @@ class Settings:
     max_metadata_bytes: int = 16 * 1024
     db_pool_size: int = 10
     log_level: str = "INFO"
+    # GET /metrics wants "Authorization: Bearer <it>" when set; open when None.
+    metrics_token: Secret | None = None
     sandbox: bool = False
     files_dir: Path = field(default=Path("data/files"))
     submit_attempts: int = 4
@@ -133,6 +136,7 @@ class Settings:
     poll_grace: float = 1.0
     poll_max_interval: float = 300.0
     poll_lease: float = 60.0
+    submit_sweep: float = 30.0  # how often each process looks for orphaned unsent submissions
     scheduler_tick: float = 1.0
     scheduler: bool = True
     delivery_schedule: tuple[float, ...] = (
@@ -145,14 +149,17 @@ class Settings:
         36000.0,
         36000.0,
     )
-    delivery_concurrency: int = 32
-    delivery_per_subscription: int = 4
+    delivery_concurrency: int = 64
+    delivery_per_subscription: int = 16
     # Group commit (service/groupcommit.py): most callbacks written in one transaction.
     write_batch: int = 256
     webhook_allowed_networks: str = ""
     dispatcher: bool = True
     max_streams_per_client: int = 100  # open event streams one API client may hold, per process
     max_streams: int = 1000  # open event streams one process serves at once
+    # Management API requests per second per client, per process (0: no limit), and the burst.
+    rate_limit: float = 100.0
+    rate_limit_burst: int = 200
 
     @property
     def is_sqlite(self) -> bool:
@@ -181,12 +188,23 @@ class _Reader:
         try:
             return cast(value.strip())
         except (ValueError, TypeError) as exc:
-            reason = f" ({exc})" if str(exc) else ""
+            # Python's own parsers quote what they refuse (int(), ip_network(), ...): keep
+            # their reason but not the value.
+            reason = f" ({_without(value, str(exc))})" if str(exc) else ""
             raise SettingsError(
                 # The value is not repeated: it may be a token, a key or a password.
                 f"{name} is not valid: expected {expects}{reason}.",
                 details={"variable": name, "expected": expects},
             ) from exc
+
+
+def _without(value: str, text: str) -> str:
+    """``text`` with ``value`` and each of its parts (split on separators) blanked out."""
+    parts = {value, value.strip(), *re.split(r"[\s,;=]+", value)}
+    for part in sorted(parts, key=len, reverse=True):
+        if len(part) >= 3:
+            text = text.replace(part, "...")
+    return text
 
 
 def parse_duration(text: str) -> float:
@@ -254,6 +272,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError("must be zero or more")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -268,6 +293,12 @@ def _http_url(text: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError("no query string or fragment")
     return text.rstrip("/")
+
+
+def _metrics_token(text: str) -> Secret:
+    if len(text) < 16:
+        raise ValueError("too short to be a secret")
+    return Secret(text)
 
 
 def _log_level(text: str) -> str:
@@ -324,7 +355,10 @@ def read_env_file(path: Path) -> dict[str, str]:
             line = line[len("export ") :]
         key, sep, value = line.partition("=")
         if not sep:
-            raise SettingsError(f"{path}:{number}: expected KEY=value, got {line!r}.")
+            raise SettingsError(
+                f"{path}:{number}: expected KEY=value (the line is not repeated here: it may "
+                "hold a secret)."
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
@@ -445,6 +479,16 @@ def load_settings(
             details={"variable": "TASKRELAY_CALLBACK_TOKEN_TTL"},
         )
 
+    rate_limit = env.get(
+        "TASKRELAY_RATE_LIMIT", _non_negative_float, 100.0, "requests per second (0: no limit)"
+    )
+    rate_limit_burst = env.get(
+        "TASKRELAY_RATE_LIMIT_BURST",
+        _positive_int,
+        max(1, math.ceil(2 * rate_limit)),
+        "a positive whole number of requests",
+    )
+
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
@@ -469,6 +513,9 @@ def load_settings(
         log_level=env.get(
             "TASKRELAY_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"
         ),
+        metrics_token=env.get(
+            "TASKRELAY_METRICS_TOKEN", _metrics_token, None, "a token of 16 or more characters"
+        ),
         sandbox=sandbox,
         files_dir=env.get("TASKRELAY_FILES_DIR", Path, data_dir / "files", "a folder path"),
         submit_attempts=env.get(
@@ -482,6 +529,9 @@ def load_settings(
             "TASKRELAY_POLL_MAX_INTERVAL", parse_duration, 300.0, "a duration such as 5m"
         ),
         poll_lease=env.get("TASKRELAY_POLL_LEASE", parse_duration, 60.0, "a duration such as 60s"),
+        submit_sweep=env.get(
+            "TASKRELAY_SUBMIT_SWEEP", parse_duration, 30.0, "a duration such as 30s"
+        ),
         scheduler_tick=env.get(
             "TASKRELAY_SCHEDULER_TICK", parse_duration, 1.0, "a duration such as 1s"
         ),
@@ -493,10 +543,10 @@ def load_settings(
             "comma-separated waits before each attempt, such as 0s,5s,5m,30m,2h",
         ),
         delivery_concurrency=env.get(
-            "TASKRELAY_DELIVERY_CONCURRENCY", _positive_int, 32, "a positive whole number"
+            "TASKRELAY_DELIVERY_CONCURRENCY", _positive_int, 64, "a positive whole number"
         ),
         delivery_per_subscription=env.get(
-            "TASKRELAY_DELIVERY_PER_SUBSCRIPTION", _positive_int, 4, "a positive whole number"
+            "TASKRELAY_DELIVERY_PER_SUBSCRIPTION", _positive_int, 16, "a positive whole number"
         ),
         write_batch=env.get("TASKRELAY_WRITE_BATCH", _positive_int, 256, "a positive whole number"),
         webhook_allowed_networks=env.get(
@@ -512,6 +562,8 @@ def load_settings(
         max_streams=env.get(
             "TASKRELAY_MAX_STREAMS", _positive_int, 1000, "a positive whole number"
         ),
+        rate_limit=rate_limit,
+        rate_limit_burst=rate_limit_burst,
     )
 
 

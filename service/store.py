@@ -15,9 +15,11 @@ import binascii
 import hashlib
 import json
 import random
+import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -66,6 +68,15 @@ DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
 UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
 RAW_STATUS_CHARS = 64  # task.raw_status; a provider's status word is kept, cut to fit
 PROVIDER_TASK_ID_CHARS = 255
+MAX_ROW_ID = 2**63 - 1  # the largest primary key either database can hold
+_ISSUED_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def could_be_issued(identifier: str) -> bool:
+    """Whether ``identifier`` has the shape of an id this service issues (:func:`new_id`).
+    Anything else (a NUL, a quote, a megabyte) names nothing: 404 without asking the database,
+    which would otherwise refuse some such values with an error of its own (PostgreSQL: NUL)."""
+    return _ISSUED_ID.fullmatch(identifier) is not None
 
 
 def _reason(exc: Exception) -> str:
@@ -92,7 +103,7 @@ def decode_cursor(cursor: str) -> int:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         before = value["before"]
-        if not isinstance(before, int) or before < 1:
+        if not isinstance(before, int) or not 1 <= before <= MAX_ROW_ID:
             raise ValueError
         return before
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeEncodeError) as exc:
@@ -211,6 +222,12 @@ class Store:
         # dispatcher: woken only when there is something to send, since an empty pass still
         # costs a query).
         self.listeners: list[Callable[[frozenset[str]], None]] = []
+        # SQLite has one writer at a time, and a connection that finds the write lock taken
+        # polls for it with growing sleeps (busy_timeout): under load, threads slept for more
+        # time than any transaction held the lock. Write transactions of this process (the only
+        # one a SQLite file supports) take turns on this lock instead, and wake the moment it
+        # is free. PostgreSQL locks rows, not the database: no turn there.
+        self._write_turn = threading.RLock() if engine.dialect.name == "sqlite" else None
         self.delivery_listeners: list[Callable[[], None]] = []
 
     # --- polling plans ----------------------------------------------------------------------
@@ -234,8 +251,9 @@ class Store:
     def transaction(self, *, write: bool) -> Iterator[Session]:
         """One transaction; commits on leaving a write transaction without an error. After a
         commit that appended task events, the listeners are told (from this thread)."""
+        turn = self._write_turn if write and self._write_turn is not None else nullcontext()
         try:
-            with Session(self.engine, expire_on_commit=False) as session:
+            with turn, Session(self.engine, expire_on_commit=False) as session:
                 if write:
                     session.connection(execution_options={WRITE_OPTION: True})
                 yield session
@@ -387,6 +405,8 @@ class Store:
 
     def find_task(self, task_id: str) -> dict[str, Any] | None:
         """A task by id whoever owns it (internal use: callbacks, background work)."""
+        if not could_be_issued(task_id):
+            return None
         with self.transaction(write=False) as session:
             task = session.exec(select(Task).where(Task.id == task_id)).first()
             return None if task is None else task_json(task)
@@ -396,7 +416,7 @@ class Store:
         statement = select(Task).where(Task.id == task_id, Task.owner == owner)
         if lock:
             statement = statement.with_for_update()
-        task = session.exec(statement).first()
+        task = session.exec(statement).first() if could_be_issued(task_id) else None
         if task is None:
             # The same answer for "no such task" and "another client's task": ids leak nothing.
             raise NotFound(f"No task {task_id!r} was found for this API client.")
@@ -838,8 +858,11 @@ class Store:
         with self.transaction(write=True) as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
-    def unsent_submissions(self, limit: int = 1000) -> list[str]:
-        """Submitted tasks whose request never left (a crash between commit and send)."""
+    def unsent_submissions(
+        self, limit: int = 1000, *, created_before: datetime | None = None
+    ) -> list[str]:
+        """Submitted tasks whose request never left (a crash between commit and send), oldest
+        first; with ``created_before``, only those created before it."""
         statement = (
             select(Task.id)
             .where(
@@ -850,6 +873,8 @@ class Store:
             .order_by(col(Task.pk))
             .limit(limit)
         )
+        if created_before is not None:
+            statement = statement.where(col(Task.created_at) < created_before)
         with self.transaction(write=False) as session:
             return list(session.exec(statement))
 

@@ -14,12 +14,16 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 from starlette.concurrency import run_in_threadpool
 
+from service import observe
 from service.errors import ProviderError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
+from service.loops import Ticker
+from service.metrics import Metrics
 from service.models import TaskStatus, UpdateSource
 from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
 from service.retry import Backoff, submit_backoff
@@ -28,6 +32,10 @@ from service.store import Store
 
 log = logging.getLogger(__name__)
 
+# Unsent submissions: how often every process looks for them, and how old they must be (younger
+# ones are most likely being sent right now by the replica that accepted them).
+SWEEP_SECONDS = 30.0
+SWEEP_GRACE = timedelta(seconds=10)
 # Waits between tries to record an accepted submission while the database is unavailable.
 RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
 
@@ -43,7 +51,10 @@ class Submitter:
         public_url: str,
         backoff: Backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
+        sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.store = store
         self.adapters = adapters
         self.signer = signer
@@ -52,22 +63,43 @@ class Submitter:
         self.backoff = backoff or submit_backoff(1.0, 4)
         self.sleep = sleep
         self._running: set[asyncio.Task[None]] = set()
+        self._active: set[str] = set()  # task ids this process is sending
         self._rng = random.Random()
+        self.sweep_seconds = sweep_seconds
+        self._sweeper: Ticker | None = None
 
     def submit(self, task_id: str) -> None:
         """Start sending ``task_id`` to its provider; returns at once."""
         job = asyncio.create_task(self._submit(task_id), name=f"submit:{task_id}")
         self._running.add(job)
+        self._active.add(task_id)
         job.add_done_callback(self._running.discard)
+        job.add_done_callback(lambda _job: self._active.discard(task_id))
 
-    async def resume(self) -> int:
-        """At start-up: send the tasks whose request never left before a crash or restart."""
-        task_ids = await run_in_threadpool(self.store.unsent_submissions)
+    async def resume(self, *, created_before: datetime | None = None) -> int:
+        """Send the tasks whose request never left: at start-up (a crash or restart between the
+        commit and the send), and then every ``SWEEP_SECONDS`` for tasks at least
+        ``SWEEP_GRACE`` old (another replica accepted them and died before sending). Sending
+        is a compare-and-set on the attempt count, so however many replicas find a task, one
+        sends it."""
+        found = await run_in_threadpool(
+            self.store.unsent_submissions, created_before=created_before
+        )
+        task_ids = [task_id for task_id in found if task_id not in self._active]
         for task_id in task_ids:
             self.submit(task_id)
         if task_ids:
             log.info("resuming %d unsent submissions", len(task_ids))
         return len(task_ids)
+
+    def start(self) -> None:
+        """Look for orphaned unsent submissions every ``SWEEP_SECONDS``."""
+        self._sweeper = Ticker("submission sweep", self._sweep, self.sweep_seconds)
+        self._sweeper.start()
+
+    async def _sweep(self) -> int:
+        await self.resume(created_before=self.store.clock() - SWEEP_GRACE)
+        return 0  # what it found is being sent; the next look is a tick away
 
     async def idle(self) -> None:
         """Wait until every submission in flight has finished (tests, shutdown)."""
@@ -75,6 +107,9 @@ class Submitter:
             await asyncio.gather(*list(self._running), return_exceptions=True)
 
     async def stop(self, grace: float = 10.0) -> None:
+        if self._sweeper is not None:
+            await self._sweeper.stop()
+            self._sweeper = None
         if not self._running:
             return
         _done, pending = await asyncio.wait(list(self._running), timeout=grace)
@@ -84,6 +119,7 @@ class Submitter:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _submit(self, task_id: str) -> None:
+        observe.bind(task_id=task_id)  # this submission's own context (a task of its own)
         try:
             await self._attempts(task_id)
         except StoreUnavailable:
@@ -96,6 +132,7 @@ class Submitter:
         if task is None or task["status"] != TaskStatus.queued.value:
             return
         provider = task["provider"]
+        observe.bind(provider=provider)
         adapter = self.adapters[provider]
         request = GenerationRequest.from_json(task["request"])
         callback_url = self.signer.callback_url(self.public_url, task_id, provider)
@@ -113,6 +150,7 @@ class Submitter:
                 result = await adapter.submit(
                     request, callback_url=callback_url, on_update=on_update
                 )
+                self._count(provider, "accepted")
                 update = await self._keep_images(task_id, provider, result)
                 await self._record_reply(task_id, update)
                 return
@@ -120,6 +158,7 @@ class Submitter:
                 if exc.ambiguous and adapter.delivers_callbacks():
                     # The provider may have accepted it: sending it again could start a second,
                     # paid task. Its callback carries this task's token and will still land.
+                    self._count(provider, "unconfirmed")
                     log.warning(
                         "submission of %s to %s got no usable answer (%s); not resending, "
                         "waiting for the provider's callback",
@@ -134,6 +173,7 @@ class Submitter:
                     else None
                 )
                 if delay is None:
+                    self._count(provider, "failed")
                     log.warning(
                         "submission of %s to %s failed for good after %d attempt(s): %s",
                         task_id,
@@ -143,6 +183,7 @@ class Submitter:
                     )
                     await self._fail(task_id, exc)
                     return
+                self._count(provider, "retrying")
                 log.info(
                     "submission of %s to %s failed (%s); retrying in %.1fs",
                     task_id,
@@ -151,6 +192,9 @@ class Submitter:
                     delay,
                 )
                 await self.sleep(delay)
+
+    def _count(self, provider: str, outcome: str) -> None:
+        self.metrics.inc("submissions_total", provider=provider, outcome=outcome)
 
     async def _record_reply(self, task_id: str, update: TaskUpdate) -> None:
         """The provider accepted the task: its answer (task id, OpenAI's images) must not be

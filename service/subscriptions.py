@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service.api import page_cursor
 from service.errors import ValidationFailed
 from service.models import ClientSecret, Delivery, DeliveryAttempt, DeliveryStatus, Subscription
 from service.runtime import runtime_of
@@ -199,7 +200,7 @@ async def list_deliveries(request: Request) -> Response:
         owner,
         request.path_params["subscription_id"],
         status=status,
-        cursor=request.query_params.get("cursor") or None,
+        cursor=page_cursor(request),
         limit=limit,
     )
     return json_response(

@@ -7,7 +7,6 @@ ever leaves the process.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any
@@ -22,6 +21,7 @@ from service.errors import (
     TaskRelayError,
     UnsupportedMediaType,
 )
+from service.providers.parsing import UnstorableJSON, loads_storable
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def error_response(exc: TaskRelayError) -> Response:
         headers["WWW-Authenticate"] = 'Bearer realm="taskrelay"'
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float) and math.isfinite(retry_after):
-        headers["Retry-After"] = str(max(1, round(retry_after)))
+        # Rounded up: a client that waits exactly this long must not come back too early.
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
 
@@ -108,10 +109,6 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def decode_json(body: bytes, *, what: str = "request body") -> Any:
     try:
         text = body.decode("utf-8-sig")
@@ -120,7 +117,9 @@ def decode_json(body: bytes, *, what: str = "request body") -> Any:
     if not text.strip():
         raise BadRequest(f"The {what} is empty; send a JSON object.", code="invalid_json")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = loads_storable(text)
+    except UnstorableJSON as exc:
+        raise BadRequest(f"The {what} cannot be accepted: {exc}.", code="invalid_json") from exc
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"The {what} is not valid JSON: {exc}.", code="invalid_json") from exc
     if not _depth_ok(value, MAX_JSON_DEPTH):
@@ -165,7 +164,26 @@ def route_path(request: Request) -> str:
     callback paths carry tokens, which must not reach the logs."""
     route = request.scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "(unmatched route)"
+    if isinstance(path, str):
+        return path
+    # Starlette's router records the matched endpoint, not the route: find the route by it.
+    endpoint = request.scope.get("endpoint")
+    if endpoint is not None:
+        for candidate in getattr(request.app, "routes", ()):
+            candidate_path = getattr(candidate, "path", None)
+            if getattr(candidate, "endpoint", None) is endpoint and isinstance(candidate_path, str):
+                return candidate_path
+    return "(unmatched route)"
+
+
+def _shown_path(request: Request) -> str:
+    """The request's path for an error message, with whatever may be a callback token left
+    out: answers end up in proxies' and clients' logs too."""
+    path = request.url.path
+    if not path.startswith("/callbacks/"):
+        return path
+    segments = path.split("/")  # "", "callbacks", provider, token, ...
+    return "/".join([*segments[:3], "…"]) if len(segments) > 3 else "/callbacks/…"
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -173,9 +191,9 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
     if exc.status_code == 404:
-        message = f"No endpoint at {request.url.path}; see /openapi.json for the API."
+        message = f"No endpoint at {_shown_path(request)}; see /openapi.json for the API."
     elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}."
+        message = f"{request.method} is not allowed on {_shown_path(request)}."
     body = {"error": {"code": code, "message": message, "details": None}}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

@@ -309,3 +309,161 @@ class SubscriberProcess:
             answer = answers.get(record["n"])
             record["answered"] = answer is not None and not answer["client_gone"]
         return received
+
+
+# --- a load balancer in front of several TaskRelay processes ------------------------------------
+
+# Hop-by-hop headers (RFC 9110, 7.6.1) and the ones httpx sets itself: never forwarded.
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+def balancer_main(argv: list[str]) -> None:
+    """Run the balancer app (in its own process): ``PORT``.
+
+    Every request (except ``/_balancer/...``) goes to the next backend, round robin. A backend
+    that refuses the connection is skipped and the request goes to the next one (nothing was
+    sent, so that is safe for any method); a backend that fails once the request has been sent
+    (it died mid-request) makes the answer a 502, as nginx does for a POST, and the client
+    retries. ``PUT /_balancer/backends`` ``["http://...", ...]`` sets the backends; ``GET
+    /_balancer/stats`` counts, per backend, requests answered, connections refused and requests
+    broken mid-flight. Answers carry ``x-balancer-backend``.
+    """
+    import itertools
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    port = int(argv[0])
+    backends: list[str] = []
+    turn = itertools.count()
+    stats: dict[str, dict[str, int]] = {}
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(60.0, connect=2.0),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+    def count(backend: str, what: str) -> None:
+        row = stats.setdefault(backend, {"answered": 0, "refused": 0, "broken": 0})
+        row[what] += 1
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        first = next(turn)
+        for offset in range(len(backends)):
+            backend = backends[(first + offset) % len(backends)]
+            try:
+                answer = await client.request(
+                    request.method, backend + target, headers=headers, content=body
+                )
+            except httpx.ConnectError:
+                count(backend, "refused")
+                continue
+            except httpx.TransportError as exc:
+                count(backend, "broken")
+                return JSONResponse(
+                    {"balancer": "backend failed mid-request", "error": type(exc).__name__},
+                    status_code=502,
+                    headers={"x-balancer-backend": backend},
+                )
+            count(backend, "answered")
+            kept = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"
+            }
+            kept["x-balancer-backend"] = backend
+            return Response(answer.content, status_code=answer.status_code, headers=kept)
+        return JSONResponse({"balancer": "no backend accepted the connection"}, status_code=503)
+
+    async def set_backends(request: Request) -> Response:
+        backends[:] = [str(url).rstrip("/") for url in await request.json()]
+        return JSONResponse(backends)
+
+    async def get_stats(request: Request) -> Response:
+        return JSONResponse({"pid": os.getpid(), "backends": backends, "stats": stats})
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+    app = Starlette(
+        routes=[
+            Route("/_balancer/backends", set_backends, methods=["PUT"]),
+            Route("/_balancer/stats", get_stats, methods=["GET"]),
+            Route("/{path:path}", forward, methods=methods),
+        ]
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+
+
+class BalancerProcess:
+    """A round-robin HTTP load balancer (Starlette on uvicorn, httpx to the backends) in a
+    process of its own, on a free port: the address providers and clients use when TaskRelay
+    runs as several replicas. Start it first (its URL is every replica's public URL), then
+    hand it the replicas with :meth:`set_backends`."""
+
+    def __init__(self, directory: Path, timeout: float = 20.0) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(directory / "balancer.log", "wb")  # noqa: SIM115  (closed in stop())
+        code = "import sys; from tests.servers import balancer_main as m; m(sys.argv[1:])"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, str(self.port)],
+            cwd=_REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/_balancer/stats", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the balancer did not start")
+            time.sleep(0.05)
+
+    def set_backends(self, urls: list[str]) -> None:
+        httpx.put(f"{self.url}/_balancer/backends", json=urls, timeout=5.0).raise_for_status()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        stats: dict[str, dict[str, int]] = httpx.get(
+            f"{self.url}/_balancer/stats", timeout=5.0
+        ).json()["stats"]
+        return stats
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()

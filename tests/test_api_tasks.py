@@ -595,3 +595,35 @@ async def test_an_accepted_submission_is_recorded_through_a_brief_database_outag
     assert failures["left"] == 0
     assert task["provider_task_id"]  # the provider's answer was not lost
     assert task["submit_attempts"] == 1  # and nothing was sent twice
+
+
+async def test_a_submission_another_replica_left_unsent_is_sent_by_the_sweep(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica answered 202 and died before sending: the task row is there, unsent. Every
+    process's periodic sweep finds such tasks once they are older than the grace (younger ones
+    are most likely being sent right now), and the compare-and-set sends each exactly once."""
+    import service.submitter
+    from service.models import TaskOrigin
+
+    runtime = app.state.runtime
+    orphan = runtime.store.create_task(
+        owner="alice",
+        provider="evolink",
+        origin=TaskOrigin.submitted,
+        request={"provider": "evolink", "prompt": "orphan" + FAST},
+        metadata={},
+    ).task
+    assert await runtime.submitter._sweep() == 0
+    await runtime.submitter.idle()
+    young = (await client.get(f"/v1/tasks/{orphan['id']}", headers=auth())).json()
+    assert young["submit_attempts"] == 0  # too young: its own replica may be sending it
+
+    monkeypatch.setattr(service.submitter, "SWEEP_GRACE", timedelta(0))
+    await asyncio.gather(runtime.submitter._sweep(), runtime.submitter._sweep())
+    await wait_for_status(client, orphan["id"], {"succeeded", "failed"})
+    await runtime.submitter.idle()
+    done = (await client.get(f"/v1/tasks/{orphan['id']}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert done["submit_attempts"] == 1
+    assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1

@@ -390,6 +390,7 @@ async def test_a_slow_subscriber_does_not_hold_up_others(harness: Harness) -> No
     for _ in range(6):
         await harness.track()
     dispatcher = harness.runtime.dispatcher
+    dispatcher.per_subscription = 4  # below the 6 it owes, so the cap shows
     for _ in range(500):  # passes until the fast subscriber has everything (bounded)
         await dispatcher.run_once(wait=False)
         await asyncio.sleep(0.01)
@@ -614,3 +615,51 @@ async def test_rotation_bodies_are_capped_too(harness: Harness) -> None:
         headers=auth(),
     )
     assert replay.status_code == 400
+
+
+async def test_a_claim_leases_only_what_each_subscriber_has_room_for(harness: Harness) -> None:
+    """A busy subscriber's backlog is not leased beyond its room (it would only sit leased),
+    and the claim fills its other slots with the other subscribers' deliveries."""
+    first = await harness.subscribe("first")
+    await harness.subscribe("second", token=BOB)
+    for _ in range(6):
+        await harness.track()
+        await harness.track(BOB)
+    outbox = harness.runtime.outbox
+    with outbox.store.engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT id, pk FROM subscription").all()
+    pk = {row[0]: row[1] for row in rows}
+    jobs = outbox.claim(
+        "worker", limit=8, lease_seconds=60, per_subscription=4, busy={pk[first["id"]]: 3}
+    )
+    taken = [job.subscription_pk for job in jobs]
+    assert taken.count(pk[first["id"]]) == 1  # 4 allowed, 3 already in flight
+    assert len(taken) == 5  # and the second subscriber's 4
+    # Nothing else was leased: another process can claim the rest of the first's backlog.
+    others = outbox.claim("other", limit=20, lease_seconds=60)
+    assert len(others) == 12 - 5
+
+
+async def test_attempts_finished_together_are_recorded_in_one_go(harness: Harness) -> None:
+    from service.outbox import AttemptResult
+
+    subscription = await harness.subscribe("batch")
+    for _ in range(3):
+        await harness.track()
+    outbox = harness.runtime.outbox
+    jobs = outbox.claim("worker", limit=10, lease_seconds=60)
+    assert len(jobs) == 3
+    outbox.delete_subscription("alice", subscription["id"])  # gone while two were being sent
+    results = outbox.record_attempts([(job, AttemptResult(200, 1.0)) for job in jobs], "worker")
+    assert all(type(result).__name__ == "NotFound" for result in results)
+    await harness.subscribe("again")
+    for _ in range(2):
+        await harness.track()
+    jobs = outbox.claim("worker", limit=10, lease_seconds=60)
+    ok, failed = outbox.record_attempts(
+        [(jobs[0], AttemptResult(200, 1.0)), (jobs[1], AttemptResult(500, 2.0, error="HTTP 500"))],
+        "worker",
+    )
+    assert not isinstance(ok, Exception) and ok.status == "succeeded" and ok.lease_owner is None
+    assert not isinstance(failed, Exception) and failed.status == "pending"
+    assert failed.attempts == 1 and failed.last_status_code == 500

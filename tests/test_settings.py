@@ -164,6 +164,32 @@ def test_errors_never_repeat_the_value(tmp_path: Path) -> None:
     assert "hunter2" not in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("variable", "pasted"),
+    [
+        # A key pasted into the wrong variable: Python's own parsers quote what they refuse.
+        ("TASKRELAY_DB_POOL_SIZE", "sk-live-PASTED-KEY-123"),
+        ("TASKRELAY_WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/8,sk-live-PASTED-KEY-123"),
+        ("TASKRELAY_POLL_LEASE", "sk-live-PASTED-KEY-123"),
+    ],
+)
+def test_a_secret_in_the_wrong_variable_is_not_repeated(
+    tmp_path: Path, variable: str, pasted: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, **{variable: pasted})
+    assert variable in caught.value.message
+    assert "PASTED" not in caught.value.message and "PASTED" not in str(caught.value.details)
+
+
+def test_a_bad_env_file_line_is_not_repeated(tmp_path: Path) -> None:
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("TASKRELAY_API_TOKENS=a:fine-token-123456\nsk-live-PASTED-KEY-123\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, env_file=env_file)
+    assert ":2:" in caught.value.message and "PASTED" not in caught.value.message
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.com", "::"])
 def test_the_sandbox_is_refused_off_loopback(tmp_path: Path, host: str) -> None:
     with pytest.raises(SettingsError, match="TASKRELAY_SANDBOX"):

@@ -17,7 +17,6 @@ answers with a task id, then a status endpoint and callbacks that carry one task
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
@@ -166,9 +165,7 @@ def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:
 def decode_json(provider: str, response: httpx.Response) -> Any:
     """A 2xx reply's JSON; UpstreamProtocolError (ambiguous) when it is not JSON."""
     try:
-        return json.loads(
-            response.content.decode("utf-8-sig"), parse_constant=parsing.reject_json_constant
-        )
+        return parsing.loads_storable(response.content.decode("utf-8-sig"))
     except (ValueError, RecursionError) as exc:
         raise UpstreamProtocolError(
             f"{provider} answered HTTP {response.status_code} with a body that is not JSON.",
@@ -180,8 +177,8 @@ def decode_json(provider: str, response: httpx.Response) -> Any:
 def error_body(response: httpx.Response) -> Any:
     """An error reply's JSON if it has any (for its message), else ``None``."""
     try:
-        return json.loads(response.content.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return parsing.loads_storable(response.content.decode("utf-8-sig"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
         return None
 
 

@@ -16,7 +16,6 @@ mode and its id-only submit reply are its own.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -123,8 +122,8 @@ class GrsAIAdapter(TaskEndpointAdapter):
         if not text or text == "[DONE]":
             return None
         try:
-            payload = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+            payload = parsing.loads_storable(text)
+        except (ValueError, RecursionError):
             log.warning("grsai stream: skipped a line that is not JSON: %.200s", text)
             return None
         if not isinstance(payload, Mapping):
@@ -194,8 +193,8 @@ class GrsAIAdapter(TaskEndpointAdapter):
         """A stream with no final line; a plain JSON error body in its place is that error."""
         text = "\n".join(leftovers).strip()
         try:
-            payload = json.loads(text) if text else None
-        except (json.JSONDecodeError, RecursionError):
+            payload = parsing.loads_storable(text) if text else None
+        except (ValueError, RecursionError):
             payload = None
         if isinstance(payload, Mapping):
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -389,6 +390,55 @@ def reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+class UnstorableJSON(ValueError):
+    """Valid JSON holding a value nothing downstream can keep or send on."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity, which JSON cannot carry back out
+        raise UnstorableJSON(f"the number {text[:40]} is out of range")
+    return value
+
+
+# Only these escapes can put a NUL or an unpaired surrogate into decoded text (UTF-8 decoding
+# refuses encoded surrogates, and JSON refuses raw control characters), so text without one
+# skips the walk.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _string_problem(value: Any) -> str | None:
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a string holds a NUL character (\\u0000), which cannot be stored"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds an unpaired UTF-16 surrogate, which is not Unicode text"
+    return None
+
+
+def loads_storable(text: str) -> Any:
+    """JSON text to a value, refusing what JSON allows but no database column, UTF-8 encoder or
+    JSON encoder downstream can take: ``NaN``/``Infinity``, numbers too large for a float
+    (they parse as infinity), NUL characters (PostgreSQL text cannot hold them) and unpaired
+    surrogates. Raises ValueError (:class:`UnstorableJSON` for those), or RecursionError."""
+    value = json.loads(text, parse_constant=reject_json_constant, parse_float=_finite_float)
+    if _SUSPECT_ESCAPE.search(text):
+        problem = _string_problem(value)
+        if problem is not None:
+            raise UnstorableJSON(problem)
+    return value
+
+
 def parse_json_body(body: bytes) -> Any:
     """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
     try:
@@ -398,7 +448,9 @@ def parse_json_body(body: bytes) -> Any:
     if not text.strip():
         raise CallbackParseError("The callback body is empty; expected a JSON object.")
     try:
-        return json.loads(text, parse_constant=reject_json_constant)
+        return loads_storable(text)
+    except UnstorableJSON as exc:
+        raise CallbackParseError(f"The callback body cannot be accepted: {exc}.") from exc
     except (ValueError, RecursionError) as exc:
         raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
 

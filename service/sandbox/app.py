@@ -228,7 +228,9 @@ class Sandbox:
             except httpx.HTTPError as exc:
                 attempt.error = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # the receiver's failure must not stop the sandbox
-                log.warning("callback to %s raised %r", task.callback_url, exc)
+                # Not the URL: it carries the callback token, and a mounted sandbox logs into
+                # TaskRelay's own log.
+                log.warning("callback of sandbox task %s raised %r", task.id, exc)
                 attempt.error = f"{type(exc).__name__}: {exc}"
             if attempt.delivered:
                 return

@@ -1,0 +1,514 @@
+"""``taskrelay doctor``: each check's failure modes, in plain words, against real things (a
+SQLite file, PostgreSQL databases with and without migrations, the sandbox process, closed and
+silent ports, a name that does not resolve); the command end to end with its exit codes; and no
+secret in its output, ever. Nothing it looks at is changed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service import doctor
+from service.db import head_revision, migrate
+from service.doctor import FAIL, OK, WARN, CheckResult, DatabaseProbe, ProviderProbe
+from service.settings import PROVIDERS, Settings
+from tests.conftest import PostgresDatabase, _pg_url
+from tests.servers import SandboxProcess, free_port
+
+TASKRELAY_BIN = str(Path(sys.executable).parent / "taskrelay")
+SECRET_KEY = "doctor-secret-key-5b1f0e9c2d"
+FALLBACK_KEY = "doctor-fallback-key-77aa0c3e1b"
+API_TOKEN = "doctor-api-token-4c8e21d0f9"
+WRONG_PROVIDER_KEY = "sk-doctor-wrong-key-0e9d8c7b6a"
+DB_PASSWORD = "doctor-db-password-31f5c2"
+
+
+def environment(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    return {
+        "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+        "TASKRELAY_API_TOKENS": f"shop:{API_TOKEN}",
+        "TASKRELAY_SECRET_KEY": SECRET_KEY,
+        "TASKRELAY_PUBLIC_URL": "https://relay.example.com",
+        **overrides,
+    }
+
+
+def configuration(
+    tmp_path: Path, workers: int = 1, **overrides: str
+) -> tuple[list[CheckResult], Settings | None]:
+    return doctor.load_configuration(
+        environment(tmp_path, **overrides), tmp_path / "no.env", workers=workers
+    )
+
+
+def settings_for(tmp_path: Path, **overrides: str) -> Settings:
+    results, settings = configuration(tmp_path, **overrides)
+    assert settings is not None, results
+    return settings
+
+
+def by_check(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {result.check: result for result in results}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    process = SandboxProcess(tmp_path_factory.mktemp("sandbox") / "sandbox.log")
+    yield process
+    process.stop()
+
+
+def provider_environment(sandbox: SandboxProcess, **keys: str) -> dict[str, str]:
+    """Every provider at the sandbox process; ``keys`` overrides a provider's API key."""
+    environ = sandbox.provider_environment()
+    for provider, key in keys.items():
+        environ[f"TASKRELAY_{provider.upper()}_API_KEY"] = key
+    return environ
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_a_bad_value_is_named_without_repeating_it(tmp_path: Path) -> None:
+    results, settings = configuration(tmp_path, TASKRELAY_PORT="eighty")
+    assert settings is None
+    assert [(r.check, r.status) for r in results] == [("configuration", FAIL)]
+    assert "TASKRELAY_PORT" in results[0].message and "eighty" not in results[0].message
+
+    results, _ = configuration(tmp_path, TASKRELAY_SECRET_KEY="tiny-secret")
+    assert "TASKRELAY_SECRET_KEY is too short" in results[0].message
+    assert "tiny-secret" not in results[0].message + str(results[0].fix)
+
+    results, _ = configuration(tmp_path, TASKRELAY_OPENAI_BASE_URL="ftp://x?key=sk-leak-123")
+    assert "TASKRELAY_OPENAI_BASE_URL" in results[0].message
+    assert "sk-leak-123" not in results[0].message
+
+    # A key pasted into the wrong variable: int() quotes it in its error; doctor does not.
+    results, _ = configuration(tmp_path, TASKRELAY_DB_POOL_SIZE="sk-pasted-here-0123")
+    assert "TASKRELAY_DB_POOL_SIZE" in results[0].message
+    assert "sk-pasted-here-0123" not in results[0].message
+
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("TASKRELAY_PORT=8000\nsk-bare-secret-line-0123\n")
+    results, _ = doctor.load_configuration({"TASKRELAY_ENV_FILE": str(env_file)})
+    assert results[0].status == FAIL and f"{env_file}:2" in results[0].message
+    assert "sk-bare-secret-line-0123" not in results[0].message
+
+
+def test_an_unset_signing_key_is_reported_and_nothing_is_written(tmp_path: Path) -> None:
+    environ = environment(tmp_path)
+    del environ["TASKRELAY_SECRET_KEY"]
+    results, settings = doctor.load_configuration(environ, tmp_path / "no.env")
+    assert settings is not None
+    key = by_check(results)["secret key"]
+    assert key.status == WARN
+    assert "TASKRELAY_SECRET_KEY is not set" in key.message and "will generate" in key.message
+    assert not (tmp_path / "data").exists()  # serve would have written data/secret_key
+
+
+def test_a_key_file_is_fine_for_one_process_but_not_for_replicas(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "secret_key").write_text("k" * 40 + "\n")
+    environ = environment(tmp_path)
+    del environ["TASKRELAY_SECRET_KEY"]
+    results, _ = doctor.load_configuration(environ, tmp_path / "no.env")
+    assert by_check(results)["secret key"].status == OK
+    environ["TASKRELAY_DATABASE_URL"] = "postgresql://taskrelay@db.internal/taskrelay"
+    results, _ = doctor.load_configuration(environ, tmp_path / "no.env")
+    key = by_check(results)["secret key"]
+    assert key.status == WARN and "every replica needs the same key" in key.message
+
+
+def test_risky_but_valid_settings_are_warnings(tmp_path: Path) -> None:
+    results, _ = configuration(
+        tmp_path,
+        TASKRELAY_API_TOKENS="demo:demo-token,ops:short-tok",
+        TASKRELAY_SANDBOX="true",
+        TASKRELAY_PUBLIC_URL="http://127.0.0.1:8000",
+    )
+    checks = by_check(results)
+    assert checks["api tokens"].status == WARN
+    assert "demo" in checks["api tokens"].message
+    assert "demo-token" not in checks["api tokens"].message
+    assert checks["sandbox"].status == WARN and "TASKRELAY_SANDBOX=false" in str(
+        checks["sandbox"].fix
+    )
+    results, _ = configuration(tmp_path, TASKRELAY_API_TOKENS="ops:short-tok")
+    tokens = by_check(results)["api tokens"]
+    assert tokens.status == WARN and "shorter than 16" in tokens.message
+    results, _ = configuration(tmp_path, TASKRELAY_SECRET_KEY_FALLBACKS="old-short")
+    assert by_check(results)["secret key"].status == WARN
+
+
+def test_missing_tokens_and_sqlite_with_workers_fail(tmp_path: Path) -> None:
+    results, _ = configuration(tmp_path, TASKRELAY_API_TOKENS="")
+    assert by_check(results)["api tokens"].status == FAIL
+    results, _ = configuration(tmp_path, workers=4)
+    workers = by_check(results)["workers"]
+    assert workers.status == FAIL and "PostgreSQL" in str(workers.fix)
+    results, _ = configuration(
+        tmp_path, workers=4, TASKRELAY_DATABASE_URL="postgresql://u@db.internal/taskrelay"
+    )
+    assert "workers" not in by_check(results)
+
+
+def test_no_configured_provider_is_a_warning(tmp_path: Path) -> None:
+    results, _ = configuration(tmp_path)
+    assert by_check(results)["providers"].status == WARN
+    results, _ = configuration(tmp_path, TASKRELAY_GRSAI_API_KEY="sk-grsai-123456")
+    providers = by_check(results)["providers"]
+    assert providers.status == OK and "configured: grsai" in providers.message
+    assert "sk-grsai-123456" not in providers.message
+
+
+# --- the public URL ------------------------------------------------------------------------
+
+
+def test_the_public_url(tmp_path: Path) -> None:
+    evolink = {"TASKRELAY_EVOLINK_API_KEY": "sk-evolink-0123456789"}
+    check = doctor.public_url_check(settings_for(tmp_path, **evolink))
+    assert check.status == OK and "https://relay.example.com/callbacks/" in check.message
+
+    check = doctor.public_url_check(
+        settings_for(tmp_path, TASKRELAY_PUBLIC_URL="http://relay.example.com", **evolink)
+    )
+    assert check.status == WARN and "EvoLink accepts only HTTPS" in check.message
+
+    check = doctor.public_url_check(
+        settings_for(tmp_path, TASKRELAY_HOST="0.0.0.0", TASKRELAY_PUBLIC_URL="")
+    )
+    assert check.status == FAIL and "0.0.0.0" in check.message
+    assert "TASKRELAY_PUBLIC_URL" in str(check.fix)
+
+    check = doctor.public_url_check(
+        settings_for(tmp_path, TASKRELAY_PUBLIC_URL="https://ops:hunter2-pw@relay.example.com")
+    )
+    assert check.status == FAIL and "hunter2-pw" not in check.message + str(check.fix)
+
+    grsai = {"TASKRELAY_GRSAI_API_KEY": "sk-grsai-0123456789"}
+    check = doctor.public_url_check(
+        settings_for(tmp_path, TASKRELAY_PUBLIC_URL="http://10.1.2.3:8000", **grsai)
+    )
+    assert check.status == WARN and "cannot reach" in check.message
+
+    # The sandbox mounted in TaskRelay calls back to itself: a local URL is right there.
+    check = doctor.public_url_check(
+        settings_for(tmp_path, TASKRELAY_PUBLIC_URL="http://127.0.0.1:8000", TASKRELAY_SANDBOX="1")
+    )
+    assert check.status == OK
+
+    check = doctor.public_url_check(
+        settings_for(
+            tmp_path, TASKRELAY_PUBLIC_URL="https://r.example.com/" + "p" * 2000, **evolink
+        )
+    )
+    assert check.status == FAIL and "2048" in check.message
+
+
+# --- the database --------------------------------------------------------------------------
+
+
+def database_checks(url: str) -> tuple[CheckResult, CheckResult]:
+    probe = doctor.probe_database(url, timeout=3)
+    head, known = doctor.schema_revisions(url)
+    return doctor.database_check(probe), doctor.migrations_check(probe, head, known)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_current_sqlite_file_is_fine_and_left_as_it_was(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db' / 'taskrelay.db'}"
+    migrate(url)
+    before = snapshot(tmp_path / "db")
+    database, migrations = database_checks(url)
+    assert (database.status, migrations.status) == (OK, OK), (database, migrations)
+    assert head_revision(url) in migrations.message
+    assert snapshot(tmp_path / "db") == before  # no -wal, no -shm, nothing touched
+
+
+def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nowhere' / 'taskrelay.db'}"
+    database, migrations = database_checks(url)
+    assert database.status == WARN and "does not exist yet" in database.message
+    assert migrations.status == OK
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_file_that_is_not_a_database_fails(tmp_path: Path) -> None:
+    path = tmp_path / "taskrelay.db"
+    path.write_text("these are my notes, not a database " * 50)
+    database, migrations = database_checks(f"sqlite:///{path}")
+    assert database.status == FAIL
+    assert "is not a TaskRelay database" in database.message
+    assert migrations.status == WARN and "cannot be read" in migrations.message
+
+
+def test_an_old_or_unknown_sqlite_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url, "0002")
+    _, migrations = database_checks(url)
+    assert migrations.status == WARN  # serve migrates a SQLite file itself
+    assert "0002" in migrations.message and "migrates" in migrations.message
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_future'")
+    engine.dispose()
+    _, migrations = database_checks(url)
+    assert migrations.status == FAIL and "newer version" in migrations.message
+
+
+@pytest.fixture
+def admin_url() -> str:
+    url = _pg_url()
+    if url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    return url
+
+
+def test_postgresql_with_and_without_migrations(admin_url: str) -> None:
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_doctor")
+    try:
+        check, migrations = database_checks(database.url)
+        assert check.status == OK and database.name in check.message
+        assert migrations.status == FAIL
+        assert "nothing (an empty database)" in migrations.message
+        assert "taskrelay migrate" in str(migrations.fix)
+        engine = sa.create_engine(database.url)
+        assert sa.inspect(engine).get_table_names() == []  # still empty: doctor migrates nothing
+        engine.dispose()
+        migrate(database.url)
+        check, migrations = database_checks(database.url)
+        assert (check.status, migrations.status) == (OK, OK)
+    finally:
+        database.drop()
+
+
+def test_postgresql_connection_failures_in_plain_words(admin_url: str) -> None:
+    base = sa.engine.make_url(admin_url)
+    absent = base.set(database="taskrelay_doctor_absent").render_as_string(hide_password=False)
+    check, _ = database_checks(absent)
+    assert check.status == FAIL
+    assert "no database of that name" in check.message
+    assert "`createdb taskrelay_doctor_absent`" in str(check.fix)
+
+    nobody = base.set(username="taskrelay_doctor_nobody").render_as_string(hide_password=False)
+    check, _ = database_checks(nobody)
+    assert check.status == FAIL and "no such user" in check.message
+
+    closed = base.set(host="127.0.0.1", port=free_port()).render_as_string(hide_password=False)
+    check, migrations = database_checks(closed)
+    assert check.status == FAIL and "connection refused" in check.message
+    assert "start PostgreSQL" in str(check.fix)
+    assert migrations.status == WARN and "not checked" in migrations.message
+
+    unknown = base.set(host="no-such-host.invalid").render_as_string(hide_password=False)
+    check, _ = database_checks(unknown)
+    assert check.status == FAIL and "does not resolve" in check.message
+
+
+def test_a_refused_password_in_plain_words() -> None:
+    # The test server trusts local connections, so this driver message is fed in directly.
+    message, fix = doctor.explain_database_error(
+        'connection failed: connection to server at "10.0.0.5", port 5432 failed: FATAL:  '
+        'password authentication failed for user "taskrelay"',
+        "PostgreSQL database taskrelay on 10.0.0.5:5432 as user taskrelay",
+    )
+    assert "refused the user name or password" in message
+    assert "TASKRELAY_DATABASE_URL" in fix
+    check = doctor.database_check(
+        DatabaseProbe("PostgreSQL database x on h:5432", sqlite=False, error="timeout expired")
+    )
+    assert check.status == FAIL and "no answer in time" in check.message
+
+
+# --- the providers -------------------------------------------------------------------------
+
+
+def provider_results(
+    tmp_path: Path, probe_seconds: float = 3.0, **environ: str
+) -> dict[str, CheckResult]:
+    settings = settings_for(tmp_path, **environ)
+    results = asyncio.run(doctor.check_providers(settings, probe_seconds=probe_seconds))
+    return {result.check.removeprefix("provider "): result for result in results}
+
+
+def test_providers_that_answer_and_accept_the_key(tmp_path: Path, sandbox: SandboxProcess) -> None:
+    before = len(sandbox.tasks())
+    results = provider_results(tmp_path, **provider_environment(sandbox))
+    assert set(results) == set(PROVIDERS)
+    for provider in ("grsai", "gptimage15", "evolink", "apiinone"):
+        assert results[provider].status == OK, results[provider]
+        assert "did not reject the API key" in results[provider].message
+    # The sandbox has no model list: reachable, but the key could not be checked there.
+    assert results["openai"].status == WARN and "HTTP 404" in results["openai"].message
+    assert len(sandbox.tasks()) == before  # the probes created no task
+
+
+def test_a_rejected_key_names_the_provider_not_the_key(
+    tmp_path: Path, sandbox: SandboxProcess
+) -> None:
+    environ = provider_environment(sandbox, evolink=WRONG_PROVIDER_KEY)
+    results = provider_results(tmp_path, **environ)
+    evolink = results["evolink"]
+    assert evolink.status == FAIL
+    assert "rejected the API key (HTTP 401)" in evolink.message
+    assert "TASKRELAY_EVOLINK_API_KEY" in str(evolink.fix)
+    assert WRONG_PROVIDER_KEY not in evolink.message + str(evolink.fix)
+    assert results["grsai"].status == OK
+
+
+def test_unreachable_providers_in_plain_words(tmp_path: Path, sandbox: SandboxProcess) -> None:
+    closed = free_port()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # accepts connections (the kernel does), never answers
+        silent_port = silent.getsockname()[1]
+        results = provider_results(
+            tmp_path,
+            probe_seconds=1.0,
+            TASKRELAY_GRSAI_API_KEY="sk-grsai-0123456789",
+            TASKRELAY_GRSAI_BASE_URL=f"http://127.0.0.1:{closed}",
+            TASKRELAY_EVOLINK_API_KEY="sk-evolink-0123456789",
+            TASKRELAY_EVOLINK_BASE_URL="https://api.no-such-host.invalid",
+            TASKRELAY_APIINONE_API_KEY="sk-apiinone-0123456789",
+            # An https:// URL at a server that speaks plain HTTP: the TLS handshake fails.
+            TASKRELAY_APIINONE_BASE_URL=f"https://127.0.0.1:{sandbox.port}/apiinone",
+            TASKRELAY_GPTIMAGE15_API_KEY="sk-gptimage15-0123456789",
+            TASKRELAY_GPTIMAGE15_BASE_URL=f"http://127.0.0.1:{silent_port}",
+        )
+    assert set(results) == {"grsai", "evolink", "apiinone", "gptimage15"}  # configured only
+    assert all(result.status == FAIL for result in results.values()), results
+    assert "connection refused" in results["grsai"].message
+    assert f"127.0.0.1:{closed}" in results["grsai"].message
+    assert "does not resolve (DNS)" in results["evolink"].message
+    assert "TASKRELAY_EVOLINK_BASE_URL" in str(results["evolink"].fix)
+    assert "TLS (HTTPS) handshake" in results["apiinone"].message
+    assert "did not answer within 1 s" in results["gptimage15"].message
+
+
+def test_answers_that_are_not_what_a_provider_gives() -> None:
+    probe = ProviderProbe(
+        "http://api.example.com/v1/tasks/x", status_code=301, location="https://x"
+    )
+    check = doctor.provider_check("evolink", probe)
+    assert check.status == FAIL and "does not follow redirects" in check.message
+    for status, expected in ((429, WARN), (503, WARN), (403, FAIL), (404, OK), (400, OK)):
+        probe = ProviderProbe("http://api.example.com/x", status_code=status, json_body=True)
+        assert doctor.provider_check("grsai", probe).status == expected, status
+    probe = ProviderProbe("http://api.example.com/x", status_code=404, json_body=False)
+    assert doctor.provider_check("grsai", probe).status == WARN
+
+
+def test_redact_scrubs_every_secret() -> None:
+    results = [CheckResult("x", FAIL, "the key abc-secret-123 was refused", fix="abc-secret-123")]
+    (scrubbed,) = doctor.redact(results, ["abc-secret-123"])
+    assert scrubbed.message == "the key *** was refused" and scrubbed.fix == "***"
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def run_doctor(environ: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRELAY_")}
+    env.update(environ)
+    return subprocess.run(
+        [TASKRELAY_BIN, "doctor", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def assert_no_secrets(output: str, *extra: str) -> None:
+    for secret in (SECRET_KEY, FALLBACK_KEY, API_TOKEN, WRONG_PROVIDER_KEY, DB_PASSWORD, *extra):
+        assert secret not in output, secret
+
+
+def test_the_command_passes_a_healthy_deployment(tmp_path: Path, sandbox: SandboxProcess) -> None:
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url)
+    environ = environment(
+        tmp_path,
+        TASKRELAY_DATABASE_URL=url,
+        TASKRELAY_SECRET_KEY_FALLBACKS=FALLBACK_KEY,
+        **provider_environment(sandbox),
+    )
+    del environ["TASKRELAY_OPENAI_API_KEY"]  # the sandbox has no model list to check it with
+    result = run_doctor(environ, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    checks = lines[: lines.index("")]  # one line per check, then the summary
+    assert len(checks) >= 8 and all(line.startswith(("ok ", "warn ")) for line in checks), lines
+    assert "All checks passed." in result.stdout or "No problems" in result.stdout
+    assert_no_secrets(result.stdout + result.stderr, "sandbox-key")
+
+    as_json = run_doctor(environ, "--json", cwd=tmp_path)
+    assert as_json.returncode == 0
+    document = json.loads(as_json.stdout)
+    assert document["ok"] is True
+    statuses = {check["check"]: check["status"] for check in document["checks"]}
+    assert statuses["database"] == OK and statuses["provider evolink"] == OK
+    assert_no_secrets(as_json.stdout, "sandbox-key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taskrelay.db"]  # nothing written
+
+
+def test_the_command_fails_a_broken_deployment_and_keeps_secrets(
+    tmp_path: Path, sandbox: SandboxProcess, admin_url: str
+) -> None:
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_doctor")  # not migrated
+    try:
+        # The test server trusts local connections, so any password gets in: one is set here
+        # only to check that it is never printed.
+        with_password = (
+            sa.engine.make_url(database.url)
+            .set(password=DB_PASSWORD)
+            .render_as_string(hide_password=False)
+        )
+        environ = environment(
+            tmp_path,
+            TASKRELAY_DATABASE_URL=with_password,
+            TASKRELAY_SECRET_KEY_FALLBACKS=FALLBACK_KEY,
+            TASKRELAY_PUBLIC_URL="http://relay.example.com",
+            **provider_environment(sandbox, evolink=WRONG_PROVIDER_KEY),
+        )
+        result = run_doctor(environ, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.strip()}
+        assert lines["migrations"].startswith("FAIL") and "taskrelay migrate" in result.stdout
+        evolink = next(line for line in result.stdout.splitlines() if "provider evolink" in line)
+        assert evolink.startswith("FAIL") and "rejected the API key" in evolink
+        # Its key is wrong, and its callbacks could not arrive anyway: both are said.
+        assert "EvoLink accepts only HTTPS" in lines["public"]
+        assert "problem(s) to fix" in result.stdout
+        assert_no_secrets(result.stdout + result.stderr)
+
+        as_json = run_doctor(environ, "--json", cwd=tmp_path)
+        assert as_json.returncode == 1
+        assert json.loads(as_json.stdout)["ok"] is False
+        assert_no_secrets(as_json.stdout + as_json.stderr)
+    finally:
+        database.drop()
+
+
+def test_the_command_reports_a_configuration_error(tmp_path: Path) -> None:
+    result = run_doctor(
+        {"TASKRELAY_DATA_DIR": str(tmp_path), "TASKRELAY_SECRET_KEY": "short-secret"}, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL") and "TASKRELAY_SECRET_KEY is too short" in result.stdout
+    assert "short-secret" not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []

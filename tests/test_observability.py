@@ -1,0 +1,736 @@
+"""Operations: ``GET /metrics`` (Prometheus text format 0.0.4, read back by a strict parser
+below), request ids, and the context every JSON log line carries."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlmodel import select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service import metrics as metrics_module
+from service.app import create_app
+from service.errors import SettingsError, StoreUnavailable
+from service.lifecycle import TaskUpdate
+from service.logs import json_handler
+from service.metrics import FAMILIES, Metrics, depth_queries, render
+from service.models import Task, TaskStatus, UpdateSource
+from service.observe import MAX_REQUEST_ID, ObservedStarlette, accepted_request_id
+from service.runtime import Runtime
+from service.settings import PROVIDERS
+from tests.conftest import auth, make_settings
+from tests.test_callbacks import DONE, evolink_body
+from tests.test_scheduler import FakeClock
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_TOKEN = "metrics-token-0123456789"
+HOOK = "http://127.0.0.1:9/hooks/{name}"
+
+# --- a strict reader of the text exposition format (0.0.4) --------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_SAMPLE_RE = re.compile(rf"^({_NAME})(?:\{{(.*)\}})? (\S+)$")
+_PAIR_RE = re.compile(rf'({_LABEL})="((?:[^"\\\n]|\\\\|\\"|\\n)*)"')
+_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("",), "gauge": ("",)}
+
+
+@dataclass
+class MetricFamily:
+    name: str
+    help: str = ""
+    type: str = ""
+    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+
+    def value(self, **labels: str) -> float:
+        """The one sample (not a histogram's) with exactly these labels."""
+        found = [v for n, lb, v in self.samples if n == self.name and lb == labels]
+        assert len(found) == 1, (self.name, labels, self.samples)
+        return found[0]
+
+    def total(self, suffix: str = "", **labels: str) -> float:
+        """Sum over the samples named ``name + suffix`` whose labels include ``labels``."""
+        return sum(
+            v
+            for n, lb, v in self.samples
+            if n == self.name + suffix and labels.items() <= lb.items()
+        )
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "\\": "\\", '"': '"'}[m.group(1)], value)
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _PAIR_RE.match(text, position)
+        assert match, f"bad label set {text!r} at {position}"
+        assert match.group(1) not in labels, f"label {match.group(1)} twice"
+        labels[match.group(1)] = _unescape(match.group(2))
+        position = match.end()
+        if position < len(text):
+            assert text[position] == ",", text
+            position += 1
+    return labels
+
+
+def _parse_value(text: str) -> float:
+    if text in ("+Inf", "-Inf", "NaN"):
+        return float(text.replace("Inf", "inf").replace("NaN", "nan"))
+    assert re.fullmatch(r"-?\d+(\.\d+)?([eE][+-]?\d+)?", text), text
+    return float(text)
+
+
+def parse_exposition(text: str) -> dict[str, MetricFamily]:
+    """Every family, with HELP and TYPE before its samples, its samples together, histograms
+    complete and cumulative; anything else fails an assertion."""
+    assert text.endswith("\n"), "the exposition ends with a newline"
+    families: dict[str, MetricFamily] = {}
+    current: MetricFamily | None = None
+    seen_series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert re.fullmatch(_NAME, name) and name not in families, line
+            assert help_text, line
+            current = families[name] = MetricFamily(name, help=help_text)
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            assert current is not None and current.name == name and not current.type, line
+            assert kind in _SUFFIXES, line
+            assert not current.samples, "TYPE comes before the samples"
+            current.type = kind
+        else:
+            assert not line.startswith("#") and line, f"unexpected line {line!r}"
+            match = _SAMPLE_RE.match(line)
+            assert match, f"bad sample line {line!r}"
+            name, labels_text, value_text = match.groups()
+            assert current is not None and current.type, line
+            assert name in {current.name + s for s in _SUFFIXES[current.type]}, (
+                f"{name} outside its family {current.name}"
+            )
+            labels = _parse_labels(labels_text or "")
+            series = (name, tuple(sorted(labels.items())))
+            assert series not in seen_series, f"duplicate series {line!r}"
+            seen_series.add(series)
+            current.samples.append((name, labels, _parse_value(value_text)))
+    for family in families.values():
+        assert family.type, family.name
+        if family.type == "counter":
+            assert family.name.endswith("_total"), family.name
+            assert all(v >= 0 for _, _, v in family.samples), family.name
+        if family.type == "histogram":
+            _check_histogram(family)
+    return families
+
+
+def _check_histogram(family: MetricFamily) -> None:
+    groups: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    for name, labels, value in family.samples:
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        group = groups.setdefault(key, {"buckets": []})
+        suffix = name[len(family.name) :]
+        if suffix == "_bucket":
+            group["buckets"].append((_parse_value(labels["le"]), value))
+        else:
+            group[suffix] = value
+    for key, group in groups.items():
+        bounds = [bound for bound, _ in group["buckets"]]
+        counts = [count for _, count in group["buckets"]]
+        assert bounds == sorted(bounds) and bounds[-1] == math.inf, (family.name, key)
+        assert counts == sorted(counts), f"{family.name}{key}: buckets not cumulative"
+        assert counts[-1] == group["_count"], f"{family.name}{key}: +Inf bucket != _count"
+        assert "_sum" in group, (family.name, key)
+
+
+REQUIRED = {
+    "taskrelay_callbacks_total": "counter",
+    "taskrelay_callback_duration_seconds": "histogram",
+    "taskrelay_status_queries_total": "counter",
+    "taskrelay_status_query_duration_seconds": "histogram",
+    "taskrelay_submissions_total": "counter",
+    "taskrelay_deliveries_total": "counter",
+    "taskrelay_deliveries_dead_lettered_total": "counter",
+    "taskrelay_delivery_attempt_duration_seconds": "histogram",
+    "taskrelay_tasks_expired_total": "counter",
+    "taskrelay_tasks_in_flight": "gauge",
+    "taskrelay_tasks_due_for_poll": "gauge",
+    "taskrelay_deliveries_pending": "gauge",
+    "taskrelay_oldest_pending_delivery_age_seconds": "gauge",
+    "taskrelay_group_commit_queue_depth": "gauge",
+    "taskrelay_group_commit_batches_total": "counter",
+    "taskrelay_group_commit_updates_total": "counter",
+    "taskrelay_database_up": "gauge",
+}
+
+
+# --- the harness: a fake clock, the sandbox, no background loops (tests drive them) -------------
+
+
+class Subscriber:
+    """Webhook endpoints at /hooks/{name}, answering ``status[name]`` (200 by default)."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, int] = {}
+        self.received: list[str] = []
+
+        async def hook(request: Request) -> Response:
+            name = request.path_params["name"]
+            self.received.append(name)
+            return Response(status_code=self.status.get(name, 200))
+
+        self.app = Starlette(routes=[Route("/hooks/{name}", hook, methods=["POST"])])
+
+
+@dataclass
+class Harness:
+    app: Starlette
+    client: httpx.AsyncClient
+    clock: FakeClock
+    subscriber: Subscriber
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime = self.app.state.runtime
+        assert isinstance(runtime, Runtime)
+        return runtime
+
+    async def scrape(self, **headers: str) -> dict[str, MetricFamily]:
+        response = await self.client.get("/metrics", headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == CONTENT_TYPE
+        return parse_exposition(response.text)
+
+    async def track(self, provider: str = "evolink") -> tuple[str, str]:
+        response = await self.client.post(
+            "/v1/tasks/track", json={"provider": provider}, headers=auth()
+        )
+        assert response.status_code == 201, response.text
+        task = response.json()
+        return task["id"], httpx.URL(task["callback_url"]).path
+
+    def update(self, task_id: str, status: TaskStatus, progress: int | None = None) -> None:
+        self.runtime.store.apply_update(
+            task_id, TaskUpdate(status=status, progress=progress), UpdateSource.poll
+        )
+
+
+async def start(settings: Any, clock: FakeClock) -> AsyncIterator[Harness]:
+    subscriber = Subscriber()
+    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
+    app = create_app(
+        settings,
+        clock=clock.now,
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
+        http_transport=transport,
+        webhook_transport=httpx.ASGITransport(app=subscriber.app),
+    )
+    transport.app = app
+    async with app.router.lifespan_context(app):
+        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=client_transport, base_url="http://testserver"
+        ) as client:
+            yield Harness(app, client, clock, subscriber)
+
+
+def harness_settings(database_url: str, tmp_path: Path, **overrides: str) -> Any:
+    return make_settings(
+        database_url,
+        tmp_path,
+        TASKRELAY_SCHEDULER="false",
+        TASKRELAY_DISPATCHER="false",
+        TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+        TASKRELAY_SUBMIT_ATTEMPTS="2",
+        TASKRELAY_SUBMIT_BACKOFF="1ms",
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async for value in start(harness_settings(database_url, tmp_path), FakeClock()):
+        yield value
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """Every log line, formatted as in production (JSON, with the log context), at the levels
+    ``configure_logging`` sets (httpx's request lines, with their URLs, off)."""
+    stream = io.StringIO()
+    handler = json_handler(stream)
+    root, client = logging.getLogger(), logging.getLogger("httpx")
+    levels = root.level, client.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    client.setLevel(logging.WARNING)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(levels[0])
+    client.setLevel(levels[1])
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+# --- the exposition ------------------------------------------------------------------------------
+
+
+async def test_every_family_is_listed_with_help_and_type(harness: Harness) -> None:
+    response = await harness.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == CONTENT_TYPE
+    families = parse_exposition(response.text)
+    for name, kind in REQUIRED.items():
+        assert name in families, name
+        assert families[name].type == kind, name
+        assert families[name].help, name
+    assert set(REQUIRED) <= {f"taskrelay_{name}" for name in FAMILIES}
+    assert families["taskrelay_database_up"].value() == 1
+
+
+def test_render_escapes_label_values_and_undeclared_names() -> None:
+    metrics = Metrics()
+    metrics.inc("callbacks_total", provider='ev"il\\\nname', outcome="applied")
+    metrics.set("something_new", 2.5)
+    families = parse_exposition(render(metrics))
+    (sample,) = families["taskrelay_callbacks_total"].samples
+    assert sample[1] == {"outcome": "applied", "provider": 'ev"il\\\nname'}
+    assert families["taskrelay_something_new"].type == "gauge"
+    assert families["taskrelay_something_new"].value() == 2.5
+
+
+def test_histogram_buckets_are_cumulative_with_le_inclusive() -> None:
+    metrics = Metrics()
+    for value in (0.001, 0.003, 0.003, 0.2, 100.0):
+        metrics.observe("callback_duration_seconds", value, provider="evolink")
+    family = parse_exposition(render(metrics))["taskrelay_callback_duration_seconds"]
+    buckets = {
+        labels["le"]: value for name, labels, value in family.samples if name.endswith("_bucket")
+    }
+    assert buckets["0.001"] == 1  # an observation on a bound counts in that bucket
+    assert buckets["0.0025"] == 1
+    assert buckets["0.005"] == 3
+    assert buckets["0.25"] == 4
+    assert buckets["10"] == 4
+    assert buckets["+Inf"] == 5
+    assert family.total("_count") == 5
+    assert family.total("_sum") == pytest.approx(100.207)
+    assert metrics.histogram_count("callback_duration_seconds") == 5
+
+
+# --- callbacks -----------------------------------------------------------------------------------
+
+
+async def test_callback_counters_move_by_provider_and_outcome(harness: Harness) -> None:
+    task_id, path = await harness.track()
+    running = evolink_body("processing", 40)
+    assert (await harness.client.post(path, json=running)).status_code == 200  # applied
+    assert (await harness.client.post(path, json=running)).status_code == 200  # unchanged
+    assert (await harness.client.post(path, json=DONE)).status_code == 200  # applied
+    assert (await harness.client.post(path, json=DONE)).status_code == 200  # terminal
+    bad = await harness.client.post(path, content=b"not json", headers={"content-type": "x/y"})
+    assert bad.status_code == 400  # rejected
+    forged = path[:-4] + "AAAA"
+    assert (await harness.client.post(forged, json=DONE)).status_code == 401
+    wrong = path.replace("/evolink/", "/grsai/")
+    assert (await harness.client.post(wrong, json=DONE)).status_code == 403
+    stranger = "/callbacks/" + "x" * 40 + "/token"
+    assert (await harness.client.post(stranger, json=DONE)).status_code == 404
+    big = b"{" + b" " * harness.runtime.settings.max_body_bytes + b"}"
+    assert (await harness.client.post(path, content=big)).status_code == 413
+
+    families = await harness.scrape()
+    callbacks = families["taskrelay_callbacks_total"]
+    assert callbacks.value(provider="evolink", outcome="applied") == 2
+    assert callbacks.value(provider="evolink", outcome="unchanged") == 1
+    assert callbacks.value(provider="evolink", outcome="terminal") == 1
+    assert callbacks.value(provider="evolink", outcome="rejected") == 1
+    assert callbacks.value(provider="evolink", outcome="invalid_token") == 1
+    assert callbacks.value(provider="evolink", outcome="too_large") == 1
+    assert callbacks.value(provider="grsai", outcome="wrong_provider") == 1
+    # The path is the sender's to choose: an unknown provider is one label, not a new series.
+    assert callbacks.value(provider="unknown", outcome="not_found") == 1
+    assert "x" * 40 not in json.dumps(callbacks.samples)
+    durations = families["taskrelay_callback_duration_seconds"]
+    assert durations.total("_count", provider="evolink") == 7
+    assert durations.total("_count") == callbacks.total()
+    assert harness.runtime.metrics.counter("callbacks_total", outcome="applied") == 2
+    committer = harness.runtime.committer
+    assert families["taskrelay_group_commit_updates_total"].value() == committer.updates >= 4
+    assert families["taskrelay_group_commit_batches_total"].value() == committer.batches
+    assert families["taskrelay_group_commit_queue_depth"].value() == committer.waiting == 0
+    assert task_id
+
+
+# --- background work: submissions, status queries, deliveries ----------------------------------
+
+
+async def test_submissions_and_their_log_lines(harness: Harness, logs: io.StringIO) -> None:
+    response = await harness.client.post(
+        "/v1/tasks",
+        json={"provider": "evolink", "prompt": "a cat sandbox:submit_error=500"},
+        headers={**auth(), "X-Request-ID": "submit-1"},
+    )
+    assert response.status_code == 202
+    task_id = response.json()["id"]
+    await harness.runtime.submitter.idle()
+    ok = await harness.client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "a dog"}, headers=auth()
+    )
+    await harness.runtime.submitter.idle()
+
+    submissions = (await harness.scrape())["taskrelay_submissions_total"]
+    assert submissions.value(provider="evolink", outcome="retrying") == 1
+    assert submissions.value(provider="evolink", outcome="failed") == 1
+    assert submissions.value(provider="evolink", outcome="accepted") == 1
+    # The background submission's lines name its task, and the request that started it.
+    background = [line for line in lines(logs) if "submission of" in line["message"]]
+    assert len(background) == 2
+    for line in background:
+        assert line["task_id"] == task_id
+        assert line["provider"] == "evolink"
+        assert line["request_id"] == "submit-1"
+    assert ok.status_code == 202
+
+
+async def test_status_queries_are_counted_and_timed_per_provider(
+    harness: Harness, logs: io.StringIO
+) -> None:
+    sandbox = harness.app.state.sandbox
+    sandbox.set_behaviour("*", {"callback": "drop"})
+    response = await harness.client.post(
+        "/v1/tasks",
+        json={
+            "provider": "evolink",
+            "prompt": "q sandbox:duration=5 sandbox:status_errors=1 sandbox:status_error=503",
+        },
+        headers=auth(),
+    )
+    task_id = response.json()["id"]
+    await harness.runtime.submitter.idle()
+    scheduler = harness.runtime.scheduler
+    for _ in range(100):
+        await scheduler.run_until_idle()
+        if harness.runtime.store.get_task("alice", task_id)["status"] == "succeeded":
+            break
+        harness.clock.advance(5)
+    else:
+        raise AssertionError("the task did not finish")
+
+    families = await harness.scrape()
+    queries = families["taskrelay_status_queries_total"]
+    assert queries.value(provider="evolink", outcome="upstream_unavailable") == 1
+    assert queries.value(provider="evolink", outcome="ok") >= 1
+    timed = families["taskrelay_status_query_duration_seconds"]
+    assert timed.total("_count", provider="evolink") == queries.total(provider="evolink")
+    # Background lines carry the task, and no request id: no request was being handled.
+    (failed,) = [line for line in lines(logs) if "status query for" in line["message"]]
+    assert failed["task_id"] == task_id and failed["provider"] == "evolink"
+    assert "request_id" not in failed
+
+
+async def test_deliveries_are_counted_by_outcome_and_timed(harness: Harness) -> None:
+    for name in ("ok", "broken"):
+        response = await harness.client.post(
+            "/v1/subscriptions", json={"url": HOOK.format(name=name)}, headers=auth()
+        )
+        assert response.status_code == 201, response.text
+    harness.subscriber.status["broken"] = 500
+    task_id, _ = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    await harness.runtime.dispatcher.run_until_idle()
+    families = await harness.scrape()
+    deliveries = families["taskrelay_deliveries_total"]
+    sent = len(harness.subscriber.received)
+    assert sent >= 2
+    assert deliveries.total() == sent
+    assert deliveries.value(outcome="succeeded") == harness.subscriber.received.count("ok")
+    assert deliveries.value(outcome="failed") == harness.subscriber.received.count("broken")
+    timed = families["taskrelay_delivery_attempt_duration_seconds"]
+    assert timed.total("_count") == sent
+    # The broken subscriber's deliveries wait for their retry.
+    assert families["taskrelay_deliveries_pending"].value(paused="false") >= 1
+
+
+# --- queue depths from the database --------------------------------------------------------------
+
+
+def database_counts(harness: Harness) -> tuple[Counter[str], Counter[str]]:
+    """Tasks by status, and due tasks by provider, counted row by row in Python."""
+    now = harness.clock.now()
+    with harness.runtime.store.transaction(write=False) as session:
+        tasks = list(session.exec(select(Task)))
+    statuses = Counter(task.status for task in tasks)
+    due = Counter(
+        task.provider
+        for task in tasks
+        if task.next_check_at is not None and task.next_check_at <= now
+    )
+    return statuses, due
+
+
+async def test_queue_depth_gauges_match_the_database(harness: Harness) -> None:
+    ids = [(await harness.track(provider))[0] for provider in ("evolink", "evolink", "grsai")]
+    harness.update(ids[0], TaskStatus.running, progress=30)
+    finished, _ = await harness.track("apiinone")
+    harness.update(finished, TaskStatus.succeeded)
+
+    for advance in (0.0, 90.0, 4000.0):  # nothing due yet; some; all (past the deadline)
+        harness.clock.advance(advance)
+        families = await harness.scrape()
+        statuses, due = database_counts(harness)
+        in_flight = families["taskrelay_tasks_in_flight"]
+        assert in_flight.value(status="queued") == statuses.get("queued", 0) == 2
+        assert in_flight.value(status="running") == statuses.get("running", 0) == 1
+        polls = families["taskrelay_tasks_due_for_poll"]
+        for provider in PROVIDERS:
+            assert polls.value(provider=provider) == due.get(provider, 0), (advance, provider)
+    assert families["taskrelay_tasks_due_for_poll"].total() == 3
+
+
+async def test_oldest_pending_delivery_age_on_a_fake_clock(harness: Harness) -> None:
+    families = await harness.scrape()
+    assert families["taskrelay_oldest_pending_delivery_age_seconds"].value() == 0
+    assert families["taskrelay_deliveries_pending"].total() == 0
+
+    active = await harness.client.post(
+        "/v1/subscriptions", json={"url": HOOK.format(name="a")}, headers=auth()
+    )
+    paused = await harness.client.post(
+        "/v1/subscriptions", json={"url": HOOK.format(name="p")}, headers=auth()
+    )
+    first, _ = await harness.track()  # task.submitted: one delivery to each subscription
+    harness.clock.advance(30)
+    await harness.track()
+    harness.clock.advance(60)
+    response = await harness.client.patch(
+        f"/v1/subscriptions/{paused.json()['id']}", json={"enabled": False}, headers=auth()
+    )
+    assert response.status_code == 200
+    harness.clock.advance(30)  # a paused subscription's older backlog does not count
+
+    families = await harness.scrape()
+    pending = families["taskrelay_deliveries_pending"]
+    assert pending.value(paused="false") == 2
+    assert pending.value(paused="true") == 2
+    assert families["taskrelay_oldest_pending_delivery_age_seconds"].value() == 120
+    # Delivered: the next oldest is the second task's (90 s).
+    with harness.runtime.store.transaction(write=True) as session:
+        session.execute(
+            sa.text(
+                "UPDATE delivery SET status = 'succeeded' WHERE pk = (SELECT min(pk) FROM "
+                "delivery WHERE subscription_pk = (SELECT pk FROM subscription WHERE id = :id))"
+            ),
+            {"id": active.json()["id"]},
+        )
+    families = await harness.scrape()
+    assert families["taskrelay_oldest_pending_delivery_age_seconds"].value() == 90
+    assert first
+
+
+async def test_scrape_queries_are_index_driven(harness: Harness) -> None:
+    engine = harness.runtime.engine
+    queries = depth_queries(list(PROVIDERS), harness.clock.now())
+    with engine.connect() as connection:
+        for query in queries:
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            if engine.dialect.name == "sqlite":
+                plan = " | ".join(
+                    row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+                )
+                assert "SCAN" not in plan, plan
+                assert "INDEX" in plan, plan
+            else:
+                # Tiny test tables make a sequential scan cheapest; forbid it to see the index
+                # the planner would use on a real table.
+                connection.exec_driver_sql("SET enable_seqscan = off")
+                plan = " | ".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql))
+                assert "Seq Scan on task" not in plan, plan
+                assert "Seq Scan on delivery" not in plan, plan
+
+
+async def test_a_database_outage_still_serves_the_process_metrics(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable(*args: Any) -> Any:
+        raise StoreUnavailable("down")
+
+    harness.runtime.metrics.inc("callbacks_total", provider="evolink", outcome="applied")
+    monkeypatch.setattr(metrics_module, "queue_depths", unavailable)
+    families = await harness.scrape()
+    assert families["taskrelay_database_up"].value() == 0
+    assert families["taskrelay_tasks_in_flight"].samples == []
+    assert families["taskrelay_callbacks_total"].total() == 1
+
+
+# --- metrics auth --------------------------------------------------------------------------------
+
+
+async def test_metrics_token_when_set(database_url: str, tmp_path: Path) -> None:
+    settings = harness_settings(database_url, tmp_path, TASKRELAY_METRICS_TOKEN=METRICS_TOKEN)
+    async for harness in start(settings, FakeClock()):
+        missing = await harness.client.get("/metrics")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = await harness.client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        api_token = await harness.client.get("/metrics", headers=auth())
+        assert api_token.status_code == 401
+        await harness.scrape(Authorization=f"Bearer {METRICS_TOKEN}")
+
+
+def test_metrics_token_setting(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert make_settings(url, tmp_path).metrics_token is None
+    settings = make_settings(url, tmp_path, TASKRELAY_METRICS_TOKEN=METRICS_TOKEN)
+    assert settings.metrics_token is not None
+    assert settings.metrics_token.reveal() == METRICS_TOKEN
+    assert METRICS_TOKEN not in repr(settings)
+    with pytest.raises(SettingsError, match="TASKRELAY_METRICS_TOKEN"):
+        make_settings(url, tmp_path, TASKRELAY_METRICS_TOKEN="short")
+
+
+# --- request ids and log lines -------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return Response("ok")
+
+
+async def raw_request(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """One GET /healthz straight through ASGI (httpx would refuse some of these headers)."""
+    app = ObservedStarlette(routes=[Route("/healthz", healthz)])
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/healthz",
+        "raw_path": b"/healthz",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 4000),
+    }
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    (start_message,) = [m for m in messages if m["type"] == "http.response.start"]
+    assert start_message["status"] == 200
+    names = [name for name, _ in start_message["headers"]]
+    assert names.count(b"x-request-id") == 1
+    return dict(start_message["headers"])
+
+
+async def test_request_id_is_echoed_or_generated(harness: Harness) -> None:
+    given = await harness.client.get("/healthz", headers={"X-Request-ID": "abc-123:x/y=="})
+    assert given.headers["x-request-id"] == "abc-123:x/y=="
+    made = await harness.client.get("/healthz")
+    other = await harness.client.get("/healthz")
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert made.headers["x-request-id"] != other.headers["x-request-id"]
+    longest = "r" * MAX_REQUEST_ID
+    response = await harness.client.get("/healthz", headers={"X-Request-ID": longest})
+    assert response.headers["x-request-id"] == longest
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b"r" * (MAX_REQUEST_ID + 1),
+        b"abc\ndef",
+        b"abc\n",
+        b"abc\r\nSet-Cookie: x=1",
+        "caf\u00e9".encode(),
+        b"\xff\xfe",
+        b"a b",
+        b'a"b',
+        b"",
+    ],
+)
+async def test_a_hostile_request_id_is_replaced_not_echoed(hostile: bytes) -> None:
+    assert accepted_request_id(hostile) is None
+    headers = await raw_request([(b"host", b"testserver"), (b"x-request-id", hostile)])
+    assert re.fullmatch(rb"[0-9a-f]{32}", headers[b"x-request-id"])
+
+
+async def test_log_lines_during_a_request_carry_its_id_and_task(
+    harness: Harness, logs: io.StringIO
+) -> None:
+    task_id, path = await harness.track()
+    response = await harness.client.post(
+        path, content=b"{not json", headers={"X-Request-ID": "cb-req-1"}
+    )
+    assert response.status_code == 400
+    assert response.headers["x-request-id"] == "cb-req-1"
+    (rejected,) = [line for line in lines(logs) if "rejected" in line["message"]]
+    assert rejected["request_id"] == "cb-req-1"
+    assert rejected["task_id"] == task_id
+    assert rejected["provider"] == "evolink"
+    token = path.rsplit("/", 1)[1]
+    assert token not in logs.getvalue()  # never a token, nor a callback URL
+
+
+async def test_an_unhandled_error_has_a_request_id_in_its_response_and_log_line(
+    harness: Harness, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harness.runtime.store, "get_task", broken)
+    response = await harness.client.get(
+        "/v1/tasks/tsk_x", headers={**auth(), "X-Request-ID": "r500"}
+    )
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "r500"
+    (line,) = [line for line in lines(logs) if line["message"].startswith("unhandled error")]
+    assert line["request_id"] == "r500"
+    assert line["task_id"] == "tsk_x"
+    assert line["level"] == "error" and "boom" in line["exception"]
+
+
+async def test_the_log_context_ends_with_the_request(harness: Harness, logs: io.StringIO) -> None:
+    await harness.client.get("/v1/tasks/tsk_nope", headers={**auth(), "X-Request-ID": "gone"})
+    logging.getLogger("service.test").info("after the request")
+    (line,) = [line for line in lines(logs) if line["message"] == "after the request"]
+    assert "request_id" not in line and "task_id" not in line
+
+
+def test_explicit_extras_win_over_the_log_context(logs: io.StringIO) -> None:
+    from service import observe
+
+    token = observe.log_context.set(observe.LogContext("req", "tsk_a", "evolink"))
+    try:
+        logging.getLogger("service.test").info("x", extra={"provider": "grsai"})
+    finally:
+        observe.log_context.reset(token)
+    (line,) = lines(logs)
+    assert (line["request_id"], line["task_id"], line["provider"]) == ("req", "tsk_a", "grsai")

@@ -1,0 +1,442 @@
+"""Graceful shutdown of a real ``taskrelay serve`` process on SIGTERM.
+
+Covered: requests in flight (a callback whose body is still arriving, a refresh waiting on a
+slow provider) finish with their normal answer while new connections are refused; a delivery in
+flight to a slow subscriber finishes, is recorded, and is not sent again by the next process;
+status queries and deliveries that outlast the grace are cut off and their leases released
+(``lease_owner`` NULL in the database), so the next process takes them over at once rather
+than after the lease (10 minutes here) runs out; and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from service.db import migrate
+from service.dispatcher import Dispatcher
+from service.metrics import Metrics
+from tests import test_events
+from tests.conftest import PostgresDatabase, _pg_url
+from tests.servers import SandboxProcess, ServiceProcess, SubscriberProcess
+
+TOKEN = "shutdown-token-0123456789"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+WAIT = 30.0  # the most any single condition may take, even on a loaded machine
+# uvicorn's grace for requests in flight plus the app's for background work (10 s), with room:
+# well under what the unbounded stop used to take (a 30 s read timeout per claimed query).
+EXIT_WITHIN = 60.0
+GRACEFUL_TIMEOUT = "10"
+LONG_LEASE = "10m"  # a lease that is not released would hold its task for the whole test
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Database:
+    url: str
+
+    def rows(self, query: str) -> list[dict[str, Any]]:
+        engine = sa.create_engine(self.url)
+        try:
+            with engine.connect() as connection:
+                return [dict(row._mapping) for row in connection.execute(sa.text(query))]
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+        migrate(url)
+        yield Database(url)
+        return
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    created = PostgresDatabase.create(admin_url, prefix="taskrelay_shutdown")
+    try:
+        migrate(created.url)
+        yield Database(created.url)
+    finally:
+        created.drop()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def start_relay(
+    directory: Path, name: str, database: Database, cleanup: contextlib.ExitStack, **extra: str
+) -> ServiceProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    service = ServiceProcess(
+        {
+            "TASKRELAY_DATA_DIR": str(directory / "data"),
+            "TASKRELAY_DATABASE_URL": database.url,
+            "TASKRELAY_API_TOKENS": f"ops:{TOKEN}",
+            "TASKRELAY_SECRET_KEY": "shutdown-e2e-secret-0123456789",
+            "TASKRELAY_SCHEDULER_TICK": "100ms",
+            "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "TASKRELAY_POLL_LEASE": LONG_LEASE,
+            **extra,
+        },
+        "--graceful-timeout",
+        GRACEFUL_TIMEOUT,
+        log_path=directory / f"{name}.log",
+    )
+    cleanup.callback(service.stop, signal.SIGKILL)  # a no-op once it has exited
+    service.wait_ready()
+    return service
+
+
+def terminate(service: ServiceProcess) -> int:
+    """SIGTERM, then the exit status (the process gets EXIT_WITHIN seconds to exit)."""
+    service.process.send_signal(signal.SIGTERM)
+    try:
+        return service.process.wait(timeout=EXIT_WITHIN)
+    except subprocess.TimeoutExpired:
+        service.process.kill()
+        service.process.wait()
+        raise AssertionError(
+            f"taskrelay did not exit within {EXIT_WITHIN} s of SIGTERM:\n{service.logs()}"
+        ) from None
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2.0)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        pass
+    return False
+
+
+def track(http: httpx.Client, provider: str = "evolink") -> dict[str, Any]:
+    response = http.post("/v1/tasks/track", json={"provider": provider})
+    assert response.status_code == 201, response.text
+    task: dict[str, Any] = response.json()
+    return task
+
+
+def evolink_completed(provider_task_id: str) -> bytes:
+    body = {
+        "id": provider_task_id,
+        "object": "image.generation.task",
+        "status": "completed",
+        "progress": 100,
+        "results": [f"https://files.evolink.example/{provider_task_id}.png"],
+    }
+    return json.dumps(body).encode()
+
+
+def subscribe(http: httpx.Client, url: str) -> dict[str, Any]:
+    response = http.post("/v1/subscriptions", json={"url": url, "event_types": ["task.succeeded"]})
+    assert response.status_code == 201, response.text
+    subscription: dict[str, Any] = response.json()
+    return subscription
+
+
+def held_open(release: threading.Event, first: bytes, rest: bytes, sent: threading.Event) -> Any:
+    """A request body that sends ``first``, then waits for ``release`` before the rest."""
+
+    def chunks() -> Iterator[bytes]:
+        yield first
+        sent.set()
+        release.wait(WAIT)
+        yield rest
+
+    return chunks()
+
+
+# --- (a) requests in flight finish; new connections are refused ----------------------------------
+
+
+def test_requests_in_flight_finish_and_new_connections_are_refused(
+    tmp_path: Path, cleanup: contextlib.ExitStack
+) -> None:
+    sandbox = SandboxProcess(tmp_path / "sandbox.log")
+    cleanup.callback(sandbox.stop)
+    sandbox.behave("*", callback="drop")
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url)
+    relay = start_relay(
+        tmp_path,
+        "relay",
+        Database(url),
+        cleanup,
+        # Never polled on its own: only the refresh below asks the provider about it.
+        TASKRELAY_GPTIMAGE15_TYPICAL_DURATION="1h",
+        **sandbox.provider_environment(),
+    )
+    http = httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT)
+    cleanup.callback(http.close)
+
+    # A task whose status answer takes 4 s: its refresh is a slow API request.
+    submitted = http.post(
+        "/v1/tasks",
+        json={
+            "provider": "gptimage15",
+            "prompt": "x sandbox:duration=0.5 sandbox:status_latency=4",
+        },
+    )
+    assert submitted.status_code == 202, submitted.text
+    slow_id = submitted.json()["id"]
+    wait_until(lambda: http.get(f"/v1/tasks/{slow_id}").json()["provider_task_id"], "submission")
+    # A tracked task whose callback body is still arriving when the signal comes.
+    tracked = track(http)
+    body = evolink_completed("task-unified-shutdown-a")
+    release, first_sent = threading.Event(), threading.Event()
+
+    answers: dict[str, Any] = {}
+
+    def refresh() -> None:
+        with httpx.Client(timeout=WAIT) as client:
+            answers["refresh"] = client.post(
+                f"{relay.url}/v1/tasks/{slow_id}/refresh", headers=HEADERS
+            )
+
+    def callback() -> None:
+        with httpx.Client(timeout=WAIT) as client:
+            answers["callback"] = client.post(
+                tracked["callback_url"],
+                content=held_open(release, body[:20], body[20:], first_sent),
+                headers={"Content-Type": "application/json"},
+            )
+
+    threads = [threading.Thread(target=refresh), threading.Thread(target=callback)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert first_sent.wait(WAIT)
+        wait_until(
+            lambda: any(task["status_query_log"] for task in sandbox.tasks()),
+            "the refresh to reach the provider",
+        )
+        relay.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: refuses_connections(relay.url), "new connections to be refused")
+        assert relay.process.poll() is None, "exited with a callback still arriving"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+    code = relay.process.wait(timeout=EXIT_WITHIN)
+
+    assert answers["callback"].status_code == 200, answers["callback"].text
+    assert answers["refresh"].status_code == 200, answers["refresh"].text
+    assert answers["refresh"].json()["status"] == "succeeded"
+    assert code == 0, relay.logs()
+    rows = Database(url).rows("SELECT id, status, last_update_source, lease_owner FROM task")
+    by_id = {row["id"]: row for row in rows}
+    assert by_id[tracked["id"]]["status"] == "succeeded"
+    assert by_id[tracked["id"]]["last_update_source"] == "callback"
+    assert by_id[slow_id]["last_update_source"] == "poll"
+    assert all(row["lease_owner"] is None for row in rows)
+
+
+# --- (b) a delivery in flight finishes and is not sent again -------------------------------------
+
+
+def test_a_delivery_in_flight_finishes_and_is_not_sent_again(
+    tmp_path: Path, database: Database, cleanup: contextlib.ExitStack
+) -> None:
+    subscriber = SubscriberProcess(tmp_path / "subscriber", hold=3.0)
+    cleanup.callback(subscriber.stop)
+    first = start_relay(tmp_path / "first", "first", database, cleanup)
+    http = httpx.Client(base_url=first.url, headers=HEADERS, timeout=WAIT)
+    cleanup.callback(http.close)
+    subscription = subscribe(http, subscriber.hook_url("/hook"))
+    tracked = track(http)
+    callback = httpx.post(tracked["callback_url"], content=evolink_completed("task-unified-b1"))
+    assert callback.status_code == 200, callback.text
+    wait_until(lambda: subscriber.requests("/hook"), "the delivery to reach the subscriber")
+
+    code = terminate(first)  # while the subscriber holds its answer
+
+    assert code == 0, first.logs()
+    sent = subscriber.requests("/hook")
+    assert len(sent) == 1 and sent[0]["answered"], sent
+    deliveries = database.rows("SELECT id, status, attempts, lease_owner FROM delivery")
+    assert [(d["status"], d["attempts"], d["lease_owner"]) for d in deliveries] == [
+        ("succeeded", 1, None)
+    ], deliveries
+
+    # The next process sends what is owed (a new event) and nothing already delivered.
+    subscriber.configure(hold=0.0)
+    second = start_relay(tmp_path / "second", "second", database, cleanup)
+    with httpx.Client(base_url=second.url, headers=HEADERS, timeout=WAIT) as http2:
+        later = track(http2)
+        assert httpx.post(
+            later["callback_url"], content=evolink_completed("task-unified-b2")
+        ).is_success
+        wait_until(lambda: len(subscriber.requests("/hook")) >= 2, "the second event")
+
+        def settled() -> list[dict[str, Any]] | None:
+            path = f"/v1/subscriptions/{subscription['id']}/deliveries"
+            rows: list[dict[str, Any]] = http2.get(path).json()["data"]
+            return rows if all(row["status"] != "pending" for row in rows) else None
+
+        rows = wait_until(settled, "the second delivery to be recorded")
+    assert terminate(second) == 0, second.logs()
+    sent = subscriber.requests("/hook")
+    assert len(sent) == 2, [record["headers"]["webhook-id"] for record in sent]
+    assert len({record["headers"]["webhook-id"] for record in sent}) == 2
+    assert sorted(row["status"] for row in rows) == ["succeeded", "succeeded"]
+
+
+# --- (c) work that outlasts the grace is released, and taken over at once ------------------------
+
+
+def test_leases_are_released_at_exit_and_the_next_process_takes_over_at_once(
+    tmp_path: Path, database: Database, cleanup: contextlib.ExitStack
+) -> None:
+    sandbox = SandboxProcess(tmp_path / "sandbox.log")
+    cleanup.callback(sandbox.stop)
+    sandbox.behave("*", callback="drop")
+    subscriber = SubscriberProcess(tmp_path / "subscriber", hold=120.0)
+    cleanup.callback(subscriber.stop)
+    environ = {
+        **sandbox.provider_environment(),
+        "TASKRELAY_GPTIMAGE15_TYPICAL_DURATION": "200ms",
+        "TASKRELAY_POLL_GRACE": "100ms",
+        # One query in flight at a time: the other claimed tasks wait for the slot.
+        "TASKRELAY_GPTIMAGE15_POLL_CONCURRENCY": "1",
+    }
+    # Three tasks whose status answers take two minutes, far beyond the grace, submitted by a
+    # process without a scheduler, so that they are all due when the next one starts: its
+    # first pass claims them together.
+    setup = start_relay(
+        tmp_path / "setup", "setup", database, cleanup, TASKRELAY_SCHEDULER="false", **environ
+    )
+    with httpx.Client(base_url=setup.url, headers=HEADERS, timeout=WAIT) as http:
+        subscribe(http, subscriber.hook_url("/hook"))
+        task_ids = set()
+        for index in range(3):
+            response = http.post(
+                "/v1/tasks",
+                json={
+                    "provider": "gptimage15",
+                    "prompt": f"t{index} sandbox:duration=0.2 sandbox:status_latency=120",
+                },
+            )
+            assert response.status_code == 202, response.text
+            task_ids.add(response.json()["id"])
+        wait_until(lambda: len(sandbox.tasks()) == 3, "the submissions to reach the provider")
+    assert terminate(setup) == 0, setup.logs()
+
+    first = start_relay(tmp_path / "first", "first", database, cleanup, **environ)
+
+    def claimed() -> bool:
+        rows = database.rows("SELECT id, lease_owner FROM task")
+        return task_ids <= {row["id"] for row in rows if row["lease_owner"]}
+
+    wait_until(claimed, "the scheduler to claim the three tasks")
+    wait_until(
+        lambda: any(task["status_query_log"] for task in sandbox.tasks()),
+        "a status query to reach the provider",
+    )
+    with httpx.Client(base_url=first.url, headers=HEADERS, timeout=WAIT) as http:
+        tracked = track(http)
+    assert httpx.post(
+        tracked["callback_url"], content=evolink_completed("task-unified-c1")
+    ).is_success
+    wait_until(lambda: subscriber.requests("/hook"), "the delivery to reach the subscriber")
+    assert database.rows("SELECT lease_owner FROM delivery")[0]["lease_owner"]
+
+    code = terminate(first)
+
+    assert code == 0, first.logs()
+    tasks = database.rows("SELECT id, status, lease_owner FROM task")
+    assert all(row["lease_owner"] is None for row in tasks), tasks
+    # Cut off at the grace, or ended by its own 10 s read timeout (then logged as a failed
+    # attempt): either way still owed, and no longer leased.
+    deliveries = database.rows("SELECT status, lease_owner FROM delivery")
+    assert [(d["status"], d["lease_owner"]) for d in deliveries] == [("pending", None)]
+    # One query was sent and cut off; the tasks waiting for the slot were never asked.
+    assert queries(sandbox) == 1
+
+    # The next process picks both kinds of work up at once, not after the 10-minute lease.
+    subscriber.configure(hold=0.0)
+    second = start_relay(tmp_path / "second", "second", database, cleanup, **environ)
+    wait_until(lambda: len(subscriber.requests("/hook")) >= 2, "the delivery to be sent again")
+    sent = subscriber.requests("/hook")
+    assert sent[0]["headers"]["webhook-id"] == sent[1]["headers"]["webhook-id"]
+    assert not sent[0]["answered"]  # cut off by the first process's shutdown
+    wait_until(lambda: queries(sandbox) >= 2, "the next process to query the released tasks")
+    assert terminate(second) == 0, second.logs()
+    assert all(row["lease_owner"] is None for row in database.rows("SELECT lease_owner FROM task"))
+
+
+def queries(sandbox: SandboxProcess) -> int:
+    """Status queries the provider has received, in all."""
+    return sum(len(task["status_query_log"]) for task in sandbox.tasks())  # type: ignore[arg-type]
+
+
+# --- the dispatcher at its cap, in process -------------------------------------------------------
+
+harness = test_events.harness  # the in-process service and subscriber of the event tests
+
+
+async def test_a_dispatcher_waiting_for_a_free_slot_stops_within_its_grace(
+    harness: test_events.Harness,
+) -> None:
+    """At its concurrency cap the dispatcher's loop waits for a delivery to finish: stopping
+    must not wait for that on top of the grace (a subscriber may take its 30 s attempt
+    deadline, trickling its answer), and what is cut off is released."""
+    await harness.subscribe("stuck")
+    harness.receiver.hold["stuck"] = asyncio.Event()  # never set: it never answers
+    await harness.track()
+    await harness.track()
+    dispatcher = Dispatcher(
+        harness.runtime.outbox,
+        harness.runtime.dispatcher.http,
+        metrics=Metrics(),
+        concurrency=1,
+        tick_seconds=0.05,
+        monotonic=harness.clock.monotonic,
+    )
+    await dispatcher.start()
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not harness.receiver.received["stuck"]:
+        assert asyncio.get_running_loop().time() < deadline, "the delivery never started"
+        await asyncio.sleep(0.01)
+    assert len(harness.receiver.received["stuck"]) == 1
+    await asyncio.sleep(0.2)  # the loop is now waiting for the one slot
+
+    await asyncio.wait_for(dispatcher.stop(grace=0.2), timeout=WAIT)
+
+    with harness.runtime.engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT status, attempts, lease_owner FROM delivery")
+        ).all()
+    assert sorted(tuple(row) for row in rows) == [("pending", 0, None)] * 2
+    assert len(harness.receiver.received["stuck"]) == 1
+    harness.receiver.hold["stuck"].set()
