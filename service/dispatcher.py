@@ -155,8 +155,14 @@ class Dispatcher:
     async def _deliver(self, job: DeliveryJob) -> None:
         self._sending.add(job.delivery_pk)
         observe.bind(**_task_of(job))  # this delivery's own context (a task of its own)
+        holding = True
         try:
             result = await self._send_holding_lease(job)
+            # The subscriber's slot is free once it has answered: its next delivery may go
+            # while this attempt is being recorded. (Until then this one stays pending and
+            # leased, and in _sending, so neither it nor its task's next event is claimed.)
+            self._free_slot(job)
+            holding = False
             self._count(result)
             # NotFound: the subscription was deleted while we were sending.
             with contextlib.suppress(NotFound):
@@ -169,10 +175,15 @@ class Dispatcher:
             log.exception("delivery %s failed unexpectedly", job.delivery_id)
         finally:
             self._sending.discard(job.delivery_pk)
-            self._busy[job.subscription_pk] -= 1
-            if not self._busy[job.subscription_pk]:
-                del self._busy[job.subscription_pk]
+            if holding:
+                self._free_slot(job)
             self.notify()  # a slot is free: that subscriber's next delivery may go now
+
+    def _free_slot(self, job: DeliveryJob) -> None:
+        self._busy[job.subscription_pk] -= 1
+        if not self._busy[job.subscription_pk]:
+            del self._busy[job.subscription_pk]
+        self.notify()
 
     async def _record(self, job: DeliveryJob, result: AttemptResult) -> str:
         """Record an attempt together with the others that finished meanwhile: one
