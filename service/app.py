@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import sys
@@ -342,4 +343,10 @@ def create_app_from_env() -> Starlette:
     """The uvicorn factory (``service.app:create_app_from_env``): settings from the environment."""
     tune_process()
     settings = load_settings()
-    return create_app(settings)
+    app = create_app(settings)
+    # Everything imported and built so far lives as long as the process: move it out of the
+    # cyclic collector's way, so that its full collections, which otherwise walk it all, stop
+    # adding ~25 ms to the occasional request (bench/store_scale.py: list p99 30 -> 6 ms).
+    gc.collect()
+    gc.freeze()
+    return app

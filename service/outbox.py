@@ -149,10 +149,15 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
             _SUBSCRIPTION.c.providers,
         )
         .where(
-            one_of(connection.dialect, _SUBSCRIPTION.c.owner, "owners", owners),
             _SUBSCRIPTION.c.enabled.is_(True),
+            # Each branch on its own index: the clients' endpoints, and these tasks' notify_url
+            # subscriptions (a task subscription's owner is its task's owner). Asking for every
+            # subscription of the clients would read every notify_url they ever had.
             sa.or_(
-                _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
+                sa.and_(
+                    one_of(connection.dialect, _SUBSCRIPTION.c.owner, "owners", owners),
+                    _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
+                ),
                 one_of(connection.dialect, _SUBSCRIPTION.c.task_pk, "task_pks", task_pks),
             ),
         )
@@ -175,10 +180,13 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
     if not matches:
         return 0
     pairs = {(pk, event.task_pk) for event, pk in matches}
-    superseded = connection.execute(
+    # One UPDATE per (subscription, task), each on ix_delivery_subscription_task_seq: a row-value
+    # IN list over both columns is not an index lookup on SQLite (it read every pending delivery).
+    supersede = (
         sa.update(_DELIVERY)
         .where(
-            sa.tuple_(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk).in_(sorted(pairs)),
+            _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
+            _DELIVERY.c.task_pk == sa.bindparam("t_pk"),
             _DELIVERY.c.status == DeliveryStatus.pending.value,
             _DELIVERY.c.event_type == EventType.progress.value,
             _DELIVERY.c.attempts == 0,
@@ -186,7 +194,12 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
         )
         .values(status=DeliveryStatus.coalesced.value, updated_at=now)
         .returning(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk, _DELIVERY.c.next_attempt_at)
-    ).all()
+    )
+    superseded = [
+        row
+        for subscription_pk, task_pk in sorted(pairs)
+        for row in connection.execute(supersede, {"s_pk": subscription_pk, "t_pk": task_pk})
+    ]
     # Per (subscription, task): the due times of progress deliveries still waiting, and the
     # one created in this batch that a later event of the batch would supersede.
     waiting: dict[tuple[int, int], list[datetime]] = {}

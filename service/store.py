@@ -812,6 +812,9 @@ class Store:
             statement = (
                 select(Task)
                 .where(col(Task.status).in_(UNFINISHED), col(Task.next_check_at).is_(None))
+                # The order of ix_task_status_next_check_at: without it PostgreSQL's planner
+                # expects many matches and scans the whole table for the LIMIT.
+                .order_by(col(Task.status), col(Task.next_check_at))
                 .limit(batch)
             )
             with self.transaction(write=True) as session:
@@ -870,7 +873,9 @@ class Store:
                 Task.status == TaskStatus.queued.value,
                 Task.submit_attempts == 0,
             )
-            .order_by(col(Task.pk))
+            # An order ix_task_status_next_check_at gives (status is fixed here); by pk,
+            # PostgreSQL walked the whole table.
+            .order_by(col(Task.next_check_at))
             .limit(limit)
         )
         if created_before is not None:
