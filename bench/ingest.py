@@ -94,7 +94,7 @@ INITIAL_CALLBACKS = 3000
 # Tasks tracked at a time when more are needed.
 MIN_TRACK_BATCH = 100
 # Callbacks kept in reserve beyond what a phase is expected to use (rate x duration x this).
-FEED_MARGIN = 1.5
+FEED_MARGIN = 3.0
 SETUP_CONCURRENCY = 8
 REQUEST_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 60.0
