@@ -8,6 +8,7 @@ session and dropped at the end; tables are emptied between tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -139,6 +140,30 @@ def store(database_url: str) -> Iterator[Store]:
     engine = make_engine(database_url)
     yield Store(engine)
     engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, *, webhook_app: Any, **create: Any
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The app with its lifespan running, in process: its outbound provider calls (and the
+    mounted sandbox's callbacks) go back into the app, its webhooks to ``webhook_app``, and
+    the client talks to it like a real server (an unhandled error is a 500, not a raise).
+    ``create`` passes more keywords to ``create_app`` (a fake clock, say)."""
+    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
+    application = create_app(
+        settings,
+        http_transport=transport,
+        webhook_transport=httpx.ASGITransport(app=webhook_app),
+        **create,
+    )
+    transport.app = application
+    async with application.router.lifespan_context(application):
+        client_transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=client_transport, base_url="http://testserver"
+        ) as client:
+            yield application, client
 
 
 @pytest.fixture

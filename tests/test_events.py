@@ -24,12 +24,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.app import create_app
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus, UpdateSource
 from service.netguard import AddressPolicy
 from service.runtime import Runtime
-from tests.conftest import ALICE, BOB, auth, error_code, make_settings
+from tests.conftest import ALICE, BOB, auth, error_code, make_settings, serving
 from tests.test_scheduler import FakeClock
 
 HOOK = "http://127.0.0.1:9/hooks/{name}"
@@ -107,22 +106,14 @@ async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
         TASKRELAY_DISPATCHER="false",
         TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
     )
-    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
-    app = create_app(
+    async with serving(
         settings,
+        webhook_app=receiver.app,
         clock=clock.now,
         monotonic=clock.monotonic,
         sleep=clock.sleep,
-        http_transport=transport,
-        webhook_transport=httpx.ASGITransport(app=receiver.app),
-    )
-    transport.app = app
-    async with app.router.lifespan_context(app):
-        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=client_transport, base_url="http://testserver"
-        ) as client:
-            yield Harness(app, client, clock, receiver)
+    ) as (app, client):
+        yield Harness(app, client, clock, receiver)
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:

@@ -33,13 +33,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.app import create_app
 from service.errors import RateLimited, SettingsError
 from service.openapi import build_openapi
 from service.ratelimit import ClientRateLimiter, TokenBucket
 from service.runtime import Runtime
 from service.signing import SALT
-from tests.conftest import ALICE, BOB, SECRET, TABLES, auth, error_code, make_settings
+from tests.conftest import (
+    ALICE,
+    BOB,
+    SECRET,
+    TABLES,
+    auth,
+    error_code,
+    make_settings,
+    serving,
+)
 
 INTERNAL_HOOK = "http://127.0.0.1:9/hooks/internal"
 PUBLIC_HOOK = "http://127.0.0.1:9/hooks/public"  # 127.0.0.0/8 is allowed in these tests
@@ -111,19 +119,8 @@ async def running(database_url: str, tmp_path: Path, **overrides: str) -> AsyncI
         **overrides,
     )
     receiver = Receiver()
-    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
-    app = create_app(
-        settings,
-        http_transport=transport,
-        webhook_transport=httpx.ASGITransport(app=receiver.app),
-    )
-    transport.app = app
-    async with app.router.lifespan_context(app):
-        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=client_transport, base_url="http://testserver"
-        ) as client:
-            yield Relay(app, app.state.runtime, client, receiver)
+    async with serving(settings, webhook_app=receiver.app) as (app, client):
+        yield Relay(app, app.state.runtime, client, receiver)
 
 
 @pytest.fixture

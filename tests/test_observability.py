@@ -24,7 +24,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import metrics as metrics_module
-from service.app import create_app
 from service.errors import SettingsError, StoreUnavailable
 from service.lifecycle import TaskUpdate
 from service.logs import json_handler
@@ -33,7 +32,7 @@ from service.models import Task, TaskStatus, UpdateSource
 from service.observe import MAX_REQUEST_ID, ObservedStarlette, accepted_request_id
 from service.runtime import Runtime
 from service.settings import PROVIDERS
-from tests.conftest import auth, make_settings
+from tests.conftest import auth, make_settings, serving
 from tests.test_callbacks import DONE, evolink_body
 from tests.test_scheduler import FakeClock
 
@@ -234,22 +233,14 @@ class Harness:
 
 async def start(settings: Any, clock: FakeClock) -> AsyncIterator[Harness]:
     subscriber = Subscriber()
-    transport = httpx.ASGITransport(app=None)  # type: ignore[arg-type]
-    app = create_app(
+    async with serving(
         settings,
+        webhook_app=subscriber.app,
         clock=clock.now,
         monotonic=clock.monotonic,
         sleep=clock.sleep,
-        http_transport=transport,
-        webhook_transport=httpx.ASGITransport(app=subscriber.app),
-    )
-    transport.app = app
-    async with app.router.lifespan_context(app):
-        client_transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=client_transport, base_url="http://testserver"
-        ) as client:
-            yield Harness(app, client, clock, subscriber)
+    ) as (app, client):
+        yield Harness(app, client, clock, subscriber)
 
 
 def harness_settings(database_url: str, tmp_path: Path, **overrides: str) -> Any:
