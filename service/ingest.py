@@ -43,7 +43,7 @@ from service.store import (
     ApplyResult,
     ReceiptDraft,
     Store,
-    new_id,
+    event_row,
     task_state,
     transition,
 )
@@ -139,24 +139,17 @@ def apply_updates(
         if changed:
             store.plan(task, now)
             touched[task.id] = task
-        snapshot = task_json(task)
         event = None
         if change is not None and change.event_type is not None:
-            event = {"id": new_id("evt"), "type": change.event_type.value}
-            events.append(
-                {
-                    **event,
-                    "task_pk": task.pk,
-                    "status": task.status,
-                    "progress": task.progress,
-                    "source": request.source.value,
-                    "created_at": task.updated_at,
-                    "data": snapshot,
-                }
-            )
+            row = event_row(task, change.event_type, request.source.value)
+            events.append(row)
+            snapshot = row["data"]
+            event = {"id": row["id"], "type": row["type"]}
             new_events.append(
                 NewEvent(0, task.pk, task.id, task.owner, task.provider, event["type"])
             )
+        else:
+            snapshot = task_json(task)
         if receipt is not None:
             receipts.append(store.receipt_row(task.pk, receipt, outcome, receipt.error))
         results.append(ApplyResult(snapshot, outcome, event))

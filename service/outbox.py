@@ -92,21 +92,33 @@ def _matches(subscription: Subscription, event_type: str, provider: str) -> bool
     return subscription.providers is None or provider in subscription.providers
 
 
+def delivery_row(
+    subscription_pk: int,
+    event_seq: int,
+    task_pk: int,
+    event_type: str,
+    due: datetime,
+    now: datetime,
+) -> dict[str, Any]:
+    """A pending delivery of an event to a subscription, first attempt at ``due``."""
+    return {
+        "id": new_id("dlv"),
+        "subscription_pk": subscription_pk,
+        "event_seq": event_seq,
+        "task_pk": task_pk,
+        "event_type": event_type,
+        "status": DeliveryStatus.pending.value,
+        "attempts": 0,
+        "next_attempt_at": due,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def new_delivery(subscription_pk: int, event: TaskEvent, due: datetime, now: datetime) -> Delivery:
-    """A pending delivery of ``event`` to a subscription, first attempt at ``due``."""
+    """:func:`delivery_row` as an ORM object, for an event already loaded."""
     assert event.seq is not None
-    return Delivery(
-        id=new_id("dlv"),
-        subscription_pk=subscription_pk,
-        event_seq=event.seq,
-        task_pk=event.task_pk,
-        event_type=event.type,
-        status=DeliveryStatus.pending.value,
-        attempts=0,
-        next_attempt_at=due,
-        created_at=now,
-        updated_at=now,
-    )
+    return Delivery(**delivery_row(subscription_pk, event.seq, event.task_pk, event.type, due, now))
 
 
 class NewEvent(NamedTuple):
@@ -220,18 +232,7 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
             waiting[key] = [due]
         else:
             waiting.pop(key, None)
-        delivery = {
-            "id": new_id("dlv"),
-            "subscription_pk": subscription_pk,
-            "event_seq": event.seq,
-            "task_pk": event.task_pk,
-            "event_type": event.type,
-            "status": DeliveryStatus.pending.value,
-            "attempts": 0,
-            "next_attempt_at": due,
-            "created_at": now,
-            "updated_at": now,
-        }
+        delivery = delivery_row(subscription_pk, event.seq, event.task_pk, event.type, due, now)
         latest[key] = delivery
         deliveries.append(delivery)
     connection.execute(sa.insert(_DELIVERY), deliveries)

@@ -167,6 +167,21 @@ def task_state(task: Task | TaskRow) -> TaskState:
     )
 
 
+def event_row(task: Task | TaskRow, event_type: EventType, source: str) -> dict[str, Any]:
+    """The history event of ``task``'s latest change: its type, and the task as it is now."""
+    assert task.pk is not None
+    return {
+        "id": new_id("evt"),
+        "task_pk": task.pk,
+        "type": event_type.value,
+        "status": task.status,
+        "progress": task.progress,
+        "source": source,
+        "created_at": task.updated_at,
+        "data": task_json(task),
+    }
+
+
 def transition(
     task: Task | TaskRow,
     change: Change | None,
@@ -624,16 +639,7 @@ class Store:
         from service.outbox import NewEvent, fan_out_many  # the outbox builds on the store
 
         assert task.pk is not None
-        event = TaskEvent(
-            id=new_id("evt"),
-            task_pk=task.pk,
-            type=event_type.value,
-            status=task.status,
-            progress=task.progress,
-            source=source,
-            created_at=task.updated_at,
-            data=task_json(task),
-        )
+        event = TaskEvent(**event_row(task, event_type, source))
         session.add(event)
         session.flush()
         assert event.seq is not None
