@@ -8,10 +8,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+
+T = TypeVar("T")
+WAIT = 60.0  # the most any single condition may take, even on a loaded 2-core machine
+
+
+def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+    """Poll ``condition`` every 50 ms until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:

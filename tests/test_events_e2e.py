@@ -18,13 +18,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.servers import ServiceProcess, SubscriberProcess
+from tests.servers import ServiceProcess, SubscriberProcess, wait_until
 
 TOKENS = {
     name: f"{name}-token-0123456789"
@@ -36,24 +36,9 @@ SCHEDULE_WAITS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.5]
 FAST = "x sandbox:duration=0.3"
 FINAL = {"succeeded", "failed", "canceled", "expired"}
 LEASE = 3.0  # TASKRELAY_POLL_LEASE (delivery leases too) of the processes that get killed
-WAIT = 30.0  # the most any single condition may take, even on a loaded machine
-
-T = TypeVar("T")
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    """Poll ``condition`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def parse_time(text: str) -> datetime:

@@ -49,12 +49,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -63,7 +63,13 @@ from standardwebhooks.webhooks import Webhook
 
 from service.db import migrate
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import BalancerProcess, SandboxProcess, ServiceProcess, SubscriberProcess
+from tests.servers import (
+    BalancerProcess,
+    SandboxProcess,
+    ServiceProcess,
+    SubscriberProcess,
+    wait_until,
+)
 
 CLIENT = "scaleout"
 TOKEN = "scaleout-token-0123456789"
@@ -88,7 +94,6 @@ WAIT = 60.0  # the most any single condition may take, even on a loaded 2-core m
 RETRIES = 40  # sends of one request before the test gives up on it
 SLACK = 0.5  # seconds of scheduling slack when comparing times across processes
 
-T = TypeVar("T")
 
 # Which replica takes which lease: every lease owner (a scheduler's or dispatcher's worker id)
 # is noted with the application_name of the connection that took it. Test instrumentation in
@@ -132,17 +137,6 @@ LIVE_LEASES = sa.text(
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def epoch(value: datetime) -> float:

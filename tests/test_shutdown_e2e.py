@@ -16,11 +16,10 @@ import json
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +30,7 @@ from service.dispatcher import Dispatcher
 from service.metrics import Metrics
 from tests import test_events
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import SandboxProcess, ServiceProcess, SubscriberProcess
+from tests.servers import SandboxProcess, ServiceProcess, SubscriberProcess, wait_until
 
 TOKEN = "shutdown-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,19 +40,6 @@ WAIT = 30.0  # the most any single condition may take, even on a loaded machine
 EXIT_WITHIN = 60.0
 GRACEFUL_TIMEOUT = "10"
 LONG_LEASE = "10m"  # a lease that is not released would hold its task for the whole test
-
-T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
