@@ -28,6 +28,7 @@ import anyio
 import httpcore
 import httpx
 
+from service.aionet import AsyncioBackend
 from service.errors import ValidationFailed
 
 __all__ = [
@@ -503,8 +504,8 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
 
     ``connect_tcp(host, ...)`` resolves ``host`` itself, refuses the connection if any address
     is not allowed (:class:`BlockedConnection`), and otherwise connects to the checked IP
-    literals in turn through ``backend`` (default :class:`httpcore.AnyIOBackend`, which connects
-    to an IP literal without any lookup of its own). TLS is unaffected: httpcore's
+    literals in turn through ``backend`` (default :class:`service.aionet.AsyncioBackend`, which
+    connects to an IP literal without any lookup of its own). TLS is unaffected: httpcore's
     ``AsyncHTTPConnection._connect`` (httpcore 1.0) calls ``stream.start_tls(server_hostname=
     sni_hostname or origin.host)`` on the stream returned here, so SNI and certificate checks use
     the URL's host name, not the IP literal connected to.
@@ -521,7 +522,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
     ) -> None:
         self.policy = policy
         self.resolver: Resolver = resolver or system_resolver
-        self.backend: httpcore.AsyncNetworkBackend = backend or httpcore.AnyIOBackend()
+        self.backend: httpcore.AsyncNetworkBackend = backend or AsyncioBackend()
 
     async def connect_tcp(
         self,
