@@ -67,11 +67,13 @@ class Dispatcher:
         # Attempts waiting to be recorded, and the task recording them (see _record).
         self._to_record: list[tuple[DeliveryJob, AttemptResult, asyncio.Future[str]]] = []
         self._recorder: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._ticker.start()
+        self._renewer = asyncio.create_task(self._renew_leases(), name="dispatcher-leases")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let in-flight deliveries finish (up to ``grace``), then release
@@ -92,6 +94,9 @@ class Dispatcher:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             await asyncio.wait({ticker}, timeout=0.05)
         await ticker
+        if self._renewer is not None:  # nothing is being sent any more
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
         if self._recorder is not None:  # attempts already made are recorded, not re-sent
             await asyncio.gather(self._recorder, return_exceptions=True)
         try:
@@ -157,7 +162,7 @@ class Dispatcher:
         observe.bind(**_task_of(job))  # this delivery's own context (a task of its own)
         holding = True
         try:
-            result = await self._send_holding_lease(job)
+            result = await self.send(job)
             # The subscriber's slot is free once it has answered: its next delivery may go
             # while this attempt is being recorded. (Until then this one stays pending and
             # leased, and in _sending, so neither it nor its task's next event is claimed.)
@@ -225,23 +230,25 @@ class Dispatcher:
         self.metrics.inc("deliveries_total", outcome=outcome)
         self.metrics.observe("delivery_attempt_duration_seconds", result.duration_ms / 1000)
 
-    async def _send_holding_lease(self, job: DeliveryJob) -> AttemptResult:
-        """Send, renewing the lease while the subscriber takes its time, so no other process
-        (and no later pass of this one) sends the same delivery meanwhile."""
-        sending = asyncio.create_task(self.send(job))
-        try:
-            while True:
-                done, _ = await asyncio.wait({sending}, timeout=self.lease_seconds / 3)
-                if done:
-                    return sending.result()
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, renew the leases of every delivery still being sent, in one
+        statement, so no other process (and no later pass of this one) sends the same delivery
+        while a subscriber takes its time."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if not self._sending:
+                continue
+            try:
                 await run_in_threadpool(
-                    self.outbox.extend_lease, job.delivery_pk, self.worker_id, self.lease_seconds
+                    self.outbox.extend_leases,
+                    sorted(self._sending),
+                    self.worker_id,
+                    self.lease_seconds,
                 )
-        finally:
-            if not sending.done():
-                sending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sending
+            except StoreUnavailable:
+                log.warning("could not renew delivery leases: the database is unavailable")
+            except Exception:
+                log.exception("renewing delivery leases failed unexpectedly")
 
     async def send(self, job: DeliveryJob) -> AttemptResult:
         """One POST of the signed event; never raises for the subscriber's failures."""

@@ -19,7 +19,6 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from service.db import one_of
@@ -134,6 +133,18 @@ class NewEvent(NamedTuple):
 
 _SUBSCRIPTION = Subscription.__table__  # type: ignore[attr-defined]
 _DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+_ATTEMPT = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+_EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
+
+
+class Recorded(NamedTuple):
+    """A delivery's state after an attempt was recorded."""
+
+    status: str
+    attempts: int
+    lease_owner: str | None
+    last_status_code: int | None
+    next_attempt_at: datetime
 
 
 def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: datetime) -> int:
@@ -408,114 +419,125 @@ class Outbox:
         event of its task has been settled for its subscription (order per task). With
         ``per_subscription``, a subscription takes at most that many less what this process is
         already sending to it (``busy``): a busy subscriber's backlog is neither leased for
-        nothing nor in the way of the others'."""
+        nothing nor in the way of the others'.
+
+        The dispatcher's hot path, so Core SQL: one query picks, one UPDATE leases, one query
+        loads what the chosen deliveries need (and one more for notify_url signing secrets)."""
         busy = busy or {}
 
         def room(pk: int) -> int:
             return limit if per_subscription is None else per_subscription - busy.get(pk, 0)
 
         now = self.clock()
-        earlier = aliased(Delivery)
+        delivery, earlier = _DELIVERY, _DELIVERY.alias("earlier")
         blocked = (
-            select(earlier.pk)
+            sa.select(earlier.c.pk)
             .where(
-                earlier.subscription_pk == Delivery.subscription_pk,
-                earlier.task_pk == Delivery.task_pk,
-                earlier.event_seq < Delivery.event_seq,
-                earlier.status == DeliveryStatus.pending.value,
+                earlier.c.subscription_pk == delivery.c.subscription_pk,
+                earlier.c.task_pk == delivery.c.task_pk,
+                earlier.c.event_seq < delivery.c.event_seq,
+                earlier.c.status == DeliveryStatus.pending.value,
             )
             .exists()
         )
         full = [pk for pk in busy if room(pk) <= 0]
         statement = (
-            select(Delivery)
-            .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
+            sa.select(delivery.c.pk, delivery.c.subscription_pk)
+            .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
             .where(
-                Delivery.status == DeliveryStatus.pending.value,
-                col(Delivery.next_attempt_at) <= now,
-                sa.or_(
-                    col(Delivery.lease_expires_at).is_(None),
-                    col(Delivery.lease_expires_at) <= now,
-                ),
-                col(Subscription.enabled).is_(True),
+                delivery.c.status == DeliveryStatus.pending.value,
+                delivery.c.next_attempt_at <= now,
+                sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
+                _SUBSCRIPTION.c.enabled.is_(True),
                 ~blocked,
             )
-            .where(col(Delivery.pk).not_in(exclude) if exclude else sa.true())
-            .where(col(Delivery.subscription_pk).not_in(full) if full else sa.true())
-            .order_by(col(Delivery.next_attempt_at))
+            .where(delivery.c.pk.not_in(exclude) if exclude else sa.true())
+            .where(delivery.c.subscription_pk.not_in(full) if full else sa.true())
+            .order_by(delivery.c.next_attempt_at)
             # Room per subscription is applied below: look a little further than ``limit``.
             .limit(limit if per_subscription is None else limit + CLAIM_LOOKAHEAD)
-            .with_for_update(skip_locked=True, of=Delivery)
+            .with_for_update(skip_locked=True, of=delivery)
         )
         with self.store.transaction(write=True) as session:
-            chosen: list[Delivery] = []
+            chosen: list[int] = []
             taken: dict[int, int] = {}
-            for delivery in session.exec(statement):
+            for pk, subscription_pk in session.execute(statement):
                 if len(chosen) == limit:
                     break
-                pk = delivery.subscription_pk
-                if taken.get(pk, 0) >= room(pk):
+                if taken.get(subscription_pk, 0) >= room(subscription_pk):
                     continue
-                taken[pk] = taken.get(pk, 0) + 1
-                chosen.append(delivery)
-            expires = now + timedelta(seconds=lease_seconds)
-            for delivery in chosen:
-                delivery.lease_owner = worker
-                delivery.lease_expires_at = expires
-                session.add(delivery)
+                taken[subscription_pk] = taken.get(subscription_pk, 0) + 1
+                chosen.append(pk)
+            if not chosen:
+                return []
+            session.execute(
+                sa.update(delivery)
+                .where(delivery.c.pk.in_(chosen))
+                .values(lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            )
             return self._jobs(session, chosen, now)
 
-    def _jobs(
-        self, session: Session, deliveries: Sequence[Delivery], now: datetime
-    ) -> list[DeliveryJob]:
-        """What the dispatcher needs to send each delivery, with one query per table."""
-        if not deliveries:
-            return []
-        subscription_pks = {d.subscription_pk for d in deliveries}
-        subscriptions = {
-            s.pk: s
-            for s in session.exec(
-                select(Subscription).where(col(Subscription.pk).in_(subscription_pks))
+    def _jobs(self, session: Session, pks: Sequence[int], now: datetime) -> list[DeliveryJob]:
+        """What the dispatcher needs to send each delivery, in the order of ``pks``."""
+        subscription, event = _SUBSCRIPTION, _EVENT
+        rows = {
+            row.pk: row
+            for row in session.execute(
+                sa.select(
+                    _DELIVERY.c.pk,
+                    _DELIVERY.c.id,
+                    subscription.c.pk.label("subscription_pk"),
+                    subscription.c.kind,
+                    subscription.c.owner,
+                    subscription.c.url,
+                    subscription.c.secret,
+                    subscription.c.previous_secret,
+                    subscription.c.previous_secret_expires_at,
+                    event.c.id.label("event_id"),
+                    event.c.type,
+                    event.c.created_at,
+                    event.c.data,
+                )
+                .join(subscription, subscription.c.pk == _DELIVERY.c.subscription_pk)
+                .join(event, event.c.seq == _DELIVERY.c.event_seq)
+                .where(_DELIVERY.c.pk.in_(pks))
             )
         }
-        seqs = {d.event_seq for d in deliveries}
-        events = {
-            e.seq: e for e in session.exec(select(TaskEvent).where(col(TaskEvent.seq).in_(seqs)))
-        }
+        # notify_url deliveries are signed with their client's secret.
+        owners = {row.owner for row in rows.values() if row.kind == SubscriptionKind.task.value}
+        client_secrets = {owner: self._client_secret(session, owner) for owner in sorted(owners)}
         jobs = []
-        for delivery in deliveries:
-            subscription = subscriptions[delivery.subscription_pk]
-            event = events[delivery.event_seq]
-            assert subscription.pk is not None and delivery.pk is not None
-            if subscription.kind == SubscriptionKind.task.value:
-                owner_secret = self._client_secret(session, subscription.owner)
+        for pk in pks:
+            row = rows[pk]
+            if row.kind == SubscriptionKind.task.value:
+                own = client_secrets[row.owner]
                 secrets = _signing_secrets(
-                    owner_secret.secret,
-                    owner_secret.previous_secret,
-                    owner_secret.previous_secret_expires_at,
-                    now,
+                    own.secret, own.previous_secret, own.previous_secret_expires_at, now
                 )
             else:
                 secrets = _signing_secrets(
-                    subscription.secret,
-                    subscription.previous_secret,
-                    subscription.previous_secret_expires_at,
-                    now,
+                    row.secret, row.previous_secret, row.previous_secret_expires_at, now
                 )
+            body = {
+                "id": row.event_id,
+                "type": row.type,
+                "timestamp": isoformat(row.created_at),
+                "data": row.data,
+            }
             jobs.append(
                 DeliveryJob(
-                    delivery_pk=delivery.pk,
-                    delivery_id=delivery.id,
-                    subscription_pk=subscription.pk,
-                    url=subscription.url,
+                    delivery_pk=pk,
+                    delivery_id=row.id,
+                    subscription_pk=row.subscription_pk,
+                    url=row.url,
                     signing_secrets=secrets,
-                    event_id=event.id,
-                    body=envelope_bytes(event),
+                    event_id=row.event_id,
+                    body=json.dumps(body, separators=(",", ":")).encode("utf-8"),
                 )
             )
         return jobs
 
-    def record_attempt(self, job: DeliveryJob, worker: str, result: AttemptResult) -> Delivery:
+    def record_attempt(self, job: DeliveryJob, worker: str, result: AttemptResult) -> Recorded:
         """Log one attempt; then succeeded, scheduled again, or dead-lettered. A 410 Gone
         disables the subscription."""
         (recorded,) = self.record_attempts([(job, result)], worker)
@@ -525,80 +547,131 @@ class Outbox:
 
     def record_attempts(
         self, attempts: Sequence[tuple[DeliveryJob, AttemptResult]], worker: str
-    ) -> list[Delivery | NotFound]:
+    ) -> list[Recorded | NotFound]:
         """:meth:`record_attempt` for many attempts in one transaction (the dispatcher
-        records what finished meanwhile together); NotFound for a delivery whose subscription
-        was deleted while it was being sent."""
+        records what finished meanwhile together), in Core SQL: one locking read, one INSERT of
+        the attempts, one UPDATE per delivery (sent as one batch); NotFound for a delivery whose
+        subscription was deleted while it was being sent."""
         with self.store.transaction(write=True) as session:
             pks = sorted({job.delivery_pk for job, _ in attempts})
-            rows = session.exec(
-                select(Delivery)
-                .where(col(Delivery.pk).in_(pks))
-                .order_by(col(Delivery.pk))
-                .with_for_update()
-            )
-            deliveries = {delivery.pk: delivery for delivery in rows}
+            current = {
+                row.pk: row
+                for row in session.execute(
+                    sa.select(
+                        _DELIVERY.c.pk,
+                        _DELIVERY.c.subscription_pk,
+                        _DELIVERY.c.attempts,
+                        _DELIVERY.c.lease_owner,
+                        _DELIVERY.c.lease_expires_at,
+                        _DELIVERY.c.next_attempt_at,
+                        _DELIVERY.c.status,
+                    )
+                    .where(_DELIVERY.c.pk.in_(pks))
+                    .order_by(_DELIVERY.c.pk)
+                    .with_for_update()
+                )
+            }
             now = self.clock()
-            recorded: list[Delivery | NotFound] = []
+            recorded: list[Recorded | NotFound] = []
+            states: dict[int, Recorded] = {}
+            updates: dict[int, dict[str, Any]] = {}
+            logged: list[dict[str, Any]] = []
+            gone: set[int] = set()  # subscriptions that answered 410
             for job, result in attempts:
-                delivery = deliveries.get(job.delivery_pk)
-                if delivery is None:
+                row = current.get(job.delivery_pk)
+                if row is None:
                     recorded.append(NotFound(f"Delivery {job.delivery_id} no longer exists."))
-                else:
-                    recorded.append(self._record(session, delivery, job, worker, result, now))
+                    continue
+                before = states.get(row.pk) or Recorded(
+                    row.status, row.attempts, row.lease_owner, None, row.next_attempt_at
+                )
+                state, values = self._settle(before, worker, result, now)
+                states[row.pk] = state
+                lease = row.lease_expires_at if state.lease_owner is not None else None
+                updates[row.pk] = {
+                    "d_pk": row.pk,
+                    **{f"b_{name}": value for name, value in values.items()},
+                    "b_lease_expires_at": lease,
+                }
+                if result.status_code == 410:
+                    gone.add(row.subscription_pk)
+                logged.append(
+                    {
+                        "delivery_pk": row.pk,
+                        "attempted_at": now,
+                        "status_code": result.status_code,
+                        "duration_ms": result.duration_ms,
+                        "response_body": (result.response_body or "")[:RESPONSE_BODY_CAP] or None,
+                        "error": result.error,
+                    }
+                )
+                recorded.append(state)
+            if logged:
+                session.execute(sa.insert(_ATTEMPT), logged)
+                session.execute(
+                    sa.update(_DELIVERY)
+                    .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
+                    .values(
+                        status=sa.bindparam("b_status"),
+                        attempts=sa.bindparam("b_attempts"),
+                        last_status_code=sa.bindparam("b_last_status_code"),
+                        last_error=sa.bindparam("b_last_error"),
+                        next_attempt_at=sa.bindparam("b_next_attempt_at"),
+                        lease_owner=sa.bindparam("b_lease_owner"),
+                        lease_expires_at=sa.bindparam("b_lease_expires_at"),
+                        delivered_at=sa.bindparam("b_delivered_at"),
+                        updated_at=now,
+                    ),
+                    [updates[pk] for pk in sorted(updates)],
+                )
+            if gone:
+                session.execute(
+                    sa.update(_SUBSCRIPTION)
+                    .where(_SUBSCRIPTION.c.pk.in_(sorted(gone)))
+                    .values(
+                        enabled=False,
+                        disabled_reason="the subscriber answered 410 Gone",
+                        updated_at=now,
+                    )
+                )
             return recorded
 
-    def _record(
-        self,
-        session: Session,
-        delivery: Delivery,
-        job: DeliveryJob,
-        worker: str,
-        result: AttemptResult,
-        now: datetime,
-    ) -> Delivery:
-        session.add(
-            DeliveryAttempt(
-                delivery_pk=job.delivery_pk,
-                attempted_at=now,
-                status_code=result.status_code,
-                duration_ms=result.duration_ms,
-                response_body=(result.response_body or "")[:RESPONSE_BODY_CAP] or None,
-                error=result.error,
-            )
-        )
-        delivery.attempts += 1
-        delivery.last_status_code = result.status_code
-        delivery.last_error = result.error
-        delivery.updated_at = now
-        if delivery.lease_owner == worker:
-            delivery.lease_owner = None
-            delivery.lease_expires_at = None
+    def _settle(
+        self, before: Recorded, worker: str, result: AttemptResult, now: datetime
+    ) -> tuple[Recorded, dict[str, Any]]:
+        """A delivery after one more attempt: the new state, and the columns to write."""
+        attempts = before.attempts + 1
+        owner = None if before.lease_owner == worker else before.lease_owner
+        status, due, error = DeliveryStatus.pending.value, before.next_attempt_at, result.error
+        delivered_at = None
         if result.succeeded:
-            delivery.status = DeliveryStatus.succeeded.value
-            delivery.delivered_at = now
+            status, delivered_at = DeliveryStatus.succeeded.value, now
         elif result.status_code == 410:
-            delivery.status = DeliveryStatus.dead.value
-            delivery.last_error = "The subscriber answered 410 Gone: subscription disabled."
-            subscription = session.get(Subscription, delivery.subscription_pk)
-            if subscription is not None:
-                subscription.enabled = False
-                subscription.disabled_reason = "the subscriber answered 410 Gone"
-                subscription.updated_at = now
-                session.add(subscription)
-        elif delivery.attempts < len(self.schedule):
-            wait = self.schedule[delivery.attempts]
-            delivery.next_attempt_at = now + timedelta(seconds=wait)
+            status = DeliveryStatus.dead.value
+            error = "The subscriber answered 410 Gone: subscription disabled."
+        elif attempts < len(self.schedule):
+            due = now + timedelta(seconds=self.schedule[attempts])
         else:
-            delivery.status = DeliveryStatus.dead.value
-        session.add(delivery)
-        return delivery
+            status = DeliveryStatus.dead.value
+        state = Recorded(status, attempts, owner, result.status_code, due)
+        values = {
+            "status": status,
+            "attempts": attempts,
+            "last_status_code": result.status_code,
+            "last_error": error,
+            "next_attempt_at": due,
+            "lease_owner": owner,
+            "delivered_at": delivered_at,
+        }
+        return state, values
 
-    def extend_lease(self, delivery_pk: int, worker: str, lease_seconds: float) -> None:
-        """Keep holding a delivery that is still being sent."""
+    def extend_leases(self, delivery_pks: Sequence[int], worker: str, lease_seconds: float) -> None:
+        """Keep holding deliveries that are still being sent (those this worker still owns)."""
+        if not delivery_pks:
+            return
         statement = (
-            sa.update(Delivery)
-            .where(col(Delivery.pk) == delivery_pk, col(Delivery.lease_owner) == worker)
+            sa.update(_DELIVERY)
+            .where(_DELIVERY.c.pk.in_(sorted(delivery_pks)), _DELIVERY.c.lease_owner == worker)
             .values(lease_expires_at=self.clock() + timedelta(seconds=lease_seconds))
         )
         with self.store.transaction(write=True) as session:
