@@ -39,6 +39,10 @@ from service.signing import new_webhook_secret
 from service.store import Store, could_be_issued, decode_cursor, encode_cursor, new_id
 
 PROGRESS_DELAY = timedelta(seconds=1)
+# How often a claim moves aside the deliveries that are due but cannot go (see _move_aside), and
+# how long a disabled subscription's deliveries are put off each time.
+MOVE_ASIDE_EVERY = timedelta(seconds=1)
+DISABLED_PUT_OFF = timedelta(hours=1)
 # How many rows past its limit a claim looks at, to fill its slots from subscribers with room.
 CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
@@ -265,6 +269,7 @@ class Outbox:
     def __init__(self, store: Store, *, schedule: Sequence[float] = DEFAULT_SCHEDULE) -> None:
         self.store = store
         self.schedule = tuple(schedule)
+        self._moved_aside_at: datetime | None = None
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -336,6 +341,16 @@ class Outbox:
                 setattr(subscription, name, value)
             if changes.get("enabled") is True:
                 subscription.disabled_reason = None
+                # Its deliveries were put off while it was disabled (_move_aside): due now.
+                session.execute(
+                    sa.update(_DELIVERY)
+                    .where(
+                        _DELIVERY.c.subscription_pk == subscription.pk,
+                        _DELIVERY.c.status == DeliveryStatus.pending.value,
+                        _DELIVERY.c.next_attempt_at > self.clock(),
+                    )
+                    .values(next_attempt_at=self.clock())
+                )
             elif changes.get("enabled") is False:
                 subscription.disabled_reason = "disabled through the API"
             subscription.updated_at = self.clock()
@@ -459,6 +474,9 @@ class Outbox:
             .with_for_update(skip_locked=True, of=delivery)
         )
         with self.store.transaction(write=True) as session:
+            if self._moved_aside_at is None or now - self._moved_aside_at >= MOVE_ASIDE_EVERY:
+                self._move_aside(session, now)
+                self._moved_aside_at = now
             chosen: list[int] = []
             taken: dict[int, int] = {}
             for pk, subscription_pk in session.execute(statement):
@@ -476,6 +494,53 @@ class Outbox:
                 .values(lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds))
             )
             return self._jobs(session, chosen, now)
+
+    @staticmethod
+    def _move_aside(session: Session, now: datetime) -> int:
+        """Put off the deliveries that are due but cannot go, so that claims stop reading them:
+        those held behind an earlier event of their task that waits for a retry (until that
+        retry: they cannot go before it), and those of a disabled subscription (for
+        ``DISABLED_PUT_OFF``; enabling it again makes them due at once). Without this, a flaky
+        or disabled subscriber's backlog was read by every claim, which grew with it.
+
+        Rows another process holds are skipped (SKIP LOCKED); a held delivery put off until
+        its head's retry while another process settled the head early is late, never out of
+        order. Returns how many deliveries were put off."""
+        delivery, head = _DELIVERY, _DELIVERY.alias("head")
+        head_due = (
+            sa.select(sa.func.min(head.c.next_attempt_at))
+            .where(
+                head.c.subscription_pk == delivery.c.subscription_pk,
+                head.c.task_pk == delivery.c.task_pk,
+                head.c.event_seq < delivery.c.event_seq,
+                head.c.status == DeliveryStatus.pending.value,
+                head.c.next_attempt_at > now,
+            )
+            .scalar_subquery()
+        )
+        disabled = _SUBSCRIPTION.c.enabled.is_(False)
+        rows = session.execute(
+            sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
+            .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
+            .where(
+                delivery.c.status == DeliveryStatus.pending.value,
+                delivery.c.next_attempt_at <= now,
+                sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
+                sa.or_(disabled, head_due.is_not(None)),
+            )
+            .with_for_update(skip_locked=True, of=delivery)
+        ).all()
+        if rows:
+            session.execute(
+                sa.update(_DELIVERY)
+                .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
+                .values(next_attempt_at=sa.bindparam("due")),
+                [
+                    {"d_pk": pk, "due": due if enabled else now + DISABLED_PUT_OFF}
+                    for pk, enabled, due in sorted(rows)
+                ],
+            )
+        return len(rows)
 
     def _jobs(self, session: Session, pks: Sequence[int], now: datetime) -> list[DeliveryJob]:
         """What the dispatcher needs to send each delivery, in the order of ``pks``."""
@@ -760,6 +825,19 @@ class Outbox:
             delivery.next_attempt_at = now
             delivery.updated_at = now
             session.add(delivery)
+            # The task's later events held behind this one were put off until its next retry
+            # (_move_aside); it goes now, so they may follow it at once.
+            session.execute(
+                sa.update(_DELIVERY)
+                .where(
+                    _DELIVERY.c.subscription_pk == delivery.subscription_pk,
+                    _DELIVERY.c.task_pk == delivery.task_pk,
+                    _DELIVERY.c.event_seq > delivery.event_seq,
+                    _DELIVERY.c.status == DeliveryStatus.pending.value,
+                    _DELIVERY.c.next_attempt_at > now,
+                )
+                .values(next_attempt_at=now)
+            )
             return delivery
 
     def replay(

@@ -654,3 +654,87 @@ async def test_attempts_finished_together_are_recorded_in_one_go(harness: Harnes
     assert not isinstance(ok, Exception) and ok.status == "succeeded" and ok.lease_owner is None
     assert not isinstance(failed, Exception) and failed.status == "pending"
     assert failed.attempts == 1 and failed.last_status_code == 500
+
+
+def _pending(harness: Harness) -> list[tuple[str, float]]:
+    """Every pending delivery's event type and seconds until it is due, in event order."""
+    import sqlalchemy as sa
+
+    from service.models import Delivery
+
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    now = harness.clock.now()
+    with harness.runtime.store.engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(table.c.event_type, table.c.next_attempt_at)
+            .where(table.c.status == "pending")
+            .order_by(table.c.event_seq)
+        ).all()
+    return [(kind, round((due - now).total_seconds(), 1)) for kind, due in rows]
+
+
+async def test_events_held_behind_a_retry_are_put_aside_until_it_then_follow_in_order(
+    harness: Harness,
+) -> None:
+    """A claim must not read, again and again, deliveries that cannot go: a task's events
+    held behind an earlier one waiting for its retry are put off until that retry."""
+    await harness.subscribe("flaky")
+    harness.receiver.status["flaky"] = 500
+    task_id = await harness.track()
+    await harness.deliver()  # task.submitted fails: retry in 5 s
+    harness.update(task_id, TaskStatus.succeeded)
+    assert _pending(harness) == [("task.submitted", 5.0), ("task.succeeded", 0.0)]
+    harness.clock.advance(1.5)  # a claim later, the held event waits for the retry too
+    assert await harness.deliver() == 0
+    assert _pending(harness) == [("task.submitted", 3.5), ("task.succeeded", 3.5)]
+    harness.receiver.status["flaky"] = 200
+    harness.clock.advance(3.5)
+    assert await harness.deliver() == 2  # the retry, then at once the event behind it
+    assert [e["type"] for e in harness.receiver.events("flaky")] == [
+        "task.submitted",
+        "task.submitted",
+        "task.succeeded",
+    ]
+    assert _pending(harness) == []
+
+
+async def test_a_manual_retry_brings_the_events_held_behind_it_along(harness: Harness) -> None:
+    subscription = await harness.subscribe("dead")
+    harness.receiver.status["dead"] = 500
+    outbox = harness.runtime.outbox
+    outbox.schedule = (0.0, 3600.0)  # one retry, an hour later, then dead
+    task_id = await harness.track()
+    await harness.deliver()
+    harness.update(task_id, TaskStatus.succeeded)
+    harness.clock.advance(1.5)
+    await harness.deliver()
+    assert _pending(harness) == [("task.submitted", 3598.5), ("task.succeeded", 3598.5)]
+    listed = await harness.client.get(
+        f"/v1/subscriptions/{subscription['id']}/deliveries?status=pending", headers=auth()
+    )
+    head = next(d for d in listed.json()["data"] if d["event_type"] == "task.submitted")
+    harness.receiver.status["dead"] = 200
+    retried = await harness.client.post(f"/v1/deliveries/{head['id']}/retry", headers=auth())
+    assert retried.status_code == 202
+    assert await harness.deliver() == 2  # not an hour later
+    assert [e["type"] for e in harness.receiver.events("dead")][-2:] == [
+        "task.submitted",
+        "task.succeeded",
+    ]
+
+
+async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_enabled(
+    harness: Harness,
+) -> None:
+    subscription = await harness.subscribe("paused")
+    path = f"/v1/subscriptions/{subscription['id']}"
+    for _ in range(3):
+        await harness.track()
+    await harness.client.patch(path, json={"enabled": False}, headers=auth())  # owed, paused
+    assert await harness.deliver() == 0
+    assert _pending(harness) == [("task.submitted", 3600.0)] * 3
+    enabled = await harness.client.patch(path, json={"enabled": True}, headers=auth())
+    assert enabled.status_code == 200
+    assert _pending(harness) == [("task.submitted", 0.0)] * 3
+    assert await harness.deliver() == 3
+    assert len(harness.receiver.received["paused"]) == 3
