@@ -4,13 +4,26 @@ SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so a co
 survives a crash, a busy timeout, foreign keys on, and write transactions that take the write
 lock up front (``BEGIN IMMEDIATE``): a read-then-write transaction can then never fail halfway
 on a lock upgrade. PostgreSQL uses psycopg 3 with a connection pool and pre-ping.
+
+Storage faults are translated here, at the driver boundary, for both stores: a full disk, a
+read-only database and a failing disk become :class:`~service.errors.StoreFull`,
+:class:`~service.errors.StoreReadOnly` and :class:`~service.errors.StoreIOError` (each a
+:class:`~service.errors.StoreUnavailable`: nothing was recorded, never a 2xx), logged once when
+they begin, and remembered per engine until a write check (:func:`check_writes`, run by the
+readiness probe) finds writes working again. ``migrate`` refuses a SQLite file or folder that
+cannot be written before anything starts.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sqlite3
+import tempfile
+import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,10 +35,48 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
+from service.errors import (
+    StorageFault,
+    StoreFull,
+    StoreIOError,
+    StoreReadOnly,
+    StoreUnavailable,
+)
+
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 WRITE_OPTION = "taskrelay_write"
+
+# SQLite's primary result codes (the low byte of an extended code such as SQLITE_IOERR_WRITE).
+SQLITE_READONLY = 8
+SQLITE_IOERR = 10
+SQLITE_FULL = 13
+# PostgreSQL's SQLSTATEs for the same faults.
+PG_DISK_FULL = "53100"
+PG_READ_ONLY_TRANSACTION = "25006"
+PG_IO_ERROR = "58030"
+# After a fault, the write check wants this much room before it calls the store writable
+# again: a full disk frees a few bytes now and then, and SQLite's write-ahead log reuses its
+# own space, so that one small write succeeding says little about the next batch.
+MIN_FREE_BYTES = 1 << 20
+MIN_FREE_PAGES = 64
+
+FULL_MESSAGE = (
+    "The database disk is full: free space on it (or raise its quota). Nothing was recorded; "
+    "writes work again as soon as there is room, so retry later."
+)
+READ_ONLY_MESSAGE = (
+    "The database is read-only: make its file, folder and file system writable again. "
+    "Nothing was recorded; retry later."
+)
+IO_ERROR_MESSAGE = (
+    "The database's disk failed (disk I/O error): check the disk and the file system holding "
+    "the database. Nothing was recorded; retry later."
+)
+_WRITE_REFUSED = (errno.EROFS, errno.EPERM, errno.EACCES)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OPENED_READ_ONLY = "taskrelay_opened_read_only"
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -52,20 +103,24 @@ def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FUL
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         _configure_sqlite(engine, sqlite_synchronous)
-        return engine
-    return sa.create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
-    )
+    else:
+        engine = sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": 5},
+        )
+    _translate_storage_faults(engine)
+    return engine
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+    path = sqlite_path(engine.url.render_as_string(hide_password=False))
+
     @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    def on_connect(dbapi_connection: sqlite3.Connection, record: Any) -> None:
         # Let SQLAlchemy's "begin" hook below issue BEGIN itself (pysqlite's own is too late).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -74,6 +129,16 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
+        if path is not None and _write_refused(path) is not None:
+            # SQLite opened the file read-only (it could not open it for writing): fine for
+            # reads, but it would stay read-only once the file is writable again.
+            record.info[_OPENED_READ_ONLY] = True
+
+    @event.listens_for(engine, "checkout")
+    def on_checkout(dbapi_connection: sqlite3.Connection, record: Any, proxy: Any) -> None:
+        if record.info.get(_OPENED_READ_ONLY) and path is not None and not _write_refused(path):
+            # The file is writable again: the pool replaces this connection with a new one.
+            raise sa.exc.DisconnectionError("the SQLite file is writable again")
 
     @event.listens_for(engine, "begin")
     def on_begin(connection: sa.Connection) -> None:
@@ -117,11 +182,251 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 
 def migrate(database_url: str, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` (creating the SQLite file and folder if needed)."""
+    """Bring the schema up to ``revision`` (creating the SQLite file and folder if needed).
+
+    A SQLite file or folder that cannot be written stops this first, with a
+    :class:`StoreReadOnly` (or :class:`StoreFull`) naming it and the cause: a store already at
+    ``revision`` needs no write to migrate, and would otherwise start and refuse every write."""
     path = sqlite_path(database_url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_writable(path)
     command.upgrade(alembic_config(database_url), revision)
+
+
+def check_sqlite_writable(path: Path) -> None:
+    """Refuse a SQLite database that cannot be written: its folder (SQLite creates its -wal and
+    -shm files there), the file and its -wal and -shm files if they exist. The checks write for
+    real (open for writing, create a file): permission bits, which root ignores, are not asked,
+    while a read-only mount or an immutable file refuses root too."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _refusal(f"cannot create the database folder {folder}", exc) from exc
+    for name in (path, _sidecar(path, "-wal"), _sidecar(path, "-shm")):
+        try:
+            descriptor = os.open(name, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            what = "the database file" if name == path else "SQLite's file"
+            raise _refusal(f"cannot write to {what} {name}", exc) from exc
+        os.close(descriptor)
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".taskrelay-write-check-")
+    except OSError as exc:
+        raise _refusal(
+            f"cannot write to the database folder {folder} (SQLite keeps its -wal and -shm "
+            "files beside the database)",
+            exc,
+        ) from exc
+    os.close(descriptor)
+    os.unlink(probe)
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if free < MIN_FREE_BYTES:
+        log.warning(
+            "the disk holding %s has %d bytes free: writes will be refused (507 store_full) "
+            "once it is full",
+            folder,
+            free,
+        )
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _refusal(what: str, exc: OSError) -> StorageFault:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in _NO_SPACE:
+        return StoreFull(f"{what}: the disk is full ({reason})")
+    return StoreReadOnly(f"{what}: read-only ({reason})")
+
+
+# --- storage faults -----------------------------------------------------------------------
+
+
+def storage_fault(exc: BaseException, sqlite_file: Path | None = None) -> StorageFault | None:
+    """The typed error for a driver error that says the storage itself refused: disk full,
+    read-only, I/O error; ``None`` for anything else (a lock, a lost connection, a constraint).
+
+    SQLite reports a write the operating system refused for want of permission (a file system
+    remounted read-only, an immutable file) as a plain I/O error; with ``sqlite_file`` given,
+    an I/O error is checked against the file and becomes :class:`StoreReadOnly` when opening
+    it for writing is refused."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        text = str(exc).lower()
+        details = {"reason": getattr(exc, "sqlite_errorname", None) or type(exc).__name__}
+        if primary == SQLITE_FULL or "database or disk is full" in text:
+            return StoreFull(FULL_MESSAGE, details=details)
+        if primary == SQLITE_READONLY or "readonly database" in text:
+            return StoreReadOnly(READ_ONLY_MESSAGE, details=details)
+        if primary == SQLITE_IOERR or "disk i/o error" in text:
+            if sqlite_file is not None and _write_refused(sqlite_file) is not None:
+                return StoreReadOnly(READ_ONLY_MESSAGE, details=details)
+            return StoreIOError(IO_ERROR_MESSAGE, details=details)
+        return None
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        return None
+    details = {"reason": f"SQLSTATE {sqlstate}"}
+    if sqlstate == PG_DISK_FULL:
+        return StoreFull(FULL_MESSAGE, details=details)
+    if sqlstate == PG_READ_ONLY_TRANSACTION:
+        return StoreReadOnly(READ_ONLY_MESSAGE, details=details)
+    if sqlstate == PG_IO_ERROR:
+        return StoreIOError(IO_ERROR_MESSAGE, details=details)
+    return None
+
+
+def _write_refused(path: Path) -> OSError | None:
+    """Why the SQLite file (or its -wal) cannot be opened for writing, if it cannot."""
+    for name in (path, _sidecar(path, "-wal")):
+        try:
+            descriptor = os.open(name, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno in _WRITE_REFUSED:
+                return exc
+            continue
+        os.close(descriptor)
+    return None
+
+
+class StorageHealth:
+    """The storage fault an engine last saw, until a write check finds writes working again.
+    Logs one line when a fault begins (or changes kind) and one when it ends, however many
+    requests fail in between (each of those logs its own one-line answer)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._lock = threading.Lock()
+        self.fault: StorageFault | None = None
+
+    def record(self, fault: StorageFault, cause: object = None) -> None:
+        with self._lock:
+            previous, self.fault = self.fault, fault
+        if previous is None or previous.code != fault.code:
+            reason = fault.details.get("reason") if isinstance(fault.details, dict) else None
+            found = f" ({reason}: {cause})" if cause is not None else ""
+            log.error(
+                "database storage fault on %s: %s%s; writes answer %d %s until it is fixed, "
+                "reads still work",
+                self.where,
+                fault.message,
+                found,
+                fault.status,
+                fault.code,
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            previous, self.fault = self.fault, None
+        if previous is not None:
+            log.warning("database writes work again on %s (%s is over)", self.where, previous.code)
+
+
+_HEALTH: weakref.WeakKeyDictionary[Engine, StorageHealth] = weakref.WeakKeyDictionary()
+
+
+def storage_health(engine: Engine) -> StorageHealth | None:
+    """The fault record of an engine made by :func:`make_engine` (None for any other)."""
+    return _HEALTH.get(engine)
+
+
+def _describe(engine: Engine) -> str:
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        path = sqlite_path(url.render_as_string(hide_password=False))
+        return f"SQLite file {os.path.abspath(path) if path is not None else ':memory:'}"
+    return f"PostgreSQL database {url.database} on {url.host or 'localhost'}:{url.port or 5432}"
+
+
+def _translate_storage_faults(engine: Engine) -> None:
+    health = StorageHealth(_describe(engine))
+    _HEALTH[engine] = health
+    path = sqlite_path(engine.url.render_as_string(hide_password=False))
+
+    @event.listens_for(engine, "handle_error")
+    def on_error(context: sa.engine.ExceptionContext) -> BaseException | None:
+        original = context.original_exception
+        fault = storage_fault(original, path)
+        if fault is None:
+            return None
+        refused = _write_refused(path) if path is not None else None
+        cause = f"{original}; opening it for writing: {refused.strerror}" if refused else original
+        health.record(fault, cause)
+        if isinstance(fault, StoreReadOnly):
+            # A connection SQLite opened read-only stays so, and a PostgreSQL connection to a
+            # standby stays there: let the pool open new ones, which see the storage as it is.
+            context.is_disconnect = True
+        return fault
+
+
+def check_writes(engine: Engine) -> None:
+    """While the engine's last storage fault stands, check whether writes work again: raise
+    the :class:`StorageFault` if not, forget the fault if so. Costs nothing when no fault was
+    seen, so a frequent readiness probe stays cheap.
+
+    SQLite: at least ``MIN_FREE_BYTES`` free on the file's disk, room for ``MIN_FREE_PAGES``
+    more pages under the connection's ``max_page_count``, and a committed write (the header's
+    ``user_version``, rewritten unchanged). PostgreSQL: the server is not a standby and
+    accepts read-write transactions (a full PostgreSQL disk shows in the writes' 507s)."""
+    health = _HEALTH.get(engine)
+    if health is None or health.fault is None:
+        return
+    try:
+        with engine.connect() as connection:
+            if engine.dialect.name == "sqlite":
+                _check_sqlite_writes(connection, health)
+            else:
+                _check_postgresql_writes(connection, health)
+    except sa.exc.DBAPIError as exc:  # busy, or gone: no verdict on the storage
+        raise StoreUnavailable(
+            "The database did not answer the write check; nothing was recorded. Retry shortly.",
+            details={"reason": type(exc.orig).__name__ if exc.orig else type(exc).__name__},
+        ) from exc
+    health.clear()
+
+
+def _check_sqlite_writes(connection: sa.Connection, health: StorageHealth) -> None:
+    path = sqlite_path(connection.engine.url.render_as_string(hide_password=False))
+    if path is not None:
+        stats = os.statvfs(path.parent)
+        free = stats.f_bavail * stats.f_frsize
+        if free < MIN_FREE_BYTES:
+            fault = StoreFull(FULL_MESSAGE, details={"reason": "free space"})
+            health.record(fault, f"{free} bytes free, the write check wants {MIN_FREE_BYTES}")
+            raise fault
+
+    def pragma(name: str) -> int:
+        return int(connection.exec_driver_sql(f"PRAGMA {name}").scalar_one())
+
+    room = pragma("max_page_count") - pragma("page_count") + pragma("freelist_count")
+    if room < MIN_FREE_PAGES:
+        fault = StoreFull(FULL_MESSAGE, details={"reason": "max_page_count"})
+        health.record(fault, f"room for {room} more pages, the write check wants {MIN_FREE_PAGES}")
+        raise fault
+    connection.rollback()  # end the read the PRAGMAs began; the write takes the lock up front
+    connection.execution_options(**{WRITE_OPTION: True})
+    with connection.begin():
+        version = pragma("user_version")
+        connection.exec_driver_sql(f"PRAGMA user_version = {version}")
+
+
+def _check_postgresql_writes(connection: sa.Connection, health: StorageHealth) -> None:
+    standby, read_only = connection.exec_driver_sql(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+    ).one()
+    connection.rollback()
+    if standby or read_only == "on":
+        fault = StoreReadOnly(READ_ONLY_MESSAGE, details={"reason": "read-only server"})
+        health.record(fault, "a standby" if standby else "default_transaction_read_only is on")
+        raise fault
 
 
 def downgrade(database_url: str, revision: str) -> None:
@@ -130,7 +435,12 @@ def downgrade(database_url: str, revision: str) -> None:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema's Alembic revision (``None`` for an empty database); a plain query, so a
-    frequent readiness probe stays cheap and quiet."""
+    frequent readiness probe stays cheap and quiet.
+
+    On an engine whose storage refused a write, :func:`check_writes` runs first and raises the
+    :class:`StorageFault` while writes still fail: /readyz, which asks for the revision, must
+    not say ready while every callback would be refused."""
+    check_writes(engine)
     with engine.connect() as connection:
         if not sa.inspect(connection).has_table("alembic_version"):
             return None

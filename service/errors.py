@@ -141,6 +141,38 @@ class StoreUnavailable(TaskRelayError):
     code = "store_unavailable"
 
 
+class StorageFault(StoreUnavailable):
+    """The database's storage refused the write: its disk is full, it is read-only, or it
+    failed. Nothing was recorded. Unlike a brief outage this lasts until an operator acts, so
+    ``retry_after`` asks for a longer wait. A :class:`StoreUnavailable`, so every caller that
+    handles an outage (never a 2xx for what was not stored) handles this alike."""
+
+    status = 503
+    code = "store_storage_fault"
+    retry_after = 30.0
+
+
+class StoreFull(StorageFault):
+    """The disk holding the database (or its quota) is full: 507 Insufficient Storage (RFC
+    4918 §11.5), a server error any sender retries, that says exactly what is wrong."""
+
+    status = 507
+    code = "store_full"
+
+
+class StoreReadOnly(StorageFault):
+    """The database file, its folder or its file system cannot be written (or a PostgreSQL
+    server refuses writes: a standby)."""
+
+    code = "store_read_only"
+
+
+class StoreIOError(StorageFault):
+    """The disk failed a read or a write (an I/O error)."""
+
+    code = "store_io_error"
+
+
 class StreamCapacityReached(TaskRelayError):
     """This process serves as many open event streams as it may (503): another replica, or
     this one a little later (``retry_after`` seconds), can take the stream."""

@@ -149,12 +149,15 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
 async def handle_taskrelay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TaskRelayError)
     if exc.status >= 500:
+        # One line per failed request, never a traceback: the message says what is wrong (a
+        # full or read-only database, an outage) in the words the client gets too.
         log.warning(
-            "request failed: %s %s -> %s %s",
+            "request failed: %s %s -> %s %s: %s",
             request.method,
             route_path(request),
             exc.status,
             exc.code,
+            exc.message,
         )
     return error_response(exc)
 
