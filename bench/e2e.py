@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -48,10 +47,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -74,6 +73,7 @@ from bench.ingest import (
     percentile,
     profile_markdown,
     read_back,
+    run_async,
     service_environment,
     service_revision,
     summarise_profile,
@@ -99,8 +99,6 @@ DRAIN_QUIET_SECONDS = 20.0
 DRAIN_POLL_SECONDS = 0.25
 # The generator's own lag (sending later than due) above which its results are flagged.
 GENERATOR_LAG_WARNING_MS = 5.0
-
-T = TypeVar("T")
 
 
 def code_fingerprint() -> str:
@@ -195,16 +193,6 @@ def subscriber_records(subscriber: ServerProcess, since: int) -> list[list[Any]]
     answer = httpx.get(f"{subscriber.url}/_records", params={"since": since}, timeout=60.0)
     records: list[list[Any]] = answer.json()["records"]
     return records
-
-
-def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """On uvloop when it is installed (cheaper per request), as bench/ingest.py does."""
-    if importlib.util.find_spec("uvloop") is not None:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coroutine)
-    return asyncio.run(coroutine)
 
 
 # --- tasks and their callbacks --------------------------------------------------------------------

@@ -69,12 +69,14 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import sqlalchemy as sa
 
 from service.db import migrate
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BARE_APP = Path(__file__).resolve().parent / "bare_app.py"
@@ -489,8 +491,9 @@ async def _open_loop(url: str, items: list[Callback], spec: LoadSpec) -> RawLoad
     return raw
 
 
-def _run(coroutine: Coroutine[Any, Any, RawLoad]) -> RawLoad:
-    """Run one generator on uvloop when it is installed (cheaper per request)."""
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine (a load generator) on uvloop when it is installed (cheaper per
+    request)."""
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
@@ -502,8 +505,8 @@ def _run(coroutine: Coroutine[Any, Any, RawLoad]) -> RawLoad:
 def httpx_generator(url: str, items: list[Callback], spec: LoadSpec) -> RawLoad:
     """One generator process's share of a phase (also the entry point in worker processes)."""
     if spec.mode == "closed":
-        return _run(_closed_loop(url, items, spec))
-    return _run(_open_loop(url, items, spec))
+        return run_async(_closed_loop(url, items, spec))
+    return run_async(_open_loop(url, items, spec))
 
 
 def run_httpx(url: str, items: list[Callback], spec: LoadSpec, processes: int) -> RawLoad:
@@ -1250,7 +1253,7 @@ def service_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{commit} (service/ modified)" if changed else commit
+    return f"{commit} (service/ or migrations/ modified)" if changed else commit
 
 
 def uvicorn_implementation() -> str:

@@ -82,6 +82,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from bench.ingest import service_revision
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
@@ -1978,28 +1979,6 @@ def as_json(results: list[DatabaseResult], run: dict[str, Any]) -> dict[str, Any
         item["plans"] = [{**asdict(plan), "summary": plan.summary} for plan in r.plans]
         out.append(item)
     return {"run": run, "databases": out}
-
-
-def service_revision() -> str:
-    """The commit measured, and whether the service's code differs from it (read-only git)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "service", "migrations"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (service/ or migrations/ modified)" if changed else commit
 
 
 # --- main -----------------------------------------------------------------------------------------
