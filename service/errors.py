@@ -135,10 +135,13 @@ class CallbackParseError(BadRequest):
 
 
 class StoreUnavailable(TaskRelayError):
-    """The database cannot be reached or refused the write: nothing was recorded."""
+    """The database cannot be reached or refused the write: nothing was recorded. Senders
+    are asked to come back in a couple of seconds (Retry-After), which a restarting database
+    or a failover usually takes."""
 
     status = 503
     code = "store_unavailable"
+    retry_after = 2.0
 
 
 class StorageFault(StoreUnavailable):

@@ -483,3 +483,174 @@ class BalancerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+# --- a private PostgreSQL server ----------------------------------------------------------------
+
+import glob  # noqa: E402  (this section was added after the others)
+import pwd  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def _postgres_bindir() -> Path | None:
+    """The folder with initdb, pg_ctl and postgres: ``TASKRELAY_TEST_PG_BINDIR``, else the
+    newest ``/usr/lib/postgresql/<version>/bin`` (Debian, Ubuntu), else the ``PATH``."""
+    candidates = [os.environ.get("TASKRELAY_TEST_PG_BINDIR", "")]
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda path: int(Path(path).parent.name) if Path(path).parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(str(Path(initdb).parent))
+    for candidate in candidates:
+        if candidate and all((Path(candidate) / b).is_file() for b in ("initdb", "pg_ctl")):
+            return Path(candidate)
+    return None
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (``initdb`` into a temporary folder), which a test
+    may stop and start again at will, unlike the shared one other tests use.
+
+    It listens on 127.0.0.1 only, on one port for its whole life (below the ephemeral range, so
+    no outgoing connection holds it while the server is down), with its Unix socket in its own
+    folder, trust authentication for the ``postgres`` role, and ``fsync=off`` for speed: a
+    stopped server, even one stopped with ``immediate`` (a crash), loses no committed
+    transaction that way, only a crash of the machine would. PostgreSQL refuses to run as root,
+    so when the tests run as root the server runs as the ``postgres`` OS user.
+    :meth:`unavailable` says why none can be run here (or None).
+    """
+
+    def __init__(self) -> None:
+        reason = self.unavailable()
+        if reason is not None:
+            raise RuntimeError(reason)
+        bindir = _postgres_bindir()
+        assert bindir is not None
+        self.bindir = bindir
+        self._as_user: list[str] = []
+        self.directory = Path(tempfile.mkdtemp(prefix="taskrelay-pg-"))
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.directory, account.pw_uid, account.pw_gid)
+            if shutil.which("runuser"):
+                self._as_user = ["runuser", "-u", "postgres", "--"]
+            else:
+                self._as_user = [
+                    "setpriv",
+                    f"--reuid={account.pw_uid}",
+                    f"--regid={account.pw_gid}",
+                    "--init-groups",
+                ]
+        self.data = self.directory / "data"
+        self.log_path = self.directory / "postgres.log"
+        self.port = self._pick_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        try:
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            )
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why no private server can run here, or None when one can."""
+        if _postgres_bindir() is None:
+            return (
+                "no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin, "
+                "on the PATH or in TASKRELAY_TEST_PG_BINDIR"
+            )
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                return "running as root and there is no 'postgres' OS user to run PostgreSQL as"
+            if not (shutil.which("runuser") or shutil.which("setpriv")):
+                return "running as root and neither runuser nor setpriv is available"
+        return None
+
+    @staticmethod
+    def _pick_port() -> int:
+        for _ in range(100):
+            port = random.randint(20_000, 32_000)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError("no free port for PostgreSQL")
+
+    def _run(self, binary: str, *args: str, timeout: float = 60.0) -> None:
+        command = [*self._as_user, str(self.bindir / binary), *args]
+        done = subprocess.run(
+            command,
+            cwd=self.directory,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise RuntimeError(f"{binary} {args[-1]} failed ({done.returncode}):\n{output}")
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def start(self) -> None:
+        """Start the server; returns once it accepts connections."""
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={self.directory} -c fsync=off "
+            "-c shared_buffers=16MB -c max_connections=60"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log_path),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` (sessions are ended, open transactions roll back) or
+        ``immediate`` (the processes are killed at once, as in a crash; the next start
+        recovers from the WAL). Returns once it is down."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        """Stop the server if it runs and delete its files."""
+        try:
+            if self.running:
+                self.stop("immediate")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
