@@ -204,14 +204,10 @@ def check_sqlite_writable(path: Path) -> None:
     except OSError as exc:
         raise _refusal(f"cannot create the database folder {folder}", exc) from exc
     for name in (path, _sidecar(path, "-wal"), _sidecar(path, "-shm")):
-        try:
-            descriptor = os.open(name, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
+        refused = _not_writable(name)
+        if refused is not None:
             what = "the database file" if name == path else "SQLite's file"
-            raise _refusal(f"cannot write to {what} {name}", exc) from exc
-        os.close(descriptor)
+            raise _refusal(f"cannot write to {what} {name}", refused)
     try:
         descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".taskrelay-write-check-")
     except OSError as exc:
@@ -283,18 +279,36 @@ def storage_fault(exc: BaseException, sqlite_file: Path | None = None) -> Storag
 
 
 def _write_refused(path: Path) -> OSError | None:
-    """Why the SQLite file (or its -wal) cannot be opened for writing, if it cannot."""
+    """Why the SQLite file (or its -wal) cannot be written, if it cannot."""
     for name in (path, _sidecar(path, "-wal")):
-        try:
-            descriptor = os.open(name, os.O_RDWR)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno in _WRITE_REFUSED:
-                return exc
-            continue
-        os.close(descriptor)
+        refused = _not_writable(name)
+        if refused is not None:
+            return refused
     return None
+
+
+def _not_writable(name: Path) -> OSError | None:
+    """Why an existing file cannot be written (None if it can, or does not exist).
+
+    Asked with access(2), never by opening the file: closing any descriptor of a SQLite file
+    releases every POSIX lock this process holds on it, SQLite's included, and another process
+    could then checkpoint and delete the write-ahead log under this one's connections (found by
+    tests/test_shutdown_e2e.py: a second process's commits stayed invisible until it exited).
+    access(2) also refuses root on a read-only file system (EROFS) and an immutable file
+    (EPERM), which is what matters here; permission bits, which root ignores, do not."""
+    if os.access(name, os.W_OK):
+        return None
+    try:
+        flags = os.statvfs(name).f_flag
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc
+    if flags & os.ST_RDONLY:
+        code = errno.EROFS
+    else:  # root is refused an immutable file; anyone else, the permission bits too
+        code = errno.EPERM if os.geteuid() == 0 else errno.EACCES
+    return OSError(code, os.strerror(code), str(name))
 
 
 class StorageHealth:

@@ -42,6 +42,7 @@ from service.db import (
     IO_ERROR_MESSAGE,
     READ_ONLY_MESSAGE,
     make_engine,
+    migrate,
     storage_fault,
 )
 from service.errors import StoreFull, StoreIOError, StoreReadOnly, StoreUnavailable
@@ -539,5 +540,32 @@ def test_engines_from_make_engine_translate_storage_faults(db_path: Path) -> Non
             connection.exec_driver_sql("PRAGMA query_only = ON")
             with pytest.raises(StoreReadOnly):
                 connection.exec_driver_sql("DELETE FROM task")
+    finally:
+        engine.dispose()
+
+
+def test_checking_the_file_never_releases_sqlites_locks(tmp_path: Path) -> None:
+    """The storage checks run while SQLite has the file open (a new pooled connection asks
+    whether the file is writable). Opening and closing a descriptor of the file would release
+    every POSIX lock this process holds on it: another process would then think itself the
+    last user, checkpoint the write-ahead log and delete it under this one's connections."""
+    path = tmp_path / "locks.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        holder = engine.connect()  # SQLite's shared lock on the file, held from here on
+        holder.exec_driver_sql("SELECT count(*) FROM task").all()
+        with engine.connect() as second, second.begin():  # a new connection: the checks run
+            second.exec_driver_sql("PRAGMA user_version = 7")
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        other = (
+            "import sqlite3, sys; "
+            "sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM task').fetchall()"
+        )
+        subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=30)
+        assert wal.exists(), "another process checkpointed and deleted the log under ours"
+        holder.close()
     finally:
         engine.dispose()
