@@ -9,13 +9,17 @@ import ctypes
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -62,12 +66,33 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_SECONDS = 0.0005
 M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 MALLOC_ARENAS = 2
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
+UPSTREAM_CONNECT_SECONDS = 5.0  # connecting (and waiting for a pooled connection) stays short
 UPSTREAM_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 READINESS_TIMEOUT_SECONDS = 3.0
-# On shutdown, how long background work in flight (status queries, submissions, deliveries)
-# may take to finish, after uvicorn's own grace for HTTP requests.
-WORKER_STOP_GRACE_SECONDS = 10.0
+# Graceful shutdown has one budget (TASKRELAY_SHUTDOWN_TIMEOUT, `serve --graceful-timeout`),
+# counted from SIGTERM/SIGINT. Requests in flight (uvicorn's drain) and background work in flight
+# (status queries, submissions, deliveries) share its first part, side by side; the rest is kept
+# for what must follow: recording what finished, cutting off the rest and releasing its leases,
+# flushing the writer, closing connections.
+SHUTDOWN_RESERVE_FRACTION = 0.2
+SHUTDOWN_RESERVE_MAX_SECONDS = 5.0
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def upstream_timeout(seconds: float) -> httpx.Timeout:
+    """Calls to providers: ``seconds`` (TASKRELAY_PROVIDER_TIMEOUT) for a read or a write."""
+    return httpx.Timeout(
+        connect=UPSTREAM_CONNECT_SECONDS,
+        read=seconds,
+        write=seconds,
+        pool=UPSTREAM_CONNECT_SECONDS,
+    )
+
+
+def shutdown_drain_seconds(total: float) -> float:
+    """Of a shutdown budget of ``total`` seconds, how long requests and background work in
+    flight may take to finish: the budget less a reserve (a fifth, at most 5 s) for the end."""
+    return total - min(SHUTDOWN_RESERVE_MAX_SECONDS, total * SHUTDOWN_RESERVE_FRACTION)
 
 
 async def healthz(request: Request) -> Response:
@@ -76,12 +101,17 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     runtime = runtime_of(request)
+
+    def check() -> str | None:
+        runtime.store.ping()
+        return current_revision(runtime.engine)
+
     try:
-        await asyncio.wait_for(
-            run_in_threadpool(runtime.store.ping), timeout=READINESS_TIMEOUT_SECONDS
+        # Both queries within the one timeout; the database may also go away between them.
+        revision = await asyncio.wait_for(
+            run_in_threadpool(check), timeout=READINESS_TIMEOUT_SECONDS
         )
-        revision = await run_in_threadpool(current_revision, runtime.engine)
-    except (StoreUnavailable, TimeoutError, OSError) as exc:
+    except (StoreUnavailable, TimeoutError, OSError, DBAPIError) as exc:
         reason = exc.message if isinstance(exc, TaskRelayError) else "database did not answer"
         return json_response({"status": "unavailable", "reason": reason}, status_code=503)
     except Exception:
@@ -135,9 +165,12 @@ def create_app(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     http_transport: httpx.AsyncBaseTransport | None = None,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
+    handle_signals: bool = False,
 ) -> Starlette:
     """Build the service. ``clock``, ``monotonic``, ``sleep`` and ``http_transport`` are seams
-    for tests (the sandbox, when mounted, runs on the same clock)."""
+    for tests (the sandbox, when mounted, runs on the same clock). With ``handle_signals`` (the
+    server's factory), SIGTERM and SIGINT begin the app's part of the graceful shutdown at once,
+    alongside the server's (see :func:`_chain_shutdown_signals`)."""
     if not settings.api_tokens:
         raise SettingsError(
             "TASKRELAY_API_TOKENS is empty: set it to name:token pairs, one per API client "
@@ -150,7 +183,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
         http = httpx.AsyncClient(
-            timeout=UPSTREAM_TIMEOUT,
+            timeout=upstream_timeout(settings.provider_timeout),
             limits=UPSTREAM_LIMITS,
             transport=http_transport,
             follow_redirects=False,
@@ -271,21 +304,60 @@ def create_app(
             },
         )
         if settings.scheduler:
+            if settings.provider_timeout >= settings.poll_lease:
+                log.warning(
+                    "TASKRELAY_PROVIDER_TIMEOUT (%g s) is not shorter than TASKRELAY_POLL_LEASE "
+                    "(%g s): a status query still running when its task's lease runs out is "
+                    "cut off and counted as failed",
+                    settings.provider_timeout,
+                    settings.poll_lease,
+                )
             await scheduler.start()
         if settings.dispatcher:
             await dispatcher.start()
+
+        loop = asyncio.get_running_loop()
+        drain_seconds = shutdown_drain_seconds(settings.shutdown_timeout)
+        shutdown_began: list[float] = []  # loop time, once it has begun
+        stopping: list[asyncio.Task[None]] = []
+
+        def begin_shutdown() -> None:
+            """The app's part of a graceful shutdown, from the moment it begins (idempotent).
+
+            Open event streams end now (their clients reconnect elsewhere with Last-Event-ID:
+            left open, each would hold the process for the whole drain). The scheduler and
+            the dispatcher stop claiming, and what they have in flight gets until the end of
+            the drain, side by side with the requests uvicorn is draining; then it is cut off
+            and its leases released."""
+            if shutdown_began:
+                return
+            shutdown_began.append(loop.time())
+            ended = event_signal.drain()
+            log.info(
+                "shutting down: within %g s (requests and work in flight: %g s)",
+                settings.shutdown_timeout,
+                drain_seconds,
+                extra={"streams_ended": ended},
+            )
+            if settings.scheduler:
+                stopping.append(loop.create_task(scheduler.stop(grace=drain_seconds)))
+            if settings.dispatcher:
+                stopping.append(loop.create_task(dispatcher.stop(grace=drain_seconds)))
+
+        restore_signals = (
+            _chain_shutdown_signals(loop, begin_shutdown) if handle_signals else _nothing
+        )
         try:
             yield
         finally:
-            # uvicorn has stopped accepting and finished the requests in flight. Status
-            # queries, submissions and deliveries in flight finish side by side within one
-            # grace; the leases of whatever is left are released for the next process.
-            stopping = [submitter.stop(grace=WORKER_STOP_GRACE_SECONDS)]
-            if settings.scheduler:
-                stopping.append(scheduler.stop(grace=WORKER_STOP_GRACE_SECONDS))
-            if settings.dispatcher:
-                stopping.append(dispatcher.stop(grace=WORKER_STOP_GRACE_SECONDS))
-            await asyncio.gather(*stopping)
+            # uvicorn has stopped accepting and finished (or cut off) the requests in flight.
+            # Without a signal (tests; a server stopping on its own) the shutdown begins here.
+            restore_signals()
+            begin_shutdown()
+            # Requests draining may still hand it tasks to send, so the submitter stops last,
+            # with what is left of the drain.
+            left = max(0.0, shutdown_began[0] + drain_seconds - loop.time())
+            await asyncio.gather(submitter.stop(grace=left), *stopping)
             await committer.stop()
             await event_signal.stop()
             await webhook_http.aclose()
@@ -324,6 +396,54 @@ def create_app(
     return app
 
 
+def _nothing() -> None:
+    pass
+
+
+def _chain_shutdown_signals(
+    loop: asyncio.AbstractEventLoop, begin: Callable[[], None]
+) -> Callable[[], None]:
+    """Have SIGTERM and SIGINT also call ``begin`` on ``loop``; returns the undo.
+
+    uvicorn's handlers (installed before the lifespan starts, in every worker process) only
+    set a flag: the server then stops accepting and waits for the open connections, and runs
+    the lifespan's shutdown only after they have closed or the graceful timeout cut them off.
+    An open event stream never closes by itself, and background work would only begin to stop
+    after the drain. The handler in place is kept and called too; uvicorn puts back its own
+    originals after serving anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        return _nothing  # signal handlers can only be set from the main thread
+    installed: dict[int, tuple[Any, Any]] = {}
+    for signum in SHUTDOWN_SIGNALS:
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue  # no graceful handler in place (default or ignored): leave it alone
+        handler = _chained(loop, begin, previous)
+        signal.signal(signum, handler)
+        installed[signum] = (previous, handler)
+
+    def restore() -> None:
+        for signum, (previous, handler) in installed.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, previous)
+
+    return restore
+
+
+def _chained(
+    loop: asyncio.AbstractEventLoop,
+    begin: Callable[[], None],
+    previous: Callable[[int, FrameType | None], Any],
+) -> Callable[[int, FrameType | None], None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the main thread (the loop's): hand over, do not run.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to stop
+            loop.call_soon_threadsafe(begin)
+        previous(signum, frame)
+
+    return handler
+
+
 def tune_process() -> None:
     """Process-wide settings for a threaded server (each uvicorn worker calls this once)."""
     # The GIL's hand-over interval (5 ms by default) is a floor on how long a thread that
@@ -343,7 +463,7 @@ def create_app_from_env() -> Starlette:
     """The uvicorn factory (``service.app:create_app_from_env``): settings from the environment."""
     tune_process()
     settings = load_settings()
-    app = create_app(settings)
+    app = create_app(settings, handle_signals=True)
     # Everything imported and built so far lives as long as the process: move it out of the
     # cyclic collector's way, so that its full collections, which otherwise walk it all, stop
     # adding ~25 ms to the occasional request (bench/store_scale.py: list p99 30 -> 6 ms).

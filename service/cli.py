@@ -13,7 +13,7 @@ from types import FrameType
 
 from service import __version__
 from service.db import current_revision, head_revision, make_engine, migrate, sqlite_path
-from service.errors import SettingsError
+from service.errors import SettingsError, StoreUnavailable
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
 
@@ -37,10 +37,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["TASKRELAY_PORT"] = str(args.port)
     if args.sandbox:
         os.environ["TASKRELAY_SANDBOX"] = "true"
+    if args.graceful_timeout is not None:
+        os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = f"{args.graceful_timeout:f}"
     settings = _settings()
     configure_logging(settings.log_level)
     if settings.is_sqlite or args.migrate:
-        migrate(settings.database_url)
+        try:
+            migrate(settings.database_url)
+        except StoreUnavailable as exc:  # read-only or full: say so, no traceback
+            print(f"taskrelay: {exc.message}", file=sys.stderr)
+            return 2
         log.info("database schema is up to date", extra={"database": _describe(settings)})
     else:
         problem = _schema_problem(settings)
@@ -48,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"taskrelay: {problem}", file=sys.stderr)
             return 2
     # Build once here so a bad configuration stops start-up before uvicorn starts.
-    from service.app import create_app
+    from service.app import create_app, shutdown_drain_seconds
 
     try:
         create_app(settings)
@@ -64,11 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes the requests in
-    # flight, then the app's lifespan finishes or releases its background work), then raises
+    # flight, then the app's lifespan finishes or releases its background work; the app begins
+    # its part at the signal itself: open event streams end, background work stops claiming),
+    # all within TASKRELAY_SHUTDOWN_TIMEOUT: uvicorn's drain gets the part the app gives the
+    # work in flight, the rest is the app's to record and release what was cut off. Then raises
     # the signal again for the handler it found, the default one, which kills the process:
     # an orchestrator would see "killed by SIGTERM" after a clean stop. Exit 0 instead. A
     # SIGTERM before uvicorn has installed its own handler (still starting) also stops here.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    drain = shutdown_drain_seconds(settings.shutdown_timeout)
     uvicorn.run(
         "service.app:create_app_from_env",
         factory=True,
@@ -78,10 +88,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         proxy_headers=True,
-        timeout_graceful_shutdown=args.graceful_timeout,
+        # Annotated int, used as a number of seconds (asyncio.wait_for): a float is kept exact.
+        timeout_graceful_shutdown=drain,  # type: ignore[arg-type]
         server_header=False,
     )
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    return value
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -114,7 +135,11 @@ def _describe(settings: Settings) -> str:
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level)
-    migrate(settings.database_url, args.revision)
+    try:
+        migrate(settings.database_url, args.revision)
+    except StoreUnavailable as exc:
+        print(f"taskrelay: {exc.message}", file=sys.stderr)
+        return 2
     print(f"taskrelay: database migrated to {args.revision} ({_describe(settings)})")
     return 0
 
@@ -172,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount the provider sandbox at /sandbox and point unconfigured providers at it",
     )
     serve.add_argument(
-        "--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight work"
+        "--graceful-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="the longest the whole shutdown on SIGTERM may take: requests and background work "
+        "in flight, then releasing what was cut off (default: TASKRELAY_SHUTDOWN_TIMEOUT or 30)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -23,7 +23,13 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service import observe
-from service.errors import Conflict, ProviderError, StoreUnavailable, UpstreamRateLimited
+from service.errors import (
+    Conflict,
+    ProviderError,
+    StoreUnavailable,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from service.lifecycle import TaskUpdate
 from service.loops import Ticker
 from service.metrics import Metrics
@@ -37,6 +43,11 @@ log = logging.getLogger(__name__)
 PASS_SECONDS = 2.0
 # On shutdown, how long status queries already sent may take to finish before they are cut off.
 STOP_GRACE_SECONDS = 10.0
+# A status query (with its wait for a free slot) ends this long before its task's poll lease
+# runs out, at most, to leave time to record the answer: a query still running then is cut off
+# and counted as failed, so no other process ever queries the task while this one still does.
+LEASE_MARGIN_SECONDS = 5.0
+LEASE_MARGIN_FRACTION = 0.2
 
 
 class ProviderPaused(Exception):
@@ -49,6 +60,11 @@ class ProviderPaused(Exception):
 
 class _Stopping(Exception):
     """The scheduler is stopping: a claimed task is handed back instead of being queried."""
+
+
+class _LeaseRunningOut(Exception):
+    """No slot came free for the query before the task's lease ran out: not asked, handed
+    back."""
 
 
 class ProviderLimiter:
@@ -171,26 +187,33 @@ class Scheduler:
     def wake(self) -> None:
         self._ticker.wake()
 
+    def _lease_until(self, claimed_at: float) -> float:
+        """When a query of a task claimed at ``claimed_at`` (loop time, taken before the claim)
+        must have ended: its lease less the margin to record the answer."""
+        margin = min(LEASE_MARGIN_SECONDS, self.lease_seconds * LEASE_MARGIN_FRACTION)
+        return claimed_at + self.lease_seconds - margin
+
     # --- passes -----------------------------------------------------------------------------
 
     async def run_once(self) -> int:
         """One pass over every provider's due tasks; returns how many were handled."""
-        claims: list[Claim] = []
+        claims: list[tuple[Claim, float]] = []
+        loop = asyncio.get_running_loop()
         for provider, limiter in self.limiters.items():
             if self._stopping:
                 break
             limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
-            claims.extend(
-                await run_in_threadpool(
-                    self.store.claim_due,
-                    provider,
-                    self.worker_id,
-                    limit=limit,
-                    lease_seconds=self.lease_seconds,
-                )
+            until = self._lease_until(loop.time())
+            batch = await run_in_threadpool(
+                self.store.claim_due,
+                provider,
+                self.worker_id,
+                limit=limit,
+                lease_seconds=self.lease_seconds,
             )
+            claims.extend((claim, until) for claim in batch)
         if claims:
-            jobs = [asyncio.create_task(self._handle(claim)) for claim in claims]
+            jobs = [asyncio.create_task(self._handle(claim, until)) for claim, until in claims]
             self._in_flight.update(jobs)
             try:
                 # A job cut off by stop() ends the pass like any other: not an error here.
@@ -209,10 +232,10 @@ class Scheduler:
             handled += found
         raise RuntimeError("the scheduler did not become idle")
 
-    async def _handle(self, claim: Claim) -> None:
+    async def _handle(self, claim: Claim, until: float | None = None) -> None:
         observe.bind(task_id=claim.task_id, provider=claim.provider)  # this job's own context
         try:
-            await self.poll(claim, worker=self.worker_id)
+            await self.poll(claim, worker=self.worker_id, until=until)
         except _Stopping:
             pass  # not asked: stop() hands the lease back
         except StoreUnavailable:
@@ -220,15 +243,24 @@ class Scheduler:
         except Exception:
             log.exception("poll of %s failed", claim.task_id)
 
-    async def poll(self, claim: Claim, *, worker: str | None) -> PollOutcome:
+    async def poll(
+        self, claim: Claim, *, worker: str | None, until: float | None = None
+    ) -> PollOutcome:
         """Ask the provider about one task and record the answer; past the deadline, expire
-        the task unless that last answer was final."""
+        the task unless that last answer was final. ``until`` (loop time) bounds the query,
+        its wait for a slot included: the end of the claim's lease, less a margin."""
         final_look = self.clock() >= claim.deadline_at
         adapter = self.adapters[claim.provider]
         task = None
         queried = False
         if adapter.can_query_status and claim.provider_task_id is not None:
-            task = await self._query(adapter, claim, worker)
+            try:
+                task = await self._query(adapter, claim, worker, until)
+            except _LeaseRunningOut:
+                # Never sent: handed back, due now, for the next pass (this one or another
+                # process's) to claim with a fresh lease. Not a failed query.
+                task = await run_in_threadpool(self.store.defer, claim.task_id, worker, seconds=0)
+                return PollOutcome(task, queried=False, expired=False)
             queried = True
         if final_look and (task is None or task["status"] not in _FINAL):
             result = await run_in_threadpool(
@@ -246,42 +278,76 @@ class Scheduler:
         return PollOutcome(task, queried, expired=False)
 
     async def _ask(
-        self, adapter: ProviderAdapter, claim: Claim, *, scheduled: bool = False
+        self,
+        adapter: ProviderAdapter,
+        claim: Claim,
+        *,
+        scheduled: bool = False,
+        until: float | None = None,
     ) -> TaskUpdate:
         """One status query within the provider's limits. Failures are counted and raised;
-        a 429 pauses the provider; a long pause raises ProviderPaused instead of waiting."""
+        a 429 pauses the provider; a long pause raises ProviderPaused instead of waiting.
+
+        ``until`` (loop time) is when the claim's lease runs out, less a margin: the upstream
+        client's timeouts bound each read, not the whole query (a provider may trickle), and a
+        query that waited for a slot behind hanging ones starts late. Past it, a query not yet
+        sent raises _LeaseRunningOut; one in flight is cut off and fails like a timeout."""
         assert claim.provider_task_id is not None
         limiter = self.limiters[claim.provider]
-        async with limiter:
-            if scheduled and self._stopping:  # waited for a slot while the process stopped
-                raise _Stopping
-            started = time.perf_counter()
-            try:
-                update = await adapter.query_status(claim.provider_task_id)
-            except ProviderError as exc:
-                self.metrics.inc("status_queries_total", provider=claim.provider, outcome=exc.code)
-                if exc.code == "upstream_rate_limited":
-                    limiter.pause(exc.retry_after or 1.0)
-                log.info(
-                    "status query for %s failed: %s",
-                    claim.task_id,
-                    exc.code,
-                    extra={"provider": claim.provider},
-                )
+        sent = False
+        try:
+            async with asyncio.timeout_at(until) as bound:
+                async with limiter:
+                    if scheduled and self._stopping:  # waited for a slot while stopping
+                        raise _Stopping
+                    sent = True
+                    update = await self._send(adapter, claim, limiter)
+        except TimeoutError:
+            if not bound.expired():
                 raise
-            finally:
-                elapsed = time.perf_counter() - started
-                self.metrics.observe(
-                    "status_query_duration_seconds", elapsed, provider=claim.provider
-                )
+            if not sent:
+                raise _LeaseRunningOut from None
+            exc = UpstreamUnavailable(
+                f"{claim.provider} did not answer the status query before the task's poll "
+                "lease ran out",
+                provider=claim.provider,
+                ambiguous=True,
+            )
+            self._failed(claim, exc)
+            raise exc from None
         self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
         return update
 
+    async def _send(
+        self, adapter: ProviderAdapter, claim: Claim, limiter: ProviderLimiter
+    ) -> TaskUpdate:
+        assert claim.provider_task_id is not None
+        started = time.perf_counter()
+        try:
+            return await adapter.query_status(claim.provider_task_id)
+        except ProviderError as exc:
+            if exc.code == "upstream_rate_limited":
+                limiter.pause(exc.retry_after or 1.0)
+            self._failed(claim, exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.observe("status_query_duration_seconds", elapsed, provider=claim.provider)
+
+    def _failed(self, claim: Claim, exc: ProviderError) -> None:
+        self.metrics.inc("status_queries_total", provider=claim.provider, outcome=exc.code)
+        log.info(
+            "status query for %s failed: %s",
+            claim.task_id,
+            exc.code,
+            extra={"provider": claim.provider},
+        )
+
     async def _query(
-        self, adapter: ProviderAdapter, claim: Claim, worker: str | None
+        self, adapter: ProviderAdapter, claim: Claim, worker: str | None, until: float | None
     ) -> dict[str, Any]:
         try:
-            update = await self._ask(adapter, claim, scheduled=True)
+            update = await self._ask(adapter, claim, scheduled=True, until=until)
         except ProviderPaused as paused:
             # The provider asked us to back off: hand the task back for when the pause ends
             # instead of sleeping on its lease (and holding up this pass for other providers).
@@ -317,6 +383,7 @@ class Scheduler:
                 code="not_queryable",
             )
         worker = f"refresh-{uuid.uuid4().hex[:12]}"
+        until = self._lease_until(asyncio.get_running_loop().time())
         claimed = await run_in_threadpool(
             self.store.claim_task, task["id"], worker, lease_seconds=self.lease_seconds
         )
@@ -327,7 +394,14 @@ class Scheduler:
             )
         claim = Claim(task["id"], task["provider"], task["provider_task_id"], _FAR_FUTURE)
         try:
-            update = await self._ask(adapter, claim)
+            update = await self._ask(adapter, claim, until=until)
+        except _LeaseRunningOut:
+            await run_in_threadpool(self.store.release_leases, worker)  # this refresh's only
+            raise UpstreamUnavailable(
+                f"Every status query slot for {task['provider']} stayed busy; try again shortly.",
+                provider=task["provider"],
+                retry_after=PASS_SECONDS,
+            ) from None
         except ProviderPaused as paused:
             await run_in_threadpool(self.store.defer, claim.task_id, worker, seconds=paused.seconds)
             raise UpstreamRateLimited(

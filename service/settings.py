@@ -58,6 +58,12 @@ DEFAULT_TYPICAL_DURATIONS: dict[str, float] = {
 
 SANDBOX_API_KEY = "sandbox-key"
 
+# Upper bounds that catch a unit mistake (``30m`` for ``30s``, ``3600`` for ``3.6``): a status
+# query may hold its task's poll lease that long, and an orchestrator kills a process that takes
+# longer to stop than it allows anyway.
+MAX_PROVIDER_TIMEOUT = 3600.0
+MAX_SHUTDOWN_TIMEOUT = 3600.0
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -160,6 +166,10 @@ class Settings:
     # Management API requests per second per client, per process (0: no limit), and the burst.
     rate_limit: float = 100.0
     rate_limit_burst: int = 200
+    # Upstream provider requests: the longest wait for a read or a write (connecting stays 5 s).
+    provider_timeout: float = 30.0
+    # The whole graceful shutdown, from SIGTERM/SIGINT to exit (`serve --graceful-timeout`).
+    shutdown_timeout: float = 30.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -216,6 +226,16 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
+
+
+def _bounded_duration(most: float) -> Callable[[str], float]:
+    def cast(text: str) -> float:
+        value = parse_duration(text)
+        if value > most:
+            raise ValueError(f"must be at most {most:g} s")
+        return value
+
+    return cast
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -564,6 +584,18 @@ def load_settings(
         ),
         rate_limit=rate_limit,
         rate_limit_burst=rate_limit_burst,
+        provider_timeout=env.get(
+            "TASKRELAY_PROVIDER_TIMEOUT",
+            _bounded_duration(MAX_PROVIDER_TIMEOUT),
+            30.0,
+            "a duration such as 30s, at most 1h",
+        ),
+        shutdown_timeout=env.get(
+            "TASKRELAY_SHUTDOWN_TIMEOUT",
+            _bounded_duration(MAX_SHUTDOWN_TIMEOUT),
+            30.0,
+            "a duration such as 30s, at most 1h",
+        ),
     )
 
 

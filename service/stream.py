@@ -45,6 +45,16 @@ included), and only then reads its snapshot. Anything committed after the snapsh
 either above the horizon, in a hole, or (a transaction older than ``PRIME_WINDOW`` events)
 found by the sweep.
 
+Shutdown
+--------
+An open stream never ends by itself before its task's final event, so on SIGTERM it would hold
+the process for the whole graceful timeout and then be cut off. Instead, when shutdown begins
+(:meth:`EventSignal.drain`, called at the signal, before the server waits for connections),
+every open stream finishes what it is sending, writes a last comment (``: shutdown``) and ends
+cleanly; a stream opened from then on ends after its first frame. Every event frame carries
+its ``id:``, so the client (an EventSource reconnects by itself, after ``retry:``) resumes on
+another replica with ``Last-Event-ID`` and misses nothing.
+
 Caps
 ----
 A client may hold ``TASKRELAY_MAX_STREAMS_PER_CLIENT`` open streams per process (429 with
@@ -89,6 +99,7 @@ WATCH_BATCH = 5000  # rows per watcher query; a larger backlog is read in severa
 SWEEP_BATCH = 500  # task ids per sweep query (bound parameters)
 RETRY_AFTER_SECONDS = 5.0  # suggested wait when a stream cap is reached
 STORE_RETRY_SECONDS = 2.0  # an open stream's next read after the database failed one
+SHUTDOWN_FRAME = b": shutdown: reconnect with Last-Event-ID\n\n"  # the last words of a stream
 FINAL_TYPES = {f"task.{status.value}" for status in TERMINAL_STATUSES}
 
 TASK = Task.__table__  # type: ignore[attr-defined]
@@ -223,6 +234,7 @@ class EventSignal:
         self._by_task: dict[str, set[Listener]] = {}
         self._per_client: dict[str, int] = {}
         self._open = 0
+        self.draining = False
 
     def bind(self, loop: asyncio.AbstractEventLoop, store: Store | None = None) -> None:
         """Wake streams on ``loop``; with ``store``, also watch it for other processes' events."""
@@ -313,6 +325,19 @@ class EventSignal:
         else:
             self._per_client.pop(listener.owner, None)
         self._open -= 1
+
+    def drain(self) -> int:
+        """Shutdown has begun: every open stream ends after what it is sending now, with a
+        last comment, so that its client reconnects (to another replica) with Last-Event-ID;
+        streams opened from now on end after their first frame. Answers how many were open.
+        Idempotent; on the event loop."""
+        self.draining = True
+        woken = 0
+        for listeners in self._by_task.values():
+            for listener in listeners:
+                listener.wake()
+                woken += 1
+        return woken
 
     async def ready(self) -> None:
         """Returns once the watcher (if any) is primed: events committed from now on, by any
@@ -551,10 +576,18 @@ async def stream_task(request: Request) -> Response:
                     if event.type in FINAL_TYPES:
                         return
                 backlog = []
+                if signal.draining:
+                    # The process is stopping: end cleanly now rather than be cut off at the
+                    # graceful timeout. What was sent carries its ids: the client resumes
+                    # after the last one, wherever it reconnects.
+                    yield SHUTDOWN_FRAME
+                    return
                 if not await listener.wait(last_write + KEEPALIVE_SECONDS - clock()):
                     yield b": keep-alive\n\n"
                     last_write = clock()
                     continue
+                if signal.draining:
+                    continue  # woken to end, not by news: no read
                 try:
                     backlog = await run_in_threadpool(
                         store.events_after, owner, task_id, listener.last_seq

@@ -199,3 +199,43 @@ def test_the_sandbox_is_refused_off_loopback(tmp_path: Path, host: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_the_sandbox_runs_on_loopback(tmp_path: Path, host: str) -> None:
     assert load(tmp_path, TASKRELAY_SANDBOX="true", TASKRELAY_HOST=host).sandbox
+
+
+@pytest.mark.parametrize("variable", ["TASKRELAY_PROVIDER_TIMEOUT", "TASKRELAY_SHUTDOWN_TIMEOUT"])
+def test_the_provider_and_shutdown_timeouts_are_validated_durations(
+    tmp_path: Path, variable: str
+) -> None:
+    field = variable.removeprefix("TASKRELAY_").lower()
+    assert getattr(load(tmp_path), field) == 30.0
+    assert getattr(load(tmp_path, **{variable: "1s"}), field) == 1.0
+    assert getattr(load(tmp_path, **{variable: "500ms"}), field) == 0.5
+    assert getattr(load(tmp_path, **{variable: "2m"}), field) == 120.0
+    for bad, reason in [
+        ("soon", "a number of seconds"),
+        ("0", "greater than zero"),
+        ("-5s", "a number of seconds"),
+        ("2h", "at most 3600 s"),  # a unit slip: 2h for 2s, or 2m
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            load(tmp_path, **{variable: bad})
+        assert caught.value.details["variable"] == variable
+        assert variable in caught.value.message
+        assert "a duration such as 30s, at most 1h" in caught.value.message
+        assert reason in caught.value.message, caught.value.message
+
+
+def test_the_provider_timeout_bounds_reads_and_writes_but_not_connecting(tmp_path: Path) -> None:
+    from service.app import upstream_timeout
+
+    timeout = upstream_timeout(load(tmp_path, TASKRELAY_PROVIDER_TIMEOUT="90s").provider_timeout)
+    assert (timeout.read, timeout.write) == (90.0, 90.0)
+    assert (timeout.connect, timeout.pool) == (5.0, 5.0)
+
+
+def test_the_shutdown_budget_keeps_a_reserve_for_the_end() -> None:
+    from service.app import shutdown_drain_seconds
+
+    assert shutdown_drain_seconds(30.0) == 25.0  # a fifth, at most 5 s
+    assert shutdown_drain_seconds(100.0) == 95.0
+    assert shutdown_drain_seconds(10.0) == 8.0
+    assert 0 < shutdown_drain_seconds(0.5) < 0.5

@@ -5,7 +5,11 @@ slow provider) finish with their normal answer while new connections are refused
 flight to a slow subscriber finishes, is recorded, and is not sent again by the next process;
 status queries and deliveries that outlast the grace are cut off and their leases released
 (``lease_owner`` NULL in the database), so the next process takes them over at once rather
-than after the lease (10 minutes here) runs out; and the process exits 0.
+than after the lease (10 minutes here) runs out; and the process exits 0. Open event streams end
+cleanly at the signal (they would otherwise hold the process until the graceful timeout and be
+cut off with an error) and their client resumes on the next process with ``Last-Event-ID``; and
+the whole shutdown stays within its one budget (``--graceful-timeout``), held-up delivery and
+open stream included.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +40,8 @@ from tests.servers import SandboxProcess, ServiceProcess, SubscriberProcess, wai
 TOKEN = "shutdown-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 WAIT = 30.0  # the most any single condition may take, even on a loaded machine
-# uvicorn's grace for requests in flight plus the app's for background work (10 s), with room:
-# well under what the unbounded stop used to take (a 30 s read timeout per claimed query).
+# The whole shutdown's budget (10 s) with room: well under what the unbounded stop used to take
+# (a 30 s read timeout per claimed query). The budget itself is checked below, with its own bound.
 EXIT_WITHIN = 60.0
 GRACEFUL_TIMEOUT = "10"
 LONG_LEASE = "10m"  # a lease that is not released would hold its task for the whole test
@@ -80,7 +85,13 @@ def cleanup() -> Iterator[contextlib.ExitStack]:
 
 
 def start_relay(
-    directory: Path, name: str, database: Database, cleanup: contextlib.ExitStack, **extra: str
+    directory: Path,
+    name: str,
+    database: Database,
+    cleanup: contextlib.ExitStack,
+    *,
+    graceful_timeout: str = GRACEFUL_TIMEOUT,
+    **extra: str,
 ) -> ServiceProcess:
     directory.mkdir(parents=True, exist_ok=True)
     service = ServiceProcess(
@@ -95,7 +106,7 @@ def start_relay(
             **extra,
         },
         "--graceful-timeout",
-        GRACEFUL_TIMEOUT,
+        graceful_timeout,
         log_path=directory / f"{name}.log",
     )
     cleanup.callback(service.stop, signal.SIGKILL)  # a no-op once it has exited
@@ -140,6 +151,16 @@ def evolink_completed(provider_task_id: str) -> bytes:
         "status": "completed",
         "progress": 100,
         "results": [f"https://files.evolink.example/{provider_task_id}.png"],
+    }
+    return json.dumps(body).encode()
+
+
+def evolink_progress(provider_task_id: str, progress: int) -> bytes:
+    body = {
+        "id": provider_task_id,
+        "object": "image.generation.task",
+        "status": "processing",
+        "progress": progress,
     }
     return json.dumps(body).encode()
 
@@ -426,3 +447,147 @@ async def test_a_dispatcher_waiting_for_a_free_slot_stops_within_its_grace(
     assert sorted(tuple(row) for row in rows) == [("pending", 0, None)] * 2
     assert len(harness.receiver.received["stuck"]) == 1
     harness.receiver.hold["stuck"].set()
+
+
+# --- open event streams and the one shutdown budget ----------------------------------------------
+
+
+class EventStream:
+    """``GET /v1/tasks/{id}/stream`` read in a thread of its own, frame by frame (comments
+    included), until the server ends it; ``error`` is what broke it, if it did not end cleanly."""
+
+    def __init__(self, url: str, task_id: str, **headers: str) -> None:
+        self.frames: list[dict[str, str]] = []
+        self.ended = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._read, args=(f"{url}/v1/tasks/{task_id}/stream", headers), daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, url: str, headers: dict[str, str]) -> None:
+        try:
+            with httpx.stream("GET", url, headers={**HEADERS, **headers}, timeout=WAIT) as answer:
+                assert answer.status_code == 200, answer.read()
+                frame: dict[str, str] = {}
+                for line in answer.iter_lines():
+                    if not line:
+                        if frame:
+                            self.frames.append(frame)
+                        frame = {}
+                        continue
+                    key, _, value = line.partition(":")
+                    frame[key or "comment"] = value.strip()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def events(self) -> list[dict[str, str]]:
+        return [frame for frame in self.frames if "event" in frame]
+
+    def join(self) -> None:
+        assert self.ended.wait(WAIT), "the stream did not end"
+        self._thread.join(WAIT)
+
+
+def error_lines(logs: str) -> list[str]:
+    """Log lines at ERROR or above, and tracebacks (logs are JSON lines)."""
+    found = []
+    for line in logs.splitlines():
+        try:
+            level = str(json.loads(line).get("level", ""))
+        except (ValueError, AttributeError):
+            level = ""
+        if level.lower() in ("error", "critical") or "Traceback" in line:
+            found.append(line)
+    return found
+
+
+def test_open_event_streams_end_at_once_on_sigterm_and_resume_on_the_next_process(
+    tmp_path: Path, database: Database, cleanup: contextlib.ExitStack
+) -> None:
+    """An open stream would hold the process for the whole graceful timeout (20 s here), then
+    be cut off with an error. It ends at the signal instead, cleanly, and the client resumes on
+    the next process after the last event it got."""
+    first = start_relay(tmp_path / "first", "first", database, cleanup, graceful_timeout="20")
+    with httpx.Client(base_url=first.url, headers=HEADERS, timeout=WAIT) as http:
+        tracked = track(http)
+    stream = EventStream(first.url, tracked["id"])
+    wait_until(stream.events, "the stream's first frame")
+    progress = httpx.post(tracked["callback_url"], content=evolink_progress("task-unified-s", 40))
+    assert progress.status_code == 200, progress.text
+    wait_until(lambda: len(stream.events()) >= 2, "the progress event")
+
+    started = time.monotonic()
+    code = terminate(first)
+    took = time.monotonic() - started
+    stream.join()
+
+    assert code == 0, first.logs()
+    assert took < 10.0, f"{took:.1f} s to exit:\n{first.logs()}"
+    assert stream.error is None, repr(stream.error)  # ended by the server, cleanly
+    assert stream.frames[-1] == {"comment": "shutdown: reconnect with Last-Event-ID"}
+    state, sent = stream.events()
+    assert (state["event"], sent["event"]) == ("task.state", "task.progress")
+    assert state["id"] and sent["id"]
+    assert error_lines(first.logs()) == []
+
+    # The client reconnects (here to the next process) with the last id it got.
+    second = start_relay(tmp_path / "second", "second", database, cleanup)
+    resumed = EventStream(second.url, tracked["id"], **{"Last-Event-ID": sent["id"]})
+    wait_until(lambda: resumed.frames, "the resumed stream to open")
+    callback_path = httpx.URL(tracked["callback_url"]).path  # same token: any replica takes it
+    assert httpx.post(
+        second.url + callback_path, content=evolink_completed("task-unified-s")
+    ).is_success
+    resumed.join()
+    assert resumed.error is None, repr(resumed.error)
+    assert [frame["event"] for frame in resumed.events()] == ["task.succeeded"]
+    assert terminate(second) == 0, second.logs()
+
+
+BUDGET = 6.0  # --graceful-timeout: the whole shutdown
+DRAIN = BUDGET - BUDGET / 5  # of which work in flight may take this long (the rest: releasing)
+
+
+def test_the_whole_shutdown_stays_within_its_budget(
+    tmp_path: Path, database: Database, cleanup: contextlib.ExitStack
+) -> None:
+    """A delivery held by a slow subscriber and an open event stream: the delivery gets the
+    budget's drain (side by side with the requests in flight) and is then cut off and released;
+    the stream ends at once; the process exits 0 within the budget. (Before, the stream held
+    uvicorn's graceful timeout and the delivery got up to 10 s more after it.)"""
+    subscriber = SubscriberProcess(tmp_path / "subscriber", hold=120.0)
+    cleanup.callback(subscriber.stop)
+    relay = start_relay(
+        tmp_path / "relay", "relay", database, cleanup, graceful_timeout=f"{BUDGET:g}"
+    )
+    with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
+        subscribe(http, subscriber.hook_url("/hook"))
+        delivered, watched = track(http), track(http)
+    stream = EventStream(relay.url, watched["id"])
+    wait_until(stream.events, "the stream's first frame")
+    # Last, so that the delivery is young at the signal: its own 10 s read timeout must not end
+    # it before the budget does.
+    assert httpx.post(
+        delivered["callback_url"], content=evolink_completed("task-unified-budget")
+    ).is_success
+    wait_until(lambda: subscriber.requests("/hook"), "the delivery to reach the subscriber")
+
+    started = time.monotonic()
+    code = terminate(relay)
+    took = time.monotonic() - started
+    stream.join()
+
+    assert code == 0, relay.logs()
+    # Within the budget, with room for the interpreter's own exit (measured: ~0.1 s).
+    assert took < BUDGET + 3.0, f"{took:.1f} s to exit:\n{relay.logs()}"
+    # The held delivery had its share of the budget before it was cut off.
+    assert took >= DRAIN - 0.5, f"{took:.1f} s to exit:\n{relay.logs()}"
+    assert stream.error is None and stream.frames[-1]["comment"].startswith("shutdown")
+    (sent,) = subscriber.requests("/hook")
+    assert not sent["answered"]  # cut off, not finished
+    deliveries = database.rows("SELECT status, lease_owner FROM delivery")
+    assert [(d["status"], d["lease_owner"]) for d in deliveries] == [("pending", None)]
+    assert error_lines(relay.logs()) == []

@@ -516,11 +516,6 @@ def test_a_read_only_database_stops_start_up_naming_the_file(
     assert not db.with_name(db.name + "-wal").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/cli.py lets migrate()'s StoreReadOnly escape as a traceback; the change "
-    "that prints it as one plain line is in the storage-faults report",
-)
 def test_a_read_only_database_at_start_is_one_plain_line(
     db_path: Path, immutable: Callable[..., None], tmp_path: Path
 ) -> None:

@@ -577,3 +577,54 @@ async def test_last_event_id_resumes_after_that_event(relay: Relay) -> None:
     assert await done.next() is None
     await done.close()
     assert relay.signal.open_count == 0
+
+
+# --- shutdown -------------------------------------------------------------------------------------
+
+SHUTDOWN = {"comment": "shutdown: reconnect with Last-Event-ID"}
+
+
+async def test_draining_ends_open_streams_cleanly_and_the_client_resumes_elsewhere(
+    database_url: str, tmp_path: Path
+) -> None:
+    """When shutdown begins, every open stream ends at once with a last comment (left open, it
+    would hold the process until the graceful timeout and then be cut off); what it sent
+    carries ids, so the client resumes on another process with Last-Event-ID."""
+    async with running(database_url, tmp_path / "first") as first:
+        task_id, quiet_id = await first.track(), await first.track()
+        watching = first.stream(task_id)
+        state = await watching.next_event()
+        assert state["event"] == "task.state" and state["id"]
+        await first.update(task_id, TaskStatus.running, 40)
+        progress = await watching.next_event()
+        assert progress["event"] == "task.progress" and progress["id"]
+        quiet = await first.stream(quiet_id).opened()
+        reads = sum(first.reads.values())
+
+        assert first.signal.drain() == 2
+        for ending in (watching, quiet):
+            assert await ending.next() == SHUTDOWN
+            assert await ending.next() is None  # the response ended: not cut off, no error
+            await asyncio.wait_for(ending.task, timeout=WAIT)
+        assert first.signal.open_count == 0
+        assert sum(first.reads.values()) == reads  # woken to end, not to read
+
+        # A stream opened while draining sends the task's state, then ends the same way.
+        late = first.stream(task_id)
+        assert (await late.next_event())["event"] == "task.state"
+        assert await late.next() == SHUTDOWN
+        assert await late.next() is None
+        await asyncio.wait_for(late.task, timeout=WAIT)
+        assert first.signal.open_count == 0
+
+    # Another process: the client resumes after the last event it got, and misses nothing.
+    async with running(database_url, tmp_path / "second") as second:
+        await second.update(task_id, TaskStatus.running, 80)  # while it was reconnecting
+        resumed = second.stream(task_id, **{"Last-Event-ID": progress["id"]})
+        missed = await resumed.next_event()
+        assert missed["event"] == "task.progress"
+        assert json.loads(missed["data"])["data"]["progress"] == 80
+        await second.update(task_id, TaskStatus.succeeded)
+        assert (await resumed.next_event())["event"] == "task.succeeded"
+        assert await resumed.next() is None
+        await resumed.close()

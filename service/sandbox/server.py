@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # Callbacks carry their own per-request timeout (SandboxBehaviour.callback_timeout).
 CALLBACK_CLIENT_TIMEOUT = 10.0
+# On SIGTERM, how long requests in flight may take: an emulator has nothing to finish, and a
+# query it leaves hanging on purpose (``status_error=timeout``, ``status_latency``) would
+# otherwise hold its exit for uvicorn's default of waiting forever.
+GRACEFUL_SHUTDOWN_SECONDS = 1
 
 
 def standalone_app(
@@ -55,4 +59,9 @@ def run(
     import uvicorn
 
     log.info("sandbox: providers at http://%s:%d/<provider>, control at /_sandbox/", host, port)
-    uvicorn.run(standalone_app(api_key=api_key, behaviour=behaviour), host=host, port=port)
+    uvicorn.run(
+        standalone_app(api_key=api_key, behaviour=behaviour),
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
