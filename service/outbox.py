@@ -699,6 +699,24 @@ class Outbox:
                         updated_at=now,
                     )
                 )
+                # A task's notify_url cannot be enabled again: the rest of what it was owed
+                # is dead-lettered now rather than put off for ever.
+                notify_urls = sa.select(_SUBSCRIPTION.c.pk).where(
+                    _SUBSCRIPTION.c.pk.in_(sorted(gone)),
+                    _SUBSCRIPTION.c.kind == SubscriptionKind.task.value,
+                )
+                session.execute(
+                    sa.update(_DELIVERY)
+                    .where(
+                        _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),
+                        _DELIVERY.c.status == DeliveryStatus.pending.value,
+                    )
+                    .values(
+                        status=DeliveryStatus.dead.value,
+                        last_error="The notify_url answered 410 Gone: not sent.",
+                        updated_at=now,
+                    )
+                )
             return recorded
 
     def _settle(

@@ -414,6 +414,19 @@ async def test_notify_url_gets_that_tasks_events_signed_with_the_client_secret(
     assert bob_secret != secret
 
 
+async def test_a_notify_url_that_answers_410_is_owed_nothing_more(harness: Harness) -> None:
+    """A task's notify_url cannot be enabled again, so what it was still owed is
+    dead-lettered, not kept pending for ever."""
+    task_id = await harness.track(notify_url=HOOK.format(name="gone-notify"))
+    harness.update(task_id, TaskStatus.succeeded)  # owed too, behind task.submitted
+    harness.receiver.status["gone-notify"] = 410
+    await harness.deliver()
+    assert len(harness.receiver.received["gone-notify"]) == 1
+    assert _pending(harness) == []
+    harness.clock.advance(7200)
+    assert await harness.deliver() == 0
+
+
 async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harness) -> None:
     subscription = await harness.subscribe("rotating")
     old = subscription["secret"]
