@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -159,7 +158,8 @@ class Dispatcher:
 
     async def _deliver(self, job: DeliveryJob) -> None:
         self._sending.add(job.delivery_pk)
-        observe.bind(**_task_of(job))  # this delivery's own context (a task of its own)
+        # This delivery's own log context (it runs as an asyncio task of its own).
+        observe.bind(task_id=job.task_id, provider=job.provider)
         holding = True
         try:
             result = await self.send(job)
@@ -277,15 +277,6 @@ class Dispatcher:
         elapsed = (self.monotonic() - started) * 1000
         error = None if response.is_success else f"HTTP {response.status_code}"
         return AttemptResult(response.status_code, elapsed, response_body=body, error=error)
-
-
-def _task_of(job: DeliveryJob) -> dict[str, str]:
-    """The task an event is about (its ``data`` is the task), for the log context."""
-    try:
-        data = json.loads(job.body)["data"]
-        return {"task_id": str(data["id"]), "provider": str(data["provider"])}
-    except (ValueError, KeyError, TypeError):
-        return {}
 
 
 async def _read_capped(response: httpx.Response) -> str:

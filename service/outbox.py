@@ -61,6 +61,9 @@ class DeliveryJob:
     signing_secrets: tuple[str, ...]
     event_id: str
     body: bytes
+    # The task the event is about, for the log context of the attempt.
+    task_id: str = ""
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -598,6 +601,8 @@ class Outbox:
                     signing_secrets=secrets,
                     event_id=row.event_id,
                     body=json.dumps(body, separators=(",", ":")).encode("utf-8"),
+                    task_id=str(row.data.get("id", "")),
+                    provider=str(row.data.get("provider", "")),
                 )
             )
         return jobs

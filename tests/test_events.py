@@ -751,3 +751,24 @@ async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_ena
     assert _pending(harness) == [("task.submitted", 0.0)] * 3
     assert await harness.deliver() == 3
     assert len(harness.receiver.received["paused"]) == 3
+
+
+async def test_each_delivery_runs_in_its_tasks_log_context(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import observe
+
+    await harness.subscribe("context")
+    tasks = {await harness.track(), await harness.track()}
+    dispatcher = harness.runtime.dispatcher
+    seen: list[observe.LogContext] = []
+    send = dispatcher.send
+
+    async def spy(job: Any) -> Any:
+        seen.append(observe.current())
+        return await send(job)
+
+    monkeypatch.setattr(dispatcher, "send", spy)
+    assert await harness.deliver() == 2
+    assert {context.task_id for context in seen} == tasks
+    assert {context.provider for context in seen} == {"evolink"}
