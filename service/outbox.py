@@ -510,15 +510,19 @@ class Outbox:
         its head's retry while another process settled the head early is late, never out of
         order. Returns how many deliveries were put off."""
         delivery, head = _DELIVERY, _DELIVERY.alias("head")
+        # The head of the delivery's (subscription, task) line: its earliest pending event.
+        # ORDER BY event_seq LIMIT 1 walks ix_delivery_subscription_task_seq; min() of the due
+        # times let SQLite walk the whole queue index instead (40 s a pass on a 1M store).
         head_due = (
-            sa.select(sa.func.min(head.c.next_attempt_at))
+            sa.select(head.c.next_attempt_at)
             .where(
                 head.c.subscription_pk == delivery.c.subscription_pk,
                 head.c.task_pk == delivery.c.task_pk,
                 head.c.event_seq < delivery.c.event_seq,
                 head.c.status == DeliveryStatus.pending.value,
-                head.c.next_attempt_at > now,
             )
+            .order_by(head.c.event_seq)
+            .limit(1)
             .scalar_subquery()
         )
         disabled = _SUBSCRIPTION.c.enabled.is_(False)
@@ -529,7 +533,7 @@ class Outbox:
                 delivery.c.status == DeliveryStatus.pending.value,
                 delivery.c.next_attempt_at <= now,
                 sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
-                sa.or_(disabled, head_due.is_not(None)),
+                sa.or_(disabled, head_due > now),
             )
             .with_for_update(skip_locked=True, of=delivery)
         ).all()
