@@ -466,7 +466,7 @@ def create_app_from_env() -> Starlette:
     app = create_app(settings, handle_signals=True)
     # Everything imported and built so far lives as long as the process: move it out of the
     # cyclic collector's way, so that its full collections, which otherwise walk it all, stop
-    # adding ~25 ms to the occasional request (bench/store_scale.py: list p99 30 -> 6 ms).
+    # adding ~25 ms to the occasional request (bench/store_scale.py: list p99 30 -> 4 ms).
     gc.collect()
     gc.freeze()
     return app
