@@ -43,24 +43,34 @@ def sandbox(tmp_path: Path) -> Iterator[SandboxProcess]:
     process.stop()
 
 
+def submit(url: str, tasks: list[tuple[str, str]]) -> list[str]:
+    """Submit each (provider, prompt); the ids TaskRelay gave them, in order."""
+    ids = []
+    for provider, prompt in tasks:
+        response = httpx.post(
+            f"{url}/v1/tasks", json={"provider": provider, "prompt": prompt}, headers=HEADERS
+        )
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
 def test_status_endpoints_failing_for_a_while_lose_no_task_and_are_backed_off(
     tmp_path: Path, sandbox: SandboxProcess
 ) -> None:
     service = relay(tmp_path, "relay", sandbox)
-    ids: list[str] = []
     try:
-        for index, (provider, error) in enumerate(FAILURES):
-            prompt = (
-                f"p{index} sandbox:duration=1 sandbox:status_errors={ERRORS} "
-                f"sandbox:status_error={error}"
-            )
-            response = httpx.post(
-                f"{service.url}/v1/tasks",
-                json={"provider": provider, "prompt": prompt},
-                headers=HEADERS,
-            )
-            assert response.status_code == 202, response.text
-            ids.append(response.json()["id"])
+        ids = submit(
+            service.url,
+            [
+                (
+                    provider,
+                    f"p{index} sandbox:duration=1 sandbox:status_errors={ERRORS} "
+                    f"sandbox:status_error={error}",
+                )
+                for index, (provider, error) in enumerate(FAILURES)
+            ],
+        )
         tasks = wait_all(service.url, ids, limit=90.0)
     finally:
         service.stop()
@@ -104,20 +114,18 @@ def test_status_queries_that_hang_time_out_lose_no_task_and_are_backed_off(
     tmp_path: Path, sandbox: SandboxProcess
 ) -> None:
     service = relay(tmp_path, "relay", sandbox, TASKRELAY_PROVIDER_TIMEOUT=f"{PROVIDER_TIMEOUT}s")
-    ids: list[str] = []
     try:
-        for index, provider in enumerate(HANGING):
-            prompt = (
-                f"h{index} sandbox:duration=1 sandbox:status_errors={ERRORS} "
-                f"sandbox:status_error=timeout sandbox:timeout_seconds={HANG}"
-            )
-            response = httpx.post(
-                f"{service.url}/v1/tasks",
-                json={"provider": provider, "prompt": prompt},
-                headers=HEADERS,
-            )
-            assert response.status_code == 202, response.text
-            ids.append(response.json()["id"])
+        ids = submit(
+            service.url,
+            [
+                (
+                    provider,
+                    f"h{index} sandbox:duration=1 sandbox:status_errors={ERRORS} "
+                    f"sandbox:status_error=timeout sandbox:timeout_seconds={HANG}",
+                )
+                for index, provider in enumerate(HANGING)
+            ],
+        )
         tasks = wait_all(service.url, ids, limit=90.0)
         timed_out = failed_queries(service.url, "upstream_unavailable")
         answered = failed_queries(service.url, "ok")
