@@ -1050,9 +1050,9 @@ def psycopg_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_postgres(admin_url: str) -> Iterator[str]:
+def fresh_postgres(admin_url: str, prefix: str = "taskrelay_bench_") -> Iterator[str]:
     """A new, migrated database on the server ``admin_url`` names; dropped afterwards."""
-    name = f"taskrelay_bench_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:

@@ -86,7 +86,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from bench.ingest import service_revision
+from bench.ingest import fresh_postgres, service_revision
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
@@ -920,20 +920,8 @@ def fresh_database(kind: str, folder: Path, admin_url: str | None, label: str) -
         yield url
         return
     assert admin_url is not None
-    name = f"{DB_PREFIX}{label}_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        try:
-            migrate(url)
-            yield url
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with fresh_postgres(admin_url, prefix=f"{DB_PREFIX}{label}_") as url:
+        yield url
 
 
 # --- HTTP: a real taskrelay serve, driven by wrk ------------------------------------------------
