@@ -24,9 +24,9 @@ import sqlite3
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -44,6 +44,8 @@ from service.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+_Statement = TypeVar("_Statement", bound=sa.Executable)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 WRITE_OPTION = "taskrelay_write"
@@ -148,19 +150,49 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
             connection.exec_driver_sql("BEGIN")
 
 
-def one_of(
-    dialect: sa.Dialect, column: sa.ColumnElement[Any], name: str, values: Iterable[Any]
-) -> sa.ColumnElement[bool]:
-    """``column IN values`` with one bound parameter, however many values: an array on
-    PostgreSQL (``= ANY(:name)``), a JSON list read by ``json_each`` on SQLite. A plain
-    ``IN (...)`` binds, type-processes and renders one parameter per value on every call, which
-    costs more than the query on the hot path."""
-    listed = list(values)
-    if dialect.name == "postgresql":
-        array = sa.bindparam(name, listed, type_=postgresql.ARRAY(column.type))
-        return column == sa.any_(array)
-    each = sa.func.json_each(sa.bindparam(name, json.dumps(listed), type_=sa.String))
+def one_of(dialect: str, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+    """``column IN :name`` with one bound parameter, however many values: an array on
+    PostgreSQL (``= ANY(:name)``), a JSON list read by ``json_each`` on SQLite. Pass the values
+    as ``{name: listed(dialect, values)}``. A plain ``IN (...)`` binds, type-processes and
+    renders one parameter per value on every call, which costs more than the query on the hot
+    path; and since the clause holds no values, a statement using it is built once per dialect
+    (see :func:`prebuilt`) instead of on every call."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    each = sa.func.json_each(sa.bindparam(name, type_=sa.String))
     return column.in_(sa.select(each.table_valued("value").c.value))
+
+
+def none_of(dialect: str, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+    """``column NOT IN :name``, as :func:`one_of` (the column must not be NULL). Not
+    ``~one_of(...)``: SQLAlchemy negates ``= ANY`` into ``!= ANY``, which is not the same."""
+    if dialect == "postgresql":
+        return column != sa.all_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+    each = sa.func.json_each(sa.bindparam(name, type_=sa.String))
+    return column.not_in(sa.select(each.table_valued("value").c.value))
+
+
+def listed(dialect: str, values: Iterable[Any]) -> Any:
+    """The value for a :func:`one_of` parameter."""
+    items = list(values)
+    return items if dialect == "postgresql" else json.dumps(items)
+
+
+def prebuilt(build: Callable[[str], _Statement]) -> Callable[[sa.Connection], _Statement]:
+    """A statement built once per dialect and reused: building a Core statement (coercions,
+    then a cache key for the compiled-SQL cache on every execution of a new object) cost more
+    CPU on the hot path than running it. ``build(dialect_name)`` must bind every value as a
+    parameter."""
+    built: dict[str, _Statement] = {}
+
+    def statement(connection: sa.Connection) -> _Statement:
+        name = connection.dialect.name
+        found = built.get(name)
+        if found is None:
+            found = built[name] = build(name)
+        return found
+
+    return statement
 
 
 def _script_location() -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import one_of
+from service.db import listed, one_of, prebuilt
 from service.errors import BadRequest, Conflict, NotFound, TaskRelayError
 from service.lifecycle import TaskUpdate, decide
 from service.models import (
@@ -79,6 +79,18 @@ _UPDATE_TASK = (
     .values({name: sa.bindparam(f"_{name}") for name in _WRITTEN})
 )
 _INSERT_EVENT = sa.insert(EVENT).returning(EVENT.c.seq, sort_by_parameter_order=True)
+_INSERT_RECEIPT = sa.insert(RECEIPT)
+
+
+@prebuilt
+def _lock_tasks(dialect: str) -> sa.Select[Any]:
+    """The batch's tasks, locked in id order (``ids``: :func:`service.db.listed`)."""
+    return (
+        sa.select(*_COLUMNS)
+        .where(one_of(dialect, TASK.c.id, "ids"))
+        .order_by(TASK.c.id)
+        .with_for_update()
+    )
 
 
 @dataclass(frozen=True)
@@ -99,10 +111,7 @@ def apply_updates(
     connection = session.connection()
     ids = sorted({request.task_id for request in requests})
     rows = connection.execute(
-        sa.select(*_COLUMNS)
-        .where(one_of(connection.dialect, TASK.c.id, "ids", ids))
-        .order_by(TASK.c.id)
-        .with_for_update()
+        _lock_tasks(connection), {"ids": listed(connection.dialect.name, ids)}
     )
     tasks = {row[1]: TaskRow(*row) for row in rows}
     now = store.clock()
@@ -169,5 +178,5 @@ def apply_updates(
             session.info["deliveries"] = True
         session.info.setdefault("events", set()).update(event.task_id for event in new_events)
     if receipts:
-        connection.execute(sa.insert(RECEIPT), receipts)
+        connection.execute(_INSERT_RECEIPT, receipts)
     return results

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from service.db import one_of
+from service.db import listed, none_of, one_of, prebuilt
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import (
     ClientSecret,
@@ -144,6 +144,163 @@ _ATTEMPT = DeliveryAttempt.__table__  # type: ignore[attr-defined]
 _EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
 
 
+@prebuilt
+def _fan_out_subscriptions(dialect: str) -> sa.Select[Any]:
+    """The enabled subscriptions an event of these tasks may owe a delivery (``owners``,
+    ``task_pks``: :func:`service.db.listed`)."""
+    return (
+        sa.select(
+            _SUBSCRIPTION.c.pk,
+            _SUBSCRIPTION.c.owner,
+            _SUBSCRIPTION.c.kind,
+            _SUBSCRIPTION.c.task_pk,
+            _SUBSCRIPTION.c.event_types,
+            _SUBSCRIPTION.c.providers,
+        )
+        .where(
+            _SUBSCRIPTION.c.enabled.is_(True),
+            # Each branch on its own index: the clients' endpoints, and these tasks' notify_url
+            # subscriptions (a task subscription's owner is its task's owner). Asking for every
+            # subscription of the clients would read every notify_url they ever had.
+            sa.or_(
+                sa.and_(
+                    one_of(dialect, _SUBSCRIPTION.c.owner, "owners"),
+                    _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
+                ),
+                one_of(dialect, _SUBSCRIPTION.c.task_pk, "task_pks"),
+            ),
+        )
+        .order_by(_SUBSCRIPTION.c.pk)
+    )
+
+
+# One UPDATE per (subscription, task), each on ix_delivery_subscription_task_seq: a row-value IN
+# list over both columns is not an index lookup on SQLite (it read every pending delivery).
+_SUPERSEDE = (
+    sa.update(_DELIVERY)
+    .where(
+        _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
+        _DELIVERY.c.task_pk == sa.bindparam("t_pk"),
+        _DELIVERY.c.status == DeliveryStatus.pending.value,
+        _DELIVERY.c.event_type == EventType.progress.value,
+        _DELIVERY.c.attempts == 0,
+        _DELIVERY.c.lease_owner.is_(None),
+    )
+    .values(status=DeliveryStatus.coalesced.value, updated_at=sa.bindparam("superseded_at"))
+    .returning(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk, _DELIVERY.c.next_attempt_at)
+)
+_INSERT_DELIVERY = sa.insert(_DELIVERY)
+
+
+def _pending_before(line: Any, column: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """``column`` of the pending deliveries of the outer delivery's (subscription, task) line
+    (``line`` is an alias of the delivery table) that come before it in event order."""
+    return sa.select(column).where(
+        line.c.subscription_pk == _DELIVERY.c.subscription_pk,
+        line.c.task_pk == _DELIVERY.c.task_pk,
+        line.c.event_seq < _DELIVERY.c.event_seq,
+        line.c.status == DeliveryStatus.pending.value,
+    )
+
+
+@prebuilt
+def _due_deliveries(dialect: str) -> sa.Select[Any]:
+    """The claim's pick: due deliveries not held behind an earlier pending event of their task
+    for their subscription, oldest due first, leaving out ``exclude`` (being sent here) and
+    the subscriptions in ``full`` (no room here)."""
+    delivery, earlier = _DELIVERY, _DELIVERY.alias("earlier")
+    now = sa.bindparam("now", type_=delivery.c.next_attempt_at.type)
+    blocked = _pending_before(earlier, earlier.c.pk).exists()
+    return (
+        sa.select(delivery.c.pk, delivery.c.subscription_pk)
+        .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
+        .where(
+            delivery.c.status == DeliveryStatus.pending.value,
+            delivery.c.next_attempt_at <= now,
+            sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
+            _SUBSCRIPTION.c.enabled.is_(True),
+            ~blocked,
+            none_of(dialect, delivery.c.pk, "exclude"),
+            none_of(dialect, delivery.c.subscription_pk, "full"),
+        )
+        .order_by(delivery.c.next_attempt_at)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True, of=delivery)
+    )
+
+
+@prebuilt
+def _lease(dialect: str) -> sa.Update:
+    return (
+        sa.update(_DELIVERY)
+        .where(one_of(dialect, _DELIVERY.c.pk, "chosen"))
+        .values(lease_owner=sa.bindparam("worker"), lease_expires_at=sa.bindparam("until"))
+    )
+
+
+@prebuilt
+def _job_rows(dialect: str) -> sa.Select[Any]:
+    """What sending the deliveries ``pks`` needs: subscription, secrets, event."""
+    subscription, event = _SUBSCRIPTION, _EVENT
+    return (
+        sa.select(
+            _DELIVERY.c.pk,
+            _DELIVERY.c.id,
+            subscription.c.pk.label("subscription_pk"),
+            subscription.c.kind,
+            subscription.c.owner,
+            subscription.c.url,
+            subscription.c.secret,
+            subscription.c.previous_secret,
+            subscription.c.previous_secret_expires_at,
+            event.c.id.label("event_id"),
+            event.c.type,
+            event.c.created_at,
+            event.c.data,
+        )
+        .join(subscription, subscription.c.pk == _DELIVERY.c.subscription_pk)
+        .join(event, event.c.seq == _DELIVERY.c.event_seq)
+        .where(one_of(dialect, _DELIVERY.c.pk, "pks"))
+    )
+
+
+@prebuilt
+def _lock_deliveries(dialect: str) -> sa.Select[Any]:
+    """The deliveries ``pks`` whose attempts are being recorded, locked in pk order."""
+    return (
+        sa.select(
+            _DELIVERY.c.pk,
+            _DELIVERY.c.subscription_pk,
+            _DELIVERY.c.attempts,
+            _DELIVERY.c.lease_owner,
+            _DELIVERY.c.lease_expires_at,
+            _DELIVERY.c.next_attempt_at,
+            _DELIVERY.c.status,
+        )
+        .where(one_of(dialect, _DELIVERY.c.pk, "pks"))
+        .order_by(_DELIVERY.c.pk)
+        .with_for_update()
+    )
+
+
+_INSERT_ATTEMPT = sa.insert(_ATTEMPT)
+_RECORD = (
+    sa.update(_DELIVERY)
+    .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
+    .values(
+        status=sa.bindparam("b_status"),
+        attempts=sa.bindparam("b_attempts"),
+        last_status_code=sa.bindparam("b_last_status_code"),
+        last_error=sa.bindparam("b_last_error"),
+        next_attempt_at=sa.bindparam("b_next_attempt_at"),
+        lease_owner=sa.bindparam("b_lease_owner"),
+        lease_expires_at=sa.bindparam("b_lease_expires_at"),
+        delivered_at=sa.bindparam("b_delivered_at"),
+        updated_at=sa.bindparam("b_updated_at"),
+    )
+)
+
+
 class Recorded(NamedTuple):
     """A delivery's state after an attempt was recorded."""
 
@@ -167,31 +324,12 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
     """
     if not events:
         return 0
+    dialect = connection.dialect.name
     owners = {event.owner for event in events}
     task_pks = {event.task_pk for event in events}
     rows = connection.execute(
-        sa.select(
-            _SUBSCRIPTION.c.pk,
-            _SUBSCRIPTION.c.owner,
-            _SUBSCRIPTION.c.kind,
-            _SUBSCRIPTION.c.task_pk,
-            _SUBSCRIPTION.c.event_types,
-            _SUBSCRIPTION.c.providers,
-        )
-        .where(
-            _SUBSCRIPTION.c.enabled.is_(True),
-            # Each branch on its own index: the clients' endpoints, and these tasks' notify_url
-            # subscriptions (a task subscription's owner is its task's owner). Asking for every
-            # subscription of the clients would read every notify_url they ever had.
-            sa.or_(
-                sa.and_(
-                    one_of(connection.dialect, _SUBSCRIPTION.c.owner, "owners", owners),
-                    _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
-                ),
-                one_of(connection.dialect, _SUBSCRIPTION.c.task_pk, "task_pks", task_pks),
-            ),
-        )
-        .order_by(_SUBSCRIPTION.c.pk)
+        _fan_out_subscriptions(connection),
+        {"owners": listed(dialect, owners), "task_pks": listed(dialect, task_pks)},
     ).all()
     if not rows:
         return 0
@@ -210,25 +348,12 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
     if not matches:
         return 0
     pairs = {(pk, event.task_pk) for event, pk in matches}
-    # One UPDATE per (subscription, task), each on ix_delivery_subscription_task_seq: a row-value
-    # IN list over both columns is not an index lookup on SQLite (it read every pending delivery).
-    supersede = (
-        sa.update(_DELIVERY)
-        .where(
-            _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
-            _DELIVERY.c.task_pk == sa.bindparam("t_pk"),
-            _DELIVERY.c.status == DeliveryStatus.pending.value,
-            _DELIVERY.c.event_type == EventType.progress.value,
-            _DELIVERY.c.attempts == 0,
-            _DELIVERY.c.lease_owner.is_(None),
-        )
-        .values(status=DeliveryStatus.coalesced.value, updated_at=now)
-        .returning(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk, _DELIVERY.c.next_attempt_at)
-    )
     superseded = [
         row
         for subscription_pk, task_pk in sorted(pairs)
-        for row in connection.execute(supersede, {"s_pk": subscription_pk, "t_pk": task_pk})
+        for row in connection.execute(
+            _SUPERSEDE, {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
+        )
     ]
     # Per (subscription, task): the due times of progress deliveries still waiting, and the
     # one created in this batch that a later event of the batch would supersede.
@@ -253,7 +378,7 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
         delivery = delivery_row(subscription_pk, event.seq, event.task_pk, event.type, due, now)
         latest[key] = delivery
         deliveries.append(delivery)
-    connection.execute(sa.insert(_DELIVERY), deliveries)
+    connection.execute(_INSERT_DELIVERY, deliveries)
     return len(deliveries)
 
 
@@ -447,42 +572,26 @@ class Outbox:
             return limit if per_subscription is None else per_subscription - busy.get(pk, 0)
 
         now = self.clock()
-        delivery, earlier = _DELIVERY, _DELIVERY.alias("earlier")
-        blocked = (
-            sa.select(earlier.c.pk)
-            .where(
-                earlier.c.subscription_pk == delivery.c.subscription_pk,
-                earlier.c.task_pk == delivery.c.task_pk,
-                earlier.c.event_seq < delivery.c.event_seq,
-                earlier.c.status == DeliveryStatus.pending.value,
-            )
-            .exists()
-        )
         full = [pk for pk in busy if room(pk) <= 0]
-        statement = (
-            sa.select(delivery.c.pk, delivery.c.subscription_pk)
-            .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
-            .where(
-                delivery.c.status == DeliveryStatus.pending.value,
-                delivery.c.next_attempt_at <= now,
-                sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
-                _SUBSCRIPTION.c.enabled.is_(True),
-                ~blocked,
-            )
-            .where(delivery.c.pk.not_in(exclude) if exclude else sa.true())
-            .where(delivery.c.subscription_pk.not_in(full) if full else sa.true())
-            .order_by(delivery.c.next_attempt_at)
-            # Room per subscription is applied below: look a little further than ``limit``.
-            .limit(limit if per_subscription is None else limit + CLAIM_LOOKAHEAD)
-            .with_for_update(skip_locked=True, of=delivery)
-        )
         with self.store.transaction(write=True) as session:
             if self._moved_aside_at is None or now - self._moved_aside_at >= MOVE_ASIDE_EVERY:
                 self._move_aside(session, now)
                 self._moved_aside_at = now
             chosen: list[int] = []
             taken: dict[int, int] = {}
-            for pk, subscription_pk in session.execute(statement):
+            connection = session.connection()
+            dialect = connection.dialect.name
+            due = connection.execute(
+                _due_deliveries(connection),
+                {
+                    "now": now,
+                    "exclude": listed(dialect, sorted(exclude)),
+                    "full": listed(dialect, full),
+                    # Room per subscription is applied below: look a little further than limit.
+                    "limit": limit if per_subscription is None else limit + CLAIM_LOOKAHEAD,
+                },
+            )
+            for pk, subscription_pk in due:
                 if len(chosen) == limit:
                     break
                 if taken.get(subscription_pk, 0) >= room(subscription_pk):
@@ -491,10 +600,13 @@ class Outbox:
                 chosen.append(pk)
             if not chosen:
                 return []
-            session.execute(
-                sa.update(delivery)
-                .where(delivery.c.pk.in_(chosen))
-                .values(lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            connection.execute(
+                _lease(connection),
+                {
+                    "chosen": listed(dialect, chosen),
+                    "worker": worker,
+                    "until": now + timedelta(seconds=lease_seconds),
+                },
             )
             return self._jobs(session, chosen, now)
 
@@ -514,13 +626,7 @@ class Outbox:
         # ORDER BY event_seq LIMIT 1 walks ix_delivery_subscription_task_seq; min() of the due
         # times let SQLite walk the whole queue index instead (40 s a pass on a 1M store).
         head_due = (
-            sa.select(head.c.next_attempt_at)
-            .where(
-                head.c.subscription_pk == delivery.c.subscription_pk,
-                head.c.task_pk == delivery.c.task_pk,
-                head.c.event_seq < delivery.c.event_seq,
-                head.c.status == DeliveryStatus.pending.value,
-            )
+            _pending_before(head, head.c.next_attempt_at)
             .order_by(head.c.event_seq)
             .limit(1)
             .scalar_subquery()
@@ -551,28 +657,11 @@ class Outbox:
 
     def _jobs(self, session: Session, pks: Sequence[int], now: datetime) -> list[DeliveryJob]:
         """What the dispatcher needs to send each delivery, in the order of ``pks``."""
-        subscription, event = _SUBSCRIPTION, _EVENT
+        connection = session.connection()
         rows = {
             row.pk: row
-            for row in session.execute(
-                sa.select(
-                    _DELIVERY.c.pk,
-                    _DELIVERY.c.id,
-                    subscription.c.pk.label("subscription_pk"),
-                    subscription.c.kind,
-                    subscription.c.owner,
-                    subscription.c.url,
-                    subscription.c.secret,
-                    subscription.c.previous_secret,
-                    subscription.c.previous_secret_expires_at,
-                    event.c.id.label("event_id"),
-                    event.c.type,
-                    event.c.created_at,
-                    event.c.data,
-                )
-                .join(subscription, subscription.c.pk == _DELIVERY.c.subscription_pk)
-                .join(event, event.c.seq == _DELIVERY.c.event_seq)
-                .where(_DELIVERY.c.pk.in_(pks))
+            for row in connection.execute(
+                _job_rows(connection), {"pks": listed(connection.dialect.name, pks)}
             )
         }
         # notify_url deliveries are signed with their client's secret.
@@ -628,21 +717,11 @@ class Outbox:
         subscription was deleted while it was being sent."""
         with self.store.transaction(write=True) as session:
             pks = sorted({job.delivery_pk for job, _ in attempts})
+            connection = session.connection()
             current = {
                 row.pk: row
-                for row in session.execute(
-                    sa.select(
-                        _DELIVERY.c.pk,
-                        _DELIVERY.c.subscription_pk,
-                        _DELIVERY.c.attempts,
-                        _DELIVERY.c.lease_owner,
-                        _DELIVERY.c.lease_expires_at,
-                        _DELIVERY.c.next_attempt_at,
-                        _DELIVERY.c.status,
-                    )
-                    .where(_DELIVERY.c.pk.in_(pks))
-                    .order_by(_DELIVERY.c.pk)
-                    .with_for_update()
+                for row in connection.execute(
+                    _lock_deliveries(connection), {"pks": listed(connection.dialect.name, pks)}
                 )
             }
             now = self.clock()
@@ -666,6 +745,7 @@ class Outbox:
                     "d_pk": row.pk,
                     **{f"b_{name}": value for name, value in values.items()},
                     "b_lease_expires_at": lease,
+                    "b_updated_at": now,
                 }
                 if result.status_code == 410:
                     gone.add(row.subscription_pk)
@@ -681,23 +761,8 @@ class Outbox:
                 )
                 recorded.append(state)
             if logged:
-                session.execute(sa.insert(_ATTEMPT), logged)
-                session.execute(
-                    sa.update(_DELIVERY)
-                    .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
-                    .values(
-                        status=sa.bindparam("b_status"),
-                        attempts=sa.bindparam("b_attempts"),
-                        last_status_code=sa.bindparam("b_last_status_code"),
-                        last_error=sa.bindparam("b_last_error"),
-                        next_attempt_at=sa.bindparam("b_next_attempt_at"),
-                        lease_owner=sa.bindparam("b_lease_owner"),
-                        lease_expires_at=sa.bindparam("b_lease_expires_at"),
-                        delivered_at=sa.bindparam("b_delivered_at"),
-                        updated_at=now,
-                    ),
-                    [updates[pk] for pk in sorted(updates)],
-                )
+                connection.execute(_INSERT_ATTEMPT, logged)
+                connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
             if gone:
                 session.execute(
                     sa.update(_SUBSCRIPTION)
