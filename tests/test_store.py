@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 
 from service import ingest
 from service.lifecycle import TaskUpdate
-from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource
+from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource, UTCDateTime
 from service.store import ReceiptDraft, Store
 
 IMAGE = ({"url": "https://cdn.example/1.png"},)
@@ -150,3 +153,48 @@ def test_only_one_process_may_make_each_submit_attempt(store: Store) -> None:
     assert not store.mark_submit_attempt(task_id, 2)
     store.apply_update(task_id, TaskUpdate(status=TaskStatus.failed), UpdateSource.submit)
     assert not store.mark_submit_attempt(task_id, 3)  # settled: nothing left to send
+
+
+# --- datetimes on SQLite ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 21, 6, 5, 51, 123456, tzinfo=UTC),
+        datetime(2026, 11, 21, 6, 5, 51, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(2026, 11, 21, 8, 5, 51, 7, tzinfo=timezone(timedelta(hours=2))),
+        datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
+    ],
+)
+def test_sqlite_datetimes_are_stored_as_sqlalchemy_stores_them(
+    tmp_path: Path, moment: datetime
+) -> None:
+    """UTCDateTime's one-step SQLite processors write exactly the text SQLAlchemy's own DATETIME
+    writes (so stored files, and text comparisons in queries, are unchanged) and read back the
+    same instant, aware and in UTC."""
+    dialect = sqlite.dialect()
+    column_type = UTCDateTime()
+    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
+    expected_text = sqlite.DATETIME().bind_processor(dialect)(naive_utc)
+    assert column_type.bind_processor(dialect)(moment) == expected_text
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'times.db'}")
+    table = sa.Table(
+        "times", sa.MetaData(), sa.Column("at", column_type), sa.Column("n", sa.Integer)
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), [{"at": moment, "n": 1}, {"at": None, "n": 2}])
+        stored = connection.exec_driver_sql("SELECT at FROM times ORDER BY n").scalars().all()
+        loaded = connection.execute(sa.select(table.c.at).order_by(table.c.n)).scalars().all()
+    engine.dispose()
+    assert stored == [expected_text, None]
+    assert loaded == [moment, None]
+    assert loaded[0] is not None and loaded[0].tzinfo is UTC
+
+
+def test_sqlite_datetimes_refuse_naive_values() -> None:
+    bind = UTCDateTime().bind_processor(sqlite.dialect())
+    with pytest.raises(ValueError, match="naive datetime"):
+        bind(datetime(2026, 11, 21, 6, 5, 51))
