@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 # A pass claims about this many seconds' worth of each provider's query budget.
 PASS_SECONDS = 2.0
-# On shutdown, how long status queries already sent may take to finish before they are cut off.
-STOP_GRACE_SECONDS = 10.0
 # A status query (with its wait for a free slot) ends this long before its task's poll lease
 # runs out, at most, to leave time to record the answer: a query still running then is cut off
 # and counted as failed, so no other process ever queries the task while this one still does.
@@ -162,7 +160,7 @@ class Scheduler:
             log.error("start-up reconciliation skipped: the database is unavailable")
         self._ticker.start()
 
-    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+    async def stop(self, *, grace: float) -> None:
         """Stop claiming; let the status queries already sent finish (up to ``grace``, then
         they are cut off) and send no more; then hand back every lease still held, so the
         next process polls those tasks at once instead of after the lease expires."""

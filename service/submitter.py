@@ -106,7 +106,9 @@ class Submitter:
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, *, grace: float) -> None:
+        """Let the submissions in flight finish (up to ``grace`` seconds: the app passes its
+        share of the shutdown budget), then cut off what is left."""
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
