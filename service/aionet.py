@@ -8,7 +8,9 @@ delivery process's CPU. TaskRelay only runs on asyncio, so this backend talks to
 ``ConnectError``). TLS is upgraded in place with ``StreamWriter.start_tls`` (Python 3.11+).
 
 It connects to what it is given: the SSRF checks stay in :mod:`service.netguard`, which resolves
-and checks a host and hands this backend IP literals only.
+and checks a host and hands this backend IP literals only. The webhook client
+(:mod:`service.webclient`) connects through those checks, then takes the connection over with
+:meth:`AsyncioStream.take_over` and parses answers as they arrive, in a protocol of its own.
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             self._writer.close()
             raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
         return self
+
+    def take_over(self, protocol: asyncio.BaseProtocol) -> asyncio.WriteTransport:
+        """Hand the connection to ``protocol`` and return its transport; the stream is done.
+
+        From now on the transport calls ``protocol`` (``data_received``, ``eof_received``,
+        ``connection_lost``, flow control) instead of this stream's reader: a caller that
+        parses bytes as they arrive saves the reader's buffer copies and a future per read.
+        Nothing was asked of the peer yet, so bytes it may already have sent are meaningless
+        and dropped; a peer that already closed (or broke) the connection is refused
+        (``ReadError``), since nothing would tell ``protocol`` about it. Keep this stream
+        referenced while the transport is in use: its writer owns the transport (newer Pythons
+        close a writer's transport when the writer is garbage-collected).
+        """
+        transport = self._writer.transport
+        problem = self._reader.exception()
+        if problem is not None or self._reader.at_eof() or transport.is_closing():
+            transport.abort()
+            raise httpcore.ReadError(
+                f"the connection was closed before anything was sent ({problem or 'EOF'})"
+            )
+        transport.set_protocol(protocol)
+        return transport
 
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object":

@@ -1,5 +1,6 @@
 """The ASGI application: routes, error mapping, and the lifespan that owns every shared
-resource (database engine, httpx client, provider adapters, background workers)."""
+resource (database engine, httpx client, webhook client, provider adapters, background
+workers)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ from starlette.types import Receive, Scope, Send
 from service import api, callbacks, files, stream, subscriptions
 from service.auth import ApiClients
 from service.db import current_revision, head_revision, make_engine
-from service.dispatcher import DELIVERY_TIMEOUT, Dispatcher
+from service.dispatcher import Dispatcher
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.groupcommit import GroupCommitter
 from service.metrics import Metrics, metrics_endpoint
 from service.models import utcnow
-from service.netguard import AddressPolicy, guarded_transport, parse_networks
+from service.netguard import AddressPolicy, parse_networks
 from service.observe import ObservedStarlette
 from service.openapi import build_openapi
 from service.outbox import Outbox
@@ -59,6 +60,7 @@ from service.web import (
     handle_unexpected,
     json_response,
 )
+from service.webclient import DELIVERY_TIMEOUTS, HttpxClient, LeanClient, WebhookClient
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +170,10 @@ def create_app(
     handle_signals: bool = False,
 ) -> Starlette:
     """Build the service. ``clock``, ``monotonic``, ``sleep`` and ``http_transport`` are seams
-    for tests (the sandbox, when mounted, runs on the same clock). With ``handle_signals`` (the
-    server's factory), SIGTERM and SIGINT begin the app's part of the graceful shutdown at once,
-    alongside the server's (see :func:`_chain_shutdown_signals`)."""
+    for tests (the sandbox, when mounted, runs on the same clock); so is ``webhook_transport``,
+    which sends deliveries through httpx on that transport instead of the lean client. With
+    ``handle_signals`` (the server's factory), SIGTERM and SIGINT begin the app's part of the
+    graceful shutdown at once, alongside the server's (see :func:`_chain_shutdown_signals`)."""
     if not settings.api_tokens:
         raise SettingsError(
             "TASKRELAY_API_TOKENS is empty: set it to name:token pairs, one per API client "
@@ -221,14 +224,21 @@ def create_app(
         address_policy = AddressPolicy(
             allowed_networks=parse_networks(settings.webhook_allowed_networks)
         )
-        # Subscriber deliveries: no proxies from the environment, no redirects, and every
-        # connection checked against the address policy at connect time (no DNS rebinding).
-        webhook_http = httpx.AsyncClient(
-            transport=webhook_transport or guarded_transport(address_policy),
-            trust_env=False,
-            follow_redirects=False,
-            timeout=DELIVERY_TIMEOUT,
-        )
+        # Subscriber deliveries: every connection checked against the address policy at
+        # connect time (no DNS rebinding), no proxies, no redirects. Tests mounting an
+        # in-process subscriber pass its transport, and get httpx with the same settings.
+        webhook_http: WebhookClient
+        if webhook_transport is None:
+            webhook_http = LeanClient(address_policy)
+        else:
+            webhook_http = HttpxClient(
+                httpx.AsyncClient(
+                    transport=webhook_transport,
+                    trust_env=False,
+                    follow_redirects=False,
+                    timeout=DELIVERY_TIMEOUTS.for_httpx(),
+                )
+            )
         outbox = Outbox(store, schedule=settings.delivery_schedule)
         dispatcher = Dispatcher(
             outbox,

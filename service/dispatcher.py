@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import httpx
 from starlette.concurrency import run_in_threadpool
 
 from service import observe
@@ -26,13 +25,14 @@ from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import DeliveryStatus
 from service.outbox import AttemptResult, DeliveryJob, Outbox
+from service.signing import webhook_headers
+from service.webclient import DeliveryFailed, WebhookClient
 
 log = logging.getLogger(__name__)
 
-DELIVERY_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-# The whole attempt, however the subscriber trickles its answer.
+# The whole attempt, however the subscriber trickles its answer (the client's own timeouts,
+# service.webclient.DELIVERY_TIMEOUTS, bound each step: connect 5 s, each read or write 10 s).
 ATTEMPT_DEADLINE_SECONDS = 30.0
-RESPONSE_READ_CAP = 4096
 USER_AGENT = "TaskRelay-Webhooks/1"
 
 
@@ -40,7 +40,7 @@ class Dispatcher:
     def __init__(
         self,
         outbox: Outbox,
-        http: httpx.AsyncClient,
+        http: WebhookClient,
         *,
         metrics: Metrics,
         concurrency: int = 64,
@@ -252,39 +252,24 @@ class Dispatcher:
 
     async def send(self, job: DeliveryJob) -> AttemptResult:
         """One POST of the signed event; never raises for the subscriber's failures."""
-        from service.signing import webhook_headers
-
         timestamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            **webhook_headers(job.signing_secrets, job.event_id, timestamp, job.body),
-        }
+        headers = [
+            ("Content-Type", "application/json"),
+            ("User-Agent", USER_AGENT),
+            *webhook_headers(job.signing_secrets, job.event_id, timestamp, job.body).items(),
+        ]
         started = self.monotonic()
         try:
             async with asyncio.timeout(ATTEMPT_DEADLINE_SECONDS):
-                async with self.http.stream(
-                    "POST", job.url, content=job.body, headers=headers, timeout=DELIVERY_TIMEOUT
-                ) as response:
-                    body = await _read_capped(response)
+                reply = await self.http.post(job.url, job.body, headers)
         except TimeoutError:
             elapsed = (self.monotonic() - started) * 1000
             late = f"no complete answer within {ATTEMPT_DEADLINE_SECONDS:.0f} s"
             return AttemptResult(None, elapsed, error=late)
-        except httpx.HTTPError as exc:
+        except DeliveryFailed as exc:
             elapsed = (self.monotonic() - started) * 1000
-            return AttemptResult(None, elapsed, error=f"{type(exc).__name__}: {exc}"[:500])
+            return AttemptResult(None, elapsed, error=str(exc)[:500])
         elapsed = (self.monotonic() - started) * 1000
-        error = None if response.is_success else f"HTTP {response.status_code}"
-        return AttemptResult(response.status_code, elapsed, response_body=body, error=error)
-
-
-async def _read_capped(response: httpx.Response) -> str:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= RESPONSE_READ_CAP:
-            break
-    return b"".join(chunks)[:RESPONSE_READ_CAP].decode("utf-8", errors="replace")
+        error = None if reply.is_success else f"HTTP {reply.status_code}"
+        body = reply.body.decode("utf-8", errors="replace")
+        return AttemptResult(reply.status_code, elapsed, response_body=body, error=error)

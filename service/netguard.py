@@ -3,7 +3,8 @@
 Subscriber URLs are checked twice. When a subscription is registered, :func:`check_url` checks
 the URL's syntax and any IP literal in it, and :func:`resolve_and_check` resolves the host and
 checks every address. Neither check can protect a later delivery: DNS may answer differently by
-then (DNS rebinding). So deliveries go through :func:`guarded_transport`, whose network backend
+then (DNS rebinding). So deliveries connect through :class:`GuardedNetworkBackend` (the webhook
+client, :class:`service.webclient.LeanClient`, has no other way to open a connection), which
 resolves the host itself at connect time, checks every address and then connects to one of those
 checked IP literals, so the address connected to is the address that was checked.
 
@@ -18,13 +19,10 @@ import asyncio
 import ipaddress
 import re
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import anyio
 import httpcore
 import httpx
 
@@ -39,10 +37,8 @@ __all__ = [
     "BlockedDestination",
     "DestinationUnresolvable",
     "GuardedNetworkBackend",
-    "GuardedTransport",
     "Resolver",
     "check_url",
-    "guarded_transport",
     "parse_networks",
     "resolve_and_check",
     "system_resolver",
@@ -56,9 +52,6 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 ALLOWED_NETWORKS_VARIABLE = "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS"
 MAX_URL_LENGTH = 2048
-
-# Same as httpx's own defaults for AsyncHTTPTransport.
-DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 _net = ipaddress.ip_network
 
@@ -160,10 +153,11 @@ class DestinationUnresolvable(ValidationFailed):
 class BlockedConnection(httpx.ConnectError):
     """A delivery's connection was refused before it was made: the host is not public (now).
 
-    Raised through httpx unchanged (it is an :class:`httpx.ConnectError`, so generic handlers
-    still see a failed connection). ``destination`` is the :class:`BlockedDestination` with the
-    reason; it is kept as an attribute because httpcore's pool re-raises with ``from None``,
-    which drops ``__cause__``.
+    Raised by :class:`GuardedNetworkBackend`. It is an :class:`httpx.ConnectError`, so generic
+    handlers still see a failed connection; the webhook client reports it as a failed delivery
+    of kind ``BlockedConnection`` with this message. ``destination`` is the
+    :class:`BlockedDestination` with the reason, kept as an attribute so the reason travels
+    with the exception itself (a ``from None`` re-raise would drop ``__cause__``).
     """
 
     def __init__(self, destination: BlockedDestination, *, host: str, port: int | None) -> None:
@@ -385,7 +379,7 @@ def _check_hostname(name: str) -> None:
 
 
 def check_url(url: str, policy: AddressPolicy) -> str:
-    """Check a subscriber URL without DNS; return it normalised (as httpx will send it).
+    """Check a subscriber URL without DNS; return it normalised (httpx's normal form).
 
     Raises :class:`ValidationFailed` for a malformed URL and :class:`BlockedDestination` for an
     IP literal (in any form) or a metadata host name that webhooks may not reach. Host names
@@ -428,7 +422,8 @@ def check_url(url: str, policy: AddressPolicy) -> str:
         netloc = _host_text(literal) + (f":{port}" if port is not None else "")
         url = urlunsplit((scheme, netloc, parts.path, parts.query, parts.fragment))
 
-    # From here on, httpx's reading of the URL decides: that is what deliveries will use.
+    # From here on, httpx's reading of the URL decides. Its normal form (percent-encoded path,
+    # IDNA host) is what is stored, and the webhook client reads that form the same way.
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -505,12 +500,13 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
     ``connect_tcp(host, ...)`` resolves ``host`` itself, refuses the connection if any address
     is not allowed (:class:`BlockedConnection`), and otherwise connects to the checked IP
     literals in turn through ``backend`` (default :class:`service.aionet.AsyncioBackend`, which
-    connects to an IP literal without any lookup of its own). TLS is unaffected: httpcore's
-    ``AsyncHTTPConnection._connect`` (httpcore 1.0) calls ``stream.start_tls(server_hostname=
-    sni_hostname or origin.host)`` on the stream returned here, so SNI and certificate checks use
-    the URL's host name, not the IP literal connected to.
+    connects to an IP literal without any lookup of its own). TLS is the caller's: it calls
+    ``stream.start_tls(server_hostname=<the URL's host>)`` on the stream returned here, so SNI
+    and certificate checks use the URL's host name, not the IP literal connected to.
 
-    Addresses are tried one after another (no Happy Eyeballs), within the connect timeout.
+    Addresses are tried one after another (no Happy Eyeballs), within the connect timeout. It
+    runs on asyncio only (TaskRelay's loop), so its timeouts are asyncio's, not anyio's cancel
+    scopes.
     """
 
     def __init__(
@@ -532,9 +528,10 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        deadline = None if timeout is None else anyio.current_time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
-            with anyio.fail_after(timeout):
+            async with asyncio.timeout(timeout):
                 addresses = await resolve_and_check(host, port, self.policy, self.resolver)
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from exc
@@ -549,7 +546,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
             f"{host} has no address in the family of local_address {local_address}"
         )
         for address in addresses:
-            remaining = None if deadline is None else deadline - anyio.current_time()
+            remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise httpcore.ConnectTimeout(f"connecting to {host} timed out")
             try:
@@ -591,59 +588,3 @@ def _same_family(addresses: list[str], local_address: str | None) -> list[str]:
     except ValueError:
         return addresses
     return [address for address in addresses if ipaddress.ip_address(address).version == version]
-
-
-class GuardedTransport(httpx.AsyncHTTPTransport):
-    """``httpx.AsyncHTTPTransport`` whose connection pool uses :class:`GuardedNetworkBackend`.
-
-    httpx 0.28's transport takes no ``network_backend``, so this builds the httpcore pool itself
-    (same arguments as httpx would pass) and inherits request/response/exception mapping
-    unchanged. ``AsyncHTTPTransport.__init__`` is deliberately not called: it would build a
-    second, unguarded pool, and if a later httpx renamed ``_pool`` the inherited methods would
-    quietly use that one. Without it, such a rename fails loudly (AttributeError) instead.
-
-    No ``proxy`` or ``uds``: both would connect somewhere other than the checked address.
-    """
-
-    def __init__(
-        self,
-        policy: AddressPolicy,
-        *,
-        resolver: Resolver | None = None,
-        backend: httpcore.AsyncNetworkBackend | None = None,
-        verify: ssl.SSLContext | bool = True,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        local_address: str | None = None,
-        retries: int = 0,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> None:
-        self.network_backend = GuardedNetworkBackend(policy, resolver, backend=backend)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=trust_env),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=http1,
-            http2=http2,
-            local_address=local_address,
-            retries=retries,
-            network_backend=self.network_backend,
-            socket_options=socket_options,
-        )
-
-
-def guarded_transport(
-    policy: AddressPolicy, *, resolver: Resolver | None = None, **transport_kwargs: Any
-) -> httpx.AsyncBaseTransport:
-    """The transport for webhook deliveries; see :class:`GuardedTransport` for the keywords.
-
-    Use it as ``httpx.AsyncClient(transport=..., trust_env=False, follow_redirects=False)``:
-    with ``transport=`` httpx already ignores proxy variables, but never pass ``proxy=`` or
-    ``mounts=`` (they would route around it); ``trust_env=False`` keeps the environment out
-    altogether. Do not follow redirects: each hop would still be checked, but a subscriber
-    should not be able to send a signed delivery on to another URL.
-    """
-    return GuardedTransport(policy, resolver=resolver, **transport_kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -654,3 +655,11 @@ class PrivatePostgres:
                 self.stop("immediate")
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def serving_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    """A server-side TLS context presenting :func:`certificate`."""
+    key, cert = certificate
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    return served

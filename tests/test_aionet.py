@@ -1,13 +1,12 @@
 """The asyncio network backend (service/aionet.py) against real sockets: plain HTTP through
-httpx, TLS with a certificate made for the test, and httpcore's error types for every failure."""
+httpx, TLS with a certificate made for the test, httpcore's error types for every failure, and
+handing a connection over to a protocol (as the webhook client does)."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +15,8 @@ import httpcore
 import httpx
 import pytest
 
-from service.aionet import AsyncioBackend
+from service.aionet import AsyncioBackend, AsyncioStream
+from tests.servers import serving_tls
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -109,45 +109,11 @@ async def test_writing_to_a_reset_connection_is_a_write_or_read_error() -> None:
             await http.post(f"http://127.0.0.1:{port}/", content=b"y" * 1_000_000)
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=hooks.test",
-            "-addext",
-            "subjectAltName=DNS:hooks.test",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
-
-
 async def test_tls_is_upgraded_in_place_and_checks_the_server_name(
     certificate: tuple[Path, Path],
 ) -> None:
-    key, cert = certificate
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    served.load_cert_chain(cert, key)
+    _, cert = certificate
+    served = serving_tls(certificate)
     trusting = ssl.create_default_context(cafile=str(cert))
     async with server(http_ok, served) as port:
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=2.0)
@@ -163,3 +129,43 @@ async def test_tls_is_upgraded_in_place_and_checks_the_server_name(
         stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=2.0)
         with pytest.raises(httpcore.ConnectError):  # the certificate is not for this name
             await stream.start_tls(trusting, server_hostname="other.test", timeout=5.0)
+
+
+class Collecting(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.ended.set()
+        return False
+
+
+async def test_a_protocol_can_take_the_connection_over() -> None:
+    async with server(http_ok) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=2.0)
+        assert isinstance(stream, AsyncioStream)
+        protocol = Collecting()
+        transport = stream.take_over(protocol)
+        transport.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        for _ in range(200):
+            if protocol.data.endswith(b"hi"):
+                break
+            await asyncio.sleep(0.005)
+        assert protocol.data.startswith(b"HTTP/1.1 200 OK\r\n")
+        transport.close()
+
+
+async def test_a_connection_closed_before_the_take_over_is_refused() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async with server(hang_up) as port:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=2.0)
+        assert isinstance(stream, AsyncioStream)
+        await stream.read(100, timeout=1.0)  # the EOF has arrived
+        with pytest.raises(httpcore.ReadError):
+            stream.take_over(Collecting())

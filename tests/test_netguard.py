@@ -1,21 +1,23 @@
-"""SSRF protection for webhook URLs: the policy, the URL check, resolution and the transport.
+"""SSRF protection for webhook URLs: the policy, the URL check, resolution, and deliveries
+through the guarded backend (the webhook client, service/webclient.py, connects only that way).
 
-No test touches real DNS or the internet: every resolver is a fake. The transport tests talk to
+No test touches real DNS or the internet: every resolver is a fake. The delivery tests talk to
 a tiny HTTP server on 127.0.0.1 that counts the connections it accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpcore
-import httpx
 import pytest
 
 from service.errors import ValidationFailed
@@ -26,11 +28,12 @@ from service.netguard import (
     DestinationUnresolvable,
     GuardedNetworkBackend,
     check_url,
-    guarded_transport,
     parse_networks,
     resolve_and_check,
     system_resolver,
 )
+from service.webclient import DeliveryFailed, LeanClient
+from tests.servers import serving_tls
 
 PUBLIC = AddressPolicy()
 LOOPBACK_ALLOWED = AddressPolicy(parse_networks("127.0.0.0/8,::1/128"))
@@ -70,9 +73,10 @@ class Subscriber:
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, context: ssl.SSLContext | None = None) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=context)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -86,7 +90,7 @@ class Subscriber:
                     length = int(value)
             body = await reader.readexactly(length)
             self.requests.append(head + body)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            writer.write(self.answer)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -107,9 +111,15 @@ async def subscriber() -> AsyncIterator[Subscriber]:
     await server.stop()
 
 
-def client(policy: AddressPolicy, resolver: FakeResolver, **kwargs: Any) -> httpx.AsyncClient:
-    transport = guarded_transport(policy, resolver=resolver, **kwargs)
-    return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
+@contextlib.asynccontextmanager
+async def client(
+    policy: AddressPolicy, resolver: FakeResolver, **kwargs: Any
+) -> AsyncIterator[LeanClient]:
+    lean = LeanClient(policy, resolver=resolver, **kwargs)
+    try:
+        yield lean
+    finally:
+        await lean.aclose()
 
 
 # --- parse_networks ----------------------------------------------------------------------------
@@ -449,7 +459,7 @@ async def test_the_system_resolver_reads_numeric_hosts_without_dns() -> None:
     assert await system_resolver("127.0.0.1", 80) == ["127.0.0.1"]
 
 
-# --- the guarded transport ---------------------------------------------------------------------
+# --- deliveries through the guard (the webhook client) ----------------------------------------
 
 
 async def test_dns_rebinding_after_registration_is_refused_at_connect_time(
@@ -464,27 +474,25 @@ async def test_dns_rebinding_after_registration_is_refused_at_connect_time(
 
     # Delivery: the attacker's DNS now answers with loopback.
     async with client(PUBLIC, resolver) as http:
-        with pytest.raises(BlockedConnection) as caught:
-            await http.post(normalised, content=b'{"event": 1}')
+        with pytest.raises(DeliveryFailed) as caught:
+            await http.post(normalised, b'{"event": 1}', [])
     error = caught.value
-    assert isinstance(error, httpx.ConnectError)
-    assert error.request.url == normalised
-    assert error.host == "rebind.test"
-    assert error.port == subscriber.port
-    assert error.destination.address == "127.0.0.1"
+    assert error.kind == "BlockedConnection"
+    assert error.blocked is not None
+    assert error.blocked.host == "rebind.test"
+    assert error.blocked.address == "127.0.0.1"
     assert "resolves to 127.0.0.1, a loopback address" in str(error)
     assert len(resolver.calls) == 2
     assert subscriber.connections == 0
 
 
-async def test_the_transport_connects_to_the_address_it_checked(subscriber: Subscriber) -> None:
-    # rebind.test exists only in the fake resolver: reaching the server proves the transport
+async def test_the_client_connects_to_the_address_it_checked(subscriber: Subscriber) -> None:
+    # rebind.test exists only in the fake resolver: reaching the server proves the client
     # connected to the checked answer, not to a lookup of its own.
     resolver = FakeResolver({"rebind.test": ["127.0.0.1"]})
     async with client(LOOPBACK_ALLOWED, resolver) as http:
-        response = await http.post(f"http://rebind.test:{subscriber.port}/hook", content=b"hi")
-    assert response.status_code == 200
-    assert response.text == "ok"
+        reply = await http.post(f"http://rebind.test:{subscriber.port}/hook", b"hi", [])
+    assert reply == (200, b"ok")
     assert resolver.calls == [("rebind.test", subscriber.port)]
     assert subscriber.connections == 1
     request = subscriber.requests[0]
@@ -493,48 +501,85 @@ async def test_the_transport_connects_to_the_address_it_checked(subscriber: Subs
     assert request.endswith(b"\r\n\r\nhi")
 
 
+async def test_each_new_connection_resolves_and_checks_again(subscriber: Subscriber) -> None:
+    # The subscriber closes every connection, so each delivery opens a new one: the second is
+    # refused when the name has moved to a blocked address.
+    resolver = FakeResolver(turns={"moving.test": [["127.0.0.1"], ["10.0.0.1"]]})
+    async with client(LOOPBACK_ALLOWED, resolver) as http:
+        url = f"http://moving.test:{subscriber.port}/hook"
+        assert (await http.post(url, b"1", [])).status_code == 200
+        with pytest.raises(DeliveryFailed, match=re.escape("resolves to 10.0.0.1, a private")):
+            await http.post(url, b"2", [])
+    assert len(resolver.calls) == 2
+    assert subscriber.connections == 1
+
+
 async def test_one_blocked_answer_refuses_the_connection(subscriber: Subscriber) -> None:
     resolver = FakeResolver({"mixed.test": ["127.0.0.1", "10.0.0.1"]})
-    async with client(LOOPBACK_ALLOWED, resolver, retries=2) as http:
-        with pytest.raises(BlockedConnection, match=re.escape("10.0.0.1")):
-            await http.get(f"http://mixed.test:{subscriber.port}/")
+    async with client(LOOPBACK_ALLOWED, resolver) as http:
+        with pytest.raises(DeliveryFailed, match=re.escape("10.0.0.1")) as caught:
+            await http.post(f"http://mixed.test:{subscriber.port}/", b"", [])
+    assert caught.value.kind == "BlockedConnection"
     assert resolver.calls == [("mixed.test", subscriber.port)]  # refusals are not retried
     assert subscriber.connections == 0
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "[::ffff:127.0.0.1]"])
 async def test_ip_literal_urls_are_refused_at_connect_time(
     subscriber: Subscriber, host: str
 ) -> None:
     resolver = FakeResolver()
-    async with client(PUBLIC, resolver, retries=2) as http:
-        with pytest.raises(BlockedConnection):
-            await http.get(f"http://{host}:{subscriber.port}/")
+    async with client(PUBLIC, resolver) as http:
+        with pytest.raises(DeliveryFailed) as caught:
+            await http.post(f"http://{host}:{subscriber.port}/", b"", [])
+    assert caught.value.kind == "BlockedConnection"
+    assert "a loopback address" in str(caught.value)
     assert resolver.calls == []
     assert subscriber.connections == 0
 
 
+@pytest.mark.parametrize(
+    "network", ["10.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "fc00::/7", "198.18.0.0/15"]
+)
+async def test_names_resolving_into_blocked_ranges_are_refused(network: str) -> None:
+    address = str(next(ipaddress.ip_network(network).hosts()))
+    resolver = FakeResolver({"inside.test": [address]})
+    async with client(PUBLIC, resolver) as http:
+        with pytest.raises(DeliveryFailed) as caught:
+            await http.post("http://inside.test/hook", b"", [])
+    assert caught.value.kind == "BlockedConnection"
+    assert caught.value.blocked is not None and caught.value.blocked.address == address
+
+
+async def test_metadata_stays_refused_inside_allowed_networks() -> None:
+    everything = AddressPolicy(parse_networks("0.0.0.0/0,::/0"))
+    async with client(everything, FakeResolver({"meta.test": ["169.254.169.254"]})) as http:
+        with pytest.raises(DeliveryFailed, match="cloud metadata service"):
+            await http.post("http://meta.test/latest/meta-data/", b"", [])
+
+
 async def test_ip_literal_urls_connect_when_allowed(subscriber: Subscriber) -> None:
     async with client(LOOPBACK_ALLOWED, FakeResolver()) as http:
-        response = await http.get(f"http://127.1:{subscriber.port}/")
-    assert response.status_code == 200
+        reply = await http.post(f"http://127.1:{subscriber.port}/", b"", [])
+    assert reply.status_code == 200
 
 
 async def test_later_addresses_are_tried_when_one_refuses(subscriber: Subscriber) -> None:
     # The server listens on 127.0.0.1 only, so ::1 refuses the connection.
     resolver = FakeResolver({"two.test": ["::1", "127.0.0.1"]})
     async with client(LOOPBACK_ALLOWED, resolver) as http:
-        response = await http.get(f"http://two.test:{subscriber.port}/")
-    assert response.status_code == 200
+        reply = await http.post(f"http://two.test:{subscriber.port}/", b"", [])
+    assert reply.status_code == 200
     assert subscriber.connections == 1
 
 
 async def test_dns_failures_are_ordinary_connect_errors() -> None:
     resolver = FakeResolver({"gone.test": socket.gaierror(socket.EAI_NONAME, "unknown")})
     async with client(PUBLIC, resolver) as http:
-        with pytest.raises(httpx.ConnectError) as caught:
-            await http.get("http://gone.test/")
-    assert not isinstance(caught.value, BlockedConnection)
+        with pytest.raises(DeliveryFailed) as caught:
+            await http.post("http://gone.test/", b"", [])
+    assert caught.value.kind == "ConnectError"
+    assert caught.value.blocked is None
     assert "could not be resolved" in str(caught.value)
 
 
@@ -542,38 +587,75 @@ async def test_unix_sockets_are_refused() -> None:
     backend = GuardedNetworkBackend(LOOPBACK_ALLOWED, FakeResolver())
     with pytest.raises(BlockedConnection, match="Unix socket"):
         await backend.connect_unix_socket("/run/docker.sock")
+    async with client(LOOPBACK_ALLOWED, FakeResolver()) as http:
+        with pytest.raises(DeliveryFailed) as caught:
+            await http.post("http+unix://%2Frun%2Fdocker.sock/containers/json", b"", [])
+    assert caught.value.kind == "UnsupportedProtocol"
 
 
-def test_the_transport_takes_no_proxy() -> None:
+def test_the_client_takes_no_proxy() -> None:
     with pytest.raises(TypeError):
-        guarded_transport(PUBLIC, proxy="http://proxy.internal:3128")
+        LeanClient(PUBLIC, proxy="http://proxy.internal:3128")  # type: ignore[call-arg]
+
+
+async def test_proxy_variables_are_ignored(
+    subscriber: Subscriber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy would connect somewhere other than the checked address (and see the delivery).
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://10.9.9.9:3128")
+    resolver = FakeResolver({"direct.test": ["127.0.0.1"]})
+    async with client(LOOPBACK_ALLOWED, resolver) as http:
+        reply = await http.post(f"http://direct.test:{subscriber.port}/hook", b"x", [])
+    assert reply.status_code == 200
+    assert subscriber.requests[0].startswith(b"POST /hook HTTP/1.1\r\n")  # not a proxy's form
+
+
+async def test_redirects_are_not_followed(subscriber: Subscriber) -> None:
+    subscriber.answer = (
+        b"HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    resolver = FakeResolver({"hop.test": ["127.0.0.1"]})
+    async with client(LOOPBACK_ALLOWED, resolver) as http:
+        reply = await http.post(f"http://hop.test:{subscriber.port}/hook", b"x", [])
+    assert reply.status_code == 302
+    assert resolver.calls == [("hop.test", subscriber.port)]
+    assert subscriber.connections == 1
+
+
+async def test_tls_uses_the_url_host_name_while_tcp_uses_the_checked_address(
+    certificate: tuple[Path, Path],
+) -> None:
+    # The certificate is valid for hooks.test only, and the server is at 127.0.0.1: the
+    # handshake succeeds only if TCP went to the checked address and TLS named the URL's host.
+    _, cert = certificate
+    served = serving_tls(certificate)
+    tls_subscriber = Subscriber()
+    await tls_subscriber.start(served)
+    resolver = FakeResolver({"hooks.test": ["127.0.0.1"]})
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with client(LOOPBACK_ALLOWED, resolver, ssl_context=trusting) as http:
+            url = f"https://hooks.test:{tls_subscriber.port}/hook"
+            assert (await http.post(url, b"{}", [])).status_code == 200
+        assert resolver.calls == [("hooks.test", tls_subscriber.port)]
+        assert f"Host: hooks.test:{tls_subscriber.port}\r\n".encode() in tls_subscriber.requests[0]
+    finally:
+        await tls_subscriber.stop()
 
 
 class RecordingStream(httpcore.AsyncNetworkStream):
-    """Stands in for a TCP (then TLS) connection: records the TLS handshake, answers 204."""
-
-    def __init__(self, log: list[tuple[str, Any]]) -> None:
-        self.log = log
-        self.reply = b"HTTP/1.1 204 No Content\r\n\r\n"
+    """Stands in for a TCP connection."""
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        reply, self.reply = self.reply, b""
-        return reply
+        return b""
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        self.log.append(("write", buffer))
+        pass
 
     async def aclose(self) -> None:
-        self.log.append(("close", None))
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        self.log.append(("start_tls", server_hostname))
-        return self
+        pass
 
 
 class RecordingBackend(httpcore.AsyncNetworkBackend):
@@ -589,32 +671,17 @@ class RecordingBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         self.log.append(("connect_tcp", (host, port, timeout)))
-        return RecordingStream(self.log)
+        return RecordingStream()
 
 
-async def test_tls_uses_the_url_host_name_while_tcp_uses_the_checked_address() -> None:
-    recording = RecordingBackend()
-    resolver = FakeResolver({"hooks.example.com": [PUBLIC_V4]})
-    async with client(PUBLIC, resolver, backend=recording) as http:
-        response = await http.post(
-            "https://hooks.example.com/hook", content=b"{}", timeout=httpx.Timeout(5.0)
-        )
-    assert response.status_code == 204
-    assert recording.log[0] == ("connect_tcp", (PUBLIC_V4, 443, pytest.approx(5.0, abs=0.5)))
-    assert recording.log[1] == ("start_tls", "hooks.example.com")
-    assert recording.log[2][0] == "write"
-    assert b"Host: hooks.example.com\r\n" in recording.log[2][1]
-
-
-async def test_the_transport_resolves_once_and_connects_to_that_answer() -> None:
-    # A check-then-connect transport would look the name up again and follow the rebinding.
+async def test_the_backend_resolves_once_and_connects_to_that_answer() -> None:
+    # A check-then-connect backend would look the name up again and follow the rebinding.
     recording = RecordingBackend()
     resolver = FakeResolver(turns={"rebind.test": [[PUBLIC_V4], ["127.0.0.1"]]})
-    async with client(PUBLIC, resolver, backend=recording) as http:
-        response = await http.get("http://rebind.test/hook")
-    assert response.status_code == 204
+    backend = GuardedNetworkBackend(PUBLIC, resolver, backend=recording)
+    await backend.connect_tcp("rebind.test", 80, timeout=5.0)
     assert resolver.calls == [("rebind.test", 80)]
-    assert recording.log[0] == ("connect_tcp", (PUBLIC_V4, 80, pytest.approx(5.0, abs=0.5)))
+    assert recording.log == [("connect_tcp", (PUBLIC_V4, 80, pytest.approx(5.0, abs=0.5)))]
 
 
 async def test_only_addresses_of_the_local_address_family_are_tried() -> None:
@@ -623,3 +690,13 @@ async def test_only_addresses_of_the_local_address_family_are_tried() -> None:
     backend = GuardedNetworkBackend(PUBLIC, resolver, backend=recording)
     await backend.connect_tcp("dual.test", 443, local_address="0.0.0.0")
     assert recording.log == [("connect_tcp", (PUBLIC_V4, 443, None))]
+
+
+async def test_a_slow_resolver_is_a_connect_timeout() -> None:
+    async def slow(host: str, port: int) -> Sequence[str]:
+        await asyncio.sleep(10)
+        return [PUBLIC_V4]
+
+    backend = GuardedNetworkBackend(PUBLIC, slow, backend=RecordingBackend())
+    with pytest.raises(httpcore.ConnectTimeout, match=re.escape("resolving slow.test timed out")):
+        await backend.connect_tcp("slow.test", 80, timeout=0.05)
