@@ -24,7 +24,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from service.db import listed, one_of, prebuilt
 from service.errors import BadRequest, Conflict, NotFound, TaskRelayError
@@ -44,6 +43,7 @@ from service.store import (
     ApplyResult,
     ReceiptDraft,
     Store,
+    Written,
     event_row,
     task_state,
     transition,
@@ -107,11 +107,11 @@ class UpdateRequest:
 
 
 def apply_updates(
-    store: Store, session: Session, requests: Sequence[UpdateRequest]
+    store: Store, connection: sa.Connection, written: Written, requests: Sequence[UpdateRequest]
 ) -> list[ApplyResult | TaskRelayError]:
-    """Apply ``requests`` inside ``session``'s (write) transaction; the caller commits. Returns
-    one result per request, in order: its :class:`ApplyResult`, or the error for that item."""
-    connection = session.connection()
+    """Apply ``requests`` inside ``connection``'s write transaction (the caller commits, and
+    tells the listeners what ``written`` notes). Returns one result per request, in order: its
+    :class:`ApplyResult`, or the error for that item."""
     ids = sorted({request.task_id for request in requests})
     rows = connection.execute(
         _lock_tasks(connection), {"ids": listed(connection.dialect.name, ids)}
@@ -178,8 +178,8 @@ def apply_updates(
         seqs = connection.execute(_INSERT_EVENT, events).scalars().all()
         new_events = [event._replace(seq=seq) for event, seq in zip(new_events, seqs, strict=True)]
         if fan_out_many(connection, new_events, now):
-            session.info["deliveries"] = True
-        session.info.setdefault("events", set()).update(event.task_id for event in new_events)
+            written.deliveries = True
+        written.events.update(event.task_id for event in new_events)
     if receipts:
         connection.execute(_INSERT_RECEIPT, receipts)
     return results

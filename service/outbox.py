@@ -13,12 +13,13 @@ superseded by any newer event of the same task for the same subscription before 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from service.db import listed, none_of, one_of, prebuilt
@@ -142,6 +143,7 @@ _SUBSCRIPTION = Subscription.__table__  # type: ignore[attr-defined]
 _DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
 _ATTEMPT = DeliveryAttempt.__table__  # type: ignore[attr-defined]
 _EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
+_CLIENT_SECRET = ClientSecret.__table__  # type: ignore[attr-defined]
 
 
 @prebuilt
@@ -281,6 +283,54 @@ def _lock_deliveries(dialect: str) -> sa.Select[Any]:
         .order_by(_DELIVERY.c.pk)
         .with_for_update()
     )
+
+
+@prebuilt
+def _client_secrets(dialect: str) -> sa.Select[Any]:
+    """The signing secrets of the API clients ``owners`` (for their notify_url deliveries)."""
+    return sa.select(
+        _CLIENT_SECRET.c.owner,
+        _CLIENT_SECRET.c.secret,
+        _CLIENT_SECRET.c.previous_secret,
+        _CLIENT_SECRET.c.previous_secret_expires_at,
+    ).where(one_of(dialect, _CLIENT_SECRET.c.owner, "owners"))
+
+
+@prebuilt
+def _add_client_secrets(dialect: str) -> sa.Insert:
+    """New clients' secrets; a client whose secret another process has just made keeps that
+    one (both dialects' ``ON CONFLICT DO NOTHING``)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(_CLIENT_SECRET).on_conflict_do_nothing(index_elements=["owner"])
+
+
+def _client_secret_rows(
+    connection: sa.Connection, owners: Collection[str], now: datetime
+) -> dict[str, Any]:
+    """Each client's secret row, made for a client that has none yet."""
+    if not owners:
+        return {}
+    dialect = connection.dialect.name
+
+    def read() -> dict[str, Any]:
+        statement = _client_secrets(connection)
+        return {
+            row.owner: row
+            for row in connection.execute(statement, {"owners": listed(dialect, owners)})
+        }
+
+    rows = read()
+    missing = sorted(set(owners) - rows.keys())
+    if missing:
+        connection.execute(
+            _add_client_secrets(connection),
+            [
+                {"owner": owner, "secret": new_webhook_secret(), "created_at": now}
+                for owner in missing
+            ],
+        )
+        rows = read()
+    return rows
 
 
 _INSERT_ATTEMPT = sa.insert(_ATTEMPT)
@@ -573,13 +623,12 @@ class Outbox:
 
         now = self.clock()
         full = [pk for pk in busy if room(pk) <= 0]
-        with self.store.transaction(write=True) as session:
+        with self.store.core_transaction() as (connection, _):
             if self._moved_aside_at is None or now - self._moved_aside_at >= MOVE_ASIDE_EVERY:
-                self._move_aside(session, now)
+                self._move_aside(connection, now)
                 self._moved_aside_at = now
             chosen: list[int] = []
             taken: dict[int, int] = {}
-            connection = session.connection()
             dialect = connection.dialect.name
             due = connection.execute(
                 _due_deliveries(connection),
@@ -608,10 +657,10 @@ class Outbox:
                     "until": now + timedelta(seconds=lease_seconds),
                 },
             )
-            return self._jobs(session, chosen, now)
+            return self._jobs(connection, chosen, now)
 
     @staticmethod
-    def _move_aside(session: Session, now: datetime) -> int:
+    def _move_aside(connection: sa.Connection, now: datetime) -> int:
         """Put off the deliveries that are due but cannot go, so that claims stop reading them:
         those held behind an earlier event of their task that waits for a retry (until that
         retry: they cannot go before it), and those of a disabled subscription (for
@@ -632,7 +681,7 @@ class Outbox:
             .scalar_subquery()
         )
         disabled = _SUBSCRIPTION.c.enabled.is_(False)
-        rows = session.execute(
+        rows = connection.execute(
             sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
             .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
             .where(
@@ -644,7 +693,7 @@ class Outbox:
             .with_for_update(skip_locked=True, of=delivery)
         ).all()
         if rows:
-            session.execute(
+            connection.execute(
                 sa.update(_DELIVERY)
                 .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
                 .values(next_attempt_at=sa.bindparam("due")),
@@ -655,9 +704,10 @@ class Outbox:
             )
         return len(rows)
 
-    def _jobs(self, session: Session, pks: Sequence[int], now: datetime) -> list[DeliveryJob]:
+    def _jobs(
+        self, connection: sa.Connection, pks: Sequence[int], now: datetime
+    ) -> list[DeliveryJob]:
         """What the dispatcher needs to send each delivery, in the order of ``pks``."""
-        connection = session.connection()
         rows = {
             row.pk: row
             for row in connection.execute(
@@ -666,7 +716,7 @@ class Outbox:
         }
         # notify_url deliveries are signed with their client's secret.
         owners = {row.owner for row in rows.values() if row.kind == SubscriptionKind.task.value}
-        client_secrets = {owner: self._client_secret(session, owner) for owner in sorted(owners)}
+        client_secrets = _client_secret_rows(connection, owners, now)
         jobs = []
         for pk in pks:
             row = rows[pk]
@@ -715,9 +765,8 @@ class Outbox:
         records what finished meanwhile together), in Core SQL: one locking read, one INSERT of
         the attempts, one UPDATE per delivery (sent as one batch); NotFound for a delivery whose
         subscription was deleted while it was being sent."""
-        with self.store.transaction(write=True) as session:
+        with self.store.core_transaction() as (connection, _):
             pks = sorted({job.delivery_pk for job, _ in attempts})
-            connection = session.connection()
             current = {
                 row.pk: row
                 for row in connection.execute(
@@ -764,7 +813,7 @@ class Outbox:
                 connection.execute(_INSERT_ATTEMPT, logged)
                 connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
             if gone:
-                session.execute(
+                connection.execute(
                     sa.update(_SUBSCRIPTION)
                     .where(_SUBSCRIPTION.c.pk.in_(sorted(gone)))
                     .values(
@@ -779,7 +828,7 @@ class Outbox:
                     _SUBSCRIPTION.c.pk.in_(sorted(gone)),
                     _SUBSCRIPTION.c.kind == SubscriptionKind.task.value,
                 )
-                session.execute(
+                connection.execute(
                     sa.update(_DELIVERY)
                     .where(
                         _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),

@@ -217,6 +217,38 @@ def transition(
     return ReceiptOutcome.applied, True
 
 
+class Written:
+    """What a Core write transaction did that others hear of once it commits."""
+
+    __slots__ = ("deliveries", "events")
+
+    def __init__(self) -> None:
+        self.events: set[str] = set()  # ids of the tasks that got events
+        self.deliveries = False  # deliveries are owed: wake the dispatcher
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Database errors as the API reports them: a value the database cannot hold is the
+    request's fault (retrying would fail the same way); anything else is "unavailable"."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except DataError as exc:
+        # Lengths are checked before writing; this is the last guard.
+        raise BadRequest(
+            "A value in this request cannot be stored (too long or malformed).",
+            code="value_not_storable",
+        ) from exc
+    except (DBAPIError, sa.exc.TimeoutError) as exc:
+        raise StoreUnavailable(
+            "The database is unavailable or refused the write; nothing was recorded. "
+            "Retry shortly.",
+            details={"reason": _reason(exc)},
+        ) from exc
+
+
 class Store:
     def __init__(
         self,
@@ -267,36 +299,39 @@ class Store:
         """One transaction; commits on leaving a write transaction without an error. After a
         commit that appended task events, the listeners are told (from this thread)."""
         turn = self._write_turn if write and self._write_turn is not None else nullcontext()
-        try:
-            with turn, Session(self.engine, expire_on_commit=False) as session:
-                if write:
-                    session.connection(execution_options={WRITE_OPTION: True})
-                yield session
-                if write:
-                    session.commit()
-                    changed = session.info.pop("events", None)
-                    if changed:
-                        task_ids = frozenset(changed)
-                        for listener in self.listeners:
-                            listener(task_ids)
-                    if session.info.pop("deliveries", False):
-                        for wake in self.delivery_listeners:
-                            wake()
-        except IntegrityError:
-            raise
-        except DataError as exc:
-            # A value the database cannot hold: retrying would fail the same way, so this is
-            # not "unavailable". (Lengths are checked before writing; this is the last guard.)
-            raise BadRequest(
-                "A value in this request cannot be stored (too long or malformed).",
-                code="value_not_storable",
-            ) from exc
-        except (DBAPIError, sa.exc.TimeoutError) as exc:
-            raise StoreUnavailable(
-                "The database is unavailable or refused the write; nothing was recorded. "
-                "Retry shortly.",
-                details={"reason": _reason(exc)},
-            ) from exc
+        with _translated_errors(), turn, Session(self.engine, expire_on_commit=False) as session:
+            if write:
+                session.connection(execution_options={WRITE_OPTION: True})
+            yield session
+            if write:
+                session.commit()
+                self._tell(session.info.pop("events", None), session.info.pop("deliveries", False))
+
+    @contextmanager
+    def core_transaction(self) -> Iterator[tuple[sa.Connection, Written]]:
+        """A write transaction in Core SQL, for the hot paths (callback batches, delivery
+        claims and records): a bare connection, without the ORM session, whose bookkeeping
+        cost about 90 us of CPU per transaction. Commits on leaving without an error, then
+        tells the listeners what :class:`Written` says; errors are translated as in
+        :meth:`transaction`."""
+        turn = self._write_turn if self._write_turn is not None else nullcontext()
+        written = Written()
+        with _translated_errors(), turn, self.engine.connect() as connection:
+            connection.execution_options(**{WRITE_OPTION: True})
+            with connection.begin():
+                yield connection, written
+            self._tell(written.events, written.deliveries)
+
+    def _tell(self, events: set[str] | None, deliveries: bool) -> None:
+        """After a commit: the task ids that got events to the listeners, and a wake to the
+        dispatcher if deliveries are owed."""
+        if events:
+            task_ids = frozenset(events)
+            for listener in self.listeners:
+                listener(task_ids)
+        if deliveries:
+            for wake in self.delivery_listeners:
+                wake()
 
     def ping(self) -> None:
         with self.transaction(write=False) as session:
@@ -574,8 +609,8 @@ class Store:
         from service.ingest import apply_updates
 
         try:
-            with self.transaction(write=True) as session:
-                return apply_updates(self, session, requests)
+            with self.core_transaction() as (connection, written):
+                return apply_updates(self, connection, written, requests)
         except (IntegrityError, BadRequest) as exc:
             if len(requests) > 1:
                 return [result for request in requests for result in self.apply_updates([request])]

@@ -25,9 +25,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.lifecycle import TaskUpdate
-from service.models import TaskStatus, UpdateSource
+from service.models import TaskStatus, UpdateSource, utcnow
 from service.netguard import AddressPolicy
+from service.outbox import _add_client_secrets, _client_secret_rows
 from service.runtime import Runtime
+from service.store import Store
 from tests.conftest import ALICE, BOB, auth, error_code, make_settings, serving
 from tests.test_scheduler import FakeClock
 
@@ -412,6 +414,21 @@ async def test_notify_url_gets_that_tasks_events_signed_with_the_client_secret(
         assert verify(secret, headers, body)["data"]["id"] == task_id
     bob_secret = (await harness.client.get("/v1/notify-secret", headers=auth(BOB))).json()["secret"]
     assert bob_secret != secret
+
+
+def test_a_client_secret_another_process_made_meanwhile_is_kept(store: Store) -> None:
+    """The claim makes a client's notify_url secret on first use; if another process inserts
+    one between this claim's read and its insert, that one stands (no error, no overwrite)."""
+    now = utcnow()
+    with store.core_transaction() as (connection, _):
+        made = _client_secret_rows(connection, {"alice"}, now)
+    with store.core_transaction() as (connection, _):
+        late = [{"owner": "alice", "secret": "made-elsewhere", "created_at": now}]
+        connection.execute(_add_client_secrets(connection), late)  # the race, made to happen
+        again = _client_secret_rows(connection, {"alice", "bob"}, now)
+    assert again["alice"].secret == made["alice"].secret
+    assert set(again) == {"alice", "bob"}
+    assert again["bob"].secret not in (made["alice"].secret, "made-elsewhere")
 
 
 async def test_a_notify_url_that_answers_410_is_owed_nothing_more(harness: Harness) -> None:
