@@ -74,7 +74,7 @@ class Dispatcher:
         self._ticker.start()
         self._renewer = asyncio.create_task(self._renew_leases(), name="dispatcher-leases")
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, *, grace: float) -> None:
         """Stop claiming; let in-flight deliveries finish (up to ``grace``), then release
         every lease still held so another process sends them."""
         loop = asyncio.get_running_loop()
