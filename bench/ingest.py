@@ -270,8 +270,10 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait_ready(self, probe: Callable[[httpx.Client], bool]) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    def wait_ready(
+        self, probe: Callable[[httpx.Client], bool], timeout: float = READY_TIMEOUT_SECONDS
+    ) -> None:
+        deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:

@@ -66,8 +66,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -81,12 +79,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from bench.ingest import fresh_postgres, service_revision
+from bench.ingest import ServerProcess, free_port, fresh_postgres, service_revision
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
@@ -144,7 +141,6 @@ TABLES = (
     "delivery_attempt",
 )
 READY_TIMEOUT_SECONDS = 120.0
-STOP_TIMEOUT_SECONDS = 20.0
 WARMUP_SECONDS = 2
 ID_SAMPLE = 5000
 # Settings this benchmark sets itself: the environment's values are not passed on.
@@ -927,83 +923,42 @@ def fresh_database(kind: str, folder: Path, admin_url: str | None, label: str) -
 # --- HTTP: a real taskrelay serve, driven by wrk ------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServiceProcess:
+def start_service(name: str, database_url: str, folder: Path) -> ServerProcess:
     """``taskrelay serve`` on a free port of 127.0.0.1, with its background work idle."""
-
-    def __init__(self, name: str, database_url: str, folder: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log_path = folder / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
-        env.update(
-            {
-                "TASKRELAY_DATABASE_URL": database_url,
-                "TASKRELAY_DATA_DIR": str(folder / "data"),
-                "TASKRELAY_PUBLIC_URL": self.url,
-                "TASKRELAY_SECRET_KEY": SECRET_KEY,
-                "TASKRELAY_API_TOKENS": ",".join(f"{o}:{t}" for o, t in TOKENS.items()),
-                # Nothing is measured but lookups: no status queries, no deliveries, and no
-                # provider reachable should anything try.
-                "TASKRELAY_SCHEDULER": "false",
-                "TASKRELAY_DISPATCHER": "false",
-                # wrk is one client asking as fast as it can: no per-client rate limit.
-                "TASKRELAY_RATE_LIMIT": "0",
-                **{
-                    f"TASKRELAY_{provider.upper()}_BASE_URL": "http://127.0.0.1:9"
-                    for provider in PROVIDERS
-                },
-            }
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
+    env.update(
+        {
+            "TASKRELAY_DATABASE_URL": database_url,
+            "TASKRELAY_DATA_DIR": str(folder / "data"),
+            "TASKRELAY_PUBLIC_URL": url,
+            "TASKRELAY_SECRET_KEY": SECRET_KEY,
+            "TASKRELAY_API_TOKENS": ",".join(f"{o}:{t}" for o, t in TOKENS.items()),
+            # Nothing is measured but lookups: no status queries, no deliveries, and no
+            # provider reachable should anything try.
+            "TASKRELAY_SCHEDULER": "false",
+            "TASKRELAY_DISPATCHER": "false",
+            # wrk is one client asking as fast as it can: no per-client rate limit.
+            "TASKRELAY_RATE_LIMIT": "0",
+            **{
+                f"TASKRELAY_{provider.upper()}_BASE_URL": "http://127.0.0.1:9"
+                for provider in PROVIDERS
+            },
+        }
+    )
+    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    server = ServerProcess(name, argv, env, port, folder)
+    try:
+        # A large store takes a while to open (migrations check it first).
+        server.wait_ready(
+            lambda client: client.get("/readyz").status_code == 200, READY_TIMEOUT_SECONDS
         )
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
-            env=env,
-            cwd=folder,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        with httpx.Client(base_url=self.url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited early:\n{self.logs()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/readyz").status_code == 200:
-                        return
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become ready:\n{self.logs()}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process, all its threads (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def logs(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 WRK_SCRIPT = r"""
@@ -1104,7 +1059,7 @@ class Latency:
 
 
 def run_wrk(
-    server: ServiceProcess,
+    server: ServerProcess,
     paths: Sequence[str],
     token: str,
     seconds: int,
@@ -1237,9 +1192,9 @@ def measure_lookups(
 ) -> list[LookupResult]:
     small_ids = sample_ids(small_url, "alice", ID_SAMPLE)
     large_ids = sample_ids(large_url, "alice", ID_SAMPLE)
-    small = ServiceProcess("taskrelay-small", small_url, folder / "small")
+    small = start_service("taskrelay-small", small_url, folder / "small")
     try:
-        large = ServiceProcess("taskrelay-large", large_url, folder / "large")
+        large = start_service("taskrelay-large", large_url, folder / "large")
     except BaseException:
         small.stop()
         raise
