@@ -150,6 +150,21 @@ from typing import Any  # noqa: E402  (this section was added after the others)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def serve_quietly(app: Any, port: int) -> None:
+    """Run ``app`` on 127.0.0.1:``port`` in this (child) process: warnings only, no access
+    log, a graceful shutdown of at most 1 s."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+
+
 def subscriber_main(argv: list[str]) -> None:
     """Run the subscriber app (in its own process): ``PORT RECORDS_PATH STATUS HOLD``.
 
@@ -163,7 +178,6 @@ def subscriber_main(argv: list[str]) -> None:
     import contextlib
     import json
 
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -228,14 +242,7 @@ def subscriber_main(argv: list[str]) -> None:
             Route("/{path:path}", hook, methods=["POST"]),
         ]
     )
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
+    serve_quietly(app, port)
 
 
 class SubscriberProcess:
@@ -359,7 +366,6 @@ def balancer_main(argv: list[str]) -> None:
     """
     import itertools
 
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -426,14 +432,7 @@ def balancer_main(argv: list[str]) -> None:
             Route("/{path:path}", forward, methods=methods),
         ]
     )
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
+    serve_quietly(app, port)
 
 
 class BalancerProcess:
