@@ -217,8 +217,12 @@ def transition(
     return ReceiptOutcome.applied, True
 
 
+WRITTEN = "taskrelay_written"
+
+
 class Written:
-    """What a Core write transaction did that others hear of once it commits."""
+    """What a write transaction did that others hear of once it commits (an ORM session keeps
+    its own in ``session.info[WRITTEN]``)."""
 
     __slots__ = ("deliveries", "events")
 
@@ -302,10 +306,11 @@ class Store:
         with _translated_errors(), turn, Session(self.engine, expire_on_commit=False) as session:
             if write:
                 session.connection(execution_options={WRITE_OPTION: True})
+                session.info[WRITTEN] = Written()
             yield session
             if write:
                 session.commit()
-                self._tell(session.info.pop("events", None), session.info.pop("deliveries", False))
+                self._tell(session.info[WRITTEN])
 
     @contextmanager
     def core_transaction(self) -> Iterator[tuple[sa.Connection, Written]]:
@@ -320,16 +325,16 @@ class Store:
             connection.execution_options(**{WRITE_OPTION: True})
             with connection.begin():
                 yield connection, written
-            self._tell(written.events, written.deliveries)
+            self._tell(written)
 
-    def _tell(self, events: set[str] | None, deliveries: bool) -> None:
+    def _tell(self, written: Written) -> None:
         """After a commit: the task ids that got events to the listeners, and a wake to the
         dispatcher if deliveries are owed."""
-        if events:
-            task_ids = frozenset(events)
+        if written.events:
+            task_ids = frozenset(written.events)
             for listener in self.listeners:
                 listener(task_ids)
-        if deliveries:
+        if written.deliveries:
             for wake in self.delivery_listeners:
                 wake()
 
@@ -680,8 +685,8 @@ class Store:
         assert event.seq is not None
         new_event = NewEvent(event.seq, task.pk, task.id, task.owner, task.provider, event.type)
         if fan_out_many(session.connection(), [new_event], self.clock()):
-            session.info["deliveries"] = True
-        session.info.setdefault("events", set()).add(task.id)
+            session.info[WRITTEN].deliveries = True
+        session.info[WRITTEN].events.add(task.id)
         return {"id": event.id, "type": event.type}
 
     def receipt_row(
