@@ -3,7 +3,8 @@
 SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so a committed write
 survives a crash, a busy timeout, foreign keys on, and write transactions that take the write
 lock up front (``BEGIN IMMEDIATE``): a read-then-write transaction can then never fail halfway
-on a lock upgrade. PostgreSQL uses psycopg 3 with a connection pool and pre-ping.
+on a lock upgrade. The dispatcher's own bookkeeping may commit without the fsync
+(:func:`without_fsync`). PostgreSQL uses psycopg 3 with a connection pool and pre-ping.
 
 Storage faults are translated here, at the driver boundary, for both stores: a full disk, a
 read-only database and a failing disk become :class:`~service.errors.StoreFull`,
@@ -24,7 +25,8 @@ import sqlite3
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,6 +122,7 @@ def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FUL
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     path = sqlite_path(engine.url.render_as_string(hide_password=False))
+    _SYNCHRONOUS[engine] = synchronous.upper()
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: sqlite3.Connection, record: Any) -> None:
@@ -148,6 +151,42 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             connection.exec_driver_sql("BEGIN")
+
+
+# Each SQLite engine's synchronous setting (make_engine), restored after without_fsync().
+_SYNCHRONOUS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_FSYNC_PER_COMMIT = frozenset({"FULL", "EXTRA", "2", "3"})
+
+
+@contextmanager
+def without_fsync(connection: sa.Connection) -> Iterator[None]:
+    """Commits on ``connection`` inside skip SQLite's fsync (``synchronous=NORMAL``; enter it
+    before the transaction begins: SQLite refuses the change inside one). For writes that may be
+    lost to a power cut or an OS crash, never to a process crash: the dispatcher's leases and
+    records of attempts, whose loss only means a webhook goes out again, which at-least-once
+    delivery allows. Such a commit becomes durable with the next fsynced one (every callback
+    batch), which syncs the whole write-ahead log. A no-op on PostgreSQL, and where the engine
+    does not fsync every commit anyway.
+
+    The setting is restored before the connection goes back to the pool; if that fails, the
+    connection is discarded, so a callback batch can never commit on it without its fsync."""
+    level = _SYNCHRONOUS.get(connection.engine)
+    if level not in _FSYNC_PER_COMMIT:
+        yield
+        return
+    if connection.in_transaction():
+        raise RuntimeError("without_fsync() must be entered before the transaction begins")
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        try:
+            driver.execute(f"PRAGMA synchronous={level}")
+        except sqlite3.Error:
+            log.warning("could not restore synchronous=%s; discarding the connection", level)
+            connection.invalidate()
 
 
 def one_of(dialect: str, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from service import ingest
+from service.db import make_engine, without_fsync
 from service.lifecycle import TaskUpdate
 from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource, UTCDateTime
 from service.store import ReceiptDraft, Store
@@ -198,3 +199,45 @@ def test_sqlite_datetimes_refuse_naive_values() -> None:
     bind = UTCDateTime().bind_processor(sqlite.dialect())
     with pytest.raises(ValueError, match="naive datetime"):
         bind(datetime(2026, 11, 21, 6, 5, 51))
+
+
+def _synchronous(connection: sa.Connection) -> int:
+    return int(connection.exec_driver_sql("PRAGMA synchronous").scalar_one())
+
+
+def test_a_commit_without_fsync_is_committed_and_leaves_the_connection_syncing(
+    store: Store,
+) -> None:
+    """``fsync=False`` (the dispatcher's bookkeeping) commits with synchronous=NORMAL on SQLite,
+    and the connection goes back to the pool syncing every commit again, so the next callback
+    batch on it is durable. On PostgreSQL it changes nothing."""
+    task_id = new_task(store)
+    sqlite_store = store.engine.dialect.name == "sqlite"
+    with store.core_transaction(fsync=False) as (connection, _):
+        if sqlite_store:
+            assert _synchronous(connection) == 1  # NORMAL: no fsync at this commit
+        driver = connection.connection.driver_connection
+        connection.execute(
+            sa.update(ingest.TASK).where(ingest.TASK.c.id == task_id).values(progress=42)
+        )
+    if sqlite_store:
+        assert driver.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL again
+        with store.core_transaction() as (connection, _):
+            assert _synchronous(connection) == 2
+    assert store.get_task("alice", task_id)["progress"] == 42
+
+
+def test_skipping_the_fsync_must_start_before_the_transaction(tmp_path: Path) -> None:
+    """SQLite refuses to change synchronous inside a transaction; without_fsync says so at
+    once rather than failing at the driver."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'sync.db'}")
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")  # autobegins
+            with (
+                pytest.raises(RuntimeError, match="before the transaction"),
+                without_fsync(connection),
+            ):
+                pass
+    finally:
+        engine.dispose()
