@@ -169,7 +169,9 @@ def without_fsync(connection: sa.Connection) -> Iterator[None]:
     does not fsync every commit anyway.
 
     The setting is restored before the connection goes back to the pool; if that fails, the
-    connection is discarded, so a callback batch can never commit on it without its fsync."""
+    connection is discarded, so a callback batch can never commit on it without its fsync. A
+    transaction inside that wrote something that must not be lost after all calls
+    :func:`sync_log` once it has committed."""
     level = _SYNCHRONOUS.get(connection.engine)
     if level not in _FSYNC_PER_COMMIT:
         yield
@@ -187,6 +189,22 @@ def without_fsync(connection: sa.Connection) -> Iterator[None]:
         except sqlite3.Error:
             log.warning("could not restore synchronous=%s; discarding the connection", level)
             connection.invalidate()
+
+
+def sync_log(engine: Engine) -> None:
+    """Make every commit so far durable now (SQLite: fsync the write-ahead log, where commits
+    made :func:`without_fsync` wait for the next synced one). Nothing to do on PostgreSQL."""
+    path = sqlite_path(engine.url.render_as_string(hide_password=False))
+    if path is None:
+        return
+    try:
+        descriptor = os.open(_sidecar(path, "-wal"), os.O_RDONLY)
+    except FileNotFoundError:  # no log: every commit is in the database file already
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def one_of(dialect: str, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
-from service.db import WRITE_OPTION, without_fsync
+from service.db import WRITE_OPTION, sync_log, without_fsync
 from service.errors import (
     BadRequest,
     Conflict,
@@ -224,11 +224,13 @@ class Written:
     """What a write transaction did that others hear of once it commits (an ORM session keeps
     its own in ``session.info[WRITTEN]``)."""
 
-    __slots__ = ("deliveries", "events")
+    __slots__ = ("deliveries", "events", "must_sync")
 
     def __init__(self) -> None:
         self.events: set[str] = set()  # ids of the tasks that got events
         self.deliveries = False  # deliveries are owed: wake the dispatcher
+        # Something a commit without fsync must not lose after all (a new signing secret).
+        self.must_sync = False
 
 
 @contextmanager
@@ -327,6 +329,8 @@ class Store:
             connection.execution_options(**{WRITE_OPTION: True})
             with nullcontext() if fsync else without_fsync(connection), connection.begin():
                 yield connection, written
+            if written.must_sync and not fsync:
+                sync_log(self.engine)
             self._tell(written)
 
     def _tell(self, written: Written) -> None:

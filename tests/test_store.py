@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
@@ -241,3 +242,31 @@ def test_skipping_the_fsync_must_start_before_the_transaction(tmp_path: Path) ->
                 pass
     finally:
         engine.dispose()
+
+
+def test_a_commit_without_fsync_that_must_last_syncs_the_log(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction without fsync that wrote something it must not lose (``must_sync``)
+    fsyncs SQLite's write-ahead log once committed; the others do not."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    task_id = new_task(store)
+    for must_sync in (False, True, False):
+        with store.core_transaction(fsync=False) as (connection, written):
+            connection.execute(
+                sa.update(ingest.TASK).where(ingest.TASK.c.id == task_id).values(progress=7)
+            )
+            written.must_sync = must_sync
+    if store.engine.dialect.name == "sqlite":
+        database = store.engine.url.database
+        assert database is not None
+        assert synced == [f"{Path(database).resolve()}-wal"]
+    else:
+        assert synced == []
