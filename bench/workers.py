@@ -11,9 +11,9 @@ read back afterwards to check that every 2xx answer was stored.
 
 For each N: the maximum rate (2xx answers per second), its ratio to the 1-worker rate measured
 in the same run, p50/p99 latency at that rate (wrk's histogram), p50/p99 at one fixed offered
-rate for every N (open loop with httpx, ``--open-rate``, by default half the first maximum but
-at most 300/s, which a Python generator sharing 2 cores can keep up with: latency at equal
-load; the generator's own lag is shown beside it), and
+rate for every N (``bench/ingest.py``'s open loop, with wrk, ``--open-rate``, by default half
+the first maximum but at most 300/s: latency at equal load, from when each request was due; the
+generator's own lag is shown beside it), and
 where the CPU went: TaskRelay's processes (and how it splits across the workers; the rate per
 TaskRelay CPU-second says how efficiently it uses what it gets, whatever else runs), the
 PostgreSQL backends serving the benchmark's database, the load generator, and the rest of the
@@ -94,8 +94,8 @@ WORKER_COUNTS = (1, 2, 4)
 # Callbacks queued for a closed-loop phase: the best rate seen so far (or the warm-up's) times
 # its duration times this. Running out would cap the rate measured (it is then flagged).
 CLOSED_FEED_MARGIN = 2.5
-# The open loop's generator is Python (httpx) on the same 2 cores: above about this rate it
-# falls behind itself, and its lag would be counted as the server's latency.
+# The open loop's default rate is capped here: the limit of the Python (httpx) generator it used
+# before bench/ingest.py's open loop moved to wrk, kept so that runs stay comparable.
 MAX_AUTO_OPEN_RATE = 300.0
 DEFAULT_POOL_SIZE = 5
 # Connections kept free for everything else on the server (other databases, psql, tests).
@@ -459,7 +459,8 @@ def markdown(results: Results, run: dict[str, Any]) -> str:
     lines = [
         f"PostgreSQL, `taskrelay serve --workers N`; wrk, 1 thread, {run['concurrency']} "
         f"connections, {run['duration']:g} s per phase after a {run['warmup']:g} s warm-up; "
-        f"open loop (httpx) at {results.open_rate or 0:,.0f}/s for every N (latency at equal "
+        f"open loop (wrk, one thread per connection) at {results.open_rate or 0:,.0f}/s for "
+        "every N (latency at equal "
         f"load; the generator's own lag p99 in brackets). {run['cores']} cores shared by "
         "TaskRelay, PostgreSQL and the load generator (and whatever else ran: see the rest of "
         f"the machine); TASKRELAY_DB_POOL_SIZE={run['pool_size']}; uvicorn {run['uvicorn']}; "
