@@ -1,8 +1,9 @@
 """Delivers events to subscribers: signed (Standard Webhooks), retried, in order per task.
 
-Each pass claims due deliveries (leases in the database, so several processes never send the
-same delivery at once, and a crashed process's claims are retried by the others with the same
-``webhook-id``), sends them concurrently with a cap per subscriber, and records every attempt.
+Each pass records the attempts that finished since the last one and claims due deliveries, in
+one transaction (leases in the database, so several processes never send the same delivery at
+once, and a crashed process's claims are retried by the others with the same ``webhook-id``),
+then sends them concurrently with a cap per subscriber.
 A slow or dead subscriber only ever holds its own few slots: callback ingestion and other
 subscribers' deliveries go on. The loop wakes on new events (:meth:`Dispatcher.notify`), on an
 interval, or stops; :meth:`Dispatcher.run_until_idle` drives it in tests.
@@ -24,7 +25,7 @@ from service.errors import NotFound, StoreUnavailable
 from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import DeliveryStatus
-from service.outbox import AttemptResult, DeliveryJob, Outbox
+from service.outbox import AttemptResult, DeliveryJob, Outbox, Recorded
 from service.signing import webhook_headers
 from service.webclient import DeliveryFailed, WebhookClient
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 # service.webclient.DELIVERY_TIMEOUTS, bound each step: connect 5 s, each read or write 10 s).
 ATTEMPT_DEADLINE_SECONDS = 30.0
 USER_AGENT = "TaskRelay-Webhooks/1"
+
+# An attempt waiting to be recorded, and its sender's future for the delivery's status.
+_ToRecord = tuple[DeliveryJob, AttemptResult, asyncio.Future[str]]
 
 
 class Dispatcher:
@@ -63,14 +67,17 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._busy: dict[int, int] = {}
         self._sending: set[int] = set()  # delivery pks this process is sending right now
-        # Attempts waiting to be recorded, and the task recording them (see _record).
-        self._to_record: list[tuple[DeliveryJob, AttemptResult, asyncio.Future[str]]] = []
+        # Attempts waiting to be recorded, and the task recording them when no pass will
+        # (see _record); _ticking: the loop runs, so a pass follows every wake.
+        self._to_record: list[_ToRecord] = []
         self._recorder: asyncio.Task[None] | None = None
+        self._ticking = False
         self._renewer: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._ticking = True
         self._ticker.start()
         self._renewer = asyncio.create_task(self._renew_leases(), name="dispatcher-leases")
 
@@ -79,14 +86,16 @@ class Dispatcher:
         every lease still held so another process sends them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # The loop's last pass may be waiting for a free slot, which only a finishing delivery
-        # gives: it and the deliveries share the one grace.
+        # No pass may follow now: attempts are recorded on their own, those waiting too.
+        self._ticking = False
+        self._start_recorder()
+        # The loop's last pass may still be claiming: it and the deliveries share the grace.
         ticker = asyncio.create_task(self._ticker.stop())
         await asyncio.wait({ticker}, timeout=grace)
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=max(0.0, deadline - loop.time()))
-        # Past the grace: cut off what is still sending (a pass waiting for a slot then ends,
-        # and one that was claiming may start a last delivery, cut off in turn).
+        # Past the grace: cut off what is still sending (the last pass, if it was claiming,
+        # may start a last delivery, cut off in turn).
         while self._in_flight or not ticker.done():
             for job in list(self._in_flight):
                 job.cancel()
@@ -113,21 +122,32 @@ class Dispatcher:
     # --- passes -----------------------------------------------------------------------------
 
     async def run_once(self, *, wait: bool = True) -> int:
-        """Claim what free slots allow and start sending; with ``wait``, wait for them."""
-        free = self.concurrency - len(self._in_flight)
-        if free <= 0:
-            if self._in_flight:
-                await asyncio.wait(list(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
-            return 0
-        jobs = await run_in_threadpool(
-            self.outbox.claim,
-            self.worker_id,
-            limit=free,
-            lease_seconds=self.lease_seconds,
-            exclude=frozenset(self._sending),
-            per_subscription=self.per_subscription,
-            busy=dict(self._busy),
-        )
+        """Record the attempts waiting, claim what free slots allow and start sending; with
+        ``wait``, wait for them. Records even without a free slot: the deliveries in flight
+        may be waiting for theirs."""
+        batch, self._to_record = self._to_record, []
+        # The batch's deliveries have been answered: they leave _in_flight once recorded.
+        # (Still in _sending, so not claimed again here.)
+        free = self.concurrency - len(self._in_flight) + len(batch)
+        if not batch and free <= 0:
+            return 0  # a delivery answering wakes the loop
+        try:
+            outcomes, jobs = await run_in_threadpool(
+                self.outbox.record_and_claim,
+                [(job, result) for job, result, _ in batch],
+                self.worker_id,
+                limit=free,
+                lease_seconds=self.lease_seconds,
+                exclude=frozenset(self._sending),
+                per_subscription=self.per_subscription,
+                busy=dict(self._busy),
+            )
+        except Exception as exc:
+            # A failed claim fails the records made with it: those deliveries stay leased, and
+            # are sent again once their lease expires, as after a failed record.
+            self._tell_senders(batch, exc)
+            raise
+        self._tell_senders(batch, outcomes)
         started: list[asyncio.Task[None]] = []
         for job in jobs:
             self._busy[job.subscription_pk] = self._busy.get(job.subscription_pk, 0) + 1
@@ -179,12 +199,14 @@ class Dispatcher:
         except Exception:
             log.exception("delivery %s failed unexpectedly", job.delivery_id)
         finally:
+            # No wake once recorded: the pass that recorded it claimed what that made due.
             self._sending.discard(job.delivery_pk)
             if holding:
                 self._free_slot(job)
-            self.notify()  # a slot is free: that subscriber's next delivery may go now
 
     def _free_slot(self, job: DeliveryJob) -> None:
+        """The subscriber answered (or the delivery ended): its next delivery may go, and the
+        pass this wakes records the attempt (see _record)."""
         self._busy[job.subscription_pk] -= 1
         if not self._busy[job.subscription_pk]:
             del self._busy[job.subscription_pk]
@@ -193,34 +215,48 @@ class Dispatcher:
     async def _record(self, job: DeliveryJob, result: AttemptResult) -> str:
         """Record an attempt together with the others that finished meanwhile: one
         transaction per batch (a write per delivery would queue for the database behind
-        callback ingestion). Returns the delivery's status afterwards."""
+        callback ingestion). While the loop runs, that is the next pass's claim, which
+        _free_slot has just woken (woken during a pass, the loop runs one more right after);
+        otherwise (stopping, or tests driving passes) a recorder task's own transaction.
+        Returns the delivery's status afterwards."""
         recorded: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._to_record.append((job, result, recorded))
-        if self._recorder is None or self._recorder.done():
-            self._recorder = asyncio.create_task(self._record_batches())
+        if not self._ticking:
+            self._start_recorder()
         return await recorded
+
+    def _start_recorder(self) -> None:
+        if self._to_record and (self._recorder is None or self._recorder.done()):
+            self._recorder = asyncio.create_task(self._record_batches())
 
     async def _record_batches(self) -> None:
         while self._to_record:
             batch, self._to_record = self._to_record, []
+            outcomes: list[Recorded | NotFound] | Exception
             try:
                 outcomes = await run_in_threadpool(
                     self.outbox.record_attempts,
                     [(job, result) for job, result, _ in batch],
                     self.worker_id,
                 )
-            except Exception as exc:  # the database is unavailable: each sender logs it
-                for _, _, recorded in batch:
-                    if not recorded.done():
-                        recorded.set_exception(exc)
+            except Exception as exc:
+                outcomes = exc
+            self._tell_senders(batch, outcomes)
+
+    @staticmethod
+    def _tell_senders(
+        batch: list[_ToRecord], outcomes: list[Recorded | NotFound] | Exception
+    ) -> None:
+        """Tell each sender of ``batch`` its delivery's status, NotFound, or the error that
+        failed the whole transaction (the database is unavailable: each sender logs it)."""
+        for index, (_, _, recorded) in enumerate(batch):
+            outcome = outcomes if isinstance(outcomes, Exception) else outcomes[index]
+            if recorded.done():  # its sender was cancelled
                 continue
-            for (_, _, recorded), outcome in zip(batch, outcomes, strict=True):
-                if recorded.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    recorded.set_exception(outcome)
-                else:
-                    recorded.set_result(outcome.status)
+            if isinstance(outcome, Exception):
+                recorded.set_exception(outcome)
+            else:
+                recorded.set_result(outcome.status)
 
     def _count(self, result: AttemptResult) -> None:
         if result.succeeded:

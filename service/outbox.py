@@ -607,11 +607,41 @@ class Outbox:
         per_subscription: int | None = None,
         busy: Mapping[int, int] | None = None,
     ) -> list[DeliveryJob]:
-        """Lease up to ``limit`` due deliveries. A delivery is due only once every earlier
-        event of its task has been settled for its subscription (order per task). With
-        ``per_subscription``, a subscription takes at most that many less what this process is
-        already sending to it (``busy``): a busy subscriber's backlog is neither leased for
-        nothing nor in the way of the others'.
+        """Lease up to ``limit`` due deliveries: :meth:`record_and_claim` with nothing to
+        record."""
+        _, jobs = self.record_and_claim(
+            (),
+            worker,
+            limit=limit,
+            lease_seconds=lease_seconds,
+            exclude=exclude,
+            per_subscription=per_subscription,
+            busy=busy,
+        )
+        return jobs
+
+    def record_and_claim(
+        self,
+        attempts: Sequence[tuple[DeliveryJob, AttemptResult]],
+        worker: str,
+        *,
+        limit: int,
+        lease_seconds: float,
+        exclude: frozenset[int] = frozenset(),
+        per_subscription: int | None = None,
+        busy: Mapping[int, int] | None = None,
+    ) -> tuple[list[Recorded | NotFound], list[DeliveryJob]]:
+        """Record ``attempts`` as :meth:`record_attempts` does, then lease up to ``limit``
+        (may be 0) due deliveries, in one transaction: the dispatcher records what finished
+        since its last claim with its next one, a write transaction fewer per delivery. The
+        records go first, so a delivery settled here lets its task's next event be claimed
+        by the same transaction; they take the same locks in the same order as
+        :meth:`record_attempts`, and the claim only locks what it can (SKIP LOCKED).
+
+        A delivery is due only once every earlier event of its task has been settled for its
+        subscription (order per task). With ``per_subscription``, a subscription takes at most
+        that many less what this process is already sending to it (``busy``): a busy
+        subscriber's backlog is neither leased for nothing nor in the way of the others'.
 
         The dispatcher's hot path, so Core SQL: one query picks, one UPDATE leases, one query
         loads what the chosen deliveries need (and one more for notify_url signing secrets)."""
@@ -620,9 +650,12 @@ class Outbox:
         def room(pk: int) -> int:
             return limit if per_subscription is None else per_subscription - busy.get(pk, 0)
 
-        now = self.clock()
         full = [pk for pk in busy if room(pk) <= 0]
         with self.store.core_transaction() as (connection, _):
+            recorded = self._record(connection, attempts, worker) if attempts else []
+            if limit <= 0:
+                return recorded, []
+            now = self.clock()
             if self._moved_aside_at is None or now - self._moved_aside_at >= MOVE_ASIDE_EVERY:
                 self._move_aside(connection, now)
                 self._moved_aside_at = now
@@ -647,7 +680,7 @@ class Outbox:
                 taken[subscription_pk] = taken.get(subscription_pk, 0) + 1
                 chosen.append(pk)
             if not chosen:
-                return []
+                return recorded, []
             connection.execute(
                 _lease(connection),
                 {
@@ -656,7 +689,7 @@ class Outbox:
                     "until": now + timedelta(seconds=lease_seconds),
                 },
             )
-            return self._jobs(connection, chosen, now)
+            return recorded, self._jobs(connection, chosen, now)
 
     @staticmethod
     def _move_aside(connection: sa.Connection, now: datetime) -> int:
@@ -765,81 +798,90 @@ class Outbox:
         the attempts, one UPDATE per delivery (sent as one batch); NotFound for a delivery whose
         subscription was deleted while it was being sent."""
         with self.store.core_transaction() as (connection, _):
-            pks = sorted({job.delivery_pk for job, _ in attempts})
-            current = {
-                row.pk: row
-                for row in connection.execute(
-                    _lock_deliveries(connection), {"pks": listed(connection.dialect.name, pks)}
-                )
+            return self._record(connection, attempts, worker)
+
+    def _record(
+        self,
+        connection: sa.Connection,
+        attempts: Sequence[tuple[DeliveryJob, AttemptResult]],
+        worker: str,
+    ) -> list[Recorded | NotFound]:
+        """:meth:`record_attempts` inside the caller's transaction."""
+        pks = sorted({job.delivery_pk for job, _ in attempts})
+        current = {
+            row.pk: row
+            for row in connection.execute(
+                _lock_deliveries(connection), {"pks": listed(connection.dialect.name, pks)}
+            )
+        }
+        now = self.clock()
+        recorded: list[Recorded | NotFound] = []
+        states: dict[int, Recorded] = {}
+        updates: dict[int, dict[str, Any]] = {}
+        logged: list[dict[str, Any]] = []
+        gone: set[int] = set()  # subscriptions that answered 410
+        for job, result in attempts:
+            row = current.get(job.delivery_pk)
+            if row is None:
+                recorded.append(NotFound(f"Delivery {job.delivery_id} no longer exists."))
+                continue
+            before = states.get(row.pk) or Recorded(
+                row.status, row.attempts, row.lease_owner, None, row.next_attempt_at
+            )
+            state, values = self._settle(before, worker, result, now)
+            states[row.pk] = state
+            lease = row.lease_expires_at if state.lease_owner is not None else None
+            updates[row.pk] = {
+                "d_pk": row.pk,
+                **{f"b_{name}": value for name, value in values.items()},
+                "b_lease_expires_at": lease,
+                "b_updated_at": now,
             }
-            now = self.clock()
-            recorded: list[Recorded | NotFound] = []
-            states: dict[int, Recorded] = {}
-            updates: dict[int, dict[str, Any]] = {}
-            logged: list[dict[str, Any]] = []
-            gone: set[int] = set()  # subscriptions that answered 410
-            for job, result in attempts:
-                row = current.get(job.delivery_pk)
-                if row is None:
-                    recorded.append(NotFound(f"Delivery {job.delivery_id} no longer exists."))
-                    continue
-                before = states.get(row.pk) or Recorded(
-                    row.status, row.attempts, row.lease_owner, None, row.next_attempt_at
-                )
-                state, values = self._settle(before, worker, result, now)
-                states[row.pk] = state
-                lease = row.lease_expires_at if state.lease_owner is not None else None
-                updates[row.pk] = {
-                    "d_pk": row.pk,
-                    **{f"b_{name}": value for name, value in values.items()},
-                    "b_lease_expires_at": lease,
-                    "b_updated_at": now,
+            if result.status_code == 410:
+                gone.add(row.subscription_pk)
+            logged.append(
+                {
+                    "delivery_pk": row.pk,
+                    "attempted_at": now,
+                    "status_code": result.status_code,
+                    "duration_ms": result.duration_ms,
+                    "response_body": (result.response_body or "")[:RESPONSE_BODY_CAP] or None,
+                    "error": result.error,
                 }
-                if result.status_code == 410:
-                    gone.add(row.subscription_pk)
-                logged.append(
-                    {
-                        "delivery_pk": row.pk,
-                        "attempted_at": now,
-                        "status_code": result.status_code,
-                        "duration_ms": result.duration_ms,
-                        "response_body": (result.response_body or "")[:RESPONSE_BODY_CAP] or None,
-                        "error": result.error,
-                    }
+            )
+            recorded.append(state)
+        if logged:
+            connection.execute(_INSERT_ATTEMPT, logged)
+            connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
+        if gone:
+            connection.execute(
+                sa.update(_SUBSCRIPTION)
+                .where(_SUBSCRIPTION.c.pk.in_(sorted(gone)))
+                .values(
+                    enabled=False,
+                    disabled_reason="the subscriber answered 410 Gone",
+                    updated_at=now,
                 )
-                recorded.append(state)
-            if logged:
-                connection.execute(_INSERT_ATTEMPT, logged)
-                connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
-            if gone:
-                connection.execute(
-                    sa.update(_SUBSCRIPTION)
-                    .where(_SUBSCRIPTION.c.pk.in_(sorted(gone)))
-                    .values(
-                        enabled=False,
-                        disabled_reason="the subscriber answered 410 Gone",
-                        updated_at=now,
-                    )
+            )
+            # A task's notify_url cannot be enabled again: the rest of what it was owed
+            # is dead-lettered now rather than put off for ever.
+            notify_urls = sa.select(_SUBSCRIPTION.c.pk).where(
+                _SUBSCRIPTION.c.pk.in_(sorted(gone)),
+                _SUBSCRIPTION.c.kind == SubscriptionKind.task.value,
+            )
+            connection.execute(
+                sa.update(_DELIVERY)
+                .where(
+                    _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),
+                    _DELIVERY.c.status == DeliveryStatus.pending.value,
                 )
-                # A task's notify_url cannot be enabled again: the rest of what it was owed
-                # is dead-lettered now rather than put off for ever.
-                notify_urls = sa.select(_SUBSCRIPTION.c.pk).where(
-                    _SUBSCRIPTION.c.pk.in_(sorted(gone)),
-                    _SUBSCRIPTION.c.kind == SubscriptionKind.task.value,
+                .values(
+                    status=DeliveryStatus.dead.value,
+                    last_error="The notify_url answered 410 Gone: not sent.",
+                    updated_at=now,
                 )
-                connection.execute(
-                    sa.update(_DELIVERY)
-                    .where(
-                        _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),
-                        _DELIVERY.c.status == DeliveryStatus.pending.value,
-                    )
-                    .values(
-                        status=DeliveryStatus.dead.value,
-                        last_error="The notify_url answered 410 Gone: not sent.",
-                        updated_at=now,
-                    )
-                )
-            return recorded
+            )
+        return recorded
 
     def _settle(
         self, before: Recorded, worker: str, result: AttemptResult, now: datetime

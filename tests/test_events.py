@@ -8,10 +8,11 @@ end-to-end file runs real subscriber servers over real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -684,6 +685,255 @@ async def test_attempts_finished_together_are_recorded_in_one_go(harness: Harnes
     assert not isinstance(ok, Exception) and ok.status == "succeeded" and ok.lease_owner is None
     assert not isinstance(failed, Exception) and failed.status == "pending"
     assert failed.attempts == 1 and failed.last_status_code == 500
+
+
+# --- recording attempts with the next claim ---------------------------------------------------
+
+
+def _deliveries(harness: Harness) -> list[tuple[str, str, int, str | None]]:
+    """Every delivery's event type, status, attempts and lease owner, in event order."""
+    import sqlalchemy as sa
+
+    from service.models import Delivery
+
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with harness.runtime.store.engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(
+                table.c.event_type, table.c.status, table.c.attempts, table.c.lease_owner
+            ).order_by(table.c.event_seq, table.c.pk)
+        ).all()
+    return [(kind, status, attempts, owner) for kind, status, attempts, owner in rows]
+
+
+def _dispatcher(harness: Harness, **options: Any) -> Any:
+    """A dispatcher of its own on the harness's outbox and webhook client."""
+    from service.dispatcher import Dispatcher
+    from service.metrics import Metrics
+
+    return Dispatcher(
+        harness.runtime.outbox,
+        harness.runtime.dispatcher.http,
+        metrics=Metrics(),
+        monotonic=harness.clock.monotonic,
+        **options,
+    )
+
+
+async def _until(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Yield to the event loop, a step at a time, until ``condition`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("timed out")
+
+
+async def test_records_go_first_in_the_claims_transaction(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write transaction records a delivery and claims its task's next event (held behind
+    it until then); without room it records and claims nothing; a failed claim takes the
+    records made with it back (the delivery stays leased, as after a failed record)."""
+    from service.errors import StoreUnavailable
+    from service.outbox import AttemptResult
+
+    await harness.subscribe("line")
+    task_id = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    outbox = harness.runtime.outbox
+    (first,) = outbox.claim("worker", limit=10, lease_seconds=60)
+    store = outbox.store
+    opened: list[object] = []
+    transaction = store.core_transaction
+
+    @contextlib.contextmanager
+    def counted(**options: Any) -> Iterator[Any]:
+        opened.append(options)
+        with transaction(**options) as inside:
+            yield inside
+
+    monkeypatch.setattr(store, "core_transaction", counted)
+    recorded, (second,) = outbox.record_and_claim(
+        [(first, AttemptResult(200, 1.0))], "worker", limit=10, lease_seconds=60
+    )
+    assert len(opened) == 1
+    assert [type(state).__name__ for state in recorded] == ["Recorded"]
+    assert json.loads(second.body)["type"] == "task.succeeded"
+    await harness.track()  # due, but no room for it
+    recorded, jobs = outbox.record_and_claim(
+        [(second, AttemptResult(500, 1.0, error="HTTP 500"))],
+        "worker",
+        limit=0,
+        lease_seconds=60,
+    )
+    assert len(opened) == 2 and jobs == []
+    assert _deliveries(harness) == [
+        ("task.submitted", "succeeded", 1, None),
+        ("task.succeeded", "pending", 1, None),
+        ("task.submitted", "pending", 0, None),
+    ]
+
+    def broken(*args: Any) -> Any:
+        raise StoreUnavailable("the claim failed")
+
+    (third,) = outbox.claim("worker", limit=10, lease_seconds=60)
+    await harness.track()
+    monkeypatch.setattr(outbox, "_jobs", broken)
+    with pytest.raises(StoreUnavailable):
+        outbox.record_and_claim(
+            [(third, AttemptResult(200, 1.0))], "worker", limit=10, lease_seconds=60
+        )
+    assert _deliveries(harness)[-2:] == [
+        ("task.submitted", "pending", 0, "worker"),
+        ("task.submitted", "pending", 0, None),
+    ]
+
+
+async def test_a_running_dispatcher_records_each_attempt_with_its_next_claim(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the loop runs, no attempt gets a write transaction of its own: the pass woken by
+    the answer records it, and claims the task's next event in the same transaction."""
+    await harness.subscribe("merged")
+    task_id = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    outbox = harness.runtime.outbox
+    calls: list[tuple[list[str], list[str]]] = []
+    record_and_claim = outbox.record_and_claim
+
+    def spy(attempts: Any, worker: str, **claim: Any) -> Any:
+        recorded, jobs = record_and_claim(attempts, worker, **claim)
+        calls.append(([job.event_id for job, _ in attempts], [job.event_id for job in jobs]))
+        return recorded, jobs
+
+    def own_transaction(*args: Any) -> Any:
+        raise AssertionError("an attempt was recorded in a transaction of its own")
+
+    monkeypatch.setattr(outbox, "record_and_claim", spy)
+    monkeypatch.setattr(outbox, "record_attempts", own_transaction)
+    # Passes come from wakes alone, and its one slot is the delivery being recorded.
+    dispatcher = _dispatcher(harness, concurrency=1, tick_seconds=3600)
+    await dispatcher.start()
+    try:
+        await _until(lambda: sum(len(recorded) for recorded, _ in calls) == 2)
+    finally:
+        await dispatcher.stop(grace=5)
+    submitted, succeeded = (event["id"] for event in harness.receiver.events("merged"))
+    assert ([submitted], [succeeded]) in calls
+    assert [status for _, status, _, _ in _deliveries(harness)] == ["succeeded", "succeeded"]
+
+
+async def test_an_attempt_answered_during_a_pass_is_recorded_by_the_next(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that took the waiting attempts before this one was answered: the wake the
+    answer gave brings another pass right after it (no tick: they are an hour apart)."""
+    await harness.subscribe("during")
+    await harness.track()
+    hold = harness.receiver.hold["during"] = asyncio.Event()
+    outbox = harness.runtime.outbox
+    record_and_claim = outbox.record_and_claim
+    gate, blocked = threading.Event(), threading.Event()
+
+    def slow(attempts: Any, worker: str, **claim: Any) -> Any:
+        if not gate.is_set():
+            blocked.set()
+            gate.wait(10)
+        return record_and_claim(attempts, worker, **claim)
+
+    gate.set()
+    dispatcher = _dispatcher(harness, tick_seconds=3600)
+    await dispatcher.start()
+    try:
+        await _until(lambda: harness.receiver.received["during"])
+        monkeypatch.setattr(outbox, "record_and_claim", slow)
+        gate.clear()
+        dispatcher.notify()
+        await _until(blocked.is_set)  # a pass is in its transaction, with nothing to record
+        hold.set()
+        await _until(lambda: dispatcher._to_record)  # answered meanwhile
+        gate.set()
+        await _until(lambda: not dispatcher._in_flight)
+        assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)]
+    finally:
+        gate.set()
+        await dispatcher.stop(grace=5)
+
+
+async def test_stopping_records_the_attempts_no_pass_will_take(harness: Harness) -> None:
+    """An attempt waiting for the next pass when stop() begins, and one answered while it
+    waits for the deliveries in flight, are recorded at once: the loop's passes are over,
+    and stop() neither waits out its grace nor releases them to be sent again."""
+    await harness.subscribe("early")
+    await harness.subscribe("late")
+    await harness.track()  # one delivery to each
+    early = harness.receiver.hold["early"] = asyncio.Event()
+    late = harness.receiver.hold["late"] = asyncio.Event()
+    dispatcher = _dispatcher(harness, tick_seconds=3600)
+    await dispatcher.start()
+    await _until(lambda: harness.receiver.received["early"] and harness.receiver.received["late"])
+    await asyncio.sleep(0.05)  # the loop's passes are over: it waits for a wake
+    early.set()
+    await _until(lambda: dispatcher._to_record)  # answered, waiting for the next pass
+    began = asyncio.get_running_loop().time()
+    stopping = asyncio.create_task(dispatcher.stop(grace=30))
+    await _until(lambda: len(dispatcher._in_flight) == 1)  # the early one, recorded
+    assert not stopping.done()  # the late one is still in flight
+    late.set()
+    await asyncio.wait_for(stopping, timeout=10)
+    assert asyncio.get_running_loop().time() - began < 10
+    assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)] * 2
+
+
+async def test_a_failed_pass_fails_the_records_it_carried(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database failing the pass that records an attempt: its sender logs it, and the
+    delivery, still leased, goes out again once released (as after a failed record)."""
+    from service.errors import StoreUnavailable
+
+    await harness.subscribe("retried")
+    await harness.track()
+    outbox = harness.runtime.outbox
+    failed: list[int] = []
+    record_and_claim = outbox.record_and_claim
+
+    def failing(attempts: Any, worker: str, **claim: Any) -> Any:
+        if attempts and not failed:
+            failed.append(len(attempts))
+            raise StoreUnavailable("the database is locked")
+        return record_and_claim(attempts, worker, **claim)
+
+    monkeypatch.setattr(outbox, "record_and_claim", failing)
+    dispatcher = _dispatcher(harness)
+    await dispatcher.start()
+    try:
+        await _until(lambda: failed and not dispatcher._in_flight)
+        assert "not recorded: the database is unavailable" in caplog.text
+        assert _deliveries(harness) == [("task.submitted", "pending", 0, dispatcher.worker_id)]
+    finally:
+        await dispatcher.stop(grace=5)  # releases the lease
+    assert await harness.deliver() == 1
+    received = harness.receiver.received["retried"]
+    assert len(received) == 2 and len({headers["webhook-id"] for headers, _ in received}) == 1
+
+
+async def test_run_until_idle_waits_for_the_deliveries_already_in_flight(
+    harness: Harness,
+) -> None:
+    """Without the loop running, attempts are recorded all the same, and run_until_idle ends
+    once nothing is due and nothing is in flight, a pass without a free slot included."""
+    await harness.subscribe("one")
+    for _ in range(3):
+        await harness.track()
+    dispatcher = _dispatcher(harness, concurrency=1)
+    assert await dispatcher.run_once(wait=False) == 1  # the only slot is taken
+    assert await asyncio.wait_for(dispatcher.run_until_idle(), timeout=10) == 2
+    assert not dispatcher._in_flight and not dispatcher._to_record
+    assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)] * 3
 
 
 def _pending(harness: Harness) -> list[tuple[str, float]]:
