@@ -37,7 +37,14 @@ from service.models import (
 )
 from service.schemas import isoformat
 from service.signing import new_webhook_secret
-from service.store import Store, could_be_issued, decode_cursor, encode_cursor, new_id
+from service.store import (
+    Store,
+    Written,
+    could_be_issued,
+    decode_cursor,
+    encode_cursor,
+    new_id,
+)
 
 PROGRESS_DELAY = timedelta(seconds=1)
 # How often a claim moves aside the deliveries that are due but cannot go (see _move_aside), and
@@ -305,9 +312,12 @@ def _add_client_secrets(dialect: str) -> sa.Insert:
 
 
 def _client_secret_rows(
-    connection: sa.Connection, owners: Collection[str], now: datetime
+    connection: sa.Connection, owners: Collection[str], now: datetime, written: Written | None
 ) -> dict[str, Any]:
-    """Each client's secret row, made for a client that has none yet."""
+    """Each client's secret row, made for a client that has none yet. A secret made here
+    signs deliveries before the transaction's commit is synced (a claim commits without
+    fsync), so ``written`` is told it must be: a secret lost to a power cut, once used and
+    perhaps read by its client, would be replaced by another."""
     if not owners:
         return {}
     dialect = connection.dialect.name
@@ -329,6 +339,8 @@ def _client_secret_rows(
                 for owner in missing
             ],
         )
+        if written is not None:
+            written.must_sync = True
         rows = read()
     return rows
 
@@ -580,7 +592,7 @@ class Outbox:
 
     def _client_secret(self, session: Session, owner: str) -> ClientSecret:
         # Made, if need be, as the claim makes it (another process making it at once is fine).
-        _client_secret_rows(session.connection(), {owner}, self.clock())
+        _client_secret_rows(session.connection(), {owner}, self.clock(), None)
         row = session.get(ClientSecret, owner)
         assert row is not None
         return row
@@ -651,7 +663,9 @@ class Outbox:
             return limit if per_subscription is None else per_subscription - busy.get(pk, 0)
 
         full = [pk for pk in busy if room(pk) <= 0]
-        with self.store.core_transaction() as (connection, _):
+        # Without fsync on SQLite: a lease or a record lost to a power cut only means a
+        # delivery is sent again (at-least-once); the next callback batch's commit syncs it.
+        with self.store.core_transaction(fsync=False) as (connection, written):
             recorded = self._record(connection, attempts, worker) if attempts else []
             if limit <= 0:
                 return recorded, []
@@ -689,7 +703,7 @@ class Outbox:
                     "until": now + timedelta(seconds=lease_seconds),
                 },
             )
-            return recorded, self._jobs(connection, chosen, now)
+            return recorded, self._jobs(connection, chosen, now, written)
 
     @staticmethod
     def _move_aside(connection: sa.Connection, now: datetime) -> int:
@@ -737,7 +751,7 @@ class Outbox:
         return len(rows)
 
     def _jobs(
-        self, connection: sa.Connection, pks: Sequence[int], now: datetime
+        self, connection: sa.Connection, pks: Sequence[int], now: datetime, written: Written
     ) -> list[DeliveryJob]:
         """What the dispatcher needs to send each delivery, in the order of ``pks``."""
         rows = {
@@ -748,7 +762,7 @@ class Outbox:
         }
         # notify_url deliveries are signed with their client's secret.
         owners = {row.owner for row in rows.values() if row.kind == SubscriptionKind.task.value}
-        client_secrets = _client_secret_rows(connection, owners, now)
+        client_secrets = _client_secret_rows(connection, owners, now, written)
         jobs = []
         for pk in pks:
             row = rows[pk]
@@ -797,7 +811,7 @@ class Outbox:
         records what finished meanwhile together), in Core SQL: one locking read, one INSERT of
         the attempts, one UPDATE per delivery (sent as one batch); NotFound for a delivery whose
         subscription was deleted while it was being sent."""
-        with self.store.core_transaction() as (connection, _):
+        with self.store.core_transaction(fsync=False) as (connection, _):  # as in a claim
             return self._record(connection, attempts, worker)
 
     def _record(

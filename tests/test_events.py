@@ -28,7 +28,7 @@ from starlette.routing import Route
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus, UpdateSource, utcnow
 from service.netguard import AddressPolicy
-from service.outbox import _add_client_secrets, _client_secret_rows
+from service.outbox import Outbox, _add_client_secrets, _client_secret_rows
 from service.runtime import Runtime
 from service.store import Store
 from tests.conftest import ALICE, BOB, auth, error_code, make_settings, serving
@@ -419,17 +419,53 @@ async def test_notify_url_gets_that_tasks_events_signed_with_the_client_secret(
 
 def test_a_client_secret_another_process_made_meanwhile_is_kept(store: Store) -> None:
     """The claim makes a client's notify_url secret on first use; if another process inserts
-    one between this claim's read and its insert, that one stands (no error, no overwrite)."""
+    one between this claim's read and its insert, that one stands (no error, no overwrite).
+    A transaction that made one must be synced (a claim commits without fsync); one that only
+    read them need not."""
     now = utcnow()
-    with store.core_transaction() as (connection, _):
-        made = _client_secret_rows(connection, {"alice"}, now)
-    with store.core_transaction() as (connection, _):
+    with store.core_transaction() as (connection, written):
+        made = _client_secret_rows(connection, {"alice"}, now, written)
+        assert written.must_sync
+    with store.core_transaction() as (connection, written):
         late = [{"owner": "alice", "secret": "made-elsewhere", "created_at": now}]
         connection.execute(_add_client_secrets(connection), late)  # the race, made to happen
-        again = _client_secret_rows(connection, {"alice", "bob"}, now)
+        again = _client_secret_rows(connection, {"alice", "bob"}, now, written)
+        assert written.must_sync  # bob's
+    with store.core_transaction() as (connection, written):
+        assert _client_secret_rows(connection, {"alice", "bob"}, now, written).keys() == {
+            "alice",
+            "bob",
+        }
+        assert not written.must_sync
     assert again["alice"].secret == made["alice"].secret
     assert set(again) == {"alice", "bob"}
     assert again["bob"].secret not in (made["alice"].secret, "made-elsewhere")
+
+
+def test_the_dispatchers_transactions_skip_the_fsync_on_sqlite(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims and records commit with synchronous=NORMAL on SQLite (what they write may be
+    lost to a power cut: the delivery is then sent again); the connection syncs again after.
+    PostgreSQL commits stay synchronous."""
+    sqlite_store = store.engine.dialect.name == "sqlite"
+    setting = "PRAGMA synchronous" if sqlite_store else "SHOW synchronous_commit"
+    seen: list[Any] = []
+
+    def spy(connection: Any, now: Any) -> int:
+        seen.append(connection.exec_driver_sql(setting).scalar_one())
+        return 0
+
+    monkeypatch.setattr(Outbox, "_move_aside", staticmethod(spy))
+    outbox = Outbox(store)
+    assert outbox.claim("worker-1", limit=5, lease_seconds=60) == []
+    assert len(seen) == 1
+    with store.core_transaction() as (connection, _):
+        after = connection.exec_driver_sql(setting).scalar_one()
+    if sqlite_store:
+        assert (seen[0], after) == (1, 2)  # NORMAL in the claim, FULL again after
+    else:
+        assert (seen[0], after) == ("on", "on")
 
 
 async def test_a_notify_url_that_answers_410_is_owed_nothing_more(harness: Harness) -> None:
