@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from service.db import listed, one_of, prebuilt
+from service.db import ManyRows, listed, one_of, prebuilt
 from service.errors import BadRequest, Conflict, NotFound, TaskRelayError
 from service.lifecycle import TaskUpdate, decide
 from service.models import (
@@ -76,13 +76,18 @@ _WRITTEN = (
 )
 _WRITTEN_KEYS = ("_pk", *(f"_{name}" for name in _WRITTEN))
 _written_values = operator.attrgetter("pk", *_WRITTEN)
-_UPDATE_TASK = (
+_UPDATE_TASK = ManyRows(
     sa.update(TASK)
     .where(TASK.c.pk == sa.bindparam("_pk"))
     .values({name: sa.bindparam(f"_{name}") for name in _WRITTEN})
 )
 _INSERT_EVENT = sa.insert(EVENT).returning(EVENT.c.seq, sort_by_parameter_order=True)
-_INSERT_RECEIPT = sa.insert(RECEIPT)
+# Every column but the key (Store.receipt_row's).
+_INSERT_RECEIPT = ManyRows(
+    sa.insert(RECEIPT)
+    .values({column.name: sa.bindparam(column.name) for column in RECEIPT.c if column.name != "pk"})
+    .inline()
+)
 
 
 @prebuilt
@@ -167,8 +172,8 @@ def apply_updates(
         results.append(ApplyResult(snapshot, outcome, event))
 
     if touched:
-        connection.execute(
-            _UPDATE_TASK,
+        _UPDATE_TASK.execute(
+            connection,
             [
                 dict(zip(_WRITTEN_KEYS, _written_values(task), strict=True))
                 for task in touched.values()
@@ -181,5 +186,5 @@ def apply_updates(
             written.deliveries = True
         written.events.update(event.task_id for event in new_events)
     if receipts:
-        connection.execute(_INSERT_RECEIPT, receipts)
+        _INSERT_RECEIPT.execute(connection, receipts)
     return results

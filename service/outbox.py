@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from service.db import listed, none_of, one_of, prebuilt
+from service.db import ManyRows, listed, none_of, one_of, prebuilt
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import (
     ClientSecret,
@@ -198,7 +198,22 @@ _SUPERSEDE = (
     .values(status=DeliveryStatus.coalesced.value, updated_at=sa.bindparam("superseded_at"))
     .returning(_DELIVERY.c.subscription_pk, _DELIVERY.c.task_pk, _DELIVERY.c.next_attempt_at)
 )
-_INSERT_DELIVERY = sa.insert(_DELIVERY)
+# The columns delivery_row() gives (the others start NULL).
+_DELIVERY_ROW_KEYS = (
+    "id",
+    "subscription_pk",
+    "event_seq",
+    "task_pk",
+    "event_type",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+)
+_INSERT_DELIVERY = ManyRows(
+    sa.insert(_DELIVERY).values({key: sa.bindparam(key) for key in _DELIVERY_ROW_KEYS}).inline()
+)
 
 
 def _pending_before(line: Any, column: sa.ColumnElement[Any]) -> sa.Select[Any]:
@@ -440,7 +455,7 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
         delivery = delivery_row(subscription_pk, event.seq, event.task_pk, event.type, due, now)
         latest[key] = delivery
         deliveries.append(delivery)
-    connection.execute(_INSERT_DELIVERY, deliveries)
+    _INSERT_DELIVERY.execute(connection, deliveries)
     return len(deliveries)
 
 

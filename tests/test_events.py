@@ -28,7 +28,13 @@ from starlette.routing import Route
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus, UpdateSource, utcnow
 from service.netguard import AddressPolicy
-from service.outbox import Outbox, _add_client_secrets, _client_secret_rows
+from service.outbox import (
+    _DELIVERY_ROW_KEYS,
+    Outbox,
+    _add_client_secrets,
+    _client_secret_rows,
+    delivery_row,
+)
 from service.runtime import Runtime
 from service.store import Store
 from tests.conftest import ALICE, BOB, auth, error_code, make_settings, serving
@@ -440,6 +446,13 @@ def test_a_client_secret_another_process_made_meanwhile_is_kept(store: Store) ->
     assert again["alice"].secret == made["alice"].secret
     assert set(again) == {"alice", "bob"}
     assert again["bob"].secret not in (made["alice"].secret, "made-elsewhere")
+
+
+def test_the_delivery_insert_takes_every_column_a_delivery_row_has() -> None:
+    """fan_out_many's INSERT binds the columns it was built with: a key delivery_row() gained
+    without it would be dropped silently."""
+    row = delivery_row(1, 2, 3, "task.succeeded", utcnow(), utcnow())
+    assert tuple(row) == _DELIVERY_ROW_KEYS
 
 
 def test_the_dispatchers_transactions_skip_the_fsync_on_sqlite(

@@ -14,9 +14,16 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from service import ingest
-from service.db import make_engine, without_fsync
+from service.db import ManyRows, make_engine, without_fsync
 from service.lifecycle import TaskUpdate
-from service.models import ReceiptOutcome, TaskOrigin, TaskStatus, UpdateSource, UTCDateTime
+from service.models import (
+    ReceiptOutcome,
+    TaskOrigin,
+    TaskStatus,
+    UpdateSource,
+    UTCDateTime,
+    json_type,
+)
 from service.store import ReceiptDraft, Store
 
 IMAGE = ({"url": "https://cdn.example/1.png"},)
@@ -270,3 +277,54 @@ def test_a_commit_without_fsync_that_must_last_syncs_the_log(
         assert synced == [f"{Path(database).resolve()}-wal"]
     else:
         assert synced == []
+
+
+def test_many_rows_writes_exactly_what_core_writes(database_url: str) -> None:
+    """ManyRows (the hot path's INSERTs and UPDATEs on the driver's SQL) stores every type the
+    way a Core ``execute`` does: aware datetimes as UTC, JSON (None as JSON null), bytes,
+    booleans and NULLs."""
+    engine = make_engine(database_url)
+    table = sa.Table(
+        "many_rows_check",
+        sa.MetaData(),
+        sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("at", UTCDateTime()),
+        sa.Column("data", json_type()),
+        sa.Column("body", sa.LargeBinary),
+        sa.Column("flag", sa.Boolean),
+        sa.Column("label", sa.String(16)),
+    )
+    moment = datetime(2026, 11, 21, 8, 5, 51, 7, tzinfo=timezone(timedelta(hours=2)))
+    rows = [
+        {"at": moment, "data": {"a": [1, "é"]}, "body": b"\x00\xff", "flag": True, "label": "x"},
+        {"at": None, "data": None, "body": b"", "flag": False, "label": None},
+    ]
+    names = ["n", "at", "data", "body", "flag", "label"]
+    insert = sa.insert(table).values({name: sa.bindparam(name) for name in names}).inline()
+    update = (
+        sa.update(table)
+        .where(table.c.n == sa.bindparam("key"))
+        .values(label=sa.bindparam("new_label"), at=sa.bindparam("new_at"))
+    )
+    table.metadata.create_all(engine)
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert, [{"n": i, **row} for i, row in enumerate(rows)])
+            ManyRows(insert).execute(
+                connection, [{"n": 10 + i, **row} for i, row in enumerate(rows)]
+            )
+            changes = [{"new_label": "y", "new_at": moment}, {"new_label": None, "new_at": None}]
+            connection.execute(update, [{"key": i, **change} for i, change in enumerate(changes)])
+            ManyRows(update).execute(
+                connection, [{"key": 10 + i, **change} for i, change in enumerate(changes)]
+            )
+            # As the driver reads them back: SQLite's text, PostgreSQL's own types.
+            stored = connection.exec_driver_sql(
+                "SELECT at, data, body, flag, label, n FROM many_rows_check ORDER BY n"
+            ).all()
+        assert [row[:-1] for row in stored[:2]] == [row[:-1] for row in stored[2:]]
+        assert [row[-1] for row in stored] == [0, 1, 10, 11]
+        assert stored[2][0] is not None and stored[3][0] is None  # the update's NULL
+    finally:
+        table.metadata.drop_all(engine)
+        engine.dispose()
