@@ -123,6 +123,8 @@ def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FUL
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     path = sqlite_path(engine.url.render_as_string(hide_password=False))
     _SYNCHRONOUS[engine] = synchronous.upper()
+    if path is not None:  # resolved now: a later change of working folder must not move it
+        _WRITE_AHEAD_LOG[engine] = _sidecar(path.resolve(), "-wal")
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: sqlite3.Connection, record: Any) -> None:
@@ -156,6 +158,8 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 # Each SQLite engine's synchronous setting (make_engine), restored after without_fsync().
 _SYNCHRONOUS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 _FSYNC_PER_COMMIT = frozenset({"FULL", "EXTRA", "2", "3"})
+# Each SQLite file engine's write-ahead log (sync_log).
+_WRITE_AHEAD_LOG: weakref.WeakKeyDictionary[Engine, Path] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -194,11 +198,11 @@ def without_fsync(connection: sa.Connection) -> Iterator[None]:
 def sync_log(engine: Engine) -> None:
     """Make every commit so far durable now (SQLite: fsync the write-ahead log, where commits
     made :func:`without_fsync` wait for the next synced one). Nothing to do on PostgreSQL."""
-    path = sqlite_path(engine.url.render_as_string(hide_password=False))
-    if path is None:
+    log_file = _WRITE_AHEAD_LOG.get(engine)
+    if log_file is None:
         return
     try:
-        descriptor = os.open(_sidecar(path, "-wal"), os.O_RDONLY)
+        descriptor = os.open(log_file, os.O_RDONLY)
     except FileNotFoundError:  # no log: every commit is in the database file already
         return
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.lifecycle import TaskUpdate
-from service.models import TaskStatus, UpdateSource, utcnow
+from service.models import TaskOrigin, TaskStatus, UpdateSource, utcnow
 from service.netguard import AddressPolicy
 from service.outbox import (
     _DELIVERY_ROW_KEYS,
@@ -446,6 +447,51 @@ def test_a_client_secret_another_process_made_meanwhile_is_kept(store: Store) ->
     assert again["alice"].secret == made["alice"].secret
     assert set(again) == {"alice", "bob"}
     assert again["bob"].secret not in (made["alice"].secret, "made-elsewhere")
+
+
+def test_a_claim_that_makes_a_client_secret_syncs_it_before_signing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notify_url delivery is signed with its client's secret; the claim that makes that
+    secret commits without fsync, so it syncs SQLite's log before handing the job out. A claim
+    that finds the secret already made does not."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    store.create_task(
+        owner="alice",
+        provider="evolink",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        notify_url="https://hooks.example/one",
+    )
+    monkeypatch.setattr(os, "fsync", spy)
+    outbox = Outbox(store)
+    (job,) = outbox.claim("worker-1", limit=5, lease_seconds=60)
+    expected = [] if store.engine.dialect.name != "sqlite" else [f"{database_file(store)}-wal"]
+    assert synced == expected
+    assert job.signing_secrets == (outbox.client_secret("alice").secret,)
+    store.create_task(
+        owner="alice",
+        provider="evolink",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        notify_url="https://hooks.example/two",
+    )
+    assert len(outbox.claim("worker-1", limit=5, lease_seconds=60)) == 1
+    assert synced == expected  # the secret was there: no sync
+
+
+def database_file(store: Store) -> Path:
+    database = store.engine.url.database
+    assert database is not None
+    return Path(database).resolve()
 
 
 def test_the_delivery_insert_takes_every_column_a_delivery_row_has() -> None:
