@@ -328,3 +328,11 @@ def test_many_rows_writes_exactly_what_core_writes(database_url: str) -> None:
     finally:
         table.metadata.drop_all(engine)
         engine.dispose()
+
+
+def test_a_receipt_row_has_exactly_the_columns_its_insert_binds(store: Store) -> None:
+    """The batch's receipt INSERT (ManyRows) binds every column but the key: a key
+    receipt_row() lacked would fail the batch, one it gained would be dropped silently."""
+    draft = ReceiptDraft("evolink", b"{}", "application/json")
+    row = store.receipt_row(1, draft, ReceiptOutcome.applied, None)
+    assert set(row) == {column.name for column in ingest.RECEIPT.c if column.name != "pk"}
