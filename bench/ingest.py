@@ -630,6 +630,34 @@ end
 """
 
 
+def wrk_argv(
+    url: str,
+    script: Path,
+    *,
+    threads: int,
+    connections: int,
+    seconds: int,
+    script_args: Sequence[str],
+) -> list[str]:
+    """wrk's command line for one phase: its Lua script, and that script's own arguments."""
+    return [
+        "wrk",
+        "--threads",
+        str(threads),
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{seconds}s",
+        "--timeout",
+        f"{REQUEST_TIMEOUT_SECONDS:g}s",
+        "--script",
+        str(script),
+        url,
+        "--",
+        *script_args,
+    ]
+
+
 def run_wrk(url: str, items: list[Callback], spec: LoadSpec, folder: Path) -> RawLoad:
     """A closed-loop phase with wrk (one thread; it is C and far cheaper than Python)."""
     feed_path = folder / "wrk-feed.txt"
@@ -638,23 +666,14 @@ def run_wrk(url: str, items: list[Callback], spec: LoadSpec, folder: Path) -> Ra
             feed.write(f"{item.path}\t{item.body.decode()}\n")
     script_path = folder / "feed.lua"
     script_path.write_text(WRK_SCRIPT)
-    argv = [
-        "wrk",
-        "--threads",
-        "1",
-        "--connections",
-        str(spec.concurrency),
-        "--duration",
-        f"{max(1, round(spec.duration))}s",
-        "--timeout",
-        f"{REQUEST_TIMEOUT_SECONDS:g}s",
-        "--script",
-        str(script_path),
+    argv = wrk_argv(
         url,
-        "--",
-        str(feed_path),
-        "repeat" if spec.repeat else "once",
-    ]
+        script_path,
+        threads=1,
+        connections=spec.concurrency,
+        seconds=max(1, round(spec.duration)),
+        script_args=[str(feed_path), "repeat" if spec.repeat else "once"],
+    )
     cpu = children_cpu_seconds()
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     cpu = children_cpu_seconds() - cpu
@@ -917,27 +936,21 @@ def run_wrk_open(url: str, items: list[Callback], spec: LoadSpec, folder: Path) 
         + 1
     )
     t0_us = time.monotonic_ns() // 1000 + round(OPEN_LOOP_START_SECONDS * 1e6)
-    argv = [
-        "wrk",
-        "--threads",
-        str(threads),
-        "--connections",
-        str(threads),
-        "--duration",
-        f"{run_for}s",
-        "--timeout",
-        f"{REQUEST_TIMEOUT_SECONDS:g}s",
-        "--script",
-        str(script_path),
+    argv = wrk_argv(
         url,
-        "--",
-        str(feeds),
-        str(result_path),
-        str(t0_us),
-        repr(spec.rate),
-        str(threads),
-        str(round(OPEN_LOOP_GIVE_UP_SECONDS * 1e6)),
-    ]
+        script_path,
+        threads=threads,
+        connections=threads,
+        seconds=run_for,
+        script_args=[
+            str(feeds),
+            str(result_path),
+            str(t0_us),
+            repr(spec.rate),
+            str(threads),
+            str(round(OPEN_LOOP_GIVE_UP_SECONDS * 1e6)),
+        ],
+    )
     cpu = children_cpu_seconds()
     stderr_path = folder / "wrk-open.stderr"
     with (
