@@ -462,28 +462,24 @@ def test_a_claim_that_makes_a_client_secret_syncs_it_before_signing(
         synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
         fsync(descriptor)
 
-    store.create_task(
-        owner="alice",
-        provider="evolink",
-        origin=TaskOrigin.tracked,
-        request={},
-        metadata={},
-        notify_url="https://hooks.example/one",
-    )
+    def track(notify_url: str) -> None:
+        store.create_task(
+            owner="alice",
+            provider="evolink",
+            origin=TaskOrigin.tracked,
+            request={},
+            metadata={},
+            notify_url=notify_url,
+        )
+
+    track("https://hooks.example/one")
     monkeypatch.setattr(os, "fsync", spy)
     outbox = Outbox(store)
     (job,) = outbox.claim("worker-1", limit=5, lease_seconds=60)
     expected = [] if store.engine.dialect.name != "sqlite" else [f"{database_file(store)}-wal"]
     assert synced == expected
     assert job.signing_secrets == (outbox.client_secret("alice").secret,)
-    store.create_task(
-        owner="alice",
-        provider="evolink",
-        origin=TaskOrigin.tracked,
-        request={},
-        metadata={},
-        notify_url="https://hooks.example/two",
-    )
+    track("https://hooks.example/two")
     assert len(outbox.claim("worker-1", limit=5, lease_seconds=60)) == 1
     assert synced == expected  # the secret was there: no sync
 
