@@ -27,11 +27,9 @@ the server ``--database-url`` or ``$TASKRELAY_TEST_DATABASE_URL`` names, migrate
    its next attempt, with the task's newer event held behind it, plus the deliveries stranded
    on a disabled subscription) and without it. With the backlog, the first claim of each
    second also puts aside what cannot go (``Outbox._move_aside``); the store's clock stands
-   still here, so an ``Outbox`` does that in its first claim only. It looks at the due queue
-   in steps of ``MOVE_ASIDE_STEP`` from the front and stops at a step of which less than half
-   could be put off. Reported apart: a first claim on the backlog as loaded (put back before
-   each call), a first claim after that one (what every later second pays), and the other
-   claims.
+   still here, so an ``Outbox`` does that in its first claim only. Reported apart: a first
+   claim on the backlog as loaded (it moves the backlog; put back before each call), a first
+   claim once it was moved (what every later second pays), and the other claims.
 3. **The query plans** of every hot query: the SQL is captured (a ``before_cursor_execute``
    listener) while the real ``Store``/``Outbox`` methods run, then explained with the same
    parameters: ``EXPLAIN QUERY PLAN`` on SQLite (which, like the service, never runs ``ANALYZE``
@@ -1647,9 +1645,9 @@ CLAIM_TIMINGS = (
     (
         "delivery_claim_first",
         f"`Outbox.claim`, limit {DISPATCHER_CLAIM_LIMIT}, with the retry backlog: first claim, "
-        "which puts aside what of the backlog stands in front",
+        "which puts the backlog aside",
     ),
-    ("delivery_claim_second", "the same, first claim of a later second"),
+    ("delivery_claim_second", "the same, first claim of a later second (nothing new to put aside)"),
     ("delivery_claim", "the same, the other claims"),
     ("delivery_query", "the same, its claim SELECT only"),
     ("delivery_claim_healthy", "`Outbox.claim`, backlog parked"),

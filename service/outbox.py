@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -51,9 +51,6 @@ PROGRESS_DELAY = timedelta(seconds=1)
 # how long a disabled subscription's deliveries are put off each time.
 MOVE_ASIDE_EVERY = timedelta(seconds=1)
 DISABLED_PUT_OFF = timedelta(hours=1)
-# The due deliveries one step of the put-aside looks at, from the front of the due queue; it
-# takes another step only while at least half of a step's were put off (see _move_aside).
-MOVE_ASIDE_STEP = 500
 # How many rows past its limit a claim looks at, to fill its slots from subscribers with room.
 CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
@@ -254,77 +251,6 @@ def _due_deliveries(dialect: str) -> sa.Select[Any]:
         .limit(sa.bindparam("limit", type_=sa.Integer))
         .with_for_update(skip_locked=True, of=delivery)
     )
-
-
-# Before every due time: where the put-aside's first step starts.
-_NO_STEP_YET = datetime.min.replace(tzinfo=UTC)
-
-
-def _step_after(after: Any) -> dict[str, Any]:
-    """Where the put-aside's next step starts: after ``after`` (a row of the last one)."""
-    if after is None:
-        return {"after_at": _NO_STEP_YET, "after_pk": 0}
-    return {"after_at": after.next_attempt_at, "after_pk": after.pk}
-
-
-@prebuilt
-def _due_in_order(dialect: str) -> sa.Select[Any]:
-    """The put-aside's step: the next ``limit`` due, unleased deliveries in the claim's order
-    (oldest due first, then by key), after ``(after_at, after_pk)``; the index on (status,
-    next_attempt_at) reads them in that order, nothing more."""
-    delivery = _DELIVERY
-    now = sa.bindparam("now", type_=delivery.c.next_attempt_at.type)
-    after_at = sa.bindparam("after_at", type_=delivery.c.next_attempt_at.type)
-    return (
-        sa.select(delivery.c.pk, delivery.c.next_attempt_at)
-        .where(
-            delivery.c.status == DeliveryStatus.pending.value,
-            delivery.c.next_attempt_at <= now,
-            delivery.c.next_attempt_at >= after_at,
-            sa.or_(delivery.c.next_attempt_at > after_at, delivery.c.pk > sa.bindparam("after_pk")),
-            sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
-        )
-        .order_by(delivery.c.next_attempt_at, delivery.c.pk)
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-    )
-
-
-@prebuilt
-def _cannot_go(dialect: str) -> sa.Select[Any]:
-    """Of the deliveries ``pks`` (due), those that cannot go, locked: held behind an earlier
-    pending event of their task that is due later (with that due time), or on a disabled
-    subscription."""
-    delivery, head = _DELIVERY, _DELIVERY.alias("head")
-    # The head of the delivery's (subscription, task) line: its earliest pending event.
-    # ORDER BY event_seq LIMIT 1 walks ix_delivery_subscription_task_seq; min() of the due
-    # times let SQLite walk the whole queue index instead (40 s a pass on a 1M store).
-    head_due = (
-        _pending_before(head, head.c.next_attempt_at)
-        .order_by(head.c.event_seq)
-        .limit(1)
-        .scalar_subquery()
-    )
-    now = sa.bindparam("now", type_=delivery.c.next_attempt_at.type)
-    return (
-        sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
-        .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
-        .where(
-            one_of(dialect, delivery.c.pk, "pks"),
-            # Again, under the lock: another process may have sent or leased it meanwhile.
-            delivery.c.status == DeliveryStatus.pending.value,
-            delivery.c.next_attempt_at <= now,
-            sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
-            sa.or_(_SUBSCRIPTION.c.enabled.is_(False), head_due > now),
-        )
-        .with_for_update(skip_locked=True, of=delivery)
-    )
-
-
-_PUT_OFF = (
-    sa.update(_DELIVERY)
-    .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
-    .values(next_attempt_at=sa.bindparam("due"))
-)
 
 
 @prebuilt
@@ -802,40 +728,42 @@ class Outbox:
         ``DISABLED_PUT_OFF``; enabling it again makes them due at once). Without this, a flaky
         or disabled subscriber's backlog was read by every claim, which grew with it.
 
-        It looks at the due queue in the claim's order, ``MOVE_ASIDE_STEP`` deliveries at a
-        time, and stops at the first step of which fewer than half could be put off: from
-        there on, a claim finds deliveries that can go before it reads many that cannot. So a
-        pass costs one step however many deliveries are due and can go (a long queue of
-        healthy work is the claims' to take), and as many steps as there are deliveries to
-        put off, all in one pass, when a backlog stands in front.
-
         Rows another process holds are skipped (SKIP LOCKED); a held delivery put off until
         its head's retry while another process settled the head early is late, never out of
         order. Returns how many deliveries were put off."""
-        dialect = connection.dialect.name
-        moved, after = 0, None
-        while True:
-            step = connection.execute(
-                _due_in_order(connection),
-                {"now": now, **_step_after(after), "limit": MOVE_ASIDE_STEP},
-            ).all()
-            if not step:
-                return moved
-            rows = connection.execute(
-                _cannot_go(connection), {"now": now, "pks": listed(dialect, [r.pk for r in step])}
-            ).all()
-            if rows:
-                connection.execute(
-                    _PUT_OFF,
-                    [
-                        {"d_pk": pk, "due": due if enabled else now + DISABLED_PUT_OFF}
-                        for pk, enabled, due in sorted(rows)
-                    ],
-                )
-            moved += len(rows)
-            if len(step) < MOVE_ASIDE_STEP or 2 * len(rows) < len(step):
-                return moved
-            after = step[-1]
+        delivery, head = _DELIVERY, _DELIVERY.alias("head")
+        # The head of the delivery's (subscription, task) line: its earliest pending event.
+        # ORDER BY event_seq LIMIT 1 walks ix_delivery_subscription_task_seq; min() of the due
+        # times let SQLite walk the whole queue index instead (40 s a pass on a 1M store).
+        head_due = (
+            _pending_before(head, head.c.next_attempt_at)
+            .order_by(head.c.event_seq)
+            .limit(1)
+            .scalar_subquery()
+        )
+        disabled = _SUBSCRIPTION.c.enabled.is_(False)
+        rows = connection.execute(
+            sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
+            .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
+            .where(
+                delivery.c.status == DeliveryStatus.pending.value,
+                delivery.c.next_attempt_at <= now,
+                sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
+                sa.or_(disabled, head_due > now),
+            )
+            .with_for_update(skip_locked=True, of=delivery)
+        ).all()
+        if rows:
+            connection.execute(
+                sa.update(_DELIVERY)
+                .where(_DELIVERY.c.pk == sa.bindparam("d_pk"))
+                .values(next_attempt_at=sa.bindparam("due")),
+                [
+                    {"d_pk": pk, "due": due if enabled else now + DISABLED_PUT_OFF}
+                    for pk, enabled, due in sorted(rows)
+                ],
+            )
+        return len(rows)
 
     def _jobs(
         self, connection: sa.Connection, pks: Sequence[int], now: datetime, written: Written

@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import outbox as outbox_module
 from service.lifecycle import TaskUpdate
 from service.models import TaskOrigin, TaskStatus, UpdateSource, utcnow
 from service.netguard import AddressPolicy
@@ -1068,65 +1067,6 @@ async def test_events_held_behind_a_retry_are_put_aside_until_it_then_follow_in_
         "task.succeeded",
     ]
     assert _pending(harness) == []
-
-
-def _move_aside(harness: Harness) -> int:
-    """One put-aside pass, as the dispatcher's first claim of a second makes it."""
-    with harness.runtime.store.core_transaction() as (connection, _):
-        return Outbox._move_aside(connection, harness.clock.now())
-
-
-async def _held_behind_a_retry(harness: Harness) -> str:
-    """A task whose task.submitted failed (retry in 5 s) and whose task.succeeded, due now, is
-    held behind it."""
-    task_id = await harness.track()
-    await harness.deliver()
-    harness.update(task_id, TaskStatus.succeeded)
-    return task_id
-
-
-async def test_the_put_aside_stops_at_a_step_of_deliveries_that_can_go(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pass costs one step when the front of the due queue can go, however long the queue:
-    what lies behind is left to the claims, which find deliveries that can go first."""
-    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_STEP", 2)
-    await harness.subscribe("flaky")
-    harness.receiver.status["flaky"] = 500
-    first = await harness.track()
-    await harness.deliver()  # its task.submitted fails: retry in 5 s
-    await harness.track()
-    await harness.track()  # two task.submitted due now, and free to go
-    harness.update(first, TaskStatus.succeeded)  # due now too, after them, held
-    before = _pending(harness)
-    assert before[0] == ("task.submitted", 5.0)  # the first task's, waiting for its retry
-    assert sorted(before[1:]) == [("task.submitted", 0.0)] * 2 + [("task.succeeded", 0.0)]
-    assert _move_aside(harness) == 0  # one step, both free: it stops there
-    assert _pending(harness) == before
-    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_STEP", 3)
-    assert _move_aside(harness) == 1  # a step that reaches it puts it off until the retry
-    assert ("task.succeeded", 5.0) in _pending(harness)
-
-
-async def test_a_backlog_in_front_is_put_aside_in_one_pass_step_after_step(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_STEP", 2)
-    await harness.subscribe("flaky")
-    harness.receiver.status["flaky"] = 500
-    for _ in range(5):
-        await _held_behind_a_retry(harness)
-    assert (
-        sorted(_pending(harness)) == [("task.submitted", 5.0)] * 5 + [("task.succeeded", 0.0)] * 5
-    )
-    assert _move_aside(harness) == 5  # steps of 2, 2, then 1: every one put off
-    assert (
-        sorted(_pending(harness)) == [("task.submitted", 5.0)] * 5 + [("task.succeeded", 5.0)] * 5
-    )
-    assert _move_aside(harness) == 0
-    harness.receiver.status["flaky"] = 200
-    harness.clock.advance(5)
-    assert await harness.deliver() == 10  # each retry, then the event held behind it
 
 
 async def test_a_manual_retry_brings_the_events_held_behind_it_along(harness: Harness) -> None:
