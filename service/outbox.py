@@ -51,6 +51,10 @@ PROGRESS_DELAY = timedelta(seconds=1)
 # how long a disabled subscription's deliveries are put off each time.
 MOVE_ASIDE_EVERY = timedelta(seconds=1)
 DISABLED_PUT_OFF = timedelta(hours=1)
+# A put-aside reads only what became due since the one before, this much earlier (for rows
+# committed a little after the time they are due from), and all that is due this often.
+MOVE_ASIDE_OVERLAP = timedelta(seconds=5)
+MOVE_ASIDE_FULL_EVERY = timedelta(minutes=10)
 # How many rows past its limit a claim looks at, to fill its slots from subscribers with room.
 CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
@@ -295,6 +299,8 @@ def _lock_deliveries(dialect: str) -> sa.Select[Any]:
         sa.select(
             _DELIVERY.c.pk,
             _DELIVERY.c.subscription_pk,
+            _DELIVERY.c.task_pk,
+            _DELIVERY.c.event_seq,
             _DELIVERY.c.attempts,
             _DELIVERY.c.lease_owner,
             _DELIVERY.c.lease_expires_at,
@@ -376,6 +382,43 @@ _RECORD = (
         updated_at=sa.bindparam("b_updated_at"),
     )
 )
+
+
+def _not_leased(now: Any) -> sa.ColumnElement[bool]:
+    """A delivery no process holds: never leased, or its lease ran out."""
+    return sa.or_(_DELIVERY.c.lease_expires_at.is_(None), _DELIVERY.c.lease_expires_at <= now)
+
+
+# A delivery was scheduled for a retry at ``due``: the later events of its task for its
+# subscription cannot go before that, so they are put off until then at once (one walk of
+# ix_delivery_subscription_task_seq per line) rather than found by each put-aside.
+_PUT_OFF_FOLLOWERS = (
+    sa.update(_DELIVERY)
+    .where(
+        _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
+        _DELIVERY.c.task_pk == sa.bindparam("t_pk"),
+        _DELIVERY.c.event_seq > sa.bindparam("seq"),
+        _DELIVERY.c.status == DeliveryStatus.pending.value,
+        _DELIVERY.c.next_attempt_at < sa.bindparam("due"),
+        _not_leased(sa.bindparam("now")),
+    )
+    .values(next_attempt_at=sa.bindparam("due"))
+)
+
+
+def _put_off_disabled(subscription_pks: Sequence[int], now: datetime) -> sa.Update:
+    """The pending deliveries of subscriptions just disabled wait ``DISABLED_PUT_OFF`` (enabling
+    one makes them due at once), so the claims and the put-aside stop finding them."""
+    return (
+        sa.update(_DELIVERY)
+        .where(
+            _DELIVERY.c.subscription_pk.in_(sorted(subscription_pks)),
+            _DELIVERY.c.status == DeliveryStatus.pending.value,
+            _DELIVERY.c.next_attempt_at < now + DISABLED_PUT_OFF,
+            _not_leased(now),
+        )
+        .values(next_attempt_at=now + DISABLED_PUT_OFF)
+    )
 
 
 class Recorded(NamedTuple):
@@ -475,6 +518,7 @@ class Outbox:
         self.store = store
         self.schedule = tuple(schedule)
         self._moved_aside_at: datetime | None = None
+        self._full_move_aside_at: datetime | None = None
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -558,6 +602,8 @@ class Outbox:
                 )
             elif changes.get("enabled") is False:
                 subscription.disabled_reason = "disabled through the API"
+                assert subscription.pk is not None  # a stored row
+                session.execute(_put_off_disabled([subscription.pk], self.clock()))
             subscription.updated_at = self.clock()
             session.add(subscription)
             return subscription
@@ -685,8 +731,14 @@ class Outbox:
             if limit <= 0:
                 return recorded, []
             now = self.clock()
-            if self._moved_aside_at is None or now - self._moved_aside_at >= MOVE_ASIDE_EVERY:
-                self._move_aside(connection, now)
+            last = self._moved_aside_at
+            if last is None or now - last >= MOVE_ASIDE_EVERY:
+                full_at, since = self._full_move_aside_at, None
+                if last is None or full_at is None or now - full_at >= MOVE_ASIDE_FULL_EVERY:
+                    self._full_move_aside_at = now
+                else:
+                    since = last - MOVE_ASIDE_OVERLAP
+                self._move_aside(connection, now, since)
                 self._moved_aside_at = now
             chosen: list[int] = []
             taken: dict[int, int] = {}
@@ -721,12 +773,21 @@ class Outbox:
             return recorded, self._jobs(connection, chosen, now, written)
 
     @staticmethod
-    def _move_aside(connection: sa.Connection, now: datetime) -> int:
+    def _move_aside(connection: sa.Connection, now: datetime, since: datetime | None = None) -> int:
         """Put off the deliveries that are due but cannot go, so that claims stop reading them:
         those held behind an earlier event of their task that waits for a retry (until that
         retry: they cannot go before it), and those of a disabled subscription (for
         ``DISABLED_PUT_OFF``; enabling it again makes them due at once). Without this, a flaky
         or disabled subscriber's backlog was read by every claim, which grew with it.
+
+        With ``since``, only the deliveries that became due after it are read (a range of
+        ix_delivery_status_next_attempt): what was due before was looked at by an earlier pass,
+        and what becomes unable to go later is put off where that happens (a retry scheduled,
+        a subscription disabled: see ``_record`` and ``update_subscription``). So a pass costs
+        what became due since the last one, not the whole due queue; the claim still makes a
+        full pass now and then (``MOVE_ASIDE_FULL_EVERY``), for rows committed later than
+        ``MOVE_ASIDE_OVERLAP`` after their due time. Missing a row costs only claim time: the
+        claims never pick a delivery that cannot go.
 
         Rows another process holds are skipped (SKIP LOCKED); a held delivery put off until
         its head's retry while another process settled the head early is late, never out of
@@ -742,13 +803,16 @@ class Outbox:
             .scalar_subquery()
         )
         disabled = _SUBSCRIPTION.c.enabled.is_(False)
+        due = [delivery.c.next_attempt_at <= now]
+        if since is not None:
+            due.append(delivery.c.next_attempt_at > since)
         rows = connection.execute(
             sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
             .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)
             .where(
                 delivery.c.status == DeliveryStatus.pending.value,
-                delivery.c.next_attempt_at <= now,
-                sa.or_(delivery.c.lease_expires_at.is_(None), delivery.c.lease_expires_at <= now),
+                *due,
+                _not_leased(now),
                 sa.or_(disabled, head_due > now),
             )
             .with_for_update(skip_locked=True, of=delivery)
@@ -849,6 +913,7 @@ class Outbox:
         updates: dict[int, dict[str, Any]] = {}
         logged: list[dict[str, Any]] = []
         gone: set[int] = set()  # subscriptions that answered 410
+        retries: dict[int, dict[str, Any]] = {}  # pending again, due later: hold their followers
         for job, result in attempts:
             row = current.get(job.delivery_pk)
             if row is None:
@@ -868,6 +933,16 @@ class Outbox:
             }
             if result.status_code == 410:
                 gone.add(row.subscription_pk)
+            if state.status == DeliveryStatus.pending.value and state.next_attempt_at > now:
+                retries[row.pk] = {
+                    "s_pk": row.subscription_pk,
+                    "t_pk": row.task_pk,
+                    "seq": row.event_seq,
+                    "due": state.next_attempt_at,
+                    "now": now,
+                }
+            else:
+                retries.pop(row.pk, None)
             logged.append(
                 {
                     "delivery_pk": row.pk,
@@ -882,6 +957,9 @@ class Outbox:
         if logged:
             connection.execute(_INSERT_ATTEMPT, logged)
             connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
+        if retries:
+            lines = sorted(retries.values(), key=lambda r: (r["s_pk"], r["t_pk"], r["seq"]))
+            connection.execute(_PUT_OFF_FOLLOWERS, lines)
         if gone:
             connection.execute(
                 sa.update(_SUBSCRIPTION)
@@ -910,6 +988,7 @@ class Outbox:
                     updated_at=now,
                 )
             )
+            connection.execute(_put_off_disabled(sorted(gone), now))
         return recorded
 
     def _settle(

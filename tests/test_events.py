@@ -27,10 +27,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.lifecycle import TaskUpdate
-from service.models import TaskOrigin, TaskStatus, UpdateSource, utcnow
+from service.models import TaskOrigin, TaskStatus, UpdateSource, UTCDateTime, utcnow
 from service.netguard import AddressPolicy
 from service.outbox import (
     _DELIVERY_ROW_KEYS,
+    MOVE_ASIDE_FULL_EVERY,
+    MOVE_ASIDE_OVERLAP,
     Outbox,
     _add_client_secrets,
     _client_secret_rows,
@@ -507,7 +509,7 @@ def test_the_dispatchers_transactions_skip_the_fsync_on_sqlite(
     setting = "PRAGMA synchronous" if sqlite_store else "SHOW synchronous_commit"
     seen: list[Any] = []
 
-    def spy(connection: Any, now: Any) -> int:
+    def spy(connection: Any, now: Any, since: Any = None) -> int:
         seen.append(connection.exec_driver_sql(setting).scalar_one())
         return 0
 
@@ -1102,6 +1104,7 @@ async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_ena
     for _ in range(3):
         await harness.track()
     await harness.client.patch(path, json={"enabled": False}, headers=auth())  # owed, paused
+    assert _pending(harness) == [("task.submitted", 3600.0)] * 3  # by the PATCH, not a claim
     assert await harness.deliver() == 0
     assert _pending(harness) == [("task.submitted", 3600.0)] * 3
     enabled = await harness.client.patch(path, json={"enabled": True}, headers=auth())
@@ -1109,6 +1112,118 @@ async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_ena
     assert _pending(harness) == [("task.submitted", 0.0)] * 3
     assert await harness.deliver() == 3
     assert len(harness.receiver.received["paused"]) == 3
+
+
+async def test_a_retry_or_a_410_puts_off_what_cannot_go_without_a_put_aside_pass(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording a failed attempt puts off the events held behind it until its retry, and a
+    410 Gone the subscription's other pending deliveries, in the record's own transaction:
+    the claims' put-aside pass (switched off here) need not look for them."""
+    passes: list[Any] = []
+
+    def no_pass(connection: Any, now: Any, since: Any = None) -> int:
+        passes.append(since)
+        return 0
+
+    monkeypatch.setattr(Outbox, "_move_aside", staticmethod(no_pass))
+    await harness.subscribe("flaky")
+    harness.receiver.status["flaky"] = 500
+    task_id = await harness.track()
+    harness.update(task_id, TaskStatus.succeeded)
+    assert _pending(harness) == [("task.submitted", 0.0), ("task.succeeded", 0.0)]
+    assert await harness.deliver() == 1  # task.submitted fails: retry in 5 s
+    assert _pending(harness) == [("task.submitted", 5.0), ("task.succeeded", 5.0)]
+    harness.receiver.status["flaky"] = 410
+    harness.clock.advance(5)
+    assert await harness.deliver() == 1  # the retry is answered 410 Gone
+    assert _pending(harness) == [("task.succeeded", 3600.0)]
+    assert passes  # the claims did ask for their pass
+
+
+def _set_due(harness: Harness, task_id: str, event_type: str, seconds: float) -> None:
+    """Make a task's pending delivery due ``seconds`` from now (a row committed late)."""
+    import sqlalchemy as sa
+
+    with harness.runtime.store.engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE delivery SET next_attempt_at = :due WHERE event_type = :type "
+                "AND task_pk = (SELECT pk FROM task WHERE id = :id)"
+            ).bindparams(sa.bindparam("due", type_=UTCDateTime())),
+            {
+                "due": harness.clock.now() + timedelta(seconds=seconds),
+                "type": event_type,
+                "id": task_id,
+            },
+        )
+
+
+async def test_the_put_aside_reads_what_became_due_since_the_last_and_all_now_and_then(
+    harness: Harness,
+) -> None:
+    """Each second's put-aside reads only the deliveries that became due since the one before
+    (with an overlap): so it costs the same however long the due queue. A full pass every
+    MOVE_ASIDE_FULL_EVERY finds what was committed too late for the window."""
+    await harness.subscribe("slow")
+    harness.receiver.status["slow"] = 500
+    harness.runtime.outbox.schedule = (0.0, 3600.0)  # one retry, an hour later
+    first, second = await harness.track(), await harness.track()
+    assert await harness.deliver() == 2  # both fail; this claim's pass was a full one
+    harness.update(first, TaskStatus.succeeded)  # held behind its retry, due now
+    harness.update(second, TaskStatus.succeeded)
+    overlap = MOVE_ASIDE_OVERLAP.total_seconds()
+    _set_due(harness, second, "task.succeeded", -overlap - 1)  # due before the next window
+    harness.clock.advance(1.5)
+    assert await harness.deliver() == 0
+    assert _pending(harness) == [
+        ("task.submitted", 3598.5),
+        ("task.submitted", 3598.5),
+        ("task.succeeded", 3598.5),  # in the window: put off
+        ("task.succeeded", -overlap - 2.5),  # before it: left for the full pass
+    ]
+    harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
+    assert await harness.deliver() == 0
+    later = 3598.5 - MOVE_ASIDE_FULL_EVERY.total_seconds()
+    assert _pending(harness) == [("task.submitted", later)] * 2 + [("task.succeeded", later)] * 2
+
+
+def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
+    """The plan of a windowed put-aside: both ends of its window bound the index range."""
+    import sqlalchemy as sa
+
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
+        if sql.lstrip().upper().startswith("SELECT") and "FROM delivery" in sql:
+            seen.append((sql, parameters))
+
+    now = utcnow()
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        with store.core_transaction() as (connection, _):
+            assert Outbox._move_aside(connection, now, now - timedelta(seconds=6)) == 0
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    ((sql, parameters),) = seen
+    with store.engine.connect() as connection:
+        if store.engine.dialect.name == "sqlite":
+            plan = " | ".join(
+                row[-1]
+                for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, parameters)
+            )
+            assert (
+                "SEARCH delivery USING INDEX ix_delivery_status_next_attempt "
+                "(status=? AND next_attempt_at>? AND next_attempt_at<?)"
+            ) in plan, plan
+        else:
+            connection.exec_driver_sql("SET enable_seqscan = off")  # tiny tables
+            plan = " | ".join(
+                row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql, parameters)
+            )
+            assert "Index Scan using ix_delivery_status_next_attempt on delivery" in plan, plan
+            condition = plan.split("Index Cond: ", 1)[1].split(" | ")[0]
+            assert "next_attempt_at > " in condition and "next_attempt_at <= " in condition, plan
 
 
 async def test_each_delivery_runs_in_its_tasks_log_context(
