@@ -26,10 +26,12 @@ the server ``--database-url`` or ``$TASKRELAY_TEST_DATABASE_URL`` names, migrate
    flaky subscriber leaves (``--retry-share`` of the tasks in flight have a delivery waiting for
    its next attempt, with the task's newer event held behind it, plus the deliveries stranded
    on a disabled subscription) and without it. With the backlog, the first claim of each
-   second also puts aside what cannot go (``Outbox._move_aside``); the store's clock stands
-   still here, so an ``Outbox`` does that in its first claim only. Reported apart: a first
-   claim on the backlog as loaded (it moves the backlog; put back before each call), a first
-   claim once it was moved (what every later second pays), and the other claims.
+   second also puts aside what cannot go (``Outbox._move_aside``): a process's first one, and
+   one every 10 minutes, reads every due delivery; the others only what became due since the
+   last. The store's clock stands still here, so an ``Outbox`` makes the full one in its first
+   claim only, and one set to a second after its last put-aside (``between_passes``) makes the
+   windowed one. Reported apart: a full one on the backlog as loaded (it moves the backlog; put
+   back before each call), a full one once it was moved, a windowed one, and the other claims.
 3. **The query plans** of every hot query: the SQL is captured (a ``before_cursor_execute``
    listener) while the real ``Store``/``Outbox`` methods run, then explained with the same
    parameters: ``EXPLAIN QUERY PLAN`` on SQLite (which, like the service, never runs ``ANALYZE``
@@ -87,7 +89,7 @@ from bench.ingest import ServerProcess, free_port, fresh_postgres, service_revis
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
-from service.outbox import Outbox
+from service.outbox import MOVE_ASIDE_EVERY, AttemptResult, DeliveryJob, Outbox
 from service.settings import PROVIDERS
 from service.store import Store, TaskFilter
 
@@ -1450,6 +1452,7 @@ class ProbeContext:
     task_id: str  # one of alice's final tasks, from the middle of the store
     live_task_id: str  # one of alice's running EvoLink tasks with a notify_url subscription
     now: datetime
+    held_head: DeliveryJob | None  # a delivery waiting for its retry, a later event behind it
 
 
 def probes(ctx: ProbeContext) -> list[Probe]:
@@ -1466,6 +1469,17 @@ def probes(ctx: ProbeContext) -> list[Probe]:
             "bench-probe", limit=DISPATCHER_CLAIM_LIMIT, lease_seconds=LEASE_SECONDS
         )
         release_deliveries(store.engine, [j.delivery_pk for j in jobs])
+
+    def windowed_put_aside() -> None:
+        jobs = between_passes(store, ctx.now).claim(
+            "bench-probe", limit=DISPATCHER_CLAIM_LIMIT, lease_seconds=LEASE_SECONDS
+        )
+        release_deliveries(store.engine, [j.delivery_pk for j in jobs])
+
+    def failed_attempt() -> None:
+        if ctx.held_head is not None:  # the small store may have none
+            failed = AttemptResult(500, 1.0, error="bench")
+            outbox.record_attempts([(ctx.held_head, failed)], "bench-probe")
 
     def callback() -> None:
         store.apply_update(
@@ -1517,6 +1531,16 @@ def probes(ctx: ProbeContext) -> list[Probe]:
         ),
         Probe("claim_due (scheduler)", claim_due, contains="next_check_at"),
         Probe("delivery claim (Outbox.claim)", claim_deliveries, contains="FROM delivery"),
+        Probe(
+            "put-aside a second after the last (windowed, in Outbox.claim)",
+            windowed_put_aside,
+            contains="AS head_due",
+        ),
+        Probe(
+            "a failed attempt recorded: its held events put off",
+            failed_attempt,
+            contains="UPDATE delivery SET next_attempt_at",
+        ),
         Probe("a callback (apply_update: lock, update, event, fan-out)", callback),
         Probe("create with Idempotency-Key", submit, contains="idempotency_key"),
         Probe("unsent_submissions (start-up)", store.unsent_submissions),
@@ -1552,6 +1576,41 @@ def release_deliveries(engine: Engine, delivery_pks: Sequence[int]) -> None:
         )
 
 
+def between_passes(store: Store, now: datetime) -> Outbox:
+    """An ``Outbox`` as a running dispatcher's is a second after its last put-aside, its full
+    pass not yet due again: its next claim makes the windowed put-aside (what became due since
+    the last one). The store's clock stands still here, so its memory of the passes is set."""
+    outbox = Outbox(store)
+    outbox._moved_aside_at = now - MOVE_ASIDE_EVERY
+    outbox._full_move_aside_at = now
+    return outbox
+
+
+def held_head(engine: Engine) -> DeliveryJob | None:
+    """A delivery waiting for its retry with a later event of its task held behind it: what a
+    failed attempt's record puts off its followers for (only its key is needed to record)."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.text(
+                "SELECT d.pk, d.id, d.subscription_pk FROM delivery d WHERE d.status = 'pending' "
+                "AND d.attempts > 0 AND EXISTS (SELECT 1 FROM delivery f "
+                "WHERE f.subscription_pk = d.subscription_pk AND f.task_pk = d.task_pk "
+                "AND f.event_seq > d.event_seq AND f.status = 'pending') ORDER BY d.pk LIMIT 1"
+            )
+        ).first()
+    if row is None:
+        return None
+    return DeliveryJob(
+        delivery_pk=row.pk,
+        delivery_id=row.id,
+        subscription_pk=row.subscription_pk,
+        url="",
+        signing_secrets=(),
+        event_id="",
+        body=b"",
+    )
+
+
 def probe_context(url: str, engine: Engine, now: datetime) -> ProbeContext:
     store = Store(engine, clock=lambda: now)
     with engine.connect() as connection:
@@ -1574,7 +1633,7 @@ def probe_context(url: str, engine: Engine, now: datetime) -> ProbeContext:
             live = connection.execute(
                 sa.text("SELECT id FROM task WHERE status = 'running' ORDER BY pk DESC LIMIT 1")
             ).scalar_one()
-    return ProbeContext(store, Outbox(store), str(task_id), str(live), now)
+    return ProbeContext(store, Outbox(store), str(task_id), str(live), now, held_head(engine))
 
 
 def probe_plans(url: str, rows: dict[str, int], now: datetime) -> list[Plan]:
@@ -1647,7 +1706,16 @@ CLAIM_TIMINGS = (
         f"`Outbox.claim`, limit {DISPATCHER_CLAIM_LIMIT}, with the retry backlog: first claim, "
         "which puts the backlog aside",
     ),
-    ("delivery_claim_second", "the same, first claim of a later second (nothing new to put aside)"),
+    (
+        "delivery_claim_second",
+        "the same, a full put-aside with nothing new to put aside (a process's first claim, "
+        "then one claim every 10 minutes)",
+    ),
+    (
+        "delivery_claim_window",
+        "the same, first claim of each later second: the put-aside reads only what became due "
+        "since the last",
+    ),
     ("delivery_claim", "the same, the other claims"),
     ("delivery_query", "the same, its claim SELECT only"),
     ("delivery_claim_healthy", "`Outbox.claim`, backlog parked"),
@@ -1736,9 +1804,10 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         release_tasks(engine, [claim.task_id for claim in claims])
         return len(claims), elapsed
 
-    def delivery_claim(fresh: bool = False) -> tuple[int, float]:
-        """A claim by ``outbox``, or by a new ``Outbox``, which puts the backlog aside first."""
-        box = Outbox(store) if fresh else outbox
+    def delivery_claim(fresh: bool = False, window: bool = False) -> tuple[int, float]:
+        """A claim by ``outbox``; by a new ``Outbox``, which puts the backlog aside first; or
+        by one a second after its last put-aside, which reads what became due since."""
+        box = between_passes(store, now) if window else Outbox(store) if fresh else outbox
         started = time.perf_counter()
         jobs = box.claim(
             "bench-dispatcher", limit=DISPATCHER_CLAIM_LIMIT, lease_seconds=LEASE_SECONDS
@@ -1761,6 +1830,7 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         timings["delivery_claim_second"] = measure(
             lambda: delivery_claim(fresh=True), PUT_ASIDE_ROUNDS, warmup=1
         )
+        timings["delivery_claim_window"] = measure(lambda: delivery_claim(window=True), iterations)
         # The claim's own SELECT (the put-aside's and the one loading the jobs have no ORDER BY);
         # this first claim of ``outbox`` puts aside (nothing new), the others do not.
         delivery_sql = claim_statements(engine, delivery_claim, "ORDER BY delivery.next_attempt_at")
