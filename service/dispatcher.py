@@ -142,10 +142,12 @@ class Dispatcher:
                 per_subscription=self.per_subscription,
                 busy=dict(self._busy),
             )
-        except Exception as exc:
-            # A failed claim fails the records made with it: those deliveries stay leased, and
-            # are sent again once their lease expires, as after a failed record.
-            self._tell_senders(batch, exc)
+        except Exception:
+            # The records shared the failed claim's transaction: try them on their own, so
+            # that attempts the subscribers answered are not sent again. If that fails too,
+            # those deliveries stay leased and go again once their lease expires.
+            if batch:
+                await self._record_alone(batch)
             raise
         self._tell_senders(batch, outcomes)
         started: list[asyncio.Task[None]] = []
@@ -232,16 +234,20 @@ class Dispatcher:
     async def _record_batches(self) -> None:
         while self._to_record:
             batch, self._to_record = self._to_record, []
-            outcomes: list[Recorded | NotFound] | Exception
-            try:
-                outcomes = await run_in_threadpool(
-                    self.outbox.record_attempts,
-                    [(job, result) for job, result, _ in batch],
-                    self.worker_id,
-                )
-            except Exception as exc:
-                outcomes = exc
-            self._tell_senders(batch, outcomes)
+            await self._record_alone(batch)
+
+    async def _record_alone(self, batch: list[_ToRecord]) -> None:
+        """Record ``batch`` in a transaction of its own and tell its senders the outcome."""
+        outcomes: list[Recorded | NotFound] | Exception
+        try:
+            outcomes = await run_in_threadpool(
+                self.outbox.record_attempts,
+                [(job, result) for job, result, _ in batch],
+                self.worker_id,
+            )
+        except Exception as exc:
+            outcomes = exc
+        self._tell_senders(batch, outcomes)
 
     @staticmethod
     def _tell_senders(

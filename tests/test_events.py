@@ -981,18 +981,56 @@ async def test_stopping_records_the_attempts_no_pass_will_take(harness: Harness)
     assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)] * 2
 
 
-async def test_a_failed_pass_fails_the_records_it_carried(
+async def test_a_failed_claim_records_the_attempts_it_carried_on_their_own(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim of the pass that carries an attempt's record fails (its transaction, records
+    included, is rolled back): the attempt is recorded in a transaction of its own, so the
+    delivery the subscriber answered is not sent again."""
+    from service.errors import StoreUnavailable
+
+    await harness.subscribe("answered")
+    await harness.track()
+    outbox = harness.runtime.outbox
+    failed: list[int] = []
+    jobs = outbox._jobs
+
+    def failing_claim(*args: Any) -> Any:  # inside the transaction, after the records
+        if not failed:
+            failed.append(1)
+            raise StoreUnavailable("the claim failed")
+        return jobs(*args)
+
+    hold = harness.receiver.hold["answered"] = asyncio.Event()
+    dispatcher = _dispatcher(harness, concurrency=1)  # the second waits for the first's slot
+    await dispatcher.start()
+    try:
+        await _until(lambda: harness.receiver.received["answered"])
+        await harness.track()  # due: the pass recording the first claims it, and fails
+        monkeypatch.setattr(outbox, "_jobs", failing_claim)
+        hold.set()
+        await _until(lambda: len(harness.receiver.received["answered"]) == 2)
+        await _until(lambda: not dispatcher._in_flight and not dispatcher._to_record)
+    finally:
+        await dispatcher.stop(grace=5)
+    assert failed
+    assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)] * 2
+    received = harness.receiver.received["answered"]
+    assert len({headers["webhook-id"] for headers, _ in received}) == 2  # nothing sent twice
+
+
+async def test_a_failed_pass_fails_the_records_it_carried_when_they_fail_alone_too(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The database failing the pass that records an attempt: its sender logs it, and the
-    delivery, still leased, goes out again once released (as after a failed record)."""
+    """The database failing the pass that records an attempt, and the record on its own: its
+    sender logs it, and the delivery, still leased, goes out again once released."""
     from service.errors import StoreUnavailable
 
     await harness.subscribe("retried")
     await harness.track()
     outbox = harness.runtime.outbox
     failed: list[int] = []
-    record_and_claim = outbox.record_and_claim
+    record_and_claim, record_attempts = outbox.record_and_claim, outbox.record_attempts
 
     def failing(attempts: Any, worker: str, **claim: Any) -> Any:
         if attempts and not failed:
@@ -1000,15 +1038,23 @@ async def test_a_failed_pass_fails_the_records_it_carried(
             raise StoreUnavailable("the database is locked")
         return record_and_claim(attempts, worker, **claim)
 
+    def failing_alone(attempts: Any, worker: str) -> Any:
+        if len(failed) == 1:
+            failed.append(len(attempts))
+            raise StoreUnavailable("the database is locked")
+        return record_attempts(attempts, worker)
+
     monkeypatch.setattr(outbox, "record_and_claim", failing)
+    monkeypatch.setattr(outbox, "record_attempts", failing_alone)
     dispatcher = _dispatcher(harness)
     await dispatcher.start()
     try:
-        await _until(lambda: failed and not dispatcher._in_flight)
+        await _until(lambda: len(failed) == 2 and not dispatcher._in_flight)
         assert "not recorded: the database is unavailable" in caplog.text
         assert _deliveries(harness) == [("task.submitted", "pending", 0, dispatcher.worker_id)]
     finally:
         await dispatcher.stop(grace=5)  # releases the lease
+    assert failed == [1, 1]
     assert await harness.deliver() == 1
     received = harness.receiver.received["retried"]
     assert len(received) == 2 and len({headers["webhook-id"] for headers, _ in received}) == 1
