@@ -384,40 +384,53 @@ _RECORD = (
 )
 
 
-def _not_leased(now: Any) -> sa.ColumnElement[bool]:
+def _not_leased(table: Any, now: Any) -> sa.ColumnElement[bool]:
     """A delivery no process holds: never leased, or its lease ran out."""
-    return sa.or_(_DELIVERY.c.lease_expires_at.is_(None), _DELIVERY.c.lease_expires_at <= now)
+    return sa.or_(table.c.lease_expires_at.is_(None), table.c.lease_expires_at <= now)
+
+
+def _put_off(*conditions: Callable[[Any], sa.ColumnElement[bool]]) -> sa.Update:
+    """Put off (to ``due``) the pending deliveries no process holds that match ``conditions``
+    (each given the table to test), skipping rows another transaction has locked (SKIP LOCKED):
+    a put-off never waits, so it adds no lock to wait for in the dispatcher's or the API's
+    transaction (a row skipped only costs claim time: claims never pick what cannot go)."""
+    line = _DELIVERY.alias("line")
+    rows = (
+        sa.select(line.c.pk)
+        .where(
+            line.c.status == DeliveryStatus.pending.value,
+            line.c.next_attempt_at < sa.bindparam("due"),
+            _not_leased(line, sa.bindparam("now")),
+            *(condition(line) for condition in conditions),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        sa.update(_DELIVERY)
+        .where(_DELIVERY.c.pk.in_(rows))
+        .values(next_attempt_at=sa.bindparam("due"))
+    )
 
 
 # A delivery was scheduled for a retry at ``due``: the later events of its task for its
 # subscription cannot go before that, so they are put off until then at once (one walk of
 # ix_delivery_subscription_task_seq per line) rather than found by each put-aside.
-_PUT_OFF_FOLLOWERS = (
-    sa.update(_DELIVERY)
-    .where(
-        _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
-        _DELIVERY.c.task_pk == sa.bindparam("t_pk"),
-        _DELIVERY.c.event_seq > sa.bindparam("seq"),
-        _DELIVERY.c.status == DeliveryStatus.pending.value,
-        _DELIVERY.c.next_attempt_at < sa.bindparam("due"),
-        _not_leased(sa.bindparam("now")),
-    )
-    .values(next_attempt_at=sa.bindparam("due"))
+_PUT_OFF_FOLLOWERS = _put_off(
+    lambda line: line.c.subscription_pk == sa.bindparam("s_pk"),
+    lambda line: line.c.task_pk == sa.bindparam("t_pk"),
+    lambda line: line.c.event_seq > sa.bindparam("seq"),
+)
+# Subscriptions just disabled: their pending deliveries wait ``DISABLED_PUT_OFF`` (enabling one
+# makes them due at once), so the claims and the put-aside stop finding them.
+_PUT_OFF_DISABLED = _put_off(
+    lambda line: line.c.subscription_pk.in_(sa.bindparam("s_pks", expanding=True))
 )
 
 
-def _put_off_disabled(subscription_pks: Sequence[int], now: datetime) -> sa.Update:
-    """The pending deliveries of subscriptions just disabled wait ``DISABLED_PUT_OFF`` (enabling
-    one makes them due at once), so the claims and the put-aside stop finding them."""
-    return (
-        sa.update(_DELIVERY)
-        .where(
-            _DELIVERY.c.subscription_pk.in_(sorted(subscription_pks)),
-            _DELIVERY.c.status == DeliveryStatus.pending.value,
-            _DELIVERY.c.next_attempt_at < now + DISABLED_PUT_OFF,
-            _not_leased(now),
-        )
-        .values(next_attempt_at=now + DISABLED_PUT_OFF)
+def _put_off_disabled(connection: Any, subscription_pks: Collection[int], now: datetime) -> None:
+    connection.execute(
+        _PUT_OFF_DISABLED,
+        {"s_pks": sorted(subscription_pks), "due": now + DISABLED_PUT_OFF, "now": now},
     )
 
 
@@ -603,7 +616,7 @@ class Outbox:
             elif changes.get("enabled") is False:
                 subscription.disabled_reason = "disabled through the API"
                 assert subscription.pk is not None  # a stored row
-                session.execute(_put_off_disabled([subscription.pk], self.clock()))
+                _put_off_disabled(session, [subscription.pk], self.clock())
             subscription.updated_at = self.clock()
             session.add(subscription)
             return subscription
@@ -731,15 +744,9 @@ class Outbox:
             if limit <= 0:
                 return recorded, []
             now = self.clock()
-            last = self._moved_aside_at
-            if last is None or now - last >= MOVE_ASIDE_EVERY:
-                full_at, since = self._full_move_aside_at, None
-                if last is None or full_at is None or now - full_at >= MOVE_ASIDE_FULL_EVERY:
-                    self._full_move_aside_at = now
-                else:
-                    since = last - MOVE_ASIDE_OVERLAP
+            put_aside, since = self._put_aside_window(now)
+            if put_aside:
                 self._move_aside(connection, now, since)
-                self._moved_aside_at = now
             chosen: list[int] = []
             taken: dict[int, int] = {}
             dialect = connection.dialect.name
@@ -760,17 +767,36 @@ class Outbox:
                     continue
                 taken[subscription_pk] = taken.get(subscription_pk, 0) + 1
                 chosen.append(pk)
-            if not chosen:
-                return recorded, []
-            connection.execute(
-                _lease(connection),
-                {
-                    "chosen": listed(dialect, chosen),
-                    "worker": worker,
-                    "until": now + timedelta(seconds=lease_seconds),
-                },
-            )
-            return recorded, self._jobs(connection, chosen, now, written)
+            jobs: list[DeliveryJob] = []
+            if chosen:
+                connection.execute(
+                    _lease(connection),
+                    {
+                        "chosen": listed(dialect, chosen),
+                        "worker": worker,
+                        "until": now + timedelta(seconds=lease_seconds),
+                    },
+                )
+                jobs = self._jobs(connection, chosen, now, written)
+        if put_aside:  # committed: the next put-aside starts from here
+            self._moved_aside_at = now
+            if since is None:
+                self._full_move_aside_at = now
+        return recorded, jobs
+
+    def _put_aside_window(self, now: datetime) -> tuple[bool, datetime | None]:
+        """Whether this claim puts aside what cannot go, and the due time after which it looks
+        (None: at every due delivery). Every ``MOVE_ASIDE_EVERY``, from the last one that
+        committed less ``MOVE_ASIDE_OVERLAP``; a full pass first, every
+        ``MOVE_ASIDE_FULL_EVERY``, and when the clock went back (the window would skip)."""
+        last, full_at = self._moved_aside_at, self._full_move_aside_at
+        if last is None or full_at is None or now < last or now < full_at:
+            return True, None
+        if now - last < MOVE_ASIDE_EVERY:
+            return False, None
+        if now - full_at >= MOVE_ASIDE_FULL_EVERY:
+            return True, None
+        return True, last - MOVE_ASIDE_OVERLAP
 
     @staticmethod
     def _move_aside(connection: sa.Connection, now: datetime, since: datetime | None = None) -> int:
@@ -812,7 +838,7 @@ class Outbox:
             .where(
                 delivery.c.status == DeliveryStatus.pending.value,
                 *due,
-                _not_leased(now),
+                _not_leased(delivery, now),
                 sa.or_(disabled, head_due > now),
             )
             .with_for_update(skip_locked=True, of=delivery)
@@ -933,7 +959,10 @@ class Outbox:
             }
             if result.status_code == 410:
                 gone.add(row.subscription_pk)
-            if state.status == DeliveryStatus.pending.value and state.next_attempt_at > now:
+            # A retry scheduled holds the task's later events (unless another worker holds
+            # the delivery now: its own record decides).
+            retry = state.status == DeliveryStatus.pending.value and state.lease_owner is None
+            if retry and state.next_attempt_at > now:
                 retries[row.pk] = {
                     "s_pk": row.subscription_pk,
                     "t_pk": row.task_pk,
@@ -988,7 +1017,7 @@ class Outbox:
                     updated_at=now,
                 )
             )
-            connection.execute(_put_off_disabled(sorted(gone), now))
+            _put_off_disabled(connection, gone, now)
         return recorded
 
     def _settle(

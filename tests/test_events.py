@@ -31,6 +31,7 @@ from service.models import TaskOrigin, TaskStatus, UpdateSource, UTCDateTime, ut
 from service.netguard import AddressPolicy
 from service.outbox import (
     _DELIVERY_ROW_KEYS,
+    DISABLED_PUT_OFF,
     MOVE_ASIDE_FULL_EVERY,
     MOVE_ASIDE_OVERLAP,
     Outbox,
@@ -465,14 +466,7 @@ def test_a_claim_that_makes_a_client_secret_syncs_it_before_signing(
         fsync(descriptor)
 
     def track(notify_url: str) -> None:
-        store.create_task(
-            owner="alice",
-            provider="evolink",
-            origin=TaskOrigin.tracked,
-            request={},
-            metadata={},
-            notify_url=notify_url,
-        )
+        _tracked(store, notify_url=notify_url)
 
     track("https://hooks.example/one")
     monkeypatch.setattr(os, "fsync", spy)
@@ -484,6 +478,20 @@ def test_a_claim_that_makes_a_client_secret_syncs_it_before_signing(
     track("https://hooks.example/two")
     assert len(outbox.claim("worker-1", limit=5, lease_seconds=60)) == 1
     assert synced == expected  # the secret was there: no sync
+
+
+def _tracked(store: Store, **extra: Any) -> str:
+    """An EvoLink task of alice's, tracked straight in the store: its id."""
+    created = store.create_task(
+        owner="alice",
+        provider="evolink",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        **extra,
+    )
+    task_id: str = created.task["id"]
+    return task_id
 
 
 def database_file(store: Store) -> Path:
@@ -1209,29 +1217,129 @@ async def test_the_put_aside_reads_what_became_due_since_the_last_and_all_now_an
     harness: Harness,
 ) -> None:
     """Each second's put-aside reads only the deliveries that became due since the one before
-    (with an overlap): so it costs the same however long the due queue. A full pass every
-    MOVE_ASIDE_FULL_EVERY finds what was committed too late for the window."""
+    (less MOVE_ASIDE_OVERLAP): so it costs the same however long the due queue. A full pass
+    every MOVE_ASIDE_FULL_EVERY finds what was committed too late for the window."""
     await harness.subscribe("slow")
     harness.receiver.status["slow"] = 500
     harness.runtime.outbox.schedule = (0.0, 3600.0)  # one retry, an hour later
-    first, second = await harness.track(), await harness.track()
-    assert await harness.deliver() == 2  # both fail; this claim's pass was a full one
-    harness.update(first, TaskStatus.succeeded)  # held behind its retry, due now
-    harness.update(second, TaskStatus.succeeded)
+    tasks = [await harness.track() for _ in range(3)]
+    assert await harness.deliver() == 3  # all fail; this claim's pass was a full one
+    for task_id in tasks:  # held behind their retries, due now: in the next pass's window
+        harness.update(task_id, TaskStatus.succeeded)
     overlap = MOVE_ASIDE_OVERLAP.total_seconds()
-    _set_due(harness, second, "task.succeeded", -overlap - 1)  # due before the next window
+    _set_due(harness, tasks[1], "task.succeeded", -overlap + 1)  # in the overlap
+    _set_due(harness, tasks[2], "task.succeeded", -overlap - 1)  # before it: committed late
     harness.clock.advance(1.5)
     assert await harness.deliver() == 0
-    assert _pending(harness) == [
-        ("task.submitted", 3598.5),
-        ("task.submitted", 3598.5),
-        ("task.succeeded", 3598.5),  # in the window: put off
-        ("task.succeeded", -overlap - 2.5),  # before it: left for the full pass
+    assert _pending(harness) == [("task.submitted", 3598.5)] * 3 + [
+        ("task.succeeded", 3598.5),
+        ("task.succeeded", 3598.5),
+        ("task.succeeded", -overlap - 2.5),  # left for the full pass
     ]
     harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
     assert await harness.deliver() == 0
     later = 3598.5 - MOVE_ASIDE_FULL_EVERY.total_seconds()
-    assert _pending(harness) == [("task.submitted", later)] * 2 + [("task.succeeded", later)] * 2
+    assert _pending(harness) == [("task.submitted", later)] * 3 + [("task.succeeded", later)] * 3
+
+
+async def test_a_new_process_and_a_rolled_back_put_aside_look_at_everything_due(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's first claim puts aside every due delivery that cannot go, however long
+    ago it became due; a put-aside whose transaction failed is done again by the next claim."""
+    from service.errors import StoreUnavailable
+
+    await harness.subscribe("slow")
+    harness.receiver.status["slow"] = 500
+    harness.runtime.outbox.schedule = (0.0, 3600.0)
+    task_id = await harness.track()
+    assert await harness.deliver() == 1
+    harness.update(task_id, TaskStatus.succeeded)
+    _set_due(harness, task_id, "task.succeeded", -86400)  # held since yesterday
+    outbox = Outbox(harness.runtime.store)  # a process started now
+    jobs = outbox._jobs
+
+    def broken(*args: Any) -> Any:
+        raise StoreUnavailable("the claim failed")
+
+    monkeypatch.setattr(outbox, "_jobs", broken)
+    await harness.track()  # something to claim, so the claim gets as far as _jobs
+    with pytest.raises(StoreUnavailable):
+        outbox.claim("worker", limit=5, lease_seconds=60)
+    assert ("task.succeeded", -86400.0) in _pending(harness)  # rolled back with the claim
+    monkeypatch.setattr(outbox, "_jobs", jobs)
+    assert len(outbox.claim("worker", limit=5, lease_seconds=60)) == 1  # the new task's
+    assert ("task.succeeded", 3600.0) in _pending(harness)
+
+
+def test_put_offs_in_concurrent_records_never_wait_for_each_other(store: Store) -> None:
+    """Two dispatchers record at once for one subscription: one a 410 (it disables the
+    subscription, then puts off its pending deliveries), the other a 500 (its task's held event
+    is put off) and a 410. The put-offs skip rows another transaction holds, so neither
+    waits for the other while holding what the other needs (on PostgreSQL, a deadlock)."""
+    import sqlalchemy as sa
+
+    from service.lifecycle import TaskUpdate
+    from service.models import Delivery
+    from service.outbox import AttemptResult
+
+    outbox = Outbox(store)
+    outbox.create_subscription(
+        "alice", url="https://hooks.example/s", event_types=None, providers=None, description=None
+    )
+    task_ids = [_tracked(store, provider_task_id=f"p{i}") for i in range(3)]
+    first, second, third = sorted(
+        outbox.claim("w1", limit=3, lease_seconds=60), key=lambda job: job.delivery_pk
+    )
+    for task_id in task_ids:  # each head gets an event held behind it
+        store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
+    holds_subscription, go = threading.Event(), threading.Event()
+
+    def pause(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        if threading.current_thread().name == "one" and sql.startswith("UPDATE subscription"):
+            holds_subscription.set()
+            go.wait(5)  # the other records meanwhile, and waits for the subscription row
+
+    errors: list[BaseException] = []
+
+    def record(batch: list[tuple[Any, AttemptResult]]) -> None:
+        try:
+            outbox.record_attempts(batch, "w1")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    gone, failed = AttemptResult(410, 1.0), AttemptResult(500, 1.0, error="HTTP 500")
+    one = threading.Thread(target=record, name="one", args=([(first, gone)],))
+    other = threading.Thread(target=record, name="other", args=([(second, failed), (third, gone)],))
+    sa.event.listen(store.engine, "after_cursor_execute", pause)
+    try:
+        one.start()
+        assert holds_subscription.wait(5)
+        other.start()
+        threading.Timer(1.0, go.set).start()
+        one.join(10)
+        other.join(10)
+    finally:
+        go.set()
+        sa.event.remove(store.engine, "after_cursor_execute", pause)
+    assert errors == []
+    (subscription,) = outbox.list_subscriptions("alice")
+    assert not subscription.enabled
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with store.engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(table.c.status, table.c.attempts, table.c.next_attempt_at).order_by(
+                table.c.pk
+            )
+        ).all()
+    assert [(status, attempts) for status, attempts, _ in rows] == [
+        ("dead", 1),
+        ("pending", 1),  # the 500: waits for its retry, put off with the rest
+        ("dead", 1),
+        *[("pending", 0)] * 3,  # the held events
+    ]
+    later = utcnow() + DISABLED_PUT_OFF - timedelta(minutes=1)
+    assert all(due > later for status, _, due in rows if status == "pending")
 
 
 def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
