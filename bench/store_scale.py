@@ -89,7 +89,13 @@ from bench.ingest import ServerProcess, free_port, fresh_postgres, service_revis
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
-from service.outbox import MOVE_ASIDE_EVERY, AttemptResult, DeliveryJob, Outbox
+from service.outbox import (
+    MOVE_ASIDE_EVERY,
+    MOVE_ASIDE_OVERLAP,
+    AttemptResult,
+    DeliveryJob,
+    Outbox,
+)
 from service.settings import PROVIDERS
 from service.store import Store, TaskFilter
 
@@ -1693,6 +1699,11 @@ class PassTiming:
     claimed: float  # mean rows claimed per call
 
 
+# The windowed put-aside's window in a running dispatcher: since its last pass (a second ago)
+# less the overlap; and a window of as many due deliveries on both stores.
+WINDOW_SECONDS = (MOVE_ASIDE_EVERY + MOVE_ASIDE_OVERLAP).total_seconds()
+MATCHED_WINDOW_ROWS = 50
+
 # Claim timings, in the order they are reported: (key, what was timed).
 CLAIM_TIMINGS = (
     (
@@ -1716,6 +1727,15 @@ CLAIM_TIMINGS = (
         "the same, first claim of each later second: the put-aside reads only what became due "
         "since the last",
     ),
+    (
+        "put_aside_window",
+        f"that put-aside alone (`_move_aside`), its window as in a running dispatcher "
+        f"({WINDOW_SECONDS:g} s: the last second and the overlap)",
+    ),
+    (
+        "put_aside_matched",
+        f"the same, its window the newest {MATCHED_WINDOW_ROWS} due deliveries on both stores",
+    ),
     ("delivery_claim", "the same, the other claims"),
     ("delivery_query", "the same, its claim SELECT only"),
     ("delivery_claim_healthy", "`Outbox.claim`, backlog parked"),
@@ -1731,10 +1751,50 @@ class ClaimTimings:
     backlog_deliveries: int
     timings: dict[str, PassTiming]
     put_aside: int = 0  # deliveries the first claim put off
+    window_rows: int = 0  # pending deliveries that became due in the windowed put-aside's window
 
 
 # Calls timed (after one more, untimed) for the claims that put the backlog aside: costly.
 PUT_ASIDE_ROUNDS = 3
+
+
+def _due_pending(statement: Any, now: datetime) -> Any:
+    delivery = sa.table("delivery", sa.column("status"), sa.column("next_attempt_at", _utc()))
+    return statement.select_from(delivery).where(
+        delivery.c.status == "pending", delivery.c.next_attempt_at <= now
+    )
+
+
+def window_start(engine: Engine, now: datetime, newest: int) -> datetime:
+    """Where a put-aside window holding the ``newest`` pending deliveries due by ``now``
+    starts (at the oldest such delivery if there are not as many)."""
+    due = sa.literal_column("next_attempt_at", _utc())
+    with engine.connect() as connection:
+        newest_first = _due_pending(sa.select(due), now).order_by(due.desc())
+        times: list[datetime] = list(
+            connection.execute(newest_first.limit(newest + 1)).scalars().all()
+        )
+    if len(times) <= newest:
+        return datetime.min.replace(tzinfo=UTC)
+    return times[-1]
+
+
+def rows_due_since(engine: Engine, now: datetime, since: datetime) -> int:
+    due = sa.literal_column("next_attempt_at", _utc())
+    with engine.connect() as connection:
+        statement = _due_pending(sa.select(sa.func.count()), now).where(due > since)
+        return int(connection.execute(statement).scalar_one())
+
+
+def put_aside_alone(engine: Engine, now: datetime, since: datetime) -> tuple[int, float]:
+    """One windowed put-aside on its own, in a transaction rolled back: rows put off, seconds."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        started = time.perf_counter()
+        moved = Outbox._move_aside(connection, now, since)
+        elapsed = time.perf_counter() - started
+        transaction.rollback()
+    return moved, elapsed
 
 
 def measure(
@@ -1821,6 +1881,7 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         return delivery_claim(fresh=True)
 
     timings: dict[str, PassTiming] = {}
+    window_rows = 0
     try:
         scheduler_sql = claim_statements(engine, scheduler_pass, "next_check_at")
         timings["scheduler_pass"] = measure(scheduler_pass, iterations)
@@ -1831,6 +1892,15 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
             lambda: delivery_claim(fresh=True), PUT_ASIDE_ROUNDS, warmup=1
         )
         timings["delivery_claim_window"] = measure(lambda: delivery_claim(window=True), iterations)
+        since = now - timedelta(seconds=WINDOW_SECONDS)
+        window_rows = rows_due_since(engine, now, since)
+        timings["put_aside_window"] = measure(
+            lambda: put_aside_alone(engine, now, since), iterations
+        )
+        matched = window_start(engine, now, MATCHED_WINDOW_ROWS)
+        timings["put_aside_matched"] = measure(
+            lambda: put_aside_alone(engine, now, matched), iterations
+        )
         # The claim's own SELECT (the put-aside's and the one loading the jobs have no ORDER BY);
         # this first claim of ``outbox`` puts aside (nothing new), the others do not.
         delivery_sql = claim_statements(engine, delivery_claim, "ORDER BY delivery.next_attempt_at")
@@ -1853,6 +1923,7 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         backlog_deliveries=report.backlog_deliveries,
         timings=timings,
         put_aside=report.put_aside,
+        window_rows=window_rows,
     )
 
 
@@ -1986,7 +2057,10 @@ def claims_markdown(result: DatabaseResult) -> list[str]:
         f"{small.due_deliveries:,} pending deliveries of which {large.backlog_deliveries:,} / "
         f"{small.backlog_deliveries:,} are backlog (waiting for a retry, held behind one, or on "
         f"a disabled subscription); the first claim put {large.put_aside:,} / "
-        f"{small.put_aside:,} of them aside.",
+        f"{small.put_aside:,} of them aside. The windowed put-aside's {WINDOW_SECONDS:g} s held "
+        f"{large.window_rows:,} / {small.window_rows:,} pending deliveries: the due work is the "
+        "same share of the tasks in flight, so it becomes due faster on the large store. (For "
+        "the put-aside alone, rolled back each time, rows are the deliveries it put off.)",
     ]
 
 
