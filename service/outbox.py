@@ -927,6 +927,18 @@ class Outbox:
     ) -> list[Recorded | NotFound]:
         """:meth:`record_attempts` inside the caller's transaction."""
         pks = sorted({job.delivery_pk for job, _ in attempts})
+        # A 410 Gone disables its subscription: its row is locked before any delivery's, the
+        # order the API's updates and deletes of a subscription take (no deadlock with them).
+        answered_gone = {
+            job.subscription_pk for job, result in attempts if result.status_code == 410
+        }
+        if answered_gone:
+            connection.execute(
+                sa.select(_SUBSCRIPTION.c.pk)
+                .where(_SUBSCRIPTION.c.pk.in_(sorted(answered_gone)))
+                .order_by(_SUBSCRIPTION.c.pk)
+                .with_for_update(key_share=True)
+            ).all()
         current = {
             row.pk: row
             for row in connection.execute(
@@ -961,7 +973,8 @@ class Outbox:
                 gone.add(row.subscription_pk)
             # A retry scheduled holds the task's later events (unless another worker holds
             # the delivery now: its own record decides).
-            retry = state.status == DeliveryStatus.pending.value and state.lease_owner is None
+            held = state.lease_owner is not None and lease is not None and lease > now
+            retry = state.status == DeliveryStatus.pending.value and not held
             if retry and state.next_attempt_at > now:
                 retries[row.pk] = {
                     "s_pk": row.subscription_pk,
@@ -986,9 +999,6 @@ class Outbox:
         if logged:
             connection.execute(_INSERT_ATTEMPT, logged)
             connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
-        if retries:
-            lines = sorted(retries.values(), key=lambda r: (r["s_pk"], r["t_pk"], r["seq"]))
-            connection.execute(_PUT_OFF_FOLLOWERS, lines)
         if gone:
             connection.execute(
                 sa.update(_SUBSCRIPTION)
@@ -1018,6 +1028,9 @@ class Outbox:
                 )
             )
             _put_off_disabled(connection, gone, now)
+        if retries:  # last: the statements above may wait on locks, these never do
+            lines = sorted(retries.values(), key=lambda r: (r["s_pk"], r["t_pk"], r["seq"]))
+            connection.execute(_PUT_OFF_FOLLOWERS, lines)
         return recorded
 
     def _settle(

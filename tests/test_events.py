@@ -1272,6 +1272,51 @@ async def test_a_new_process_and_a_rolled_back_put_aside_look_at_everything_due(
     assert ("task.succeeded", 3600.0) in _pending(harness)
 
 
+def _race(
+    store: Store,
+    first: Callable[[], object],
+    second: Callable[[], object],
+    pause_at: Callable[[str], bool],
+) -> list[BaseException]:
+    """Run ``first`` in a thread until it sends the statement ``pause_at`` picks, start
+    ``second`` in another, let ``first`` go on a second later, and return what either raised
+    (on PostgreSQL, a deadlock between them is an error)."""
+    import sqlalchemy as sa
+
+    paused, go = threading.Event(), threading.Event()
+
+    def pause(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        if threading.current_thread().name == "first" and not paused.is_set() and pause_at(sql):
+            paused.set()
+            go.wait(5)  # the second starts meanwhile
+
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # returned
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, name="first", args=(first,)),
+        threading.Thread(target=run, name="second", args=(second,)),
+    ]
+    sa.event.listen(store.engine, "after_cursor_execute", pause)
+    try:
+        threads[0].start()
+        assert paused.wait(5)
+        threads[1].start()
+        threading.Timer(1.0, go.set).start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        go.set()
+        sa.event.remove(store.engine, "after_cursor_execute", pause)
+    assert not any(thread.is_alive() for thread in threads)
+    return errors
+
+
 def test_put_offs_in_concurrent_records_never_wait_for_each_other(store: Store) -> None:
     """Two dispatchers record at once for one subscription: one a 410 (it disables the
     subscription, then puts off its pending deliveries), the other a 500 (its task's held event
@@ -1288,40 +1333,19 @@ def test_put_offs_in_concurrent_records_never_wait_for_each_other(store: Store) 
         "alice", url="https://hooks.example/s", event_types=None, providers=None, description=None
     )
     task_ids = [_tracked(store, provider_task_id=f"p{i}") for i in range(3)]
-    first, second, third = sorted(
+    one, two, three = sorted(
         outbox.claim("w1", limit=3, lease_seconds=60), key=lambda job: job.delivery_pk
     )
     for task_id in task_ids:  # each head gets an event held behind it
         store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
-    holds_subscription, go = threading.Event(), threading.Event()
-
-    def pause(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        if threading.current_thread().name == "one" and sql.startswith("UPDATE subscription"):
-            holds_subscription.set()
-            go.wait(5)  # the other records meanwhile, and waits for the subscription row
-
-    errors: list[BaseException] = []
-
-    def record(batch: list[tuple[Any, AttemptResult]]) -> None:
-        try:
-            outbox.record_attempts(batch, "w1")
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
     gone, failed = AttemptResult(410, 1.0), AttemptResult(500, 1.0, error="HTTP 500")
-    one = threading.Thread(target=record, name="one", args=([(first, gone)],))
-    other = threading.Thread(target=record, name="other", args=([(second, failed), (third, gone)],))
-    sa.event.listen(store.engine, "after_cursor_execute", pause)
-    try:
-        one.start()
-        assert holds_subscription.wait(5)
-        other.start()
-        threading.Timer(1.0, go.set).start()
-        one.join(10)
-        other.join(10)
-    finally:
-        go.set()
-        sa.event.remove(store.engine, "after_cursor_execute", pause)
+    errors = _race(
+        store,
+        lambda: outbox.record_attempts([(one, gone)], "w1"),
+        # Waits for the subscription row once it has put off its held event.
+        lambda: outbox.record_attempts([(two, failed), (three, gone)], "w1"),
+        lambda sql: sql.startswith("UPDATE subscription"),  # the first holds it
+    )
     assert errors == []
     (subscription,) = outbox.list_subscriptions("alice")
     assert not subscription.enabled
@@ -1340,6 +1364,29 @@ def test_put_offs_in_concurrent_records_never_wait_for_each_other(store: Store) 
     ]
     later = utcnow() + DISABLED_PUT_OFF - timedelta(minutes=1)
     assert all(due > later for status, _, due in rows if status == "pending")
+
+
+def test_a_410_recorded_while_the_subscription_is_deleted(store: Store) -> None:
+    """A 410 Gone is recorded while the client deletes the subscription (its deliveries go
+    with it): the record takes the subscription's row before its delivery's, the order the
+    delete takes them in, so one waits for the other instead of a deadlock (PostgreSQL)."""
+    from service.outbox import AttemptResult
+
+    outbox = Outbox(store)
+    subscription = outbox.create_subscription(
+        "alice", url="https://hooks.example/s", event_types=None, providers=None, description=None
+    )
+    _tracked(store)
+    (job,) = outbox.claim("w1", limit=1, lease_seconds=60)
+    errors = _race(
+        store,
+        lambda: outbox.record_attempts([(job, AttemptResult(410, 1.0))], "w1"),
+        lambda: outbox.delete_subscription("alice", subscription.id),
+        # The record's read of the delivery, which locks it on PostgreSQL.
+        lambda sql: sql.startswith("SELECT") and "FROM delivery" in sql,
+    )
+    assert errors == []
+    assert outbox.list_subscriptions("alice") == []
 
 
 def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
