@@ -790,7 +790,7 @@ class Outbox:
         committed less ``MOVE_ASIDE_OVERLAP``; a full pass first, every
         ``MOVE_ASIDE_FULL_EVERY``, and when the clock went back (the window would skip)."""
         last, full_at = self._moved_aside_at, self._full_move_aside_at
-        if last is None or full_at is None or now < last or now < full_at:
+        if last is None or full_at is None or now < last:
             return True, None
         if now - last < MOVE_ASIDE_EVERY:
             return False, None
@@ -929,13 +929,11 @@ class Outbox:
         pks = sorted({job.delivery_pk for job, _ in attempts})
         # A 410 Gone disables its subscription: its row is locked before any delivery's, the
         # order the API's updates and deletes of a subscription take (no deadlock with them).
-        answered_gone = {
-            job.subscription_pk for job, result in attempts if result.status_code == 410
-        }
-        if answered_gone:
+        gone = {job.subscription_pk for job, result in attempts if result.status_code == 410}
+        if gone:
             connection.execute(
                 sa.select(_SUBSCRIPTION.c.pk)
-                .where(_SUBSCRIPTION.c.pk.in_(sorted(answered_gone)))
+                .where(_SUBSCRIPTION.c.pk.in_(sorted(gone)))
                 .order_by(_SUBSCRIPTION.c.pk)
                 .with_for_update(key_share=True)
             ).all()
@@ -950,7 +948,6 @@ class Outbox:
         states: dict[int, Recorded] = {}
         updates: dict[int, dict[str, Any]] = {}
         logged: list[dict[str, Any]] = []
-        gone: set[int] = set()  # subscriptions that answered 410
         retries: dict[int, dict[str, Any]] = {}  # pending again, due later: hold their followers
         for job, result in attempts:
             row = current.get(job.delivery_pk)
@@ -969,8 +966,6 @@ class Outbox:
                 "b_lease_expires_at": lease,
                 "b_updated_at": now,
             }
-            if result.status_code == 410:
-                gone.add(row.subscription_pk)
             # A retry scheduled holds the task's later events (unless another worker holds
             # the delivery now: its own record decides).
             held = state.lease_owner is not None and lease is not None and lease > now
