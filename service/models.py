@@ -151,6 +151,15 @@ class Task(SQLModel, table=True):
         # Start-up work among the tasks in flight, not the whole table: unfinished tasks
         # without a plan (reconcile), queued tasks never sent (unsent_submissions).
         sa.Index("ix_task_status_next_check_at", "status", "next_check_at"),
+        # Submissions waiting to be sent again (Store.due_submit_retries): only the rows with
+        # a retry planned are in it, so it stays as small as the retries pending.
+        sa.Index(
+            "ix_task_status_submit_retry_at",
+            "status",
+            "submit_retry_at",
+            sqlite_where=sa.text("submit_retry_at IS NOT NULL"),
+            postgresql_where=sa.text("submit_retry_at IS NOT NULL"),
+        ),
     )
 
     # Integer key: compact joins, and a strict newest-first order for cursor pagination.
@@ -177,6 +186,10 @@ class Task(SQLModel, table=True):
     request_fingerprint: str | None = Field(default=None, sa_column=sa.Column(sa.String(64)))
     last_update_source: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
     submit_attempts: int = Field(default=0, sa_column=sa.Column(sa.Integer, nullable=False))
+    # When a submission that failed retryably is due to be sent again (service/submitter.py);
+    # None when no retry is planned. Kept in the row so that the retry survives the process
+    # that planned it: any replica's sweep sends it once it is overdue.
+    submit_retry_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     completed_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
@@ -219,6 +232,7 @@ class TaskRow:
     request_fingerprint: str | None
     last_update_source: str
     submit_attempts: int
+    submit_retry_at: datetime | None
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None

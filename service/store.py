@@ -900,7 +900,8 @@ class Store:
 
         A compare-and-set: it succeeds only if ``attempt - 1`` attempts were recorded, so when
         several processes try to send the same task (e.g. every replica resuming unsent tasks
-        at once), exactly one sends it."""
+        at once, or the process that planned a retry and another one's sweep), exactly one
+        sends it. A retry that was planned is no longer: this is it."""
         statement = (
             sa.update(Task)
             .where(
@@ -908,10 +909,43 @@ class Store:
                 col(Task.submit_attempts) == attempt - 1,
                 col(Task.status) == TaskStatus.queued.value,
             )
-            .values(submit_attempts=attempt)
+            .values(submit_attempts=attempt, submit_retry_at=None)
         )
         with self.transaction(write=True) as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+    def plan_submit_retry(self, task_id: str, attempts: int, at: datetime) -> bool:
+        """Keep in the row that the submission, after ``attempts`` attempts, is to be sent
+        again at ``at``: if this process is gone by then, another one's sweep sends it
+        (:meth:`due_submit_retries`). False when the task moved on meanwhile (settled, or
+        another attempt made), and then nothing is planned."""
+        statement = (
+            sa.update(Task)
+            .where(
+                col(Task.id) == task_id,
+                col(Task.submit_attempts) == attempts,
+                col(Task.status) == TaskStatus.queued.value,
+            )
+            .values(submit_retry_at=at)
+        )
+        with self.transaction(write=True) as session:
+            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+    def due_submit_retries(self, due_before: datetime, limit: int = 1000) -> list[tuple[str, int]]:
+        """Queued submissions whose planned retry was due before ``due_before``: each task id
+        with the attempts made so far, the most overdue first (``ix_task_status_submit_retry_at``,
+        which holds only the rows with a retry planned)."""
+        statement = (
+            sa.select(Task.id, Task.submit_attempts)  # type: ignore[call-overload]
+            .where(
+                col(Task.status) == TaskStatus.queued.value,
+                col(Task.submit_retry_at) < due_before,
+            )
+            .order_by(col(Task.submit_retry_at))
+            .limit(limit)
+        )
+        with self.transaction(write=False) as session:
+            return [(row.id, row.submit_attempts) for row in session.execute(statement)]
 
     def unsent_submissions(
         self, limit: int = 1000, *, created_before: datetime | None = None

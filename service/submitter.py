@@ -4,7 +4,9 @@ The order matters: the task exists (and its callback token is valid) before the 
 leaves, and each attempt is counted before it is sent. So a submission whose reply is lost to a
 timeout or a crash is not lost: the provider's callback still finds the task. Provider-side
 failures are retried with backoff a bounded number of times; the caller's faults are final and
-end the task ``failed`` with the provider's error.
+end the task ``failed`` with the provider's error. A planned retry is written into the task row
+before the backoff starts, so a process stopped or killed during the backoff does not lose it:
+the next sweep of any process sends it once it is overdue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from starlette.concurrency import run_in_threadpool
 
@@ -32,12 +35,18 @@ from service.store import Store
 
 log = logging.getLogger(__name__)
 
-# Unsent submissions: how often every process looks for them, and how old they must be (younger
-# ones are most likely being sent right now by the replica that accepted them).
+# Unsent submissions and overdue retries: how often every process looks for them, and how old
+# (or how overdue) they must be: younger ones are most likely being sent right now by the
+# replica that accepted them or planned the retry.
 SWEEP_SECONDS = 30.0
 SWEEP_GRACE = timedelta(seconds=10)
 # Waits between tries to record an accepted submission while the database is unavailable.
 RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
+
+
+class _Job(NamedTuple):
+    task_id: str
+    attempts_made: int
 
 
 class Submitter:
@@ -68,29 +77,39 @@ class Submitter:
         self.sweep_seconds = sweep_seconds
         self._sweeper: Ticker | None = None
 
-    def submit(self, task_id: str) -> None:
-        """Start sending ``task_id`` to its provider; returns at once."""
-        job = asyncio.create_task(self._submit(task_id), name=f"submit:{task_id}")
+    def submit(self, task_id: str, *, attempts_made: int = 0) -> None:
+        """Start sending ``task_id`` to its provider (attempt ``attempts_made + 1``: a retry
+        when some were made); returns at once."""
+        job = asyncio.create_task(self._submit(task_id, attempts_made), name=f"submit:{task_id}")
         self._running.add(job)
         self._active.add(task_id)
         job.add_done_callback(self._running.discard)
         job.add_done_callback(lambda _job: self._active.discard(task_id))
 
     async def resume(self, *, created_before: datetime | None = None) -> int:
-        """Send the tasks whose request never left: at start-up (a crash or restart between the
-        commit and the send), and then every ``SWEEP_SECONDS`` for tasks at least
-        ``SWEEP_GRACE`` old (another replica accepted them and died before sending). Sending
-        is a compare-and-set on the attempt count, so however many replicas find a task, one
-        sends it."""
+        """Send the tasks whose request never left, and the retries that are due: at start-up
+        (a crash or restart between the commit and the send, or during a retry's backoff),
+        and then every ``SWEEP_SECONDS`` for tasks at least ``SWEEP_GRACE`` old, or retries
+        that much overdue (another replica accepted them, or planned the retry, and died).
+        Sending is a compare-and-set on the attempt count, so however many replicas find a
+        task, one sends it."""
         found = await run_in_threadpool(
             self.store.unsent_submissions, created_before=created_before
         )
-        task_ids = [task_id for task_id in found if task_id not in self._active]
-        for task_id in task_ids:
-            self.submit(task_id)
-        if task_ids:
-            log.info("resuming %d unsent submissions", len(task_ids))
-        return len(task_ids)
+        due = await run_in_threadpool(
+            self.store.due_submit_retries, created_before or self.store.clock()
+        )
+        jobs = [_Job(task_id, 0) for task_id in found]
+        jobs += [_Job(task_id, made) for task_id, made in due]
+        jobs = [job for job in jobs if job.task_id not in self._active]
+        for job in jobs:
+            self.submit(job.task_id, attempts_made=job.attempts_made)
+        unsent = sum(1 for job in jobs if not job.attempts_made)
+        if unsent:
+            log.info("resuming %d unsent submissions", unsent)
+        if len(jobs) > unsent:
+            log.info("sending %d overdue submission retries", len(jobs) - unsent)
+        return len(jobs)
 
     def start(self) -> None:
         """Look for orphaned unsent submissions every ``SWEEP_SECONDS``."""
@@ -120,16 +139,16 @@ class Submitter:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _submit(self, task_id: str) -> None:
+    async def _submit(self, task_id: str, attempts_made: int) -> None:
         observe.bind(task_id=task_id)  # this submission's own context (a task of its own)
         try:
-            await self._attempts(task_id)
+            await self._attempts(task_id, attempts_made)
         except StoreUnavailable:
             log.error("submission of %s stopped: the database is unavailable", task_id)
         except Exception:
             log.exception("submission of %s failed unexpectedly", task_id)
 
-    async def _attempts(self, task_id: str) -> None:
+    async def _attempts(self, task_id: str, attempts_made: int) -> None:
         task = await run_in_threadpool(self.store.find_task, task_id)
         if task is None or task["status"] != TaskStatus.queued.value:
             return
@@ -142,7 +161,7 @@ class Submitter:
         async def on_update(update: TaskUpdate) -> None:
             await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.stream)
 
-        attempt = 0
+        attempt = attempts_made
         while True:
             attempt += 1
             if not await run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt):
@@ -193,7 +212,24 @@ class Submitter:
                     exc.code,
                     delay,
                 )
+                if not await self._plan_retry(task_id, attempt, delay):
+                    return
                 await self.sleep(delay)
+
+    async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool:
+        """Write the retry into the task row before waiting for it, so that it outlives this
+        process. False: the task was settled meanwhile (a callback), nothing to retry. With
+        the database unavailable the retry still happens here, only without that insurance."""
+        due = self.store.clock() + timedelta(seconds=delay)
+        try:
+            return await run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
+        except StoreUnavailable:
+            log.warning(
+                "could not record the planned retry of %s (database unavailable); "
+                "retrying from this process only",
+                task_id,
+            )
+            return True
 
     def _count(self, provider: str, outcome: str) -> None:
         self.metrics.inc("submissions_total", provider=provider, outcome=outcome)

@@ -193,6 +193,19 @@ async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+def query_plan(engine: sa.Engine, sql: str, parameters: Any = ()) -> str:
+    """The plan the database would run ``sql`` with, its lines joined by " | ": SQLite's
+    EXPLAIN QUERY PLAN, or PostgreSQL's EXPLAIN with sequential scans off (tiny test tables
+    make one cheapest; this shows the index the planner would use on a real table)."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, parameters)
+            return " | ".join(row[-1] for row in rows)
+        connection.exec_driver_sql("SET enable_seqscan = off")
+        rows = connection.exec_driver_sql("EXPLAIN " + sql, parameters)
+        return " | ".join(row[0] for row in rows)
+
+
 def auth(token: str = ALICE) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -539,6 +539,115 @@ async def test_no_resend_once_the_task_has_been_settled(
     assert done["submit_attempts"] == 1
 
 
+def first_attempt_503(monkeypatch: pytest.MonkeyPatch, adapter: Any) -> list[int]:
+    """The provider answers the first submission 503 (certainly not taken) and takes the
+    rest; the list returned grows by one per attempt."""
+    from service.errors import UpstreamUnavailable
+
+    real_submit = adapter.submit
+    calls: list[int] = []
+
+    async def submit(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise UpstreamUnavailable("evolink answered HTTP 503", provider="evolink")
+        return await real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "submit", submit)
+    return calls
+
+
+async def submit_until_retry_planned(
+    client: httpx.AsyncClient, runtime: Runtime, prompt: str
+) -> str:
+    """Submit an EvoLink task and wait until its first attempt failed and the retry is
+    planned in the database (whenever it is due); the task's id."""
+    response = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": prompt + FAST}, headers=auth()
+    )
+    task_id: str = response.json()["id"]
+    far = datetime.now(UTC) + timedelta(hours=1)
+    for _ in range(500):
+        found = runtime.store.due_submit_retries(far)
+        if found:
+            assert found == [(task_id, 1)]
+            return task_id
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no retry of {task_id} was planned")
+
+
+async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_next_sweep(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider answered 503 and the retry was waiting out its backoff when the process
+    stopped (a deploy, or a crash): the retry was written into the task row first, so the
+    next process's start-up sweep sends it once due, exactly once, as attempt 2."""
+    runtime = app.state.runtime
+    submitter = runtime.submitter
+    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
+
+    async def until_stopped(seconds: float) -> None:
+        await asyncio.Event().wait()  # the process is stopped before the backoff ends
+
+    monkeypatch.setattr(submitter, "sleep", until_stopped)
+    monkeypatch.setattr(submitter, "backoff", submit_backoff(1.0, 4))
+    task_id = await submit_until_retry_planned(client, runtime, "retry")
+    await submitter.stop(grace=0)  # cuts the backoff off: nothing in memory survives it
+    assert not submitter._running
+
+    # Not yet due: the next process's start-up leaves it alone (the backoff is 1 s +- 25 %).
+    assert await submitter.resume() == 0
+    await asyncio.sleep(1.3)
+    assert await submitter.resume() == 1
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    await submitter.idle()
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert done["submit_attempts"] == 2
+    assert runtime.store.due_submit_retries(datetime.now(UTC) + timedelta(hours=1)) == []
+    assert len(calls) == 2
+    assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
+async def test_a_retry_is_sent_once_when_its_process_and_a_sweep_both_find_it_due(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica's sweep finds a retry overdue while the process that planned it wakes
+    up to send it: the compare-and-set on the attempt count lets exactly one of them send."""
+    import service.submitter
+
+    runtime = app.state.runtime
+    submitter = runtime.submitter
+    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
+    wake = asyncio.Event()
+
+    async def late(seconds: float) -> None:
+        await wake.wait()
+
+    monkeypatch.setattr(submitter, "sleep", late)
+    monkeypatch.setattr(submitter, "backoff", submit_backoff(0.05, 4))
+    task_id = await submit_until_retry_planned(client, runtime, "both")
+    await asyncio.sleep(0.1)  # overdue now
+    # "Another replica": a second Submitter on the same database, sweeping.
+    other = service.submitter.Submitter(
+        runtime.store,
+        runtime.adapters,
+        runtime.signer,
+        submitter.files,
+        public_url=submitter.public_url,
+        backoff=submit_backoff(0.05, 4),
+    )
+    assert await other.resume(created_before=runtime.store.clock()) == 1  # the sweep's look
+    wake.set()  # both now go for attempt 2; neither has made it yet
+    await asyncio.gather(submitter.idle(), other.idle())
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded"
+    assert done["submit_attempts"] == 2
+    assert len(calls) == 2  # the 503, then one retry
+    assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
 @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
 async def test_json_constants_python_accepts_are_refused(
     client: httpx.AsyncClient, constant: bytes

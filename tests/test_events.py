@@ -41,7 +41,7 @@ from service.outbox import (
 )
 from service.runtime import Runtime
 from service.store import Store
-from tests.conftest import ALICE, BOB, auth, error_code, make_settings, serving
+from tests.conftest import ALICE, BOB, auth, error_code, make_settings, query_plan, serving
 from tests.test_scheduler import FakeClock
 
 HOOK = "http://127.0.0.1:9/hooks/{name}"
@@ -1407,24 +1407,16 @@ def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", capture)
     ((sql, parameters),) = seen
-    with store.engine.connect() as connection:
-        if store.engine.dialect.name == "sqlite":
-            plan = " | ".join(
-                row[-1]
-                for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, parameters)
-            )
-            assert (
-                "SEARCH delivery USING INDEX ix_delivery_status_next_attempt "
-                "(status=? AND next_attempt_at>? AND next_attempt_at<?)"
-            ) in plan, plan
-        else:
-            connection.exec_driver_sql("SET enable_seqscan = off")  # tiny tables
-            plan = " | ".join(
-                row[0] for row in connection.exec_driver_sql("EXPLAIN " + sql, parameters)
-            )
-            assert "Index Scan using ix_delivery_status_next_attempt on delivery" in plan, plan
-            condition = plan.split("Index Cond: ", 1)[1].split(" | ")[0]
-            assert "next_attempt_at > " in condition and "next_attempt_at <= " in condition, plan
+    plan = query_plan(store.engine, sql, parameters)
+    if store.engine.dialect.name == "sqlite":
+        assert (
+            "SEARCH delivery USING INDEX ix_delivery_status_next_attempt "
+            "(status=? AND next_attempt_at>? AND next_attempt_at<?)"
+        ) in plan, plan
+    else:
+        assert "Index Scan using ix_delivery_status_next_attempt on delivery" in plan, plan
+        condition = plan.split("Index Cond: ", 1)[1].split(" | ")[0]
+        assert "next_attempt_at > " in condition and "next_attempt_at <= " in condition, plan
 
 
 async def test_each_delivery_runs_in_its_tasks_log_context(

@@ -25,6 +25,7 @@ from service.models import (
     json_type,
 )
 from service.store import ReceiptDraft, Store
+from tests.conftest import query_plan
 
 IMAGE = ({"url": "https://cdn.example/1.png"},)
 
@@ -126,6 +127,69 @@ def test_unsent_submissions_are_found_for_resumption(store: Store) -> None:
     new_task(store)  # tracked tasks are never sent by TaskRelay
     assert store.mark_submit_attempt(sent, 1)
     assert store.unsent_submissions() == [unsent]
+
+
+def submitted(store: Store, owner: str = "a") -> str:
+    return str(
+        store.create_task(
+            owner=owner,
+            provider="evolink",
+            origin=TaskOrigin.submitted,
+            request={"prompt": "x"},
+            metadata={},
+        ).task["id"]
+    )
+
+
+def test_a_planned_submit_retry_is_found_once_due_and_taken_by_one_attempt(store: Store) -> None:
+    now = datetime.now(UTC)
+    first, second, settled = submitted(store), submitted(store), submitted(store)
+    for task_id in (first, second, settled):
+        assert store.mark_submit_attempt(task_id, 1)
+    assert store.plan_submit_retry(first, 1, now - timedelta(seconds=5))
+    assert store.plan_submit_retry(second, 1, now + timedelta(seconds=60))
+    assert store.plan_submit_retry(settled, 1, now - timedelta(seconds=9))
+    # Only for the attempt just made, and only while the task is queued.
+    assert not store.plan_submit_retry(first, 2, now)
+    store.apply_update(settled, TaskUpdate(status=TaskStatus.failed), UpdateSource.callback)
+    assert not store.plan_submit_retry(settled, 1, now)
+
+    assert store.due_submit_retries(now) == [(first, 1)]
+    later = now + timedelta(seconds=61)
+    assert store.due_submit_retries(later) == [(first, 1), (second, 1)]  # most overdue first
+    assert store.unsent_submissions() == []  # attempts were made: not "unsent"
+
+    # The next attempt takes the plan off, whoever makes it; a second taker loses the race.
+    assert store.mark_submit_attempt(first, 2)
+    assert not store.mark_submit_attempt(first, 2)
+    assert store.due_submit_retries(later) == [(second, 1)]
+
+
+def test_the_sweep_for_due_retries_reads_only_the_planned_rows(store: Store) -> None:
+    now = datetime.now(UTC)
+    for _ in range(3):
+        task_id = submitted(store)
+        assert store.mark_submit_attempt(task_id, 1)
+        assert store.plan_submit_retry(task_id, 1, now)
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
+        if "submit_retry_at <" in sql:
+            seen.append((sql, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        assert len(store.due_submit_retries(now + timedelta(seconds=1))) == 3
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    ((sql, parameters),) = seen
+    plan = query_plan(store.engine, sql, parameters)
+    if store.engine.dialect.name == "sqlite":
+        expected = "SEARCH task USING INDEX ix_task_status_submit_retry_at "
+        expected += "(status=? AND submit_retry_at<?)"
+    else:
+        expected = "Index Scan using ix_task_status_submit_retry_at on task"
+    assert expected in plan, plan
 
 
 def test_timestamps_are_utc_and_ordered(store: Store) -> None:
