@@ -1389,6 +1389,56 @@ def test_a_410_recorded_while_the_subscription_is_deleted(store: Store) -> None:
     assert outbox.list_subscriptions("alice") == []
 
 
+def test_a_subscription_enabled_while_a_410_is_recorded_for_it(store: Store) -> None:
+    """The client enables a subscription again while a dispatcher records a 410 from it, for
+    a delivery claimed before it was disabled. The enable writes the subscription's row, then
+    makes its put-off deliveries due with a blocking UPDATE; the record locks the subscription's
+    row first too, then its own delivery, then puts off the rest skipping locked rows. The same
+    order: the record waits for the enable to commit (no deadlock on PostgreSQL), and the 410,
+    recorded last, disables the subscription again and puts its deliveries off."""
+    from service.lifecycle import TaskUpdate
+    from service.outbox import AttemptResult
+
+    outbox = Outbox(store)
+    subscription = outbox.create_subscription(
+        "alice", url="https://hooks.example/s", event_types=None, providers=None, description=None
+    )
+    task_ids = [_tracked(store, provider_task_id=f"p{i}") for i in range(2)]
+    in_flight, _ = outbox.claim("w1", limit=2, lease_seconds=60)
+    for task_id in task_ids:  # events held behind the heads in flight
+        store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
+    outbox.update_subscription("alice", subscription.id, {"enabled": False})
+    errors = _race(
+        store,
+        lambda: outbox.update_subscription("alice", subscription.id, {"enabled": True}),
+        lambda: outbox.record_attempts([(in_flight, AttemptResult(410, 1.0))], "w1"),
+        # The enable has locked the put-off deliveries and not yet the subscription.
+        lambda sql: sql.startswith("UPDATE delivery"),
+    )
+    assert errors == []
+    (after,) = outbox.list_subscriptions("alice")
+    assert not after.enabled
+    assert after.disabled_reason and "410" in after.disabled_reason
+    rows = _deliveries(store)
+    assert [status for status, _ in rows] == ["dead", "pending", "pending", "pending"]
+    later = utcnow() + DISABLED_PUT_OFF - timedelta(minutes=1)
+    # The held events are put off again by the 410 (the other head is still in flight: its
+    # own answer decides what becomes of it).
+    assert all(due > later for _, due in rows[2:]), (rows, later)
+
+
+def _deliveries(store: Store) -> list[tuple[str, Any]]:
+    """Every delivery's status and when it is next due, in creation order."""
+    import sqlalchemy as sa
+
+    from service.models import Delivery
+
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with store.engine.connect() as connection:
+        statement = sa.select(table.c.status, table.c.next_attempt_at).order_by(table.c.pk)
+        return [(row.status, row.next_attempt_at) for row in connection.execute(statement)]
+
+
 def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
     """The plan of a windowed put-aside: both ends of its window bound the index range."""
     import sqlalchemy as sa
