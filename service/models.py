@@ -152,7 +152,8 @@ class Task(SQLModel, table=True):
         # without a plan (reconcile), queued tasks never sent (unsent_submissions).
         sa.Index("ix_task_status_next_check_at", "status", "next_check_at"),
         # Submissions waiting to be sent again (Store.due_submit_retries): only the rows with
-        # a retry planned are in it, so it stays as small as the retries pending.
+        # a retry planned are in it (the next attempt clears it; a task settled during its
+        # backoff keeps an inert value, out of the sweep's range, which reads queued tasks).
         sa.Index(
             "ix_task_status_submit_retry_at",
             "status",

@@ -590,15 +590,16 @@ async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_n
         await asyncio.Event().wait()  # the process is stopped before the backoff ends
 
     monkeypatch.setattr(submitter, "sleep", until_stopped)
-    monkeypatch.setattr(submitter, "backoff", submit_backoff(1.0, 4))
+    monkeypatch.setattr(submitter, "backoff", submit_backoff(10.0, 4))
     task_id = await submit_until_retry_planned(client, runtime, "retry")
     await submitter.stop(grace=0)  # cuts the backoff off: nothing in memory survives it
     assert not submitter._running
 
-    # Not yet due: the next process's start-up leaves it alone (the backoff is 1 s +- 25 %).
+    # Not yet due: the next process's start-up leaves it alone (the backoff is 5 to 10 s).
     assert await submitter.resume() == 0
-    await asyncio.sleep(1.3)
-    assert await submitter.resume() == 1
+    real_clock = runtime.store.clock
+    monkeypatch.setattr(runtime.store, "clock", lambda: real_clock() + timedelta(seconds=11))
+    assert await submitter.resume() == 1  # a start-up once it is due
     await wait_for_status(client, task_id, {"succeeded", "failed"})
     await submitter.idle()
     done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
