@@ -1236,10 +1236,15 @@ async def test_the_put_aside_reads_what_became_due_since_the_last_and_all_now_an
         ("task.succeeded", 3598.5),
         ("task.succeeded", -overlap - 2.5),  # left for the full pass
     ]
+    assert harness.runtime.outbox.missed_by_window == 0
     harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
     assert await harness.deliver() == 0
     later = 3598.5 - MOVE_ASIDE_FULL_EVERY.total_seconds()
     assert _pending(harness) == [("task.submitted", later)] * 3 + [("task.succeeded", later)] * 3
+    # The one row the windows missed is counted (the process's first full pass counts none).
+    assert harness.runtime.outbox.missed_by_window == 1
+    metrics = await harness.client.get("/metrics")
+    assert "\ntaskrelay_put_aside_missed_total 1\n" in metrics.text, metrics.text
 
 
 async def test_a_new_process_and_a_rolled_back_put_aside_look_at_everything_due(
@@ -1419,7 +1424,7 @@ def test_a_subscription_enabled_while_a_410_is_recorded_for_it(store: Store) -> 
     (after,) = outbox.list_subscriptions("alice")
     assert not after.enabled
     assert after.disabled_reason and "410" in after.disabled_reason
-    rows = _deliveries(store)
+    rows = _delivery_states(store)
     assert [status for status, _ in rows] == ["dead", "pending", "pending", "pending"]
     later = utcnow() + DISABLED_PUT_OFF - timedelta(minutes=1)
     # The held events are put off again by the 410 (the other head is still in flight: its
@@ -1427,7 +1432,7 @@ def test_a_subscription_enabled_while_a_410_is_recorded_for_it(store: Store) -> 
     assert all(due > later for _, due in rows[2:]), (rows, later)
 
 
-def _deliveries(store: Store) -> list[tuple[str, Any]]:
+def _delivery_states(store: Store) -> list[tuple[str, Any]]:
     """Every delivery's status and when it is next due, in creation order."""
     import sqlalchemy as sa
 
