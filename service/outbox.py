@@ -434,6 +434,16 @@ def _put_off_disabled(connection: Any, subscription_pks: Collection[int], now: d
     )
 
 
+class _PutAside(NamedTuple):
+    """A claim's put-aside: whether it runs, from which due time (None: a full pass), and
+    whether it is the periodic full pass (not a process's first, nor one after the clock went
+    back), whose finds every windowed pass missed."""
+
+    run: bool
+    since: datetime | None
+    periodic: bool
+
+
 class Recorded(NamedTuple):
     """A delivery's state after an attempt was recorded."""
 
@@ -748,11 +758,7 @@ class Outbox:
             if limit <= 0:
                 return recorded, []
             now = self.clock()
-            put_aside, since = self._put_aside_window(now)
-            # A full pass in a process that has made one before (not its first, nor after the
-            # clock went back): what it moves, the windows missed.
-            periodic = since is None and self._full_move_aside_at is not None
-            periodic = periodic and self._moved_aside_at is not None and now >= self._moved_aside_at
+            put_aside, since, periodic = self._put_aside_window(now)
             moved = self._move_aside(connection, now, since) if put_aside else 0
             chosen: list[int] = []
             taken: dict[int, int] = {}
@@ -789,23 +795,24 @@ class Outbox:
             self._moved_aside_at = now
             if since is None:
                 self._full_move_aside_at = now
-                if periodic:
+                if periodic:  # what it moved, every window since the last one missed
                     self.missed_by_window += moved
         return recorded, jobs
 
-    def _put_aside_window(self, now: datetime) -> tuple[bool, datetime | None]:
+    def _put_aside_window(self, now: datetime) -> _PutAside:
         """Whether this claim puts aside what cannot go, and the due time after which it looks
         (None: at every due delivery). Every ``MOVE_ASIDE_EVERY``, from the last one that
         committed less ``MOVE_ASIDE_OVERLAP``; a full pass first, every
-        ``MOVE_ASIDE_FULL_EVERY``, and when the clock went back (the window would skip)."""
+        ``MOVE_ASIDE_FULL_EVERY`` (``periodic``), and when the clock went back (the window
+        would skip)."""
         last, full_at = self._moved_aside_at, self._full_move_aside_at
         if last is None or full_at is None or now < last:
-            return True, None
+            return _PutAside(True, None, periodic=False)
         if now - last < MOVE_ASIDE_EVERY:
-            return False, None
+            return _PutAside(False, None, periodic=False)
         if now - full_at >= MOVE_ASIDE_FULL_EVERY:
-            return True, None
-        return True, last - MOVE_ASIDE_OVERLAP
+            return _PutAside(True, None, periodic=True)
+        return _PutAside(True, last - MOVE_ASIDE_OVERLAP, periodic=False)
 
     @staticmethod
     def _move_aside(connection: sa.Connection, now: datetime, since: datetime | None = None) -> int:
