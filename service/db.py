@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -36,6 +36,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from service.errors import (
     StorageFault,
@@ -256,47 +257,114 @@ def prebuilt(build: Callable[[str], _Statement]) -> Callable[[sa.Connection], _S
     return statement
 
 
-class ManyRows:
-    """An INSERT or UPDATE run for many rows at once on the hot path, compiled once per dialect
-    to the driver's own SQL and run with ``exec_driver_sql``. For a statement executed with a
-    list of rows, SQLAlchemy builds each row's whole parameter set, type-processes it and then
-    shapes it for the driver, which cost more CPU than SQLite's own work for the row; here each
-    row is shaped in one step, with the same type processors (``TypeEngine.bind_processor``
-    for the dialect, so values are written exactly as a Core ``execute`` writes them). Storage
-    faults are translated as for any statement (``exec_driver_sql`` raises SQLAlchemy's
-    errors). ``statement`` binds every value by name (``sa.bindparam``), and an INSERT is
-    ``inline()`` (no RETURNING of generated keys)."""
+class Driven(NamedTuple):
+    """A statement as :class:`DriverSQL` compiles it for one dialect."""
 
-    def __init__(self, statement: sa.Insert | sa.Update) -> None:
+    sql: str
+    # One row of values by name -> the driver's parameters, through the bind processors.
+    params: Callable[[Mapping[str, Any]], Any]
+    # One row as the driver returns it -> the values a Core execute would give.
+    row: Callable[[Sequence[Any]], tuple[Any, ...]]
+    returns: bool  # whether it selects or returns columns
+
+
+class DriverSQL:
+    """A Core statement compiled once per dialect to the driver's own SQL, with the dialect's
+    type processors for its parameters (``TypeEngine.bind_processor``) and for the columns it
+    selects or returns (``result_processor``): values go in and come out exactly as a Core
+    ``execute`` writes and reads them. For running a statement on the driver's connection
+    itself (PostgreSQL's pipeline mode, :mod:`service.ingest`, which SQLAlchemy's execute
+    cannot use: it asks for a result's columns at once), or for shaping many rows in one
+    step (:class:`ManyRows`). A parameter without a value (``sa.bindparam(name)``) is taken
+    from each row by its name; a value the statement holds (a literal in a comparison) is
+    bound as it is."""
+
+    def __init__(self, statement: sa.ClauseElement) -> None:
         self.statement = statement
-        self._built: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any]]] = {}
+        self._built: dict[str, Driven] = {}
 
-    def execute(self, connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        if not rows:
-            return
-        built = self._built.get(connection.dialect.name)
+    def on(self, dialect: sa.Dialect) -> Driven:
+        built = self._built.get(dialect.name)
         if built is None:
-            built = self._built[connection.dialect.name] = self._build(connection.dialect)
-        sql, shape = built
-        connection.exec_driver_sql(sql, [shape(row) for row in rows])
+            built = self._built[dialect.name] = self._build(dialect)
+        return built
 
-    def _build(self, dialect: sa.Dialect) -> tuple[str, Callable[[Mapping[str, Any]], Any]]:
+    def _build(self, dialect: sa.Dialect) -> Driven:
         compiled = self.statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
         positional = compiled.positiontup
-        names = list(positional) if positional is not None else list(compiled.binds)
-        processors = [
-            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
-            for name in names
+        names = list(positional) if positional is not None else list(by_name)
+        # Per parameter: the row's key and its processor, or (None, the value the statement holds).
+        binds: list[tuple[str | None, Any, Callable[[Any], Any] | None]] = []
+        for name in names:
+            bind = by_name[name]
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if bind.required:
+                binds.append((bind.key, None, process))
+            else:
+                value = bind.effective_value
+                binds.append((None, value if process is None else process(value), None))
+        columns = getattr(self.statement, "exported_columns", ())
+        results = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
         ]
 
         def values(row: Mapping[str, Any]) -> list[Any]:
             return [
-                row[name] if process is None else process(row[name]) for name, process in processors
+                fixed if key is None else row[key] if process is None else process(row[key])
+                for key, fixed, process in binds
             ]
 
-        if positional is not None:
-            return compiled.string, lambda row: tuple(values(row))
-        return compiled.string, lambda row: dict(zip(names, values(row), strict=True))
+        def params(row: Mapping[str, Any]) -> Any:
+            if positional is not None:
+                return tuple(values(row))
+            return dict(zip(names, values(row), strict=True))
+
+        def result(row: Sequence[Any]) -> tuple[Any, ...]:
+            return tuple(
+                value if process is None else process(value)
+                for value, process in zip(row, results, strict=True)
+            )
+
+        return Driven(compiled.string, params, result, bool(results))
+
+
+class ManyRows:
+    """An INSERT or UPDATE run for many rows at once on the hot path, compiled once per dialect
+    to the driver's own SQL (:class:`DriverSQL`) and run with ``exec_driver_sql``. For a
+    statement executed with a list of rows, SQLAlchemy builds each row's whole parameter set,
+    type-processes it and then shapes it for the driver, which cost more CPU than SQLite's own
+    work for the row; here each row is shaped in one step, with the same type processors, so
+    values are written exactly as a Core ``execute`` writes them. Storage faults are translated
+    as for any statement (``exec_driver_sql`` raises SQLAlchemy's errors). ``statement`` binds
+    every value by name (``sa.bindparam``), and an INSERT is ``inline()`` (no RETURNING of
+    generated keys)."""
+
+    def __init__(self, statement: sa.Insert | sa.Update) -> None:
+        self.statement = statement
+        self.driven = DriverSQL(statement)
+
+    def execute(self, connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        sql, params, _, _ = self.driven.on(connection.dialect)
+        connection.exec_driver_sql(sql, [params(row) for row in rows])
+
+
+@contextmanager
+def driver_errors(connection: sa.Connection, what: str) -> Iterator[None]:
+    """Errors the driver raises inside, for statements run on ``connection``'s driver
+    connection itself (:class:`DriverSQL`), handled as SQLAlchemy handles its own: wrapped in
+    its exception classes (``IntegrityError``, ``OperationalError``...), passed through the
+    engine's ``handle_error`` hooks (the storage faults above), and the connection invalidated
+    when it was lost. ``what`` names the statements in the error."""
+    dbapi_error = connection.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except dbapi_error as exc:
+        # The same handling as Connection.execute's, for an error it did not see.
+        connection._handle_dbapi_exception(exc, what, None, None, None)
 
 
 def _script_location() -> Path:

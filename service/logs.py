@@ -63,6 +63,20 @@ def json_handler(stream: TextIO) -> logging.Handler:
     return handler
 
 
+class SecondaryPipelineError(logging.Filter):
+    """Drops psycopg's warning that leaving pipeline mode failed while an error was already on
+    its way out of the pipeline (``error ignored terminating <psycopg.Pipeline>``): the first
+    error is raised and reported (a batch refused while the database is unavailable), and this
+    second one says the same of the same connection, which is then thrown away."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        return not (isinstance(message, str) and message.startswith("error ignored terminating"))
+
+
+_SECONDARY_PIPELINE_ERROR = SecondaryPipelineError()  # one instance: added once however often
+
+
 def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [json_handler(sys.stderr)]
@@ -74,3 +88,4 @@ def configure_logging(level: str) -> None:
     # Access logs would print callback URLs, and those carry tokens: keep them off.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("psycopg").addFilter(_SECONDARY_PIPELINE_ERROR)

@@ -13,7 +13,7 @@ superseded by any newer event of the same task for the same subscription before 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -157,19 +157,23 @@ _EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
 _CLIENT_SECRET = ClientSecret.__table__  # type: ignore[attr-defined]
 
 
+# What fan-out reads of a subscription (match_subscriptions).
+_FAN_OUT_COLUMNS = (
+    _SUBSCRIPTION.c.pk,
+    _SUBSCRIPTION.c.owner,
+    _SUBSCRIPTION.c.kind,
+    _SUBSCRIPTION.c.task_pk,
+    _SUBSCRIPTION.c.event_types,
+    _SUBSCRIPTION.c.providers,
+)
+
+
 @prebuilt
 def _fan_out_subscriptions(dialect: str) -> sa.Select[Any]:
     """The enabled subscriptions an event of these tasks may owe a delivery (``owners``,
     ``task_pks``: :func:`service.db.listed`)."""
     return (
-        sa.select(
-            _SUBSCRIPTION.c.pk,
-            _SUBSCRIPTION.c.owner,
-            _SUBSCRIPTION.c.kind,
-            _SUBSCRIPTION.c.task_pk,
-            _SUBSCRIPTION.c.event_types,
-            _SUBSCRIPTION.c.providers,
-        )
+        sa.select(*_FAN_OUT_COLUMNS)
         .where(
             _SUBSCRIPTION.c.enabled.is_(True),
             # Each branch on its own index: the clients' endpoints, and these tasks' notify_url
@@ -187,9 +191,39 @@ def _fan_out_subscriptions(dialect: str) -> sa.Select[Any]:
     )
 
 
+def _subscriptions_of_tasks() -> sa.Select[Any]:
+    """PostgreSQL: :func:`_fan_out_subscriptions`'s subscriptions, found from the tasks' ids
+    (``ids``, an array) instead of their owners and keys, so that the query can go out in the
+    same round trip as the lock on those tasks (``service/ingest.py``). Each branch joins on its
+    own index, as there."""
+    task = Task.__table__  # type: ignore[attr-defined]
+    owners = (
+        sa.select(task.c.owner).where(one_of("postgresql", task.c.id, "ids")).distinct().subquery()
+    )
+    endpoints = (
+        sa.select(*_FAN_OUT_COLUMNS)
+        .join_from(_SUBSCRIPTION, owners, _SUBSCRIPTION.c.owner == owners.c.owner)
+        .where(
+            _SUBSCRIPTION.c.enabled.is_(True),
+            _SUBSCRIPTION.c.kind == SubscriptionKind.endpoint.value,
+        )
+    )
+    of_tasks = (
+        sa.select(*_FAN_OUT_COLUMNS)
+        .join_from(_SUBSCRIPTION, task, _SUBSCRIPTION.c.task_pk == task.c.pk)
+        # Only a task subscription has a task_pk: no test of its kind, which would let the
+        # planner read every task subscription through ix_subscription_owner_kind_pk.
+        .where(one_of("postgresql", task.c.id, "ids"), _SUBSCRIPTION.c.enabled.is_(True))
+    )
+    both = sa.union_all(endpoints, of_tasks).subquery()
+    return sa.select(*both.c).order_by(both.c.pk)
+
+
+SUBSCRIPTIONS_OF_TASKS = _subscriptions_of_tasks()
+
 # One UPDATE per (subscription, task), each on ix_delivery_subscription_task_seq: a row-value IN
 # list over both columns is not an index lookup on SQLite (it read every pending delivery).
-_SUPERSEDE = (
+SUPERSEDE = (
     sa.update(_DELIVERY)
     .where(
         _DELIVERY.c.subscription_pk == sa.bindparam("s_pk"),
@@ -215,7 +249,7 @@ _DELIVERY_ROW_KEYS = (
     "created_at",
     "updated_at",
 )
-_INSERT_DELIVERY = ManyRows(
+INSERT_DELIVERY = ManyRows(
     sa.insert(_DELIVERY).values({key: sa.bindparam(key) for key in _DELIVERY_ROW_KEYS}).inline()
 )
 
@@ -461,24 +495,43 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
 
     Progress coalescing: a new event of a task supersedes the progress deliveries of that task
     still waiting for their first attempt, for the same subscription. One conditional UPDATE
-    does it for the rows already stored (a delivery another process has just claimed, leased,
-    or tried keeps going, so the order per task cannot be broken by a race); within the batch,
-    the same rule is applied in memory, event by event.
+    per (subscription, task) does it for the rows already stored (a delivery another process
+    has just claimed, leased, or tried keeps going, so the order per task cannot be broken by a
+    race); within the batch, :func:`plan_deliveries` applies the same rule in memory.
     """
     if not events:
         return 0
     dialect = connection.dialect.name
     owners = {event.owner for event in events}
     task_pks = {event.task_pk for event in events}
-    rows = connection.execute(
+    subscriptions = connection.execute(
         _fan_out_subscriptions(connection),
         {"owners": listed(dialect, owners), "task_pks": listed(dialect, task_pks)},
     ).all()
-    if not rows:
+    matches = match_subscriptions(events, subscriptions)
+    if not matches:
         return 0
+    superseded = [
+        row
+        for subscription_pk, task_pk in superseded_pairs(matches)
+        for row in connection.execute(
+            SUPERSEDE, {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
+        )
+    ]
+    deliveries = plan_deliveries(matches, superseded, now)
+    INSERT_DELIVERY.execute(connection, deliveries)
+    return len(deliveries)
+
+
+def match_subscriptions(
+    events: Sequence[NewEvent], subscriptions: Sequence[Sequence[Any]]
+) -> list[tuple[NewEvent, int]]:
+    """The deliveries ``events`` owe, as (event, subscription pk) in event order, then
+    subscription order. ``subscriptions``: rows of (pk, owner, kind, task_pk, event_types,
+    providers), the enabled subscriptions that may match (:func:`_fan_out_subscriptions`)."""
     matches: list[tuple[NewEvent, int]] = []
     for event in events:
-        for pk, owner, kind, task_pk, event_types, providers in rows:
+        for pk, owner, kind, task_pk, event_types, providers in subscriptions:
             if owner != event.owner:
                 continue
             if kind == SubscriptionKind.task.value and task_pk != event.task_pk:
@@ -488,16 +541,25 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
             if providers is not None and event.provider not in providers:
                 continue
             matches.append((event, pk))
-    if not matches:
-        return 0
-    pairs = {(pk, event.task_pk) for event, pk in matches}
-    superseded = [
-        row
-        for subscription_pk, task_pk in sorted(pairs)
-        for row in connection.execute(
-            _SUPERSEDE, {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
-        )
-    ]
+    return matches
+
+
+def superseded_pairs(matches: Sequence[tuple[NewEvent, int]]) -> list[tuple[int, int]]:
+    """The (subscription pk, task pk) whose waiting progress deliveries :data:`SUPERSEDE`
+    coalesces, in a fixed order (two transactions then lock their rows in the same order)."""
+    return sorted({(pk, event.task_pk) for event, pk in matches})
+
+
+def plan_deliveries(
+    matches: Sequence[tuple[NewEvent, int]],
+    superseded: Iterable[Sequence[Any]],
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """The delivery rows for ``matches`` (their events' ``seq`` known), given the rows
+    :data:`SUPERSEDE` returned, (subscription pk, task pk, due time) of each progress delivery
+    it coalesced: a new progress delivery takes the earliest due time of those it replaces,
+    else waits ``PROGRESS_DELAY`` for newer ones; within the batch, a later event of the same
+    task and subscription coalesces an earlier progress one."""
     # Per (subscription, task): the due times of progress deliveries still waiting, and the
     # one created in this batch that a later event of the batch would supersede.
     waiting: dict[tuple[int, int], list[datetime]] = {}
@@ -521,8 +583,7 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
         delivery = delivery_row(subscription_pk, event.seq, event.task_pk, event.type, due, now)
         latest[key] = delivery
         deliveries.append(delivery)
-    _INSERT_DELIVERY.execute(connection, deliveries)
-    return len(deliveries)
+    return deliveries
 
 
 def _signing_secrets(

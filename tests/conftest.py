@@ -110,12 +110,29 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         path = tmp_path / "taskrelay.db"
         shutil.copyfile(template, path)
         return f"sqlite:///{path}"
-    database: PostgresDatabase = request.getfixturevalue("postgres_database")
-    engine = sa.create_engine(database.url)
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def empty_postgres() -> Iterator[str]:
+    """A new, empty PostgreSQL database of its own, dropped afterwards: for a test of
+    migrations, or of the server's counters for one database."""
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_fresh")
+    yield database.url
+    database.drop()
+
+
+@pytest.fixture
+def postgres_url(postgres_database: PostgresDatabase) -> str:
+    """The session's PostgreSQL database, emptied: for a test of PostgreSQL's own code path."""
+    engine = sa.create_engine(postgres_database.url)
     with engine.begin() as connection:
         connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     engine.dispose()
-    return database.url
+    return postgres_database.url
 
 
 def make_settings(database_url: str, tmp_path: Path, **overrides: str) -> Settings:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from service import metrics as metrics_module
 from service.errors import SettingsError, StoreUnavailable
 from service.lifecycle import TaskUpdate
-from service.logs import json_handler
+from service.logs import configure_logging, json_handler
 from service.metrics import FAMILIES, Metrics, depth_queries, render
 from service.models import Task, TaskStatus, UpdateSource
 from service.observe import MAX_REQUEST_ID, ObservedStarlette, accepted_request_id
@@ -725,3 +725,29 @@ def test_explicit_extras_win_over_the_log_context(logs: io.StringIO) -> None:
         observe.log_context.reset(token)
     (line,) = lines(logs)
     assert (line["request_id"], line["task_id"], line["provider"]) == ("req", "tsk_a", "grsai")
+
+
+def test_psycopg_pipeline_exit_warning_is_dropped_and_its_other_warnings_kept() -> None:
+    """Leaving pipeline mode on a lost connection, psycopg warns of a second error while the
+    first is on its way out (and reported by TaskRelay): that warning is dropped, once
+    ``configure_logging`` has run (twice here: the filter is added once); psycopg's other
+    warnings go through."""
+    root, psycopg_logger = logging.getLogger(), logging.getLogger("psycopg")
+    saved = root.handlers[:], root.level, psycopg_logger.filters[:]
+    quietened = {name: logging.getLogger(name).level for name in ("httpx", "uvicorn.access")}
+    stream = io.StringIO()
+    try:
+        configure_logging("INFO")
+        configure_logging("INFO")
+        root.handlers[:] = [json_handler(stream)]
+        assert len(psycopg_logger.filters) == len(saved[2]) + 1
+        psycopg_logger.warning(
+            "error ignored terminating %r: %s", "<psycopg.Pipeline [BAD]>", "the connection is lost"
+        )
+        psycopg_logger.warning("couldn't connect to %s", "127.0.0.1")
+    finally:
+        root.handlers[:], psycopg_logger.filters[:] = saved[0], saved[2]
+        root.setLevel(saved[1])
+        for name, level in quietened.items():
+            logging.getLogger(name).setLevel(level)
+    assert [line["message"] for line in lines(stream)] == ["couldn't connect to 127.0.0.1"]

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
-from service import ingest
+from service import ingest, outbox
 from service.db import ManyRows, make_engine, without_fsync
 from service.lifecycle import TaskUpdate
 from service.models import (
@@ -94,19 +94,24 @@ def test_event_snapshot_is_the_task_json_after_the_change(store: Store) -> None:
 def test_a_failed_transaction_leaves_no_event(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A crash once the event is written (SQLite: inserted; PostgreSQL: queued in the batch's
+    pipeline, which the crash leaves unsynced) commits nothing."""
     task_id = new_task(store)
-    original = ingest.fan_out_many
+    original = outbox.match_subscriptions
 
-    def broken(*args: Any, **kwargs: Any) -> int:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         original(*args, **kwargs)
         raise RuntimeError("crash after writing the event, before commit")
 
-    monkeypatch.setattr(ingest, "fan_out_many", broken)
+    monkeypatch.setattr(outbox, "match_subscriptions", broken)  # SQLite's path, in fan_out_many
+    monkeypatch.setattr(ingest, "match_subscriptions", broken)  # PostgreSQL's pipeline
     with pytest.raises(RuntimeError):
         store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
     monkeypatch.undo()
     assert store.get_task("alice", task_id)["status"] == "queued"
     assert event_types(store, task_id) == ["task.submitted"]
+    store.apply_update(task_id, TaskUpdate(status=TaskStatus.running), UpdateSource.poll)
+    assert event_types(store, task_id) == ["task.submitted", "task.progress"]
 
 
 def test_unsent_submissions_are_found_for_resumption(store: Store) -> None:
