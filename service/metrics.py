@@ -152,10 +152,10 @@ FAMILIES: dict[str, Family] = {
         Family(
             "put_aside_missed_total",
             "counter",
-            "Deliveries due but unable to go that only this process's periodic full put-aside "
-            "found: every windowed pass missed them (committed more than 5 s after their due "
-            "time, replicas' clocks apart, a row locked at the time). They cost claim time "
-            "until found; a steady rise points at clock skew or very late commits.",
+            "Deliveries due but unable to go that only this process's periodic sweep of the "
+            "due queue found: every windowed pass missed them (committed more than 5 s after "
+            "their due time, replicas' clocks apart, a row locked at the time). They cost "
+            "claim time until found; a steady rise points at clock skew or very late commits.",
         ),
         Family(
             "database_up",

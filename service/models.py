@@ -360,8 +360,9 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "delivery"
     __table_args__ = (
         sa.UniqueConstraint("id", name="uq_delivery_id"),
-        # The dispatcher's queue: pending deliveries, earliest first.
-        sa.Index("ix_delivery_status_next_attempt", "status", "next_attempt_at"),
+        # The dispatcher's queue: pending deliveries, earliest first (ties in pk order: the
+        # put-aside sweeps it in pages).
+        sa.Index("ix_delivery_status_next_attempt", "status", "next_attempt_at", "pk"),
         # Order per task and subscriber: is an earlier event of this task still owed?
         sa.Index("ix_delivery_subscription_task_seq", "subscription_pk", "task_pk", "event_seq"),
         sa.Index("ix_delivery_subscription_pk", "subscription_pk", "pk"),

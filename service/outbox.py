@@ -52,9 +52,11 @@ PROGRESS_DELAY = timedelta(seconds=1)
 MOVE_ASIDE_EVERY = timedelta(seconds=1)
 DISABLED_PUT_OFF = timedelta(hours=1)
 # A put-aside reads only what became due since the one before, this much earlier (for rows
-# committed a little after the time they are due from), and all that is due this often.
+# committed a little after the time they are due from); and a sweep reads all that is due this
+# often, MOVE_ASIDE_PAGE deliveries per claim, so no claim's cost grows with the due queue.
 MOVE_ASIDE_OVERLAP = timedelta(seconds=5)
 MOVE_ASIDE_FULL_EVERY = timedelta(minutes=10)
+MOVE_ASIDE_PAGE = 500
 # How many rows past its limit a claim looks at, to fill its slots from subscribers with room.
 CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
@@ -461,6 +463,24 @@ _PUT_OFF_DISABLED = _put_off(
 )
 
 
+def _keyset(
+    table: Any, after: tuple[datetime, int] | None, upto: tuple[datetime, int] | None = None
+) -> list[sa.ColumnElement[bool]]:
+    """The rows after ``after`` and up to ``upto`` in (next_attempt_at, pk) order (no bound
+    for None), as row-value comparisons that bound a range of ix_delivery_status_next_attempt
+    (status, next_attempt_at, pk) on both columns: a page starting among many deliveries due
+    at the same instant (a subscription enabled again, a replay) starts where the last ended,
+    not at the first of them."""
+    key = sa.tuple_(table.c.next_attempt_at, table.c.pk)
+    due_type = table.c.next_attempt_at.type
+    bounds = []
+    if after is not None:
+        bounds.append(key > sa.tuple_(sa.literal(after[0], due_type), sa.literal(after[1])))
+    if upto is not None:
+        bounds.append(key <= sa.tuple_(sa.literal(upto[0], due_type), sa.literal(upto[1])))
+    return bounds
+
+
 def _put_off_disabled(connection: Any, subscription_pks: Collection[int], now: datetime) -> None:
     connection.execute(
         _PUT_OFF_DISABLED,
@@ -468,14 +488,24 @@ def _put_off_disabled(connection: Any, subscription_pks: Collection[int], now: d
     )
 
 
-class _PutAside(NamedTuple):
-    """A claim's put-aside: whether it runs, from which due time (None: a full pass), and
-    whether it is the periodic full pass (not a process's first, nor one after the clock went
-    back), whose finds every windowed pass missed."""
+class _Sweep(NamedTuple):
+    """A put-aside over every due delivery, a page per claim (:meth:`Outbox._sweep_page`):
+    the deliveries due by ``until`` (the last window's time when it started: what became due
+    later is the windows'), in due order, from just after
+    ``after`` (the last one it read, or None). ``periodic``: not a process's first, nor one
+    after the clock went back, so what it finds every windowed pass missed."""
 
-    run: bool
-    since: datetime | None
+    until: datetime
+    after: tuple[datetime, int] | None
     periodic: bool
+
+
+class _PutAside(NamedTuple):
+    """A claim's put-aside: the windowed pass's start (None: none this claim) and the sweep's
+    page to read (None: no sweep in progress)."""
+
+    since: datetime | None
+    sweep: _Sweep | None
 
 
 class Recorded(NamedTuple):
@@ -601,11 +631,12 @@ class Outbox:
     def __init__(self, store: Store, *, schedule: Sequence[float] = DEFAULT_SCHEDULE) -> None:
         self.store = store
         self.schedule = tuple(schedule)
-        self._moved_aside_at: datetime | None = None
-        self._full_move_aside_at: datetime | None = None
-        # Deliveries that only a periodic full put-aside found (metrics): due but unable to
-        # go, and missed by every windowed pass (committed more than MOVE_ASIDE_OVERLAP after
-        # their due time, a clock ahead on another replica, a row locked at the time).
+        self._moved_aside_at: datetime | None = None  # the last windowed pass (or sweep start)
+        self._sweep: _Sweep | None = None  # in progress
+        self._swept_at: datetime | None = None  # when the last sweep started
+        # Deliveries that only a periodic sweep found (metrics): due but unable to go, and
+        # missed by every windowed pass (committed more than MOVE_ASIDE_OVERLAP after their
+        # due time, a clock ahead on another replica, a row locked at the time).
         self.missed_by_window = 0
 
     @property
@@ -819,8 +850,10 @@ class Outbox:
             if limit <= 0:
                 return recorded, []
             now = self.clock()
-            put_aside, since, periodic = self._put_aside_window(now)
-            moved = self._move_aside(connection, now, since) if put_aside else 0
+            since, sweep = put_aside = self._put_aside_plan(now)
+            if since is not None:
+                self._move_aside(connection, now, since)
+            swept = self._sweep_pages(connection, now, sweep) if sweep is not None else None
             chosen: list[int] = []
             taken: dict[int, int] = {}
             dialect = connection.dialect.name
@@ -852,31 +885,95 @@ class Outbox:
                     },
                 )
                 jobs = self._jobs(connection, chosen, now, written)
-        if put_aside:  # committed: the next put-aside starts from here
-            self._moved_aside_at = now
-            if since is None:
-                self._full_move_aside_at = now
-                if periodic:  # what it moved, every window since the last one missed
-                    self.missed_by_window += moved
+        self._put_aside_done(now, put_aside, swept)  # committed: the next starts from here
         return recorded, jobs
 
-    def _put_aside_window(self, now: datetime) -> _PutAside:
-        """Whether this claim puts aside what cannot go, and the due time after which it looks
-        (None: at every due delivery). Every ``MOVE_ASIDE_EVERY``, from the last one that
-        committed less ``MOVE_ASIDE_OVERLAP``; a full pass first, every
-        ``MOVE_ASIDE_FULL_EVERY`` (``periodic``), and when the clock went back (the window
-        would skip)."""
-        last, full_at = self._moved_aside_at, self._full_move_aside_at
-        if last is None or full_at is None or now < last:
-            return _PutAside(True, None, periodic=False)
-        if now - last < MOVE_ASIDE_EVERY:
-            return _PutAside(False, None, periodic=False)
-        if now - full_at >= MOVE_ASIDE_FULL_EVERY:
-            return _PutAside(True, None, periodic=True)
-        return _PutAside(True, last - MOVE_ASIDE_OVERLAP, periodic=False)
+    def _put_aside_plan(self, now: datetime) -> _PutAside:
+        """What this claim puts aside of what cannot go. A windowed pass every
+        ``MOVE_ASIDE_EVERY``, from the last one that committed less ``MOVE_ASIDE_OVERLAP``;
+        and a sweep over every due delivery: whole in a process's first claim and when the
+        clock went back (a window would skip), and every ``MOVE_ASIDE_FULL_EVERY``
+        (``periodic``) a page per claim until it is through (:meth:`_sweep_pages`)."""
+        last, sweep = self._moved_aside_at, self._sweep
+        if last is None or now < last:
+            return _PutAside(None, _Sweep(now, None, periodic=False))
+        swept_at = self._swept_at
+        if sweep is None and swept_at is not None and now - swept_at >= MOVE_ASIDE_FULL_EVERY:
+            # Up to the last window's time: what became due since is the next window's, so
+            # what the sweep finds every window missed (the metric).
+            sweep = _Sweep(last, None, periodic=True)
+        since = last - MOVE_ASIDE_OVERLAP if now - last >= MOVE_ASIDE_EVERY else None
+        return _PutAside(since, sweep)
+
+    def _put_aside_done(
+        self, now: datetime, done: _PutAside, swept: tuple[int, tuple[datetime, int] | None] | None
+    ) -> None:
+        """Note a committed put-aside: where the next window starts, and where the sweep
+        goes on (``swept``: what its page moved, and the last delivery it read, or None once
+        it is through)."""
+        since, sweep = done
+        if since is not None or self._moved_aside_at is None or now < self._moved_aside_at:
+            self._moved_aside_at = now
+        if sweep is None or swept is None:
+            return
+        moved, last_read = swept
+        if sweep.after is None:
+            self._swept_at = now  # started
+        if sweep.periodic:  # what it moved, every window since the last sweep missed
+            self.missed_by_window += moved
+        self._sweep = None if last_read is None else sweep._replace(after=last_read)
+
+    @classmethod
+    def _sweep_pages(
+        cls, connection: sa.Connection, now: datetime, sweep: _Sweep
+    ) -> tuple[int, tuple[datetime, int] | None]:
+        """A periodic sweep's next page (:meth:`_sweep_page`); a process's first sweep (or one
+        after the clock went back) whole, in one pass over the due deliveries in this claim:
+        the claims after it then find the backlog a process inherits moved, instead of reading
+        past what is left of it until the pages get there (at a million tasks, a first sweep
+        in pages cost each of its 34 claims more than the pass costs once, and all of them
+        three times as much). Returns how many were put aside, and the last delivery read
+        (None: the sweep is through)."""
+        if sweep.periodic:
+            return cls._sweep_page(connection, now, sweep)
+        return cls._move_aside(connection, now), None
+
+    @classmethod
+    def _sweep_page(
+        cls, connection: sa.Connection, now: datetime, sweep: _Sweep, size: int | None = None
+    ) -> tuple[int, tuple[datetime, int] | None]:
+        """One page of ``sweep``: the next ``size`` (``MOVE_ASIDE_PAGE``) pending deliveries due by
+        ``sweep.until``, in (due time, pk) order after ``sweep.after`` (a range of
+        ix_delivery_status_next_attempt), and of them, those that cannot go put aside as
+        :meth:`_move_aside` does. Returns how many were put aside, and the last delivery read
+        (None: the sweep is through). A delivery put aside, sent or made due later meanwhile
+        leaves the range or is read where it now stands; one made due earlier than the page
+        is left to the windows and the next sweep, as a late commit is."""
+        size = MOVE_ASIDE_PAGE if size is None else size
+        delivery = _DELIVERY
+        page = connection.execute(
+            sa.select(delivery.c.next_attempt_at, delivery.c.pk)
+            .where(
+                delivery.c.status == DeliveryStatus.pending.value,
+                delivery.c.next_attempt_at <= sweep.until,
+                *_keyset(delivery, sweep.after),
+            )
+            .order_by(delivery.c.next_attempt_at, delivery.c.pk)
+            .limit(size)
+        ).all()
+        if not page:
+            return 0, None
+        last = (page[-1][0], page[-1][1])
+        moved = cls._move_aside(connection, now, span=(sweep.after, last))
+        return moved, None if len(page) < size else last
 
     @staticmethod
-    def _move_aside(connection: sa.Connection, now: datetime, since: datetime | None = None) -> int:
+    def _move_aside(
+        connection: sa.Connection,
+        now: datetime,
+        since: datetime | None = None,
+        span: tuple[tuple[datetime, int] | None, tuple[datetime, int]] | None = None,
+    ) -> int:
         """Put off the deliveries that are due but cannot go, so that claims stop reading them:
         those held behind an earlier event of their task that waits for a retry (until that
         retry: they cannot go before it), and those of a disabled subscription (for
@@ -887,8 +984,9 @@ class Outbox:
         ix_delivery_status_next_attempt): what was due before was looked at by an earlier pass,
         and what becomes unable to go later is put off where that happens (a retry scheduled,
         a subscription disabled: see ``_record`` and ``update_subscription``). So a pass costs
-        what became due since the last one, not the whole due queue; the claim still makes a
-        full pass now and then (``MOVE_ASIDE_FULL_EVERY``), for rows committed later than
+        what became due since the last one, not the whole due queue; the claims still sweep
+        through every due delivery now and then (``MOVE_ASIDE_FULL_EVERY``, the ``span`` of a
+        page per claim: :meth:`_sweep_page`), for rows committed later than
         ``MOVE_ASIDE_OVERLAP`` after their due time. Missing a row costs only claim time: the
         claims never pick a delivery that cannot go.
 
@@ -909,6 +1007,8 @@ class Outbox:
         due = [delivery.c.next_attempt_at <= now]
         if since is not None:
             due.append(delivery.c.next_attempt_at > since)
+        if span is not None:  # a sweep's page: after where the last ended, up to its own end
+            due += _keyset(delivery, *span)
         rows = connection.execute(
             sa.select(delivery.c.pk, _SUBSCRIPTION.c.enabled, head_due.label("head_due"))
             .join(_SUBSCRIPTION, _SUBSCRIPTION.c.pk == delivery.c.subscription_pk)

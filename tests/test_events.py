@@ -517,11 +517,11 @@ def test_the_dispatchers_transactions_skip_the_fsync_on_sqlite(
     setting = "PRAGMA synchronous" if sqlite_store else "SHOW synchronous_commit"
     seen: list[Any] = []
 
-    def spy(connection: Any, now: Any, since: Any = None) -> int:
+    def spy(connection: Any, now: Any, since: Any = None, span: Any = None) -> int:
         seen.append(connection.exec_driver_sql(setting).scalar_one())
         return 0
 
-    monkeypatch.setattr(Outbox, "_move_aside", staticmethod(spy))
+    monkeypatch.setattr(Outbox, "_move_aside", staticmethod(spy))  # the first claim's sweep
     outbox = Outbox(store)
     assert outbox.claim("worker-1", limit=5, lease_seconds=60) == []
     assert len(seen) == 1
@@ -1176,7 +1176,7 @@ async def test_a_retry_or_a_410_puts_off_what_cannot_go_without_a_put_aside_pass
     the claims' put-aside pass (switched off here) need not look for them."""
     passes: list[Any] = []
 
-    def no_pass(connection: Any, now: Any, since: Any = None) -> int:
+    def no_pass(connection: Any, now: Any, since: Any = None, span: Any = None) -> int:
         passes.append(since)
         return 0
 
@@ -1213,17 +1213,26 @@ def _set_due(harness: Harness, task_id: str, event_type: str, seconds: float) ->
         )
 
 
+async def _retries_an_hour_away(harness: Harness, count: int) -> list[str]:
+    """``count`` tracked tasks whose task.submitted delivery to a failing subscriber was
+    tried once (by the process's first claim, which sweeps) and waits an hour for its retry:
+    the task's later events are held behind it."""
+    await harness.subscribe("slow")
+    harness.receiver.status["slow"] = 500
+    harness.runtime.outbox.schedule = (0.0, 3600.0)
+    tasks = [await harness.track() for _ in range(count)]
+    assert await harness.deliver() == count
+    return tasks
+
+
 async def test_the_put_aside_reads_what_became_due_since_the_last_and_all_now_and_then(
     harness: Harness,
 ) -> None:
     """Each second's put-aside reads only the deliveries that became due since the one before
-    (less MOVE_ASIDE_OVERLAP): so it costs the same however long the due queue. A full pass
-    every MOVE_ASIDE_FULL_EVERY finds what was committed too late for the window."""
-    await harness.subscribe("slow")
-    harness.receiver.status["slow"] = 500
-    harness.runtime.outbox.schedule = (0.0, 3600.0)  # one retry, an hour later
-    tasks = [await harness.track() for _ in range(3)]
-    assert await harness.deliver() == 3  # all fail; this claim's pass was a full one
+    (less MOVE_ASIDE_OVERLAP): so it costs the same however long the due queue. A sweep of
+    the due queue every MOVE_ASIDE_FULL_EVERY finds what was committed too late for the
+    window."""
+    tasks = await _retries_an_hour_away(harness, 3)
     for task_id in tasks:  # held behind their retries, due now: in the next pass's window
         harness.update(task_id, TaskStatus.succeeded)
     overlap = MOVE_ASIDE_OVERLAP.total_seconds()
@@ -1234,31 +1243,115 @@ async def test_the_put_aside_reads_what_became_due_since_the_last_and_all_now_an
     assert _pending(harness) == [("task.submitted", 3598.5)] * 3 + [
         ("task.succeeded", 3598.5),
         ("task.succeeded", 3598.5),
-        ("task.succeeded", -overlap - 2.5),  # left for the full pass
+        ("task.succeeded", -overlap - 2.5),  # left for the sweep
     ]
     assert harness.runtime.outbox.missed_by_window == 0
     harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
     assert await harness.deliver() == 0
     later = 3598.5 - MOVE_ASIDE_FULL_EVERY.total_seconds()
     assert _pending(harness) == [("task.submitted", later)] * 3 + [("task.succeeded", later)] * 3
-    # The one row the windows missed is counted (the process's first full pass counts none).
+    # The one row the windows missed is counted (the process's first sweep counts none).
     assert harness.runtime.outbox.missed_by_window == 1
     metrics = await harness.client.get("/metrics")
     assert "\ntaskrelay_put_aside_missed_total 1\n" in metrics.text, metrics.text
+
+
+async def test_a_sweep_reads_a_page_of_due_deliveries_per_claim_until_it_is_through(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every MOVE_ASIDE_FULL_EVERY the claims sweep through every due delivery for what cannot
+    go, MOVE_ASIDE_PAGE of them per claim (2 here) in due order, so no claim reads the whole
+    due queue however long it is. Its finds, every windowed pass missed (the metric). A
+    delivery due after the sweep started is the windows' (not the sweep's), and the next
+    sweep starts MOVE_ASIDE_FULL_EVERY after this one did."""
+    from service import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_PAGE", 2)
+    outbox = harness.runtime.outbox
+    tasks = await _retries_an_hour_away(harness, 6)
+    overlap = MOVE_ASIDE_OVERLAP.total_seconds()
+    for n, task_id in enumerate(tasks[:5]):
+        harness.update(task_id, TaskStatus.succeeded)  # held behind its task's retry
+        _set_due(harness, task_id, "task.succeeded", -overlap - 1 - n)  # before any window
+    harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
+
+    def held_due() -> int:
+        return sum(1 for kind, due in _pending(harness) if kind == "task.succeeded" and due <= 0)
+
+    left = []
+    for claim in range(5):
+        if claim == 1:  # due once the sweep has started: a window's, the next second
+            harness.clock.advance(0.5)
+            harness.update(tasks[5], TaskStatus.succeeded)
+        assert outbox.claim("sweeper", limit=8, lease_seconds=30.0) == []
+        left.append(held_due())
+    assert left == [3, 2, 1, 1, 1]  # pages of 2, 2 and 1 put aside; the last left alone
+    assert outbox.missed_by_window == 5
+    harness.clock.advance(1)
+    assert outbox.claim("sweeper", limit=8, lease_seconds=30.0) == []
+    assert held_due() == 0  # the window's, not counted as missed
+    assert outbox.missed_by_window == 5
+    for n, task_id in enumerate(tasks):  # held again, before any window
+        _set_due(harness, task_id, "task.succeeded", -overlap - 1 - n)
+    harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds() - 2)
+    assert outbox.claim("sweeper", limit=8, lease_seconds=30.0) == []
+    assert held_due() == 6  # no sweep yet
+    harness.clock.advance(1)
+    for _ in range(4):
+        assert outbox.claim("sweeper", limit=8, lease_seconds=30.0) == []
+    assert held_due() == 0 and outbox.missed_by_window == 11
+
+
+async def test_a_sweep_goes_through_deliveries_due_at_the_same_instant_page_by_page(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of 2 through five held deliveries and one that can go, all due at the same
+    instant (as a subscription enabled again makes its backlog): each page starts after the
+    last one's (due time, pk), so none is skipped, none read twice, and the sweep ends."""
+    from service import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_PAGE", 2)
+    outbox = harness.runtime.outbox
+    tasks = await _retries_an_hour_away(harness, 5)
+    for task_id in tasks[:3]:
+        harness.update(task_id, TaskStatus.succeeded)  # held behind its task's retry
+    free = await harness.track()  # its task.submitted can go: amid the tie, by pk
+    for task_id in tasks[3:]:
+        harness.update(task_id, TaskStatus.succeeded)
+    instant = -MOVE_ASIDE_OVERLAP.total_seconds() - 1  # before any window
+    for task_id in tasks:
+        _set_due(harness, task_id, "task.succeeded", instant)
+    _set_due(harness, free, "task.submitted", instant)
+    harness.clock.advance(MOVE_ASIDE_FULL_EVERY.total_seconds())
+    instant -= MOVE_ASIDE_FULL_EVERY.total_seconds()
+
+    def held() -> int:
+        return sum(
+            1 for kind, due in _pending(harness) if (kind, due) == ("task.succeeded", instant)
+        )
+
+    left, claimed = [], 0
+    while True:
+        claimed += len(outbox.claim("sweeper", limit=8, lease_seconds=30.0))
+        left.append(held())
+        if outbox._sweep is None:
+            break
+        assert len(left) < 10, left  # the sweep ends
+    assert left == [3, 2, 0, 0], left  # pages: 2 held; 1 held and the free one; 2 held; none
+    assert claimed == 1 and outbox.missed_by_window == 5
 
 
 async def test_a_new_process_and_a_rolled_back_put_aside_look_at_everything_due(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process's first claim puts aside every due delivery that cannot go, however long
-    ago it became due; a put-aside whose transaction failed is done again by the next claim."""
+    ago it became due, in one pass (not a page: pages of one delivery here); a put-aside
+    whose transaction failed is done again by the next claim."""
+    from service import outbox as outbox_module
     from service.errors import StoreUnavailable
 
-    await harness.subscribe("slow")
-    harness.receiver.status["slow"] = 500
-    harness.runtime.outbox.schedule = (0.0, 3600.0)
-    task_id = await harness.track()
-    assert await harness.deliver() == 1
+    monkeypatch.setattr(outbox_module, "MOVE_ASIDE_PAGE", 1)
+    (task_id,) = await _retries_an_hour_away(harness, 1)
     harness.update(task_id, TaskStatus.succeeded)
     _set_due(harness, task_id, "task.succeeded", -86400)  # held since yesterday
     outbox = Outbox(harness.runtime.store)  # a process started now
@@ -1444,25 +1537,35 @@ def _delivery_states(store: Store) -> list[tuple[str, Any]]:
         return [(row.status, row.next_attempt_at) for row in connection.execute(statement)]
 
 
-def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
-    """The plan of a windowed put-aside: both ends of its window bound the index range."""
+def _plan_of(store: Store, run: Callable[[Any], object], select: str) -> str:
+    """The plan of the one query on ``delivery`` whose SQL starts with ``select`` that
+    ``run(connection)`` sends, with the parameters it sent."""
     import sqlalchemy as sa
 
     seen: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
-        if sql.lstrip().upper().startswith("SELECT") and "FROM delivery" in sql:
+        if sql.lstrip().startswith(select) and "FROM delivery" in sql:
             seen.append((sql, parameters))
 
-    now = utcnow()
     sa.event.listen(store.engine, "before_cursor_execute", capture)
     try:
         with store.core_transaction() as (connection, _):
-            assert Outbox._move_aside(connection, now, now - timedelta(seconds=6)) == 0
+            run(connection)
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", capture)
     ((sql, parameters),) = seen
-    plan = query_plan(store.engine, sql, parameters)
+    return query_plan(store.engine, sql, parameters)
+
+
+def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
+    """The plan of a windowed put-aside: both ends of its window bound the index range."""
+    now = utcnow()
+
+    def window(connection: Any) -> None:
+        assert Outbox._move_aside(connection, now, now - timedelta(seconds=6)) == 0
+
+    plan = _plan_of(store, window, "SELECT")
     if store.engine.dialect.name == "sqlite":
         assert (
             "SEARCH delivery USING INDEX ix_delivery_status_next_attempt "
@@ -1472,6 +1575,45 @@ def test_the_put_aside_reads_a_range_of_the_due_index(store: Store) -> None:
         assert "Index Scan using ix_delivery_status_next_attempt on delivery" in plan, plan
         condition = plan.split("Index Cond: ", 1)[1].split(" | ")[0]
         assert "next_attempt_at > " in condition and "next_attempt_at <= " in condition, plan
+
+
+def test_a_sweep_page_reads_a_range_of_the_due_index_in_its_order(store: Store) -> None:
+    """The plans of a sweep's page: a range of the due index from where the last page ended,
+    read in the index's order (no sort of every due delivery); then the put-aside of that
+    page, the same range bounded at both ends (the page's first and last delivery). So a page
+    costs the same however long the due queue. (The put-aside first looked its page up by
+    primary key, which SQLite planned as a walk of every due delivery: 486x the work at a
+    million tasks in bench/store_scale.py.)"""
+    from service.outbox import _Sweep
+
+    now = utcnow()
+    after = (now - timedelta(minutes=5), 42)
+    sweep = _Sweep(now, after, periodic=True)
+
+    def page(connection: Any) -> None:
+        assert Outbox._sweep_page(connection, now, sweep) == (0, None)
+
+    def put_aside(connection: Any) -> None:
+        span = (after, (now - timedelta(minutes=1), 7))
+        assert Outbox._move_aside(connection, now, span=span) == 0
+
+    reading = _plan_of(store, page, "SELECT delivery.next_attempt_at, delivery.pk")
+    moving = _plan_of(store, put_aside, "SELECT")
+    for plan, upper in ((reading, "next_attempt_at <= "), (moving, "ROW(next_attempt_at, pk) <= ")):
+        if store.engine.dialect.name == "sqlite":
+            assert (
+                "INDEX ix_delivery_status_next_attempt "
+                "(status=? AND next_attempt_at>? AND next_attempt_at<?)"
+            ) in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+        else:
+            # Both columns of the key bound the range: a page that starts among many
+            # deliveries due at the same instant does not read them from the first.
+            assert "Scan using ix_delivery_status_next_attempt on delivery" in plan, plan
+            condition = plan.split("Index Cond: ", 1)[1].split(" | ")[0]
+            assert "ROW(next_attempt_at, pk) > " in condition and upper in condition, plan
+    assert reading.startswith("Limit") or store.engine.dialect.name == "sqlite", reading
+    assert "Sort" not in reading, reading
 
 
 async def test_each_delivery_runs_in_its_tasks_log_context(

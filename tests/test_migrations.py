@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,13 @@ from sqlmodel import SQLModel
 
 import service.models  # noqa: F401
 from service.db import current_revision, downgrade, head_revision, make_engine, migrate
-from tests.conftest import PostgresDatabase, _pg_url
 
 
 @pytest.fixture
-def empty_database(backend: str, tmp_path: Path) -> Iterator[str]:
+def empty_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh' / 'taskrelay.db'}"
-        return
-    admin_url = _pg_url()
-    assert admin_url is not None
-    database = PostgresDatabase.create(admin_url, prefix="taskrelay_migration")
-    yield database.url
-    database.drop()
+        return f"sqlite:///{tmp_path / 'fresh' / 'taskrelay.db'}"
+    return str(request.getfixturevalue("empty_postgres"))
 
 
 def schema_diff(url: str) -> list[object]:
@@ -97,3 +90,43 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
     migrate(url)
     assert schema_diff(url) == []
     assert table_names(url) == set(SQLModel.metadata.tables)
+
+
+def test_the_queue_index_rebuild_runs_again_after_stopping_midway(empty_postgres: str) -> None:
+    """Migration 0006 rebuilds the dispatcher's queue index CONCURRENTLY, outside a
+    transaction, so a run can stop between its steps and leave the version at 0005: after the
+    old index was dropped (the new one built, not yet renamed), or with a build that failed
+    (an index of another shape left under the build's name). Run again, it ends with the
+    models' index and nothing left over."""
+    url = empty_postgres
+    engine = make_engine(url)
+    name = "ix_delivery_status_next_attempt"
+
+    def indexes() -> dict[str, list[str]]:
+        return {
+            index["name"]: list(index["column_names"])
+            for index in sa.inspect(engine).get_indexes("delivery")
+            if str(index["name"]).startswith(name)
+        }
+
+    def stopped(*statements: str) -> None:
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+
+    try:
+        migrate(url, "0006")
+        assert indexes() == {name: ["status", "next_attempt_at", "pk"]}
+        stopped(f"ALTER INDEX {name} RENAME TO {name}_build")  # stopped before the rename
+        migrate(url, "0006")
+        assert indexes() == {name: ["status", "next_attempt_at", "pk"]}
+        downgrade(url, "0005")
+        assert indexes() == {name: ["status", "next_attempt_at"]}
+        stopped(f"CREATE INDEX {name}_build ON delivery (status)")  # a build gone wrong
+        migrate(url)
+        assert indexes() == {name: ["status", "next_attempt_at", "pk"]}
+        assert schema_diff(url) == []
+        assert current_revision(engine) == head_revision(url)
+    finally:
+        engine.dispose()
