@@ -26,12 +26,17 @@ the server ``--database-url`` or ``$TASKRELAY_TEST_DATABASE_URL`` names, migrate
    flaky subscriber leaves (``--retry-share`` of the tasks in flight have a delivery waiting for
    its next attempt, with the task's newer event held behind it, plus the deliveries stranded
    on a disabled subscription) and without it. With the backlog, the first claim of each
-   second also puts aside what cannot go (``Outbox._move_aside``): a process's first one, and
-   one every 10 minutes, reads every due delivery; the others only what became due since the
-   last. The store's clock stands still here, so an ``Outbox`` makes the full one in its first
-   claim only, and one set to a second after its last put-aside (``between_passes``) makes the
-   windowed one. Reported apart: a full one on the backlog as loaded (it moves the backlog; put
-   back before each call), a full one once it was moved, a windowed one, and the other claims.
+   second also puts aside what cannot go (``Outbox._move_aside``), reading only what became
+   due since the last; and a sweep through every due delivery, a process's first and one every
+   10 minutes, reads a page of them (``MOVE_ASIDE_PAGE``) per claim until it is through (a
+   process's first sweep is one pass, in its first claim). The store's clock stands
+   still here, so a new ``Outbox`` sweeps in its first claim, one set as at the periodic
+   sweep's start (``sweep_due``) reads a page per claim, and one set to a second after its
+   last put-aside (``between_passes``) makes the windowed pass. Reported apart: the first
+   claim on the backlog as loaded (it moves the backlog; put back before each call), a claim
+   with a page of the periodic sweep, a page alone of as many due deliveries on both stores,
+   the whole periodic sweep, the first claim once the backlog was moved, a windowed pass, and
+   the other claims.
 3. **The query plans** of every hot query: the SQL is captured (a ``before_cursor_execute``
    listener) while the real ``Store``/``Outbox`` methods run, then explained with the same
    parameters: ``EXPLAIN QUERY PLAN`` on SQLite (which, like the service, never runs ``ANALYZE``
@@ -91,10 +96,13 @@ from service.lifecycle import TaskUpdate
 from service.models import ClientSecret, Subscription, TaskOrigin, TaskStatus, UpdateSource
 from service.outbox import (
     MOVE_ASIDE_EVERY,
+    MOVE_ASIDE_FULL_EVERY,
     MOVE_ASIDE_OVERLAP,
+    MOVE_ASIDE_PAGE,
     AttemptResult,
     DeliveryJob,
     Outbox,
+    _Sweep,
 )
 from service.settings import PROVIDERS
 from service.store import Store, TaskFilter
@@ -1583,12 +1591,23 @@ def release_deliveries(engine: Engine, delivery_pks: Sequence[int]) -> None:
 
 
 def between_passes(store: Store, now: datetime) -> Outbox:
-    """An ``Outbox`` as a running dispatcher's is a second after its last put-aside, its full
-    pass not yet due again: its next claim makes the windowed put-aside (what became due since
-    the last one). The store's clock stands still here, so its memory of the passes is set."""
+    """An ``Outbox`` as a running dispatcher's is a second after its last put-aside, its sweep
+    through and the next not yet due: its next claim makes the windowed put-aside (what became
+    due since the last one). The store's clock stands still here, so its memory of the passes
+    is set."""
     outbox = Outbox(store)
     outbox._moved_aside_at = now - MOVE_ASIDE_EVERY
-    outbox._full_move_aside_at = now
+    outbox._swept_at = now
+    return outbox
+
+
+def sweep_due(store: Store, now: datetime) -> Outbox:
+    """An ``Outbox`` as a running dispatcher's is when its periodic sweep is due (its last
+    began ``MOVE_ASIDE_FULL_EVERY`` ago) and its windowed pass is not (its last was now): its
+    claims read the sweep's pages, one each, until it is through."""
+    outbox = Outbox(store)
+    outbox._moved_aside_at = now
+    outbox._swept_at = now - MOVE_ASIDE_FULL_EVERY
     return outbox
 
 
@@ -1714,13 +1733,27 @@ CLAIM_TIMINGS = (
     ("scheduler_query", "the same, its claim SELECTs only"),
     (
         "delivery_claim_first",
-        f"`Outbox.claim`, limit {DISPATCHER_CLAIM_LIMIT}, with the retry backlog: first claim, "
-        "which puts the backlog aside",
+        f"`Outbox.claim`, limit {DISPATCHER_CLAIM_LIMIT}, with the retry backlog: a process's "
+        "first claim, whose sweep reads every due delivery and puts the backlog aside",
     ),
     (
         "delivery_claim_second",
-        "the same, a full put-aside with nothing new to put aside (a process's first claim, "
-        "then one claim every 10 minutes)",
+        "the same once the backlog was moved (nothing new to put aside)",
+    ),
+    (
+        "sweep_page_claim",
+        f"the same, a claim with a page of the periodic sweep ({MOVE_ASIDE_PAGE} due "
+        "deliveries; every 10 minutes), the backlog as loaded",
+    ),
+    (
+        "sweep_whole",
+        "the periodic sweep, whole: claims until it is through, the backlog as loaded (rows: "
+        "claims)",
+    ),
+    (
+        "sweep_page_matched",
+        f"a sweep's page alone (`_sweep_page`), {MATCHED_WINDOW_ROWS} due deliveries on both "
+        "stores, the backlog as loaded",
     ),
     (
         "delivery_claim_window",
@@ -1750,7 +1783,7 @@ class ClaimTimings:
     due_deliveries: int
     backlog_deliveries: int
     timings: dict[str, PassTiming]
-    put_aside: int = 0  # deliveries the first claim put off
+    put_aside: int = 0  # deliveries a whole sweep put off
     window_rows: int = 0  # pending deliveries that became due in the windowed put-aside's window
 
 
@@ -1784,6 +1817,18 @@ def rows_due_since(engine: Engine, now: datetime, since: datetime) -> int:
     with engine.connect() as connection:
         statement = _due_pending(sa.select(sa.func.count()), now).where(due > since)
         return int(connection.execute(statement).scalar_one())
+
+
+def sweep_page_alone(engine: Engine, now: datetime, size: int) -> tuple[int, float]:
+    """A sweep's first page of ``size`` on its own, in a transaction rolled back: rows put
+    off, seconds."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        started = time.perf_counter()
+        moved, _ = Outbox._sweep_page(connection, now, _Sweep(now, None, periodic=True), size)
+        elapsed = time.perf_counter() - started
+        transaction.rollback()
+    return moved, elapsed
 
 
 def put_aside_alone(engine: Engine, now: datetime, since: datetime) -> tuple[int, float]:
@@ -1838,10 +1883,12 @@ def run_selects(engine: Engine, statements: Sequence[Statement]) -> tuple[int, f
 def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
     """The scheduler's claim for every provider (one pass) and the dispatcher's claim, each
     followed (untimed) by handing the leases back, so every call finds the same due work; and
-    the claim queries alone, as the methods send them. The dispatcher's first claim puts the
-    backlog aside (once a second; here, with the clock standing still, once per ``Outbox``):
-    timed on the backlog as loaded (put back before each call, untimed), then with a new
-    ``Outbox`` once it was moved, then the other claims of one ``Outbox``."""
+    the claim queries alone, as the methods send them. A new ``Outbox``'s first claim sweeps
+    every due delivery and puts the backlog aside: timed on the backlog as loaded (put back
+    before each call, untimed); then a claim with a page of the periodic sweep, a page alone
+    of as many deliveries on both stores, the whole periodic sweep, a new ``Outbox``'s first
+    claim once the backlog was moved; then the windowed pass and the other claims of one
+    ``Outbox``."""
     # The plans' probes (or an earlier run on this store) may have put the backlog aside.
     put_back_backlog(url, now)
     report = LoadReport()
@@ -1864,10 +1911,8 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         release_tasks(engine, [claim.task_id for claim in claims])
         return len(claims), elapsed
 
-    def delivery_claim(fresh: bool = False, window: bool = False) -> tuple[int, float]:
-        """A claim by ``outbox``; by a new ``Outbox``, which puts the backlog aside first; or
-        by one a second after its last put-aside, which reads what became due since."""
-        box = between_passes(store, now) if window else Outbox(store) if fresh else outbox
+    def claim_by(box: Outbox) -> tuple[int, float]:
+        """One claim by ``box``, timed; its leases handed back (untimed)."""
         started = time.perf_counter()
         jobs = box.claim(
             "bench-dispatcher", limit=DISPATCHER_CLAIM_LIMIT, lease_seconds=LEASE_SECONDS
@@ -1876,9 +1921,33 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         release_deliveries(engine, [job.delivery_pk for job in jobs])
         return len(jobs), elapsed
 
+    def delivery_claim(fresh: bool = False, window: bool = False) -> tuple[int, float]:
+        """A claim by ``outbox``; by a new ``Outbox``, which puts the backlog aside first; or
+        by one a second after its last put-aside, which reads what became due since."""
+        return claim_by(
+            between_passes(store, now) if window else Outbox(store) if fresh else outbox
+        )
+
     def first_claim() -> tuple[int, float]:
         put_back_backlog(url, now)
         return delivery_claim(fresh=True)
+
+    def page_claim() -> tuple[int, float]:
+        put_back_backlog(url, now)
+        return claim_by(sweep_due(store, now))
+
+    def whole_sweep() -> tuple[int, float]:
+        """A periodic sweep, claiming until it is through: (claims, seconds)."""
+        put_back_backlog(url, now)
+        box, claims, elapsed = sweep_due(store, now), 0, 0.0
+        while claims == 0 or box._sweep is not None:
+            claims += 1
+            elapsed += claim_by(box)[1]
+        return claims, elapsed
+
+    def matched_page() -> tuple[int, float]:
+        put_back_backlog(url, now)
+        return sweep_page_alone(engine, now, MATCHED_WINDOW_ROWS)
 
     timings: dict[str, PassTiming] = {}
     window_rows = 0
@@ -1887,7 +1956,10 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         timings["scheduler_pass"] = measure(scheduler_pass, iterations)
         timings["scheduler_query"] = measure(lambda: run_selects(engine, scheduler_sql), iterations)
         timings["delivery_claim_first"] = measure(first_claim, PUT_ASIDE_ROUNDS, warmup=1)
-        report.put_aside = put_aside_count(url, now)
+        timings["sweep_page_claim"] = measure(page_claim, PUT_ASIDE_ROUNDS, warmup=1)
+        timings["sweep_page_matched"] = measure(matched_page, PUT_ASIDE_ROUNDS, warmup=1)
+        timings["sweep_whole"] = measure(whole_sweep, PUT_ASIDE_ROUNDS, warmup=1)
+        report.put_aside = put_aside_count(url, now)  # the whole sweep's: the backlog moved
         timings["delivery_claim_second"] = measure(
             lambda: delivery_claim(fresh=True), PUT_ASIDE_ROUNDS, warmup=1
         )
@@ -1901,9 +1973,11 @@ def time_claims(url: str, now: datetime, iterations: int) -> ClaimTimings:
         timings["put_aside_matched"] = measure(
             lambda: put_aside_alone(engine, now, matched), iterations
         )
-        # The claim's own SELECT (the put-aside's and the one loading the jobs have no ORDER BY);
-        # this first claim of ``outbox`` puts aside (nothing new), the others do not.
-        delivery_sql = claim_statements(engine, delivery_claim, "ORDER BY delivery.next_attempt_at")
+        # The claim's own SELECT (not the put-aside's, nor a sweep page's, nor the one loading
+        # the jobs); this first claim of ``outbox`` sweeps (nothing new), the others do not.
+        delivery_sql = claim_statements(
+            engine, delivery_claim, "SELECT delivery.pk, delivery.subscription_pk"
+        )
         timings["delivery_claim"] = measure(delivery_claim, iterations)
         timings["delivery_query"] = measure(lambda: run_selects(engine, delivery_sql), iterations)
         set_backlog(url, now, parked=True)
@@ -2056,7 +2130,7 @@ def claims_markdown(result: DatabaseResult) -> list[str]:
         f"Due: {large.due_tasks:,} / {small.due_tasks:,} tasks, {large.due_deliveries:,} / "
         f"{small.due_deliveries:,} pending deliveries of which {large.backlog_deliveries:,} / "
         f"{small.backlog_deliveries:,} are backlog (waiting for a retry, held behind one, or on "
-        f"a disabled subscription); the first claim put {large.put_aside:,} / "
+        f"a disabled subscription); a whole sweep put {large.put_aside:,} / "
         f"{small.put_aside:,} of them aside. The windowed put-aside's {WINDOW_SECONDS:g} s held "
         f"{large.window_rows:,} / {small.window_rows:,} pending deliveries: the due work is the "
         "same share of the tasks in flight, so it becomes due faster on the large store. (For "
