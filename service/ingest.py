@@ -86,6 +86,7 @@ _WRITTEN = (
     "expected_at",
     "deadline_at",
     "next_check_at",
+    "planned_check_at",
     "lease_owner",
     "lease_expires_at",
 )

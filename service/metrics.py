@@ -120,7 +120,8 @@ FAMILIES: dict[str, Family] = {
             "tasks_due_for_poll",
             "gauge",
             "Tasks whose next status query is due now, including any being queried, by provider "
-            "(from the database, at scrape time).",
+            "(from the database, at scrape time). Also counts, until the scheduler's next pass "
+            "moves them, tasks whose look a progress callback planned later (no query is sent).",
         ),
         Family(
             "deliveries_pending",

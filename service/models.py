@@ -199,6 +199,12 @@ class Task(SQLModel, table=True):
     expected_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     deadline_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     next_check_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    # A look planned later than next_check_at while that one was still ahead (Store.plan): the
+    # scheduler, woken at next_check_at, moves the look here without asking the provider.
+    # Kept apart because next_check_at is indexed: a progress callback that only pushes the
+    # look later then leaves every indexed column as it was, and PostgreSQL updates the row in
+    # place (a HOT update) instead of adding an entry to each of the task's indexes.
+    planned_check_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     progress_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     poll_count: int = Field(
         default=0, sa_column=sa.Column(sa.Integer, nullable=False, server_default=sa.text("0"))
@@ -240,6 +246,7 @@ class TaskRow:
     expected_at: datetime | None
     deadline_at: datetime | None
     next_check_at: datetime | None
+    planned_check_at: datetime | None
     progress_at: datetime | None
     poll_count: int
     poll_errors: int

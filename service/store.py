@@ -289,12 +289,24 @@ class Store:
         return self.policies.get(provider, DEFAULT_POLICY)
 
     def plan(self, task: Task | TaskRow, now: datetime) -> None:
-        """Set when the scheduler should next look at ``task`` (None once it is final)."""
+        """Set when the scheduler should next look at ``task`` (None once it is final).
+
+        A plan later than a look still ahead leaves that look where it is and is kept in
+        ``planned_check_at``: the scheduler, woken at the earlier look, moves it to the plan
+        without asking the provider (:meth:`claim_due`). Progress callbacks push the look
+        later one after another, and this way they leave every indexed column of the row as
+        it was (one early wake instead of a change to the queue's indexes per callback)."""
         policy = self.policy(task.provider)
         if task.deadline_at is None:
             task.deadline_at = task.created_at + timedelta(seconds=policy.deadline)
-        task.next_check_at = next_check(self._timing(task), now, policy, self.rng)
-        if task.next_check_at is None:
+        planned = next_check(self._timing(task), now, policy, self.rng)
+        ahead = task.next_check_at
+        if planned is not None and ahead is not None and now < ahead <= planned:
+            task.planned_check_at = planned if planned > ahead else None
+            return
+        task.next_check_at = planned
+        task.planned_check_at = None
+        if planned is None:
             task.lease_owner = None
             task.lease_expires_at = None
 
@@ -721,10 +733,12 @@ class Store:
         """Lease up to ``limit`` of ``provider``'s due tasks to ``worker``, earliest first.
 
         ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: several processes claim disjoint tasks
-        without waiting on each other; a crashed worker's leases simply expire.
+        without waiting on each other; a crashed worker's leases simply expire. A due task
+        whose look was planned later since (``planned_check_at``, :meth:`plan`) is moved to
+        that time instead, not leased.
         """
         now = self.clock()
-        statement = (
+        due = (
             select(Task)
             .where(
                 Task.provider == provider,
@@ -732,21 +746,32 @@ class Store:
                 sa.or_(col(Task.lease_expires_at).is_(None), col(Task.lease_expires_at) <= now),
             )
             .order_by(col(Task.next_check_at))
-            .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        expires = now + timedelta(seconds=lease_seconds)
+        assert expires > now, lease_seconds  # a claimed task leaves the query's range
+        claims: list[Claim] = []
         with self.transaction(write=True) as session:
-            tasks = list(session.exec(statement))
-            expires = now + timedelta(seconds=lease_seconds)
-            claims = []
-            for task in tasks:
-                task.lease_owner = worker
-                task.lease_expires_at = expires
-                session.add(task)
-                assert task.deadline_at is not None
-                claims.append(
-                    Claim(task.id, task.provider, task.provider_task_id, task.deadline_at)
-                )
+            while len(claims) < limit:
+                wanted = limit - len(claims)
+                tasks = list(session.exec(due.limit(wanted)))
+                for task in tasks:
+                    later = task.planned_check_at
+                    task.planned_check_at = None
+                    session.add(task)
+                    if later is not None and later > now:
+                        task.next_check_at = later
+                        continue
+                    task.lease_owner = worker
+                    task.lease_expires_at = expires
+                    assert task.deadline_at is not None
+                    claims.append(
+                        Claim(task.id, task.provider, task.provider_task_id, task.deadline_at)
+                    )
+                if len(tasks) < wanted:
+                    break
+                # Out of the query's range from here: moved later, or leased until `expires`.
+                session.flush()
             return claims
 
     def record_poll(
@@ -789,6 +814,7 @@ class Store:
                     error = UpstreamProtocolError(exc.message, provider=task.provider)
             if error is not None:
                 task.poll_errors += 1
+                task.planned_check_at = None
                 task.next_check_at = next_check_after_error(
                     self._timing(task),
                     now,
@@ -829,6 +855,7 @@ class Store:
             task = self._locked(session, task_id)
             later = self.clock() + timedelta(seconds=seconds)
             task.next_check_at = min(later, task.deadline_at) if task.deadline_at else later
+            task.planned_check_at = None
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
                 task.lease_expires_at = None

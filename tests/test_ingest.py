@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import ingest, outbox
-from service.db import DriverSQL, listed, make_engine
+from service.db import DriverSQL, listed, make_engine, migrate
 from service.errors import Conflict, NotFound, StoreUnavailable
 from service.groupcommit import GroupCommitter, Overloaded
 from service.ingest import UpdateRequest
@@ -651,3 +651,118 @@ def test_the_pipeline_finds_subscriptions_through_indexes(postgres_url: str) -> 
     assert "ix_subscription_owner_kind_pk" in plan and "ix_subscription_task_pk" in plan, plan
     assert "Seq Scan" not in plan, plan
     engine.dispose()
+
+
+def plan_of(store: Store, task_id: str) -> tuple[Any, ...]:
+    """A task's (next check, later plan, lease owner), times as seconds after T0."""
+    with store.engine.connect() as connection:
+        row = connection.execute(
+            sa.select(Task.next_check_at, Task.planned_check_at, Task.lease_owner).where(  # type: ignore[call-overload]
+                Task.id == task_id
+            )
+        ).one()
+
+    def since(moment: datetime | None) -> float | None:
+        return None if moment is None else (moment - T0).total_seconds()
+
+    return since(row[0]), since(row[1]), row[2]
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch", "one"])
+def test_a_later_plan_leaves_the_next_check_and_the_scheduler_moves_it(
+    database_url: str, batched: bool
+) -> None:
+    """A callback that plans the next look later than one still ahead leaves ``next_check_at``
+    (indexed) as it was and keeps the plan in ``planned_check_at``; the scheduler, claiming
+    the task at the earlier look, moves it to the plan without leasing it (no status query)
+    and claims the next due task in its place. An earlier plan, a poll's answer, and a final
+    state write the next check itself. (Default policy: 60 s typical duration, 1 s grace.)"""
+    clock = Clock()
+    store = make_store(database_url, clock)
+
+    def callback(task_id: str, update: TaskUpdate) -> None:
+        if batched:
+            (result,) = store.apply_updates(
+                [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
+            )
+            assert isinstance(result, ApplyResult), result
+        else:
+            store.apply_update(task_id, update, UpdateSource.callback)
+
+    slow = new_task(store, provider_task_id="p-slow")
+    clock.now = T0 + timedelta(seconds=1)
+    other = new_task(store, provider_task_id="p-other")
+    assert plan_of(store, slow) == (61.0, None, None)  # typical duration + grace
+    clock.now = T0 + timedelta(seconds=20)
+    callback(slow, progress(10))  # 10 % in 20 s: done at 200 s
+    assert plan_of(store, slow) == (61.0, 201.0, None)
+    clock.now = T0 + timedelta(seconds=30)
+    callback(slow, progress(12))  # done at 250 s
+    assert plan_of(store, slow) == (61.0, 251.0, None)
+
+    clock.now = T0 + timedelta(seconds=62)  # both due; the slow one first
+    claims = store.claim_due("evolink", "worker-1", limit=1, lease_seconds=30)
+    assert [claim.task_id for claim in claims] == [other]
+    assert plan_of(store, slow) == (251.0, None, None)  # moved, not leased
+    assert plan_of(store, other) == (62.0, None, "worker-1")
+    store.record_poll(other, "worker-1", update=progress(50))  # at 62 s: done at 123 s
+    assert plan_of(store, other) == (124.0, None, None)  # a poll plans the next look itself
+    assert store.claim_due("evolink", "worker-1", limit=5, lease_seconds=30) == []
+
+    clock.now = T0 + timedelta(seconds=100)
+    callback(slow, progress(80))  # done at 125 s: earlier than the look at 251 s
+    assert plan_of(store, slow) == (126.0, None, None)
+    clock.now = T0 + timedelta(seconds=114)
+    callback(slow, progress(95))  # done at 120 s
+    assert plan_of(store, slow) == (121.0, None, None)
+    callback(slow, DONE)
+    assert plan_of(store, slow) == (None, None, None)
+    store.engine.dispose()
+
+
+def test_progress_callbacks_update_the_task_row_in_place_on_postgresql(empty_postgres: str) -> None:
+    """A progress callback that only pushes the next look later changes no indexed column of
+    the task, and the table's pages keep room (fill factor, migration 0007): PostgreSQL
+    updates the row in place (a HOT update) instead of adding an entry to each of the task's
+    indexes. Read from the server's counters for a database of the test's own, on both of
+    the writer's paths. (Before: no HOT update at all, the next check moved every time.)"""
+    migrate(empty_postgres)
+    clock = Clock()
+    store = make_store(empty_postgres, clock)
+    ids = [new_task(store, provider_task_id=f"p{i}") for i in range(40)]
+
+    def send(value: int, at: float, *, pipelined: bool) -> None:
+        """Each task's callback in a batch of its own: a batch of every task would need room
+        for a new version of every row of a page at once."""
+        clock.now = T0 + timedelta(seconds=at)
+        for task_id in ids:
+            request = UpdateRequest(task_id, progress(value), UpdateSource.callback, receipt())
+            with store.core_transaction() as (connection, written):
+                (result,) = ingest.apply_updates(
+                    store, connection, written, [request], pipelined=pipelined
+                )
+            assert isinstance(result, ApplyResult), result
+
+    send(1, 5, pipelined=True)  # queued -> running: the status (indexed) changes
+    # Done at 667, 750, 800, 833 and 786 s: each plan later than the look at 61 s, still ahead.
+    for step, (value, at) in enumerate([(3, 20), (4, 30), (5, 40), (6, 50), (7, 55)]):
+        send(value, at, pipelined=step % 2 == 0)
+    later = [plan_of(store, task_id) for task_id in ids]
+    assert all(p[0] == 61.0 and p[1] is not None and p[1] > 61.0 for p in later), later[:3]
+    store.engine.dispose()  # the server's backends flush their counters as they exit
+
+    engine = sa.create_engine(sa.make_url(empty_postgres), poolclass=sa.pool.NullPool)
+    counters = (0, 0)
+    for _ in range(100):
+        with engine.connect() as connection:
+            counters = connection.exec_driver_sql(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'task'"
+            ).one()
+        if counters[0] >= 6 * len(ids):
+            break
+        time.sleep(0.1)
+    engine.dispose()
+    updates, in_place = counters
+    assert updates == 6 * len(ids), counters
+    # Every update after the first of each task, but for one that found no room on its page.
+    assert in_place >= 0.9 * 5 * len(ids), counters
