@@ -400,6 +400,12 @@ def balancer_main(argv: list[str]) -> None:
             except httpx.ConnectError:
                 count(backend, "refused")
                 continue
+            except AttributeError:
+                # httpcore on anyio, when the backend resets a connection it has just accepted
+                # (a replica frozen, then killed): reading the new socket's peer name fails
+                # before the request is sent. Refused, as far as the request is concerned.
+                count(backend, "refused")
+                continue
             except httpx.TransportError as exc:
                 count(backend, "broken")
                 return JSONResponse(
