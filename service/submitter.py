@@ -73,6 +73,10 @@ class Submitter:
         self.sleep = sleep
         self._running: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()  # task ids this process is sending
+        # Jobs waiting out a backoff whose retry is written in the task row: nothing is lost
+        # when stop() cuts them off (any replica's sweep, or the next start-up, sends it).
+        self._backing_off: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._rng = random.Random()
         self.sweep_seconds = sweep_seconds
         self._sweeper: Ticker | None = None
@@ -127,10 +131,21 @@ class Submitter:
 
     async def stop(self, *, grace: float) -> None:
         """Let the submissions in flight finish (up to ``grace`` seconds: the app passes its
-        share of the shutdown budget), then cut off what is left."""
+        share of the shutdown budget), then cut off what is left. A retry waiting out its
+        backoff is cut off at once when it is written in the task row (from then on, one that
+        starts its backoff returns instead): the sweep or the next start-up sends it."""
+        self._stopping = True
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
+        if self._backing_off:
+            log.info(
+                "stopping: %d submission retries waiting out their backoff are left to the "
+                "next process (planned in the database)",
+                len(self._backing_off),
+            )
+            for job in self._backing_off:
+                job.cancel()
         if not self._running:
             return
         _done, pending = await asyncio.wait(list(self._running), timeout=grace)
@@ -212,24 +227,42 @@ class Submitter:
                     exc.code,
                     delay,
                 )
-                if not await self._plan_retry(task_id, attempt, delay):
+                planned = await self._plan_retry(task_id, attempt, delay)
+                if planned is None:
                     return
-                await self.sleep(delay)
+                if planned:
+                    if self._stopping:
+                        return  # planned in the database: not this process's to wait for
+                    await self._back_off(delay)
+                else:
+                    await self.sleep(delay)
 
-    async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool:
+    async def _back_off(self, delay: float) -> None:
+        """Wait out the backoff of a retry written in the task row; stop() may cut it off."""
+        job = asyncio.current_task()
+        assert job is not None
+        self._backing_off.add(job)
+        try:
+            await self.sleep(delay)
+        finally:
+            self._backing_off.discard(job)
+
+    async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool | None:
         """Write the retry into the task row before waiting for it, so that it outlives this
-        process. False: the task was settled meanwhile (a callback), nothing to retry. With
-        the database unavailable the retry still happens here, only without that insurance."""
+        process: True. None: the task was settled meanwhile (a callback), nothing to retry.
+        False: the database is unavailable; the retry still happens here, only without that
+        insurance (and stop() gives it the grace of a submission in flight)."""
         due = self.store.clock() + timedelta(seconds=delay)
         try:
-            return await run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
+            planned = await run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
         except StoreUnavailable:
             log.warning(
                 "could not record the planned retry of %s (database unavailable); "
                 "retrying from this process only",
                 task_id,
             )
-            return True
+            return False
+        return True if planned else None
 
     def _count(self, provider: str, outcome: str) -> None:
         self.metrics.inc("submissions_total", provider=provider, outcome=outcome)

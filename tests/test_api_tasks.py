@@ -610,6 +610,66 @@ async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_n
     assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
 
 
+async def test_stopping_cuts_off_a_planned_backoff_at_once_and_an_unplanned_one_gets_its_grace(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy stops the process while a retry waits out a long backoff. When the retry is
+    written in the task row, stop() cuts the wait off at once, whatever the grace (the next
+    process sends it): it no longer holds the shutdown for the whole grace. When it could not
+    be written (database unavailable), the wait is all there is of the retry: it gets the
+    grace of a submission in flight, and a retry woken within it is sent."""
+    from service.errors import StoreUnavailable
+
+    runtime = app.state.runtime
+    submitter = runtime.submitter
+    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
+    wake = asyncio.Event()
+
+    async def long_backoff(seconds: float) -> None:
+        await wake.wait()  # "an hour": only a wake or a cancel ends it
+
+    monkeypatch.setattr(submitter, "sleep", long_backoff)
+    monkeypatch.setattr(submitter, "backoff", submit_backoff(10.0, 4))
+    task_id = await submit_until_retry_planned(client, runtime, "planned")
+    # Bounded only so that a regression fails instead of hanging for the grace.
+    await asyncio.wait_for(submitter.stop(grace=3600), timeout=30)
+    assert not submitter._running and len(calls) == 1
+    assert runtime.store.due_submit_retries(datetime.now(UTC) + timedelta(hours=1)) == [
+        (task_id, 1)
+    ]
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "queued" and task["submit_attempts"] == 1
+
+    # The database refuses the plan: the retry lives in this process only.
+    submitter._stopping = False
+    calls.clear()
+
+    def unavailable(*args: Any, **kwargs: Any) -> bool:
+        raise StoreUnavailable("the database is unavailable")
+
+    monkeypatch.setattr(runtime.store, "plan_submit_retry", unavailable)
+    response = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "unplanned" + FAST}, headers=auth()
+    )
+    unplanned = response.json()["id"]
+    for _ in range(500):
+        if calls and submitter._running:
+            break
+        await asyncio.sleep(0.01)
+    assert len(calls) == 1  # the 503; now in its backoff
+    stopping = asyncio.create_task(submitter.stop(grace=3600))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # waiting for it, not cutting it off
+    wake.set()  # the backoff ends within the grace: the retry is sent
+    await asyncio.wait_for(stopping, timeout=30)
+    await wait_for_status(client, unplanned, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{unplanned}", headers=auth())).json()
+    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
+    assert len(calls) == 2
+
+
 async def test_a_retry_is_sent_once_when_its_process_and_a_sweep_both_find_it_due(
     client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
