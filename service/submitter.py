@@ -73,10 +73,11 @@ class Submitter:
         self.sleep = sleep
         self._running: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()  # task ids this process is sending
-        # Jobs waiting out a backoff whose retry is written in the task row: nothing is lost
-        # when stop() cuts them off (any replica's sweep, or the next start-up, sends it).
-        self._backing_off: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        # Jobs waiting out a backoff whose retry is written in the task row, and when (loop
+        # time) it ends: nothing is lost when stop() cuts one off (any replica's sweep, or the
+        # next start-up, sends it).
+        self._backing_off: dict[asyncio.Task[None], float] = {}
+        self._stop_by: float | None = None  # loop time: stop() cuts off what is left then
         self._rng = random.Random()
         self.sweep_seconds = sweep_seconds
         self._sweeper: Ticker | None = None
@@ -131,20 +132,22 @@ class Submitter:
 
     async def stop(self, *, grace: float) -> None:
         """Let the submissions in flight finish (up to ``grace`` seconds: the app passes its
-        share of the shutdown budget), then cut off what is left. A retry waiting out its
-        backoff is cut off at once when it is written in the task row (from then on, one that
-        starts its backoff returns instead): the sweep or the next start-up sends it."""
-        self._stopping = True
+        share of the shutdown budget), then cut off what is left. A retry written in the task
+        row whose backoff ends after the grace is cut off at once instead of holding the
+        shutdown (and from then on, one planned like that returns instead of waiting): the
+        sweep or the next start-up sends it."""
+        self._stop_by = asyncio.get_running_loop().time() + grace
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
-        if self._backing_off:
+        beyond = [job for job, ends in self._backing_off.items() if ends > self._stop_by]
+        if beyond:
             log.info(
-                "stopping: %d submission retries waiting out their backoff are left to the "
-                "next process (planned in the database)",
-                len(self._backing_off),
+                "stopping: %d submission retries whose backoff ends after the shutdown's grace "
+                "are left to the next process (planned in the database)",
+                len(beyond),
             )
-            for job in self._backing_off:
+            for job in beyond:
                 job.cancel()
         if not self._running:
             return
@@ -230,22 +233,26 @@ class Submitter:
                 planned = await self._plan_retry(task_id, attempt, delay)
                 if planned is None:
                     return
-                if planned:
-                    if self._stopping:
-                        return  # planned in the database: not this process's to wait for
-                    await self._back_off(delay)
-                else:
+                if not planned:
                     await self.sleep(delay)
+                elif not await self._back_off(delay):
+                    return  # planned in the database, due after this process has stopped
 
-    async def _back_off(self, delay: float) -> None:
-        """Wait out the backoff of a retry written in the task row; stop() may cut it off."""
+    async def _back_off(self, delay: float) -> bool:
+        """Wait out the backoff of a retry written in the task row (stop() may cut it off);
+        False, without waiting, when it would end after a shutdown under way has cut off
+        what is left."""
+        ends = asyncio.get_running_loop().time() + delay
+        if self._stop_by is not None and ends > self._stop_by:
+            return False
         job = asyncio.current_task()
         assert job is not None
-        self._backing_off.add(job)
+        self._backing_off[job] = ends
         try:
             await self.sleep(delay)
         finally:
-            self._backing_off.discard(job)
+            del self._backing_off[job]
+        return True
 
     async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool | None:
         """Write the retry into the task row before waiting for it, so that it outlives this

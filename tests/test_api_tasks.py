@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.retry import submit_backoff
+from service.retry import Backoff, submit_backoff
 from service.runtime import Runtime
 from tests.conftest import ALICE, BOB, auth, error_code
 
@@ -610,14 +610,70 @@ async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_n
     assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
 
 
-async def test_stopping_cuts_off_a_planned_backoff_at_once_and_an_unplanned_one_gets_its_grace(
+# A first backoff of 30 to 60 minutes (no provider asks for that long: the caps are a minute).
+HOUR_BACKOFF = Backoff(base=3600.0, factor=4.0, cap=7200.0, max_attempts=4)
+
+
+async def stop_during_backoff(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch, *, backoff: Backoff
+) -> tuple[str, list[int], asyncio.Event]:
+    """An EvoLink submission answered 503 whose planned retry waits out ``backoff`` until the
+    event returned is set: its task id, and the provider's calls."""
+    runtime = app.state.runtime
+    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
+    wake = asyncio.Event()
+
+    async def until_woken(seconds: float) -> None:
+        await wake.wait()
+
+    monkeypatch.setattr(runtime.submitter, "sleep", until_woken)
+    monkeypatch.setattr(runtime.submitter, "backoff", backoff)
+    task_id = await submit_until_retry_planned(client, runtime, "stopped")
+    return task_id, calls, wake
+
+
+async def test_stopping_cuts_off_a_planned_backoff_that_ends_after_the_grace(
     client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A deploy stops the process while a retry waits out a long backoff. When the retry is
-    written in the task row, stop() cuts the wait off at once, whatever the grace (the next
-    process sends it): it no longer holds the shutdown for the whole grace. When it could not
-    be written (database unavailable), the wait is all there is of the retry: it gets the
-    grace of a submission in flight, and a retry woken within it is sent."""
+    """A deploy stops the process while a retry written in the task row waits out a backoff
+    (30 to 60 minutes) longer than the shutdown's grace (10 minutes here): stop() cuts it off
+    at once instead of holding the shutdown for the grace; the next process sends it."""
+    runtime = app.state.runtime
+    task_id, calls, _wake = await stop_during_backoff(
+        client, app, monkeypatch, backoff=HOUR_BACKOFF
+    )
+    # Bounded only so that a regression fails instead of hanging for the grace.
+    await asyncio.wait_for(runtime.submitter.stop(grace=600), timeout=30)
+    assert not runtime.submitter._running and len(calls) == 1
+    far = datetime.now(UTC) + timedelta(hours=2)
+    assert runtime.store.due_submit_retries(far) == [(task_id, 1)]
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "queued" and task["submit_attempts"] == 1
+
+
+async def test_stopping_waits_for_a_backoff_that_ends_within_the_grace(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planned retry whose backoff (5 to 10 s) ends within the grace (an hour) is waited
+    for and sent, as a submission in flight: cutting it off would leave it to a sweep that
+    finds it only once it is 10 s overdue."""
+    runtime = app.state.runtime
+    task_id, calls, wake = await stop_during_backoff(
+        client, app, monkeypatch, backoff=submit_backoff(10.0, 4)
+    )
+    await _stopped_only_once_woken(runtime.submitter, wake)
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
+    assert len(calls) == 2
+
+
+async def test_stopping_waits_for_a_backoff_the_database_could_not_record(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the retry could not be written (database unavailable), the wait is all there is
+    of it: however long its backoff (30 to 60 minutes), it gets the grace of a submission in
+    flight, and a retry woken within it is sent."""
     from service.errors import StoreUnavailable
 
     runtime = app.state.runtime
@@ -625,49 +681,43 @@ async def test_stopping_cuts_off_a_planned_backoff_at_once_and_an_unplanned_one_
     calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
     wake = asyncio.Event()
 
-    async def long_backoff(seconds: float) -> None:
-        await wake.wait()  # "an hour": only a wake or a cancel ends it
-
-    monkeypatch.setattr(submitter, "sleep", long_backoff)
-    monkeypatch.setattr(submitter, "backoff", submit_backoff(10.0, 4))
-    task_id = await submit_until_retry_planned(client, runtime, "planned")
-    # Bounded only so that a regression fails instead of hanging for the grace.
-    await asyncio.wait_for(submitter.stop(grace=3600), timeout=30)
-    assert not submitter._running and len(calls) == 1
-    assert runtime.store.due_submit_retries(datetime.now(UTC) + timedelta(hours=1)) == [
-        (task_id, 1)
-    ]
-    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
-    assert task["status"] == "queued" and task["submit_attempts"] == 1
-
-    # The database refuses the plan: the retry lives in this process only.
-    submitter._stopping = False
-    calls.clear()
+    async def until_woken(seconds: float) -> None:
+        await wake.wait()
 
     def unavailable(*args: Any, **kwargs: Any) -> bool:
         raise StoreUnavailable("the database is unavailable")
 
+    monkeypatch.setattr(submitter, "sleep", until_woken)
+    monkeypatch.setattr(submitter, "backoff", HOUR_BACKOFF)
     monkeypatch.setattr(runtime.store, "plan_submit_retry", unavailable)
     response = await client.post(
         "/v1/tasks", json={"provider": "evolink", "prompt": "unplanned" + FAST}, headers=auth()
     )
-    unplanned = response.json()["id"]
+    task_id = response.json()["id"]
     for _ in range(500):
-        if calls and submitter._running:
+        if calls:
             break
         await asyncio.sleep(0.01)
-    assert len(calls) == 1  # the 503; now in its backoff
-    stopping = asyncio.create_task(submitter.stop(grace=3600))
+    assert len(calls) == 1 and submitter._running  # the 503; now in its backoff
+    await _stopped_only_once_woken(submitter, wake, grace=3 * 3600)
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
+    assert len(calls) == 2
+
+
+async def _stopped_only_once_woken(
+    submitter: Any, wake: asyncio.Event, *, grace: float = 3600
+) -> None:
+    """stop() waits for the job in its backoff (not done however often the loop turns) and
+    returns once the backoff is woken and the retry sent."""
+    stopping = asyncio.create_task(submitter.stop(grace=grace))
     for _ in range(20):
         await asyncio.sleep(0)
     await asyncio.sleep(0.05)
     assert not stopping.done()  # waiting for it, not cutting it off
-    wake.set()  # the backoff ends within the grace: the retry is sent
+    wake.set()
     await asyncio.wait_for(stopping, timeout=30)
-    await wait_for_status(client, unplanned, {"succeeded", "failed"})
-    done = (await client.get(f"/v1/tasks/{unplanned}", headers=auth())).json()
-    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
-    assert len(calls) == 2
 
 
 async def test_a_retry_is_sent_once_when_its_process_and_a_sweep_both_find_it_due(
