@@ -353,6 +353,20 @@ _HOP_HEADERS = frozenset(
 )
 
 
+def _in_connection_setup(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while httpcore set a connection up: its traceback passes
+    through httpcore's connection but not through the HTTP/1.1 or HTTP/2 exchange that sends
+    the request."""
+    import traceback
+
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__)]
+
+    def passes(name: str) -> bool:
+        return any(Path(file).parts[-3:] == ("httpcore", "_async", name) for file in files)
+
+    return passes("connection.py") and not (passes("http11.py") or passes("http2.py"))
+
+
 def balancer_main(argv: list[str]) -> None:
     """Run the balancer app (in its own process): ``PORT``.
 
@@ -400,10 +414,13 @@ def balancer_main(argv: list[str]) -> None:
             except httpx.ConnectError:
                 count(backend, "refused")
                 continue
-            except AttributeError:
+            except AttributeError as exc:
                 # httpcore on anyio, when the backend resets a connection it has just accepted
                 # (a replica frozen, then killed): reading the new socket's peer name fails
-                # before the request is sent. Refused, as far as the request is concerned.
+                # while the connection is set up, before the request is sent. Refused, as far
+                # as the request is concerned; raised from anywhere else, it is a bug.
+                if not _in_connection_setup(exc):
+                    raise
                 count(backend, "refused")
                 continue
             except httpx.TransportError as exc:
