@@ -160,6 +160,17 @@ class _Decided:
         """The events with the seqs their inserts returned, in order."""
         return [event._replace(seq=seq) for event, seq in zip(self.new_events, seqs, strict=True)]
 
+    def renumbered(
+        self, matches: Sequence[tuple[NewEvent, int]], seqs: Sequence[int]
+    ) -> list[tuple[NewEvent, int]]:
+        """``matches`` of :attr:`new_events` (match_subscriptions), each event with the seq
+        its insert returned: the same pairs in the same order, without matching again."""
+        numbered = {
+            id(event): event._replace(seq=seq)
+            for event, seq in zip(self.new_events, seqs, strict=True)
+        }
+        return [(numbered[id(event)], pk) for event, pk in matches]
+
 
 def apply_updates(
     store: Store,
@@ -244,8 +255,7 @@ def _apply_pipelined(
             assert events_cursor is not None
             seqs = _returned(events_cursor)  # round trip 2
             superseded = [supersede.row(row) for cursor in superseding for row in cursor]
-            numbered = match_subscriptions(decided.numbered(seqs), subscriptions)
-            deliveries = plan_deliveries(numbered, superseded, now)
+            deliveries = plan_deliveries(decided.renumbered(matches, seqs), superseded, now)
             _executemany(driver, INSERT_DELIVERY.driven.on(dialect), deliveries)
             written.deliveries = True
         driver.commit()  # round trip 2, or 3
