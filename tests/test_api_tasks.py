@@ -557,6 +557,31 @@ def first_attempt_503(monkeypatch: pytest.MonkeyPatch, adapter: Any) -> list[int
     return calls
 
 
+def backoff_until_woken(
+    monkeypatch: pytest.MonkeyPatch, runtime: Runtime, backoff: Backoff
+) -> tuple[list[int], asyncio.Event]:
+    """The provider answers the first EvoLink submission 503 (:func:`first_attempt_503`) and
+    the submitter's ``backoff`` waits until the event returned is set (never, for a process
+    stopped first): the provider's calls, and that event."""
+    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
+    wake = asyncio.Event()
+
+    async def until_woken(seconds: float) -> None:
+        await wake.wait()
+
+    monkeypatch.setattr(runtime.submitter, "sleep", until_woken)
+    monkeypatch.setattr(runtime.submitter, "backoff", backoff)
+    return calls, wake
+
+
+async def sent_as_attempt_2(client: httpx.AsyncClient, task_id: str, calls: list[int]) -> None:
+    """The task succeeded on its second attempt, the provider called twice in all."""
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
+    assert len(calls) == 2
+
+
 async def submit_until_retry_planned(
     client: httpx.AsyncClient, runtime: Runtime, prompt: str
 ) -> str:
@@ -584,13 +609,8 @@ async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_n
     next process's start-up sweep sends it once due, exactly once, as attempt 2."""
     runtime = app.state.runtime
     submitter = runtime.submitter
-    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
-
-    async def until_stopped(seconds: float) -> None:
-        await asyncio.Event().wait()  # the process is stopped before the backoff ends
-
-    monkeypatch.setattr(submitter, "sleep", until_stopped)
-    monkeypatch.setattr(submitter, "backoff", submit_backoff(10.0, 4))
+    # Never woken: the process is stopped before the backoff ends.
+    calls, _wake = backoff_until_woken(monkeypatch, runtime, submit_backoff(10.0, 4))
     task_id = await submit_until_retry_planned(client, runtime, "retry")
     await submitter.stop(grace=0)  # cuts the backoff off: nothing in memory survives it
     assert not submitter._running
@@ -620,14 +640,7 @@ async def stop_during_backoff(
     """An EvoLink submission answered 503 whose planned retry waits out ``backoff`` until the
     event returned is set: its task id, and the provider's calls."""
     runtime = app.state.runtime
-    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
-    wake = asyncio.Event()
-
-    async def until_woken(seconds: float) -> None:
-        await wake.wait()
-
-    monkeypatch.setattr(runtime.submitter, "sleep", until_woken)
-    monkeypatch.setattr(runtime.submitter, "backoff", backoff)
+    calls, wake = backoff_until_woken(monkeypatch, runtime, backoff)
     task_id = await submit_until_retry_planned(client, runtime, "stopped")
     return task_id, calls, wake
 
@@ -662,10 +675,7 @@ async def test_stopping_waits_for_a_backoff_that_ends_within_the_grace(
         client, app, monkeypatch, backoff=submit_backoff(10.0, 4)
     )
     await _stopped_only_once_woken(runtime.submitter, wake)
-    await wait_for_status(client, task_id, {"succeeded", "failed"})
-    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
-    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
-    assert len(calls) == 2
+    await sent_as_attempt_2(client, task_id, calls)
 
 
 async def test_stopping_waits_for_a_backoff_the_database_could_not_record(
@@ -678,17 +688,11 @@ async def test_stopping_waits_for_a_backoff_the_database_could_not_record(
 
     runtime = app.state.runtime
     submitter = runtime.submitter
-    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
-    wake = asyncio.Event()
-
-    async def until_woken(seconds: float) -> None:
-        await wake.wait()
+    calls, wake = backoff_until_woken(monkeypatch, runtime, HOUR_BACKOFF)
 
     def unavailable(*args: Any, **kwargs: Any) -> bool:
         raise StoreUnavailable("the database is unavailable")
 
-    monkeypatch.setattr(submitter, "sleep", until_woken)
-    monkeypatch.setattr(submitter, "backoff", HOUR_BACKOFF)
     monkeypatch.setattr(runtime.store, "plan_submit_retry", unavailable)
     response = await client.post(
         "/v1/tasks", json={"provider": "evolink", "prompt": "unplanned" + FAST}, headers=auth()
@@ -700,10 +704,7 @@ async def test_stopping_waits_for_a_backoff_the_database_could_not_record(
         await asyncio.sleep(0.01)
     assert len(calls) == 1 and submitter._running  # the 503; now in its backoff
     await _stopped_only_once_woken(submitter, wake, grace=3 * 3600)
-    await wait_for_status(client, task_id, {"succeeded", "failed"})
-    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
-    assert done["status"] == "succeeded" and done["submit_attempts"] == 2
-    assert len(calls) == 2
+    await sent_as_attempt_2(client, task_id, calls)
 
 
 async def _stopped_only_once_woken(
@@ -729,14 +730,7 @@ async def test_a_retry_is_sent_once_when_its_process_and_a_sweep_both_find_it_du
 
     runtime = app.state.runtime
     submitter = runtime.submitter
-    calls = first_attempt_503(monkeypatch, runtime.adapters["evolink"])
-    wake = asyncio.Event()
-
-    async def late(seconds: float) -> None:
-        await wake.wait()
-
-    monkeypatch.setattr(submitter, "sleep", late)
-    monkeypatch.setattr(submitter, "backoff", submit_backoff(0.05, 4))
+    calls, wake = backoff_until_woken(monkeypatch, runtime, submit_backoff(0.05, 4))
     task_id = await submit_until_retry_planned(client, runtime, "both")
     await asyncio.sleep(0.1)  # overdue now
     # "Another replica": a second Submitter on the same database, sweeping.
