@@ -165,10 +165,7 @@ class _Decided:
     ) -> list[tuple[NewEvent, int]]:
         """``matches`` of :attr:`new_events` (match_subscriptions), each event with the seq
         its insert returned: the same pairs in the same order, without matching again."""
-        numbered = {
-            id(event): event._replace(seq=seq)
-            for event, seq in zip(self.new_events, seqs, strict=True)
-        }
+        numbered = dict(zip(map(id, self.new_events), self.numbered(seqs), strict=True))
         return [(numbered[id(event)], pk) for event, pk in matches]
 
 
