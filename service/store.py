@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import random
 import re
 import secrets
@@ -29,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
-from service.db import WRITE_OPTION, sync_log, without_fsync
+from service.db import WRITE_OPTION, listed, one_of, prebuilt, sync_log, without_fsync
 from service.errors import (
     BadRequest,
     Conflict,
@@ -61,6 +62,8 @@ from service.schemas import task_json
 
 if TYPE_CHECKING:
     from service.ingest import UpdateRequest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -146,6 +149,47 @@ class Claim:
     provider: str
     provider_task_id: str | None
     deadline_at: datetime
+
+
+# claim_due: a look planned later is moved there in set-based statements, this many rows per
+# transaction at most (SQLite: tens of microseconds each, with the write turn held).
+MOVES_PER_TRANSACTION = 500
+_TASK = Task.__table__  # type: ignore[attr-defined]
+_DUE_TASKS = (
+    sa.select(
+        _TASK.c.pk,
+        _TASK.c.id,
+        _TASK.c.provider_task_id,
+        _TASK.c.deadline_at,
+        _TASK.c.planned_check_at,
+    )
+    .where(
+        _TASK.c.provider == sa.bindparam("provider"),
+        _TASK.c.next_check_at <= sa.bindparam("now"),
+        sa.or_(_TASK.c.lease_expires_at.is_(None), _TASK.c.lease_expires_at <= sa.bindparam("now")),
+    )
+    .order_by(_TASK.c.next_check_at)
+    .limit(sa.bindparam("fetch", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
+_MOVE_TO_PLAN = prebuilt(
+    lambda dialect: (
+        _TASK.update()
+        .where(one_of(dialect, _TASK.c.pk, "pks"))
+        .values(next_check_at=_TASK.c.planned_check_at, planned_check_at=None)
+    )
+)
+_LEASE = prebuilt(
+    lambda dialect: (
+        _TASK.update()
+        .where(one_of(dialect, _TASK.c.pk, "pks"))
+        .values(
+            lease_owner=sa.bindparam("worker"),
+            lease_expires_at=sa.bindparam("until"),
+            planned_check_at=None,
+        )
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -735,44 +779,69 @@ class Store:
         ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: several processes claim disjoint tasks
         without waiting on each other; a crashed worker's leases simply expire. A due task
         whose look was planned later since (``planned_check_at``, :meth:`plan`) is moved to
-        that time instead, not leased.
+        that time instead, not leased. After a stall there can be tens of thousands of those
+        ahead of the tasks really due: they are moved with set-based statements, at most
+        :data:`MOVES_PER_TRANSACTION` per transaction, so that no transaction holds the
+        write turn (SQLite) or the rows' locks (PostgreSQL) for long while callbacks wait.
         """
         now = self.clock()
-        due = (
-            select(Task)
-            .where(
-                Task.provider == provider,
-                col(Task.next_check_at) <= now,
-                sa.or_(col(Task.lease_expires_at).is_(None), col(Task.lease_expires_at) <= now),
-            )
-            .order_by(col(Task.next_check_at))
-            .with_for_update(skip_locked=True)
-        )
         expires = now + timedelta(seconds=lease_seconds)
         assert expires > now, lease_seconds  # a claimed task leaves the query's range
         claims: list[Claim] = []
+        more = True
+        while more:
+            try:
+                taken, more = self._claim_some(provider, worker, now, expires, limit - len(claims))
+            except StoreUnavailable:
+                if not claims:
+                    raise
+                # Those leased in the transactions already committed are polled now; what is
+                # left is still due for the next pass.
+                log.warning("claiming due %s tasks stopped: the database is unavailable", provider)
+                break
+            claims += taken
+        return claims
+
+    def _claim_some(
+        self, provider: str, worker: str, now: datetime, expires: datetime, limit: int
+    ) -> tuple[list[Claim], bool]:
+        """One transaction of :meth:`claim_due`: up to ``limit`` claims, and whether it stopped
+        at the cap on moves with more to do. Pages are read earliest first; a page of moves
+        makes the next page larger (twice its moves, within the cap), so a long run of them
+        takes few round trips, and a page of tasks really due stays the size still wanted."""
+        claims: list[Claim] = []
         with self.transaction(write=True) as session:
-            while len(claims) < limit:
-                wanted = limit - len(claims)
-                tasks = list(session.exec(due.limit(wanted)))
-                for task in tasks:
-                    later = task.planned_check_at
-                    task.planned_check_at = None
-                    session.add(task)
+            connection = session.connection()
+            dialect = connection.dialect.name
+            moved = 0
+            fetch = min(limit, MOVES_PER_TRANSACTION)
+            while True:
+                rows = connection.execute(
+                    _DUE_TASKS, {"provider": provider, "now": now, "fetch": fetch}
+                ).all()
+                moves: list[int] = []
+                leases: list[int] = []
+                for pk, task_id, provider_task_id, deadline_at, later in rows:
                     if later is not None and later > now:
-                        task.next_check_at = later
-                        continue
-                    task.lease_owner = worker
-                    task.lease_expires_at = expires
-                    assert task.deadline_at is not None
-                    claims.append(
-                        Claim(task.id, task.provider, task.provider_task_id, task.deadline_at)
+                        moves.append(pk)
+                    elif len(claims) < limit:
+                        leases.append(pk)
+                        assert deadline_at is not None
+                        claims.append(Claim(task_id, provider, provider_task_id, deadline_at))
+                if moves:
+                    connection.execute(_MOVE_TO_PLAN(connection), {"pks": listed(dialect, moves)})
+                if leases:
+                    connection.execute(
+                        _LEASE(connection),
+                        {"pks": listed(dialect, leases), "worker": worker, "until": expires},
                     )
-                if len(tasks) < wanted:
-                    break
-                # Out of the query's range from here: moved later, or leased until `expires`.
-                session.flush()
-            return claims
+                moved += len(moves)
+                wanted = limit - len(claims)
+                if len(rows) < fetch or not wanted:
+                    return claims, False  # nothing more is due, or enough is claimed
+                if moved >= MOVES_PER_TRANSACTION:
+                    return claims, True
+                fetch = min(MOVES_PER_TRANSACTION - moved, max(wanted, 2 * len(moves)))
 
     def record_poll(
         self,
