@@ -1027,6 +1027,22 @@ class Store:
         with self.transaction(write=True) as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
+    def give_up_submission(self, task_id: str, attempts: int, error: dict[str, Any]) -> bool:
+        """Fail a queued task after ``attempts`` attempts without sending it again, unless it
+        moved on meanwhile (settled, or another attempt made: the same guard as
+        :meth:`mark_submit_attempt`, in the same transaction as the failure); whether it
+        was failed here."""
+        with self.transaction(write=True) as session:
+            task = self._locked(session, task_id)
+            if task.status != TaskStatus.queued.value or task.submit_attempts != attempts:
+                return False
+            task.submit_retry_at = None
+            failed = TaskUpdate(status=TaskStatus.failed, error=error)
+            self._commit_change(
+                session, task, decide(task_state(task), failed), UpdateSource.submit
+            )
+            return True
+
     def due_submit_retries(self, due_before: datetime, limit: int = 1000) -> list[tuple[str, int]]:
         """Queued submissions whose planned retry was due before ``due_before``: each task id
         with the attempts made so far, the most overdue first (``ix_task_status_submit_retry_at``,

@@ -179,6 +179,11 @@ class Submitter:
         async def on_update(update: TaskUpdate) -> None:
             await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.stream)
 
+        if attempts_made >= self.backoff.max_attempts:
+            # A retry planned by a process allowed more attempts (TASKRELAY_SUBMIT_ATTEMPTS
+            # was lowered since): this one's limit applies.
+            await self._give_up(task_id, provider, attempts_made)
+            return
         attempt = attempts_made
         while True:
             attempt += 1
@@ -270,6 +275,26 @@ class Submitter:
             )
             return False
         return True if planned else None
+
+    async def _give_up(self, task_id: str, provider: str, attempts_made: int) -> None:
+        limit = self.backoff.max_attempts
+        exhausted = {
+            "code": "submit_attempts_exhausted",
+            "message": f"The submission failed {attempts_made} times with errors worth "
+            f"retrying; TASKRELAY_SUBMIT_ATTEMPTS is {limit}, so it is not sent again.",
+        }
+        if await run_in_threadpool(
+            self.store.give_up_submission, task_id, attempts_made, exhausted
+        ):
+            self._count(provider, "failed")
+            log.warning(
+                "submission of %s to %s failed for good: %d attempts were made before, and "
+                "TASKRELAY_SUBMIT_ATTEMPTS is %d",
+                task_id,
+                provider,
+                attempts_made,
+                limit,
+            )
 
     def _count(self, provider: str, outcome: str) -> None:
         self.metrics.inc("submissions_total", provider=provider, outcome=outcome)

@@ -630,6 +630,33 @@ async def test_a_retry_whose_process_stopped_during_the_backoff_is_sent_by_the_n
     assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
 
 
+async def test_a_retry_planned_before_the_attempts_were_lowered_is_not_sent_again(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry planned by a process that allowed 4 attempts, found due by one that allows 1
+    (TASKRELAY_SUBMIT_ATTEMPTS lowered in a deploy): the new limit applies; the task fails
+    without another request to the provider, and says why."""
+    runtime = app.state.runtime
+    submitter = runtime.submitter
+    calls, _wake = backoff_until_woken(monkeypatch, runtime, submit_backoff(10.0, 4))
+    task_id = await submit_until_retry_planned(client, runtime, "lowered")
+    await submitter.stop(grace=0)
+
+    monkeypatch.setattr(submitter, "backoff", submit_backoff(10.0, 1))  # the next process's
+    real_clock = runtime.store.clock
+    monkeypatch.setattr(runtime.store, "clock", lambda: real_clock() + timedelta(seconds=11))
+    assert await submitter.resume() == 1
+    await submitter.idle()
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "failed" and task["submit_attempts"] == 1
+    assert task["error"]["code"] == "submit_attempts_exhausted"
+    assert "TASKRELAY_SUBMIT_ATTEMPTS is 1" in task["error"]["message"]
+    assert len(calls) == 1
+    assert runtime.store.due_submit_retries(datetime.now(UTC) + timedelta(hours=1)) == []
+    failed = runtime.metrics.counter("submissions_total", provider="evolink", outcome="failed")
+    assert failed == 1
+
+
 # A first backoff of 30 to 60 minutes (no provider asks for that long: the caps are a minute).
 HOUR_BACKOFF = Backoff(base=3600.0, factor=4.0, cap=7200.0, max_attempts=4)
 

@@ -170,6 +170,37 @@ def test_a_planned_submit_retry_is_found_once_due_and_taken_by_one_attempt(store
     assert store.due_submit_retries(later) == [(second, 1)]
 
 
+def test_giving_up_a_submission_fails_it_only_if_it_has_not_moved_on(store: Store) -> None:
+    """The same guard as the next attempt's (:meth:`Store.mark_submit_attempt`), checked in
+    the failure's own transaction: a task settled meanwhile, or sent again by another
+    process, is left as it is."""
+    now = datetime.now(UTC)
+    planned, resent, settled = submitted(store), submitted(store), submitted(store)
+    for task_id in (planned, resent, settled):
+        assert store.mark_submit_attempt(task_id, 1)
+        assert store.plan_submit_retry(task_id, 1, now)
+    assert store.mark_submit_attempt(resent, 2)
+    store.apply_update(settled, TaskUpdate(status=TaskStatus.running), UpdateSource.callback)
+    error = {"code": "submit_attempts_exhausted", "message": "no more"}
+
+    assert not store.give_up_submission(resent, 1, error)
+    assert not store.give_up_submission(settled, 1, error)
+    assert not store.give_up_submission(planned, 2, error)
+    assert store.give_up_submission(planned, 1, error)
+    assert not store.give_up_submission(planned, 1, error)  # once
+
+    task = store.get_task("a", planned)
+    assert task["status"] == "failed" and task["error"] == error
+    assert task["submit_attempts"] == 1  # no attempt was made
+    assert store.due_submit_retries(now + timedelta(hours=1)) == []  # the plan is off
+    assert [event.type for event in store.list_events("a", planned)] == [
+        "task.submitted",
+        "task.failed",
+    ]
+    assert store.get_task("a", resent)["status"] == "queued"
+    assert store.get_task("a", settled)["status"] == "running"
+
+
 def test_the_sweep_for_due_retries_reads_only_the_planned_rows(store: Store) -> None:
     now = datetime.now(UTC)
     for _ in range(3):
