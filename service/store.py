@@ -807,8 +807,9 @@ class Store:
     ) -> tuple[list[Claim], bool]:
         """One transaction of :meth:`claim_due`: up to ``limit`` claims, and whether it stopped
         at the cap on moves with more to do. Pages are read earliest first; a page of moves
-        makes the next page larger (twice its moves, within the cap), so a long run of them
-        takes few round trips, and a page of tasks really due stays the size still wanted."""
+        alone makes the next page larger (twice its moves, within the cap), so a long run of
+        them takes few round trips; after a page that leased tasks, the next is the size
+        still wanted, so that no row is locked (PostgreSQL) only to be left as it was."""
         claims: list[Claim] = []
         with self.transaction(write=True) as session:
             connection = session.connection()
@@ -841,7 +842,10 @@ class Store:
                     return claims, False  # nothing more is due, or enough is claimed
                 if moved >= MOVES_PER_TRANSACTION:
                     return claims, True
-                fetch = min(MOVES_PER_TRANSACTION - moved, max(wanted, 2 * len(moves)))
+                if leases:  # the tasks really due have begun: no more than is wanted
+                    fetch = min(MOVES_PER_TRANSACTION - moved, wanted)
+                else:
+                    fetch = min(MOVES_PER_TRANSACTION - moved, max(wanted, 2 * len(moves)))
 
     def record_poll(
         self,

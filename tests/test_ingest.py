@@ -724,9 +724,9 @@ def test_a_later_plan_leaves_the_next_check_and_the_scheduler_moves_it(
 def stalled_plans(store: Store) -> dict[str, list[str]]:
     """Tasks as a stalled scheduler finds them at T0 + 100 s: eleven due (at 10-20 s) whose
     look was planned later since (at 1,000-1,010 s), and, around them, one whose later plan
-    is itself past (due at 5 s, planned at 50 s), two really due (30 and 31 s) and one not
-    due yet (200 s). Returned by kind, each earliest first."""
-    kinds = {"moved": 11, "plan_past": 1, "due": 2, "not_due": 1}
+    is itself past (due at 5 s, planned at 50 s), four really due (30-33 s) and one not due
+    yet (200 s). Returned by kind, each earliest first."""
+    kinds = {"moved": 11, "plan_past": 1, "due": 4, "not_due": 1}
     tasks = {kind: [new_task(store) for _ in range(count)] for kind, count in kinds.items()}
     plans = [(tasks["plan_past"][0], 5, 50), (tasks["not_due"][0], 200, None)]
     plans += [(task_id, 30 + i, None) for i, task_id in enumerate(tasks["due"])]
@@ -770,7 +770,9 @@ def test_a_backlog_of_later_plans_is_moved_in_short_transactions(
     write turn or the rows' locks for long. (Before: every move in the claim's one
     transaction, through the ORM: 50,000 moves held SQLite's write turn for 2.7 s and
     PostgreSQL's row locks for 18 s.)"""
-    monkeypatch.setattr(store_module, "MOVES_PER_TRANSACTION", 4)
+    # 8: the second transaction's last page, grown after a page of moves alone, holds more
+    # tasks really due than are still wanted.
+    monkeypatch.setattr(store_module, "MOVES_PER_TRANSACTION", 8)
     clock = Clock()
     store = make_store(database_url, clock)
     tasks = stalled_plans(store)
@@ -779,18 +781,22 @@ def test_a_backlog_of_later_plans_is_moved_in_short_transactions(
 
     claims = store.claim_due("evolink", "worker-1", limit=3, lease_seconds=30)
 
-    assert [claim.task_id for claim in claims] == tasks["plan_past"] + tasks["due"]
+    assert [claim.task_id for claim in claims] == tasks["plan_past"] + tasks["due"][:2]
     assert plan_of(store, tasks["plan_past"][0]) == (5.0, None, "worker-1")
     assert [plan_of(store, task_id) for task_id in tasks["due"]] == [
         (30.0, None, "worker-1"),
         (31.0, None, "worker-1"),
+        (32.0, None, None),  # beyond the limit: left due
+        (33.0, None, None),
     ]
     assert [plan_of(store, task_id) for task_id in tasks["moved"]] == [
         (1000.0 + i, None, None) for i in range(11)
     ]
     assert plan_of(store, tasks["not_due"][0]) == (200.0, None, None)
-    assert sum(counts) == 11 and max(counts) == 4, counts  # 4, 4, then 3 with the claims
-    assert store.claim_due("evolink", "worker-2", limit=3, lease_seconds=30) == []
+    assert sum(counts) == 11 and max(counts) == 8, counts  # 8, then 3 with the claims
+    claims = store.claim_due("evolink", "worker-2", limit=3, lease_seconds=30)
+    assert [claim.task_id for claim in claims] == tasks["due"][2:]
+    assert store.claim_due("evolink", "worker-3", limit=3, lease_seconds=30) == []
     store.engine.dispose()
 
 
@@ -826,9 +832,11 @@ def test_a_claim_cut_short_by_the_database_keeps_what_it_committed(
     ]
     assert transactions == 2
 
-    monkeypatch.undo()  # the database is back: the next pass goes on from there
+    # The database is back: the next pass goes on from there.
+    monkeypatch.setattr(store, "_claim_some", real_claim_some)
     claims = store.claim_due("evolink", "worker-2", limit=3, lease_seconds=30)
-    assert [claim.task_id for claim in claims] == tasks["due"]
+    assert [claim.task_id for claim in claims] == tasks["due"][:3]
+    assert all(plan_of(store, task_id)[1] is None for task_id in tasks["moved"])
 
     def never_reached(*args: Any) -> Any:
         raise StoreUnavailable("the database is unavailable")
