@@ -10,11 +10,11 @@ For each backlog size: a fresh store (a SQLite file; with ``--database-url``, a 
 PostgreSQL database too) holding that many such tasks, due a minute ago and planned an hour
 ahead, then 20 tasks really due behind them. A thread sends progress callbacks, one after
 another, for random tasks of the backlog (``Store.apply_update``: SQLite's write turn, the
-task's row lock on PostgreSQL; each behind the task's progress, so that the backlog stays
-as it is); first alone for two seconds (the baseline), then while one
+task's row lock on PostgreSQL; each with its receipt, and behind the task's progress, so
+that the backlog stays as it is); first alone for two seconds (the baseline), then while one
 ``claim_due`` with the scheduler's limit (20) runs. Reported: the claim's wall time, its
-write transactions and the longest of them, and the callbacks' latency during the claim
-against the baseline measured in the same run.
+write transactions and the longest of them, and the latency of the callbacks in flight
+during the claim against the baseline measured in the same run.
 
 Run from the repository root: ``.venv/bin/python bench/claim_backlog.py`` (``--help`` for
 options). To measure other code, put its checkout first: ``PYTHONPATH=/path/to/checkout``.
@@ -41,7 +41,7 @@ from bench.ingest import fresh_postgres, psycopg_url
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource, utcnow
-from service.store import Store
+from service.store import ReceiptDraft, Store
 
 PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
 PREFIX = "taskrelay_bench_claim_"
@@ -91,6 +91,9 @@ def fill(store: Store, backlog: int) -> list[str]:
 # Behind the stored progress (50): the task's row is locked and the receipt written, as for
 # any callback, but the task and its plan stay as they are, so the backlog stays whole.
 STALE = TaskUpdate(status=TaskStatus.running, progress=10)
+RECEIPT = ReceiptDraft(
+    "evolink", b'{"id":"task-1","status":"processing","progress":10}', "application/json"
+)
 
 
 class Callbacks:
@@ -108,7 +111,7 @@ class Callbacks:
         while not self._stop.is_set():
             task_id = self.rng.choice(self.task_ids)
             started = time.perf_counter()
-            self.store.apply_update(task_id, STALE, UpdateSource.callback)
+            self.store.apply_update(task_id, STALE, UpdateSource.callback, receipt=RECEIPT)
             self.timed.append((started, time.perf_counter() - started))
 
     def __enter__(self) -> Callbacks:
@@ -120,8 +123,8 @@ class Callbacks:
         self._thread.join()
 
     def latencies(self, start: float, end: float) -> list[float]:
-        """Milliseconds of the callbacks started in [start, end)."""
-        return [seconds * 1000 for at, seconds in self.timed if start <= at < end]
+        """Milliseconds of the callbacks in flight at some time in [start, end)."""
+        return [seconds * 1000 for at, seconds in self.timed if at < end and at + seconds > start]
 
 
 @contextlib.contextmanager
@@ -182,7 +185,12 @@ def run_case(url: str, backlog: int) -> dict[str, Any]:
             "claim_ms": (claim_end - claim_start) * 1000,
             "transactions": len(durations),
             "longest_ms": max(durations),
-            "baseline": callbacks.latencies(baseline_start, claim_start),
+            # The baseline ends with the last callback answered before the claim began.
+            "baseline": [
+                seconds * 1000
+                for at, seconds in callbacks.timed
+                if at >= baseline_start and at + seconds <= claim_start
+            ],
             "during": callbacks.latencies(claim_start, claim_end),
         }
     finally:
@@ -205,7 +213,7 @@ def report(database: str, results: list[dict[str, Any]]) -> None:
             )
             ratio = f"{percentile(during, 0.99) / percentile(base, 0.99):.0f}x"
         else:
-            seen, ratio = "none finished", "n/a"
+            seen, ratio = "none in flight", "n/a"
         print(
             f"| {r['backlog']:,} | {r['claim_ms']:.0f} ms | {r['transactions']} | "
             f"{r['longest_ms']:.1f} ms | {seen} | {statistics.median(base):.2f} / "
