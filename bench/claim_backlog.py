@@ -37,10 +37,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.ingest import fresh_postgres, psycopg_url
+from bench.ingest import fresh_postgres, percentile, psycopg_url
+from bench.writer import tracked_tasks
 from service.db import make_engine, migrate
 from service.lifecycle import TaskUpdate
-from service.models import Task, TaskOrigin, TaskStatus, UpdateSource, utcnow
+from service.models import Task, TaskStatus, UpdateSource, utcnow
 from service.store import ReceiptDraft, Store
 
 PG_ENV = "TASKRELAY_TEST_DATABASE_URL"
@@ -53,14 +54,7 @@ BASELINE_SECONDS = 2.0
 def fill(store: Store, backlog: int) -> list[str]:
     """``backlog`` EvoLink tasks due a minute ago with a look planned an hour ahead, then
     ``REALLY_DUE`` due a second ago: the backlog's ids."""
-    template = store.create_task(
-        owner="alice",
-        provider="evolink",
-        origin=TaskOrigin.tracked,
-        request={},
-        metadata={},
-        provider_task_id="template",
-    ).task["id"]
+    (template,) = tracked_tasks(store, "alice", 1)
     table = Task.__table__  # type: ignore[attr-defined]
     now = utcnow()
     with store.engine.begin() as connection:
@@ -151,11 +145,6 @@ def transactions_of_this_thread(engine: sa.Engine) -> Iterator[list[float]]:
     finally:
         for name, listener in listeners:
             sa.event.remove(engine, name, listener)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def run_case(url: str, backlog: int) -> dict[str, Any]:
