@@ -131,6 +131,17 @@ def big_pk_type() -> sa.types.TypeEngine[int]:
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+# Submitted tasks whose request has not left yet (Store.unsent_submissions): a task is in the
+# partial index ix_task_unsent_created_at from its creation to its first attempt. Literal
+# values, in the index and in the query alike: SQLite uses a partial index only for a query
+# whose WHERE clause repeats its terms.
+UNSENT_INDEX = "ix_task_unsent_created_at"
+UNSENT = (
+    f"origin = '{TaskOrigin.submitted.value}' AND status = '{TaskStatus.queued.value}' "
+    "AND submit_attempts = 0"
+)
+
+
 class Task(SQLModel, table=True):
     __tablename__ = "task"
     __table_args__ = (
@@ -149,7 +160,7 @@ class Task(SQLModel, table=True):
         # The scheduler's queue per provider: due tasks, earliest first, straight from the index.
         sa.Index("ix_task_provider_next_check_at", "provider", "next_check_at"),
         # Start-up work among the tasks in flight, not the whole table: unfinished tasks
-        # without a plan (reconcile), queued tasks never sent (unsent_submissions).
+        # without a plan (reconcile).
         sa.Index("ix_task_status_next_check_at", "status", "next_check_at"),
         # Submissions waiting to be sent again (Store.due_submit_retries): only the rows with
         # a retry planned are in it (the next attempt clears it; a task settled during its
@@ -160,6 +171,14 @@ class Task(SQLModel, table=True):
             "submit_retry_at",
             sqlite_where=sa.text("submit_retry_at IS NOT NULL"),
             postgresql_where=sa.text("submit_retry_at IS NOT NULL"),
+        ),
+        # Submissions never sent, oldest first (Store.unsent_submissions, in every sweep):
+        # only those rows, not every queued task.
+        sa.Index(
+            UNSENT_INDEX,
+            "created_at",
+            sqlite_where=sa.text(UNSENT),
+            postgresql_where=sa.text(UNSENT),
         ),
     )
 

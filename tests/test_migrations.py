@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,10 @@ def partial_indexes(url: str) -> dict[tuple[str, str], str]:
 
 
 def _predicate(text: str) -> str:
-    return " ".join(text.strip().strip("()").lower().split())
+    """``text`` without what PostgreSQL adds when it stores a predicate: parentheses around
+    each term and casts (``((origin)::text = 'submitted'::text)``)."""
+    text = re.sub(r"::[a-z ]+", "", text.lower())
+    return " ".join(text.replace("(", " ").replace(")", " ").split())
 
 
 def test_partial_indexes_have_the_models_predicates(empty_database: str) -> None:
@@ -128,5 +132,41 @@ def test_the_queue_index_rebuild_runs_again_after_stopping_midway(empty_postgres
         assert indexes() == {name: ["status", "next_attempt_at", "pk"]}
         assert schema_diff(url) == []
         assert current_revision(engine) == head_revision(url)
+    finally:
+        engine.dispose()
+
+
+def test_the_unsent_index_build_runs_again_after_a_failed_build(empty_postgres: str) -> None:
+    """Migration 0008 builds ix_task_unsent_created_at CONCURRENTLY: a build that fails (a
+    deadlock, a cancel) leaves an invalid index under its name and the version at 0007. Run
+    again, it drops that index and builds a valid one; run once more, it changes nothing."""
+    url = empty_postgres
+    engine = make_engine(url)
+    name = "ix_task_unsent_created_at"
+    valid = sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
+
+    def state() -> tuple[bool | None, str]:
+        with engine.connect() as connection:
+            return (
+                connection.execute(valid, {"name": name}).scalar(),
+                current_revision(engine) or "",
+            )
+
+    try:
+        migrate(url, "0008")
+        assert state() == (True, "0008")
+        with engine.begin() as connection:  # what a failed build leaves behind
+            connection.exec_driver_sql(
+                f"UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{name}'::regclass"
+            )
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0007'")
+        assert state() == (False, "0007")
+        migrate(url, "0008")
+        assert state() == (True, "0008")
+        downgrade(url, "0007")
+        assert state() == (None, "0007")
+        migrate(url)
+        assert state() == (True, head_revision(url))
+        assert schema_diff(url) == []
     finally:
         engine.dispose()

@@ -206,6 +206,46 @@ def test_giving_up_a_submission_fails_it_only_if_it_has_not_moved_on(store: Stor
     assert store.get_task("a", settled)["status"] == "running"
 
 
+def test_unsent_submissions_come_oldest_first_from_their_own_index(store: Store) -> None:
+    """The submission sweep's query reads ix_task_unsent_created_at, which holds only the
+    submitted tasks never sent, not every queued task: oldest first, before a cut-off."""
+    now = datetime.now(UTC)
+    ages = {submitted(store): age for age in (30, 90, 60)}  # seconds old
+    sent = submitted(store)
+    assert store.mark_submit_attempt(sent, 1)
+    new_task(store)  # tracked: queued, never sent by TaskRelay
+    with store.engine.begin() as connection:
+        for task_id, age in [*ages.items(), (sent, 120)]:
+            connection.execute(
+                sa.update(Task)
+                .where(Task.id == task_id)  # type: ignore[arg-type]
+                .values(created_at=now - timedelta(seconds=age))
+            )
+    oldest_first = sorted(ages, key=ages.__getitem__, reverse=True)
+    assert store.unsent_submissions() == oldest_first
+    assert store.unsent_submissions(limit=2) == oldest_first[:2]
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
+        if "submit_attempts = 0" in sql:
+            seen.append((sql, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        cut_off = now - timedelta(seconds=45)
+        assert store.unsent_submissions(created_before=cut_off) == oldest_first[:2]
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+    ((sql, parameters),) = seen
+    plan = query_plan(store.engine, sql, parameters)
+    if store.engine.dialect.name == "sqlite":
+        expected = "SEARCH task USING INDEX ix_task_unsent_created_at (created_at<?)"
+    else:
+        expected = "Index Scan using ix_task_unsent_created_at on task"
+    assert expected in plan, plan
+    assert "SORT" not in plan.upper(), plan  # the index's order, not a sort of what it read
+
+
 def test_the_sweep_for_due_retries_reads_only_the_planned_rows(store: Store) -> None:
     now = datetime.now(UTC)
     for _ in range(3):
