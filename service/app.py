@@ -46,6 +46,7 @@ from service.polling import PollPolicy
 from service.providers import build_adapters
 from service.providers.base import ProviderAdapter
 from service.ratelimit import ClientRateLimiter
+from service.retention import Pruner
 from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.scheduler import ProviderLimiter, Scheduler
@@ -275,6 +276,9 @@ def create_app(
             tick_seconds=settings.scheduler_tick,
             clock=clock,
         )
+        pruner = None
+        if settings.retention is not None:
+            pruner = Pruner(store, image_files, settings.retention, metrics=metrics, clock=clock)
         app.state.runtime = Runtime(
             settings=settings,
             engine=engine,
@@ -299,6 +303,7 @@ def create_app(
             event_signal=event_signal,
             address_policy=address_policy,
             committer=committer,
+            pruner=pruner,
         )
         try:
             await submitter.resume()
@@ -325,6 +330,8 @@ def create_app(
             await scheduler.start()
         if settings.dispatcher:
             await dispatcher.start()
+        if pruner is not None:
+            pruner.start()
 
         loop = asyncio.get_running_loop()
         drain_seconds = shutdown_drain_seconds(settings.shutdown_timeout)
@@ -353,6 +360,8 @@ def create_app(
                 stopping.append(loop.create_task(scheduler.stop(grace=drain_seconds)))
             if settings.dispatcher:
                 stopping.append(loop.create_task(dispatcher.stop(grace=drain_seconds)))
+            if pruner is not None:  # no new batch; the one in flight (milliseconds) ends
+                stopping.append(loop.create_task(pruner.stop()))
 
         restore_signals = (
             _chain_shutdown_signals(loop, begin_shutdown) if handle_signals else _nothing

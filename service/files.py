@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import re
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.requests import Request
@@ -18,6 +21,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from service.errors import NotFound, UpstreamProtocolError
+
+log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SAFE_FILE = re.compile(r"^[0-9]{1,3}\.png$")
@@ -48,6 +53,27 @@ class ImageFiles:
             os.fsync(handle.fileno())
         os.replace(temporary, folder / name)
         return f"{self.public_url}/files/{task_id}/{name}"
+
+    def remove(self, task_ids: Iterable[str]) -> int:
+        """Delete the images kept for these tasks (retention, once the tasks are deleted);
+        returns how many tasks had a folder. A file another process removes first, or a
+        folder that cannot be removed, is skipped (logged), never raised."""
+        removed = 0
+        for task_id in task_ids:
+            if not _SAFE_NAME.match(task_id):
+                continue
+            folder = self.root / task_id
+            if not folder.is_dir():
+                continue
+            try:
+                shutil.rmtree(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not delete the images of task %s: %s", task_id, exc)
+                continue
+            removed += 1
+        return removed
 
     def path(self, task_id: str, name: str) -> Path:
         if not _SAFE_NAME.match(task_id) or not _SAFE_FILE.match(name):

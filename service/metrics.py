@@ -95,6 +95,11 @@ FAMILIES: dict[str, Family] = {
             "Tasks expired at their deadline without a final answer, by provider.",
         ),
         Family(
+            "tasks_pruned_total",
+            "counter",
+            "Final tasks deleted past TASKRELAY_RETENTION, with their history and deliveries.",
+        ),
+        Family(
             "deliveries_total",
             "counter",
             "Webhook delivery attempts, by outcome (succeeded: a 2xx; failed: another status; "

@@ -180,6 +180,13 @@ class Task(SQLModel, table=True):
             sqlite_where=sa.text(UNSENT),
             postgresql_where=sa.text(UNSENT),
         ),
+        # Retention (Store.prune_tasks): final tasks, the longest finished first.
+        sa.Index(
+            "ix_task_completed_at",
+            "completed_at",
+            sqlite_where=sa.text("completed_at IS NOT NULL"),
+            postgresql_where=sa.text("completed_at IS NOT NULL"),
+        ),
     )
 
     # Integer key: compact joins, and a strict newest-first order for cursor pagination.
@@ -392,6 +399,9 @@ class Delivery(SQLModel, table=True):
         # Order per task and subscriber: is an earlier event of this task still owed?
         sa.Index("ix_delivery_subscription_task_seq", "subscription_pk", "task_pk", "event_seq"),
         sa.Index("ix_delivery_subscription_pk", "subscription_pk", "pk"),
+        # Deleting an event deletes its deliveries (retention): the foreign key's lookup,
+        # which would read the whole table for each event without it.
+        sa.Index("ix_delivery_event_seq", "event_seq"),
     )
 
     pk: int | None = Field(default=None, sa_column=sa.Column(big_pk_type(), primary_key=True))

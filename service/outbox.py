@@ -1287,16 +1287,20 @@ class Outbox:
             next_cursor = encode_cursor(last)
         return rows, next_cursor
 
-    def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> Delivery:
-        row = (
-            session.exec(
-                select(Delivery)
-                .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
-                .where(Delivery.id == delivery_id, Subscription.owner == owner)
-            ).first()
-            if could_be_issued(delivery_id)
-            else None
+    def _owned_delivery(
+        self, session: Session, owner: str, delivery_id: str, *, lock: bool = False
+    ) -> Delivery:
+        """The client's delivery; ``lock``: its row locked until the commit (PostgreSQL; on
+        SQLite the write turn does it), so that a retention sweep deleting it waits, or has
+        already deleted it and this is a 404, never an update of a row gone meanwhile."""
+        statement = (
+            select(Delivery)
+            .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
+            .where(Delivery.id == delivery_id, Subscription.owner == owner)
         )
+        if lock:
+            statement = statement.with_for_update(of=Delivery)
+        row = session.exec(statement).first() if could_be_issued(delivery_id) else None
         if row is None:
             raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
         return row
@@ -1314,13 +1318,14 @@ class Outbox:
                     .order_by(col(DeliveryAttempt.pk))
                 )
             )
-            assert event is not None
+            if event is None:  # deleted by retention between the two reads
+                raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
             return delivery, event.id, attempts
 
     def retry_delivery(self, owner: str, delivery_id: str) -> Delivery:
         """Send a delivery again now, with a fresh schedule of attempts."""
         with self.store.transaction(write=True) as session:
-            delivery = self._owned_delivery(session, owner, delivery_id)
+            delivery = self._owned_delivery(session, owner, delivery_id, lock=True)
             if delivery.status == DeliveryStatus.pending.value and delivery.lease_owner:
                 raise Conflict("This delivery is being attempted right now.")
             now = self.clock()
@@ -1362,7 +1367,13 @@ class Outbox:
             )
             if until is not None:
                 statement = statement.where(col(TaskEvent.created_at) < until)
-            statement = statement.order_by(col(TaskEvent.seq)).limit(MAX_REPLAY + 1)
+            # The events stay until the commit (a retention sweep deleting their task waits):
+            # each new delivery's foreign key finds its event.
+            statement = (
+                statement.order_by(col(TaskEvent.seq))
+                .limit(MAX_REPLAY + 1)
+                .with_for_update(key_share=True, of=TaskEvent)
+            )
             rows = list(session.exec(statement))
             if len(rows) > MAX_REPLAY:
                 raise ValidationFailed(

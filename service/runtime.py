@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
     from service.netguard import AddressPolicy
     from service.outbox import Outbox
+    from service.retention import Pruner
     from service.scheduler import Scheduler
     from service.stream import EventSignal
     from service.submitter import Submitter
@@ -48,6 +49,7 @@ class Runtime:
     event_signal: EventSignal
     address_policy: AddressPolicy
     committer: GroupCommitter
+    pruner: Pruner | None = None  # TASKRELAY_RETENTION set
 
     async def check_webhook_url(self, url: str, field: str) -> str:
         """A subscriber URL is http(s) and, resolved, reaches only public addresses (unless

@@ -63,6 +63,8 @@ SANDBOX_API_KEY = "sandbox-key"
 # longer to stop than it allows anyway.
 MAX_PROVIDER_TIMEOUT = 3600.0
 MAX_SHUTDOWN_TIMEOUT = 3600.0
+# TASKRELAY_RETENTION: at least a day, whatever the delivery schedule.
+MIN_RETENTION = 86400.0
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -170,6 +172,8 @@ class Settings:
     provider_timeout: float = 30.0
     # The whole graceful shutdown, from SIGTERM/SIGINT to exit (`serve --graceful-timeout`).
     shutdown_timeout: float = 30.0
+    # How long a final task is kept, with its events, callbacks and deliveries (None: forever).
+    retention: float | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -226,6 +230,13 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
+
+
+def _retention(text: str) -> float | None:
+    """A duration, or ``off`` (also ``never``, ``forever``): keep every task."""
+    if text.lower() in {"off", "never", "forever"}:
+        return None
+    return parse_duration(text)
 
 
 def _bounded_duration(most: float) -> Callable[[str], float]:
@@ -499,6 +510,29 @@ def load_settings(
             details={"variable": "TASKRELAY_CALLBACK_TOKEN_TTL"},
         )
 
+    delivery_schedule: tuple[float, ...] = env.get(
+        "TASKRELAY_DELIVERY_SCHEDULE",
+        parse_schedule,
+        Settings.delivery_schedule,
+        "comma-separated waits before each attempt, such as 0s,5s,5m,30m,2h",
+    )
+    retention = env.get("TASKRELAY_RETENTION", _retention, None, "a duration such as 30d, or off")
+    if retention is not None and retention < MIN_RETENTION:
+        raise SettingsError(
+            f"TASKRELAY_RETENTION is shorter than {MIN_RETENTION / 86400:g} day: final tasks "
+            "would be deleted while providers may still send their callbacks and clients still "
+            "look them up. Use days (e.g. 30d), or off to keep every task.",
+            details={"variable": "TASKRELAY_RETENTION"},
+        )
+    if retention is not None and retention <= sum(delivery_schedule):
+        raise SettingsError(
+            f"TASKRELAY_RETENTION ({retention / 86400:g} d) is not longer than the delivery "
+            f"schedule ({sum(delivery_schedule) / 86400:.2f} d in all, "
+            "TASKRELAY_DELIVERY_SCHEDULE): a task's events could be deleted while a delivery "
+            "of one is still being retried. Keep tasks longer, or shorten the schedule.",
+            details={"variable": "TASKRELAY_RETENTION"},
+        )
+
     rate_limit = env.get(
         "TASKRELAY_RATE_LIMIT", _non_negative_float, 100.0, "requests per second (0: no limit)"
     )
@@ -556,12 +590,7 @@ def load_settings(
             "TASKRELAY_SCHEDULER_TICK", parse_duration, 1.0, "a duration such as 1s"
         ),
         scheduler=env.get("TASKRELAY_SCHEDULER", parse_bool, True, "true or false"),
-        delivery_schedule=env.get(
-            "TASKRELAY_DELIVERY_SCHEDULE",
-            parse_schedule,
-            (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0),
-            "comma-separated waits before each attempt, such as 0s,5s,5m,30m,2h",
-        ),
+        delivery_schedule=delivery_schedule,
         delivery_concurrency=env.get(
             "TASKRELAY_DELIVERY_CONCURRENCY", _positive_int, 64, "a positive whole number"
         ),
@@ -596,6 +625,7 @@ def load_settings(
             30.0,
             "a duration such as 30s, at most 1h",
         ),
+        retention=retention,
     )
 
 

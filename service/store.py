@@ -47,6 +47,7 @@ from service.models import (
     UNSENT,
     UNSENT_INDEX,
     CallbackReceipt,
+    Delivery,
     EventType,
     ReceiptOutcome,
     Subscription,
@@ -201,6 +202,40 @@ _MOVE_TO_PLAN = prebuilt(
         .values(next_check_at=_TASK.c.planned_check_at, planned_check_at=None)
     )
 )
+# Retention (prune_tasks): final tasks, the longest finished first; on PostgreSQL, rows
+# another replica is deleting at that moment are left to it.
+_PRUNABLE = prebuilt(
+    lambda dialect: (
+        sa.select(_TASK.c.pk, _TASK.c.id)
+        .where(
+            _TASK.c.completed_at.is_not(None),  # ix_task_completed_at's predicate
+            _TASK.c.completed_at < sa.bindparam("before"),
+        )
+        .order_by(_TASK.c.completed_at)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=dialect == "postgresql")
+    )
+)
+# The foreign keys cascade: events, receipts, notify_url subscriptions, deliveries, attempts.
+_PRUNE = prebuilt(lambda dialect: _TASK.delete().where(one_of(dialect, _TASK.c.pk, "pks")))
+_EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
+_DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+# PostgreSQL: the deliveries the cascade will delete, locked first in key order, the order
+# the dispatcher and a subscription's delete lock them in (the cascade's own order is the
+# events', which could deadlock with them).
+_LOCK_PRUNED_DELIVERIES = prebuilt(
+    lambda dialect: (
+        sa.select(_DELIVERY.c.pk)
+        .where(
+            _DELIVERY.c.event_seq.in_(
+                sa.select(_EVENT.c.seq).where(one_of(dialect, _EVENT.c.task_pk, "pks"))
+            )
+        )
+        .order_by(_DELIVERY.c.pk)
+        .with_for_update()
+    )
+)
+PRUNE_BATCH = 100
 _LEASE = prebuilt(
     lambda dialect: (
         _TASK.update()
@@ -1068,6 +1103,22 @@ class Store:
                 session, task, decide(task_state(task), failed), UpdateSource.submit
             )
             return True
+
+    def prune_tasks(self, finished_before: datetime, limit: int = PRUNE_BATCH) -> list[str]:
+        """Delete up to ``limit`` final tasks that finished before ``finished_before``, the
+        longest finished first, with everything kept for them: their events, callback
+        receipts, notify_url subscriptions, deliveries and delivery attempts. Returns their
+        ids. One short write transaction per call: call again while it returns ``limit``."""
+        with self.core_transaction() as (connection, _written):
+            rows = connection.execute(
+                _PRUNABLE(connection), {"before": finished_before, "limit": limit}
+            ).all()
+            if rows:
+                pks = listed(connection.dialect.name, [pk for pk, _ in rows])
+                if connection.dialect.name == "postgresql":
+                    connection.execute(_LOCK_PRUNED_DELIVERIES(connection), {"pks": pks}).all()
+                connection.execute(_PRUNE(connection), {"pks": pks})
+        return [task_id for _, task_id in rows]
 
     def due_submit_retries(self, due_before: datetime, limit: int = 1000) -> list[tuple[str, int]]:
         """Queued submissions whose planned retry was due before ``due_before``: each task id

@@ -108,25 +108,32 @@ class Harness:
         return await self.runtime.dispatcher.run_until_idle()
 
 
-@pytest.fixture
-async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def harnessed(database_url: str, tmp_path: Path, **settings: str) -> AsyncIterator[Harness]:
+    """The app on a fake clock with a receiver for its webhooks, its background loops idle
+    (the tests drive them); ``settings``: more TASKRELAY_* variables."""
     clock = FakeClock()
     receiver = Receiver()
-    settings = make_settings(
-        database_url,
-        tmp_path,
-        TASKRELAY_SCHEDULER="false",
-        TASKRELAY_DISPATCHER="false",
-        TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
-    )
+    environ = {
+        "TASKRELAY_SCHEDULER": "false",
+        "TASKRELAY_DISPATCHER": "false",
+        "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        **settings,
+    }
     async with serving(
-        settings,
+        make_settings(database_url, tmp_path, **environ),
         webhook_app=receiver.app,
         clock=clock.now,
         monotonic=clock.monotonic,
         sleep=clock.sleep,
     ) as (app, client):
         yield Harness(app, client, clock, receiver)
+
+
+@pytest.fixture
+async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harnessed(database_url, tmp_path) as value:
+        yield value
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:

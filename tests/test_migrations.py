@@ -170,3 +170,52 @@ def test_the_unsent_index_build_runs_again_after_a_failed_build(empty_postgres: 
         assert schema_diff(url) == []
     finally:
         engine.dispose()
+
+
+def test_the_retention_indexes_build_runs_again_after_stopping_midway(empty_postgres: str) -> None:
+    """Migration 0009 builds two indexes CONCURRENTLY, one after the other, outside a
+    transaction: a run can stop with the first built and the second left invalid by a failed
+    build (a deadlock, a cancel), or not begun, the version still at 0008. Run again, it keeps
+    what was built, drops and rebuilds the invalid one, and builds the rest."""
+    url = empty_postgres
+    engine = make_engine(url)
+    names = ("ix_task_completed_at", "ix_delivery_event_seq")
+    valid = sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)")
+    oid = sa.text("SELECT to_regclass(:name)::oid")
+
+    def state() -> tuple[list[bool | None], str]:
+        with engine.connect() as connection:
+            flags = [connection.execute(valid, {"name": name}).scalar() for name in names]
+            return flags, current_revision(engine) or ""
+
+    def oid_of(name: str) -> int:
+        with engine.connect() as connection:
+            return int(connection.execute(oid, {"name": name}).scalar_one())
+
+    def stopped(*statements: str) -> None:
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0008'")
+
+    invalid = "UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{}'::regclass"
+    try:
+        migrate(url, "0009")
+        assert state() == ([True, True], "0009")
+        kept = oid_of(names[0])
+        stopped(invalid.format(names[1]))  # the second build failed
+        assert state() == ([True, False], "0008")
+        migrate(url, "0009")
+        assert state() == ([True, True], "0009")
+        assert oid_of(names[0]) == kept  # built already: left alone
+        stopped(invalid.format(names[0]), f"DROP INDEX {names[1]}")  # the first build failed
+        assert state() == ([False, None], "0008")
+        migrate(url, "0009")
+        assert state() == ([True, True], "0009")
+        downgrade(url, "0008")
+        assert state() == ([None, None], "0008")
+        migrate(url)
+        assert state() == ([True, True], head_revision(url))
+        assert schema_diff(url) == []
+    finally:
+        engine.dispose()

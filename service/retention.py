@@ -1,0 +1,92 @@
+"""Retention: final tasks are deleted ``TASKRELAY_RETENTION`` after they finished, with
+everything kept for them (events, callback receipts, notify_url subscriptions, deliveries and
+their attempts, the images TaskRelay stored), so the store stops growing with its history.
+
+Off unless set. Every process sweeps (every ``SWEEP_SECONDS``, and once at start): each pass
+deletes the tasks that finished longest ago in batches of ``PRUNE_BATCH``, one short write
+transaction each, and goes on while a batch comes back full, after a pause as long as the
+batch took: a large backlog (retention switched on for a store full of history) holds the
+database at most half the time, and on SQLite the callbacks' writer gets its turn between
+batches (the write turn is not fair: a thread taking it again at once can keep a waiting one
+out for several batches). On PostgreSQL, replicas sweeping at once skip each other's rows. A
+task's images are deleted after its rows are: a crash in between leaves the images behind,
+never a task without its images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from starlette.concurrency import run_in_threadpool
+
+from service.files import ImageFiles
+from service.loops import Ticker
+from service.metrics import Metrics
+from service.store import PRUNE_BATCH, Store
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 600.0
+LOG_EVERY_SECONDS = 60.0
+
+
+class Pruner:
+    def __init__(
+        self,
+        store: Store,
+        files: ImageFiles,
+        retention_seconds: float,
+        *,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+        sweep_seconds: float = SWEEP_SECONDS,
+        batch: int = PRUNE_BATCH,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.retention = timedelta(seconds=retention_seconds)
+        self.metrics = metrics
+        self.clock = clock
+        self.batch = batch
+        self.pause = pause  # between full batches, for as long as the last one took
+        self._ticker = Ticker("retention", self.prune_once, sweep_seconds)
+        self._unlogged = 0  # tasks deleted since the last log line
+        self._logged_at = time.monotonic()
+
+    def start(self) -> None:
+        self._ticker.start()
+
+    async def stop(self) -> None:
+        await self._ticker.stop()
+
+    async def prune_once(self) -> int:
+        """Delete one batch of tasks past their retention; returns how many when the batch
+        was full (more may be waiting: the ticker goes again at once), 0 otherwise."""
+        finished_before = self.clock() - self.retention
+        started = time.perf_counter()
+        task_ids = await run_in_threadpool(self.store.prune_tasks, finished_before, self.batch)
+        took = time.perf_counter() - started
+        if not task_ids:
+            return 0
+        await run_in_threadpool(self.files.remove, task_ids)
+        self.metrics.inc("tasks_pruned_total", len(task_ids))
+        self._unlogged += len(task_ids)
+        done = len(task_ids) < self.batch
+        # One line per sweep, and one a minute while a long one goes on.
+        if done or time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS:
+            log.info(
+                "deleted %d tasks finished before %s (TASKRELAY_RETENTION)%s",
+                self._unlogged,
+                finished_before.isoformat(),
+                "" if done else "; more to delete",
+            )
+            self._unlogged, self._logged_at = 0, time.monotonic()
+        if done:
+            return 0
+        await self.pause(took)
+        return len(task_ids)
