@@ -186,6 +186,14 @@ def run_case(url: str, backlog: int) -> dict[str, Any]:
         store.engine.dispose()
 
 
+def spread(milliseconds: list[float], digits: int = 2) -> str:
+    """``p50 / p99 / max ms`` of latencies in milliseconds."""
+    return (
+        f"{statistics.median(milliseconds):.{digits}f} / "
+        f"{percentile(milliseconds, 0.99):.{digits}f} / {max(milliseconds):.1f} ms"
+    )
+
+
 def report(database: str, results: list[dict[str, Any]]) -> None:
     print(f"\n{database}: one claim_due (limit {CLAIM_LIMIT}) after a stall, callbacks meanwhile")
     print(
@@ -196,17 +204,13 @@ def report(database: str, results: list[dict[str, Any]]) -> None:
     for r in results:
         during, base = r["during"], r["baseline"]
         if during:
-            seen = (
-                f"{len(during)}, {statistics.median(during):.2f} / "
-                f"{percentile(during, 0.99):.2f} / {max(during):.1f} ms"
-            )
+            seen = f"{len(during)}, {spread(during)}"
             ratio = f"{percentile(during, 0.99) / percentile(base, 0.99):.0f}x"
         else:
             seen, ratio = "none in flight", "n/a"
         print(
             f"| {r['backlog']:,} | {r['claim_ms']:.0f} ms | {r['transactions']} | "
-            f"{r['longest_ms']:.1f} ms | {seen} | {statistics.median(base):.2f} / "
-            f"{percentile(base, 0.99):.2f} / {max(base):.1f} ms | {ratio} |"
+            f"{r['longest_ms']:.1f} ms | {seen} | {spread(base)} | {ratio} |"
         )
 
 
