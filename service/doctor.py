@@ -19,6 +19,7 @@ import os
 import socket
 import sqlite3
 import ssl
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +42,8 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 # Each provider gets this long to answer; the database this long to accept a connection.
 PROBE_TIMEOUT_SECONDS = 5.0
 DATABASE_TIMEOUT_SECONDS = 5.0
+# Replicas' clocks further apart than this from the database server's: a warning.
+CLOCK_WARN_SECONDS = 2.0
 # A task id no provider has issued: its status query answers "not found" and changes nothing.
 PROBE_TASK_ID = "taskrelay-doctor-probe-0000"
 # Stands in for an unset signing key, so that loading the settings writes no key file.
@@ -357,6 +360,9 @@ class DatabaseProbe:
     unwritable: str | None = None  # SQLite: a path TaskRelay could not write
     error: str | None = None  # the driver's message when it could not be read
     revision: str | None = None  # the schema's Alembic revision (None: empty)
+    # PostgreSQL: this host's clock minus the server's, and the round trip it was read in.
+    clock_offset: float | None = None
+    clock_round_trip: float = 0.0
 
 
 def describe_database(url: str) -> str:
@@ -400,13 +406,67 @@ def probe_database(url: str, *, timeout: float = DATABASE_TIMEOUT_SECONDS) -> Da
         unwritable=blocked,
     )
     try:
-        return replace(found, revision=current_revision(engine))
+        found = replace(found, revision=current_revision(engine))
+        if path is None:
+            offset, round_trip = clock_offset(engine)
+            found = replace(found, clock_offset=offset, clock_round_trip=round_trip)
+        return found
     except sa.exc.DBAPIError as exc:
         return replace(found, error=str(exc.orig) if exc.orig is not None else str(exc))
     except (sa.exc.SQLAlchemyError, OSError) as exc:
         return replace(found, error=f"{type(exc).__name__}: {exc}")
     finally:
         engine.dispose()
+
+
+def clock_offset(engine: sa.Engine) -> tuple[float, float]:
+    """This host's clock minus the database server's, in seconds, and the round trip (the
+    offset is right to within half of it)."""
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")  # the connection's own set-up out of the way
+        before = time.time()
+        server = connection.exec_driver_sql(
+            "SELECT extract(epoch FROM clock_timestamp())"
+        ).scalar_one()
+        after = time.time()
+    return (before + after) / 2 - float(server), after - before
+
+
+def clock_check(probe: DatabaseProbe, poll_lease: float) -> CheckResult | None:
+    """PostgreSQL: replicas compare times each of them wrote (poll and delivery leases,
+    planned retries, the put-aside's window), so their clocks must agree; each one's offset
+    from the database server's tells. None on SQLite (one process, one clock)."""
+    if probe.clock_offset is None:
+        return None
+    offset = probe.clock_offset
+    apart = abs(offset)
+    if apart < CLOCK_WARN_SECONDS:
+        return CheckResult(
+            "clock",
+            OK,
+            f"this host's clock is within {max(apart, probe.clock_round_trip / 2):.2f} s of the "
+            "database server's.",
+        )
+    side = "ahead of" if offset > 0 else "behind"
+    fix = "keep every replica's clock in step with NTP (chrony, systemd-timesyncd)."
+    if apart >= poll_lease / 2:
+        return CheckResult(
+            "clock",
+            FAIL,
+            f"this host's clock is {apart:.1f} s {side} the database server's, half of "
+            f"TASKRELAY_POLL_LEASE ({poll_lease:g} s) or more: a replica whose clock is that "
+            "far ahead takes over other replicas' tasks and deliveries while they still work "
+            "on them (status queries and webhooks sent twice).",
+            fix=fix,
+        )
+    return CheckResult(
+        "clock",
+        WARN,
+        f"this host's clock is {apart:.1f} s {side} the database server's. Replicas compare "
+        "times each of them wrote: clocks more than a few seconds apart take leases over "
+        "early and make the dispatcher's sweep find deliveries late.",
+        fix=fix,
+    )
 
 
 def _writable(path: Path) -> bool:
@@ -754,6 +814,9 @@ def run_checks(
     results.append(database_check(probe))
     head, known = schema_revisions(settings.database_url)
     results.append(migrations_check(probe, head, known))
+    clock = clock_check(probe, settings.poll_lease)
+    if clock is not None:
+        results.append(clock)
     results.extend(asyncio.run(check_providers(settings, probe_seconds=timeout)))
     results.append(public_url_check(settings))
     return redact(results, secret_values(settings))

@@ -164,6 +164,13 @@ FAMILIES: dict[str, Family] = {
             "claim time until found; a steady rise points at clock skew or very late commits.",
         ),
         Family(
+            "clock_offset_seconds",
+            "gauge",
+            "This process's clock minus the PostgreSQL server's, read at scrape time (not on "
+            "SQLite). Replicas compare times each of them wrote (leases, planned retries, the "
+            "put-aside's window): keep every replica within a second or two of the others.",
+        ),
+        Family(
             "database_up",
             "gauge",
             "1 when the database answered this scrape's queries, 0 when it did not (the "
@@ -369,10 +376,17 @@ def queue_depths(store: Store, providers: Sequence[str]) -> list[Sample]:
     Raises :class:`~service.errors.StoreUnavailable` when the database does not answer."""
     now = store.clock()
     in_flight, due_query, pending_query = depth_queries(providers, now)
+    offset: float | None = None
     with store.transaction(write=False) as session:
         by_status = {status: count for status, count in session.execute(in_flight)}
         due = {provider: count for provider, count in session.execute(due_query)}
         pending = session.execute(pending_query).all()
+        if store.engine.dialect.name == "postgresql":
+            before = store.clock()
+            server = session.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+            after = store.clock()
+            # The server read its clock somewhere in the round trip: its middle, +- half.
+            offset = (before + (after - before) / 2 - server).total_seconds()
     samples: list[Sample] = [
         ("tasks_in_flight", (("status", status),), float(by_status.get(status, 0)))
         for status in _IN_FLIGHT
@@ -393,6 +407,8 @@ def queue_depths(store: Store, providers: Sequence[str]) -> list[Sample]:
     ]
     age = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
     samples.append(("oldest_pending_delivery_age_seconds", (), age))
+    if offset is not None:
+        samples.append(("clock_offset_seconds", (), offset))
     return samples
 
 

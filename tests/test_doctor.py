@@ -512,3 +512,31 @@ def test_the_command_reports_a_configuration_error(tmp_path: Path) -> None:
     assert result.stdout.startswith("FAIL") and "TASKRELAY_SECRET_KEY is too short" in result.stdout
     assert "short-secret" not in result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_clock_check_against_the_database_server() -> None:
+    """PostgreSQL replicas compare times each of them wrote: a host whose clock is off from
+    the database server's is a warning past 2 s, and a failure at half the poll lease (it
+    would take other replicas' work over while they still do it). SQLite: no check."""
+
+    def check(offset: float | None) -> CheckResult | None:
+        probe = DatabaseProbe("PostgreSQL database x", sqlite=False, clock_offset=offset)
+        return doctor.clock_check(probe, poll_lease=60.0)
+
+    assert check(None) is None
+    close = check(-0.4)
+    assert close is not None and close.status == OK and "within 0.40 s" in close.message
+    behind = check(-3.5)
+    assert behind is not None and behind.status == WARN
+    assert "3.5 s behind the database server's" in behind.message and "NTP" in str(behind.fix)
+    ahead = check(31.0)
+    assert ahead is not None and ahead.status == FAIL
+    assert "31.0 s ahead of" in ahead.message and "TASKRELAY_POLL_LEASE (60 s)" in ahead.message
+
+
+def test_the_clock_of_this_host_against_postgresql(admin_url: str) -> None:
+    probe = doctor.probe_database(admin_url, timeout=3)
+    assert probe.clock_offset is not None  # one machine, one clock: as close as a round trip
+    assert abs(probe.clock_offset) <= max(0.5, probe.clock_round_trip), probe
+    check = doctor.clock_check(probe, poll_lease=60.0)
+    assert check is not None and check.status == OK

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -572,6 +573,24 @@ async def test_a_database_outage_still_serves_the_process_metrics(
     assert families["taskrelay_database_up"].value() == 0
     assert families["taskrelay_tasks_in_flight"].samples == []
     assert families["taskrelay_callbacks_total"].total() == 1
+
+
+async def test_the_clock_offset_from_postgresql_is_a_gauge(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Replicas compare times each of them wrote, so each one's clock against the database
+    server's is scraped: here a process clock 30 s ahead. SQLite has one process and no
+    server clock: no sample."""
+    clock = FakeClock()
+    ahead = datetime.now(UTC) + timedelta(seconds=30)
+    clock.epoch = ahead - timedelta(seconds=clock.seconds)
+    async for harness in start(harness_settings(database_url, tmp_path), clock):
+        family = (await harness.scrape())["taskrelay_clock_offset_seconds"]
+        assert family.type == "gauge"
+        if harness.runtime.engine.dialect.name == "sqlite":
+            assert family.samples == []
+        else:
+            assert 29 < family.value() < 31, family.samples
 
 
 # --- metrics auth --------------------------------------------------------------------------------
