@@ -434,38 +434,40 @@ def clock_offset(engine: sa.Engine) -> tuple[float, float]:
 
 def clock_check(probe: DatabaseProbe, poll_lease: float) -> CheckResult | None:
     """PostgreSQL: replicas compare times each of them wrote (poll and delivery leases,
-    planned retries, the put-aside's window), so their clocks must agree; each one's offset
-    from the database server's tells. None on SQLite (one process, one clock)."""
+    planned retries, the put-aside's window), so their clocks must agree; each host is
+    checked against the database server's clock, so two replicas off in opposite directions
+    are twice as far apart. None on SQLite (one process, one clock)."""
     if probe.clock_offset is None:
         return None
     offset = probe.clock_offset
     apart = abs(offset)
-    if apart < CLOCK_WARN_SECONDS:
-        return CheckResult(
-            "clock",
-            OK,
-            f"this host's clock is within {max(apart, probe.clock_round_trip / 2):.2f} s of the "
-            "database server's.",
-        )
     side = "ahead of" if offset > 0 else "behind"
     fix = "keep every replica's clock in step with NTP (chrony, systemd-timesyncd)."
-    if apart >= poll_lease / 2:
+    if apart >= poll_lease / 4:
         return CheckResult(
             "clock",
             FAIL,
-            f"this host's clock is {apart:.1f} s {side} the database server's, half of "
-            f"TASKRELAY_POLL_LEASE ({poll_lease:g} s) or more: a replica whose clock is that "
-            "far ahead takes over other replicas' tasks and deliveries while they still work "
-            "on them (status queries and webhooks sent twice).",
+            f"this host's clock is {apart:.1f} s {side} the database server's, a quarter of "
+            f"TASKRELAY_POLL_LEASE ({poll_lease:g} s) or more: another replica as far off the "
+            "other way is half a lease apart from this one, and the one ahead takes over the "
+            "other's tasks and deliveries while it still works on them (status queries and "
+            "webhooks sent twice).",
+            fix=fix,
+        )
+    if apart >= CLOCK_WARN_SECONDS:
+        return CheckResult(
+            "clock",
+            WARN,
+            f"this host's clock is {apart:.1f} s {side} the database server's. Replicas "
+            "compare times each of them wrote: clocks seconds apart take leases over early and "
+            "make the dispatcher's sweep find deliveries late.",
             fix=fix,
         )
     return CheckResult(
         "clock",
-        WARN,
-        f"this host's clock is {apart:.1f} s {side} the database server's. Replicas compare "
-        "times each of them wrote: clocks more than a few seconds apart take leases over "
-        "early and make the dispatcher's sweep find deliveries late.",
-        fix=fix,
+        OK,
+        f"this host's clock is within {max(apart, probe.clock_round_trip / 2):.2f} s of the "
+        "database server's.",
     )
 
 

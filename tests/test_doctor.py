@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -516,12 +517,13 @@ def test_the_command_reports_a_configuration_error(tmp_path: Path) -> None:
 
 def test_the_clock_check_against_the_database_server() -> None:
     """PostgreSQL replicas compare times each of them wrote: a host whose clock is off from
-    the database server's is a warning past 2 s, and a failure at half the poll lease (it
-    would take other replicas' work over while they still do it). SQLite: no check."""
+    the database server's is a warning past 2 s, and a failure at a quarter of the poll lease
+    (two replicas that far off the other way round are half a lease apart: one takes the
+    other's work over while it still does it), however short the lease. SQLite: no check."""
 
-    def check(offset: float | None) -> CheckResult | None:
+    def check(offset: float | None, poll_lease: float = 60.0) -> CheckResult | None:
         probe = DatabaseProbe("PostgreSQL database x", sqlite=False, clock_offset=offset)
-        return doctor.clock_check(probe, poll_lease=60.0)
+        return doctor.clock_check(probe, poll_lease=poll_lease)
 
     assert check(None) is None
     close = check(-0.4)
@@ -529,14 +531,25 @@ def test_the_clock_check_against_the_database_server() -> None:
     behind = check(-3.5)
     assert behind is not None and behind.status == WARN
     assert "3.5 s behind the database server's" in behind.message and "NTP" in str(behind.fix)
-    ahead = check(31.0)
+    ahead = check(15.0)
     assert ahead is not None and ahead.status == FAIL
-    assert "31.0 s ahead of" in ahead.message and "TASKRELAY_POLL_LEASE (60 s)" in ahead.message
+    assert "15.0 s ahead of" in ahead.message and "TASKRELAY_POLL_LEASE (60 s)" in ahead.message
+    assert check(14.9) is not None and check(14.9).status == WARN  # type: ignore[union-attr]
+    short_lease = check(1.8, poll_lease=4.0)  # under the 2 s warning, past a quarter lease
+    assert short_lease is not None and short_lease.status == FAIL
 
 
-def test_the_clock_of_this_host_against_postgresql(admin_url: str) -> None:
+def test_the_clock_of_this_host_against_postgresql(
+    admin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     probe = doctor.probe_database(admin_url, timeout=3)
     assert probe.clock_offset is not None  # one machine, one clock: as close as a round trip
     assert abs(probe.clock_offset) <= max(0.5, probe.clock_round_trip), probe
     check = doctor.clock_check(probe, poll_lease=60.0)
     assert check is not None and check.status == OK
+    real = time.time
+    monkeypatch.setattr(doctor.time, "time", lambda: real() + 30)  # this host 30 s ahead
+    ahead = doctor.probe_database(admin_url, timeout=3)
+    assert ahead.clock_offset is not None and 29 < ahead.clock_offset < 31
+    check = doctor.clock_check(ahead, poll_lease=60.0)
+    assert check is not None and check.status == FAIL and "30.0 s ahead of" in check.message

@@ -581,13 +581,13 @@ async def test_the_clock_offset_from_postgresql_is_a_gauge(
     """Replicas compare times each of them wrote, so each one's clock against the database
     server's is scraped: here a process clock 30 s ahead. SQLite has one process and no
     server clock: no sample."""
-    clock = FakeClock()
-    ahead = datetime.now(UTC) + timedelta(seconds=30)
-    clock.epoch = ahead - timedelta(seconds=clock.seconds)
-    async for harness in start(harness_settings(database_url, tmp_path), clock):
-        family = (await harness.scrape())["taskrelay_clock_offset_seconds"]
+    settings = harness_settings(database_url, tmp_path)
+    ahead = lambda: datetime.now(UTC) + timedelta(seconds=30)  # noqa: E731
+    async with serving(settings, webhook_app=Starlette(), clock=ahead) as (app, client):
+        response = await client.get("/metrics")
+        family = parse_exposition(response.text)["taskrelay_clock_offset_seconds"]
         assert family.type == "gauge"
-        if harness.runtime.engine.dialect.name == "sqlite":
+        if app.state.runtime.engine.dialect.name == "sqlite":
             assert family.samples == []
         else:
             assert 29 < family.value() < 31, family.samples
