@@ -135,6 +135,18 @@ def delivery_row(
     }
 
 
+def _followers(delivery: Delivery, now: datetime) -> sa.ColumnElement[bool]:
+    """The task's later events owed to the same subscription and put off past ``now`` (held
+    behind ``delivery``'s retry, see ``Outbox._move_aside``)."""
+    return sa.and_(
+        _DELIVERY.c.subscription_pk == delivery.subscription_pk,
+        _DELIVERY.c.task_pk == delivery.task_pk,
+        _DELIVERY.c.event_seq > delivery.event_seq,
+        _DELIVERY.c.status == DeliveryStatus.pending.value,
+        _DELIVERY.c.next_attempt_at > now,
+    )
+
+
 def new_delivery(subscription_pk: int, event: TaskEvent, due: datetime, now: datetime) -> Delivery:
     """:func:`delivery_row` as an ORM object, for an event already loaded."""
     assert event.seq is not None
@@ -1287,19 +1299,12 @@ class Outbox:
             next_cursor = encode_cursor(last)
         return rows, next_cursor
 
-    def _owned_delivery(
-        self, session: Session, owner: str, delivery_id: str, *, lock: bool = False
-    ) -> Delivery:
-        """The client's delivery; ``lock``: its row locked until the commit (PostgreSQL; on
-        SQLite the write turn does it), so that a retention sweep deleting it waits, or has
-        already deleted it and this is a 404, never an update of a row gone meanwhile."""
+    def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> Delivery:
         statement = (
             select(Delivery)
             .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
             .where(Delivery.id == delivery_id, Subscription.owner == owner)
         )
-        if lock:
-            statement = statement.with_for_update(of=Delivery)
         row = session.exec(statement).first() if could_be_issued(delivery_id) else None
         if row is None:
             raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
@@ -1325,10 +1330,29 @@ class Outbox:
     def retry_delivery(self, owner: str, delivery_id: str) -> Delivery:
         """Send a delivery again now, with a fresh schedule of attempts."""
         with self.store.transaction(write=True) as session:
-            delivery = self._owned_delivery(session, owner, delivery_id, lock=True)
+            delivery = self._owned_delivery(session, owner, delivery_id)
+            connection = session.connection()
+            now = self.clock()
+            if connection.dialect.name == "postgresql":
+                # This delivery and the followers the update below moves, locked together in
+                # key order (the order the dispatcher and a retention sweep lock them in):
+                # a sweep deleting them meanwhile waits, or has already deleted this one.
+                locked = connection.execute(
+                    sa.select(_DELIVERY.c.pk)
+                    .where(
+                        sa.or_(
+                            _DELIVERY.c.pk == delivery.pk,
+                            _followers(delivery, now),
+                        )
+                    )
+                    .order_by(_DELIVERY.c.pk)
+                    .with_for_update()
+                ).scalars()
+                if delivery.pk not in set(locked):
+                    raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
+                session.refresh(delivery)  # as it is now, under the lock
             if delivery.status == DeliveryStatus.pending.value and delivery.lease_owner:
                 raise Conflict("This delivery is being attempted right now.")
-            now = self.clock()
             delivery.status = DeliveryStatus.pending.value
             delivery.attempts = 0
             delivery.next_attempt_at = now
@@ -1337,15 +1361,7 @@ class Outbox:
             # The task's later events held behind this one were put off until its next retry
             # (_move_aside); it goes now, so they may follow it at once.
             session.execute(
-                sa.update(_DELIVERY)
-                .where(
-                    _DELIVERY.c.subscription_pk == delivery.subscription_pk,
-                    _DELIVERY.c.task_pk == delivery.task_pk,
-                    _DELIVERY.c.event_seq > delivery.event_seq,
-                    _DELIVERY.c.status == DeliveryStatus.pending.value,
-                    _DELIVERY.c.next_attempt_at > now,
-                )
-                .values(next_attempt_at=now)
+                sa.update(_DELIVERY).where(_followers(delivery, now)).values(next_attempt_at=now)
             )
             return delivery
 
@@ -1367,13 +1383,7 @@ class Outbox:
             )
             if until is not None:
                 statement = statement.where(col(TaskEvent.created_at) < until)
-            # The events stay until the commit (a retention sweep deleting their task waits):
-            # each new delivery's foreign key finds its event.
-            statement = (
-                statement.order_by(col(TaskEvent.seq))
-                .limit(MAX_REPLAY + 1)
-                .with_for_update(key_share=True, of=TaskEvent)
-            )
+            statement = statement.order_by(col(TaskEvent.seq)).limit(MAX_REPLAY + 1)
             rows = list(session.exec(statement))
             if len(rows) > MAX_REPLAY:
                 raise ValidationFailed(
@@ -1383,10 +1393,25 @@ class Outbox:
                 )
             now = self.clock()
             assert subscription.pk is not None
-            count = 0
-            for event, provider in rows:
-                if not _matches(subscription, event.type, provider):
-                    continue
+            owed = [
+                event for event, provider in rows if _matches(subscription, event.type, provider)
+            ]
+            connection = session.connection()
+            dialect = connection.dialect.name
+            if owed and dialect == "postgresql":
+                # The events owed, held until the commit (a retention sweep deleting their
+                # task waits for it), so each new delivery's foreign key finds its event; one
+                # deleted since the read above is left out.
+                present = set(
+                    connection.execute(
+                        sa.select(_EVENT.c.seq)
+                        .where(one_of(dialect, _EVENT.c.seq, "seqs"))
+                        .order_by(_EVENT.c.seq)
+                        .with_for_update(key_share=True),
+                        {"seqs": listed(dialect, [event.seq for event in owed])},
+                    ).scalars()
+                )
+                owed = [event for event in owed if event.seq in present]
+            for event in owed:
                 session.add(new_delivery(subscription.pk, event, now, now))
-                count += 1
-            return count
+            return len(owed)

@@ -71,14 +71,13 @@ class Pruner:
         started = time.perf_counter()
         task_ids = await run_in_threadpool(self.store.prune_tasks, finished_before, self.batch)
         took = time.perf_counter() - started
-        if not task_ids:
-            return 0
-        await run_in_threadpool(self.files.remove, task_ids)
-        self.metrics.inc("tasks_pruned_total", len(task_ids))
-        self._unlogged += len(task_ids)
+        if task_ids:
+            await run_in_threadpool(self.files.remove, task_ids)
+            self.metrics.inc("tasks_pruned_total", len(task_ids))
+            self._unlogged += len(task_ids)
         done = len(task_ids) < self.batch
-        # One line per sweep, and one a minute while a long one goes on.
-        if done or time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS:
+        # One line per sweep that deleted anything, and one a minute while a long one goes on.
+        if self._unlogged and (done or time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS):
             log.info(
                 "deleted %d tasks finished before %s (TASKRELAY_RETENTION)%s",
                 self._unlogged,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from sqlmodel import SQLModel
 from starlette.applications import Starlette
 
 from service.db import make_engine
+from service.errors import NotFound
 from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
 from service.metrics import Metrics
@@ -431,16 +433,23 @@ def sweep_racing(harness: Harness, statement: str) -> Iterator[list[bool]]:
             sweep.join()
 
 
-async def old_delivery(harness: Harness) -> tuple[str, str, str]:
-    """A subscription, a task that finished 31 days ago and the id of a delivery of it."""
-    subscription = await harness.subscribe("a")
+async def old_delivery(harness: Harness, subscription_id: str = "") -> tuple[str, str, str]:
+    """A subscription (a new one unless given), a task that finished 31 days ago and the id
+    of a delivery of it."""
+    if not subscription_id:
+        subscription_id = (await harness.subscribe("a"))["id"]
     task_id = await harness.track()
     harness.update(task_id, TaskStatus.succeeded)
     assert await harness.deliver() == 2
     harness.clock.advance(31 * DAY)
     with harness.runtime.engine.connect() as connection:
-        delivery_id = connection.exec_driver_sql("SELECT min(id) FROM delivery").scalar_one()
-    return subscription["id"], task_id, str(delivery_id)
+        delivery_id = connection.execute(
+            sa.text(
+                "SELECT min(d.id) FROM delivery d JOIN task t ON t.pk = d.task_pk WHERE t.id = :id"
+            ),
+            {"id": task_id},
+        ).scalar_one()
+    return subscription_id, task_id, str(delivery_id)
 
 
 async def test_a_retry_racing_the_sweep_is_made_then_deleted(pg_harness: Harness) -> None:
@@ -467,3 +476,64 @@ async def test_a_replay_racing_the_sweep_is_made_then_deleted(pg_harness: Harnes
     assert finished_first == [False]
     assert replayed == 2
     assert rows_of(pg_harness.runtime.engine, [task_id]) == dict.fromkeys(_ROWS_OF_TASKS, 0)
+
+
+async def test_a_retry_or_a_replay_after_the_sweep_deleted_its_rows_is_a_404_or_nothing(
+    pg_harness: Harness,
+) -> None:
+    """PostgreSQL: the sweep commits between a request's first read and its locks. A retry
+    of the delivery is a 404 (not an update of a row gone), a replay owes nothing (not a
+    delivery whose event is gone), a look at the delivery is a 404 (not a 500)."""
+    subscription_id, task_id, delivery_id = await old_delivery(pg_harness)
+    outbox = pg_harness.runtime.outbox
+    racing = sweep_racing(pg_harness, "SELECT task_event.seq, task_event.id")
+    with racing as finished_first, pytest.raises(NotFound):
+        outbox.get_delivery("alice", delivery_id)
+    assert finished_first == [True]
+    assert rows_of(pg_harness.runtime.engine, [task_id])["task"] == 0
+
+    _, task_id, delivery_id = await old_delivery(pg_harness, subscription_id)
+    with sweep_racing(pg_harness, "SELECT delivery.pk") as finished_first, pytest.raises(NotFound):
+        outbox.retry_delivery("alice", delivery_id)
+    assert finished_first == [True]
+
+    _, task_id, _ = await old_delivery(pg_harness, subscription_id)
+    since = pg_harness.clock.now() - timedelta(days=40)
+    with sweep_racing(pg_harness, "SELECT task_event.seq") as finished_first:
+        assert outbox.replay("alice", subscription_id, since=since, until=None) == 0
+    assert finished_first == [True]
+    assert rows_of(pg_harness.runtime.engine, [task_id]) == dict.fromkeys(_ROWS_OF_TASKS, 0)
+
+
+async def test_the_pruner_stops_with_the_service(database_url: str, tmp_path: Path) -> None:
+    async with harnessed(database_url, tmp_path, TASKRELAY_RETENTION="30d") as harness:
+        pruner = harness.runtime.pruner
+        assert pruner is not None
+        ticker = pruner._ticker._task
+        assert ticker is not None and not ticker.done()
+    assert ticker.done()
+
+
+async def test_a_sweep_logs_one_line_when_it_ends(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Even when its last batch comes back empty (a multiple of the batch deleted)."""
+    now = datetime.now(UTC)
+    finished(store, 4, now - timedelta(days=40))
+
+    async def no_pause(seconds: float) -> None:
+        pass
+
+    pruner = Pruner(
+        store,
+        ImageFiles(tmp_path / "files", "http://testserver"),
+        30 * DAY,
+        metrics=Metrics(),
+        clock=lambda: now,
+        batch=2,
+        pause=no_pause,
+    )
+    with caplog.at_level(logging.INFO, logger="service.retention"):
+        assert [await pruner.prune_once() for _ in range(4)] == [2, 2, 0, 0]
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("deleted 4 tasks finished before"), lines
