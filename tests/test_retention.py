@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -537,3 +538,54 @@ async def test_a_sweep_logs_one_line_when_it_ends(
         assert [await pruner.prune_once() for _ in range(4)] == [2, 2, 0, 0]
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("deleted 4 tasks finished before"), lines
+
+
+async def test_the_sweep_takes_deliveries_in_key_order(pg_harness: Harness) -> None:
+    """PostgreSQL: the cascade reaches a task's deliveries in the order of its events; the
+    dispatcher and a subscription's delete lock deliveries in key order. Replays of two time
+    windows, the later one first, make keys out of event order: a sweep that let the cascade
+    take them would deadlock with a transaction taking the same rows in key order. The sweep
+    takes them in key order itself first, so it waits for that transaction instead."""
+    harness = pg_harness
+    subscription = await harness.subscribe("a")
+    start = harness.clock.now()
+    task_id = await harness.track()  # event 1 at 0 s
+    harness.clock.advance(10)
+    harness.update(task_id, TaskStatus.succeeded)  # event 2 at 10 s
+    replay = partial(harness.runtime.outbox.replay, "alice", subscription["id"])
+    # The later window first (event 2), then the earlier one (event 1).
+    assert replay(since=start + timedelta(seconds=5), until=None) == 1
+    assert replay(since=start, until=start + timedelta(seconds=5)) == 1
+    engine = harness.runtime.engine
+    with engine.connect() as connection:
+        (_, first_event), (_, second_event) = connection.execute(
+            sa.text(
+                "SELECT event_seq, array_agg(pk ORDER BY pk) FROM delivery "
+                "GROUP BY event_seq ORDER BY event_seq"
+            )
+        ).all()
+    # The cascade would take event 1's deliveries (one with a high key) before event 2's.
+    held_here, taken_by_cascade = second_event[0], first_event[-1]
+    assert held_here < taken_by_cascade
+    harness.clock.advance(31 * DAY)
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            harness.runtime.store.prune_tasks(harness.clock.now() - timedelta(days=30))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with engine.connect() as other:
+        other.exec_driver_sql("SET lock_timeout = '10s'")
+        lock = "SELECT pk FROM delivery WHERE pk = {} FOR UPDATE"
+        other.exec_driver_sql(lock.format(held_here))
+        sweeping = threading.Thread(target=sweep)
+        sweeping.start()
+        sweeping.join(timeout=0.5)
+        assert sweeping.is_alive()  # waiting for the row held here
+        other.exec_driver_sql(lock.format(taken_by_cascade))  # key order: no deadlock
+        other.commit()
+    sweeping.join()
+    assert errors == []
+    assert rows_of(engine, [task_id]) == dict.fromkeys(_ROWS_OF_TASKS, 0)
