@@ -210,6 +210,23 @@ async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@contextlib.contextmanager
+def statements_with(engine: sa.Engine, fragment: str) -> Iterator[list[tuple[str, Any]]]:
+    """The statements ``engine`` runs meanwhile whose SQL contains ``fragment``, each with its
+    parameters (for :func:`query_plan`)."""
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
+        if fragment in sql:
+            seen.append((sql, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+
+
 def query_plan(engine: sa.Engine, sql: str, parameters: Any = ()) -> str:
     """The plan the database would run ``sql`` with, its lines joined by " | ": SQLite's
     EXPLAIN QUERY PLAN, or PostgreSQL's EXPLAIN with sequential scans off (tiny test tables

@@ -28,7 +28,7 @@ from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
 from service.retention import Pruner
 from service.settings import SettingsError
 from service.store import Store
-from tests.conftest import ALICE, auth, make_settings, query_plan, serving
+from tests.conftest import ALICE, auth, make_settings, query_plan, serving, statements_with
 from tests.test_callbacks import evolink_body
 from tests.test_events import HOOK, Harness, harnessed
 
@@ -256,17 +256,8 @@ def test_the_sweep_and_the_cascade_use_their_indexes(store: Store) -> None:
     ix_delivery_event_seq (the foreign key's lookup, which would read the whole delivery
     table once per event without it)."""
     finished(store, 1, datetime.now(UTC) - timedelta(days=40))
-    seen: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
-        if "completed_at <" in sql:
-            seen.append((sql, parameters))
-
-    sa.event.listen(store.engine, "before_cursor_execute", capture)
-    try:
+    with statements_with(store.engine, "completed_at <") as seen:
         assert len(store.prune_tasks(datetime.now(UTC) - timedelta(days=30))) == 1
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", capture)
     ((sql, parameters),) = seen
     if store.engine.dialect.name == "postgresql":
         # On a table this small, a bitmap scan and a sort look cheapest; with thousands of

@@ -26,7 +26,7 @@ from service.models import (
     json_type,
 )
 from service.store import ReceiptDraft, Store
-from tests.conftest import query_plan
+from tests.conftest import query_plan, statements_with
 
 IMAGE = ({"url": "https://cdn.example/1.png"},)
 
@@ -224,18 +224,9 @@ def test_unsent_submissions_come_oldest_first_from_their_own_index(store: Store)
     oldest_first = sorted(ages, key=ages.__getitem__, reverse=True)
     assert store.unsent_submissions() == oldest_first
     assert store.unsent_submissions(limit=2) == oldest_first[:2]
-    seen: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
-        if "submit_attempts = 0" in sql:
-            seen.append((sql, parameters))
-
-    sa.event.listen(store.engine, "before_cursor_execute", capture)
-    try:
+    with statements_with(store.engine, "submit_attempts = 0") as seen:
         cut_off = now - timedelta(seconds=45)
         assert store.unsent_submissions(created_before=cut_off) == oldest_first[:2]
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", capture)
     ((sql, parameters),) = seen
     plan = query_plan(store.engine, sql, parameters)
     if store.engine.dialect.name == "sqlite":
@@ -252,17 +243,8 @@ def test_the_sweep_for_due_retries_reads_only_the_planned_rows(store: Store) -> 
         task_id = submitted(store)
         assert store.mark_submit_attempt(task_id, 1)
         assert store.plan_submit_retry(task_id, 1, now)
-    seen: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
-        if "submit_retry_at <" in sql:
-            seen.append((sql, parameters))
-
-    sa.event.listen(store.engine, "before_cursor_execute", capture)
-    try:
+    with statements_with(store.engine, "submit_retry_at <") as seen:
         assert len(store.due_submit_retries(now + timedelta(seconds=1))) == 3
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", capture)
     ((sql, parameters),) = seen
     plan = query_plan(store.engine, sql, parameters)
     if store.engine.dialect.name == "sqlite":
