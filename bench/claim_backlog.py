@@ -30,7 +30,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -122,19 +122,19 @@ class Callbacks:
 
 
 @contextlib.contextmanager
-def transactions_of_this_thread(engine: sa.Engine) -> Iterator[list[float]]:
-    """The durations (ms) of the transactions this thread commits or rolls back meanwhile."""
-    me = threading.get_ident()
+def transactions_of(engine: sa.Engine, counted: Callable[[], bool]) -> Iterator[list[float]]:
+    """The durations (ms) of the transactions committed or rolled back meanwhile by threads
+    for which ``counted()`` is true when they begin."""
     began: dict[int, float] = {}
     durations: list[float] = []
 
     def begin(connection: Any) -> None:
-        if threading.get_ident() == me:
+        if counted():
             began[id(connection)] = time.perf_counter()
 
     def end(connection: Any) -> None:
         started = began.pop(id(connection), None)
-        if started is not None and threading.get_ident() == me:
+        if started is not None:
             durations.append((time.perf_counter() - started) * 1000)
 
     listeners = [("begin", begin), ("commit", end), ("rollback", end)]
@@ -145,6 +145,14 @@ def transactions_of_this_thread(engine: sa.Engine) -> Iterator[list[float]]:
     finally:
         for name, listener in listeners:
             sa.event.remove(engine, name, listener)
+
+
+def transactions_of_this_thread(
+    engine: sa.Engine,
+) -> contextlib.AbstractContextManager[list[float]]:
+    """:func:`transactions_of` the calling thread."""
+    me = threading.get_ident()
+    return transactions_of(engine, lambda: threading.get_ident() == me)
 
 
 def run_case(url: str, backlog: int) -> dict[str, Any]:

@@ -22,25 +22,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from bench.claim_backlog import Callbacks, spread
+from bench.claim_backlog import Callbacks, spread, transactions_of
 from bench.ingest import percentile
 from bench.store_scale import TABLES, Population, fresh_database, load_store, psycopg_url
 from service.db import make_engine
 from service.files import ImageFiles
 from service.metrics import Metrics
-from service.models import utcnow
+from service.models import UTCDateTime, utcnow
 from service.retention import Pruner
 from service.store import Store
 
@@ -69,19 +67,13 @@ def counts(engine: sa.Engine, before: Any) -> dict[str, tuple[int, int]]:
             total = int(connection.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one())
             if table in by_task:
                 query = sa.text(by_task[table]).bindparams(
-                    sa.bindparam("before", type_=_utc_type())
+                    sa.bindparam("before", type_=UTCDateTime())
                 )
                 past = int(connection.execute(query, {"before": before}).scalar_one())
             else:
                 past = 0
             result[table] = (past, total - past)
     return result
-
-
-def _utc_type() -> sa.types.TypeEngine[Any]:
-    from service.models import UTCDateTime
-
-    return UTCDateTime()
 
 
 def running_tasks(engine: sa.Engine, limit: int = 5000) -> list[str]:
@@ -108,35 +100,6 @@ async def sweep(store: Store, cut_off: datetime, folder: Path) -> int:
     return int(metrics.counter("tasks_pruned_total"))
 
 
-@contextlib.contextmanager
-def transactions_of_engine(engine: sa.Engine) -> Iterator[list[float]]:
-    """The durations (ms) of the transactions of the pruner's worker threads meanwhile: every
-    thread but the callbacks' (named "callbacks")."""
-    began: dict[int, float] = {}
-    durations: list[float] = []
-
-    def mine() -> bool:
-        return threading.current_thread().name != "callbacks"
-
-    def begin(connection: Any) -> None:
-        if mine():
-            began[id(connection)] = time.perf_counter()
-
-    def end(connection: Any) -> None:
-        started = began.pop(id(connection), None)
-        if started is not None:
-            durations.append((time.perf_counter() - started) * 1000)
-
-    listeners = [("begin", begin), ("commit", end), ("rollback", end)]
-    for name, listener in listeners:
-        sa.event.listen(engine, name, listener)
-    try:
-        yield durations
-    finally:
-        for name, listener in listeners:
-            sa.event.remove(engine, name, listener)
-
-
 def run_case(url: str, tasks: int, retention_days: float, folder: str) -> dict[str, Any]:
     now = utcnow()
     load_store(url, Population(tasks, tasks // 10, 0.20, 0.05), now, lambda line: print(line))
@@ -148,7 +111,9 @@ def run_case(url: str, tasks: int, retention_days: float, folder: str) -> dict[s
             baseline_start = time.perf_counter()
             time.sleep(BASELINE_SECONDS)
             sweep_start = time.perf_counter()
-            with transactions_of_engine(store.engine) as durations:
+            # The pruner's worker threads: every thread but the callbacks'.
+            pruner_threads = lambda: threading.current_thread().name != "callbacks"  # noqa: E731
+            with transactions_of(store.engine, pruner_threads) as durations:
                 pruned = asyncio.run(sweep(store, cut_off, Path(folder)))
             sweep_end = time.perf_counter()
             time.sleep(0.2)
