@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,4 +223,81 @@ def test_the_retention_indexes_build_runs_again_after_stopping_midway(empty_post
         assert state() == ([True, True], head_revision(url))
         assert schema_diff(url) == []
     finally:
+        engine.dispose()
+
+
+def test_migration_runs_started_together_take_turns(empty_postgres: str) -> None:
+    """Replicas that each run `taskrelay migrate` as they start (an init container per pod)
+    start their runs together: each run holds an advisory lock while it migrates, so one
+    migrates and the others then find the schema at head. Without it, all but one failed,
+    creating tables another run had just created (reproduced: three of four runs failed)."""
+    environ = {**os.environ, "TASKRELAY_DATABASE_URL": empty_postgres}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "migrate"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    assert schema_diff(empty_postgres) == []
+    engine = make_engine(empty_postgres)
+    try:
+        assert current_revision(engine) == head_revision(empty_postgres)
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_run_waits_for_the_one_in_progress(empty_postgres: str) -> None:
+    """While another session holds the migration lock, a run changes nothing, and asks again
+    rather than blocking in a statement (whose snapshot a CREATE INDEX CONCURRENTLY in the
+    other run would wait for); once the lock is free, it migrates."""
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it to finish" in record.getMessage():
+                waiting.set()
+
+    logger = logging.getLogger("taskrelay.migrate")
+    handler, level = Seen(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    engine = make_engine(empty_postgres)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate(empty_postgres)
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    try:
+        with engine.connect() as holder:
+            holder.exec_driver_sql("SELECT pg_advisory_lock(hashtext('taskrelay migrate'))")
+            holder.commit()
+            thread.start()
+            while thread.is_alive() and not waiting.wait(timeout=0.05):
+                pass
+            assert waiting.is_set() and thread.is_alive()
+            assert table_names(empty_postgres) == set()  # nothing done while it waits
+            with engine.connect() as other:  # no session parked in a lock wait
+                parked = other.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ).scalar_one()
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(hashtext('taskrelay migrate'))")
+            holder.commit()
+        thread.join(timeout=120)
+        assert not thread.is_alive() and failures == []
+        assert parked == 0
+        assert current_revision(engine) == head_revision(empty_postgres)
+        assert schema_diff(empty_postgres) == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
         engine.dispose()

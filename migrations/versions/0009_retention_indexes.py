@@ -47,11 +47,9 @@ def upgrade() -> None:
         return
     # Built without blocking writes (CONCURRENTLY, outside a transaction): the release before
     # keeps serving while this runs. A run stopped midway can run again: each index already
-    # built is kept, and one a failed build left invalid is dropped and built again. Migrate
-    # from one place (the README): the advisory lock keeps a second run started meanwhile
-    # from building an index too, but that run may still fail (PostgreSQL cancels it in a
-    # deadlock with the first one's build, or Alembic finds the version already moved); the
-    # first completes.
+    # built is kept, and one a failed build left invalid is dropped and built again. Runs
+    # started together take turns (the lock in migrations/env.py); this migration's own lock
+    # predates it.
     with op.get_context().autocommit_block():
         bind = op.get_bind()
         bind.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK})")
