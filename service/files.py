@@ -15,6 +15,7 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SAFE_FILE = re.compile(r"^[0-9]{1,3}\.png$")
+
+
+class Removed(NamedTuple):
+    """What :meth:`ImageFiles.remove` did: task folders deleted, and those it could not."""
+
+    removed: int
+    failed: int
 
 
 class ImageFiles:
@@ -54,11 +62,11 @@ class ImageFiles:
         os.replace(temporary, folder / name)
         return f"{self.public_url}/files/{task_id}/{name}"
 
-    def remove(self, task_ids: Iterable[str]) -> int:
-        """Delete the images kept for these tasks (retention, once the tasks are deleted);
-        returns how many tasks had a folder. A file another process removes first, or a
-        folder that cannot be removed, is skipped (logged), never raised."""
-        removed = 0
+    def remove(self, task_ids: Iterable[str]) -> Removed:
+        """Delete the images kept for these tasks (retention, once the tasks are deleted). A
+        folder another process removes first is skipped; one that cannot be removed is logged
+        and counted as failed, never raised."""
+        removed = failed = 0
         for task_id in task_ids:
             if not _SAFE_NAME.match(task_id):
                 continue
@@ -71,9 +79,22 @@ class ImageFiles:
                 continue
             except OSError as exc:
                 log.warning("could not delete the images of task %s: %s", task_id, exc)
+                failed += 1
                 continue
             removed += 1
-        return removed
+        return Removed(removed, failed)
+
+    def task_folders(self) -> list[str]:
+        """The task ids that have a folder here (names that are not a task id are left out)."""
+        try:
+            with os.scandir(self.root) as entries:
+                return [
+                    entry.name
+                    for entry in entries
+                    if _SAFE_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False)
+                ]
+        except FileNotFoundError:  # nothing stored yet
+            return []
 
     def path(self, task_id: str, name: str) -> Path:
         if not _SAFE_NAME.match(task_id) or not _SAFE_FILE.match(name):

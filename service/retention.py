@@ -10,7 +10,9 @@ database at most half the time, and on SQLite the callbacks' writer gets its tur
 batches (the write turn is not fair: a thread taking it again at once can keep a waiting one
 out for several batches). On PostgreSQL, replicas sweeping at once skip each other's rows. A
 task's images are deleted after its rows are: a crash in between leaves the images behind,
-never a task without its images.
+never a task without its images. What is left behind so is found by the first sweep after a
+start (and the first after a folder could not be deleted): a folder in the files folder whose
+task is no longer in the store is deleted then (:meth:`Pruner.remove_orphans`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 600.0
 LOG_EVERY_SECONDS = 60.0
+ORPHAN_CHECK_BATCH = 500  # task folders looked up per query
 
 
 class Pruner:
@@ -57,6 +60,7 @@ class Pruner:
         self._ticker = Ticker("retention", self.prune_once, sweep_seconds)
         self._unlogged = 0  # tasks deleted since the last log line
         self._logged_at = time.monotonic()
+        self._orphans_checked = False  # since the start, or since a folder could not be deleted
 
     def start(self) -> None:
         self._ticker.start()
@@ -67,12 +71,17 @@ class Pruner:
     async def prune_once(self) -> int:
         """Delete one batch of tasks past their retention; returns how many when the batch
         was full (more may be waiting: the ticker goes again at once), 0 otherwise."""
+        if not self._orphans_checked:
+            await run_in_threadpool(self.remove_orphans)
+            self._orphans_checked = True
         finished_before = self.clock() - self.retention
         started = time.perf_counter()
         task_ids = await run_in_threadpool(self.store.prune_tasks, finished_before, self.batch)
         took = time.perf_counter() - started
         if task_ids:
-            await run_in_threadpool(self.files.remove, task_ids)
+            removed = await run_in_threadpool(self.files.remove, task_ids)
+            if removed.failed:
+                self._orphans_checked = False  # try those folders again next sweep
             self.metrics.inc("tasks_pruned_total", len(task_ids))
             self._unlogged += len(task_ids)
         done = len(task_ids) < self.batch
@@ -89,3 +98,23 @@ class Pruner:
             return 0
         await self.pause(took)
         return len(task_ids)
+
+    def remove_orphans(self) -> int:
+        """Delete the image folders whose task is not in the store (left behind by a crash
+        between a batch's commit and its folders' removal, or a removal that failed); returns
+        how many were deleted. Only retention deletes tasks, and a task's row is written
+        before its images, so a folder without its task is one retention meant to delete."""
+        deleted = failed = 0
+        folders = self.files.task_folders()
+        for start in range(0, len(folders), ORPHAN_CHECK_BATCH):
+            batch = folders[start : start + ORPHAN_CHECK_BATCH]
+            existing = self.store.existing_task_ids(batch)
+            removed = self.files.remove(task_id for task_id in batch if task_id not in existing)
+            deleted, failed = deleted + removed.removed, failed + removed.failed
+        if deleted or failed:
+            log.info(
+                "deleted the image folders of %d tasks no longer stored (TASKRELAY_RETENTION)%s",
+                deleted,
+                f"; {failed} could not be deleted" if failed else "",
+            )
+        return deleted

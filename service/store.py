@@ -19,7 +19,7 @@ import random
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -218,6 +218,9 @@ _PRUNABLE = prebuilt(
 )
 # The foreign keys cascade: events, receipts, notify_url subscriptions, deliveries, attempts.
 _PRUNE = prebuilt(lambda dialect: _TASK.delete().where(one_of(dialect, _TASK.c.pk, "pks")))
+_EXISTING_IDS = prebuilt(
+    lambda dialect: sa.select(_TASK.c.id).where(one_of(dialect, _TASK.c.id, "ids"))
+)
 _EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
 _DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
 # PostgreSQL: the deliveries the cascade will delete, locked first in key order, the order
@@ -1119,6 +1122,14 @@ class Store:
                     connection.execute(_LOCK_PRUNED_DELIVERIES(connection), {"pks": pks}).all()
                 connection.execute(_PRUNE(connection), {"pks": pks})
         return [task_id for _, task_id in rows]
+
+    def existing_task_ids(self, task_ids: Iterable[str]) -> set[str]:
+        """Which of ``task_ids`` are tasks in the store (retention's check for image folders
+        left behind by a crash)."""
+        with self.transaction(write=False) as session:
+            connection = session.connection()
+            wanted = listed(connection.dialect.name, task_ids)
+            return set(connection.execute(_EXISTING_IDS(connection), {"ids": wanted}).scalars())
 
     def due_submit_retries(self, due_before: datetime, limit: int = 1000) -> list[tuple[str, int]]:
         """Queued submissions whose planned retry was due before ``due_before``: each task id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from starlette.applications import Starlette
 
 from service.db import make_engine
 from service.errors import NotFound
-from service.files import ImageFiles
+from service.files import ImageFiles, Removed
 from service.lifecycle import TaskUpdate
 from service.metrics import Metrics
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
@@ -375,9 +376,81 @@ def test_image_folders_are_removed_only_for_task_ids(tmp_path: Path) -> None:
     (tmp_path / "files" / "tsk_a").mkdir(parents=True)
     (tmp_path / "files" / "tsk_a" / "0.png").write_bytes(b"png")
     (tmp_path / "outside").mkdir()
-    assert files.remove(["tsk_a", "tsk_missing", "../outside", ".."]) == 1
+    assert files.remove(["tsk_a", "tsk_missing", "../outside", ".."]) == Removed(1, 0)
     assert not (tmp_path / "files" / "tsk_a").exists()
     assert (tmp_path / "outside").is_dir() and (tmp_path / "files").is_dir()
+
+
+def pruner_of(store: Store, files: ImageFiles, now: datetime, batch: int = 100) -> Pruner:
+    async def no_pause(seconds: float) -> None:
+        pass
+
+    return Pruner(
+        store, files, 30 * DAY, metrics=Metrics(), clock=lambda: now, batch=batch, pause=no_pause
+    )
+
+
+def stored_images(files: ImageFiles, *task_ids: str) -> None:
+    for task_id in task_ids:
+        (files.root / task_id).mkdir(parents=True)
+        (files.root / task_id / "0.png").write_bytes(b"png")
+
+
+async def test_image_folders_a_crash_left_behind_are_deleted_by_the_next_start(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash between a batch's commit and its folders' removal leaves folders whose task
+    is gone: the first sweep after the next start deletes them, and only them."""
+    now = datetime.now(UTC)
+    files = ImageFiles(tmp_path / "files", "http://testserver")
+    gone = finished(store, 3, now - timedelta(days=41))
+    kept = finished(store, 2, now - timedelta(days=40)) + finished(store, 1, now)
+    stored_images(files, *gone, *kept)
+    (files.root / "not a task id").mkdir()  # not TaskRelay's: left alone
+    (files.root / "tsk_a_file").write_bytes(b"")
+    assert sorted(store.prune_tasks(now - timedelta(days=30), limit=3)) == sorted(gone)
+    # The process died here, before removing the folders. After the restart:
+    restarted = pruner_of(store, files, now, batch=2)
+    with caplog.at_level(logging.INFO, logger="service.retention"):
+        assert await restarted.prune_once() == 2  # the orphans first, then a full batch
+    assert sorted(files.task_folders()) == sorted(kept[2:])  # the batch's folders went too
+    assert (files.root / "not a task id").is_dir() and (files.root / "tsk_a_file").is_file()
+    lines = [record.getMessage() for record in caplog.records]
+    assert "deleted the image folders of 3 tasks no longer stored (TASKRELAY_RETENTION)" in lines
+    # Once per start: the next sweeps do not list the folder again.
+    stored_images(files, "tsk_unknown")
+    assert await restarted.prune_once() == 0
+    assert "tsk_unknown" in files.task_folders()
+    assert restarted.remove_orphans() == 1
+    assert sorted(files.task_folders()) == sorted(kept[2:])
+
+
+async def test_a_folder_that_could_not_be_deleted_is_tried_again_next_sweep(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime.now(UTC)
+    files = ImageFiles(tmp_path / "files", "http://testserver")
+    (task_id,) = finished(store, 1, now - timedelta(days=40))
+    stored_images(files, task_id)
+    pruner = pruner_of(store, files, now)
+    real_rmtree = shutil.rmtree
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    assert await pruner.prune_once() == 0
+    assert store.existing_task_ids([task_id]) == set()  # the task is gone, its folder not
+    assert files.task_folders() == [task_id]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert await pruner.prune_once() == 0
+    assert files.task_folders() == []
+
+
+def test_existing_task_ids_are_those_stored(store: Store) -> None:
+    stored = finished(store, 2, datetime.now(UTC))
+    assert store.existing_task_ids([*stored, "tsk_none", "x'; DROP TABLE task; --"]) == set(stored)
+    assert store.existing_task_ids([]) == set()
 
 
 def test_every_cascading_foreign_key_leads_an_index() -> None:
@@ -512,19 +585,7 @@ async def test_a_sweep_logs_one_line_when_it_ends(
     """Even when its last batch comes back empty (a multiple of the batch deleted)."""
     now = datetime.now(UTC)
     finished(store, 4, now - timedelta(days=40))
-
-    async def no_pause(seconds: float) -> None:
-        pass
-
-    pruner = Pruner(
-        store,
-        ImageFiles(tmp_path / "files", "http://testserver"),
-        30 * DAY,
-        metrics=Metrics(),
-        clock=lambda: now,
-        batch=2,
-        pause=no_pause,
-    )
+    pruner = pruner_of(store, ImageFiles(tmp_path / "files", "http://testserver"), now, batch=2)
     with caplog.at_level(logging.INFO, logger="service.retention"):
         assert [await pruner.prune_once() for _ in range(4)] == [2, 2, 0, 0]
     lines = [record.getMessage() for record in caplog.records]
