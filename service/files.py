@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SAFE_FILE = re.compile(r"^[0-9]{1,3}\.png$")
+# A task id as service.store.new_id makes them: "tsk_" and 16 random bytes in base64url.
+_TASK_FOLDER = re.compile(r"^tsk_[A-Za-z0-9_-]{22}$")
 
 
 class Removed(NamedTuple):
@@ -84,17 +86,23 @@ class ImageFiles:
             removed += 1
         return Removed(removed, failed)
 
-    def task_folders(self) -> list[str]:
-        """The task ids that have a folder here (names that are not a task id are left out)."""
-        try:
-            with os.scandir(self.root) as entries:
-                return [
-                    entry.name
-                    for entry in entries
-                    if _SAFE_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False)
-                ]
-        except FileNotFoundError:  # nothing stored yet
-            return []
+    def task_folders(self, modified_before: float) -> list[str]:
+        """The task ids whose folder here was last changed before ``modified_before`` (a
+        Unix time). Only names shaped like a task id count: whatever else is in the folder
+        is not TaskRelay's."""
+        found = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not _TASK_FOLDER.match(entry.name):
+                    continue
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    if entry.stat(follow_symlinks=False).st_mtime < modified_before:
+                        found.append(entry.name)
+                except FileNotFoundError:  # removed meanwhile (another replica's sweep)
+                    continue
+        return found
 
     def path(self, task_id: str, name: str) -> Path:
         if not _SAFE_NAME.match(task_id) or not _SAFE_FILE.match(name):

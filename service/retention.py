@@ -11,8 +11,9 @@ batches (the write turn is not fair: a thread taking it again at once can keep a
 out for several batches). On PostgreSQL, replicas sweeping at once skip each other's rows. A
 task's images are deleted after its rows are: a crash in between leaves the images behind,
 never a task without its images. What is left behind so is found by the first sweep after a
-start (and the first after a folder could not be deleted): a folder in the files folder whose
-task is no longer in the store is deleted then (:meth:`Pruner.remove_orphans`).
+start (and the first sweep after a folder could not be deleted): a task's folder whose task is
+no longer in the store, and which was last changed before the retention's cut-off, is deleted
+then (:meth:`Pruner.remove_orphans`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from datetime import datetime, timedelta
 
 from starlette.concurrency import run_in_threadpool
 
-from service.files import ImageFiles
+from service.errors import StoreUnavailable
+from service.files import ImageFiles, Removed
 from service.loops import Ticker
 from service.metrics import Metrics
 from service.store import PRUNE_BATCH, Store
@@ -60,7 +62,10 @@ class Pruner:
         self._ticker = Ticker("retention", self.prune_once, sweep_seconds)
         self._unlogged = 0  # tasks deleted since the last log line
         self._logged_at = time.monotonic()
-        self._orphans_checked = False  # since the start, or since a folder could not be deleted
+        # Whether the image folders were checked since the start, or since a folder could not
+        # be deleted; they are checked again at the start of a sweep, not before each batch.
+        self._orphans_checked = False
+        self._sweep_starts = True  # the next call begins a sweep
 
     def start(self) -> None:
         self._ticker.start()
@@ -71,10 +76,9 @@ class Pruner:
     async def prune_once(self) -> int:
         """Delete one batch of tasks past their retention; returns how many when the batch
         was full (more may be waiting: the ticker goes again at once), 0 otherwise."""
-        if not self._orphans_checked:
-            await run_in_threadpool(self.remove_orphans)
-            self._orphans_checked = True
         finished_before = self.clock() - self.retention
+        if self._sweep_starts and not self._orphans_checked:
+            self._orphans_checked = await run_in_threadpool(self._check_orphans, finished_before)
         started = time.perf_counter()
         task_ids = await run_in_threadpool(self.store.prune_tasks, finished_before, self.batch)
         took = time.perf_counter() - started
@@ -85,6 +89,7 @@ class Pruner:
             self.metrics.inc("tasks_pruned_total", len(task_ids))
             self._unlogged += len(task_ids)
         done = len(task_ids) < self.batch
+        self._sweep_starts = done
         # One line per sweep that deleted anything, and one a minute while a long one goes on.
         if self._unlogged and (done or time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS):
             log.info(
@@ -99,13 +104,19 @@ class Pruner:
         await self.pause(took)
         return len(task_ids)
 
-    def remove_orphans(self) -> int:
-        """Delete the image folders whose task is not in the store (left behind by a crash
-        between a batch's commit and its folders' removal, or a removal that failed); returns
-        how many were deleted. Only retention deletes tasks, and a task's row is written
-        before its images, so a folder without its task is one retention meant to delete."""
+    def remove_orphans(self, finished_before: datetime) -> Removed:
+        """Delete the image folders whose task is not in the store, left behind by a crash
+        between a batch's commit and its folders' removal (or by a removal that failed).
+
+        Only retention deletes tasks, and a task's row is written before its images, so a
+        folder without its task is one retention meant to delete. Only folders named like a
+        task id and last changed before ``finished_before`` (the retention's cut-off) are
+        considered: OpenAI's tasks, the only ones with images here, finish as their images
+        are written, so a folder changed since then belongs to a task retention keeps,
+        whatever the store says. That also bounds the damage of a misconfiguration (the right
+        files folder with the wrong, or a new, database) to what retention deletes anyway."""
         deleted = failed = 0
-        folders = self.files.task_folders()
+        folders = self.files.task_folders(finished_before.timestamp())
         for start in range(0, len(folders), ORPHAN_CHECK_BATCH):
             batch = folders[start : start + ORPHAN_CHECK_BATCH]
             existing = self.store.existing_task_ids(batch)
@@ -117,4 +128,15 @@ class Pruner:
                 deleted,
                 f"; {failed} could not be deleted" if failed else "",
             )
-        return deleted
+        return Removed(deleted, failed)
+
+    def _check_orphans(self, finished_before: datetime) -> bool:
+        """:meth:`remove_orphans`, whose failure never stops the sweep: returns whether
+        every folder it meant to delete is gone (else the next sweep looks again)."""
+        try:
+            return self.remove_orphans(finished_before).failed == 0
+        except FileNotFoundError:
+            return True  # no images stored yet
+        except (OSError, StoreUnavailable) as exc:
+            log.warning("could not look for image folders left behind: %s", exc)
+            return False

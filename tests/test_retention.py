@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +29,7 @@ from service.metrics import Metrics
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
 from service.retention import Pruner
 from service.settings import SettingsError
-from service.store import Store
+from service.store import Store, new_id
 from tests.conftest import ALICE, auth, make_settings, query_plan, serving, statements_with
 from tests.test_callbacks import evolink_body
 from tests.test_events import HOOK, Harness, harnessed
@@ -390,10 +391,12 @@ def pruner_of(store: Store, files: ImageFiles, now: datetime, batch: int = 100) 
     )
 
 
-def stored_images(files: ImageFiles, *task_ids: str) -> None:
+def stored_images(files: ImageFiles, *task_ids: str, written: datetime) -> None:
+    """Image folders for these tasks, as if written at ``written``."""
     for task_id in task_ids:
         (files.root / task_id).mkdir(parents=True)
         (files.root / task_id / "0.png").write_bytes(b"png")
+        os.utime(files.root / task_id, (written.timestamp(), written.timestamp()))
 
 
 async def test_image_folders_a_crash_left_behind_are_deleted_by_the_next_start(
@@ -402,49 +405,89 @@ async def test_image_folders_a_crash_left_behind_are_deleted_by_the_next_start(
     """A crash between a batch's commit and its folders' removal leaves folders whose task
     is gone: the first sweep after the next start deletes them, and only them."""
     now = datetime.now(UTC)
+    long_ago = now - timedelta(days=41)
     files = ImageFiles(tmp_path / "files", "http://testserver")
-    gone = finished(store, 3, now - timedelta(days=41))
+    gone = finished(store, 3, long_ago)
     kept = finished(store, 2, now - timedelta(days=40)) + finished(store, 1, now)
-    stored_images(files, *gone, *kept)
-    (files.root / "not a task id").mkdir()  # not TaskRelay's: left alone
-    (files.root / "tsk_a_file").write_bytes(b"")
+    stored_images(files, *gone, *kept, written=long_ago)
+    # Not TaskRelay's: other names, and a folder named like a task id but changed since the
+    # cut-off (a task retention keeps, whatever this store says).
+    for name in ("css", "backups", "tsk_short", f"{new_id('job')}"):
+        (files.root / name).mkdir()
+        os.utime(files.root / name, (long_ago.timestamp(), long_ago.timestamp()))
+    (files.root / new_id("tsk")).write_bytes(b"")
+    recent = new_id("tsk")
+    stored_images(files, recent, written=now - timedelta(days=29))
+    others = sorted(path.name for path in files.root.iterdir() if path.name not in gone + kept)
     assert sorted(store.prune_tasks(now - timedelta(days=30), limit=3)) == sorted(gone)
     # The process died here, before removing the folders. After the restart:
     restarted = pruner_of(store, files, now, batch=2)
     with caplog.at_level(logging.INFO, logger="service.retention"):
         assert await restarted.prune_once() == 2  # the orphans first, then a full batch
-    assert sorted(files.task_folders()) == sorted(kept[2:])  # the batch's folders went too
-    assert (files.root / "not a task id").is_dir() and (files.root / "tsk_a_file").is_file()
+    assert sorted(files.task_folders(now.timestamp())) == sorted([*kept[2:], recent])
+    assert sorted(path.name for path in files.root.iterdir() if path.name not in kept) == others
     lines = [record.getMessage() for record in caplog.records]
     assert "deleted the image folders of 3 tasks no longer stored (TASKRELAY_RETENTION)" in lines
-    # Once per start: the next sweeps do not list the folder again.
-    stored_images(files, "tsk_unknown")
-    assert await restarted.prune_once() == 0
-    assert "tsk_unknown" in files.task_folders()
-    assert restarted.remove_orphans() == 1
-    assert sorted(files.task_folders()) == sorted(kept[2:])
+    # Once per start: later sweeps do not list the folder again.
+    unknown = new_id("tsk")
+    stored_images(files, unknown, written=long_ago)
+    assert [await restarted.prune_once() for _ in range(2)] == [0, 0]
+    assert unknown in files.task_folders(now.timestamp())
+    assert restarted.remove_orphans(now - timedelta(days=30)) == Removed(1, 0)
+    assert unknown not in files.task_folders(now.timestamp())
 
 
 async def test_a_folder_that_could_not_be_deleted_is_tried_again_next_sweep(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Tried again at the start of the next sweep, not before every batch of this one."""
     now = datetime.now(UTC)
     files = ImageFiles(tmp_path / "files", "http://testserver")
-    (task_id,) = finished(store, 1, now - timedelta(days=40))
-    stored_images(files, task_id)
-    pruner = pruner_of(store, files, now)
+    first, *others = finished(store, 3, now - timedelta(days=40))
+    stored_images(files, first, *others, written=now - timedelta(days=40))
+    pruner = pruner_of(store, files, now, batch=1)
     real_rmtree = shutil.rmtree
+    listings = 0
+    real_folders = files.task_folders
+
+    def counted(modified_before: float) -> list[str]:
+        nonlocal listings
+        listings += 1
+        return real_folders(modified_before)
 
     def refused(path: Any, *args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
+    monkeypatch.setattr(files, "task_folders", counted)
     monkeypatch.setattr(shutil, "rmtree", refused)
-    assert await pruner.prune_once() == 0
-    assert store.existing_task_ids([task_id]) == set()  # the task is gone, its folder not
-    assert files.task_folders() == [task_id]
+    assert [await pruner.prune_once() for _ in range(4)] == [1, 1, 1, 0]  # one sweep
+    assert listings == 1
+    assert store.existing_task_ids([first, *others]) == set()  # the tasks are gone, not so
+    assert sorted(real_folders(now.timestamp())) == sorted([first, *others])  # their folders
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert await pruner.prune_once() == 0  # the next sweep
+    assert listings == 2 and real_folders(now.timestamp()) == []
+
+
+async def test_a_files_folder_that_cannot_be_listed_does_not_stop_retention(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(UTC)
+    (tmp_path / "files").write_bytes(b"")  # a file where the folder should be
+    pruner = pruner_of(store, ImageFiles(tmp_path / "files", "http://testserver"), now)
+    gone = finished(store, 2, now - timedelta(days=40))
+    with caplog.at_level(logging.WARNING, logger="service.retention"):
+        assert await pruner.prune_once() == 0
+    assert store.existing_task_ids(gone) == set()
+    assert any("could not look for image folders" in r.getMessage() for r in caplog.records)
+
+
+async def test_no_files_folder_yet_is_nothing_to_clean(store: Store, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    pruner = pruner_of(store, ImageFiles(tmp_path / "files", "http://testserver"), now)
+    finished(store, 1, now - timedelta(days=40))
     assert await pruner.prune_once() == 0
-    assert files.task_folders() == []
+    assert pruner._orphans_checked
 
 
 def test_existing_task_ids_are_those_stored(store: Store) -> None:
