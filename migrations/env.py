@@ -31,6 +31,24 @@ log = logging.getLogger("taskrelay.migrate")
 # do nothing. Without it they raced to create the same tables and all but one failed.
 MIGRATION_LOCK = "hashtext('taskrelay migrate')"
 LOCK_POLL_SECONDS = 0.2
+STILL_WAITING_LOG_SECONDS = 30.0
+# The session holding the lock, for the log line of a run waiting for it.
+# S608: the one value interpolated is the lock's expression, a constant of this module.
+_HOLDER = (
+    "SELECT a.pid, a.client_addr, a.state, a.query_start FROM pg_locks l "  # noqa: S608
+    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+    "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE "
+    f"datname = current_database()) AND ((l.classid::bigint << 32) | l.objid::bigint) = "
+    f"{MIGRATION_LOCK}::bigint"
+)
+# A run whose client dies (a pod killed mid-migration) must not keep the lock until the
+# server's TCP keepalive gives up on it (two hours by default): the migrating session asks
+# its server to probe after 30 s of silence, every 10 s, 3 times (over TCP; a socket ignores it).
+_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 30",
+    "SET tcp_keepalives_interval = 10",
+    "SET tcp_keepalives_count = 3",
+)
 
 
 def _url() -> str:
@@ -56,7 +74,9 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
-    if isinstance(connection, sa.Connection):
+    if connection is not None:
+        if not isinstance(connection, sa.Connection):
+            raise TypeError(f"config.attributes['connection'] must be a Connection: {connection!r}")
         _run(connection)
         return
     engine = make_engine(_url(), pool_size=1)
@@ -87,12 +107,26 @@ def _one_run_at_a_time(connection: sa.Connection) -> Iterator[None]:
     if connection.dialect.name != "postgresql":
         yield
         return
-    waited_since = None
+    for statement in _KEEPALIVES:
+        connection.exec_driver_sql(statement)
+    connection.commit()
+    waited_since = logged_at = None
     while not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK})").scalar():
-        connection.commit()
+        now = time.monotonic()
         if waited_since is None:
-            waited_since = time.monotonic()
-            log.info("another migration of this database is running; waiting for it to finish")
+            waited_since = now
+        if logged_at is None or now - logged_at >= STILL_WAITING_LOG_SECONDS:
+            logged_at = now
+            holder = connection.exec_driver_sql(_HOLDER).first()
+            if holder is None:
+                who = "it has just ended"
+            else:
+                pid, address, state, since = holder
+                who = f"server process {pid} from {address or 'a local socket'}, {state} since {since}"
+            log.info(
+                "another migration of this database is running (%s); waiting for it to finish", who
+            )
+        connection.commit()
         time.sleep(LOCK_POLL_SECONDS)
     connection.commit()
     if waited_since is not None:
@@ -100,11 +134,23 @@ def _one_run_at_a_time(connection: sa.Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        # A failed migration leaves its transaction aborted; the unlock needs a clean one.
+        _unlock(connection)
+
+
+def _unlock(connection: sa.Connection) -> None:
+    """Release :data:`MIGRATION_LOCK`. A failed migration leaves its transaction aborted (the
+    unlock needs a clean one); a connection that is gone has released it already, and its
+    error must not hide the migration's own."""
+    try:
         if connection.in_transaction():
             connection.rollback()
         connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
         connection.commit()
+    except sa.exc.DBAPIError as exc:
+        log.warning(
+            "could not release the migration lock (the server ends it with the session): %s",
+            exc.orig,
+        )
 
 
 if context.is_offline_mode():

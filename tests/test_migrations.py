@@ -257,9 +257,11 @@ def test_a_migration_run_waits_for_the_one_in_progress(empty_postgres: str) -> N
     rather than blocking in a statement (whose snapshot a CREATE INDEX CONCURRENTLY in the
     other run would wait for); once the lock is free, it migrates."""
     waiting = threading.Event()
+    messages: list[str] = []
 
     class Seen(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
             if "waiting for it to finish" in record.getMessage():
                 waiting.set()
 
@@ -280,6 +282,7 @@ def test_a_migration_run_waits_for_the_one_in_progress(empty_postgres: str) -> N
     try:
         with engine.connect() as holder:
             holder.exec_driver_sql("SELECT pg_advisory_lock(hashtext('taskrelay migrate'))")
+            pid = holder.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
             holder.commit()
             thread.start()
             while thread.is_alive() and not waiting.wait(timeout=0.05):
@@ -295,6 +298,8 @@ def test_a_migration_run_waits_for_the_one_in_progress(empty_postgres: str) -> N
         thread.join(timeout=120)
         assert not thread.is_alive() and failures == []
         assert parked == 0
+        # The line names the session holding the lock (pg_terminate_backend's argument).
+        assert any(f"server process {pid} from " in message for message in messages)
         assert current_revision(engine) == head_revision(empty_postgres)
         assert schema_diff(empty_postgres) == []
     finally:
