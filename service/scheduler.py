@@ -5,7 +5,11 @@ processes never query the same task at once), queries their status within that p
 concurrency and rate caps, and records each answer through the same state machine as a
 callback. A task past its deadline gets one last query, then becomes ``expired``. The loop
 wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives its
-own errors. :meth:`Scheduler.run_until_idle` drives it step by step in tests.
+own errors. Providers do not wait for each other: the loop claims a provider's next batch
+once its previous batch is done, whatever the others' batches are doing, so a provider whose
+queries hang (each bounded by its lease, up to a minute) delays only its own tasks.
+:meth:`Scheduler.run_once` and :meth:`Scheduler.run_until_idle` drive it pass by pass in
+tests, each pass waiting for its queries.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -144,9 +149,11 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.clock = clock
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
-        self._ticker = Ticker("scheduler", self.run_once, tick_seconds)
+        self._ticker = Ticker("scheduler", self._step, tick_seconds)
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Each provider's batch still being queried: the loop claims no more for it meanwhile.
+        self._busy: dict[str, set[asyncio.Task[None]]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -165,18 +172,22 @@ class Scheduler:
         they are cut off) and send no more; then hand back every lease still held, so the
         next process polls those tasks at once instead of after the lease expires."""
         self._stopping = True
-        ticker = asyncio.create_task(self._ticker.stop())
-        done, _ = await asyncio.wait({ticker}, timeout=grace)
-        if not done:
-            log.warning(
-                "stopping: %d polls still running (or waiting for a slot) after %.0f s are cut "
-                "off; their tasks are handed back",
-                len(self._in_flight),
-                grace,
-            )
-            for job in list(self._in_flight):
-                job.cancel()
-            await ticker
+        # The loop's passes do not wait for their queries: it stops once a claim in progress
+        # (a short transaction) is done.
+        await self._ticker.stop()
+        running = set(self._in_flight)
+        if running:
+            _, cut_off = await asyncio.wait(running, timeout=grace)
+            if cut_off:
+                log.warning(
+                    "stopping: %d polls still running (or waiting for a slot) after %.0f s are "
+                    "cut off; their tasks are handed back",
+                    len(cut_off),
+                    grace,
+                )
+                for job in cut_off:
+                    job.cancel()
+                await asyncio.wait(cut_off)
         try:
             await run_in_threadpool(self.store.release_leases, self.worker_id)
         except StoreUnavailable:
@@ -194,12 +205,29 @@ class Scheduler:
     # --- passes -----------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """One pass over every provider's due tasks; returns how many were handled."""
-        claims: list[tuple[Claim, float]] = []
+        """One pass over every provider's due tasks, waiting for their queries to end;
+        returns how many were handled (tests and benchmarks drive the scheduler so)."""
+        jobs = await self._claim_and_start()
+        if jobs:
+            # A job cut off by stop() ends the pass like any other: not an error here.
+            await asyncio.gather(*jobs, return_exceptions=True)
+        return len(jobs)
+
+    async def _step(self) -> int:
+        """The loop's pass: claim for every provider whose previous batch is done and start
+        its queries, without waiting for them; a batch ending wakes the loop for that
+        provider's next one. Returns how many were claimed (the ticker goes again at once
+        while that is not 0)."""
+        return len(await self._claim_and_start())
+
+    async def _claim_and_start(self) -> list[asyncio.Task[None]]:
+        jobs: list[asyncio.Task[None]] = []
         loop = asyncio.get_running_loop()
         for provider, limiter in self.limiters.items():
             if self._stopping:
                 break
+            if self._busy.get(provider):
+                continue  # its batch is still being queried: it claims when that ends
             limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
             until = self._lease_until(loop.time())
             batch = await run_in_threadpool(
@@ -209,16 +237,22 @@ class Scheduler:
                 limit=limit,
                 lease_seconds=self.lease_seconds,
             )
-            claims.extend((claim, until) for claim in batch)
-        if claims:
-            jobs = [asyncio.create_task(self._handle(claim, until)) for claim, until in claims]
-            self._in_flight.update(jobs)
-            try:
-                # A job cut off by stop() ends the pass like any other: not an error here.
-                await asyncio.gather(*jobs, return_exceptions=True)
-            finally:
-                self._in_flight.difference_update(jobs)
-        return len(claims)
+            if not batch:
+                continue
+            busy = self._busy.setdefault(provider, set())
+            for claim in batch:
+                job = asyncio.create_task(self._handle(claim, until))
+                busy.add(job)
+                job.add_done_callback(partial(self._ended, busy))
+                jobs.append(job)
+        self._in_flight.update(jobs)
+        return jobs
+
+    def _ended(self, busy: set[asyncio.Task[None]], job: asyncio.Task[None]) -> None:
+        self._in_flight.discard(job)
+        busy.discard(job)
+        if not busy and not self._stopping:
+            self.wake()  # that provider may have more due
 
     async def run_until_idle(self, max_passes: int = 1000) -> int:
         """Passes until nothing is due (tests and benchmarks); returns how many were handled."""

@@ -14,10 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import Session, select
 from starlette.applications import Starlette
 
 from service.app import create_app
 from service.metrics import Metrics
+from service.models import Task
 from service.runtime import Runtime
 from service.scheduler import ProviderLimiter, ProviderPaused, Scheduler
 from tests.conftest import BOB, auth, error_code, make_settings
@@ -417,10 +419,6 @@ async def test_one_providers_long_pause_does_not_stall_the_others(
     for task_id in other_ids:
         assert (await harness.task(task_id))["status"] == "succeeded"
     assert harness.queries("evolink") == 1  # one 429, then the provider is left alone
-    from sqlmodel import Session, select
-
-    from service.models import Task
-
     with Session(harness.runtime.engine) as session:
         for task_id in paused_ids:
             row = session.exec(select(Task).where(Task.id == task_id)).one()
@@ -429,6 +427,57 @@ async def test_one_providers_long_pause_does_not_stall_the_others(
             wait = (row.next_check_at - harness.clock.now()).total_seconds()
             # Not before the pause ends, nor past the poll cap (5 min) or the 10-min deadline.
             assert 290 <= wait <= 600
+
+
+async def test_one_providers_hanging_queries_do_not_hold_up_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running loop claims a provider's next batch once that provider's previous batch
+    is done, whatever the others' are doing: a provider whose queries hang (each bounded only
+    by its lease, up to a minute) delays its own tasks, not another provider's. Before, each
+    pass waited for all its queries, so one hanging provider held every other's polling."""
+    hung = await harness.submit("gptimage15", "h sandbox:duration=5")
+    first = await harness.submit("apiinone", "a1 sandbox:duration=5")
+    harness.clock.advance(60)  # both due
+    asked: list[str] = []
+
+    async def hanging(provider_task_id: str) -> Any:
+        asked.append(provider_task_id)
+        await asyncio.Event().wait()  # never answers
+
+    monkeypatch.setattr(harness.runtime.adapters["gptimage15"], "query_status", hanging)
+    scheduler = Scheduler(
+        harness.runtime.store,
+        harness.runtime.adapters,
+        {provider: ProviderLimiter(4, 100.0) for provider in ("gptimage15", "apiinone")},
+        metrics=Metrics(),
+        lease_seconds=600,
+        tick_seconds=0.02,
+        clock=harness.clock.now,
+        worker_id="loop-worker",
+    )
+
+    async def final(task_id: str) -> bool:
+        for _ in range(500):  # up to 10 s of real time
+            if (await harness.task(task_id))["status"] == "succeeded":
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    before = await harness.task(hung)
+    await scheduler.start()
+    try:
+        assert await final(first)
+        second = await harness.submit("apiinone", "a2 sandbox:duration=5")
+        harness.clock.advance(60)  # due while gptimage15's query still hangs
+        assert await final(second)
+        assert len(asked) == 1  # still the one query in flight, not asked again
+        assert (await harness.task(hung))["status"] == before["status"] == "running"
+    finally:
+        await scheduler.stop(grace=0.1)
+    with Session(harness.runtime.engine) as session:
+        row = session.exec(select(Task).where(Task.id == hung)).one()
+    assert row.lease_owner is None  # the cut-off query's task handed back
 
 
 async def test_refresh_waits_for_nobody_and_never_overlaps_a_poll(harness: Harness) -> None:
