@@ -15,10 +15,20 @@ log = logging.getLogger(__name__)
 
 
 class Ticker:
-    def __init__(self, name: str, step: Callable[[], Awaitable[int]], tick_seconds: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        step: Callable[[], Awaitable[int]],
+        tick_seconds: float,
+        *,
+        retry_seconds: float | None = None,
+    ) -> None:
         self.name = name
         self.step = step
         self.tick_seconds = tick_seconds
+        # After a failed pass: the next one comes this soon (a rare pass, such as retention's
+        # every 10 minutes, should not wait its whole interval after a brief outage).
+        self.retry_seconds = tick_seconds if retry_seconds is None else retry_seconds
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -41,16 +51,22 @@ class Ticker:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            wait = self.tick_seconds
             try:
                 found = await self.step()
-            except StoreUnavailable:
-                log.warning("%s pass skipped: the database is unavailable", self.name)
-                found = 0
+            except StoreUnavailable as exc:
+                reason = exc.details.get("reason") if isinstance(exc.details, dict) else None
+                log.warning(
+                    "%s pass skipped: the database is unavailable%s",
+                    self.name,
+                    f" ({reason})" if reason else "",
+                )
+                found, wait = 0, min(wait, self.retry_seconds)
             except Exception:
                 log.exception("%s pass failed", self.name)
-                found = 0
+                found, wait = 0, min(wait, self.retry_seconds)
             if found:
                 continue  # more may be due: go again at once
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()

@@ -35,6 +35,7 @@ from service.store import PRUNE_BATCH, Store
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 600.0
+RETRY_SECONDS = 30.0  # after a sweep the database failed (an outage, a deadlock)
 LOG_EVERY_SECONDS = 60.0
 ORPHAN_CHECK_BATCH = 500  # task folders looked up per query
 
@@ -59,7 +60,12 @@ class Pruner:
         self.clock = clock
         self.batch = batch
         self.pause = pause  # between full batches, for as long as the last one took
-        self._ticker = Ticker("retention", self.prune_once, sweep_seconds)
+        self._ticker = Ticker(
+            "retention",
+            self.prune_once,
+            sweep_seconds,
+            retry_seconds=min(RETRY_SECONDS, sweep_seconds),
+        )
         self._unlogged = 0  # tasks deleted since the last log line
         self._logged_at = time.monotonic()
         # Whether the image folders were checked since the start, or since a folder could not

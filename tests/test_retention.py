@@ -22,12 +22,13 @@ from sqlmodel import SQLModel
 from starlette.applications import Starlette
 
 from service.db import make_engine
-from service.errors import NotFound
+from service.errors import NotFound, StoreUnavailable
 from service.files import ImageFiles, Removed
 from service.lifecycle import TaskUpdate
+from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
-from service.retention import Pruner
+from service.retention import RETRY_SECONDS, Pruner
 from service.settings import SettingsError
 from service.store import Store, new_id
 from tests.conftest import ALICE, auth, make_settings, query_plan, serving, statements_with
@@ -488,6 +489,36 @@ async def test_no_files_folder_yet_is_nothing_to_clean(store: Store, tmp_path: P
     finished(store, 1, now - timedelta(days=40))
     assert await pruner.prune_once() == 0
     assert pruner._orphans_checked
+
+
+async def test_a_sweep_the_database_failed_is_tried_again_soon(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not after the whole interval (retention's is 10 minutes): after ``retry_seconds``,
+    with the reason in the log line (a deadlock, an outage)."""
+    calls = 0
+    again = asyncio.Event()
+
+    async def step() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("gone", details={"reason": "DeadlockDetected"})
+        again.set()
+        return 0
+
+    ticker = Ticker("retention", step, 600.0, retry_seconds=0.05)
+    with caplog.at_level(logging.WARNING, logger="service.loops"):
+        ticker.start()
+        try:
+            await asyncio.wait_for(again.wait(), timeout=30)
+        finally:
+            await ticker.stop()
+    assert calls == 2
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["retention pass skipped: the database is unavailable (DeadlockDetected)"]
+    pruner = pruner_of(store, ImageFiles(tmp_path / "files", "http://x"), datetime.now(UTC))
+    assert pruner._ticker.retry_seconds == RETRY_SECONDS < pruner._ticker.tick_seconds
 
 
 def test_existing_task_ids_are_those_stored(store: Store) -> None:
