@@ -7,7 +7,7 @@ callback. A task past its deadline gets one last query, then becomes ``expired``
 wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives its
 own errors. Providers do not wait for each other: the loop claims a provider's next batch
 once its previous batch is done, whatever the others' batches are doing, so a provider whose
-queries hang (each bounded by its lease, up to a minute) delays only its own tasks.
+queries hang (each cut off before its poll lease runs out) delays only its own tasks.
 :meth:`Scheduler.run_once` and :meth:`Scheduler.run_until_idle` drive it pass by pass in
 tests, each pass waiting for its queries.
 """
@@ -172,15 +172,17 @@ class Scheduler:
         they are cut off) and send no more; then hand back every lease still held, so the
         next process polls those tasks at once instead of after the lease expires."""
         self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         # The loop's passes do not wait for their queries: it stops once a claim in progress
         # (a short transaction) is done.
         await self._ticker.stop()
         running = set(self._in_flight)
         if running:
-            _, cut_off = await asyncio.wait(running, timeout=grace)
+            _, cut_off = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
             if cut_off:
                 log.warning(
-                    "stopping: %d polls still running (or waiting for a slot) after %.0f s are "
+                    "stopping: %d polls still running (or waiting for a slot) after %.1f s are "
                     "cut off; their tasks are handed back",
                     len(cut_off),
                     grace,
@@ -241,11 +243,13 @@ class Scheduler:
                 continue
             busy = self._busy.setdefault(provider, set())
             for claim in batch:
+                # Tracked at once: the next provider's claim waits in a thread, while these
+                # jobs run (and may end, or outlive a claim that fails and ends the pass).
                 job = asyncio.create_task(self._handle(claim, until))
+                self._in_flight.add(job)
                 busy.add(job)
                 job.add_done_callback(partial(self._ended, busy))
                 jobs.append(job)
-        self._in_flight.update(jobs)
         return jobs
 
     def _ended(self, busy: set[asyncio.Task[None]], job: asyncio.Task[None]) -> None:

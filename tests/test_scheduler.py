@@ -9,6 +9,7 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlmodel import Session, select
 from starlette.applications import Starlette
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.metrics import Metrics
 from service.models import Task
 from service.runtime import Runtime
@@ -429,55 +431,120 @@ async def test_one_providers_long_pause_does_not_stall_the_others(
             assert 290 <= wait <= 600
 
 
-async def test_one_providers_hanging_queries_do_not_hold_up_the_others(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The running loop claims a provider's next batch once that provider's previous batch
-    is done, whatever the others' are doing: a provider whose queries hang (each bounded only
-    by its lease, up to a minute) delays its own tasks, not another provider's. Before, each
-    pass waited for all its queries, so one hanging provider held every other's polling."""
-    hung = await harness.submit("gptimage15", "h sandbox:duration=5")
-    first = await harness.submit("apiinone", "a1 sandbox:duration=5")
-    harness.clock.advance(60)  # both due
-    asked: list[str] = []
-
-    async def hanging(provider_task_id: str) -> Any:
-        asked.append(provider_task_id)
-        await asyncio.Event().wait()  # never answers
-
-    monkeypatch.setattr(harness.runtime.adapters["gptimage15"], "query_status", hanging)
-    scheduler = Scheduler(
+def looping_scheduler(harness: Harness) -> Scheduler:
+    """A scheduler of its own for gptimage15 and apiinone, run by its loop: a tick so long
+    that only a wake (a batch ending, a task due) starts a pass."""
+    return Scheduler(
         harness.runtime.store,
         harness.runtime.adapters,
         {provider: ProviderLimiter(4, 100.0) for provider in ("gptimage15", "apiinone")},
         metrics=Metrics(),
         lease_seconds=600,
-        tick_seconds=0.02,
+        tick_seconds=600,
         clock=harness.clock.now,
         worker_id="loop-worker",
     )
 
-    async def final(task_id: str) -> bool:
-        for _ in range(500):  # up to 10 s of real time
-            if (await harness.task(task_id))["status"] == "succeeded":
-                return True
-            await asyncio.sleep(0.02)
-        return False
 
+def hang_queries(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """gptimage15's status queries never answer; returns what became of each: "asked", then
+    "cut off" once cancelled."""
+    seen: list[str] = []
+
+    async def hanging(provider_task_id: str) -> Any:
+        seen.append("asked")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cut off")
+            raise
+
+    monkeypatch.setattr(harness.runtime.adapters["gptimage15"], "query_status", hanging)
+    return seen
+
+
+async def eventually(check: Any, seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if await check():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_one_providers_hanging_queries_do_not_hold_up_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running loop claims a provider's next batch once that provider's previous batch
+    is done (the batch's end wakes it), whatever the others' are doing: a provider whose
+    queries hang (each cut off before its lease runs out) delays its own tasks, not another
+    provider's. Before, each pass waited for all its queries, so one hanging provider held
+    every other's polling."""
+    hung = await harness.submit("gptimage15", "h sandbox:duration=5")
+    first = await harness.submit("apiinone", "a1 sandbox:duration=5")
+    harness.clock.advance(60)  # both due
+    hanging = hang_queries(harness, monkeypatch)
+    apiinone = harness.runtime.adapters["apiinone"]
+    real_query, gate, asked = apiinone.query_status, asyncio.Event(), asyncio.Event()
+
+    async def held(provider_task_id: str) -> Any:
+        asked.set()
+        await gate.wait()
+        return await real_query(provider_task_id)
+
+    monkeypatch.setattr(apiinone, "query_status", held)
+    scheduler = looping_scheduler(harness)
     before = await harness.task(hung)
+
+    async def succeeded(task_id: str) -> bool:
+        return bool((await harness.task(task_id))["status"] == "succeeded")
+
     await scheduler.start()
     try:
-        assert await final(first)
+        await asyncio.wait_for(asked.wait(), timeout=10)  # the first pass: both providers
         second = await harness.submit("apiinone", "a2 sandbox:duration=5")
-        harness.clock.advance(60)  # due while gptimage15's query still hangs
-        assert await final(second)
-        assert len(asked) == 1  # still the one query in flight, not asked again
+        harness.clock.advance(60)  # due while both batches are still out
+        gate.set()  # apiinone's batch ends: that wakes the loop, which claims its next one
+        assert await eventually(partial(succeeded, first))
+        assert await eventually(partial(succeeded, second))
+        assert hanging == ["asked"]  # still the one query in flight, not asked again
         assert (await harness.task(hung))["status"] == before["status"] == "running"
     finally:
         await scheduler.stop(grace=0.1)
+    assert hanging == ["asked", "cut off"] and scheduler._in_flight == set()
     with Session(harness.runtime.engine) as session:
         row = session.exec(select(Task).where(Task.id == hung)).one()
-    assert row.lease_owner is None  # the cut-off query's task handed back
+    assert row.lease_owner is None  # handed back
+
+
+async def test_a_claim_that_fails_loses_no_query_started_before_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gptimage15's batch is out when apiinone's claim fails (the database went away): that
+    pass ends in an error, but its query stays tracked, so stopping still cuts it off before
+    the leases are handed back (else another process could ask about the task meanwhile)."""
+    await harness.submit("gptimage15", "h sandbox:duration=5")
+    harness.clock.advance(60)
+    hanging = hang_queries(harness, monkeypatch)
+    store = harness.runtime.store
+    real_claim = store.claim_due
+
+    def claim(provider: str, worker: str, **kwargs: Any) -> Any:
+        if provider == "apiinone":
+            raise StoreUnavailable("gone", details={"reason": "OperationalError"})
+        return real_claim(provider, worker, **kwargs)
+
+    monkeypatch.setattr(store, "claim_due", claim)
+    scheduler = looping_scheduler(harness)
+    await scheduler.start()
+
+    async def asked() -> bool:
+        return hanging == ["asked"]
+
+    try:
+        assert await eventually(asked)
+    finally:
+        await scheduler.stop(grace=0.1)
+    assert hanging == ["asked", "cut off"] and scheduler._in_flight == set()
 
 
 async def test_refresh_waits_for_nobody_and_never_overlaps_a_poll(harness: Harness) -> None:
