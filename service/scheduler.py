@@ -223,33 +223,43 @@ class Scheduler:
         return len(await self._claim_and_start())
 
     async def _claim_and_start(self) -> list[asyncio.Task[None]]:
-        jobs: list[asyncio.Task[None]] = []
-        loop = asyncio.get_running_loop()
-        for provider, limiter in self.limiters.items():
-            if self._stopping:
-                break
-            if self._busy.get(provider):
-                continue  # its batch is still being queried: it claims when that ends
-            limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
-            until = self._lease_until(loop.time())
-            batch = await run_in_threadpool(
-                self.store.claim_due,
-                provider,
-                self.worker_id,
-                limit=limit,
-                lease_seconds=self.lease_seconds,
-            )
-            if not batch:
-                continue
-            busy = self._busy.setdefault(provider, set())
-            for claim in batch:
-                # Tracked at once: the next provider's claim waits in a thread, while these
-                # jobs run (and may end, or outlive a claim that fails and ends the pass).
-                job = asyncio.create_task(self._handle(claim, until))
-                self._in_flight.add(job)
-                busy.add(job)
-                job.add_done_callback(partial(self._ended, busy))
-                jobs.append(job)
+        """Claim for every provider whose previous batch is done, the providers' claims side
+        by side (after a stall one claim can take seconds, moving plans: the others do not
+        wait for it), and start each batch's queries as soon as its claim returns. A claim
+        that fails is raised once the others are done, their batches started."""
+        providers = [provider for provider in self.limiters if not self._busy.get(provider)]
+        results = await asyncio.gather(
+            *(self._claim_for(provider) for provider in providers), return_exceptions=True
+        )
+        jobs = [job for result in results if isinstance(result, list) for job in result]
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return jobs
+
+    async def _claim_for(self, provider: str) -> list[asyncio.Task[None]]:
+        if self._stopping:
+            return []
+        limiter = self.limiters[provider]
+        limit = max(limiter.concurrency, math.ceil(limiter.rate * PASS_SECONDS))
+        until = self._lease_until(asyncio.get_running_loop().time())
+        batch = await run_in_threadpool(
+            self.store.claim_due,
+            provider,
+            self.worker_id,
+            limit=limit,
+            lease_seconds=self.lease_seconds,
+        )
+        busy = self._busy.setdefault(provider, set())
+        jobs = []
+        for claim in batch:
+            # Tracked at once: these jobs run (and may end) while other providers' claims
+            # still wait in their threads, and outlive a claim that fails.
+            job = asyncio.create_task(self._handle(claim, until))
+            self._in_flight.add(job)
+            busy.add(job)
+            job.add_done_callback(partial(self._ended, busy))
+            jobs.append(job)
         return jobs
 
     def _ended(self, busy: set[asyncio.Task[None]], job: asyncio.Task[None]) -> None:

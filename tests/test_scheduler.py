@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -545,6 +546,40 @@ async def test_a_claim_that_fails_loses_no_query_started_before_it(
     finally:
         await scheduler.stop(grace=0.1)
     assert hanging == ["asked", "cut off"] and scheduler._in_flight == set()
+
+
+async def test_one_providers_slow_claim_does_not_hold_up_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stall, one provider's claim can take seconds (moving plans); the providers'
+    claims run side by side, so another provider's due task is asked about meanwhile."""
+    other = await harness.submit("gptimage15", "g sandbox:duration=5")
+    task_id = await harness.submit("apiinone", "a sandbox:duration=5")
+    harness.clock.advance(60)
+    store = harness.runtime.store
+    real_claim, claiming, release = store.claim_due, threading.Event(), threading.Event()
+
+    def slow_claim(provider: str, worker: str, **kwargs: Any) -> Any:
+        if provider == "gptimage15":
+            claiming.set()
+            release.wait(timeout=30)
+        return real_claim(provider, worker, **kwargs)
+
+    monkeypatch.setattr(store, "claim_due", slow_claim)
+    scheduler = looping_scheduler(harness)
+
+    async def succeeded(task_id: str) -> bool:
+        return bool((await harness.task(task_id))["status"] == "succeeded")
+
+    await scheduler.start()
+    try:
+        assert await eventually(partial(succeeded, task_id))
+        assert claiming.is_set() and (await harness.task(other))["status"] == "running"
+        release.set()
+        assert await eventually(partial(succeeded, other))
+    finally:
+        release.set()
+        await scheduler.stop(grace=1.0)
 
 
 async def test_refresh_waits_for_nobody_and_never_overlaps_a_poll(harness: Harness) -> None:
