@@ -6,8 +6,9 @@ concurrency and rate caps, and records each answer through the same state machin
 callback. A task past its deadline gets one last query, then becomes ``expired``. The loop
 wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives its
 own errors. Providers do not wait for each other: the loop claims a provider's next batch
-once its previous batch is done, whatever the others' batches are doing, so a provider whose
-queries hang (each cut off before its poll lease runs out) delays only its own tasks.
+once its previous batch is done, whatever the others' claims and batches are doing, so a
+provider whose queries hang (each cut off before its poll lease runs out) or whose claim is
+slow (plans moved after a stall) delays only its own tasks.
 :meth:`Scheduler.run_once` and :meth:`Scheduler.run_until_idle` drive it pass by pass in
 tests, each pass waiting for its queries.
 """
@@ -152,8 +153,10 @@ class Scheduler:
         self._ticker = Ticker("scheduler", self._step, tick_seconds)
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Each provider's batch still being queried: the loop claims no more for it meanwhile.
+        # Each provider's batch still being queried, and its claim in progress: the loop
+        # claims no more for that provider meanwhile.
         self._busy: dict[str, set[asyncio.Task[None]]] = {}
+        self._claiming: dict[str, asyncio.Task[list[asyncio.Task[None]]]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -177,6 +180,8 @@ class Scheduler:
         # The loop's passes do not wait for their queries: it stops once a claim in progress
         # (a short transaction) is done.
         await self._ticker.stop()
+        if self._claiming:  # short transactions; their batches see _stopping and hand back
+            await asyncio.wait(set(self._claiming.values()))
         running = set(self._in_flight)
         if running:
             _, cut_off = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
@@ -207,35 +212,46 @@ class Scheduler:
     # --- passes -----------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        """One pass over every provider's due tasks, waiting for their queries to end;
-        returns how many were handled (tests and benchmarks drive the scheduler so)."""
-        jobs = await self._claim_and_start()
+        """One pass over every provider's due tasks, waiting for their claims and queries to
+        end; returns how many were handled (tests and benchmarks drive the scheduler so). A
+        claim that failed is raised once the other providers' batches are done."""
+        results = await asyncio.gather(*self._start_claims(), return_exceptions=True)
+        jobs = [job for result in results if isinstance(result, list) for job in result]
         if jobs:
             # A job cut off by stop() ends the pass like any other: not an error here.
             await asyncio.gather(*jobs, return_exceptions=True)
+        failures = [result for result in results if isinstance(result, Exception)]
+        for extra in failures[1:]:
+            _report_claim_failure(extra)
+        if failures:
+            raise failures[0]
         return len(jobs)
 
     async def _step(self) -> int:
-        """The loop's pass: claim for every provider whose previous batch is done and start
-        its queries, without waiting for them; a batch ending wakes the loop for that
-        provider's next one. Returns how many were claimed (the ticker goes again at once
-        while that is not 0)."""
-        return len(await self._claim_and_start())
+        """The loop's pass: start a claim for every provider whose previous batch is done
+        and that is not being claimed for already, and wait for none of them. Each claim
+        starts its batch's queries as it returns, and a batch ending wakes the loop for that
+        provider's next claim; so a slow claim (plans moved after a stall) or a batch of
+        hanging queries holds up its own provider only."""
+        for claiming in self._start_claims():
+            claiming.add_done_callback(_report_failed_claim)
+        return 0
 
-    async def _claim_and_start(self) -> list[asyncio.Task[None]]:
-        """Claim for every provider whose previous batch is done, the providers' claims side
-        by side (after a stall one claim can take seconds, moving plans: the others do not
-        wait for it), and start each batch's queries as soon as its claim returns. A claim
-        that fails is raised once the others are done, their batches started."""
-        providers = [provider for provider in self.limiters if not self._busy.get(provider)]
-        results = await asyncio.gather(
-            *(self._claim_for(provider) for provider in providers), return_exceptions=True
-        )
-        jobs = [job for result in results if isinstance(result, list) for job in result]
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return jobs
+    def _start_claims(self) -> list[asyncio.Task[list[asyncio.Task[None]]]]:
+        started = []
+        for provider in self.limiters:
+            if self._stopping:
+                break
+            if self._busy.get(provider) or provider in self._claiming:
+                continue  # its batch is still out, or its claim: the next when that ends
+            claiming = asyncio.create_task(self._claim_for(provider))
+            self._claiming[provider] = claiming
+            claiming.add_done_callback(partial(self._claimed, provider))
+            started.append(claiming)
+        return started
+
+    def _claimed(self, provider: str, claiming: asyncio.Task[Any]) -> None:
+        self._claiming.pop(provider, None)
 
     async def _claim_for(self, provider: str) -> list[asyncio.Task[None]]:
         if self._stopping:
@@ -466,3 +482,20 @@ class Scheduler:
 
 _FINAL = {status.value for status in TERMINAL_STATUSES if status is not TaskStatus.expired}
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
+def _report_failed_claim(claiming: asyncio.Task[Any]) -> None:
+    """The loop's claims run on their own: their failures are logged here."""
+    if not claiming.cancelled() and claiming.exception() is not None:
+        _report_claim_failure(claiming.exception())
+
+
+def _report_claim_failure(exc: BaseException | None) -> None:
+    if isinstance(exc, StoreUnavailable):
+        reason = exc.details.get("reason") if isinstance(exc.details, dict) else None
+        log.warning(
+            "scheduler claim skipped: the database is unavailable%s",
+            f" ({reason})" if reason else "",
+        )
+    elif exc is not None:
+        log.error("scheduler claim failed", exc_info=exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -432,13 +433,16 @@ async def test_one_providers_long_pause_does_not_stall_the_others(
             assert 290 <= wait <= 600
 
 
-def looping_scheduler(harness: Harness) -> Scheduler:
+def looping_scheduler(harness: Harness, apiinone: ProviderLimiter | None = None) -> Scheduler:
     """A scheduler of its own for gptimage15 and apiinone, run by its loop: a tick so long
     that only a wake (a batch ending, a task due) starts a pass."""
     return Scheduler(
         harness.runtime.store,
         harness.runtime.adapters,
-        {provider: ProviderLimiter(4, 100.0) for provider in ("gptimage15", "apiinone")},
+        {
+            "gptimage15": ProviderLimiter(4, 100.0),
+            "apiinone": apiinone or ProviderLimiter(4, 100.0),
+        },
         metrics=Metrics(),
         lease_seconds=600,
         tick_seconds=600,
@@ -518,7 +522,7 @@ async def test_one_providers_hanging_queries_do_not_hold_up_the_others(
 
 
 async def test_a_claim_that_fails_loses_no_query_started_before_it(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """gptimage15's batch is out when apiinone's claim fails (the database went away): that
     pass ends in an error, but its query stays tracked, so stopping still cuts it off before
@@ -541,20 +545,24 @@ async def test_a_claim_that_fails_loses_no_query_started_before_it(
     async def asked() -> bool:
         return hanging == ["asked"]
 
-    try:
-        assert await eventually(asked)
-    finally:
-        await scheduler.stop(grace=0.1)
+    with caplog.at_level(logging.WARNING, logger="service.scheduler"):
+        try:
+            assert await eventually(asked)
+        finally:
+            await scheduler.stop(grace=0.1)
     assert hanging == ["asked", "cut off"] and scheduler._in_flight == set()
+    lines = {record.getMessage() for record in caplog.records}
+    assert "scheduler claim skipped: the database is unavailable (OperationalError)" in lines
 
 
 async def test_one_providers_slow_claim_does_not_hold_up_the_others(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a stall, one provider's claim can take seconds (moving plans); the providers'
-    claims run side by side, so another provider's due task is asked about meanwhile."""
+    """After a stall, one provider's claim can take seconds (moving plans); each provider's
+    claims run on their own, so another provider's due tasks are asked about meanwhile, in
+    batch after batch (here one task each)."""
     other = await harness.submit("gptimage15", "g sandbox:duration=5")
-    task_id = await harness.submit("apiinone", "a sandbox:duration=5")
+    task_ids = [await harness.submit("apiinone", f"a{i} sandbox:duration=5") for i in range(2)]
     harness.clock.advance(60)
     store = harness.runtime.store
     real_claim, claiming, release = store.claim_due, threading.Event(), threading.Event()
@@ -566,14 +574,15 @@ async def test_one_providers_slow_claim_does_not_hold_up_the_others(
         return real_claim(provider, worker, **kwargs)
 
     monkeypatch.setattr(store, "claim_due", slow_claim)
-    scheduler = looping_scheduler(harness)
+    scheduler = looping_scheduler(harness, apiinone=ProviderLimiter(1, 0.5))  # batches of 1
 
     async def succeeded(task_id: str) -> bool:
         return bool((await harness.task(task_id))["status"] == "succeeded")
 
     await scheduler.start()
     try:
-        assert await eventually(partial(succeeded, task_id))
+        for task_id in task_ids:
+            assert await eventually(partial(succeeded, task_id))
         assert claiming.is_set() and (await harness.task(other))["status"] == "running"
         release.set()
         assert await eventually(partial(succeeded, other))
