@@ -529,8 +529,7 @@ class StorageHealth:
         with self._lock:
             previous, self.fault = self.fault, fault
         if previous is None or previous.code != fault.code:
-            reason = fault.details.get("reason") if isinstance(fault.details, dict) else None
-            found = f" ({reason}: {cause})" if cause is not None else ""
+            found = f" ({fault.reason}: {cause})" if cause is not None else ""
             log.error(
                 "database storage fault on %s: %s%s; writes answer %d %s until it is fixed, "
                 "reads still work",

@@ -143,6 +143,12 @@ class StoreUnavailable(TaskRelayError):
     code = "store_unavailable"
     retry_after = 2.0
 
+    @property
+    def reason(self) -> str | None:
+        """The database's own error, when known (``details["reason"]``: DeadlockDetected...)."""
+        reason = self.details.get("reason") if isinstance(self.details, dict) else None
+        return None if reason is None else str(reason)
+
 
 class StorageFault(StoreUnavailable):
     """The database's storage refused the write: its disk is full, it is read-only, or it

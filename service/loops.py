@@ -54,19 +54,21 @@ class Ticker:
             wait = self.tick_seconds
             try:
                 found = await self.step()
-            except StoreUnavailable as exc:
-                reason = exc.details.get("reason") if isinstance(exc.details, dict) else None
-                log.warning(
-                    "%s pass skipped: the database is unavailable%s",
-                    self.name,
-                    f" ({reason})" if reason else "",
-                )
-                found, wait = 0, min(wait, self.retry_seconds)
-            except Exception:
-                log.exception("%s pass failed", self.name)
+            except Exception as exc:
+                report_failure(f"{self.name} pass", exc)
                 found, wait = 0, min(wait, self.retry_seconds)
             if found:
                 continue  # more may be due: go again at once
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
+
+
+def report_failure(what: str, exc: BaseException) -> None:
+    """Log a background pass's failure: one line, with the database's reason, for an
+    unavailable database (it is retried); the traceback for anything else (a bug)."""
+    if isinstance(exc, StoreUnavailable):
+        reason = f" ({exc.reason})" if exc.reason else ""
+        log.warning("%s skipped: the database is unavailable%s", what, reason)
+    else:
+        log.error("%s failed", what, exc_info=exc)

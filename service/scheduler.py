@@ -37,7 +37,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.lifecycle import TaskUpdate
-from service.loops import Ticker
+from service.loops import Ticker, report_failure
 from service.metrics import Metrics
 from service.models import TERMINAL_STATUSES, TaskStatus
 from service.providers.base import ProviderAdapter
@@ -222,7 +222,7 @@ class Scheduler:
             await asyncio.gather(*jobs, return_exceptions=True)
         failures = [result for result in results if isinstance(result, Exception)]
         for extra in failures[1:]:
-            _report_claim_failure(extra)
+            report_failure("scheduler claim", extra)
         if failures:
             raise failures[0]
         return len(jobs)
@@ -486,16 +486,5 @@ _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
 def _report_failed_claim(claiming: asyncio.Task[Any]) -> None:
     """The loop's claims run on their own: their failures are logged here."""
-    if not claiming.cancelled() and claiming.exception() is not None:
-        _report_claim_failure(claiming.exception())
-
-
-def _report_claim_failure(exc: BaseException | None) -> None:
-    if isinstance(exc, StoreUnavailable):
-        reason = exc.details.get("reason") if isinstance(exc.details, dict) else None
-        log.warning(
-            "scheduler claim skipped: the database is unavailable%s",
-            f" ({reason})" if reason else "",
-        )
-    elif exc is not None:
-        log.error("scheduler claim failed", exc_info=exc)
+    if not claiming.cancelled() and (exc := claiming.exception()) is not None:
+        report_failure("scheduler claim", exc)

@@ -468,6 +468,10 @@ def hang_queries(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]
     return seen
 
 
+async def succeeded(harness: Harness, task_id: str) -> bool:
+    return bool((await harness.task(task_id))["status"] == "succeeded")
+
+
 async def eventually(check: Any, seconds: float = 10.0) -> bool:
     for _ in range(int(seconds / 0.02)):
         if await check():
@@ -500,17 +504,14 @@ async def test_one_providers_hanging_queries_do_not_hold_up_the_others(
     scheduler = looping_scheduler(harness)
     before = await harness.task(hung)
 
-    async def succeeded(task_id: str) -> bool:
-        return bool((await harness.task(task_id))["status"] == "succeeded")
-
     await scheduler.start()
     try:
         await asyncio.wait_for(asked.wait(), timeout=10)  # the first pass: both providers
         second = await harness.submit("apiinone", "a2 sandbox:duration=5")
         harness.clock.advance(60)  # due while both batches are still out
         gate.set()  # apiinone's batch ends: that wakes the loop, which claims its next one
-        assert await eventually(partial(succeeded, first))
-        assert await eventually(partial(succeeded, second))
+        assert await eventually(partial(succeeded, harness, first))
+        assert await eventually(partial(succeeded, harness, second))
         assert hanging == ["asked"]  # still the one query in flight, not asked again
         assert (await harness.task(hung))["status"] == before["status"] == "running"
     finally:
@@ -576,16 +577,13 @@ async def test_one_providers_slow_claim_does_not_hold_up_the_others(
     monkeypatch.setattr(store, "claim_due", slow_claim)
     scheduler = looping_scheduler(harness, apiinone=ProviderLimiter(1, 0.5))  # batches of 1
 
-    async def succeeded(task_id: str) -> bool:
-        return bool((await harness.task(task_id))["status"] == "succeeded")
-
     await scheduler.start()
     try:
         for task_id in task_ids:
-            assert await eventually(partial(succeeded, task_id))
+            assert await eventually(partial(succeeded, harness, task_id))
         assert claiming.is_set() and (await harness.task(other))["status"] == "running"
         release.set()
-        assert await eventually(partial(succeeded, other))
+        assert await eventually(partial(succeeded, harness, other))
     finally:
         release.set()
         await scheduler.stop(grace=1.0)
