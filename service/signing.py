@@ -19,13 +19,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from service.errors import CallbackProviderMismatch, CallbackTokenExpired, CallbackTokenInvalid
 
 SALT = "taskrelay.callback.v1"
 VERIFIED_CACHE = 65_536  # tokens remembered after verifying (~200 bytes each)
 EXPIRED = "This callback URL has expired; the task can still be refreshed by polling."
+# How far ahead of this replica's clock another replica's may be when it signs a token.
+CLOCK_SKEW = 300.0
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,9 @@ class CallbackSigner:
 
     def _verify_signature(self, token: str) -> tuple[str, str, float]:
         try:
-            payload, signed_at = self._serializer.loads(
-                token, max_age=round(self.max_age), return_timestamp=True
-            )
-        except SignatureExpired as exc:
-            raise CallbackTokenExpired(EXPIRED) from exc
+            # The age is checked here, not by itsdangerous, which refuses a token signed even a
+            # second "in the future": one signed by a replica whose clock is a little ahead.
+            payload, signed_at = self._serializer.loads(token, return_timestamp=True)
         except BadSignature as exc:
             raise CallbackTokenInvalid(
                 "This callback URL's token is not valid: it was not issued by this TaskRelay "
@@ -94,7 +94,17 @@ class CallbackSigner:
             or not all(isinstance(item, str) for item in payload)
         ):
             raise CallbackTokenInvalid("This callback URL's token has an unexpected payload.")
-        return payload[0], payload[1], signed_at.timestamp()
+        signed = signed_at.timestamp()
+        age = time.time() - signed
+        if age > round(self.max_age):
+            raise CallbackTokenExpired(EXPIRED)
+        if age < -CLOCK_SKEW:
+            raise CallbackTokenInvalid(
+                "This callback URL's token was signed in the future: the clock of the TaskRelay "
+                f"that issued it is more than {CLOCK_SKEW:g} s ahead; synchronise the replicas' "
+                "clocks (NTP)."
+            )
+        return payload[0], payload[1], signed
 
 
 # --- Standard Webhooks (https://www.standardwebhooks.com) -------------------------------------

@@ -73,6 +73,22 @@ def test_expired_token_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         signer(max_age=3600).verify(issued, "evolink")
 
 
+def test_a_token_from_a_replica_whose_clock_is_a_little_ahead_verifies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = time.time()
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: now + 2)
+    ahead = signer().token("tsk_abc", "evolink")  # signed 2 s "in the future"
+    far_ahead = signer().token("tsk_far", "evolink")
+    monkeypatch.setattr("itsdangerous.timed.time.time", lambda: now + 600)
+    too_far = signer().token("tsk_bad", "evolink")  # 10 minutes ahead
+    monkeypatch.undo()
+    assert signer().verify(ahead, "evolink").task_id == "tsk_abc"
+    assert signer().verify(far_ahead, "evolink").task_id == "tsk_far"
+    with pytest.raises(CallbackTokenInvalid, match="clock"):
+        signer().verify(too_far, "evolink")
+
+
 def test_old_key_still_verifies_during_rotation() -> None:
     old_token = signer(key="old-key-" + "o" * 24).token("tsk_abc", "evolink")
     rotated = signer(key="new-key-" + "n" * 24, fallbacks=("old-key-" + "o" * 24,))
