@@ -317,12 +317,14 @@ def _decide(
         assert task.pk is not None
         update, receipt = request.update, request.receipt
         if update.provider_task_id and len(update.provider_task_id) > PROVIDER_TASK_ID_CHARS:
-            results.append(
-                BadRequest(
-                    f"The provider task id is longer than {PROVIDER_TASK_ID_CHARS} characters.",
-                    code="provider_task_id_too_long",
-                )
+            too_long = BadRequest(
+                f"The provider task id is longer than {PROVIDER_TASK_ID_CHARS} characters.",
+                code="provider_task_id_too_long",
             )
+            if receipt is not None:  # kept for audit, as every refused callback body is
+                rejected = ReceiptOutcome.rejected
+                receipts.append(store.receipt_row(task.pk, receipt, rejected, too_long.message))
+            results.append(too_long)
             continue
         try:
             change = decide(task_state(task), update)

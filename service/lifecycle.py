@@ -19,6 +19,7 @@ from typing import Any
 from service.errors import Conflict
 from service.models import TERMINAL_STATUSES, EventType, TaskStatus
 
+RAW_STATUS_CHARS = 64  # task.raw_status; a provider's status word is kept, cut to fit
 _RANK = {TaskStatus.queued: 0, TaskStatus.running: 1}
 _TERMINAL_RANK = 2
 
@@ -132,7 +133,10 @@ def decide(current: TaskState, update: TaskUpdate) -> Change | None:
             error = update.error or (current.error if current.error else DEFAULT_FAILURE)
             if status is TaskStatus.canceled and not update.error:
                 error = {"code": "canceled", "message": "The provider canceled the task."}
-    raw_status = update.raw_status if update.raw_status is not None else current.raw_status
+    # Cut as stored: compared uncut, a long status word would differ from its stored self.
+    raw_status = current.raw_status
+    if update.raw_status is not None:
+        raw_status = update.raw_status[:RAW_STATUS_CHARS]
 
     new_state = TaskState(
         status=status,

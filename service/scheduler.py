@@ -323,6 +323,15 @@ class Scheduler:
                 # process's) to claim with a fresh lease. Not a failed query.
                 task = await run_in_threadpool(self.store.defer, claim.task_id, worker, seconds=0)
                 return PollOutcome(task, queried=False, expired=False)
+            except ProviderPaused as paused:
+                # The provider asked us to back off: hand the task back for when the pause ends
+                # instead of sleeping on its lease (and holding up this pass for other
+                # providers). Even at the deadline: the last look is made after the pause,
+                # before the task may expire.
+                task = await run_in_threadpool(
+                    self.store.defer, claim.task_id, worker, seconds=paused.seconds
+                )
+                return PollOutcome(task, queried=False, expired=False)
             queried = True
         if final_look and (task is None or task["status"] not in _FINAL):
             result = await run_in_threadpool(
@@ -410,13 +419,7 @@ class Scheduler:
     ) -> dict[str, Any]:
         try:
             update = await self._ask(adapter, claim, scheduled=True, until=until)
-        except ProviderPaused as paused:
-            # The provider asked us to back off: hand the task back for when the pause ends
-            # instead of sleeping on its lease (and holding up this pass for other providers).
-            return await run_in_threadpool(
-                self.store.defer, claim.task_id, worker, seconds=paused.seconds
-            )
-        except ProviderError as exc:
+        except ProviderError as exc:  # a ProviderPaused is not one: poll() hands the task back
             failed = await run_in_threadpool(
                 self.store.record_poll, claim.task_id, worker, error=exc
             )

@@ -42,7 +42,7 @@ from service.errors import (
     UpstreamProtocolError,
     ValidationFailed,
 )
-from service.lifecycle import Change, TaskState, TaskUpdate, decide, expire
+from service.lifecycle import RAW_STATUS_CHARS, Change, TaskState, TaskUpdate, decide, expire
 from service.models import (
     UNSENT,
     UNSENT_INDEX,
@@ -72,7 +72,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
 UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
-RAW_STATUS_CHARS = 64  # task.raw_status; a provider's status word is kept, cut to fit
+MAX_ESTIMATED_SECONDS = 365 * 86_400.0  # the longest duration hint a task's plan takes in
 PROVIDER_TASK_ID_CHARS = 255
 MAX_ROW_ID = 2**63 - 1  # the largest primary key either database can hold
 _ISSUED_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
@@ -298,7 +298,10 @@ def transition(
     written)."""
     touched = False
     if update is not None and update.estimated_seconds is not None:
-        expected = task.created_at + timedelta(seconds=update.estimated_seconds)
+        # A hint of more than a year is no estimate (an epoch time sent as a duration, say),
+        # and would overflow the date: it counts as a year, which the deadline bounds anyway.
+        seconds = min(update.estimated_seconds, MAX_ESTIMATED_SECONDS)
+        expected = task.created_at + timedelta(seconds=seconds)
         if expected != task.expected_at:
             task.expected_at = expected
             touched = True
@@ -752,11 +755,32 @@ class Store:
             ]
         except StoreUnavailable as exc:
             return [exc] * len(requests)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # Not the database's doing (a value nothing checked, or a bug): one update's fault
+            # must not fail its neighbours, so each is applied alone and only it fails.
+            log.exception("a batch of %d updates failed; applying them one by one", len(requests))
+            return [self._apply_alone(request) for request in requests]
+
+    def _apply_alone(self, request: UpdateRequest) -> ApplyResult | TaskRelayError:
+        try:
+            (result,) = self.apply_updates([request])
+        except Exception:
+            log.exception("the update of task %s failed", request.task_id)
+            return TaskRelayError(
+                "TaskRelay hit an unexpected error recording this update; nothing was recorded. "
+                "Retrying is safe: updates are idempotent."
+            )
+        return result
 
     def expire_task(self, task_id: str, reason: str) -> ApplyResult:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             change = expire(task_state(task), reason)
+            if change is None and task.next_check_at is not None:
+                self.plan(task, self.clock())  # final already: no look is left to make
+                session.add(task)
             return self._commit_change(session, task, change, UpdateSource.timeout)
 
     def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
@@ -947,14 +971,19 @@ class Store:
                     error = UpstreamProtocolError(exc.message, provider=task.provider)
             if error is not None:
                 task.poll_errors += 1
-                task.planned_check_at = None
-                task.next_check_at = next_check_after_error(
-                    self._timing(task),
-                    now,
-                    self.policy(task.provider),
-                    retry_after=error.retry_after,
-                    rng=self.rng,
-                )
+                if TaskStatus(task.status).terminal:
+                    # Final already (a refresh, or a callback that won the race): nothing is
+                    # left to look at, so no next look, whatever the provider answered.
+                    self.plan(task, now)
+                else:
+                    task.planned_check_at = None
+                    task.next_check_at = next_check_after_error(
+                        self._timing(task),
+                        now,
+                        self.policy(task.provider),
+                        retry_after=error.retry_after,
+                        rng=self.rng,
+                    )
                 result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None)
             else:
                 task.poll_errors = 0
@@ -982,13 +1011,21 @@ class Store:
             return True
 
     def defer(self, task_id: str, worker: str | None, *, seconds: float) -> dict[str, Any]:
-        """Look at a task again in ``seconds`` (never past its deadline), without asking its
-        provider now; releases the lease."""
+        """Look at a task again in ``seconds``, without asking its provider now; releases the
+        lease. The look is never put past the deadline, unless the deadline has passed: then
+        the last look before expiring the task waits for the pause to end."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            later = self.clock() + timedelta(seconds=seconds)
-            task.next_check_at = min(later, task.deadline_at) if task.deadline_at else later
-            task.planned_check_at = None
+            now = self.clock()
+            if TaskStatus(task.status).terminal:
+                self.plan(task, now)  # final: no more looks
+            else:
+                later = now + timedelta(seconds=seconds)
+                deadline = task.deadline_at
+                task.next_check_at = later if deadline is None or deadline <= now else min(
+                    later, deadline
+                )
+                task.planned_check_at = None
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
                 task.lease_expires_at = None

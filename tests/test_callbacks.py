@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -315,7 +316,41 @@ async def test_a_very_long_status_word_is_kept_cut_to_fit(client: httpx.AsyncCli
     task_id, path = await tracked(client)
     response = await client.post(path, json=evolink_body("x" * 500, 5))
     assert response.status_code == 200
-    assert (await get(client, task_id))["provider_status"] == "x" * 64
+    task = await get(client, task_id)
+    assert task["provider_status"] == "x" * 64
+    # The same callback again is a duplicate, as with a short status word: nothing changes.
+    again = await client.post(path, json=evolink_body("x" * 500, 5))
+    assert again.json()["outcome"] == "unchanged"
+    assert (await get(client, task_id))["updated_at"] == task["updated_at"]
+
+
+async def test_an_absurd_duration_hint_is_taken_as_a_year(client: httpx.AsyncClient) -> None:
+    """EvoLink's estimated_time of 2e12 s (an epoch in milliseconds, say) would overflow the
+    date of the expected finish; it is bounded, so the callback and its batch still land."""
+    task_id, path = await tracked(client)
+    other_id, other_path = await tracked(client)
+    huge = evolink_body("processing", 10, task_info={"estimated_time": 2e12})
+    other = {**evolink_body("processing", 50), "id": "task-unified-other"}
+    answers = await asyncio.gather(
+        client.post(path, json=huge), client.post(other_path, json=other)
+    )
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert (await get(client, task_id))["progress"] == 10
+    assert (await get(client, other_id))["progress"] == 50
+    assert [r["outcome"] for r in await receipts(client, task_id)] == ["applied"]
+
+
+async def test_a_provider_task_id_too_long_to_store_is_400_and_kept_for_audit(
+    client: httpx.AsyncClient,
+) -> None:
+    task_id, path = await tracked(client)
+    response = await client.post(path, json={**evolink_body("processing", 5), "id": "p" * 300})
+    assert response.status_code == 400
+    assert error_code(response) == "provider_task_id_too_long"
+    assert (await get(client, task_id))["provider_task_id"] is None
+    kept = await receipts(client, task_id)
+    assert [r["outcome"] for r in kept] == ["rejected"]
+    assert "longer than 255" in kept[0]["error"]
 
 
 async def test_a_provider_task_id_of_another_task_is_409_not_500(

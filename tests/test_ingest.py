@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from service import ingest, outbox
 from service import store as store_module
 from service.db import DriverSQL, listed, make_engine, migrate
-from service.errors import Conflict, NotFound, StoreUnavailable
+from service.errors import Conflict, NotFound, StoreUnavailable, TaskRelayError
 from service.groupcommit import GroupCommitter, Overloaded
 from service.ingest import UpdateRequest
 from service.lifecycle import TaskUpdate
@@ -210,6 +210,40 @@ def test_a_value_the_database_refuses_fails_only_its_own_update(store: Store) ->
     assert store.list_receipts("alice", taker) == []  # rolled back with its update
 
 
+def test_an_update_that_fails_unexpectedly_fails_alone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault nothing foresaw (a bug, a value nothing checked) in one update of a batch: the
+    others are applied one by one and commit; only the faulty one fails, with nothing of it
+    stored."""
+    good, bad, other = new_task(store), new_task(store), new_task(store)
+    planned = Store.plan
+
+    def plan(self: Store, task: Any, now: datetime) -> None:
+        if task.id == bad:
+            raise RuntimeError("a bug")
+        planned(self, task, now)
+
+    monkeypatch.setattr(Store, "plan", plan)
+    results = store.apply_updates(
+        [
+            UpdateRequest(good, progress(10), UpdateSource.callback, receipt()),
+            UpdateRequest(bad, progress(20), UpdateSource.callback, receipt()),
+            UpdateRequest(other, DONE, UpdateSource.callback, receipt()),
+        ]
+    )
+    assert isinstance(results[0], ApplyResult) and results[0].task["progress"] == 10
+    assert isinstance(results[1], TaskRelayError) and results[1].status == 500
+    assert "nothing was recorded" in results[1].message
+    assert isinstance(results[2], ApplyResult) and results[2].task["status"] == "succeeded"
+    assert store.get_task("alice", good)["progress"] == 10
+    assert store.get_task("alice", bad)["progress"] == 0
+    assert store.list_receipts("alice", bad) == []
+    assert store.get_task("alice", other)["status"] == "succeeded"
+    with pytest.raises(RuntimeError):  # alone, the fault is raised (the committer logs it)
+        store.apply_updates([UpdateRequest(bad, progress(30), UpdateSource.callback, receipt())])
+
+
 def test_the_batch_is_one_transaction(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash in the middle of a batch (here: planning the deliveries owed, after the tasks,
     events and receipts were written, and on PostgreSQL after the server has run those
@@ -227,10 +261,12 @@ def test_the_batch_is_one_transaction(database_url: str, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(outbox, "plan_deliveries", broken)  # SQLite's path, in fan_out_many
     monkeypatch.setattr(ingest, "plan_deliveries", broken)  # PostgreSQL's pipeline
-    with pytest.raises(RuntimeError):
-        store.apply_updates([UpdateRequest(i, DONE, UpdateSource.callback, receipt()) for i in ids])
+    results = store.apply_updates(
+        [UpdateRequest(i, DONE, UpdateSource.callback, receipt()) for i in ids]
+    )
     monkeypatch.undo()
-    assert planned == [3]
+    assert planned == [3, 1, 1, 1]  # the batch, then each update alone, failing alike
+    assert all(isinstance(r, TaskRelayError) and r.status == 500 for r in results)
     for task_id in ids:
         assert store.get_task("alice", task_id)["status"] == "queued"
         assert [e.type for e in store.list_events("alice", task_id)] == ["task.submitted"]

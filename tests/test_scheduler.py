@@ -277,6 +277,76 @@ async def test_deadline_expires_after_one_last_query_and_late_results_still_land
     assert refreshed["error"] is None
 
 
+async def test_a_pause_at_the_deadline_puts_off_the_last_look_instead_of_expiring(
+    harness: Harness,
+) -> None:
+    # The provider finishes 20 s after the 10-minute deadline; another task's 429 has paused
+    # it for two minutes just as this one reaches its deadline.
+    task_id = await harness.submit("evolink", "late sandbox:duration=620")
+    harness.clock.advance(600)
+    queries = harness.queries()
+    harness.scheduler.limiters["evolink"].pause(120)
+    await harness.scheduler.run_until_idle()
+    task = await harness.task(task_id)
+    assert task["status"] == "queued"  # not expired unasked (callbacks are lost here)
+    assert harness.queries() == queries
+    with Session(harness.runtime.engine) as session:
+        row = session.exec(select(Task).where(Task.id == task_id)).one()
+        assert row.lease_owner is None
+        assert row.next_check_at is not None
+        wait = (row.next_check_at.replace(tzinfo=UTC) - harness.clock.now()).total_seconds()
+        assert 119 <= wait <= 121  # the end of the pause, though the deadline has passed
+    harness.clock.advance(60)  # still paused: nothing happens, nothing spins
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["status"] == "queued"
+    harness.clock.advance(61)
+    await harness.scheduler.run_until_idle()  # the last look, after the pause
+    task = await harness.task(task_id)
+    assert task["status"] == "succeeded"
+    assert task["last_update_source"] == "poll"
+    assert harness.queries() == queries + 1
+
+
+async def finished_task_queries(harness: Harness, task_id: str) -> int:
+    """Status queries of ``task_id`` in five passes after a refresh that failed upstream; the
+    clock does not move, so a planned look cannot come due."""
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 503
+    before = harness.queries()
+    for _ in range(5):
+        await harness.scheduler.run_once()
+    with Session(harness.runtime.engine) as session:
+        row = session.exec(select(Task).where(Task.id == task_id)).one()
+        assert row.next_check_at is None
+    return harness.queries() - before
+
+
+async def test_a_finished_task_is_never_queried_again_after_a_failed_refresh(
+    harness: Harness,
+) -> None:
+    harness.sandbox.set_behaviour("*", {"callback": "normal"})
+    task_id = await harness.submit(
+        "evolink", "done sandbox:duration=5 sandbox:status_errors=1000 sandbox:status_error=500"
+    )
+    harness.clock.advance(6)
+    assert await eventually(partial(succeeded, harness, task_id))  # by its callback
+    harness.clock.advance(3600)  # well past the deadline
+    assert await finished_task_queries(harness, task_id) == 0
+    assert (await harness.task(task_id))["status"] == "succeeded"
+
+
+async def test_an_expired_task_is_never_queried_again_after_a_failed_refresh(
+    harness: Harness,
+) -> None:
+    task_id = await harness.submit(
+        "evolink",
+        "slow sandbox:duration=5000 sandbox:status_errors=100000 sandbox:status_error=500",
+    )
+    await harness.run_until_final([task_id], step=30.0)
+    assert (await harness.task(task_id))["status"] == "expired"
+    assert await finished_task_queries(harness, task_id) == 0
+
+
 async def test_tasks_without_a_provider_id_expire_at_their_deadline_unqueried(
     harness: Harness,
 ) -> None:
