@@ -29,6 +29,7 @@ class Ticker:
         # After a failed pass: the next one comes this soon (a rare pass, such as retention's
         # every 10 minutes, should not wait its whole interval after a brief outage).
         self.retry_seconds = tick_seconds if retry_seconds is None else retry_seconds
+        self.failures = Failures(f"{name} pass")
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,8 +56,10 @@ class Ticker:
             try:
                 found = await self.step()
             except Exception as exc:
-                report_failure(f"{self.name} pass", exc)
+                self.failures.failed(exc)
                 found, wait = 0, min(wait, self.retry_seconds)
+            else:
+                self.failures.succeeded()
             if found:
                 continue  # more may be due: go again at once
             with contextlib.suppress(TimeoutError):
@@ -64,11 +67,30 @@ class Ticker:
             self._wake.clear()
 
 
-def report_failure(what: str, exc: BaseException) -> None:
-    """Log a background pass's failure: one line, with the database's reason, for an
-    unavailable database (it is retried); the traceback for anything else (a bug)."""
-    if isinstance(exc, StoreUnavailable):
-        reason = f" ({exc.reason})" if exc.reason else ""
-        log.warning("%s skipped: the database is unavailable%s", what, reason)
-    else:
-        log.error("%s failed", what, exc_info=exc)
+class Failures:
+    """The log of one kind of background pass's failures ("scheduler claim"). An unavailable
+    database (retried, pass after pass, several a second) is logged once when such passes
+    start failing, with the database's reason, and once when one works again; anything else
+    (a bug) is logged with its traceback every time."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.skipped = 0  # passes skipped since the database became unavailable
+
+    def failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, StoreUnavailable):
+            log.error("%s failed", self.what, exc_info=exc)
+            return
+        self.skipped += 1
+        if self.skipped == 1:
+            reason = f" ({exc.reason})" if exc.reason else ""
+            log.warning(
+                "%s skipped: the database is unavailable%s; retried until it answers",
+                self.what,
+                reason,
+            )
+
+    def succeeded(self) -> None:
+        if self.skipped:
+            log.warning("%s works again, after %d skipped", self.what, self.skipped)
+            self.skipped = 0

@@ -37,7 +37,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.lifecycle import TaskUpdate
-from service.loops import Ticker, report_failure
+from service.loops import Failures, Ticker
 from service.metrics import Metrics
 from service.models import TERMINAL_STATUSES, TaskStatus
 from service.providers.base import ProviderAdapter
@@ -151,6 +151,7 @@ class Scheduler:
         self.clock = clock
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._ticker = Ticker("scheduler", self._step, tick_seconds)
+        self._claim_failures = Failures("scheduler claim")
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         # Each provider's batch still being queried, and its claim in progress: the loop
@@ -222,7 +223,7 @@ class Scheduler:
             await asyncio.gather(*jobs, return_exceptions=True)
         failures = [result for result in results if isinstance(result, Exception)]
         for extra in failures[1:]:
-            report_failure("scheduler claim", extra)
+            self._claim_failures.failed(extra)
         if failures:
             raise failures[0]
         return len(jobs)
@@ -234,7 +235,7 @@ class Scheduler:
         provider's next claim; so a slow claim (plans moved after a stall) or a batch of
         hanging queries holds up its own provider only."""
         for claiming in self._start_claims():
-            claiming.add_done_callback(_report_failed_claim)
+            claiming.add_done_callback(self._report_claim)
         return 0
 
     def _start_claims(self) -> list[asyncio.Task[list[asyncio.Task[None]]]]:
@@ -252,6 +253,16 @@ class Scheduler:
 
     def _claimed(self, provider: str, claiming: asyncio.Task[Any]) -> None:
         self._claiming.pop(provider, None)
+
+    def _report_claim(self, claiming: asyncio.Task[Any]) -> None:
+        """The loop's claims run on their own: their failures (and an outage's end) are
+        logged here."""
+        if claiming.cancelled():
+            return
+        if (exc := claiming.exception()) is not None:
+            self._claim_failures.failed(exc)
+        else:
+            self._claim_failures.succeeded()
 
     async def _claim_for(self, provider: str) -> list[asyncio.Task[None]]:
         if self._stopping:
@@ -485,9 +496,3 @@ class Scheduler:
 
 _FINAL = {status.value for status in TERMINAL_STATUSES if status is not TaskStatus.expired}
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
-
-
-def _report_failed_claim(claiming: asyncio.Task[Any]) -> None:
-    """The loop's claims run on their own: their failures are logged here."""
-    if not claiming.cancelled() and (exc := claiming.exception()) is not None:
-        report_failure("scheduler claim", exc)

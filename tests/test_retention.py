@@ -516,9 +516,58 @@ async def test_a_sweep_the_database_failed_is_tried_again_soon(
             await ticker.stop()
     assert calls == 2
     lines = [record.getMessage() for record in caplog.records]
-    assert lines == ["retention pass skipped: the database is unavailable (DeadlockDetected)"]
+    assert lines == [
+        "retention pass skipped: the database is unavailable (DeadlockDetected); "
+        "retried until it answers",
+        "retention pass works again, after 1 skipped",
+    ]
     pruner = pruner_of(store, ImageFiles(tmp_path / "files", "http://x"), datetime.now(UTC))
     assert pruner._ticker.retry_seconds == RETRY_SECONDS < pruner._ticker.tick_seconds
+
+
+async def test_an_outage_is_logged_when_it_starts_and_ends_not_at_every_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Passes retried several times a second must not log a line each while the database is
+    down; a bug is logged with its traceback every time."""
+    outcomes: list[Exception | None] = [
+        *[StoreUnavailable("gone", details={"reason": "OperationalError"})] * 5,
+        None,
+        RuntimeError("a bug"),
+        RuntimeError("a bug"),
+        StoreUnavailable("gone again"),
+        None,
+    ]
+    done = asyncio.Event()
+
+    async def step() -> int:
+        outcome = outcomes.pop(0)
+        if not outcomes:
+            done.set()
+        if outcome is not None:
+            raise outcome
+        return 0 if done.is_set() else 1  # 1: found work, so the next pass comes at once
+
+    ticker = Ticker("dispatcher", step, 600.0, retry_seconds=0.001)
+    with caplog.at_level(logging.WARNING, logger="service.loops"):
+        ticker.start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout=30)
+        finally:
+            await ticker.stop()
+    lines = [(record.getMessage(), record.exc_info is not None) for record in caplog.records]
+    assert lines == [
+        (
+            "dispatcher pass skipped: the database is unavailable (OperationalError); "
+            "retried until it answers",
+            False,
+        ),
+        ("dispatcher pass works again, after 5 skipped", False),
+        ("dispatcher pass failed", True),
+        ("dispatcher pass failed", True),
+        ("dispatcher pass skipped: the database is unavailable; retried until it answers", False),
+        ("dispatcher pass works again, after 1 skipped", False),
+    ]
 
 
 def test_existing_task_ids_are_those_stored(store: Store) -> None:
