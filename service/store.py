@@ -1022,8 +1022,8 @@ class Store:
             else:
                 later = now + timedelta(seconds=seconds)
                 deadline = task.deadline_at
-                task.next_check_at = later if deadline is None or deadline <= now else min(
-                    later, deadline
+                task.next_check_at = (
+                    later if deadline is None or deadline <= now else min(later, deadline)
                 )
                 task.planned_check_at = None
             if worker is None or task.lease_owner == worker:
