@@ -182,6 +182,13 @@ class StoreIOError(StorageFault):
     code = "store_io_error"
 
 
+class ImageStorageFailed(TaskRelayError):
+    """An image a provider returned inline could not be written to ``TASKRELAY_FILES_DIR``
+    (full, read-only, not a folder). Recorded as the task's error, never an HTTP answer."""
+
+    code = "image_storage_failed"
+
+
 class StreamCapacityReached(TaskRelayError):
     """This process serves as many open event streams as it may (503): another replica, or
     this one a little later (``retry_after`` seconds), can take the stream."""

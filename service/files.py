@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from service.errors import NotFound, UpstreamProtocolError
+from service.errors import ImageStorageFailed, NotFound, UpstreamProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class ImageFiles:
         self.public_url = public_url
 
     def save_b64(self, task_id: str, index: int, data: str, *, provider: str) -> str:
-        """Write one base64 PNG durably and return its public URL."""
+        """Write one base64 PNG durably and return its public URL. Data that is not base64 is
+        an UpstreamProtocolError; a folder that cannot take the file (full, read-only, not a
+        folder) an ImageStorageFailed, with no partial file left."""
         if not _SAFE_NAME.match(task_id):
             raise ValueError(f"unsafe task id {task_id!r}")
         try:
@@ -54,14 +57,25 @@ class ImageFiles:
                 f"{provider} returned image data that is not valid base64", provider=provider
             ) from exc
         folder = self.root / task_id
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"{index}.png"
         temporary = folder / f".{name}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, folder / name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                handle.write(raw)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, folder / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise ImageStorageFailed(
+                f"The image {provider} returned could not be stored: "
+                f"{exc.strerror or type(exc).__name__}. The files folder "
+                "(TASKRELAY_FILES_DIR) must be a writable folder with free space; the image "
+                "was made and paid for, so it is not requested again. Submit a new task once "
+                "the folder is fixed."
+            ) from exc
         return f"{self.public_url}/files/{task_id}/{name}"
 
     def remove(self, task_ids: Iterable[str]) -> Removed:

@@ -13,7 +13,7 @@ class Backoff:
 
     Attempt 1 is the first try. ``delay(attempt)`` is the wait after attempt ``attempt``
     failed, or ``None`` once ``max_attempts`` tries have been made. A provider's
-    Retry-After hint is honoured when it asks for longer.
+    Retry-After hint is honoured when it asks for longer, ``cap`` included.
     """
 
     base: float = 1.0
@@ -35,10 +35,13 @@ class Backoff:
         spread = raw * self.jitter
         chosen = raw - spread + (rng or random).random() * spread
         if retry_after is not None:
-            chosen = max(chosen, min(retry_after, self.cap))
+            # The provider's own word, even past the cap: sooner would only be refused again
+            # (parsing.retry_after_seconds bounds a hint to an hour).
+            chosen = max(chosen, retry_after)
         return chosen
 
 
 def submit_backoff(base: float, attempts: int) -> Backoff:
-    """Submissions: waits of about base, 4x base, 16x base... (capped at a minute)."""
+    """Submissions: waits of about base, 4x base, 16x base... (capped at a minute, unless the
+    provider's Retry-After asks for longer)."""
     return Backoff(base=base, factor=4.0, cap=60.0, max_attempts=attempts)

@@ -28,7 +28,12 @@ from service.lifecycle import TaskUpdate
 from service.loops import Ticker
 from service.metrics import Metrics
 from service.models import TaskStatus, UpdateSource
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
+from service.providers.base import (
+    GenerationRequest,
+    ProviderAdapter,
+    SubmitResult,
+    answered_2xx,
+)
 from service.retry import Backoff, submit_backoff
 from service.signing import CallbackSigner
 from service.store import Store
@@ -176,8 +181,20 @@ class Submitter:
         request = GenerationRequest.from_json(task["request"])
         callback_url = self.signer.callback_url(self.public_url, task_id, provider)
 
+        streamed: list[TaskUpdate] = []  # the progress a stream reported (GrsAI)
+
         async def on_update(update: TaskUpdate) -> None:
-            await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.stream)
+            streamed.append(update)
+            try:
+                await run_in_threadpool(
+                    self.store.apply_update, task_id, update, UpdateSource.stream
+                )
+            except TaskRelayError as exc:
+                # Progress is news, not the result: the stream is read on, and its final
+                # line is recorded like any reply (with retries).
+                log.warning(
+                    "could not record a progress update of %s (%s); reading on", task_id, exc.code
+                )
 
         if attempts_made >= self.backoff.max_attempts:
             # A retry planned by a process allowed more attempts (TASKRELAY_SUBMIT_ATTEMPTS
@@ -194,10 +211,7 @@ class Submitter:
                 result = await adapter.submit(
                     request, callback_url=callback_url, on_update=on_update
                 )
-                self._count(provider, "accepted")
-                update = await self._keep_images(task_id, provider, result)
-                await self._record_reply(task_id, update)
-                return
+                break
             except ProviderError as exc:
                 if exc.ambiguous and adapter.delivers_callbacks():
                     # The provider may have accepted it: sending it again could start a second,
@@ -210,6 +224,15 @@ class Submitter:
                         provider,
                         exc.code,
                     )
+                    return
+                if answered_2xx(exc) or streamed:
+                    # The provider took the task (it answered 2xx, or streamed its progress):
+                    # sending it again could make, and bill, it twice.
+                    named = next(
+                        (u.provider_task_id for u in reversed(streamed) if u.provider_task_id),
+                        None,
+                    )
+                    await self._end_taken(task_id, adapter, exc, named)
                     return
                 delay = (
                     self.backoff.delay(attempt, retry_after=exc.retry_after, rng=self._rng)
@@ -242,6 +265,14 @@ class Submitter:
                     await self.sleep(delay)
                 elif not await self._back_off(delay):
                     return  # planned in the database, due after this process has stopped
+        # Taken and answered: from here on, nothing sends it again.
+        try:
+            update = await self._keep_images(task_id, provider, result)
+        except TaskRelayError as exc:  # image data it cannot use, or cannot store
+            await self._end_taken(task_id, adapter, exc, None)
+            return
+        self._count(provider, "accepted")
+        await self._record_reply(task_id, update)
 
     async def _back_off(self, delay: float) -> bool:
         """Wait out the backoff of a retry written in the task row (stop() may cut it off);
@@ -314,8 +345,65 @@ class Submitter:
                 log.warning("could not record the submit reply of %s yet; retrying", task_id)
                 await self.sleep(wait)
 
+    async def _end_taken(
+        self,
+        task_id: str,
+        adapter: ProviderAdapter,
+        exc: TaskRelayError,
+        provider_task_id: str | None,
+    ) -> None:
+        """The provider took the task (it answered 2xx, or streamed its progress), and what
+        came back cannot be used: ``exc`` says why. It is not sent again. A task the provider
+        named (a stream line's id) is left to the status queries, which can still finish it;
+        any other ends ``failed`` now, rather than wait for its deadline with nothing left
+        that could settle it."""
+        provider = adapter.name
+        if provider_task_id is not None and adapter.can_query_status:
+            log.warning(
+                "submission of %s to %s: its answer broke off (%s); not resending, its status "
+                "is asked for under the provider's task id %s",
+                task_id,
+                provider,
+                exc.code,
+                provider_task_id,
+            )
+            await self._record_reply(task_id, TaskUpdate(provider_task_id=provider_task_id))
+            return
+        self._count(provider, "failed")
+        message = exc.message
+        if isinstance(exc, ProviderError):
+            if exc.ambiguous:
+                said = f"HTTP {exc.upstream_status}" if exc.upstream_status else "with success"
+                message = message if message.endswith(".") else f"{message}."
+                message += (
+                    f" {provider} had answered {said}, so it may have made (and billed) the "
+                    "image: the task is not sent again, which could make and bill it twice. "
+                    "Submit a new task to try again."
+                )
+            log.warning(
+                "submission of %s to %s: the provider took the task but its answer cannot be "
+                "used (%s: %s); failing the task without resending it",
+                task_id,
+                provider,
+                exc.code,
+                exc.message,
+            )
+        else:
+            log.error(
+                "submission of %s to %s: the provider's answer could not be kept (%s: %s); "
+                "failing the task without resending it",
+                task_id,
+                provider,
+                exc.code,
+                exc.__cause__ or exc.message,
+            )
+        error = {"code": exc.code, "message": message}
+        failed = TaskUpdate(status=TaskStatus.failed, error=error)
+        await self._record_reply(task_id, failed)
+
     async def _keep_images(self, task_id: str, provider: str, result: SubmitResult) -> TaskUpdate:
-        """Replace inline base64 images with files TaskRelay serves itself."""
+        """Replace inline base64 images with files TaskRelay serves itself; raises
+        TaskRelayError for image data that is not base64 or cannot be written."""
         update = result.update
         if not any("b64_json" in image for image in update.images):
             return update

@@ -206,6 +206,10 @@ def test_grsai_stream_mode_reports_live_progress(tmp_path: Path) -> None:
             done = wait_final(client, task["id"])
             assert done["status"] == "succeeded"
             assert done["images"]
+            # The result came on the stream's last line; no line names the task (seed 000).
+            assert done["last_update_source"] == "submit"
+            assert done["provider_task_id"] is None
+            assert done["submit_attempts"] == 1
             events = client.get(f"/v1/tasks/{task['id']}/events").json()["data"]
             progress = [e for e in events if e["type"] == "task.progress"]
             assert len(progress) >= 3

@@ -29,7 +29,12 @@ from service.errors import (
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
 from service.providers import ADAPTER_CLASSES, build_adapters
-from service.providers.base import GenerationRequest, ProviderAdapter, SubmitResult
+from service.providers.base import (
+    GenerationRequest,
+    ProviderAdapter,
+    SubmitResult,
+    answered_2xx,
+)
 from service.settings import DEFAULT_MODELS, PROVIDERS, ProviderSettings, Secret, load_settings
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -565,10 +570,80 @@ async def test_grsai_stream_cut_off_midway_is_unavailable(upstream: Upstream) ->
         raise httpx.ReadTimeout("no more lines")
 
     updates = Updates()
-    with pytest.raises(UpstreamUnavailable, match="timed out") as caught:
+    with pytest.raises(UpstreamUnavailable, match="answered HTTP 200, then timed out") as caught:
         await submit_streamed(upstream, updates, cut_off())
     assert [u.progress for u in updates.seen] == [20]
     assert caught.value.ambiguous
+    assert caught.value.upstream_status == 200  # GrsAI had taken the task
+    assert answered_2xx(caught.value)
+
+
+async def test_grsai_stream_without_a_final_line_says_it_was_answered_2xx(
+    upstream: Upstream,
+) -> None:
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await submit_streamed(upstream, Updates(), chunked("data: {}\n\n"))
+    assert caught.value.upstream_status == 200 and answered_2xx(caught.value)
+
+
+# --- a 2xx answer TaskRelay cannot use ------------------------------------------------------------
+
+
+class BrokenBody(httpx.AsyncByteStream):
+    """A body that breaks off after its first bytes."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"created": 1, "data": [{"b64_'
+        raise httpx.ReadError("connection reset by peer")
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "status"),
+    [
+        # After a 2xx: the provider has carried out the request (OpenAI made the image).
+        pytest.param(
+            lambda: httpx.Response(200, stream=BrokenBody()), UpstreamUnavailable, 200, id="cut"
+        ),
+        pytest.param(
+            lambda: httpx.Response(200, json={"data": [{"revised_prompt": "x"}]}),
+            None,
+            200,
+            id="wrong-shape",
+        ),
+        pytest.param(lambda: httpx.Response(200, text="<html>ok</html>"), None, 200, id="not-json"),
+        # Before any answer, or an error status: nothing says the work was done.
+        pytest.param(
+            lambda: httpx.ReadTimeout("no answer"), UpstreamUnavailable, None, id="no-answer"
+        ),
+        pytest.param(
+            lambda: httpx.Response(500, json={"error": {"message": "x"}}),
+            UpstreamUnavailable,
+            500,
+            id="500",
+        ),
+    ],
+)
+async def test_errors_after_a_2xx_name_that_status(
+    upstream: Upstream,
+    answer: Callable[[], Answer],
+    error: type[ProviderError] | None,
+    status: int | None,
+) -> None:
+    upstream.answer(answer())
+    adapter = upstream.adapter("openai")
+    with pytest.raises(error or UpstreamProtocolError) as caught:
+        await adapter.submit(REQUEST, callback_url=None, on_update=no_updates)
+    assert caught.value.upstream_status == status
+    assert answered_2xx(caught.value) is (status == 200)
+
+
+async def test_a_2xx_that_refuses_in_its_body_is_no_unusable_answer(upstream: Upstream) -> None:
+    """An error code in a 2xx body is the provider saying no, not an answer it acted on."""
+    upstream.answer(httpx.Response(200, json={"code": -1, "msg": "apikey error"}))
+    adapter = upstream.adapter("grsai", mode="poll")
+    with pytest.raises(UpstreamBadRequest) as caught:
+        await adapter.submit(REQUEST, callback_url=None, on_update=no_updates)
+    assert not answered_2xx(caught.value)
 
 
 # --- the registry --------------------------------------------------------------------------------

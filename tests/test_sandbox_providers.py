@@ -413,12 +413,14 @@ async def test_grsai_stream_reports_progress_then_the_result(client: httpx.Async
     progress = [event["progress"] for event in events]
     assert progress[0] == 0 and progress[-1] == 100 and progress == sorted(progress)
     assert len(events) == 10  # 0 %, 10 % (still queued, skipped as no news), 20 %..90 %, final
-    assert all(event["status"] == "running" for event in events[:-1])
+    # As seed 000 shows them: progress only, and no task id on any line.
+    assert all(set(event) == {"progress"} for event in events[:-1])
     final = events[-1]
+    assert set(final) == {"progress", "status", "url", "width", "height", "failure_reason"}
     assert (final["status"], final["width"], final["height"]) == ("succeeded", 1024, 1536)
     assert final["failure_reason"] == ""
-    assert final["url"] == f"http://sandbox.test/grsai/files/{final['id']}/0.png"
-    assert final["results"] == [{"url": final["url"], "width": 1024, "height": 1536}]
+    (task,) = (await client.get("/_sandbox/tasks")).json()
+    assert final["url"] == f"http://sandbox.test/grsai/files/{task['id']}/0.png"
     assert png_size((await client.get(final["url"])).content) == (64, 96)
 
 
@@ -429,6 +431,7 @@ async def test_grsai_stream_failure(client: httpx.AsyncClient) -> None:
     (final,) = stream_events(response.text)
     assert (final["progress"], final["status"]) == (100, "failed")
     assert final["failure_reason"] == "Content policy violation detected" and final["url"] == ""
+    assert "id" not in final and "results" not in final
 
 
 # --- validation, per provider ---------------------------------------------------------------------

@@ -17,6 +17,8 @@ answers with a task id, then a status endpoint and callbacks that carry one task
 from __future__ import annotations
 
 import abc
+import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
@@ -34,6 +36,10 @@ from service.models import TaskStatus
 from service.providers import parsing
 from service.settings import ProviderSettings
 
+log = logging.getLogger(__name__)
+
+# Where a provider streams its progress (GrsAI), each running update goes here. Progress is
+# news, not the result: a sink records it as best it can and does not raise.
 UpdateSink = Callable[[TaskUpdate], Awaitable[None]]
 
 
@@ -144,22 +150,55 @@ def request_body(**fields: Any) -> dict[str, Any]:
 # --- one request -------------------------------------------------------------------------------
 
 
-def transport_error(provider: str, exc: httpx.HTTPError) -> ProviderError:
+def transport_error(
+    provider: str, exc: httpx.HTTPError, *, answered: int | None = None
+) -> ProviderError:
     """Timeouts and connection failures: the provider is unavailable, worth retrying.
 
     Only a failure to connect proves the request never arrived; after that (a read timeout,
     a dropped connection) the provider may have accepted it, so the error is ``ambiguous``.
     A reply whose body cannot even be decoded is an (ambiguous) UpstreamProtocolError.
+    ``answered`` is the HTTP status the provider had answered when its body failed, kept in
+    ``upstream_status``: after a 2xx it has taken the request (see :func:`after_answer`).
     """
     if isinstance(exc, httpx.DecodingError):
         return UpstreamProtocolError(
-            f"{provider} answered with a body that cannot be decoded: {exc}", provider=provider
+            f"{provider} answered with a body that cannot be decoded: {exc}",
+            provider=provider,
+            upstream_status=answered,
         )
-    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "could not be reached"
+    timed_out = isinstance(exc, httpx.TimeoutException)
+    if answered is not None:
+        broke = "timed out" if timed_out else "the connection broke"
+        return UpstreamUnavailable(
+            f"{provider} answered HTTP {answered}, then {broke} before the reply was complete: "
+            f"{type(exc).__name__}",
+            provider=provider,
+            upstream_status=answered,
+            ambiguous=True,
+        )
+    kind = "timed out" if timed_out else "could not be reached"
     never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     return UpstreamUnavailable(
         f"{provider} {kind}: {type(exc).__name__}", provider=provider, ambiguous=not never_sent
     )
+
+
+def after_answer(exc: ProviderError, status_code: int) -> ProviderError:
+    """``exc``, met in a reply the provider answered with ``status_code``: when it leaves open
+    what the provider did (``ambiguous``) and names no status of its own, it now names that
+    one (``upstream_status``). An ambiguous error with a 2xx status tells the submitter that
+    the provider took the request, and bills it: it is never sent again."""
+    if exc.ambiguous and exc.upstream_status is None:
+        exc.upstream_status = status_code
+    return exc
+
+
+def answered_2xx(exc: ProviderError) -> bool:
+    """Whether ``exc`` came after the provider answered 2xx, with an answer TaskRelay cannot
+    use (an ambiguous error): the provider has carried out the request."""
+    status = exc.upstream_status
+    return exc.ambiguous and status is not None and 200 <= status < 300
 
 
 def decode_json(provider: str, response: httpx.Response) -> Any:
@@ -182,6 +221,14 @@ def error_body(response: httpx.Response) -> Any:
         return None
 
 
+def excerpt(body: Any, limit: int = 500) -> str:
+    """The start of a parsed reply, for a log line."""
+    try:
+        return json.dumps(body, ensure_ascii=False)[:limit]
+    except (TypeError, ValueError):
+        return repr(body)[:limit]
+
+
 async def send_json(
     adapter: ProviderAdapter,
     method: str,
@@ -195,17 +242,26 @@ async def send_json(
 
     One attempt only; the caller decides about retries (``ProviderError.retryable``).
     """
+    request = adapter.http.build_request(
+        method,
+        url,
+        json=json_body,
+        params=params,
+        headers=adapter.headers(),
+        timeout=request_timeout if request_timeout is not None else httpx.USE_CLIENT_DEFAULT,
+    )
     try:
-        response = await adapter.http.request(
-            method,
-            url,
-            json=json_body,
-            params=params,
-            headers=adapter.headers(),
-            timeout=request_timeout if request_timeout is not None else httpx.USE_CLIENT_DEFAULT,
-        )
+        response = await adapter.http.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise transport_error(adapter.name, exc) from exc
+    # The status first, then the body: a body that fails after a 2xx status came from a
+    # provider that has carried out the request.
+    try:
+        await response.aread()
+    except httpx.HTTPError as exc:
+        raise transport_error(adapter.name, exc, answered=response.status_code) from exc
+    finally:
+        await response.aclose()
     if not response.is_success:
         raise parsing.reply_error(
             adapter.name, response.status_code, error_body(response), response.headers
@@ -286,7 +342,18 @@ class ProviderAdapter(abc.ABC):
             json_body=self.build_submit(request, callback_url),
             request_timeout=self.submit_timeout,
         )
-        result = self.parse_submit_reply(200, body)
+        try:
+            result = self.parse_submit_reply(200, body)
+        except ProviderError as exc:
+            if answered_2xx(after_answer(exc, 200)):
+                # Nothing in the task can hold the reply; the log keeps what it began with.
+                log.warning(
+                    "%s answered a submission 2xx with a reply TaskRelay cannot use (%s): %s",
+                    self.name,
+                    exc.message,
+                    excerpt(body),
+                )
+            raise
         expects_callback = callback_url is not None and self.delivers_callbacks()
         return replace(result, expects_callback=expects_callback)
 

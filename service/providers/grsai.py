@@ -160,7 +160,6 @@ class GrsAIAdapter(TaskEndpointAdapter):
         self, request: GenerationRequest, on_update: UpdateSink
     ) -> SubmitResult:
         headers = {**self.headers(), "Accept": "text/event-stream, application/json"}
-        leftovers: list[str] = []
         try:
             async with self.http.stream(
                 "POST",
@@ -177,17 +176,29 @@ class GrsAIAdapter(TaskEndpointAdapter):
                         base.error_body(response),
                         response.headers,
                     )
-                async for line in response.aiter_lines():
-                    update = self.parse_stream_line(line)
-                    if update is None:
-                        _keep(leftovers, line)
-                    elif update.status is not None and update.status.terminal:
-                        return SubmitResult(update=update, expects_callback=False)
-                    else:
-                        await on_update(update)
+                return await self._read_stream(response, on_update)
         except httpx.HTTPError as exc:
             raise base.transport_error(self.name, exc) from exc
-        raise self._unfinished(leftovers)
+
+    async def _read_stream(self, response: httpx.Response, on_update: UpdateSink) -> SubmitResult:
+        """A 2xx stream to its final line. GrsAI has taken the task by now: whatever goes
+        wrong from here on says so (``upstream_status``), so that it is not sent again."""
+        leftovers: list[str] = []
+        try:
+            async for line in response.aiter_lines():
+                update = self.parse_stream_line(line)
+                if update is None:
+                    _keep(leftovers, line)
+                elif update.status is not None and update.status.terminal:
+                    return SubmitResult(update=update, expects_callback=False)
+                else:
+                    await on_update(update)
+        except httpx.HTTPError as exc:
+            raise base.transport_error(self.name, exc, answered=response.status_code) from exc
+        except ProviderError as exc:
+            base.after_answer(exc, response.status_code)
+            raise
+        raise base.after_answer(self._unfinished(leftovers), response.status_code)
 
     def _unfinished(self, leftovers: Iterable[str]) -> ProviderError:
         """A stream with no final line; a plain JSON error body in its place is that error."""

@@ -1,7 +1,9 @@
 """GrsAI (``/v1/draw/completions``, ``/v1/draw/result``): stream, poll or webHook callback.
 
 - ``webHook`` absent, null or "": the reply is a ``text/event-stream`` of ``data: {json}\\n\\n``
-  lines, about ten spread over the duration; the last has progress 100 and the final status.
+  lines, about ten spread over the duration: ``{"progress"}`` only, then a last line with
+  progress 100, the final ``status`` and ``url``, ``width``, ``height``, ``failure_reason``
+  (the first image only: the seed shows one). No line carries the task id.
 - ``webHook: "-1"``: ``{"code": 0, "msg": "success", "data": {"id"}}`` at once, for polling.
 - ``webHook: <http(s) URL>``: the same reply, and the status envelope is POSTed there when done.
 
@@ -114,9 +116,21 @@ class GrsAIEmulator(ProviderEmulator):
         }
 
     def stream_line(self, task: SandboxTask, view: View) -> dict[str, Any]:
+        """A line as seed 000 shows them: only ``progress`` until the last, which adds the
+        ``status`` and the image (``url``, ``width``, ``height``) or the ``failure_reason``.
+        No line names the task (no ``id``), nor lists ``results``."""
+        if not view.final:
+            return {"progress": view.progress}
         data = self.data(task, view)
         first = data["results"][0] if data["results"] else {"url": "", "width": 0, "height": 0}
-        return {**data, "url": first["url"], "width": first["width"], "height": first["height"]}
+        return {
+            "progress": view.progress,
+            "status": data["status"],
+            "url": first["url"],
+            "width": first["width"],
+            "height": first["height"],
+            "failure_reason": data["failure_reason"],
+        }
 
     def status_body(self, task: SandboxTask, view: View) -> dict[str, Any]:
         return {"code": 0, "msg": "success", "data": self.data(task, view)}

@@ -1,0 +1,389 @@
+"""Faults in the submission path after the provider has taken the task.
+
+A real store (SQLite, and PostgreSQL when TASKRELAY_TEST_DATABASE_URL is set), real adapters,
+a real files folder and the real submitter; ``httpx.MockTransport`` stands in for OpenAI and
+GrsAI (the adapters' one I/O seam). The rule under test: once a provider has answered 2xx (it
+made the image, and bills it), the task is never sent again; what cannot be used of its answer
+ends the task at once with an error that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service import files as files_module
+from service.errors import StoreUnavailable
+from service.files import ImageFiles
+from service.lifecycle import TaskUpdate
+from service.models import TaskOrigin, UpdateSource
+from service.providers.grsai import GrsAIAdapter
+from service.providers.openai import OpenAIAdapter
+from service.retry import Backoff, submit_backoff
+from service.settings import DEFAULT_MODELS, ProviderSettings, Secret
+from service.signing import CallbackSigner
+from service.store import Store
+from service.submitter import RECORD_RETRY_WAITS, Submitter
+from tests.conftest import SECRET
+
+PNG_B64 = "iVBORw0KGgo="  # valid base64 (the first bytes of a PNG)
+Answer = httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]
+
+
+class Cut(httpx.AsyncByteStream):
+    """A reply body that delivers ``chunks`` and then breaks (the connection drops)."""
+
+    def __init__(self, *chunks: bytes, error: Exception | None = None) -> None:
+        self.chunks = chunks
+        self.error = error or httpx.ReadError("connection reset by peer")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        raise self.error
+
+
+def sse(*lines: str) -> bytes:
+    return "".join(f"data: {line}\n\n" for line in lines).encode()
+
+
+@dataclass
+class Relay:
+    """The submitter wired to a real store and files folder, providers behind a mock."""
+
+    store: Store
+    files_root: Path
+    answers: list[Answer] = field(default_factory=list)
+    posts: list[httpx.Request] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    grsai_mode: str = "poll"
+    # The submitter's sleep (its backoff and record waits): by default, noted and skipped.
+    sleep: Callable[[float], Awaitable[None]] | None = None
+
+    def answer(self, *answers: Answer) -> None:
+        self.answers.extend(answers)
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
+        self.posts.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer(request) if callable(answer) else answer
+
+    async def _sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    async def run(self, provider: str, *, backoff: Backoff | None = None) -> dict[str, Any]:
+        """Submit one task to ``provider`` and wait until the submitter is done with it."""
+        created = self.store.create_task(
+            owner="alice",
+            provider=provider,
+            origin=TaskOrigin.submitted,
+            request={"prompt": "a red fox in snow"},
+            metadata={},
+        )
+        task_id = created.task["id"]
+        async with httpx.AsyncClient(transport=httpx.MockTransport(self._handle)) as http:
+            submitter = Submitter(
+                self.store,
+                {
+                    "openai": OpenAIAdapter(settings("openai"), http),
+                    "grsai": GrsAIAdapter(settings("grsai", mode=self.grsai_mode), http),
+                },
+                CallbackSigner(SECRET, max_age=3600),
+                ImageFiles(self.files_root, "http://relay.test"),
+                public_url="http://relay.test",
+                backoff=backoff or submit_backoff(0.01, 4),
+                sleep=self.sleep or self._sleep,
+            )
+            submitter.submit(task_id)
+            await submitter.idle()
+        task = self.store.find_task(task_id)
+        assert task is not None
+        return task
+
+
+def settings(provider: str, *, mode: str = "callback") -> ProviderSettings:
+    return ProviderSettings(
+        name=provider,
+        api_key=Secret("test-key"),
+        base_url=f"https://{provider}.example",
+        model=DEFAULT_MODELS[provider],
+        mode=mode,
+    )
+
+
+@pytest.fixture
+def relay(store: Store, tmp_path: Path) -> Relay:
+    return Relay(store, tmp_path / "files")
+
+
+def event_sources(store: Store, task_id: str) -> list[tuple[str, str]]:
+    return [(event.type, event.source) for event in store.list_events("alice", task_id)]
+
+
+# --- 1. a 2xx answer that cannot be used is never sent again -----------------------------------
+
+
+# Each reply is made afresh per run (a streamed body can be read once).
+UNUSABLE_OPENAI_ANSWERS: dict[str, tuple[Callable[[], httpx.Response], str, str]] = {
+    "no image in the entry": (
+        lambda: httpx.Response(200, json={"created": 1, "data": [{"revised_prompt": "a fox"}]}),
+        "upstream_protocol_error",
+        "expected each image to carry `b64_json` or `url`",
+    ),
+    "not JSON": (
+        lambda: httpx.Response(200, text="<html>ok</html>"),
+        "upstream_protocol_error",
+        "answered HTTP 200 with a body that is not JSON",
+    ),
+    "image data that is not base64": (
+        lambda: httpx.Response(200, json={"created": 1, "data": [{"b64_json": "aGVsbG8=\n"}]}),
+        "upstream_protocol_error",
+        "returned image data that is not valid base64",
+    ),
+    "a body that cannot be decoded": (
+        lambda: httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+        ),
+        "upstream_protocol_error",
+        "a body that cannot be decoded",
+    ),
+    "a body cut off": (
+        lambda: httpx.Response(200, stream=Cut(b'{"created": 1, "data": [{"b64_')),
+        "upstream_unavailable",
+        "answered HTTP 200, then the connection broke",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE_OPENAI_ANSWERS))
+async def test_an_unusable_2xx_from_openai_fails_the_task_without_resending(
+    relay: Relay, case: str
+) -> None:
+    reply, code, says = UNUSABLE_OPENAI_ANSWERS[case]
+    relay.answer(reply(), *[httpx.Response(200, json={"data": [{"b64_json": PNG_B64}]})] * 3)
+    task = await relay.run("openai")
+    assert len(relay.posts) == 1  # a second POST would make (and bill) a second image
+    assert task["status"] == "failed" and task["submit_attempts"] == 1
+    assert task["error"]["code"] == code
+    assert says in task["error"]["message"]
+    assert "not sent again" in task["error"]["message"]
+    assert relay.waits == []  # no backoff either: it failed at once
+    assert relay.store.due_submit_retries(relay.store.clock() + timedelta(days=1)) == []
+
+
+async def test_a_grsai_poll_reply_without_the_task_id_fails_without_resending(
+    relay: Relay,
+) -> None:
+    relay.answer(
+        *[httpx.Response(200, json={"code": 0, "msg": "success", "data": {"taskId": "abc"}})] * 4
+    )
+    task = await relay.run("grsai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "failed"
+    assert task["error"]["code"] == "upstream_protocol_error"
+    assert "expected the task id to poll with in `data.id`" in task["error"]["message"]
+
+
+async def test_failures_before_any_2xx_are_still_retried(relay: Relay) -> None:
+    """The rule is about 2xx answers only: a 503, or a timeout with no answer, is sent again."""
+    relay.answer(
+        httpx.Response(503, json={"error": {"message": "busy"}}),
+        httpx.ReadTimeout("no answer"),
+        httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64}]}),
+    )
+    task = await relay.run("openai")
+    assert len(relay.posts) == 3
+    assert task["status"] == "succeeded" and task["submit_attempts"] == 3
+    assert (relay.files_root / task["id"] / "0.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- 3. an image that cannot be stored -----------------------------------------------------------
+
+
+async def test_an_image_that_cannot_be_stored_fails_the_task_at_once_and_says_why(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.files_root.write_text("a file where the folder should be")
+    relay.answer(*[httpx.Response(200, json={"data": [{"b64_json": PNG_B64}]})] * 4)
+    with caplog.at_level(logging.ERROR, logger="service.submitter"):
+        task = await relay.run("openai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "failed" and task["submit_attempts"] == 1
+    assert task["error"]["code"] == "image_storage_failed"
+    message = task["error"]["message"]
+    assert "could not be stored" in message and "Not a directory" in message
+    assert "TASKRELAY_FILES_DIR" in message
+    assert any(
+        record.levelno == logging.ERROR and task["id"] in record.getMessage()
+        for record in caplog.records
+    )
+    assert event_sources(relay.store, task["id"])[-1] == ("task.failed", UpdateSource.submit)
+
+
+async def test_a_full_disk_while_storing_an_image_leaves_no_partial_file(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
+    relay.answer(*[httpx.Response(200, json={"data": [{"b64_json": PNG_B64}]})] * 4)
+    task = await relay.run("openai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "failed"
+    assert task["error"]["code"] == "image_storage_failed"
+    assert "No space left on device" in task["error"]["message"]
+    assert list((relay.files_root / task["id"]).iterdir()) == []
+
+
+# --- 2. GrsAI stream: a progress line that cannot be recorded -------------------------------------
+
+
+@pytest.fixture
+def flaky_writes(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[UpdateSource]]:
+    """The store refuses the writes whose sources are listed (each once), like a database
+    blip; the rest go through to the real store."""
+    refuse: list[UpdateSource] = []
+    real_apply = relay.store.apply_update
+
+    def apply_update(task_id: str, update: TaskUpdate, source: UpdateSource) -> Any:
+        if source in refuse:
+            refuse.remove(source)
+            raise StoreUnavailable("The database did not answer (test blip).")
+        return real_apply(task_id, update, source)
+
+    monkeypatch.setattr(relay.store, "apply_update", apply_update)
+    yield refuse
+
+
+FINAL_LINE = (
+    '{"progress": 100, "status": "succeeded", "url": "https://file.grsai.example/a.png", '
+    '"width": 1024, "height": 1024}'
+)
+
+
+async def test_a_progress_line_the_store_refuses_does_not_abandon_the_stream(
+    relay: Relay, flaky_writes: list[UpdateSource]
+) -> None:
+    relay.grsai_mode = "stream"
+    flaky_writes.extend([UpdateSource.stream, UpdateSource.submit])
+    relay.answer(
+        httpx.Response(
+            200,
+            content=sse('{"progress": 10}', '{"progress": 60}', FINAL_LINE),
+            headers={"Content-Type": "text/event-stream"},
+        )
+    )
+    task = await relay.run("grsai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "succeeded"
+    assert task["images"] == [
+        {"url": "https://file.grsai.example/a.png", "width": 1024, "height": 1024}
+    ]
+    # The first progress line was lost, the second recorded; the final line, refused once,
+    # was recorded on the retry that follows the first of the record waits.
+    assert event_sources(relay.store, task["id"]) == [
+        ("task.submitted", UpdateSource.submit),
+        ("task.progress", UpdateSource.stream),
+        ("task.succeeded", UpdateSource.submit),
+    ]
+    assert relay.waits == [RECORD_RETRY_WAITS[0]]
+
+
+# --- 4. GrsAI stream: broken after it started ----------------------------------------------------
+
+
+BROKEN_STREAMS: dict[str, tuple[Callable[[], httpx.Response], str, str]] = {
+    "ended without a final line": (
+        lambda: httpx.Response(200, content=sse('{"progress": 10}')),
+        "upstream_protocol_error",
+        "ended without a final line",
+    ),
+    "cut off": (
+        lambda: httpx.Response(200, stream=Cut(sse('{"progress": 10}'))),
+        "upstream_unavailable",
+        "answered HTTP 200, then the connection broke",
+    ),
+    "an unreadable line": (
+        lambda: httpx.Response(200, content=sse('{"progress": 10}', '{"code": 0, "data": 7}')),
+        "upstream_protocol_error",
+        "expected `data` to be an object",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_STREAMS))
+async def test_a_stream_broken_after_it_started_fails_the_task_now(relay: Relay, case: str) -> None:
+    relay.grsai_mode = "stream"
+    reply, code, says = BROKEN_STREAMS[case]
+    relay.answer(reply(), *[httpx.Response(200, content=sse(FINAL_LINE))] * 3)
+    task = await relay.run("grsai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "failed"  # not left running (no id to poll with) until it expires
+    assert task["error"]["code"] == code
+    assert says in task["error"]["message"] and "not sent again" in task["error"]["message"]
+    assert [event for event, _ in event_sources(relay.store, task["id"])] == [
+        "task.submitted",
+        "task.progress",
+        "task.failed",
+    ]
+
+
+async def test_a_stream_broken_after_naming_its_task_is_left_to_the_status_queries(
+    relay: Relay, flaky_writes: list[UpdateSource]
+) -> None:
+    """A stream line that carries the provider's task id (the seed's carry none) makes the
+    task one the scheduler can ask about: it is kept, with that id, even when the store
+    missed the progress line that named it."""
+    relay.grsai_mode = "stream"
+    flaky_writes.append(UpdateSource.stream)
+    relay.answer(httpx.Response(200, stream=Cut(sse('{"id": "grs-42", "progress": 10}'))))
+    task = await relay.run("grsai")
+    assert len(relay.posts) == 1
+    assert task["status"] in ("queued", "running") and task["error"] is None
+    assert task["provider_task_id"] == "grs-42"
+
+
+# --- 5. Retry-After longer than the backoff's cap ----------------------------------------------
+
+
+def test_the_backoff_honours_a_retry_after_longer_than_its_cap() -> None:
+    backoff = submit_backoff(1.0, 4)
+    assert backoff.delay(1, retry_after=600.0) == 600.0
+    assert backoff.delay(3, retry_after=3600.0) == 3600.0
+    assert backoff.delay(4, retry_after=600.0) is None  # the attempts still run out
+    short = backoff.delay(1, retry_after=0.1)
+    assert short is not None and 0.5 <= short <= 1.0  # a shorter hint leaves the backoff
+
+
+async def test_a_submission_retry_waits_as_long_as_retry_after_asks(relay: Relay) -> None:
+    planned: list[list[tuple[str, int]]] = []
+    now = relay.store.clock()
+
+    async def look(seconds: float) -> None:
+        relay.waits.append(seconds)
+        planned.append(relay.store.due_submit_retries(now + timedelta(seconds=290)))
+        planned.append(relay.store.due_submit_retries(now + timedelta(seconds=310)))
+
+    relay.sleep = look
+    relay.answer(
+        httpx.Response(
+            429, json={"error": {"message": "slow down"}}, headers={"Retry-After": "300"}
+        ),
+        httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64}]}),
+    )
+    task = await relay.run("openai")
+    assert relay.waits == [300.0]
+    assert planned[0] == [] and planned[1] == [(task["id"], 1)]  # planned 300 s on, not 60
+    assert task["status"] == "succeeded" and task["submit_attempts"] == 2
