@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -61,7 +61,13 @@ from service.web import (
     handle_unexpected,
     json_response,
 )
-from service.webclient import DELIVERY_TIMEOUTS, HttpxClient, LeanClient, WebhookClient
+from service.webclient import (
+    DELIVERY_TIMEOUTS,
+    MAX_CONNECTIONS,
+    HttpxClient,
+    LeanClient,
+    WebhookClient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +204,7 @@ def create_app(
             clock=clock,
             audit_bytes=settings.callback_audit_bytes,
             policies=poll_policies(settings, adapters),
+            delivery_first_wait=timedelta(seconds=settings.delivery_schedule[0]),
         )
         signer = CallbackSigner(
             settings.secret_key.reveal(),
@@ -230,7 +237,10 @@ def create_app(
         # in-process subscriber pass its transport, and get httpx with the same settings.
         webhook_http: WebhookClient
         if webhook_transport is None:
-            webhook_http = LeanClient(address_policy)
+            # Room for every delivery the dispatcher may have in flight (one connection each),
+            # so none waits for a connection another subscriber's slow answer holds.
+            connections = max(MAX_CONNECTIONS, settings.delivery_concurrency)
+            webhook_http = LeanClient(address_policy, max_connections=connections)
         else:
             webhook_http = HttpxClient(
                 httpx.AsyncClient(

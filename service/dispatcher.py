@@ -190,7 +190,10 @@ class Dispatcher:
             # leased, and in _sending, so neither it nor its task's next event is claimed.)
             self._free_slot(job)
             holding = False
-            self._count(result)
+            if result.sent:
+                self._count(result)
+            else:  # put back by the record, without an attempt counted against the subscriber
+                log.warning("delivery %s put back, not sent: %s", job.delivery_id, result.error)
             # NotFound: the subscription was deleted while we were sending.
             with contextlib.suppress(NotFound):
                 status = await self._record(job, result)
@@ -237,17 +240,34 @@ class Dispatcher:
             await self._record_alone(batch)
 
     async def _record_alone(self, batch: list[_ToRecord]) -> None:
-        """Record ``batch`` in a transaction of its own and tell its senders the outcome."""
-        outcomes: list[Recorded | NotFound] | Exception
+        """Record ``batch`` in a transaction of its own and tell its senders the outcome. If
+        the database refuses it, each attempt is recorded in a transaction of its own: an
+        attempt it cannot take fails alone, not every other one of the batch with it (sent
+        again each time its lease expires). An unavailable database fails them all at once."""
+        outcomes = await self._record_together(batch)
+        if not isinstance(outcomes, Exception) or len(batch) == 1:
+            self._tell_senders(batch, outcomes)
+            return
+        for index, item in enumerate(batch):
+            if isinstance(outcomes, StoreUnavailable):  # each would wait for it in turn
+                self._tell_senders(batch[index:], outcomes)
+                return
+            outcomes = await self._record_together([item])
+            self._tell_senders([item], outcomes)  # its sender logs a failure
+
+    async def _record_together(
+        self, batch: list[_ToRecord]
+    ) -> list[Recorded | NotFound] | Exception:
+        """``batch``'s records in one transaction: each delivery's outcome, or the error that
+        failed them all."""
         try:
-            outcomes = await run_in_threadpool(
+            return await run_in_threadpool(
                 self.outbox.record_attempts,
                 [(job, result) for job, result, _ in batch],
                 self.worker_id,
             )
         except Exception as exc:
-            outcomes = exc
-        self._tell_senders(batch, outcomes)
+            return exc
 
     @staticmethod
     def _tell_senders(
@@ -310,7 +330,7 @@ class Dispatcher:
             return AttemptResult(None, elapsed, error=late)
         except DeliveryFailed as exc:
             elapsed = (self.monotonic() - started) * 1000
-            return AttemptResult(None, elapsed, error=str(exc)[:500])
+            return AttemptResult(None, elapsed, error=str(exc)[:500], sent=not exc.unsent)
         elapsed = (self.monotonic() - started) * 1000
         error = None if reply.is_success else f"HTTP {reply.status_code}"
         body = reply.body.decode("utf-8", errors="replace")

@@ -197,7 +197,8 @@ def apply_updates(
         _UPDATE_TASK.execute(connection, decided.task_values())
     if decided.events:
         seqs = connection.execute(_INSERT_EVENT, decided.events).scalars().all()
-        if fan_out_many(connection, decided.numbered(seqs), now):
+        first_wait = store.delivery_first_wait
+        if fan_out_many(connection, decided.numbered(seqs), now, first_wait=first_wait):
             written.deliveries = True
         written.events.update(event.task_id for event in decided.new_events)
     if decided.receipts:
@@ -252,7 +253,12 @@ def _apply_pipelined(
             assert events_cursor is not None
             seqs = _returned(events_cursor)  # round trip 2
             superseded = [supersede.row(row) for cursor in superseding for row in cursor]
-            deliveries = plan_deliveries(decided.renumbered(matches, seqs), superseded, now)
+            deliveries = plan_deliveries(
+                decided.renumbered(matches, seqs),
+                superseded,
+                now,
+                first_wait=store.delivery_first_wait,
+            )
             _executemany(driver, INSERT_DELIVERY.driven.on(dialect), deliveries)
             written.deliveries = True
         driver.commit()  # round trip 2, or 3

@@ -394,6 +394,11 @@ def check_url(url: str, policy: AddressPolicy) -> str:
             "The webhook URL contains spaces, control characters or backslashes; "
             "percent-encode them."
         )
+    if not _is_unicode_text(url):
+        raise _invalid(
+            "The webhook URL holds an unpaired UTF-16 surrogate, which is not Unicode text; "
+            "percent-encode the characters it stands for."
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -428,11 +433,19 @@ def check_url(url: str, policy: AddressPolicy) -> str:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise _invalid(f"The webhook URL is not valid: {exc}.") from exc
-    if parsed.scheme not in ("http", "https") or parsed.userinfo or not parsed.host:
+    try:
+        host = parsed.host  # an xn-- label is decoded here, and checked
+    except UnicodeError as exc:  # idna's errors (IDNAError and its kinds) are UnicodeErrors
+        raise _invalid(
+            f"The webhook URL's host {parsed.raw_host.decode('ascii', 'replace')} is not a "
+            f"valid internationalised domain name ({exc}); check its xn-- labels, or write "
+            "the name in Unicode (e.g. https://bücher.example/hook)."
+        ) from exc
+    if parsed.scheme not in ("http", "https") or parsed.userinfo or not host:
         raise _invalid("The webhook URL is ambiguous; write it as https://host[:port]/path.")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise _invalid(f"The webhook URL's port {parsed.port} is not between 1 and 65535.")
-    ip = _parse_host_literal(parsed.host)
+    ip = _parse_host_literal(host)
     if ip != literal:
         raise _invalid("The webhook URL's host is ambiguous; write it as a name or dotted address.")
     if ip is not None:
@@ -441,11 +454,19 @@ def check_url(url: str, policy: AddressPolicy) -> str:
         name = parsed.raw_host.decode("ascii")
         if not _HOSTNAME_RE.match(name):
             raise _invalid(
-                f"The webhook URL's host {parsed.host!r} is not a valid host name; "
+                f"The webhook URL's host {host!r} is not a valid host name; "
                 "use letters, digits, hyphens and dots."
             )
         _check_hostname(name)
     return str(parsed)
+
+
+def _is_unicode_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def system_resolver(host: str, port: int) -> list[str]:

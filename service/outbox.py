@@ -12,7 +12,9 @@ superseded by any newer event of the same task for the same subscription before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,6 +63,9 @@ MOVE_ASIDE_PAGE = 500
 CLAIM_LOOKAHEAD = 64
 MAX_REPLAY = 10_000
 RESPONSE_BODY_CAP = 2048
+# A delivery that never left this process (no connection came free in the webhook client's
+# pool) is due again this much later; it was not an attempt, so nothing else changes.
+UNSENT_PUT_BACK = timedelta(seconds=1)
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -82,14 +87,42 @@ class DeliveryJob:
 
 @dataclass(frozen=True)
 class AttemptResult:
+    """What became of one send. ``sent=False``: the request never left this process (no
+    connection came free), through no fault of the subscriber's: not an attempt, so none is
+    counted or logged, and the delivery is put back, due again shortly."""
+
     status_code: int | None
     duration_ms: float
     response_body: str | None = None
     error: str | None = None
+    sent: bool = True
 
     @property
     def succeeded(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
+
+
+# What no text column can hold: NUL (PostgreSQL refuses it) and unpaired surrogates (no UTF-8
+# encoder takes them: both databases' drivers refuse them).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str | None, limit: int | None = None) -> str | None:
+    """Text from a subscriber (its answer's body, an error describing its answer) as a text
+    column can hold it: each NUL and unpaired surrogate replaced with U+FFFD (as undecodable
+    bytes already are), at most ``limit`` characters; None for none or empty. Refusing it, as
+    callbacks are refused (``service.providers.parsing.loads_storable``), is no option here:
+    the attempt happened, and must be recorded."""
+    if not text:
+        return None
+    if limit is not None:
+        text = text[:limit]
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _storable(result: AttemptResult) -> AttemptResult:
+    body = storable_text(result.response_body, RESPONSE_BODY_CAP)
+    return dataclasses.replace(result, response_body=body, error=storable_text(result.error))
 
 
 def envelope(event: TaskEvent) -> dict[str, Any]:
@@ -354,6 +387,9 @@ def _lock_deliveries(dialect: str) -> sa.Select[Any]:
             _DELIVERY.c.lease_expires_at,
             _DELIVERY.c.next_attempt_at,
             _DELIVERY.c.status,
+            _DELIVERY.c.last_status_code,
+            _DELIVERY.c.last_error,
+            _DELIVERY.c.delivered_at,
         )
         .where(one_of(dialect, _DELIVERY.c.pk, "pks"))
         .order_by(_DELIVERY.c.pk)
@@ -520,6 +556,19 @@ class _PutAside(NamedTuple):
     sweep: _Sweep | None
 
 
+# What recording an attempt reads of a delivery, and writes (with its lease's expiry).
+_RECORDED_COLUMNS = (
+    "status",
+    "attempts",
+    "last_status_code",
+    "last_error",
+    "next_attempt_at",
+    "lease_owner",
+    "delivered_at",
+)
+_SETTLED_STATUSES = frozenset({DeliveryStatus.succeeded.value, DeliveryStatus.dead.value})
+
+
 class Recorded(NamedTuple):
     """A delivery's state after an attempt was recorded."""
 
@@ -530,10 +579,17 @@ class Recorded(NamedTuple):
     next_attempt_at: datetime
 
 
-def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: datetime) -> int:
+def fan_out_many(
+    connection: sa.Connection,
+    events: Sequence[NewEvent],
+    now: datetime,
+    *,
+    first_wait: timedelta = timedelta(0),
+) -> int:
     """Inside the events' own transaction: one pending delivery per event and matching
     subscription, with a fixed number of statements whatever the number of events (they come
-    in the order they were appended). Returns how many deliveries were created.
+    in the order they were appended), first due ``first_wait`` from now (the delivery
+    schedule's first entry). Returns how many deliveries were created.
 
     Progress coalescing: a new event of a task supersedes the progress deliveries of that task
     still waiting for their first attempt, for the same subscription. One conditional UPDATE
@@ -560,7 +616,7 @@ def fan_out_many(connection: sa.Connection, events: Sequence[NewEvent], now: dat
             SUPERSEDE, {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
         )
     ]
-    deliveries = plan_deliveries(matches, superseded, now)
+    deliveries = plan_deliveries(matches, superseded, now, first_wait=first_wait)
     INSERT_DELIVERY.execute(connection, deliveries)
     return len(deliveries)
 
@@ -596,12 +652,18 @@ def plan_deliveries(
     matches: Sequence[tuple[NewEvent, int]],
     superseded: Iterable[Sequence[Any]],
     now: datetime,
+    *,
+    first_wait: timedelta = timedelta(0),
 ) -> list[dict[str, Any]]:
     """The delivery rows for ``matches`` (their events' ``seq`` known), given the rows
     :data:`SUPERSEDE` returned, (subscription pk, task pk, due time) of each progress delivery
-    it coalesced: a new progress delivery takes the earliest due time of those it replaces,
-    else waits ``PROGRESS_DELAY`` for newer ones; within the batch, a later event of the same
-    task and subscription coalesces an earlier progress one."""
+    it coalesced. A delivery is first due ``first_wait`` from now (the schedule's wait before
+    attempt 1); a new progress delivery takes the earliest due time of those it replaces, else
+    waits the longer of ``first_wait`` and ``PROGRESS_DELAY`` (the moment newer ones may
+    replace it in: the schedule's wait gives them that time already); within the batch, a
+    later event of the same task and subscription coalesces an earlier progress one."""
+    first_due = now + first_wait
+    progress_due = now + max(first_wait, PROGRESS_DELAY)
     # Per (subscription, task): the due times of progress deliveries still waiting, and the
     # one created in this batch that a later event of the batch would supersede.
     waiting: dict[tuple[int, int], list[datetime]] = {}
@@ -614,11 +676,11 @@ def plan_deliveries(
         earlier = latest.pop(key, None)
         if earlier is not None and earlier["event_type"] == EventType.progress.value:
             earlier["status"] = DeliveryStatus.coalesced.value
-        due = now
+        due = first_due
         if event.type == EventType.progress.value:
             # A progress event takes the slot of the one it replaces, or waits a moment for
             # newer ones to replace it.
-            due = min(waiting.pop(key, ()), default=now + PROGRESS_DELAY)
+            due = min(waiting.pop(key, ()), default=progress_due)
             waiting[key] = [due]
         else:
             waiting.pop(key, None)
@@ -654,6 +716,13 @@ class Outbox:
     @property
     def clock(self) -> Callable[[], datetime]:
         return self.store.clock
+
+    @property
+    def first_wait(self) -> timedelta:
+        """The wait before a delivery's first attempt (the schedule's first entry): fan-out
+        (``Store.delivery_first_wait``, the same) and replays make deliveries due this long
+        after their event."""
+        return timedelta(seconds=self.schedule[0])
 
     # --- subscriptions --------------------------------------------------------------------
 
@@ -697,12 +766,18 @@ class Outbox:
             return list(session.exec(statement))
 
     @staticmethod
-    def _owned(session: Session, owner: str, subscription_id: str) -> Subscription:
+    def _owned(
+        session: Session, owner: str, subscription_id: str, *, lock: bool = False
+    ) -> Subscription:
+        """The client's subscription; ``lock``: its row locked until the commit (PostgreSQL;
+        FOR NO KEY UPDATE, as a 410's record takes it)."""
         statement = select(Subscription).where(
             Subscription.id == subscription_id,
             Subscription.owner == owner,
             Subscription.kind == SubscriptionKind.endpoint.value,
         )
+        if lock:
+            statement = statement.with_for_update(key_share=True)
         subscription = session.exec(statement).first() if could_be_issued(subscription_id) else None
         if subscription is None:
             raise NotFound(f"No subscription {subscription_id!r} was found for this API client.")
@@ -716,10 +791,17 @@ class Outbox:
         self, owner: str, subscription_id: str, changes: Mapping[str, Any]
     ) -> Subscription:
         with self.store.transaction(write=True) as session:
-            subscription = self._owned(session, owner, subscription_id)
+            # Locked, so that whether this enables or disables it is decided on the row as it
+            # is (a 410 being recorded may be disabling it), and before its deliveries, the
+            # order a record takes them in.
+            subscription = self._owned(session, owner, subscription_id, lock=True)
+            was_enabled = subscription.enabled
             for name, value in changes.items():
                 setattr(subscription, name, value)
-            if changes.get("enabled") is True:
+            now = self.clock()
+            # Only a change of state moves deliveries: "enabled": true sent to an enabled
+            # subscription would otherwise make every retry due at once, backoff skipped.
+            if subscription.enabled and not was_enabled:
                 subscription.disabled_reason = None
                 # Its deliveries were put off while it was disabled (_move_aside): due now.
                 session.execute(
@@ -727,15 +809,15 @@ class Outbox:
                     .where(
                         _DELIVERY.c.subscription_pk == subscription.pk,
                         _DELIVERY.c.status == DeliveryStatus.pending.value,
-                        _DELIVERY.c.next_attempt_at > self.clock(),
+                        _DELIVERY.c.next_attempt_at > now,
                     )
-                    .values(next_attempt_at=self.clock())
+                    .values(next_attempt_at=now)
                 )
-            elif changes.get("enabled") is False:
+            elif was_enabled and not subscription.enabled:
                 subscription.disabled_reason = "disabled through the API"
                 assert subscription.pk is not None  # a stored row
-                _put_off_disabled(session, [subscription.pk], self.clock())
-            subscription.updated_at = self.clock()
+                _put_off_disabled(session, [subscription.pk], now)
+            subscription.updated_at = now
             session.add(subscription)
             return subscription
 
@@ -1134,7 +1216,7 @@ class Outbox:
         }
         now = self.clock()
         recorded: list[Recorded | NotFound] = []
-        states: dict[int, Recorded] = {}
+        states: dict[int, dict[str, Any]] = {}  # each delivery's columns, as recorded so far
         updates: dict[int, dict[str, Any]] = {}
         logged: list[dict[str, Any]] = []
         retries: dict[int, dict[str, Any]] = {}  # pending again, due later: hold their followers
@@ -1143,11 +1225,17 @@ class Outbox:
             if row is None:
                 recorded.append(NotFound(f"Delivery {job.delivery_id} no longer exists."))
                 continue
-            before = states.get(row.pk) or Recorded(
-                row.status, row.attempts, row.lease_owner, None, row.next_attempt_at
+            result = _storable(result)
+            before = states.get(row.pk) or {name: row._mapping[name] for name in _RECORDED_COLUMNS}
+            values = self._settle(before, worker, result, now)
+            states[row.pk] = values
+            state = Recorded(
+                values["status"],
+                values["attempts"],
+                values["lease_owner"],
+                values["last_status_code"],
+                values["next_attempt_at"],
             )
-            state, values = self._settle(before, worker, result, now)
-            states[row.pk] = state
             lease = row.lease_expires_at if state.lease_owner is not None else None
             updates[row.pk] = {
                 "d_pk": row.pk,
@@ -1169,19 +1257,21 @@ class Outbox:
                 }
             else:
                 retries.pop(row.pk, None)
-            logged.append(
-                {
-                    "delivery_pk": row.pk,
-                    "attempted_at": now,
-                    "status_code": result.status_code,
-                    "duration_ms": result.duration_ms,
-                    "response_body": (result.response_body or "")[:RESPONSE_BODY_CAP] or None,
-                    "error": result.error,
-                }
-            )
+            if result.sent:
+                logged.append(
+                    {
+                        "delivery_pk": row.pk,
+                        "attempted_at": now,
+                        "status_code": result.status_code,
+                        "duration_ms": result.duration_ms,
+                        "response_body": result.response_body,
+                        "error": result.error,
+                    }
+                )
             recorded.append(state)
         if logged:
             connection.execute(_INSERT_ATTEMPT, logged)
+        if updates:
             connection.execute(_RECORD, [updates[pk] for pk in sorted(updates)])
         if gone:
             connection.execute(
@@ -1218,12 +1308,26 @@ class Outbox:
         return recorded
 
     def _settle(
-        self, before: Recorded, worker: str, result: AttemptResult, now: datetime
-    ) -> tuple[Recorded, dict[str, Any]]:
-        """A delivery after one more attempt: the new state, and the columns to write."""
-        attempts = before.attempts + 1
-        owner = None if before.lease_owner == worker else before.lease_owner
-        status, due, error = DeliveryStatus.pending.value, before.next_attempt_at, result.error
+        self, before: Mapping[str, Any], worker: str, result: AttemptResult, now: datetime
+    ) -> dict[str, Any]:
+        """A delivery's columns (``before``: :data:`_RECORDED_COLUMNS`) after one more attempt;
+        this worker's lease on it, if it still has one, given back."""
+        owner = None if before["lease_owner"] == worker else before["lease_owner"]
+        if not result.sent:
+            # Not an attempt: put back, due again shortly, unless it has been settled, or
+            # taken over (its lease ran out: the other worker's record decides) meanwhile.
+            values = {**before, "lease_owner": owner}
+            if before["status"] == DeliveryStatus.pending.value and owner is None:
+                values["next_attempt_at"] = now + UNSENT_PUT_BACK
+            return values
+        attempts = before["attempts"] + 1
+        if before["status"] in _SETTLED_STATUSES:
+            # Settled by another worker's record meanwhile (it took the delivery over when this
+            # worker's lease ran out): this attempt joins the log, and the outcome stands. A
+            # failure turning it pending again would send it twice, and after the task's later
+            # events.
+            return {**before, "attempts": attempts, "lease_owner": owner}
+        status, due, error = DeliveryStatus.pending.value, before["next_attempt_at"], result.error
         delivered_at = None
         if result.succeeded:
             status, delivered_at = DeliveryStatus.succeeded.value, now
@@ -1234,8 +1338,7 @@ class Outbox:
             due = now + timedelta(seconds=self.schedule[attempts])
         else:
             status = DeliveryStatus.dead.value
-        state = Recorded(status, attempts, owner, result.status_code, due)
-        values = {
+        return {
             "status": status,
             "attempts": attempts,
             "last_status_code": result.status_code,
@@ -1244,7 +1347,6 @@ class Outbox:
             "lease_owner": owner,
             "delivered_at": delivered_at,
         }
-        return state, values
 
     def extend_leases(self, delivery_pks: Sequence[int], worker: str, lease_seconds: float) -> None:
         """Keep holding deliveries that are still being sent (those this worker still owns)."""
@@ -1328,7 +1430,8 @@ class Outbox:
             return delivery, event.id, attempts
 
     def retry_delivery(self, owner: str, delivery_id: str) -> Delivery:
-        """Send a delivery again now, with a fresh schedule of attempts."""
+        """Send a delivery again now, with a fresh schedule of attempts. Conflict while it is
+        being attempted (leased, the lease running), or its subscription is disabled."""
         with self.store.transaction(write=True) as session:
             delivery = self._owned_delivery(session, owner, delivery_id)
             connection = session.connection()
@@ -1351,8 +1454,28 @@ class Outbox:
                 if delivery.pk not in set(locked):
                     raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
                 session.refresh(delivery)  # as it is now, under the lock
-            if delivery.status == DeliveryStatus.pending.value and delivery.lease_owner:
-                raise Conflict("This delivery is being attempted right now.")
+            subscription = session.get(Subscription, delivery.subscription_pk)
+            if subscription is not None and not subscription.enabled:
+                # As a replay: pending, it would only be put off until the subscription is
+                # enabled, and a notify_url, disabled by a 410, never is.
+                if subscription.kind == SubscriptionKind.task.value:
+                    raise Conflict(
+                        "The task's notify_url answered 410 Gone and is disabled for good; "
+                        "nothing more is sent to it."
+                    )
+                raise Conflict(
+                    "The subscription is disabled; enable it (PATCH enabled=true) before "
+                    "retrying its deliveries."
+                )
+            expires = delivery.lease_expires_at
+            leased = delivery.lease_owner is not None and expires is not None and expires > now
+            if delivery.status == DeliveryStatus.pending.value and leased:
+                raise Conflict(
+                    "This delivery is being attempted right now; retry it once that attempt "
+                    "is recorded (GET the delivery to see it)."
+                )
+            if not leased:  # a lease that ran out holds nothing: the next claim takes it
+                delivery.lease_owner = delivery.lease_expires_at = None
             delivery.status = DeliveryStatus.pending.value
             delivery.attempts = 0
             delivery.next_attempt_at = now
@@ -1413,5 +1536,5 @@ class Outbox:
                 )
                 owed = [event for event in owed if event.seq in present]
             for event in owed:
-                session.add(new_delivery(subscription.pk, event, now, now))
+                session.add(new_delivery(subscription.pk, event, now + self.first_wait, now))
             return len(owed)

@@ -371,9 +371,13 @@ class Store:
         audit_bytes: int = 64 * 1024,
         policies: Mapping[str, PollPolicy] | None = None,
         rng: random.Random | None = None,
+        delivery_first_wait: timedelta = timedelta(0),
     ) -> None:
         self.engine = engine
         self.clock = clock
+        # TASKRELAY_DELIVERY_SCHEDULE's first entry: the deliveries an event owes are first
+        # due this long after it (service.outbox.fan_out_many).
+        self.delivery_first_wait = delivery_first_wait
         self.audit_bytes = audit_bytes
         self.policies = dict(policies or {})
         self.rng = rng or random.Random()
@@ -830,7 +834,8 @@ class Store:
         session.flush()
         assert event.seq is not None
         new_event = NewEvent(event.seq, task.pk, task.id, task.owner, task.provider, event.type)
-        if fan_out_many(session.connection(), [new_event], self.clock()):
+        first_wait = self.delivery_first_wait
+        if fan_out_many(session.connection(), [new_event], self.clock(), first_wait=first_wait):
             session.info[WRITTEN].deliveries = True
         session.info[WRITTEN].events.add(task.id)
         return {"id": event.id, "type": event.type}

@@ -113,7 +113,9 @@ class DeliveryFailed(Exception):
     ``ConnectTimeout``, ``ReadTimeout``, ``RemoteProtocolError``, ...), plus
     ``BlockedConnection`` for an address the policy refuses, so recorded errors read as they
     did with httpx; ``str()`` is ``"<kind>: <message>"``. ``blocked`` is the refusal, with its
-    reason, when the address was not allowed.
+    reason, when the address was not allowed. ``unsent``: the request never left this process,
+    for a reason of the client's own (no connection came free within the pool timeout, or the
+    client was closed): no fault of the subscriber's.
     """
 
     def __init__(
@@ -123,12 +125,14 @@ class DeliveryFailed(Exception):
         kind: str,
         timed_out: bool = False,
         blocked: BlockedDestination | None = None,
+        unsent: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.kind = kind
         self.timed_out = timed_out
         self.blocked = blocked
+        self.unsent = unsent
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
@@ -572,10 +576,14 @@ class LeanClient:
         return reply
 
     async def _acquire(self, origin: Origin, *, fresh: bool = False) -> _Connection:
+        """A connection to ``origin``; ``fresh``: a new one, for a request sent once already
+        (a failure to get one is then not ``unsent``)."""
         deadline: float | None = None
         while True:
             if self._closed:
-                raise DeliveryFailed("the webhook client is closed", kind="ClientClosed")
+                raise DeliveryFailed(
+                    "the webhook client is closed", kind="ClientClosed", unsent=not fresh
+                )
             now = asyncio.get_running_loop().time()
             if now >= self._next_sweep:
                 self._sweep(now)
@@ -587,7 +595,7 @@ class LeanClient:
                 return await self._open(origin)
             if deadline is None:
                 deadline = now + self.timeouts.pool
-            await self._wait_for_slot(deadline)
+            await self._wait_for_slot(deadline, unsent=not fresh)
 
     def _take_idle(self, origin: Origin, now: float) -> _Connection | None:
         stack = self._idle.get(origin)
@@ -649,7 +657,7 @@ class LeanClient:
         self._drop(oldest)
         return True
 
-    async def _wait_for_slot(self, deadline: float) -> None:
+    async def _wait_for_slot(self, deadline: float, *, unsent: bool) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -661,6 +669,7 @@ class LeanClient:
                 f"({self._max_connections} open)",
                 kind="PoolTimeout",
                 timed_out=True,
+                unsent=unsent,
             ) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
@@ -771,7 +780,10 @@ class HttpxClient:
             raise DeliveryFailed(message, kind=type(exc).__name__, blocked=exc.destination) from exc
         except httpx.TimeoutException as exc:
             message = str(exc) or "timed out"
-            raise DeliveryFailed(message, kind=type(exc).__name__, timed_out=True) from exc
+            unsent = isinstance(exc, httpx.PoolTimeout)
+            raise DeliveryFailed(
+                message, kind=type(exc).__name__, timed_out=True, unsent=unsent
+            ) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise DeliveryFailed(str(exc) or "no details", kind=type(exc).__name__) from exc
         return Reply(answer.status_code, bytes(kept))

@@ -48,12 +48,14 @@ HOOK = "http://127.0.0.1:9/hooks/{name}"
 
 
 class Receiver:
-    """Subscriber endpoints at /hooks/{name}: records every request, answers ``status``."""
+    """Subscriber endpoints at /hooks/{name}: records every request, answers ``status`` with
+    ``body``."""
 
     def __init__(self) -> None:
         self.received: dict[str, list[tuple[dict[str, str], bytes]]] = defaultdict(list)
         self.answered: dict[str, list[int]] = defaultdict(list)
         self.status: dict[str, int] = defaultdict(lambda: 200)
+        self.body: dict[str, bytes] = defaultdict(bytes)
         self.hold: dict[str, asyncio.Event] = {}
 
         async def hook(request: Request) -> Response:
@@ -64,7 +66,7 @@ class Receiver:
             self.answered[name].append(status)
             if name in self.hold:
                 await self.hold[name].wait()
-            return Response(status_code=status)
+            return Response(self.body[name], status_code=status)
 
         self.app = Starlette(routes=[Route("/hooks/{name}", hook, methods=["POST"])])
 
@@ -261,6 +263,59 @@ async def test_progress_events_are_coalesced(harness: Harness) -> None:
     harness.update(task_id, TaskStatus.succeeded)
     await harness.deliver()
     assert [e["type"] for e in harness.receiver.events("calm")][-1] == "task.succeeded"
+
+
+def test_the_first_attempt_waits_the_schedules_first_entry() -> None:
+    """TASKRELAY_DELIVERY_SCHEDULE lists the waits before attempt 1, 2, 3...: a delivery is
+    first due its first entry from now. A progress delivery waits the longer of that and the
+    moment newer progress may replace it in (PROGRESS_DELAY), and one replacing others keeps
+    the earliest slot of theirs."""
+    from service.outbox import PROGRESS_DELAY, NewEvent, plan_deliveries
+
+    now = utcnow()
+
+    def due(
+        first_wait: float, *types: str, superseded: tuple[tuple[int, int, Any], ...] = ()
+    ) -> list[float]:
+        events = [
+            (NewEvent(seq, 7, "task_1", "alice", "evolink", kind), 3)
+            for seq, kind in enumerate(types, start=1)
+        ]
+        rows = plan_deliveries(events, superseded, now, first_wait=timedelta(seconds=first_wait))
+        return [(row["next_attempt_at"] - now).total_seconds() for row in rows]
+
+    progress = PROGRESS_DELAY.total_seconds()
+    assert due(0, "task.submitted", "task.progress") == [0, progress]
+    assert due(600, "task.submitted", "task.progress") == [600, 600]
+    assert due(progress / 2, "task.progress") == [progress]
+    waiting = ((3, 7, now + timedelta(seconds=30)),)
+    assert due(600, "task.progress", superseded=waiting) == [30]
+
+
+async def test_a_replay_waits_the_schedules_first_entry_and_a_manual_retry_does_not(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with harnessed(database_url, tmp_path, TASKRELAY_DELIVERY_SCHEDULE="10m,5s") as harness:
+        since = harness.clock.now() - timedelta(minutes=1)
+        task_id = await harness.track()
+        subscription = await harness.subscribe("late")
+        replayed = await harness.client.post(
+            f"/v1/subscriptions/{subscription['id']}/replay",
+            json={"since": since.isoformat()},
+            headers=auth(),
+        )
+        assert replayed.json() == {"replayed": 1}
+        assert _pending(harness) == [("task.submitted", 600.0)]
+        assert await harness.deliver() == 0
+        (owed,) = (
+            await harness.client.get(
+                f"/v1/subscriptions/{subscription['id']}/deliveries", headers=auth()
+            )
+        ).json()["data"]
+        retried = await harness.client.post(f"/v1/deliveries/{owed['id']}/retry", headers=auth())
+        assert retried.status_code == 202  # "send it again now"
+        assert await harness.deliver() == 1
+        assert [e["data"]["id"] for e in harness.receiver.events("late")] == [task_id]
 
 
 # --- retries, dead letters, manual retry, replay ----------------------------------------------
@@ -608,6 +663,26 @@ async def test_internal_or_odd_subscriber_urls_are_refused(
     )
     assert notify.status_code == 400
     assert error_code(notify) in {"destination_not_allowed", "validation_failed"}
+
+
+@pytest.mark.parametrize(
+    "url", ["https://xn--ls8h.la/hook", "https://xn--a.example.com/hook", "https://xn--/hook"]
+)
+async def test_a_host_that_is_not_valid_punycode_is_a_validation_error_naming_the_field(
+    harness: Harness, url: str
+) -> None:
+    subscription = await harness.subscribe("valid")
+    for method, path, body, field in (
+        ("POST", "/v1/subscriptions", {"url": url}, "url"),
+        ("PATCH", f"/v1/subscriptions/{subscription['id']}", {"url": url}, "url"),
+        ("POST", "/v1/tasks/track", {"provider": "evolink", "notify_url": url}, "notify_url"),
+    ):
+        response = await harness.client.request(method, path, json=body, headers=auth())
+        assert response.status_code == 400, (method, path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "validation_failed"
+        assert error["details"][0]["field"] == field
+        assert "is not a valid internationalised domain name" in error["message"]
 
 
 # --- the live stream ------------------------------------------------------------------------------
@@ -1173,6 +1248,108 @@ async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_ena
     assert _pending(harness) == [("task.submitted", 0.0)] * 3
     assert await harness.deliver() == 3
     assert len(harness.receiver.received["paused"]) == 3
+
+
+async def test_enabling_an_enabled_subscription_leaves_its_retries_where_they_are(
+    harness: Harness,
+) -> None:
+    """Only a disabled subscription enabled makes its put-off deliveries due: "enabled": true
+    sent along with another change made every retry due at once, the backoff skipped (a few
+    PATCHes dead-lettered a delivery in seconds)."""
+    subscription = await harness.subscribe("flaky")
+    harness.receiver.status["flaky"] = 500
+    await harness.track()
+    assert await harness.deliver() == 1
+    assert _pending(harness) == [("task.submitted", 5.0)]
+    for version in range(3):
+        response = await harness.client.patch(
+            f"/v1/subscriptions/{subscription['id']}",
+            json={"enabled": True, "description": f"v{version}"},
+            headers=auth(),
+        )
+        assert response.status_code == 200 and response.json()["description"] == f"v{version}"
+        assert await harness.deliver() == 0
+    assert _pending(harness) == [("task.submitted", 5.0)]
+    assert len(harness.receiver.received["flaky"]) == 1
+
+
+async def test_disabling_a_disabled_subscription_keeps_the_reason_it_was_disabled(
+    harness: Harness,
+) -> None:
+    subscription = await harness.subscribe("gone")
+    harness.receiver.status["gone"] = 410
+    await harness.track()
+    await harness.deliver()
+    response = await harness.client.patch(
+        f"/v1/subscriptions/{subscription['id']}", json={"enabled": False}, headers=auth()
+    )
+    assert response.status_code == 200 and response.json()["enabled"] is False
+    assert response.json()["disabled_reason"] == "the subscriber answered 410 Gone"
+
+
+async def test_a_manual_retry_waits_only_for_a_lease_that_still_runs(harness: Harness) -> None:
+    """A process that claimed the delivery and died left its name on it: once its lease has
+    run out, nobody is attempting it, and a retry must not say so."""
+    await harness.subscribe("orphaned")
+    await harness.track()
+    (job,) = harness.runtime.outbox.claim("crashed", limit=10, lease_seconds=60)
+    path = f"/v1/deliveries/{job.delivery_id}/retry"
+    busy = await harness.client.post(path, headers=auth())
+    assert busy.status_code == 409
+    assert "being attempted right now" in busy.json()["error"]["message"]
+    harness.clock.advance(61)
+    retried = await harness.client.post(path, headers=auth())
+    assert retried.status_code == 202, retried.text
+    assert _deliveries(harness) == [("task.submitted", "pending", 0, None)]
+    assert await harness.deliver() == 1
+
+
+async def test_a_manual_retry_on_a_disabled_subscription_is_a_conflict_as_a_replay_is(
+    harness: Harness,
+) -> None:
+    subscription = await harness.subscribe("paused", event_types=["task.submitted"])
+    path = f"/v1/subscriptions/{subscription['id']}"
+    harness.receiver.status["paused"] = 500
+    harness.runtime.outbox.schedule = (0.0,)  # one attempt, then dead
+    since = harness.clock.now() - timedelta(minutes=1)
+    await harness.track()
+    await harness.deliver()
+    (dead,) = (await harness.client.get(f"{path}/deliveries?status=dead", headers=auth())).json()[
+        "data"
+    ]
+    await harness.client.patch(path, json={"enabled": False}, headers=auth())
+    retried = await harness.client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth())
+    replayed = await harness.client.post(
+        f"{path}/replay", json={"since": since.isoformat()}, headers=auth()
+    )
+    assert (retried.status_code, replayed.status_code) == (409, 409)
+    assert "enable it (PATCH enabled=true) before retrying" in retried.json()["error"]["message"]
+    assert _deliveries(harness) == [("task.submitted", "dead", 1, None)]
+    harness.receiver.status["paused"] = 200
+    await harness.client.patch(path, json={"enabled": True}, headers=auth())
+    retried = await harness.client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth())
+    assert retried.status_code == 202
+    assert await harness.deliver() == 1
+    assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)]
+
+
+async def test_a_manual_retry_to_a_notify_url_gone_for_good_is_a_conflict(
+    harness: Harness,
+) -> None:
+    import sqlalchemy as sa
+
+    from service.models import Delivery
+
+    harness.receiver.status["gone"] = 410
+    await harness.track(notify_url=HOOK.format(name="gone"))
+    await harness.deliver()
+    table = Delivery.__table__  # type: ignore[attr-defined]
+    with harness.runtime.store.engine.connect() as connection:
+        (delivery_id,) = connection.execute(sa.select(table.c.id)).scalars()
+    retried = await harness.client.post(f"/v1/deliveries/{delivery_id}/retry", headers=auth())
+    assert retried.status_code == 409
+    assert "notify_url answered 410 Gone" in retried.json()["error"]["message"]
+    assert _deliveries(harness) == [("task.submitted", "dead", 1, None)]
 
 
 async def test_a_retry_or_a_410_puts_off_what_cannot_go_without_a_put_aside_pass(

@@ -255,7 +255,7 @@ def test_the_batch_is_one_transaction(database_url: str, monkeypatch: pytest.Mon
     ids = [new_task(store) for _ in range(3)]
     planned: list[int] = []
 
-    def broken(matches: Any, superseded: Any, now: datetime) -> list[dict[str, Any]]:
+    def broken(matches: Any, superseded: Any, now: datetime, **_: Any) -> list[dict[str, Any]]:
         planned.append(len(matches))
         raise RuntimeError("crash before commit")
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpcore
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.errors import ValidationFailed
 from service.netguard import (
@@ -32,7 +34,7 @@ from service.netguard import (
     resolve_and_check,
     system_resolver,
 )
-from service.webclient import DeliveryFailed, LeanClient
+from service.webclient import DeliveryFailed, LeanClient, _parse_target
 from tests.servers import serving_tls
 
 PUBLIC = AddressPolicy()
@@ -323,6 +325,12 @@ def test_check_url_refuses_internal_literals(url: str, fragment: str) -> None:
         ("http://exa%6dple.com/", "not a valid host name"),
         ("http://[::1/", "not valid"),
         ("http://" + "a" * 2050 + ".com/", "the limit is 2048"),
+        # Labels that are not punycode, or decode to what IDNA 2008 does not allow.
+        ("https://xn--ls8h.la/hook", "xn--ls8h.la is not a valid internationalised domain"),
+        ("https://xn--a.example.com/hook", "xn--a.example.com is not a valid international"),
+        ("https://xn--", "xn-- is not a valid internationalised domain name"),
+        ("HTTP://XN--/x", "not a valid internationalised domain name"),
+        ("http://example.com/\ud800", "unpaired UTF-16 surrogate"),
     ],
 )
 def test_check_url_refuses_malformed_urls(url: str, fragment: str) -> None:
@@ -349,6 +357,42 @@ def test_check_url_refuses_malformed_urls(url: str, fragment: str) -> None:
 )
 def test_check_url_accepts_and_normalises_public_urls(url: str, normalised: str) -> None:
     assert check_url(url, PUBLIC) == normalised
+
+
+# Pieces odd URLs are made of: IDNA and punycode, IP literals in their many forms, percent
+# signs, ports, Unicode that case-folds or normalises into something else, NUL, surrogates.
+_URL_PIECES = [
+    *("xn--", "xn--a", "xn--ls8h", "xn--zca", "XN--80AK6AA92E", "xn--bcher-kva", "example"),
+    *(".", "..", "com", "[", "]", ":", "::1", "::ffff:1.2.3.4", "fe80::1%25eth0", "v1.x"),
+    *("%", "%25", "%00", "%41", "@", "#", "?", "/", "\\", "1", "0x", "0177", "255", "1e1"),
+    *("ß", "例え", "é", "e\u0301", "\u200b", "\u3002", "\uff0e", "\uff45", "\u00ad", "Ⅻ", "ﬀ"),
+    *("\u2488", "\u0660", "\U0001f4a9", "-", "_", "a" * 64, "\x00", "\ud800", " "),
+]
+_SCHEMES = ["https://", "http://", "HTTP://", "hTTps://", "https:", "https:///", "ftp://", ""]
+_TAILS = ["", "/", "/a?b=c", ":80", ":0080", ":65536", ":", ":x", "/%", "#f", ":443/x", "/%zz"]
+
+
+@given(
+    st.builds(
+        "".join,
+        st.tuples(
+            st.sampled_from(_SCHEMES),
+            st.lists(st.sampled_from(_URL_PIECES) | st.text(max_size=3), max_size=6).map("".join),
+            st.sampled_from(_TAILS) | st.text(max_size=4),
+        ),
+    )
+)
+@settings(max_examples=3000, derandomize=True, database=None, deadline=None)
+def test_check_url_refuses_anything_odd_with_a_validation_error_only(url: str) -> None:
+    """Whatever the string, check_url returns a URL or raises ValidationFailed (a 400 naming
+    the field), never another error (a 500): IDNA's errors escaped it for invalid punycode.
+    And a URL it accepts is one the webhook client can send to."""
+    try:
+        normalised = check_url(url, PUBLIC)
+    except ValidationFailed as exc:
+        assert exc.details and exc.details[0]["field"] == "url"
+        return
+    _parse_target(normalised)  # DeliveryFailed would mean a stored URL no delivery can use
 
 
 def test_check_url_honours_allowed_networks() -> None:

@@ -493,8 +493,31 @@ async def test_waiting_for_a_connection_times_out(
     with pytest.raises(DeliveryFailed) as caught:
         await lean.post(subscriber.url, b"2", HEADERS)
     assert caught.value.kind == "PoolTimeout" and caught.value.timed_out
+    assert caught.value.unsent  # not the subscriber's failure: nothing went to it
     release.set()
     assert await first == (200, b"ok")
+    await lean.aclose()
+
+
+async def test_a_delivery_that_found_no_free_connection_was_not_an_attempt(
+    serve: Callable[..., Awaitable[Subscriber]],
+) -> None:
+    """The dispatcher's result says so, and the record puts the delivery back rather than
+    count an attempt against a subscriber that was never asked."""
+    release = asyncio.Event()
+    subscriber = await serve(answering_after(release))
+    lean = LeanClient(LOOPBACK, timeouts=Timeouts(pool=0.1), max_connections=1)
+    dispatcher = Dispatcher(cast(Outbox, None), lean, metrics=cast(Any, None))
+    first = asyncio.create_task(dispatcher.send(job(subscriber.url)))
+    await eventually(lambda: len(subscriber.requests) == 1)
+    waited = await dispatcher.send(job(subscriber.url))
+    assert not waited.sent and waited.status_code is None
+    assert waited.error is not None and waited.error.startswith("PoolTimeout: ")
+    release.set()
+    assert (await first).sent
+    refused = await dispatcher.send(job("http://127.0.0.1:9/hook"))  # the discard port: closed
+    assert refused.sent and refused.error is not None and refused.error.startswith("Connect")
+    assert len(subscriber.requests) == 1
     await lean.aclose()
 
 
@@ -661,6 +684,8 @@ async def test_the_httpx_adapter_caps_the_body_and_maps_errors() -> None:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/slow":
             raise httpx.ReadTimeout("", request=request)
+        if request.url.path == "/crowded":
+            raise httpx.PoolTimeout("", request=request)
         return httpx.Response(302, content=b"x" * 10_000, headers={"Location": "/elsewhere"})
 
     adapter = HttpxClient(httpx.AsyncClient(transport=httpx.MockTransport(handler)))
@@ -672,6 +697,10 @@ async def test_the_httpx_adapter_caps_the_body_and_maps_errors() -> None:
     with pytest.raises(DeliveryFailed) as slow:
         await adapter.post("http://hooks.test/slow", b"1", HEADERS)
     assert str(slow.value) == "ReadTimeout: timed out" and slow.value.timed_out
+    assert not slow.value.unsent
+    with pytest.raises(DeliveryFailed) as crowded:
+        await adapter.post("http://hooks.test/crowded", b"1", HEADERS)
+    assert crowded.value.kind == "PoolTimeout" and crowded.value.unsent
     await adapter.aclose()
 
 
