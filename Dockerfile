@@ -8,6 +8,10 @@ RUN pip install --no-cache-dir --upgrade pip build \
  && python -m build --wheel --outdir /wheels .
 
 FROM python:3.11-slim
+# Listening on every interface (0.0.0.0) is no address a provider can call back, so
+# TASKRELAY_PUBLIC_URL has no default here: set it when running the image (`serve` refuses to
+# start without it), as TASKRELAY_API_TOKENS and TASKRELAY_SECRET_KEY, e.g.
+#   docker run -e TASKRELAY_PUBLIC_URL=https://relay.example.com -e ... taskrelay
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TASKRELAY_HOST=0.0.0.0 \

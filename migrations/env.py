@@ -80,9 +80,11 @@ def run_migrations_online() -> None:
         _run(connection)
         return
     engine = make_engine(_url(), pool_size=1)
-    with engine.connect() as connection:
-        _run(connection)
-    engine.dispose()
+    try:
+        with engine.connect() as connection:
+            _run(connection)
+    finally:  # also when the run was refused (service.db.migrate: a schema newer than known)
+        engine.dispose()
 
 
 def _run(connection: sa.Connection) -> None:

@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import api, callbacks, files, stream, subscriptions
 from service.auth import ApiClients
-from service.db import current_revision, head_revision, make_engine
+from service.db import current_revision, make_engine, newer_schema, schema_revisions
 from service.dispatcher import Dispatcher
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
@@ -50,7 +50,7 @@ from service.retention import Pruner
 from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.scheduler import ProviderLimiter, Scheduler
-from service.settings import Settings, load_settings
+from service.settings import MAX_WRITE_QUEUE, Settings, load_settings
 from service.signing import CallbackSigner
 from service.store import Store
 from service.stream import EventSignal
@@ -129,6 +129,11 @@ async def readyz(request: Request) -> Response:
             {"status": "unavailable", "reason": "database check failed"}, status_code=503
         )
     expected = request.app.state.schema_head
+    if revision is not None and revision not in request.app.state.schema_known:
+        message, fix = newer_schema(revision, expected)
+        return json_response(
+            {"status": "unavailable", "reason": f"{message} Fix: {fix}"}, status_code=503
+        )
     if revision != expected:
         return json_response(
             {
@@ -261,7 +266,7 @@ def create_app(
             tick_seconds=settings.scheduler_tick,
             monotonic=monotonic,
         )
-        committer = GroupCommitter(store, max_batch=settings.write_batch)
+        committer = GroupCommitter(store, max_batch=settings.write_batch, max_queue=MAX_WRITE_QUEUE)
         committer.start()
         event_signal = EventSignal(
             max_streams=settings.max_streams,
@@ -421,7 +426,7 @@ def create_app(
     )
     app.state.openapi = build_openapi()
     # Read the migration scripts once, not on every readiness probe.
-    app.state.schema_head = head_revision(settings.database_url)
+    app.state.schema_head, app.state.schema_known = schema_revisions(settings.database_url)
     return app
 
 

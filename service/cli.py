@@ -11,8 +11,19 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from sqlalchemy.exc import DBAPIError
+
 from service import __version__
-from service.db import current_revision, head_revision, make_engine, migrate, sqlite_path
+from service.db import (
+    Migrated,
+    SchemaError,
+    current_revision,
+    make_engine,
+    migrate,
+    newer_schema,
+    schema_revisions,
+    sqlite_path,
+)
 from service.errors import SettingsError, StoreUnavailable
 from service.logs import configure_logging
 from service.settings import Settings, load_settings
@@ -21,11 +32,27 @@ log = logging.getLogger("taskrelay")
 
 
 def _settings() -> Settings:
+    """The settings, with logging set up at their level. Logging is set up once before too:
+    loading them may log (the warning that a signing key was generated), and every log line
+    is a JSON line. A bad value is one line naming it, and exit 2."""
+    configure_logging("INFO")
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from exc
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _why(settings: Settings, exc: Exception) -> str:
+    """A migration's or schema check's failure in one line: the store's own message, or the
+    database driver's error in plain words (as doctor says it), never with the password."""
+    if not isinstance(exc, DBAPIError):
+        return exc.message if isinstance(exc, StoreUnavailable | SchemaError) else str(exc)
+    from service.doctor import database_error_line
+
+    return database_error_line(settings.database_url, exc)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -40,12 +67,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.graceful_timeout is not None:
         os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = f"{args.graceful_timeout:f}"
     settings = _settings()
-    configure_logging(settings.log_level)
     if settings.is_sqlite or args.migrate:
         try:
             migrate(settings.database_url)
-        except StoreUnavailable as exc:  # read-only or full: say so, no traceback
-            print(f"taskrelay: {exc.message}", file=sys.stderr)
+        # Read-only or full, a schema newer than this release, a database that cannot be
+        # reached: say so, no traceback.
+        except (StoreUnavailable, SchemaError, DBAPIError) as exc:
+            print(f"taskrelay: {_why(settings, exc)}", file=sys.stderr)
             return 2
         log.info("database schema is up to date", extra={"database": _describe(settings)})
     else:
@@ -114,11 +142,16 @@ def _schema_problem(settings: Settings) -> str | None:
     engine = make_engine(settings.database_url, pool_size=1)
     try:
         revision = current_revision(engine)
-    except Exception as exc:  # any driver error: report it in plain words
+    except (DBAPIError, StoreUnavailable) as exc:
+        return _why(settings, exc)
+    except Exception as exc:  # any other error on the way: still no traceback
         return f"cannot reach the database ({type(exc).__name__}): check TASKRELAY_DATABASE_URL."
     finally:
         engine.dispose()
-    expected = head_revision(settings.database_url)
+    expected, known = schema_revisions(settings.database_url)
+    if revision is not None and revision not in known:
+        message, fix = newer_schema(revision, expected)
+        return f"{message} Fix: {fix}"
     if revision != expected:
         return (
             f"the database schema is at {revision or 'nothing (empty database)'}, this version "
@@ -134,14 +167,22 @@ def _describe(settings: Settings) -> str:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
-    configure_logging(settings.log_level)
     try:
-        migrate(settings.database_url, args.revision)
-    except StoreUnavailable as exc:
-        print(f"taskrelay: {exc.message}", file=sys.stderr)
+        done = migrate(settings.database_url, args.revision)
+    except (StoreUnavailable, SchemaError, DBAPIError) as exc:
+        print(f"taskrelay: {_why(settings, exc)}", file=sys.stderr)
         return 2
-    print(f"taskrelay: database migrated to {args.revision} ({_describe(settings)})")
+    print(f"taskrelay: {_what_migrate_did(done)} ({_describe(settings)})")
     return 0
+
+
+def _what_migrate_did(done: Migrated) -> str:
+    if done.before == done.after:
+        return f"the database schema is already at {done.after or 'base (no tables)'}: no change"
+    if done.downgraded:
+        after = done.after or "base (every TaskRelay table removed)"
+        return f"database downgraded from {done.before} to {after}"
+    return f"database upgraded from {done.before or 'nothing (an empty database)'} to {done.after}"
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -207,9 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     mig = commands.add_parser(
-        "migrate", help="apply database migrations", description="Apply database migrations."
+        "migrate",
+        help="apply database migrations (or undo them, to an older revision)",
+        description="Bring the database schema to a revision: upgrade to it, or downgrade to "
+        "it when it is older than the schema's. Prints what it did.",
     )
-    mig.add_argument("--revision", default="head", help="target revision (default: head)")
+    mig.add_argument(
+        "--revision",
+        default="head",
+        help="target revision: head (the default), a revision id such as 0008 (older than the "
+        "schema's: a downgrade), base (remove every table), or -1 (one back)",
+    )
     mig.set_defaults(handler=cmd_migrate)
 
     sandbox = commands.add_parser(

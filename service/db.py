@@ -33,6 +33,9 @@ from typing import Any, NamedTuple, TypeVar
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
@@ -44,6 +47,7 @@ from service.errors import (
     StoreIOError,
     StoreReadOnly,
     StoreUnavailable,
+    TaskRelayError,
 )
 
 log = logging.getLogger(__name__)
@@ -385,8 +389,58 @@ def alembic_config(database_url: str) -> AlembicConfig:
     return config
 
 
-def migrate(database_url: str, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` (creating the SQLite file and folder if needed).
+class SchemaError(TaskRelayError):
+    """The schema cannot be brought to the revision asked for; nothing was changed."""
+
+    code = "schema_error"
+
+
+class SchemaTooNew(SchemaError):
+    """The database's schema is at a revision this release does not know: a newer release
+    migrated it. Only that release has the scripts to downgrade it."""
+
+    code = "schema_too_new"
+
+    def __init__(self, found: str, head: str | None) -> None:
+        message, fix = newer_schema(found, head)
+        super().__init__(f"{message} Fix: {fix}", details={"revision": found, "head": head})
+
+
+def newer_schema(found: str, head: str | None) -> tuple[str, str]:
+    """What to tell an operator whose schema is at ``found``, a revision this release does not
+    know, and what to do about it (``serve``, ``migrate``, ``/readyz`` and ``doctor`` alike)."""
+    return (
+        f"the database schema is at {found}, a revision this TaskRelay does not know: a newer "
+        f"version migrated it (this one needs {head}).",
+        "run the newer TaskRelay, or downgrade the schema with it (`taskrelay migrate "
+        f"--revision {head}`, run by the newer version).",
+    )
+
+
+def schema_revisions(database_url: str) -> tuple[str | None, frozenset[str]]:
+    """The newest schema revision this TaskRelay knows, and every one it knows."""
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    known = frozenset(revision.revision for revision in script.walk_revisions())
+    return script.get_current_head(), known
+
+
+class Migrated(NamedTuple):
+    """What :func:`migrate` did: the revision it found and the one it left (None: no schema)."""
+
+    before: str | None
+    after: str | None
+    downgraded: bool
+
+
+def migrate(database_url: str, revision: str = "head") -> Migrated:
+    """Bring the schema to ``revision``: up (creating the SQLite file and folder if needed), or
+    down when ``revision`` is older than the schema (``base``, an earlier revision id, or a
+    relative ``-N``), as ``alembic upgrade`` and ``alembic downgrade`` would.
+
+    The direction is decided on the revision the database holds when the run begins: inside
+    the run, on PostgreSQL with the migration lock held (migrations/env.py), so a run that
+    waited for another decides on what that one left. A schema at a revision this release
+    does not know raises :class:`SchemaTooNew`; an unknown ``revision``, :class:`SchemaError`.
 
     A SQLite file or folder that cannot be written stops this first, with a
     :class:`StoreReadOnly` (or :class:`StoreFull`) naming it and the cause: a store already at
@@ -394,7 +448,44 @@ def migrate(database_url: str, revision: str = "head") -> None:
     path = sqlite_path(database_url)
     if path is not None:
         check_sqlite_writable(path)
-    command.upgrade(alembic_config(database_url), revision)
+    config = alembic_config(database_url)
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    known = frozenset(found.revision for found in script.walk_revisions())
+    relative = revision.startswith(("-", "+"))
+    try:  # before the run: a revision that does not exist is no reason to touch the database
+        target = None if relative or revision == "base" else script.get_revision(revision)
+    except CommandError as exc:
+        raise SchemaError(
+            f"there is no schema revision {revision!r} in this TaskRelay (its newest is {head})."
+        ) from exc
+    done: list[Migrated] = []
+
+    def steps(heads: tuple[str, ...], context: Any) -> list[Any]:
+        current = heads[0] if heads else None
+        if current is not None and current not in known:
+            raise SchemaTooNew(current, head)
+        if revision == "base" or revision.startswith("-"):
+            down = current is not None
+        elif target is None or current is None or target.revision == current:
+            down = False
+        else:  # downwards when the target is one the schema's revision came from
+            older = script.iterate_revisions(current, "base")
+            down = target.revision in {earlier.revision for earlier in older}
+        # What alembic's own upgrade and downgrade commands run (they too pass the heads).
+        move = script._downgrade_revs if down else script._upgrade_revs
+        try:
+            found = move(revision, heads)  # type: ignore[arg-type]
+        except CommandError as exc:  # a relative revision beyond either end
+            found_at = current or "nothing (an empty database)"
+            raise SchemaError(f"cannot migrate to {revision!r} from {found_at}: {exc}.") from exc
+        after = (found[-1].to_revisions or (None,))[0] if found else current
+        done.append(Migrated(current, after, down and bool(found)))
+        return list(found)
+
+    with EnvironmentContext(config, script, fn=steps, destination_rev=revision):
+        script.run_env()
+    return done[0]
 
 
 def check_sqlite_writable(path: Path) -> None:
@@ -665,6 +756,4 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def head_revision(database_url: str) -> str | None:
-    from alembic.script import ScriptDirectory
-
     return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()

@@ -30,11 +30,17 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from service.db import alembic_config, current_revision, sqlite_path
+from service.db import current_revision, newer_schema, schema_revisions, sqlite_path
 from service.errors import SettingsError
 from service.providers import build_adapters
 from service.providers.base import ProviderAdapter, TaskEndpointAdapter
-from service.settings import Settings, load_settings, read_env_file
+from service.settings import (
+    Settings,
+    env_file_path,
+    load_settings,
+    public_url_problem,
+    read_env_file,
+)
 from service.signing import CallbackSigner
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -81,16 +87,16 @@ def load_configuration(
     """Load the settings as ``taskrelay serve`` would, without writing anything: an unset
     signing key (which serve would generate into the data folder) is replaced by a
     placeholder, and reported."""
-    if env_file is None:
-        env_file = Path(environ.get("TASKRELAY_ENV_FILE", ".env"))
-    where = f"the environment and {env_file}" if env_file.is_file() else "the environment"
-    correct = f"correct that variable (in the environment or in {env_file})."
     try:
+        if env_file is None:
+            env_file = env_file_path(environ)
         file_values = read_env_file(env_file)
     except SettingsError as exc:
-        # Its message quotes the bad line, which may be a secret: keep only where it is.
-        message = exc.message.split(", got ")[0] + "."
-        return [CheckResult("configuration", FAIL, message, fix=f"correct {env_file}.")], None
+        # Names the file, or where in it a line is wrong: never the line (it may be a secret).
+        where = env_file or "TASKRELAY_ENV_FILE"
+        return [CheckResult("configuration", FAIL, exc.message, fix=f"correct {where}.")], None
+    where = f"the environment and {env_file}" if env_file.is_file() else "the environment"
+    correct = f"correct that variable (in the environment or in {env_file})."
 
     def raw(name: str) -> str:
         value = environ[name] if name in environ else file_values.get(name, "")
@@ -168,16 +174,8 @@ def api_tokens_check(settings: Settings) -> CheckResult:
 
 def secret_key_check(settings: Settings, source: str, key_file: Path) -> CheckResult:
     """``source``: ``variable`` (TASKRELAY_SECRET_KEY), ``file`` (DATA_DIR/secret_key) or
-    ``missing`` (serve would generate one)."""
-    short = [key for key in settings.secret_key_fallbacks if len(key.reveal()) < SHORT_TOKEN]
-    if short:
-        return CheckResult(
-            "secret key",
-            WARN,
-            f"TASKRELAY_SECRET_KEY_FALLBACKS holds {len(short)} key(s) shorter than "
-            f"{SHORT_TOKEN} characters: tokens they signed are easy to forge.",
-            fix="finish the rotation and remove the old short keys from the fallbacks.",
-        )
+    ``missing`` (serve would generate one). Keys too short, fallbacks included, are refused
+    with the settings."""
     if source == "missing":
         return CheckResult(
             "secret key",
@@ -269,25 +267,11 @@ def public_url_check(settings: Settings) -> CheckResult:
     shown = display_url(public)
     real = real_providers(settings)
     fix_url = "set TASKRELAY_PUBLIC_URL to the https:// address providers reach TaskRelay at."
-    if parts.username is not None or parts.password is not None:
-        return CheckResult(
-            "public URL",
-            FAIL,
-            f"TASKRELAY_PUBLIC_URL ({shown}) carries a user name or password: every provider "
-            "would be handed it inside each callback URL.",
-            fix="remove the credentials from TASKRELAY_PUBLIC_URL; callback URLs carry their "
-            "own signed token.",
-        )
+    # The settings refuse these already (a Settings made otherwise is judged alike).
+    problem = public_url_problem(public)
+    if problem is not None:
+        return CheckResult("public URL", FAIL, f"TASKRELAY_PUBLIC_URL {problem}.", fix=fix_url)
     address = _ip(host)
-    if address is not None and address.is_unspecified:
-        return CheckResult(
-            "public URL",
-            FAIL,
-            f"callback URLs would point at {shown}: {host} means 'every interface' to a "
-            "server, but no provider can connect to it (the default when TASKRELAY_HOST is "
-            f"{host} and TASKRELAY_PUBLIC_URL is not set).",
-            fix=fix_url,
-        )
     signer = CallbackSigner(settings.secret_key.reveal(), max_age=settings.callback_token_ttl)
     sample = signer.callback_url(public, SAMPLE_TASK_ID, "evolink")
     if "evolink" in real and len(sample) > EVOLINK_MAX_CALLBACK_URL:
@@ -557,13 +541,15 @@ def database_check(probe: DatabaseProbe) -> CheckResult:
     return CheckResult("database", OK, f"{probe.where} answers.")
 
 
-def schema_revisions(url: str) -> tuple[str | None, frozenset[str]]:
-    """The newest schema revision this TaskRelay knows, and every one it knows."""
-    from alembic.script import ScriptDirectory
-
-    script = ScriptDirectory.from_config(alembic_config(url))
-    known = frozenset(revision.revision for revision in script.walk_revisions())
-    return script.get_current_head(), known
+def database_error_line(url: str, exc: sa.exc.DBAPIError) -> str:
+    """A driver error met outside doctor (``taskrelay migrate``, ``serve``) in one line, in
+    the same plain words: what it means and what to do. Never the password."""
+    driver = str(exc.orig) if exc.orig is not None else str(exc)
+    name = sa.engine.make_url(url).database or "NAME"
+    message, fix = explain_database_error(driver, describe_database(url), name)
+    password = sa.engine.make_url(url).password
+    line = f"{message} Fix: {fix}"
+    return line.replace(str(password), "***") if password else line
 
 
 def migrations_check(probe: DatabaseProbe, head: str | None, known: Iterable[str]) -> CheckResult:
@@ -576,14 +562,8 @@ def migrations_check(probe: DatabaseProbe, head: str | None, known: Iterable[str
     if probe.revision == head:
         return CheckResult("migrations", OK, f"the schema is current ({head}).")
     if probe.revision is not None and probe.revision not in set(known):
-        return CheckResult(
-            "migrations",
-            FAIL,
-            f"the schema is at {probe.revision}, a revision this TaskRelay does not know: a "
-            f"newer version migrated it (this one needs {head}).",
-            fix="run the newer TaskRelay, or downgrade the schema with it "
-            f"(`taskrelay migrate --revision {head}`).",
-        )
+        message, fix = newer_schema(probe.revision, head)
+        return CheckResult("migrations", FAIL, message, fix=fix)
     found = probe.revision or "nothing (an empty database)"
     if probe.sqlite:
         return CheckResult(

@@ -72,9 +72,21 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "Body is not JSON",
         422: "Idempotency-Key reused with a different body",
         502: "The provider refused or failed the request (`upstream_*`)",
-        503: "Database unavailable; nothing was recorded",
+        503: "Database unavailable, or its storage read-only or failing; nothing was recorded",
+        507: "The database's disk is full (`store_full`); nothing was recorded",
     }
-    return {str(status): _json("ErrorResponse", text[status]) for status in statuses}
+    answers = {}
+    for status in statuses:
+        answers[str(status)] = _json("ErrorResponse", text[status])
+        if status in _RETRIED:
+            answers[str(status)]["headers"] = {"Retry-After": _RETRY_AFTER}
+    return answers
+
+
+# Answers that carry Retry-After: the database's outages and storage faults.
+_RETRIED = frozenset({503, 507})
+# What every operation that writes to the database may answer besides its own errors.
+_STORE = (503, 507)
 
 
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -169,7 +181,7 @@ def _event_paths() -> dict[str, Any]:
                 "refreshTask",
                 {
                     "200": _json("TaskOut", "The updated task"),
-                    **_errors(401, 404, 409, 502),
+                    **_errors(401, 404, 409, 502, 507),
                     "503": _json(
                         "ErrorResponse",
                         "Database unavailable, or the provider unavailable or rate limiting "
@@ -226,17 +238,19 @@ def _event_paths() -> dict[str, Any]:
                 "createSubscription",
                 {
                     "201": _json("SubscriptionOut", "Created, with its secret"),
-                    **_errors(400, 401, 413, 415),
+                    **_errors(400, 401, 413, 415, *_STORE),
                 },
                 requestBody=_json_body("SubscriptionCreate"),
             ),
-            "get": _op("Your subscriptions", "listSubscriptions", {"200": _OBJECT, **_errors(401)}),
+            "get": _op(
+                "Your subscriptions", "listSubscriptions", {"200": _OBJECT, **_errors(401, 503)}
+            ),
         },
         "/v1/subscriptions/{subscription_id}": {
             "get": _op(
                 "A subscription",
                 "getSubscription",
-                {"200": _json("SubscriptionOut", "The subscription"), **_errors(401, 404)},
+                {"200": _json("SubscriptionOut", "The subscription"), **_errors(401, 404, 503)},
                 parameters=sub_params,
             ),
             "patch": _op(
@@ -244,7 +258,7 @@ def _event_paths() -> dict[str, Any]:
                 "updateSubscription",
                 {
                     "200": _json("SubscriptionOut", "The subscription"),
-                    **_errors(400, 401, 404, 413, 415),
+                    **_errors(400, 401, 404, 413, 415, *_STORE),
                 },
                 parameters=sub_params,
                 requestBody=_json_body("SubscriptionUpdate"),
@@ -252,7 +266,7 @@ def _event_paths() -> dict[str, Any]:
             "delete": _op(
                 "Delete a subscription",
                 "deleteSubscription",
-                {"204": {"description": "Deleted"}, **_errors(401, 404)},
+                {"204": {"description": "Deleted"}, **_errors(401, 404, *_STORE)},
                 parameters=sub_params,
             ),
         },
@@ -260,7 +274,10 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "New secret; the previous one keeps signing during the overlap",
                 "rotateSubscriptionSecret",
-                {"200": _json("SubscriptionOut", "With the new secret"), **_errors(400, 401, 404)},
+                {
+                    "200": _json("SubscriptionOut", "With the new secret"),
+                    **_errors(400, 401, 404, *_STORE),
+                },
                 parameters=sub_params,
                 requestBody={
                     "required": False,
@@ -272,7 +289,7 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "The subscription's deliveries, newest first",
                 "listDeliveries",
-                {"200": page, **_errors(400, 401, 404)},
+                {"200": page, **_errors(400, 401, 404, 503)},
                 parameters=[
                     _SUBSCRIPTION_ID,
                     {
@@ -303,7 +320,7 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Send the events since a time again",
                 "replayEvents",
-                {"202": _OBJECT, **_errors(400, 401, 404, 409)},
+                {"202": _OBJECT, **_errors(400, 401, 404, 409, *_STORE)},
                 parameters=sub_params,
                 requestBody=_json_body("Replay"),
             )
@@ -312,7 +329,7 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "A delivery with its attempt log",
                 "getDelivery",
-                {"200": _OBJECT, **_errors(401, 404)},
+                {"200": _OBJECT, **_errors(401, 404, 503)},
                 parameters=[_DELIVERY_ID],
             )
         },
@@ -320,22 +337,22 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Send a delivery again now",
                 "retryDelivery",
-                {"202": _json("DeliveryOut", "Scheduled"), **_errors(401, 404, 409)},
+                {"202": _json("DeliveryOut", "Scheduled"), **_errors(401, 404, 409, *_STORE)},
                 parameters=[_DELIVERY_ID],
             )
         },
         "/v1/notify-secret": {
             "get": _op(
-                "The secret that signs your tasks' notify_url deliveries",
+                "The secret that signs your tasks' notify_url deliveries (made on first use)",
                 "getNotifySecret",
-                {"200": _OBJECT, **_errors(401)},
+                {"200": _OBJECT, **_errors(401, *_STORE)},
             )
         },
         "/v1/notify-secret/rotate": {
             "post": _op(
                 "Rotate the notify secret",
                 "rotateNotifySecret",
-                {"200": _OBJECT, **_errors(400, 401)},
+                {"200": _OBJECT, **_errors(400, 401, *_STORE)},
                 requestBody={
                     "required": False,
                     "content": {"application/json": {"schema": _ref("SecretRotation")}},
@@ -398,7 +415,7 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {
                     "202": _json("TaskOut", "Task recorded; submission runs in the background"),
                     "200": _json("TaskOut", "Idempotent replay of an earlier request"),
-                    **_errors(400, 401, 413, 415, 422, 503),
+                    **_errors(400, 401, 413, 415, 422, *_STORE),
                 },
             },
             "get": {
@@ -422,7 +439,7 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {
                     "201": _json("TrackedTaskOut", "Task registered, with its callback URL"),
                     "200": _json("TrackedTaskOut", "Idempotent replay of an earlier request"),
-                    **_errors(400, 401, 409, 413, 415, 422, 503),
+                    **_errors(400, 401, 409, 413, 415, 422, *_STORE),
                 },
             }
         },
@@ -442,7 +459,7 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": _json_body("TaskPatch"),
                 "responses": {
                     "200": _json("TaskOut", "The updated task"),
-                    **_errors(400, 401, 404, 409, 413, 415, 503),
+                    **_errors(400, 401, 404, 409, 413, 415, *_STORE),
                 },
             },
         },
@@ -486,7 +503,29 @@ def build_openapi() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("CallbackAck", "Recorded (applied, unchanged or terminal)"),
-                    **_errors(400, 401, 403, 404, 409, 413, 503),
+                    **_errors(400, 401, 403, 404, 409, 413, *_STORE),
+                },
+            }
+        },
+        "/files/{task_id}/{name}": {
+            "get": {
+                "summary": "An image TaskRelay stored itself (OpenAI's base64 results)",
+                "description": "A capability URL, as a task's `images[].url` gives it: the task "
+                "id is 128 random bits, so it needs no API token (nor is it rate limited).",
+                "operationId": "getFile",
+                "parameters": [
+                    _TASK_ID,
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "The image's file name: `0.png`, `1.png`, ...",
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "The PNG image", "content": {"image/png": {}}},
+                    **_errors(404),
                 },
             }
         },

@@ -65,6 +65,13 @@ MAX_PROVIDER_TIMEOUT = 3600.0
 MAX_SHUTDOWN_TIMEOUT = 3600.0
 # TASKRELAY_RETENTION: at least a day, whatever the delivery schedule.
 MIN_RETENTION = 86400.0
+# Any duration: longer than any real wait, and far from overflowing a date it is added to.
+MAX_DURATION = 10 * 365 * 86400.0
+# Updates the group-commit writer (service/groupcommit.py) holds waiting, at most; past that,
+# callbacks are refused with 503. A batch (TASKRELAY_WRITE_BATCH) is taken from them.
+MAX_WRITE_QUEUE = 10_000
+# Signing keys, the current one and the fallbacks alike.
+MIN_SECRET_KEY = 16
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -229,6 +236,8 @@ def parse_duration(text: str) -> float:
     value = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     if value <= 0:
         raise ValueError("must be greater than zero")
+    if not value <= MAX_DURATION:  # also infinity: a run of digits too long for a float
+        raise ValueError(f"at most {MAX_DURATION / 86400:g}d, ten years")
     return value
 
 
@@ -261,11 +270,27 @@ def parse_schedule(text: str) -> tuple[float, ...]:
 
 
 def _networks(text: str) -> str:
+    """Checked with the parser the webhook address policy uses (service/netguard.py), so a value
+    accepted here is one it accepts: a network with host bits set (``10.1.2.3/8``) is refused
+    rather than silently widened or narrowed."""
     import ipaddress
 
+    from service.netguard import parse_networks
+
     for item in text.split(","):
-        if item.strip():
-            ipaddress.ip_network(item.strip(), strict=False)
+        try:
+            parse_networks(item)
+        except ValueError as exc:
+            try:  # a network, only written with host bits: not a secret, so it may be named
+                meant = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError("an entry is not a network") from exc
+            raise SettingsError(
+                f"TASKRELAY_WEBHOOK_ALLOWED_NETWORKS: {item.strip()} has host bits set; write "
+                f"the network itself ({meant}), or {item.strip().partition('/')[0]} alone for "
+                "just that address.",
+                details={"variable": "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS"},
+            ) from exc
     return text
 
 
@@ -298,8 +323,8 @@ def _is_loopback(host: str) -> bool:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be greater than zero")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("must be a number greater than zero")
     return value
 
 
@@ -315,6 +340,43 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise ValueError("must be between 1 and 65535")
     return value
+
+
+def _write_batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WRITE_QUEUE:
+        raise ValueError(
+            f"at most {MAX_WRITE_QUEUE}, the most updates the group-commit writer holds waiting"
+        )
+    return value
+
+
+def public_url_problem(url: str) -> str | None:
+    """Why providers could not be handed callback URLs built on ``url``, or None. The URL is
+    never repeated (it may carry a password)."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        return (
+            "carries a user name or password, which every provider would be handed inside "
+            "each callback URL (and the logs would show): remove them; callback URLs carry "
+            "their own signed token"
+        )
+    host = parts.hostname or ""
+    if _is_unspecified(host):
+        return (
+            f"points at {host}, which means 'every interface' to a server but is no address "
+            "a provider can connect to"
+        )
+    return None
+
+
+def _is_unspecified(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _http_url(text: str) -> str:
@@ -344,6 +406,13 @@ def _database_url(text: str) -> str:
         # psycopg 3 is the PostgreSQL driver; accept the plain URL form users copy from elsewhere.
         return "postgresql+psycopg://" + text.split("://", 1)[1]
     if text.startswith(("postgresql+psycopg://", "sqlite:///", "sqlite+pysqlite:///")):
+        if text.startswith("sqlite"):
+            path, _, query = text.split(":///", 1)[1].partition("?")
+            if path in ("", ":memory:") or "mode=memory" in query:
+                raise ValueError(
+                    "an in-memory SQLite database loses every task when TaskRelay stops: give "
+                    "a file path, such as sqlite:///data/taskrelay.db"
+                )
         return text
     raise ValueError("a sqlite:///path or postgresql://user@host/db URL")
 
@@ -373,12 +442,37 @@ def parse_api_tokens(text: str) -> dict[str, Secret]:
     return tokens
 
 
+def env_file_path(environ: Mapping[str, str]) -> Path:
+    """The ``.env`` file to read: the one ``TASKRELAY_ENV_FILE`` names, which must then exist
+    (a mistyped path would otherwise leave every value in it unset, silently), or ``./.env``
+    if there is one."""
+    named = environ.get("TASKRELAY_ENV_FILE", "").strip()
+    if not named:
+        return Path(".env")
+    path = Path(named)
+    if not path.is_file():
+        found = "is not a file" if path.exists() else "does not exist"
+        raise SettingsError(
+            f"TASKRELAY_ENV_FILE names {path}, which {found}: correct the path, or unset "
+            "TASKRELAY_ENV_FILE to read ./.env (if there is one).",
+            details={"variable": "TASKRELAY_ENV_FILE"},
+        )
+    return path
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """A minimal ``KEY=value`` reader: comments, blank lines and surrounding quotes handled."""
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(
+            f"cannot read {path}: {exc.strerror or type(exc).__name__}.",
+            details={"variable": "TASKRELAY_ENV_FILE"},
+        ) from exc
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -400,15 +494,24 @@ def read_env_file(path: Path) -> dict[str, str]:
 def _load_or_create_secret_key(data_dir: Path) -> Secret:
     """The signing key kept in the data folder, generated on first use (with a warning)."""
     path = data_dir / "secret_key"
-    if path.is_file():
-        value = path.read_text(encoding="utf-8").strip()
-        if value:
-            return Secret(value)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value + "\n")
+    try:
+        if path.is_file():
+            value = path.read_text(encoding="utf-8").strip()
+            if value:
+                return Secret(value)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(value + "\n")
+    except OSError as exc:
+        raise SettingsError(
+            f"TASKRELAY_SECRET_KEY is not set, and the signing key file {path} cannot be read "
+            f"or created ({exc.strerror or type(exc).__name__}): make TASKRELAY_DATA_DIR a "
+            "folder TaskRelay can write, or set TASKRELAY_SECRET_KEY (e.g. to the output of "
+            "`taskrelay new-token`).",
+            details={"variable": "TASKRELAY_DATA_DIR"},
+        ) from exc
     log.warning(
         "TASKRELAY_SECRET_KEY is not set: generated a signing key and saved it to %s. "
         "Set TASKRELAY_SECRET_KEY in production (every replica needs the same key).",
@@ -423,7 +526,7 @@ def load_settings(
     """Read and validate every setting. Raises :class:`SettingsError` on the first bad value."""
     environ = os.environ if environ is None else environ
     if env_file is None:
-        env_file = Path(environ.get("TASKRELAY_ENV_FILE", ".env"))
+        env_file = env_file_path(environ)
     env = _Reader(environ, read_env_file(env_file))
 
     data_dir = env.get("TASKRELAY_DATA_DIR", Path, Path("data"), "a folder path")
@@ -433,16 +536,37 @@ def load_settings(
     )
     host = env.get("TASKRELAY_HOST", str, "127.0.0.1", "a host name or address")
     port = env.get("TASKRELAY_PORT", _port, 8000, "a TCP port number")
+    sandbox = env.get("TASKRELAY_SANDBOX", parse_bool, False, "true or false")
+    if sandbox and not _is_loopback(host):
+        raise SettingsError(
+            f"TASKRELAY_SANDBOX=true needs TASKRELAY_HOST on a loopback address (it is {host}): "
+            "the sandbox's control API is open to anyone with its well-known key and lists "
+            "every task's callback URL. Use it for local development only.",
+            details={"variable": "TASKRELAY_SANDBOX"},
+        )
+    listening = f"[{host}]" if ":" in host else host  # an IPv6 address, in a URL
     public_url = env.get(
-        "TASKRELAY_PUBLIC_URL", _http_url, f"http://{host}:{port}", "an http(s) base URL"
+        "TASKRELAY_PUBLIC_URL", _http_url, f"http://{listening}:{port}", "an http(s) base URL"
     )
+    problem = public_url_problem(public_url)
+    if problem is not None:
+        what = (
+            "TASKRELAY_PUBLIC_URL"
+            if (env.raw("TASKRELAY_PUBLIC_URL") or "").strip()
+            else "TASKRELAY_PUBLIC_URL is not set, and the default built from TASKRELAY_HOST"
+        )
+        raise SettingsError(
+            f"{what} {problem}. Set TASKRELAY_PUBLIC_URL to the address providers reach "
+            "TaskRelay at (e.g. https://relay.example.com): callback URLs are built from it.",
+            details={"variable": "TASKRELAY_PUBLIC_URL"},
+        )
 
     secret_raw = env.raw("TASKRELAY_SECRET_KEY")
     if secret_raw is not None and secret_raw.strip():
-        if len(secret_raw.strip()) < 16:
+        if len(secret_raw.strip()) < MIN_SECRET_KEY:
             raise SettingsError(
-                "TASKRELAY_SECRET_KEY is too short: use at least 16 random characters "
-                "(e.g. the output of `taskrelay new-token`).",
+                f"TASKRELAY_SECRET_KEY is too short: use at least {MIN_SECRET_KEY} random "
+                "characters (e.g. the output of `taskrelay new-token`).",
                 details={"variable": "TASKRELAY_SECRET_KEY"},
             )
         secret_key = Secret(secret_raw.strip())
@@ -453,19 +577,29 @@ def load_settings(
         for item in (env.raw("TASKRELAY_SECRET_KEY_FALLBACKS") or "").split(",")
         if item.strip()
     )
+    short = sum(len(key.reveal()) < MIN_SECRET_KEY for key in fallbacks)
+    if short:
+        raise SettingsError(
+            f"TASKRELAY_SECRET_KEY_FALLBACKS holds {short} key(s) shorter than "
+            f"{MIN_SECRET_KEY} characters, the least TASKRELAY_SECRET_KEY takes too: tokens "
+            "signed with a key that short are easy to forge. Remove the short keys (callback "
+            "URLs signed with them stop working).",
+            details={"variable": "TASKRELAY_SECRET_KEY_FALLBACKS"},
+        )
 
     no_tokens: dict[str, Secret] = {}
     api_tokens = env.get(
         "TASKRELAY_API_TOKENS", parse_api_tokens, no_tokens, "comma-separated name:token pairs"
     )
-    sandbox = env.get("TASKRELAY_SANDBOX", parse_bool, False, "true or false")
 
     providers: dict[str, ProviderSettings] = {}
     for name in PROVIDERS:
         prefix = f"TASKRELAY_{name.upper()}_"
         key_raw = (env.raw(prefix + "API_KEY") or "").strip()
-        default_base = f"{public_url}/sandbox/{name}" if sandbox else DEFAULT_BASE_URLS[name]
-        if not key_raw and sandbox:
+        # The sandbox stands in only for providers without a key of their own.
+        emulated = sandbox and not key_raw
+        default_base = f"{public_url}/sandbox/{name}" if emulated else DEFAULT_BASE_URLS[name]
+        if emulated:
             key_raw = SANDBOX_API_KEY
         mode = "callback"
         if name == "grsai":
@@ -493,13 +627,6 @@ def load_settings(
             ),
         )
 
-    if sandbox and not _is_loopback(host):
-        raise SettingsError(
-            f"TASKRELAY_SANDBOX=true needs TASKRELAY_HOST on a loopback address (it is {host}): "
-            "the sandbox's control API is open to anyone with its well-known key and lists "
-            "every task's callback URL. Use it for local development only.",
-            details={"variable": "TASKRELAY_SANDBOX"},
-        )
     callback_token_ttl = env.get(
         "TASKRELAY_CALLBACK_TOKEN_TTL", parse_duration, 7 * 86400.0, "a duration such as 7d"
     )
@@ -597,7 +724,12 @@ def load_settings(
         delivery_per_subscription=env.get(
             "TASKRELAY_DELIVERY_PER_SUBSCRIPTION", _positive_int, 16, "a positive whole number"
         ),
-        write_batch=env.get("TASKRELAY_WRITE_BATCH", _positive_int, 256, "a positive whole number"),
+        write_batch=env.get(
+            "TASKRELAY_WRITE_BATCH",
+            _write_batch,
+            256,
+            f"a positive whole number, at most {MAX_WRITE_QUEUE}",
+        ),
         webhook_allowed_networks=env.get(
             "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS",
             _networks,

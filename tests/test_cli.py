@@ -11,8 +11,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, free_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,3 +97,141 @@ def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:
     logs = service.logs()
     assert "Application shutdown complete" in logs
     assert "token-12345678" not in logs
+
+
+def schema_of(path: Path) -> str:
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            return str(
+                connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+            )
+    finally:
+        engine.dispose()
+
+
+def set_schema(url: str, revision: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"UPDATE alembic_version SET version_num = '{revision}'")
+    engine.dispose()
+
+
+def one_line_refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command printed on stderr (log lines, JSON, aside)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_migrate_to_an_older_revision_downgrades(tmp_path: Path) -> None:
+    """The advice doctor and serve give (`taskrelay migrate --revision X`) does what it says."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path),
+        "TASKRELAY_LOG_LEVEL": "ERROR",
+    }
+    path = tmp_path / "taskrelay.db"
+    head = head_revision(f"sqlite:///{path}")
+    assert head == "0009"  # the revisions named below exist in this release
+    done = run_cli("migrate", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"upgraded from nothing (an empty database) to {head}" in done.stdout
+    down = run_cli("migrate", "--revision", "0008", env=env)
+    assert down.returncode == 0, down.stderr
+    assert f"database downgraded from {head} to 0008 (sqlite file {path})" in down.stdout
+    assert schema_of(path) == "0008"
+    back = run_cli("migrate", "--revision", "-1", env=env)
+    assert "downgraded from 0008 to 0007" in back.stdout and schema_of(path) == "0007"
+    up = run_cli("migrate", env=env)
+    assert f"upgraded from 0007 to {head}" in up.stdout and schema_of(path) == head
+    again = run_cli("migrate", env=env)
+    assert f"already at {head}: no change" in again.stdout
+    unknown = one_line_refusal(run_cli("migrate", "--revision", "0042", env=env))
+    assert unknown == (
+        f"taskrelay: there is no schema revision '0042' in this TaskRelay (its newest is {head})."
+    )
+    assert schema_of(path) == head
+
+
+def test_a_schema_newer_than_this_release_is_named_not_a_traceback(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path),
+        "TASKRELAY_API_TOKENS": "me:token-12345678",
+    }
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url)
+    set_schema(url, "0010")
+    expected = (
+        "taskrelay: the database schema is at 0010, a revision this TaskRelay does not know: a "
+        "newer version migrated it (this one needs 0009). Fix: run the newer TaskRelay, or "
+        "downgrade the schema with it (`taskrelay migrate --revision 0009`, run by the newer "
+        "version)."
+    )
+    assert one_line_refusal(run_cli("migrate", env=env)) == expected
+    assert one_line_refusal(run_cli("migrate", "--revision", "0008", env=env)) == expected
+    assert one_line_refusal(run_cli("serve", env=env)) == expected  # SQLite: serve migrates
+    assert schema_of(tmp_path / "taskrelay.db") == "0010"
+
+
+def test_postgresql_migrate_down_and_a_newer_schema(tmp_path: Path) -> None:
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_cli")
+    try:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "TASKRELAY_DATA_DIR": str(tmp_path),
+            "TASKRELAY_API_TOKENS": "me:token-12345678",
+            "TASKRELAY_DATABASE_URL": database.url,
+            "TASKRELAY_LOG_LEVEL": "ERROR",
+        }
+        assert run_cli("migrate", env=env).returncode == 0
+        down = run_cli("migrate", "--revision", "0008", env=env)
+        assert down.returncode == 0 and "downgraded from 0009 to 0008 (postgresql)" in down.stdout
+        engine = make_engine(database.url)
+        assert current_revision(engine) == "0008"
+        engine.dispose()
+        assert "schema is at 0008, this version needs 0009" in one_line_refusal(
+            run_cli("serve", env=env)
+        )
+        assert run_cli("migrate", env=env).returncode == 0
+        set_schema(database.url, "0010")
+        for args in (["serve"], ["serve", "--migrate"], ["migrate"]):
+            line = one_line_refusal(run_cli(*args, env=env))
+            assert "at 0010, a revision this TaskRelay does not know" in line, args
+            assert "`taskrelay migrate --revision 0009`, run by the newer version" in line
+    finally:
+        database.drop()
+
+
+def test_an_unreachable_postgresql_is_one_line_without_the_password(tmp_path: Path) -> None:
+    port = free_port()
+    refused = f"postgresql://relay:hunter2-secret@127.0.0.1:{port}/relay"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path),
+        "TASKRELAY_API_TOKENS": "me:token-12345678",
+        "TASKRELAY_SECRET_KEY": "k" * 32,
+        "TASKRELAY_DATABASE_URL": refused,
+    }
+    expected = (
+        f"taskrelay: PostgreSQL database relay on 127.0.0.1:{port} as user relay: nothing "
+        "accepts connections there (connection refused). Fix: start "
+        "PostgreSQL, or correct the host and port in TASKRELAY_DATABASE_URL."
+    )
+    for args in (["migrate"], ["serve", "--migrate"], ["serve"]):
+        result = run_cli(*args, env=env)
+        assert one_line_refusal(result) == expected, args
+        assert "hunter2-secret" not in result.stdout + result.stderr
+    admin_url = _pg_url()
+    if admin_url is None:
+        return
+    nobody = sa.engine.make_url(admin_url).set(username="taskrelay_cli_nobody")
+    env["TASKRELAY_DATABASE_URL"] = nobody.render_as_string(hide_password=False)
+    line = one_line_refusal(run_cli("migrate", env=env))
+    assert "as user taskrelay_cli_nobody: the server has no such user. Fix: create the user" in line

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,12 @@ def test_a_bad_value_is_named_without_repeating_it(tmp_path: Path) -> None:
     assert results[0].status == FAIL and f"{env_file}:2" in results[0].message
     assert "sk-bare-secret-line-0123" not in results[0].message
 
+    # A named .env file that is not there fails, as serve does: its values would be missing.
+    missing = tmp_path / "prod.env"
+    results, settings = doctor.load_configuration({"TASKRELAY_ENV_FILE": str(missing)})
+    assert settings is None and [(r.check, r.status) for r in results] == [("configuration", FAIL)]
+    assert f"TASKRELAY_ENV_FILE names {missing}, which does not exist" in results[0].message
+
 
 def test_an_unset_signing_key_is_reported_and_nothing_is_written(tmp_path: Path) -> None:
     environ = environment(tmp_path)
@@ -146,8 +153,11 @@ def test_risky_but_valid_settings_are_warnings(tmp_path: Path) -> None:
     results, _ = configuration(tmp_path, TASKRELAY_API_TOKENS="ops:short-tok")
     tokens = by_check(results)["api tokens"]
     assert tokens.status == WARN and "shorter than 16" in tokens.message
-    results, _ = configuration(tmp_path, TASKRELAY_SECRET_KEY_FALLBACKS="old-short")
-    assert by_check(results)["secret key"].status == WARN
+    # A short fallback key is refused like a short key: serve would not start.
+    results, settings = configuration(tmp_path, TASKRELAY_SECRET_KEY_FALLBACKS="old-short")
+    assert settings is None and [(r.check, r.status) for r in results] == [("configuration", FAIL)]
+    assert "TASKRELAY_SECRET_KEY_FALLBACKS holds 1 key(s) shorter" in results[0].message
+    assert "old-short" not in results[0].message + str(results[0].fix)
 
 
 def test_missing_tokens_and_sqlite_with_workers_fail(tmp_path: Path) -> None:
@@ -184,16 +194,22 @@ def test_the_public_url(tmp_path: Path) -> None:
     )
     assert check.status == WARN and "EvoLink accepts only HTTPS" in check.message
 
-    check = doctor.public_url_check(
-        settings_for(tmp_path, TASKRELAY_HOST="0.0.0.0", TASKRELAY_PUBLIC_URL="")
+    # What serve refuses, doctor fails as serve would: the settings' own check.
+    results, settings = configuration(tmp_path, TASKRELAY_HOST="0.0.0.0", TASKRELAY_PUBLIC_URL="")
+    assert settings is None and results[0].status == FAIL
+    assert "points at 0.0.0.0" in results[0].message
+    assert "Set TASKRELAY_PUBLIC_URL" in results[0].message
+    results, settings = configuration(
+        tmp_path, TASKRELAY_PUBLIC_URL="https://ops:hunter2-pw@relay.example.com"
     )
-    assert check.status == FAIL and "0.0.0.0" in check.message
-    assert "TASKRELAY_PUBLIC_URL" in str(check.fix)
-
-    check = doctor.public_url_check(
-        settings_for(tmp_path, TASKRELAY_PUBLIC_URL="https://ops:hunter2-pw@relay.example.com")
-    )
-    assert check.status == FAIL and "hunter2-pw" not in check.message + str(check.fix)
+    assert settings is None and results[0].status == FAIL
+    assert "carries a user name or password" in results[0].message
+    assert "hunter2-pw" not in results[0].message + str(results[0].fix)
+    # A Settings made some other way is judged by the same check.
+    for public in ("http://0.0.0.0:8000", "https://ops:hunter2-pw@relay.example.com"):
+        check = doctor.public_url_check(replace(settings_for(tmp_path), public_url=public))
+        assert check.status == FAIL and "TASKRELAY_PUBLIC_URL" in str(check.fix)
+        assert "hunter2-pw" not in check.message + str(check.fix)
 
     grsai = {"TASKRELAY_GRSAI_API_KEY": "sk-grsai-0123456789"}
     check = doctor.public_url_check(
@@ -267,6 +283,8 @@ def test_an_old_or_unknown_sqlite_schema(tmp_path: Path) -> None:
     engine.dispose()
     _, migrations = database_checks(url)
     assert migrations.status == FAIL and "newer version" in migrations.message
+    head = head_revision(url)
+    assert f"`taskrelay migrate --revision {head}`, run by the newer version" in str(migrations.fix)
 
 
 @pytest.fixture

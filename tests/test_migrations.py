@@ -12,12 +12,21 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlmodel import SQLModel
 
 import service.models  # noqa: F401
-from service.db import current_revision, downgrade, head_revision, make_engine, migrate
+from service.db import (
+    Migrated,
+    alembic_config,
+    current_revision,
+    downgrade,
+    head_revision,
+    make_engine,
+    migrate,
+)
 
 
 @pytest.fixture
@@ -305,4 +314,56 @@ def test_a_migration_run_waits_for_the_one_in_progress(empty_postgres: str) -> N
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        engine.dispose()
+
+
+def test_migrate_goes_down_to_an_older_revision_and_says_so(empty_database: str) -> None:
+    url = empty_database
+    head = head_revision(url)
+    assert migrate(url) == Migrated(None, head, downgraded=False)
+    assert migrate(url, "0008") == Migrated(head, "0008", downgraded=True)
+    assert table_names(url) == set(SQLModel.metadata.tables)
+    assert migrate(url, "0008") == Migrated("0008", "0008", downgraded=False)
+    assert migrate(url) == Migrated("0008", head, downgraded=False)
+    assert schema_diff(url) == []
+
+
+def test_a_downgrade_that_waited_decides_on_what_the_other_run_left(empty_postgres: str) -> None:
+    """`taskrelay migrate --revision X` decides up or down on the revision it finds once it
+    holds the migration lock: here the run holding it took the schema below X meanwhile, so
+    the waiting run goes up to X (deciding before the wait, it would have tried to go down,
+    and failed)."""
+    url = empty_postgres
+    migrate(url)
+    engine = make_engine(url)
+    environ = {**os.environ, "TASKRELAY_DATABASE_URL": url, "TASKRELAY_LOG_LEVEL": "INFO"}
+    try:
+        with engine.connect() as holder:
+            holder.exec_driver_sql("SELECT pg_advisory_lock(hashtext('taskrelay migrate'))")
+            holder.commit()
+            run = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "migrate", "--revision", "0008"],
+                env=environ,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert run.stderr is not None
+            seen = []
+            for line in run.stderr:  # JSON log lines, until the run says it waits
+                seen.append(line)
+                if "waiting for it to finish" in line:
+                    break
+            assert run.poll() is None, seen
+            assert current_revision(engine) == head_revision(url)  # nothing done while it waits
+            config = alembic_config(url)  # the other run, on the session holding the lock
+            config.attributes["connection"] = holder
+            command.downgrade(config, "0007")
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(hashtext('taskrelay migrate'))")
+            holder.commit()
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert "database upgraded from 0007 to 0008 (postgresql)" in out
+        assert current_revision(engine) == "0008"
+    finally:
         engine.dispose()

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
+import sqlalchemy as sa
 from openapi_spec_validator import validate
+from starlette.applications import Starlette
 from starlette.routing import Route
 
 from service.app import create_app
+from service.db import migrate
 from service.openapi import build_openapi
-from tests.conftest import make_settings
+from service.settings import Settings
+from tests.conftest import _pg_url, auth, make_settings, serving
 
 
 def test_document_is_valid_openapi_3_1() -> None:
@@ -26,8 +34,7 @@ def test_every_route_is_documented(tmp_path: Path) -> None:
     served = {
         (route.path, method)
         for route in app.routes
-        if isinstance(route, Route)
-        and route.path not in {"/openapi.json", "/files/{task_id}/{name}"}
+        if isinstance(route, Route) and route.path != "/openapi.json"
         for method in (route.methods or set()) - {"HEAD"}
     }
     assert served - documented == set()
@@ -40,3 +47,191 @@ def test_event_schema_is_published_as_a_webhook() -> None:
     assert set(event["required"]) == {"id", "type", "timestamp", "data"}
     assert "taskEvent" in document["webhooks"]
     assert "version 1" in document["webhooks"]["taskEvent"]["post"]["summary"]
+
+
+# --- what the routes really answer when the database cannot take a write or cannot be reached -
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+# Kept for audit with the receipt: needs pages a full store lacks.
+PADDING = "x" * 60_000
+BODIES: dict[str, Any] = {
+    "createTask": {"provider": "evolink", "prompt": "a lighthouse at dawn"},
+    "trackTask": {"provider": "evolink"},
+    "patchTask": {"metadata": {"order": 42}},
+    "receiveCallback": {
+        "id": "task-unified-1757156493-openapi",
+        "object": "image.generation.task",
+        "status": "processing",
+        "progress": 30,
+        "pad": PADDING,
+    },
+    "createSubscription": {"url": "http://127.0.0.1:9/hooks/openapi"},
+    "updateSubscription": {"description": "changed"},
+    "rotateSubscriptionSecret": {},
+    "replayEvents": {"since": "2020-01-01T00:00:00Z"},
+    "rotateNotifySecret": {},
+}
+
+
+def quiet_settings(database_url: str, tmp_path: Path) -> Settings:
+    return make_settings(
+        database_url,
+        tmp_path,
+        TASKRELAY_SCHEDULER="false",
+        TASKRELAY_DISPATCHER="false",
+        TASKRELAY_RATE_LIMIT="0",
+        TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+    )
+
+
+def keep_image(files_dir: Path, task_id: str) -> None:
+    (files_dir / task_id).mkdir(parents=True)
+    (files_dir / task_id / "0.png").write_bytes(PNG)
+
+
+async def seed(client: httpx.AsyncClient, settings: Settings) -> dict[str, str]:
+    """A task with a kept image, a subscription and a delivery of the client: every path
+    parameter of the document, as ids that exist."""
+    task = await client.post("/v1/tasks/track", json={"provider": "evolink"}, headers=auth())
+    subscription = await client.post(
+        "/v1/subscriptions", json=BODIES["createSubscription"], headers=auth()
+    )
+    assert (task.status_code, subscription.status_code) == (201, 201), subscription.text
+    await client.post("/v1/tasks/track", json={"provider": "grsai"}, headers=auth())
+    subscription_id = subscription.json()["id"]
+    deliveries = await client.get(f"/v1/subscriptions/{subscription_id}/deliveries", headers=auth())
+    keep_image(settings.files_dir, task.json()["id"])
+    return {
+        "task_id": task.json()["id"],
+        "subscription_id": subscription_id,
+        "delivery_id": deliveries.json()["data"][0]["id"],
+        "provider": "evolink",
+        "token": httpx.URL(task.json()["callback_url"]).path.rsplit("/", 1)[1],
+        "name": "0.png",
+    }
+
+
+async def every_answer(
+    client: httpx.AsyncClient, ids: dict[str, str], skip: frozenset[str] = frozenset()
+) -> dict[str, tuple[int, set[str]]]:
+    """Each operation of the document, asked once: its answer's status, and the statuses the
+    document gives it. Deletions last, so the others still find what they look for."""
+    operations = [
+        (path, method, operation)
+        for path, methods in build_openapi()["paths"].items()
+        for method, operation in methods.items()
+        if operation["operationId"] not in skip
+    ]
+    operations.sort(key=lambda found: found[1] == "delete")
+    answers = {}
+    for path, method, operation in operations:
+        name = operation["operationId"]
+        response = await client.request(
+            method.upper(),
+            path.format(**ids),
+            json=BODIES.get(name),
+            headers=auth() if operation.get("security") else {},
+        )
+        answers[name] = (response.status_code, set(operation["responses"]))
+    return answers
+
+
+def undocumented(answers: dict[str, tuple[int, set[str]]]) -> list[str]:
+    return [
+        f"{name} answered {status}"
+        for name, (status, documented) in answers.items()
+        if str(status) not in documented
+    ]
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "taskrelay.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+async def test_a_full_store_answers_only_what_the_document_says(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = quiet_settings(sqlite_url, tmp_path)
+    async with serving(settings, webhook_app=Starlette()) as (app, client):
+        ids = await seed(client, settings)
+
+        # Each pooled connection caps the file at its size: SQLite's own "database or disk
+        # is full", as a full disk gives it. Free room in its pages is used up first.
+        @sa.event.listens_for(app.state.runtime.engine, "checkout")
+        def full(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            dbapi_connection.execute("PRAGMA max_page_count = 1")
+
+        for _ in range(500):
+            track = await client.post("/v1/tasks/track", json=BODIES["trackTask"], headers=auth())
+            if track.status_code != 201:
+                break
+        assert track.status_code == 507
+        # An event stream of a task that is not final stays open: a read, nothing to store.
+        answers = await every_answer(client, ids, skip=frozenset({"streamTask"}))
+    assert undocumented(answers) == []
+    refused = {name for name, (status, _) in answers.items() if status == 507}
+    assert {"trackTask", "receiveCallback"} <= refused, answers
+    assert answers["getFile"][0] == 200
+
+
+async def test_a_database_refusing_connections_answers_only_what_the_document_says(
+    empty_postgres: str, tmp_path: Path
+) -> None:
+    migrate(empty_postgres)
+    settings = quiet_settings(empty_postgres, tmp_path)
+    name = sa.engine.make_url(empty_postgres).database
+    admin = sa.create_engine(str(_pg_url()), isolation_level="AUTOCOMMIT")
+
+    def connections(allowed: bool) -> None:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}')
+            if not allowed:  # and the pool's connections are gone
+                connection.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+
+    try:
+        async with serving(settings, webhook_app=Starlette()) as (_, client):
+            ids = await seed(client, settings)
+            connections(False)
+            try:
+                answers = await every_answer(client, ids)
+            finally:
+                connections(True)
+    finally:
+        admin.dispose()
+    assert undocumented(answers) == []
+    api = {
+        operation["operationId"]
+        for methods in build_openapi()["paths"].values()
+        for operation in methods.values()
+        if operation.get("security")
+    }
+    unavailable = {name for name, (status, _) in answers.items() if status == 503}
+    assert unavailable == api | {"receiveCallback", "readyz"}
+
+
+async def test_a_kept_image_is_served_and_a_missing_one_is_404(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = quiet_settings(sqlite_url, tmp_path)
+    document = build_openapi()["paths"]["/files/{task_id}/{name}"]["get"]
+    async with serving(settings, webhook_app=Starlette()) as (_, client):
+        ids = await seed(client, settings)
+        found = await client.get(f"/files/{ids['task_id']}/0.png")
+        missing = await client.get(f"/files/{ids['task_id']}/1.png")
+    assert (found.status_code, found.headers["content-type"], found.content) == (
+        200,
+        "image/png",
+        PNG,
+    )
+    assert "image/png" in document["responses"]["200"]["content"]
+    assert missing.status_code == 404 and "404" in document["responses"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from service.errors import SettingsError
-from service.settings import Secret, load_settings, parse_duration
+from service.netguard import AddressPolicy
+from service.settings import MAX_DURATION, Secret, load_settings, parse_duration
 
 
 def load(tmp_path: Path, **environ: str):  # type: ignore[no-untyped-def]
@@ -81,6 +83,21 @@ def test_sandbox_points_unconfigured_providers_at_itself(tmp_path: Path) -> None
     assert settings.providers["evolink"].base_url == "https://real.example"
 
 
+def test_the_sandbox_leaves_providers_with_a_key_alone(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        TASKRELAY_SANDBOX="true",
+        TASKRELAY_PUBLIC_URL="http://localhost:9999",
+        TASKRELAY_GRSAI_API_KEY="sk-real-grsai-key",
+    )
+    grsai = settings.providers["grsai"]
+    assert grsai.base_url == "https://api.grsai.com"
+    assert grsai.api_key is not None and grsai.api_key.reveal() == "sk-real-grsai-key"
+    openai = settings.providers["openai"]  # no key: the sandbox stands in
+    assert openai.base_url == "http://localhost:9999/sandbox/openai"
+    assert openai.api_key is not None and openai.api_key.reveal() == "sandbox-key"
+
+
 def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text(
@@ -114,6 +131,19 @@ def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
         ("TASKRELAY_MAX_BODY_BYTES", "-1", "a number of bytes"),
         ("TASKRELAY_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING or ERROR"),
         ("TASKRELAY_EVOLINK_BASE_URL", "not a url", "an http(s) base URL"),
+        # The group-commit writer holds at most 10,000 updates waiting: a batch cannot be more.
+        ("TASKRELAY_WRITE_BATCH", "20000", "at most 10000"),
+        # An in-memory store loses every task at exit (and crashed the engine's pool set-up).
+        ("TASKRELAY_DATABASE_URL", "sqlite:///:memory:", "in-memory SQLite database"),
+        ("TASKRELAY_DATABASE_URL", "sqlite:///", "in-memory SQLite database"),
+        ("TASKRELAY_DATABASE_URL", "sqlite:///x.db?mode=memory&uri=true", "in-memory"),
+        # Durations beyond any real use overflow a date they are added to, later, at run time.
+        ("TASKRELAY_EVOLINK_DEADLINE", "99999999999d", "at most 3650d, ten years"),
+        ("TASKRELAY_EVOLINK_DEADLINE", "9" * 400, "at most 3650d, ten years"),  # inf as a float
+        ("TASKRELAY_CALLBACK_TOKEN_TTL", "3651d", "at most 3650d, ten years"),
+        ("TASKRELAY_DELIVERY_SCHEDULE", "0s,5s,99999999999d", "at most 3650d"),
+        ("TASKRELAY_EVOLINK_POLL_RATE", "inf", "a number greater than zero"),
+        ("TASKRELAY_EVOLINK_POLL_RATE", "nan", "a number greater than zero"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -131,6 +161,41 @@ def test_short_secret_key_and_ttl_are_refused(tmp_path: Path) -> None:
         load(tmp_path, TASKRELAY_SECRET_KEY="short")
     with pytest.raises(SettingsError, match="TASKRELAY_CALLBACK_TOKEN_TTL"):
         load(tmp_path, TASKRELAY_CALLBACK_TOKEN_TTL="10m")
+
+
+def test_a_short_fallback_key_is_refused_like_the_key(tmp_path: Path) -> None:
+    key = "k" * 16
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_SECRET_KEY=key, TASKRELAY_SECRET_KEY_FALLBACKS=f"{key}2,old-short")
+    assert caught.value.details["variable"] == "TASKRELAY_SECRET_KEY_FALLBACKS"
+    assert "1 key(s) shorter than 16 characters" in caught.value.message
+    assert "old-short" not in caught.value.message
+    settings = load(
+        tmp_path, TASKRELAY_SECRET_KEY=key, TASKRELAY_SECRET_KEY_FALLBACKS=f" {key}2 , {key}3"
+    )
+    assert [k.reveal() for k in settings.secret_key_fallbacks] == [f"{key}2", f"{key}3"]
+
+
+def test_a_signing_key_file_that_cannot_be_created_is_a_settings_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    data_dir = tmp_path / "a-file" / "data"
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"TASKRELAY_DATA_DIR": str(data_dir)}, env_file=tmp_path / "no.env")
+    message = caught.value.message
+    assert f"{data_dir / 'secret_key'}" in message and "Not a directory" in message
+    assert "TASKRELAY_DATA_DIR" in message and "TASKRELAY_SECRET_KEY" in message
+
+
+def test_a_named_env_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "prod.env"
+    for named, found in [(missing, "does not exist"), (tmp_path, "is not a file")]:
+        with pytest.raises(SettingsError) as caught:
+            load_settings({"TASKRELAY_ENV_FILE": str(named), "TASKRELAY_DATA_DIR": str(tmp_path)})
+        assert f"TASKRELAY_ENV_FILE names {named}, which {found}" in caught.value.message
+        assert caught.value.details["variable"] == "TASKRELAY_ENV_FILE"
+    missing.write_text("TASKRELAY_PORT=9100\n")
+    environ = {"TASKRELAY_ENV_FILE": str(missing), "TASKRELAY_DATA_DIR": str(tmp_path)}
+    assert load_settings(environ).port == 9100
 
 
 def test_postgres_url_is_given_the_psycopg_driver(tmp_path: Path) -> None:
@@ -152,6 +217,15 @@ def test_postgres_url_is_given_the_psycopg_driver(tmp_path: Path) -> None:
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_the_longest_duration_still_fits_in_a_date() -> None:
+    longest = parse_duration("3650d")
+    assert longest == MAX_DURATION
+    assert datetime.now(UTC) + timedelta(seconds=longest) * 100 > datetime.now(UTC)
+    for text in ("3651d", "99999999999d", "9" * 400):
+        with pytest.raises(ValueError, match="at most 3650d"):
+            parse_duration(text)
 
 
 def test_errors_never_repeat_the_value(tmp_path: Path) -> None:
@@ -188,6 +262,69 @@ def test_a_bad_env_file_line_is_not_repeated(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({}, env_file=env_file)
     assert ":2:" in caught.value.message and "PASTED" not in caught.value.message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_an_unspecified_address_is_no_public_url(tmp_path: Path, host: str) -> None:
+    # Listening on every interface is fine; handing providers that address to call back is not.
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_HOST=host)
+    message = caught.value.message
+    assert caught.value.details["variable"] == "TASKRELAY_PUBLIC_URL"
+    assert "TASKRELAY_PUBLIC_URL is not set" in message and f"points at {host}," in message
+    assert "Set TASKRELAY_PUBLIC_URL to the address providers reach" in message
+    public = "https://relay.example.com"
+    assert load(tmp_path, TASKRELAY_HOST=host, TASKRELAY_PUBLIC_URL=public).public_url == public
+    shown = "[::]" if host == "::" else host
+    with pytest.raises(SettingsError, match=f"TASKRELAY_PUBLIC_URL points at {host},"):
+        load(tmp_path, TASKRELAY_PUBLIC_URL=f"http://{shown}:8000")
+
+
+def test_the_default_public_url_of_an_ipv6_host_is_a_url(tmp_path: Path) -> None:
+    assert load(tmp_path, TASKRELAY_HOST="::1", TASKRELAY_PORT="9000").public_url == (
+        "http://[::1]:9000"
+    )
+
+
+def test_credentials_in_the_public_url_are_refused_unrepeated(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_PUBLIC_URL="https://relay:S3cretPass@relay.example.com")
+    assert caught.value.details["variable"] == "TASKRELAY_PUBLIC_URL"
+    assert "carries a user name or password" in caught.value.message
+    assert "S3cretPass" not in caught.value.message + str(caught.value.details)
+    with pytest.raises(SettingsError, match="carries a user name or password"):
+        load(tmp_path, TASKRELAY_PUBLIC_URL="https://relay@relay.example.com")
+
+
+@pytest.mark.parametrize(
+    "value", ["10.0.0.0/8", "10.1.2.3", "::1/128,127.0.0.0/8", "10.1.2.3/8", "fe80::1/64", "x"]
+)
+def test_allowed_networks_are_read_as_the_address_policy_reads_them(
+    tmp_path: Path, value: str
+) -> None:
+    """One parse: a value the settings accept is one the webhook policy accepts (it used to
+    accept 10.1.2.3/8, which then stopped start-up with a traceback)."""
+    try:
+        AddressPolicy.from_setting(value)
+        policy_accepts = True
+    except ValueError:
+        policy_accepts = False
+    try:
+        load(tmp_path, TASKRELAY_WEBHOOK_ALLOWED_NETWORKS=value)
+        settings_accept = True
+    except SettingsError as exc:
+        settings_accept = False
+        assert exc.details["variable"] == "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS"
+    assert settings_accept == policy_accepts
+
+
+def test_a_network_with_host_bits_is_named_with_what_was_meant(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8, 10.1.2.3/8")
+    assert caught.value.message == (
+        "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS: 10.1.2.3/8 has host bits set; write the network "
+        "itself (10.0.0.0/8), or 10.1.2.3 alone for just that address."
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.com", "::"])

@@ -1,0 +1,161 @@
+"""Start-up refuses a bad setting with one line naming the variable and how to fix it, never a
+traceback: values the settings check used to accept and that then crashed start-up (or were
+served silently, handing providers callback URLs they cannot use); a schema newer than this
+release everywhere it is looked at; and the log, JSON lines from its first line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from starlette.applications import Starlette
+
+from service.settings import MAX_WRITE_QUEUE
+from tests.conftest import make_settings, serving
+from tests.servers import free_port
+
+KEY = "startup-signing-key-0123456789"
+
+
+def serve(tmp_path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    """``taskrelay serve`` on a free port; one that started anyway is stopped by the timeout."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+        "TASKRELAY_API_TOKENS": "me:token-12345678",
+        "TASKRELAY_SECRET_KEY": KEY,
+        "TASKRELAY_PORT": str(free_port()),
+        **environ,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        capture_output=True,
+        text=True,
+        env={name: value for name, value in env.items() if value is not None},
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable", "says", "secret"),
+    [
+        # The Dockerfile listens on 0.0.0.0: callback URLs must not point there.
+        ({"TASKRELAY_HOST": "0.0.0.0"}, "TASKRELAY_PUBLIC_URL", "points at 0.0.0.0", None),
+        (
+            {"TASKRELAY_PUBLIC_URL": "https://relay:S3cretPass@relay.example.com"},
+            "TASKRELAY_PUBLIC_URL",
+            "carries a user name or password",
+            "S3cretPass",
+        ),
+        ({"TASKRELAY_WRITE_BATCH": "20000"}, "TASKRELAY_WRITE_BATCH", "at most 10000", None),
+        (
+            {"TASKRELAY_WEBHOOK_ALLOWED_NETWORKS": "10.1.2.3/8"},
+            "TASKRELAY_WEBHOOK_ALLOWED_NETWORKS",
+            "10.1.2.3/8 has host bits set; write the network itself (10.0.0.0/8)",
+            None,
+        ),
+        (
+            {"TASKRELAY_DATABASE_URL": "sqlite:///:memory:"},
+            "TASKRELAY_DATABASE_URL",
+            "in-memory SQLite database loses every task",
+            None,
+        ),
+        (
+            {"TASKRELAY_EVOLINK_DEADLINE": "99999999999d"},
+            "TASKRELAY_EVOLINK_DEADLINE",
+            "at most 3650d, ten years",
+            None,
+        ),
+        (
+            {"TASKRELAY_SECRET_KEY_FALLBACKS": "old-short"},
+            "TASKRELAY_SECRET_KEY_FALLBACKS",
+            "shorter than 16 characters",
+            "old-short",
+        ),
+        (
+            {"TASKRELAY_ENV_FILE": "/nonexistent/prod.env"},
+            "TASKRELAY_ENV_FILE",
+            "names /nonexistent/prod.env, which does not exist",
+            None,
+        ),
+    ],
+)
+def test_a_bad_value_stops_serve_with_one_line(
+    tmp_path: Path, environ: dict[str, str], variable: str, says: str, secret: str | None
+) -> None:
+    result = serve(tmp_path, **environ)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    problems = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(problems) == 1, result.stderr
+    assert problems[0].startswith("taskrelay: configuration error: ")
+    assert variable in problems[0] and says in problems[0], problems[0]
+    if secret is not None:
+        assert secret not in result.stdout + result.stderr
+
+
+def test_a_data_folder_that_cannot_hold_the_generated_key(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    data_dir = tmp_path / "a-file" / "data"
+    result = serve(tmp_path, TASKRELAY_DATA_DIR=str(data_dir), TASKRELAY_SECRET_KEY="")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"taskrelay: configuration error: TASKRELAY_SECRET_KEY is not set, and the signing key "
+        f"file {data_dir / 'secret_key'} cannot be read or created (Not a directory): make "
+        "TASKRELAY_DATA_DIR a folder TaskRelay can write, or set TASKRELAY_SECRET_KEY (e.g. to "
+        "the output of `taskrelay new-token`)."
+    ]
+
+
+def test_the_generated_key_warning_is_a_json_log_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "TASKRELAY_DATA_DIR": str(tmp_path / "data")},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    assert lines[0]["level"] == "warning"
+    assert lines[0]["message"].startswith("TASKRELAY_SECRET_KEY is not set: generated a signing")
+    assert (tmp_path / "data" / "secret_key").is_file()
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "taskrelay.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+async def test_readiness_names_a_schema_newer_than_this_release(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    url = sqlite_url
+    async with serving(make_settings(url, tmp_path), webhook_app=Starlette()) as (_, client):
+        assert (await client.get("/readyz")).status_code == 200
+        engine = sa.create_engine(url)
+        with engine.begin() as connection:  # a newer release migrated it meanwhile
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0010'")
+        engine.dispose()
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    reason = ready.json()["reason"]
+    assert "at 0010, a revision this TaskRelay does not know" in reason
+    assert "downgrade the schema with it (`taskrelay migrate --revision 0009`" in reason
+    assert "run `taskrelay migrate`" not in reason
+
+
+async def test_the_largest_write_batch_starts(sqlite_url: str, tmp_path: Path) -> None:
+    settings = make_settings(sqlite_url, tmp_path, TASKRELAY_WRITE_BATCH=f"{MAX_WRITE_QUEUE}")
+    async with serving(settings, webhook_app=Starlette()) as (app, client):
+        assert app.state.runtime.committer.max_batch == MAX_WRITE_QUEUE
+        assert (await client.get("/readyz")).status_code == 200
