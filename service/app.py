@@ -50,7 +50,7 @@ from service.retention import Pruner
 from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.scheduler import ProviderLimiter, Scheduler
-from service.settings import MAX_WRITE_QUEUE, Settings, load_settings
+from service.settings import MAX_WRITE_QUEUE, Settings, check_public_url, load_settings
 from service.signing import CallbackSigner
 from service.store import Store
 from service.stream import EventSignal
@@ -186,6 +186,7 @@ def create_app(
     which sends deliveries through httpx on that transport instead of the lean client. With
     ``handle_signals`` (the server's factory), SIGTERM and SIGINT begin the app's part of the
     graceful shutdown at once, alongside the server's (see :func:`_chain_shutdown_signals`)."""
+    check_public_url(settings)
     if not settings.api_tokens:
         raise SettingsError(
             "TASKRELAY_API_TOKENS is empty: set it to name:token pairs, one per API client "

@@ -26,7 +26,7 @@ from service.db import (
 )
 from service.errors import SettingsError, StoreUnavailable
 from service.logs import configure_logging
-from service.settings import Settings, load_settings
+from service.settings import Settings, check_public_url, load_settings
 
 log = logging.getLogger("taskrelay")
 
@@ -67,6 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.graceful_timeout is not None:
         os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = f"{args.graceful_timeout:f}"
     settings = _settings()
+    try:  # before migrating: serve hands out callback URLs, so it needs a usable public URL
+        check_public_url(settings)
+    except SettingsError as exc:
+        print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
+        return 2
     if settings.is_sqlite or args.migrate:
         try:
             migrate(settings.database_url)

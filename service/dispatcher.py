@@ -24,7 +24,6 @@ from service import observe
 from service.errors import NotFound, StoreUnavailable
 from service.loops import Ticker
 from service.metrics import Metrics
-from service.models import DeliveryStatus
 from service.outbox import AttemptResult, DeliveryJob, Outbox, Recorded
 from service.signing import webhook_headers
 from service.webclient import DeliveryFailed, WebhookClient
@@ -37,7 +36,7 @@ ATTEMPT_DEADLINE_SECONDS = 30.0
 USER_AGENT = "TaskRelay-Webhooks/1"
 
 # An attempt waiting to be recorded, and its sender's future for the delivery's status.
-_ToRecord = tuple[DeliveryJob, AttemptResult, asyncio.Future[str]]
+_ToRecord = tuple[DeliveryJob, AttemptResult, asyncio.Future[Recorded]]
 
 
 class Dispatcher:
@@ -196,8 +195,8 @@ class Dispatcher:
                 log.warning("delivery %s put back, not sent: %s", job.delivery_id, result.error)
             # NotFound: the subscription was deleted while we were sending.
             with contextlib.suppress(NotFound):
-                status = await self._record(job, result)
-                if status == DeliveryStatus.dead.value:
+                recorded = await self._record(job, result)
+                if recorded.dead_lettered:
                     self.metrics.inc("deliveries_dead_lettered_total")
         except StoreUnavailable:
             log.warning("delivery %s not recorded: the database is unavailable", job.delivery_id)
@@ -217,14 +216,14 @@ class Dispatcher:
             del self._busy[job.subscription_pk]
         self.notify()
 
-    async def _record(self, job: DeliveryJob, result: AttemptResult) -> str:
+    async def _record(self, job: DeliveryJob, result: AttemptResult) -> Recorded:
         """Record an attempt together with the others that finished meanwhile: one
         transaction per batch (a write per delivery would queue for the database behind
         callback ingestion). While the loop runs, that is the next pass's claim, which
         _free_slot has just woken (woken during a pass, the loop runs one more right after);
         otherwise (stopping, or tests driving passes) a recorder task's own transaction.
-        Returns the delivery's status afterwards."""
-        recorded: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        Returns the delivery's state afterwards."""
+        recorded: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
         self._to_record.append((job, result, recorded))
         if not self._ticking:
             self._start_recorder()
@@ -282,7 +281,7 @@ class Dispatcher:
             if isinstance(outcome, Exception):
                 recorded.set_exception(outcome)
             else:
-                recorded.set_result(outcome.status)
+                recorded.set_result(outcome)
 
     def _count(self, result: AttemptResult) -> None:
         if result.succeeded:

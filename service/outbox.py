@@ -577,6 +577,8 @@ class Recorded(NamedTuple):
     lease_owner: str | None
     last_status_code: int | None
     next_attempt_at: datetime
+    # This record dead-lettered it (not one another worker's record made before it).
+    dead_lettered: bool = False
 
 
 def fan_out_many(
@@ -1229,12 +1231,14 @@ class Outbox:
             before = states.get(row.pk) or {name: row._mapping[name] for name in _RECORDED_COLUMNS}
             values = self._settle(before, worker, result, now)
             states[row.pk] = values
+            dead = DeliveryStatus.dead.value
             state = Recorded(
                 values["status"],
                 values["attempts"],
                 values["lease_owner"],
                 values["last_status_code"],
                 values["next_attempt_at"],
+                dead_lettered=values["status"] == dead != before["status"],
             )
             lease = row.lease_expires_at if state.lease_owner is not None else None
             updates[row.pk] = {
@@ -1321,11 +1325,12 @@ class Outbox:
                 values["next_attempt_at"] = now + UNSENT_PUT_BACK
             return values
         attempts = before["attempts"] + 1
-        if before["status"] in _SETTLED_STATUSES:
+        settled = before["status"] in _SETTLED_STATUSES
+        if settled and (before["status"] == DeliveryStatus.succeeded.value or not result.succeeded):
             # Settled by another worker's record meanwhile (it took the delivery over when this
             # worker's lease ran out): this attempt joins the log, and the outcome stands. A
             # failure turning it pending again would send it twice, and after the task's later
-            # events.
+            # events. Only a success changes a dead letter: the subscriber has the event.
             return {**before, "attempts": attempts, "lease_owner": owner}
         status, due, error = DeliveryStatus.pending.value, before["next_attempt_at"], result.error
         delivered_at = None

@@ -370,6 +370,29 @@ def public_url_problem(url: str) -> str | None:
     return None
 
 
+def default_public_url(host: str, port: int) -> str:
+    listening = f"[{host}]" if ":" in host else host  # an IPv6 address, in a URL
+    return f"http://{listening}:{port}"
+
+
+def check_public_url(settings: Settings) -> None:
+    """Refuse a public URL providers cannot be handed in callback URLs (``serve``: commands
+    that hand out no callback URL, such as ``migrate`` and ``doctor``, take any)."""
+    problem = public_url_problem(settings.public_url)
+    if problem is None:
+        return
+    what = (
+        "TASKRELAY_PUBLIC_URL is not set, and the default built from TASKRELAY_HOST"
+        if settings.public_url == default_public_url(settings.host, settings.port)
+        else "TASKRELAY_PUBLIC_URL"
+    )
+    raise SettingsError(
+        f"{what} {problem}. Set TASKRELAY_PUBLIC_URL to the address providers reach "
+        "TaskRelay at (e.g. https://relay.example.com): callback URLs are built from it.",
+        details={"variable": "TASKRELAY_PUBLIC_URL"},
+    )
+
+
 def _is_unspecified(host: str) -> bool:
     import ipaddress
 
@@ -544,22 +567,9 @@ def load_settings(
             "every task's callback URL. Use it for local development only.",
             details={"variable": "TASKRELAY_SANDBOX"},
         )
-    listening = f"[{host}]" if ":" in host else host  # an IPv6 address, in a URL
     public_url = env.get(
-        "TASKRELAY_PUBLIC_URL", _http_url, f"http://{listening}:{port}", "an http(s) base URL"
+        "TASKRELAY_PUBLIC_URL", _http_url, default_public_url(host, port), "an http(s) base URL"
     )
-    problem = public_url_problem(public_url)
-    if problem is not None:
-        what = (
-            "TASKRELAY_PUBLIC_URL"
-            if (env.raw("TASKRELAY_PUBLIC_URL") or "").strip()
-            else "TASKRELAY_PUBLIC_URL is not set, and the default built from TASKRELAY_HOST"
-        )
-        raise SettingsError(
-            f"{what} {problem}. Set TASKRELAY_PUBLIC_URL to the address providers reach "
-            "TaskRelay at (e.g. https://relay.example.com): callback URLs are built from it.",
-            details={"variable": "TASKRELAY_PUBLIC_URL"},
-        )
 
     secret_raw = env.raw("TASKRELAY_SECRET_KEY")
     if secret_raw is not None and secret_raw.strip():

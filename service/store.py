@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -458,14 +459,20 @@ class Store:
 
     def _tell(self, written: Written) -> None:
         """After a commit: the task ids that got events to the listeners, and a wake to the
-        dispatcher if deliveries are owed."""
+        dispatcher if deliveries are owed. A listener that fails is logged: what committed
+        stays committed, and its caller is told it did (a batch retried one by one would
+        record its updates twice)."""
+        calls: list[Callable[[], object]] = []
         if written.events:
             task_ids = frozenset(written.events)
-            for listener in self.listeners:
-                listener(task_ids)
+            calls.extend(partial(listener, task_ids) for listener in self.listeners)
         if written.deliveries:
-            for wake in self.delivery_listeners:
-                wake()
+            calls.extend(self.delivery_listeners)
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                log.exception("a listener failed after a commit")
 
     def ping(self) -> None:
         with self.transaction(write=False) as session:
@@ -747,7 +754,7 @@ class Store:
                 return apply_updates(self, connection, written, requests)
         except (IntegrityError, BadRequest) as exc:
             if len(requests) > 1:
-                return [result for request in requests for result in self.apply_updates([request])]
+                return [self._apply_alone(request) for request in requests]
             if isinstance(exc, BadRequest):
                 return [exc]
             return [

@@ -82,6 +82,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.errors import StoreUnavailable, StreamCapacityReached, TooManyStreams
+from service.loops import Failures
 from service.models import TERMINAL_STATUSES, Task, TaskEvent, TaskStatus
 from service.outbox import envelope
 from service.runtime import runtime_of
@@ -386,6 +387,7 @@ class EventWatcher:
         self._task: asyncio.Task[None] | None = None
         self._primed: asyncio.Future[None] | None = None
         self._stopping = asyncio.Event()
+        self._failures = Failures("stream watcher pass")
 
     @property
     def running(self) -> bool:
@@ -434,10 +436,10 @@ class EventWatcher:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.sweep_interval
                     await self._sweep()
-            except StoreUnavailable:
-                log.warning("stream watcher pass skipped: the database is unavailable")
-            except Exception:
-                log.exception("stream watcher pass failed")
+            except Exception as exc:  # an outage: logged when it starts and ends
+                self._failures.failed(exc)
+            else:
+                self._failures.succeeded()
 
     def _prime(self, now: float) -> SeqHorizon:
         statement = sa.select(EVENT.c.seq).order_by(EVENT.c.seq.desc()).limit(PRIME_WINDOW)

@@ -17,7 +17,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from starlette.concurrency import run_in_threadpool
 
@@ -239,6 +239,15 @@ class Submitter:
                     if exc.retryable
                     else None
                 )
+                if delay is not None and self._past_deadline(task, delay):
+                    # A Retry-After past the task's deadline: the retry would find the task
+                    # expired (with a message blaming the provider's silence). Say why now.
+                    exc.message = (
+                        f"{exc.message.rstrip('.')}. {provider} asked to wait {delay:.0f} s, "
+                        f"past the task's deadline (TASKRELAY_{provider.upper()}_DEADLINE), so "
+                        "it is not sent again; submit a new task later."
+                    )
+                    delay = None
                 if delay is None:
                     self._count(provider, "failed")
                     log.warning(
@@ -289,6 +298,12 @@ class Submitter:
         finally:
             del self._backing_off[job]
         return True
+
+    def _past_deadline(self, task: dict[str, Any], delay: float) -> bool:
+        """Whether a retry ``delay`` seconds from now comes at or after the task's deadline."""
+        created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
+        deadline = created + timedelta(seconds=self.store.policy(task["provider"]).deadline)
+        return self.store.clock() + timedelta(seconds=delay) >= deadline
 
     async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool | None:
         """Write the retry into the task row before waiting for it, so that it outlives this

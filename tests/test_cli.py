@@ -37,7 +37,13 @@ def test_help_lists_every_command() -> None:
 
 
 def test_migrate_creates_the_sqlite_store(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "TASKRELAY_DATA_DIR": str(tmp_path / "data")}
+    # As a deploy job runs it from the Docker image: on 0.0.0.0, with no public URL (serve
+    # needs one for callback URLs; migrate hands none out).
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+        "TASKRELAY_HOST": "0.0.0.0",
+    }
     result = run_cli("migrate", env=env)
     assert result.returncode == 0, result.stderr
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'taskrelay.db'}")

@@ -117,7 +117,7 @@ async def test_an_attempt_the_database_refuses_fails_alone(
     batch = _batch(jobs)
     await dispatcher._record_alone(batch)
     assert transactions == [3, 1, 1, 1]
-    outcomes = [future.exception() or future.result() for _, _, future in batch]
+    outcomes = [future.exception() or future.result().status for _, _, future in batch]
     assert outcomes[0] == outcomes[2] == "succeeded"
     assert isinstance(outcomes[1], BadRequest)
     assert sorted(_deliveries(harness)) == [
@@ -190,13 +190,35 @@ async def test_a_late_record_leaves_a_dead_letter_dead(harness: Harness) -> None
     (a,) = outbox.claim("A", limit=10, lease_seconds=60)
     harness.clock.advance(61)
     (b,) = outbox.claim("B", limit=10, lease_seconds=60)
-    assert outbox.record_attempt(b, "B", AttemptResult(500, 1.0, error="HTTP 500")).status == "dead"
+    killed = outbox.record_attempt(b, "B", AttemptResult(500, 1.0, error="HTTP 500"))
+    assert (killed.status, killed.dead_lettered) == ("dead", True)
     late = outbox.record_attempt(a, "A", AttemptResult(502, 1.0, error="HTTP 502"))
-    assert (late.status, late.last_status_code) == ("dead", 500)
+    # Dead already: not dead-lettered again (the metric counts it once).
+    assert (late.status, late.last_status_code, late.dead_lettered) == ("dead", 500, False)
     assert _pending(harness) == []
     (delivery,) = await _attempt_log(harness, subscription["id"])
     assert (delivery["status"], delivery["last_error"]) == ("dead", "HTTP 500")
     assert [a["status_code"] for a in delivery["attempt_log"]] == [500, 502]
+
+
+async def test_a_late_success_turns_a_dead_letter_into_a_delivered_one(harness: Harness) -> None:
+    """The subscriber took worker A's attempt after B, which took the delivery over, got its
+    last failure: the subscriber has the event, so it is no dead letter (a retry from the
+    dead-letter list would send it twice)."""
+    subscription = await harness.subscribe("dead-then-delivered")
+    await harness.track()
+    outbox = harness.runtime.outbox
+    outbox.schedule = (0.0,)
+    (a,) = outbox.claim("A", limit=10, lease_seconds=60)
+    harness.clock.advance(61)
+    (b,) = outbox.claim("B", limit=10, lease_seconds=60)
+    assert outbox.record_attempt(b, "B", AttemptResult(500, 1.0, error="HTTP 500")).status == "dead"
+    late = outbox.record_attempt(a, "A", AttemptResult(200, 1.0))
+    assert (late.status, late.last_status_code, late.dead_lettered) == ("succeeded", 200, False)
+    (delivery,) = await _attempt_log(harness, subscription["id"])
+    assert (delivery["status"], delivery["last_error"]) == ("succeeded", None)
+    assert delivery["delivered_at"] == isoformat(harness.clock.now())
+    assert [a["status_code"] for a in delivery["attempt_log"]] == [500, 200]
 
 
 # --- deliveries that never left -----------------------------------------------------------------

@@ -296,6 +296,34 @@ def test_listeners_hear_each_commit_once_with_the_tasks_that_changed(store: Stor
     assert heard == [frozenset(ids[:2])]
 
 
+def test_a_listener_that_fails_after_the_commit_fails_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch has committed: the updates are answered as applied, not applied again one
+    by one (which would record each twice), and the other listeners still hear of it."""
+    heard: list[frozenset[str]] = []
+
+    def broken(task_ids: frozenset[str]) -> None:
+        raise RuntimeError("a listener's bug")
+
+    store.listeners.extend([broken, heard.append])
+    ids = [new_task(store) for _ in range(2)]
+    heard.clear()
+    with caplog.at_level(logging.ERROR, logger="service.store"):
+        results = store.apply_updates(
+            [
+                UpdateRequest(task_id, progress(10), UpdateSource.callback, receipt())
+                for task_id in ids
+            ]
+        )
+    assert [r.outcome for r in results if isinstance(r, ApplyResult)] == [
+        ReceiptOutcome.applied
+    ] * 2
+    assert heard == [frozenset(ids)]
+    assert [len(store.list_receipts("alice", task_id)) for task_id in ids] == [1, 1]
+    assert "a listener failed after a commit" in caplog.text
+
+
 # --- deliveries owed by a batch ------------------------------------------------------------------
 
 

@@ -387,3 +387,19 @@ async def test_a_submission_retry_waits_as_long_as_retry_after_asks(relay: Relay
     assert relay.waits == [300.0]
     assert planned[0] == [] and planned[1] == [(task["id"], 1)]  # planned 300 s on, not 60
     assert task["status"] == "succeeded" and task["submit_attempts"] == 2
+
+
+async def test_a_retry_after_past_the_deadline_fails_the_submission_now(relay: Relay) -> None:
+    """Waiting that long, the retry would find the task expired by the scheduler, with a
+    message blaming the provider's silence: it fails now, saying why."""
+    relay.answer(
+        httpx.Response(
+            429, json={"error": {"message": "slow down"}}, headers={"Retry-After": "3600"}
+        ),
+    )
+    task = await relay.run("openai")  # the store's default deadline: an hour after creation
+    assert len(relay.posts) == 1 and relay.waits == []
+    assert task["status"] == "failed" and task["error"]["code"] == "upstream_rate_limited"
+    message = task["error"]["message"]
+    assert "asked to wait 3600 s, past the task's deadline" in message
+    assert "TASKRELAY_OPENAI_DEADLINE" in message
