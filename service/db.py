@@ -419,7 +419,10 @@ def newer_schema(found: str, head: str | None) -> tuple[str, str]:
 
 def schema_revisions(database_url: str) -> tuple[str | None, frozenset[str]]:
     """The newest schema revision this TaskRelay knows, and every one it knows."""
-    script = ScriptDirectory.from_config(alembic_config(database_url))
+    return _revisions(ScriptDirectory.from_config(alembic_config(database_url)))
+
+
+def _revisions(script: ScriptDirectory) -> tuple[str | None, frozenset[str]]:
     known = frozenset(revision.revision for revision in script.walk_revisions())
     return script.get_current_head(), known
 
@@ -450,8 +453,7 @@ def migrate(database_url: str, revision: str = "head") -> Migrated:
         check_sqlite_writable(path)
     config = alembic_config(database_url)
     script = ScriptDirectory.from_config(config)
-    head = script.get_current_head()
-    known = frozenset(found.revision for found in script.walk_revisions())
+    head, known = _revisions(script)
     relative = revision.startswith(("-", "+"))
     try:  # before the run: a revision that does not exist is no reason to touch the database
         target = None if relative or revision == "base" else script.get_revision(revision)
@@ -756,4 +758,4 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def head_revision(database_url: str) -> str | None:
-    return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    return schema_revisions(database_url)[0]

@@ -566,7 +566,6 @@ _RECORDED_COLUMNS = (
     "lease_owner",
     "delivered_at",
 )
-_SETTLED_STATUSES = frozenset({DeliveryStatus.succeeded.value, DeliveryStatus.dead.value})
 
 
 class Recorded(NamedTuple):
@@ -1325,8 +1324,10 @@ class Outbox:
                 values["next_attempt_at"] = now + UNSENT_PUT_BACK
             return values
         attempts = before["attempts"] + 1
-        settled = before["status"] in _SETTLED_STATUSES
-        if settled and (before["status"] == DeliveryStatus.succeeded.value or not result.succeeded):
+        status = before["status"]
+        if status == DeliveryStatus.succeeded.value or (
+            status == DeliveryStatus.dead.value and not result.succeeded
+        ):
             # Settled by another worker's record meanwhile (it took the delivery over when this
             # worker's lease ran out): this attempt joins the log, and the outcome stands. A
             # failure turning it pending again would send it twice, and after the task's later

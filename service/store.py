@@ -400,6 +400,11 @@ class Store:
     def policy(self, provider: str) -> PollPolicy:
         return self.policies.get(provider, DEFAULT_POLICY)
 
+    def deadline_for(self, provider: str, created_at: datetime) -> datetime:
+        """When a task of ``provider`` created at ``created_at`` expires (its row's
+        ``deadline_at``, set by :meth:`plan`)."""
+        return created_at + timedelta(seconds=self.policy(provider).deadline)
+
     def plan(self, task: Task | TaskRow, now: datetime) -> None:
         """Set when the scheduler should next look at ``task`` (None once it is final).
 
@@ -410,7 +415,7 @@ class Store:
         it was (one early wake instead of a change to the queue's indexes per callback)."""
         policy = self.policy(task.provider)
         if task.deadline_at is None:
-            task.deadline_at = task.created_at + timedelta(seconds=policy.deadline)
+            task.deadline_at = self.deadline_for(task.provider, task.created_at)
         planned = next_check(self._timing(task), now, policy, self.rng)
         ahead = task.next_check_at
         if planned is not None and ahead is not None and now < ahead <= planned:

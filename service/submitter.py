@@ -302,7 +302,7 @@ class Submitter:
     def _past_deadline(self, task: dict[str, Any], delay: float) -> bool:
         """Whether a retry ``delay`` seconds from now comes at or after the task's deadline."""
         created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
-        deadline = created + timedelta(seconds=self.store.policy(task["provider"]).deadline)
+        deadline = self.store.deadline_for(task["provider"], created)
         return self.store.clock() + timedelta(seconds=delay) >= deadline
 
     async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool | None:

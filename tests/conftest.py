@@ -104,13 +104,17 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if backend == "sqlite":
-        template = request.getfixturevalue("sqlite_template")
-        path = tmp_path / "taskrelay.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}"
-    return str(request.getfixturevalue("postgres_url"))
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated SQLite file of the test's own (a copy of the template)."""
+    path = tmp_path / "taskrelay.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    fixture = "sqlite_url" if backend == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
 
 
 @pytest.fixture

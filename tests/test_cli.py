@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -62,24 +64,35 @@ def test_bad_configuration_stops_start_up_with_the_variable_named(tmp_path: Path
     assert "TASKRELAY_API_TOKENS" in result.stderr
 
 
-def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def fresh_postgres(tmp_path: Path, **environ: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """An empty PostgreSQL database of the test's own (dropped afterwards), and the
+    environment of a ``taskrelay`` command on it."""
     admin_url = _pg_url()
     if admin_url is None:
         pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
     database = PostgresDatabase.create(admin_url, prefix="taskrelay_cli")
     try:
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "TASKRELAY_DATA_DIR": str(tmp_path),
-            "TASKRELAY_API_TOKENS": "me:token-12345678",
-            "TASKRELAY_DATABASE_URL": database.url,
-        }
+        yield (
+            database.url,
+            {
+                "PATH": "/usr/bin:/bin",
+                "TASKRELAY_DATA_DIR": str(tmp_path),
+                "TASKRELAY_API_TOKENS": "me:token-12345678",
+                "TASKRELAY_DATABASE_URL": database.url,
+                **environ,
+            },
+        )
+    finally:
+        database.drop()
+
+
+def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
+    with fresh_postgres(tmp_path) as (_, env):
         result = run_cli("serve", env=env)
         assert result.returncode == 2
         assert "taskrelay migrate" in result.stderr
         assert run_cli("migrate", env=env).returncode == 0
-    finally:
-        database.drop()
 
 
 def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:
@@ -184,35 +197,22 @@ def test_a_schema_newer_than_this_release_is_named_not_a_traceback(tmp_path: Pat
 
 
 def test_postgresql_migrate_down_and_a_newer_schema(tmp_path: Path) -> None:
-    admin_url = _pg_url()
-    if admin_url is None:
-        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
-    database = PostgresDatabase.create(admin_url, prefix="taskrelay_cli")
-    try:
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "TASKRELAY_DATA_DIR": str(tmp_path),
-            "TASKRELAY_API_TOKENS": "me:token-12345678",
-            "TASKRELAY_DATABASE_URL": database.url,
-            "TASKRELAY_LOG_LEVEL": "ERROR",
-        }
+    with fresh_postgres(tmp_path, TASKRELAY_LOG_LEVEL="ERROR") as (url, env):
         assert run_cli("migrate", env=env).returncode == 0
         down = run_cli("migrate", "--revision", "0008", env=env)
         assert down.returncode == 0 and "downgraded from 0009 to 0008 (postgresql)" in down.stdout
-        engine = make_engine(database.url)
+        engine = make_engine(url)
         assert current_revision(engine) == "0008"
         engine.dispose()
         assert "schema is at 0008, this version needs 0009" in one_line_refusal(
             run_cli("serve", env=env)
         )
         assert run_cli("migrate", env=env).returncode == 0
-        set_schema(database.url, "0010")
+        set_schema(url, "0010")
         for args in (["serve"], ["serve", "--migrate"], ["migrate"]):
             line = one_line_refusal(run_cli(*args, env=env))
             assert "at 0010, a revision this TaskRelay does not know" in line, args
             assert "`taskrelay migrate --revision 0009`, run by the newer version" in line
-    finally:
-        database.drop()
 
 
 def test_an_unreachable_postgresql_is_one_line_without_the_password(tmp_path: Path) -> None:

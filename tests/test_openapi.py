@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import sqlalchemy as sa
 from openapi_spec_validator import validate
 from starlette.applications import Starlette
@@ -143,13 +141,6 @@ def undocumented(answers: dict[str, tuple[int, set[str]]]) -> list[str]:
         for name, (status, documented) in answers.items()
         if str(status) not in documented
     ]
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "taskrelay.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite:///{path}"
 
 
 async def test_a_full_store_answers_only_what_the_document_says(

@@ -6,7 +6,6 @@ release everywhere it is looked at; and the log, JSON lines from its first line.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,13 +126,6 @@ def test_the_generated_key_warning_is_a_json_log_line(tmp_path: Path) -> None:
     assert lines[0]["level"] == "warning"
     assert lines[0]["message"].startswith("TASKRELAY_SECRET_KEY is not set: generated a signing")
     assert (tmp_path / "data" / "secret_key").is_file()
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "taskrelay.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite:///{path}"
 
 
 async def test_readiness_names_a_schema_newer_than_this_release(
