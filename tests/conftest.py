@@ -8,12 +8,13 @@ session and dropped at the end; tables are emptied between tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ def make_settings(database_url: str, tmp_path: Path, **overrides: str) -> Settin
     environ = {
         "TASKRELAY_DATABASE_URL": database_url,
         "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
-        "TASKRELAY_PUBLIC_URL": "http://testserver",
+        # Loopback: the sandbox serves this machine only (settings.check_public_url).
+        "TASKRELAY_PUBLIC_URL": "http://127.0.0.1:8000",
         "TASKRELAY_SECRET_KEY": SECRET,
         "TASKRELAY_API_TOKENS": f"alice:{ALICE},bob:{BOB}",
         "TASKRELAY_SANDBOX": "true",
@@ -284,3 +286,22 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         capture_output=True,
     )
     return key, cert
+
+
+async def until(condition: Callable[[], object], seconds: float = 10.0, step: float = 0.0) -> None:
+    """Yield to the event loop (``step`` seconds at a time) until ``condition`` holds; fail
+    after ``seconds``: a generous bound that only a hang reaches, never a timing check."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {seconds} s waiting for {condition}")
+
+
+def altered(text: str, at: int) -> str:
+    """``text`` with the character at ``at`` replaced by a different one: a tampered token
+    that cannot come out equal to the original by chance (appending fixed characters can)."""
+    index = at % len(text)
+    return text[:index] + ("B" if text[index] == "A" else "A") + text[index + 1 :]

@@ -110,8 +110,13 @@ def test_duplicate_and_reordered_callbacks_make_one_transition(
     task = submit(relay, provider, "twice" + FAST + f" sandbox:callback={mode}")
     done = wait_final(relay, task["id"])
     assert done["status"] == "succeeded"
-    time.sleep(0.3)  # let the second callback land
-    callbacks = relay.get(f"/v1/tasks/{task['id']}/callbacks").json()["data"]
+    # The sandbox sends the second callback once the first is answered: wait for it to land.
+    deadline = time.monotonic() + 15
+    while True:
+        callbacks = relay.get(f"/v1/tasks/{task['id']}/callbacks").json()["data"]
+        if len(callbacks) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(callbacks) == 2
     assert sorted(c["outcome"] for c in callbacks) == ["applied", "terminal"]
     assert relay.get(f"/v1/tasks/{task['id']}").json()["status"] == "succeeded"
