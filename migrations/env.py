@@ -93,9 +93,55 @@ def _run(connection: sa.Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # SQLite's DDL is transactional (Alembic assumes not): the whole run is one
+        # transaction, so a run that fails, or is killed, leaves the schema as it was.
+        transactional_ddl=True,
     )
-    with _one_run_at_a_time(connection), context.begin_transaction():
+    with (
+        _one_run_at_a_time(connection),
+        _foreign_keys_off(connection),
+        context.begin_transaction(),
+    ):
         context.run_migrations()
+        _check_foreign_keys(connection)
+
+
+@contextmanager
+def _foreign_keys_off(connection: sa.Connection) -> Iterator[None]:
+    """SQLite: foreign keys off while the migrations run (PostgreSQL: nothing to do).
+
+    Alembic changes a SQLite table by copying it and dropping the old one, and with foreign
+    keys on, SQLite's DROP TABLE first deletes every row that refers to the table through
+    ON DELETE CASCADE: a step that changed ``task`` emptied the events, receipts,
+    subscriptions and deliveries, and said it had succeeded. SQLite ignores the setting inside
+    a transaction, so it is made on the driver's connection before the migrations' begins,
+    and :func:`_check_foreign_keys` checks the references before their commit instead (the
+    procedure SQLite documents for changing a table)."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    if connection.in_transaction():
+        connection.commit()  # a read the caller made (nothing written): the pragma needs none
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    driver.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        driver.execute("PRAGMA foreign_keys=ON")
+
+
+def _check_foreign_keys(connection: sa.Connection) -> None:
+    """SQLite: refuse (roll back) a migration that left a reference to a row that is gone."""
+    if connection.dialect.name != "sqlite":
+        return
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise RuntimeError(
+            f"the migration left {len(broken)} rows referring to rows that do not exist "
+            f"(table, rowid, referred table: {[tuple(row[:3]) for row in broken[:5]]}); "
+            "nothing was changed"
+        )
 
 
 @contextmanager

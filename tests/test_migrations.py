@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,164 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
     migrate(url)
     assert schema_diff(url) == []
     assert table_names(url) == set(SQLModel.metadata.tables)
+
+
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009"]
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def row_counts(url: str) -> dict[str, int]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                table: connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+                for table in table_names(url)
+            }
+    finally:
+        engine.dispose()
+
+
+def insert(database: str, table: str, **values: object) -> None:
+    engine = make_engine(database)
+    columns = ", ".join(values)
+    marks = ", ".join(f":{name}" for name in values)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"INSERT INTO {table} ({columns}) VALUES ({marks})"), values)
+    finally:
+        engine.dispose()
+
+
+def test_every_migration_keeps_the_rows_up_and_down(empty_database: str) -> None:
+    """Each step up from the first revision and back down keeps every row of every table it
+    does not drop (a row in each, from the revision that adds the table). On SQLite, Alembic
+    changes a table by copying and dropping it, and with foreign keys on, dropping ``task``
+    first deleted every event, receipt, subscription and delivery that referred to it (ON
+    DELETE CASCADE), while the migration said it succeeded."""
+    url = empty_database
+    migrate(url, "0001")
+    insert(
+        url,
+        "task",
+        pk=1,
+        id="tsk_1",
+        owner="alice",
+        provider="evolink",
+        origin="tracked",
+        status="succeeded",
+        progress=100,
+        request="{}",
+        images="[]",
+        metadata="{}",
+        last_update_source="callback",
+        submit_attempts=0,
+        created_at=AT,
+        updated_at=AT,
+    )
+    insert(
+        url,
+        "task_event",
+        seq=1,
+        id="evt_1",
+        task_pk=1,
+        type="task.submitted",
+        status="queued",
+        progress=0,
+        source="api",
+        created_at=AT,
+        data="{}",
+    )
+    insert(
+        url,
+        "callback_receipt",
+        pk=1,
+        task_pk=1,
+        provider="evolink",
+        received_at=AT,
+        outcome="applied",
+        body=b"{}",
+        body_size=2,
+        body_truncated=False,
+    )
+
+    def step(revision: str) -> None:
+        before = row_counts(url)
+        migrate(url, revision)
+        after = row_counts(url)
+        kept = {table: after[table] for table in before if table in after}
+        assert kept == {table: before[table] for table in kept}, (revision, before, after)
+
+    for revision in REVISIONS[1:3]:
+        step(revision)
+    insert(
+        url,
+        "subscription",
+        pk=1,
+        id="sub_1",
+        owner="alice",
+        kind="task",
+        task_pk=1,
+        url="https://hooks.example/h",
+        enabled=True,
+        created_at=AT,
+        updated_at=AT,
+    )
+    insert(
+        url,
+        "delivery",
+        pk=1,
+        id="dlv_1",
+        subscription_pk=1,
+        event_seq=1,
+        task_pk=1,
+        event_type="task.submitted",
+        status="pending",
+        attempts=0,
+        next_attempt_at=AT,
+        created_at=AT,
+        updated_at=AT,
+    )
+    insert(url, "delivery_attempt", pk=1, delivery_pk=1, attempted_at=AT, duration_ms=1.5)
+    insert(url, "client_secret", owner="alice", secret="whsec_x", created_at=AT)
+    for revision in REVISIONS[3:]:
+        step(revision)
+    inserted = (
+        "task",
+        "task_event",
+        "callback_receipt",
+        "subscription",
+        "delivery",
+        "delivery_attempt",
+        "client_secret",
+    )
+    assert {table: row_counts(url)[table] for table in inserted} == dict.fromkeys(inserted, 1)
+    for revision in reversed(REVISIONS[:-1]):
+        step(revision)
+    assert row_counts(url) == {"task": 1, "task_event": 1, "callback_receipt": 1}
+    migrate(url)
+    assert schema_diff(url) == []
+
+
+def test_a_sqlite_migration_that_would_leave_a_broken_reference_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """With foreign keys off while they run, the migrations check every reference before their
+    commit: a row referring to nothing (written here behind SQLite's back) stops the run, and
+    the schema stays where it was."""
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url, "0001")
+    with sqlite3.connect(tmp_path / "taskrelay.db") as raw:  # foreign keys off by default
+        raw.execute(
+            "INSERT INTO task_event (seq, id, task_pk, type, status, progress, source, "
+            "created_at, data) VALUES (1, 'evt_1', 99, 'task.submitted', 'queued', 0, 'api', "
+            "'2026-01-01 00:00:00', '{}')"
+        )
+    with pytest.raises(RuntimeError, match="rows referring to rows that do not exist"):
+        migrate(url)
+    engine = make_engine(url)
+    assert current_revision(engine) == "0001"
+    engine.dispose()
 
 
 def test_the_queue_index_rebuild_runs_again_after_stopping_midway(empty_postgres: str) -> None:
