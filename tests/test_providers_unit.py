@@ -38,7 +38,7 @@ from service.errors import (
 )
 from service.lifecycle import TaskUpdate
 from service.models import TaskStatus
-from service.providers import ADAPTER_CLASSES, base, parsing
+from service.providers import ADAPTER_CLASSES, base, evolink, parsing
 from service.providers.base import GenerationRequest, ProviderAdapter
 from service.settings import DEFAULT_MODELS, PROVIDERS, ProviderSettings, Secret
 
@@ -512,6 +512,27 @@ def test_n_row(provider: str) -> None:
         assert_rejection(caught.value, provider, "n", list(range(1, top + 1)))
 
 
+@pytest.mark.parametrize("mode", ["callback", "poll", "stream"])
+def test_grsai_stream_mode_takes_one_image(mode: str) -> None:
+    """The stream's final line carries one `url` (seed 000): a second variant would be lost."""
+    adapter = make_adapter("grsai", mode=mode)
+    adapter.validate(GenerationRequest(prompt="a cat", n=1))
+    two = GenerationRequest(prompt="a cat", n=2)
+    if mode != "stream":
+        adapter.validate(two)
+        assert adapter.build_submit(two, None)["variants"] == 2
+        return
+    with pytest.raises(ValidationFailed) as caught:
+        adapter.validate(two)
+    assert_rejection(caught.value, "grsai", "n", [1])
+    message = caught.value.details[0]["message"]
+    assert "stream mode" in message and "one image" in message
+    assert "callback or poll mode" in message and "TASKRELAY_GRSAI_MODE" in message
+    with pytest.raises(ValidationFailed) as caught:  # out of range in any mode
+        adapter.validate(GenerationRequest(prompt="a cat", n=0))
+    assert_rejection(caught.value, "grsai", "n", [1, 2])
+
+
 IMAGE_FIELD = {
     "grsai": "urls",
     "gptimage15": "images",
@@ -665,7 +686,8 @@ REJECTIONS: list[tuple[str, dict[str, Any], str, Any]] = [
     ),
     ("evolink", {"prompt": "word " * 1601}, "prompt", {"max_tokens": 2000}),
     ("evolink", {"prompt": "a" * 8001}, "prompt", {"max_tokens": 2000}),
-    ("evolink", {"prompt": "猫" * 4001}, "prompt", {"max_tokens": 2000}),
+    ("evolink", {"prompt": "猫" * 2001}, "prompt", {"max_tokens": 2000}),
+    ("evolink", {"prompt": "a " * 2001}, "prompt", {"max_tokens": 2000}),
 ]
 
 
@@ -684,11 +706,35 @@ def test_rejected_values_name_provider_and_accepted(
 
 
 @pytest.mark.parametrize(
+    ("prompt", "tokens"),
+    [
+        ("a" * 8, 2),
+        ("a b c", 3),  # a word is at least a token
+        ("猫" * 10, 10),  # a non-ASCII character is a token
+        ("猫a猫b", 4),  # 2 CJK + 2 ASCII words
+        ("一只可爱的猫咪 in the grass", 7 + 4),  # 13 ASCII characters: 4 tokens
+        ("é" * 5, 3),  # other non-ASCII characters: two to a token
+        ("кот " * 600, 900 + 150),  # Cyrillic: half a token a letter; 600 ASCII spaces: 150
+        ("ねこ네코", 4),  # kana and Hangul: a token each
+    ],
+)
+def test_evolink_token_estimate(prompt: str, tokens: int) -> None:
+    assert evolink.estimated_tokens(prompt) == tokens
+
+
+def test_evolink_rejection_says_how_tokens_are_counted() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        make_adapter("evolink").validate(GenerationRequest(prompt="猫" * 2001))
+    message = caught.value.details[0]["message"]
+    assert "about 2001 tokens" in message and "one token per CJK character" in message
+
+
+@pytest.mark.parametrize(
     ("provider", "changes"),
     [
         ("gptimage15", {"prompt": "x" * 2000}),
         ("evolink", {"prompt": "a" * 8000}),
-        ("evolink", {"prompt": "猫" * 4000}),
+        ("evolink", {"prompt": "猫" * 2000}),
         ("evolink", {"image_urls": tuple(f"https://e.com/{i}.png" for i in range(16))}),
         ("openai", {"n": 10, "size": "auto", "quality": "auto"}),
         ("grsai", {"n": 2, "size": "auto"}),
@@ -710,14 +756,31 @@ def test_empty_prompt_is_rejected(provider: str) -> None:
 # --- normalising a status (PROVIDERS.md table 2) --------------------------------------------
 
 
-def status_body(provider: str, word: str) -> dict[str, Any]:
+# Where each provider's task object keeps its image URLs.
+IMAGES_FIELD = {
+    "grsai": "results",
+    "gptimage15": "response",
+    "evolink": "results",
+    "apiinone": "results",
+}
+
+
+def status_body(provider: str, word: str, images: Any = None) -> dict[str, Any]:
+    """A status answer with ``word``; ``images`` (when not None) in the provider's field."""
+    task: dict[str, Any]
+    if provider in ("grsai", "evolink"):
+        task = {"id": "g-1", "status": word, "progress": 50}
+    else:
+        task = {"task_id": "g-1", "status": word}
+    if images is not None:
+        task[IMAGES_FIELD[provider]] = images
     if provider == "grsai":
-        return {"code": 0, "msg": "success", "data": {"id": "g-1", "status": word, "progress": 50}}
-    if provider == "gptimage15":
-        return {"code": 200, "data": {"task_id": "g-1", "status": word}}
+        return {"code": 0, "msg": "success", "data": task}
     if provider == "evolink":
-        return {"id": "g-1", "status": word, "progress": 50}
-    return {"code": 200, "message": "success", "data": {"task_id": "g-1", "status": word}}
+        return task
+    if provider == "gptimage15":
+        return {"code": 200, "data": task}
+    return {"code": 200, "message": "success", "data": task}
 
 
 STATUS_ROWS: list[tuple[str, str, TaskStatus | None]] = [
@@ -758,7 +821,8 @@ UNKNOWN_ROWS = [
 @pytest.mark.parametrize(("provider", "word", "expected"), STATUS_ROWS + UNKNOWN_ROWS)
 def test_status_row(provider: str, word: str, expected: TaskStatus | None) -> None:
     adapter = make_adapter(provider)
-    body = status_body(provider, word)
+    # A success names its image: without one it is refused (test_success_without_an_image_url).
+    body = status_body(provider, word, ["https://g/a.png"] if expected is S.succeeded else None)
     if expected is None:
         with pytest.raises(UpstreamProtocolError):
             adapter.parse_status(200, body)
@@ -828,6 +892,126 @@ def test_evolink_error_code_alone_can_name_content_policy() -> None:
     body = {"id": "t", "status": "failed", "error": {"code": "content_policy", "message": "No."}}
     update = make_adapter("evolink").parse_status(200, body)
     assert update.error == {"code": "content_policy_violation", "message": "No."}
+
+
+# --- success needs an image ---------------------------------------------------------------------
+
+# What a success may carry in the provider's image field that is no image URL.
+NOT_IMAGES: list[Any] = [
+    [],
+    ["pending"],
+    [""],
+    ["/files/a.png"],
+    ["ftp://g/a.png"],
+    ["https://"],
+    ["http://[oops/a.png"],
+    ["https://g/a\n.png"],
+    [{"url": "pending"}, {"width": 1024}],
+    "done",
+    {},
+    None,  # no field at all
+]
+
+
+@pytest.mark.parametrize("provider", ASYNC_PROVIDERS)
+@pytest.mark.parametrize("images", NOT_IMAGES, ids=[repr(v)[:24] for v in NOT_IMAGES])
+def test_success_without_an_image_url_is_refused(provider: str, images: Any) -> None:
+    """Success is final: recorded without an image, the task could never get its result. The
+    answer is refused instead, and the task stays running for a later poll or callback."""
+    adapter = make_adapter(provider)
+    word = {"grsai": "succeeded", "gptimage15": "SUCCESS"}.get(provider, "completed")
+    body = status_body(provider, word, images)
+    with pytest.raises(UpstreamProtocolError) as polled:
+        adapter.parse_status(200, body)
+    with pytest.raises(CallbackParseError) as called:
+        adapter.parse_callback(json.dumps(body).encode(), {})
+    for error in (polled.value, called.value):
+        assert f"reported success (status {word!r}) but gave no image URL" in error.message
+        assert "absolute http(s) URL" in error.message
+    assert polled.value.provider == provider and polled.value.retryable
+    assert called.value.status == 400
+
+
+def test_success_without_an_image_url_names_where_it_was_expected() -> None:
+    evo = {"id": "t", "status": "completed", "results": []}
+    with pytest.raises(UpstreamProtocolError) as caught:
+        make_adapter("evolink").parse_status(200, evo)
+    assert caught.value.message == (
+        "evolink answered: the provider reported success (status 'completed') but gave no "
+        "image URL: expected at least one absolute http(s) URL in `results`."
+    )
+    with pytest.raises(CallbackParseError) as callback:
+        make_adapter("evolink").parse_callback(json.dumps(evo).encode(), {})
+    assert callback.value.message.startswith("Unreadable evolink callback: the provider reported")
+
+
+@pytest.mark.parametrize(
+    ("provider", "mode", "body"),
+    [
+        ("evolink", "callback", {"id": "t", "status": "completed", "results": ["pending"]}),
+        ("gptimage15", "callback", {"code": 200, "data": {"task_id": "t", "status": "SUCCESS"}}),
+        ("apiinone", "callback", {"code": 200, "data": {"task_id": "t", "status": "completed"}}),
+        ("grsai", "poll", {"code": 0, "data": {"id": "t", "status": "succeeded"}}),
+    ],
+)
+def test_submit_reply_success_without_an_image_keeps_the_task_running(
+    provider: str, mode: str, body: Any
+) -> None:
+    """The reply names the task: it is left to polls and callbacks, not failed or resent."""
+    update = make_adapter(provider, mode=mode).parse_submit_reply(200, body).update
+    assert update.status is S.running and update.provider_task_id == "t"
+    assert update.images == ()
+
+
+def test_grsai_submit_reply_success_without_image_or_id_is_a_protocol_error() -> None:
+    body = {"code": 0, "data": {"status": "succeeded", "results": []}}
+    with pytest.raises(UpstreamProtocolError, match="gave no image URL"):
+        make_adapter("grsai").parse_submit_reply(200, body)
+
+
+def test_grsai_stream_success_without_an_image_url_is_a_protocol_error() -> None:
+    stream = 'data: {"progress": 50}\n\ndata: {"progress": 100, "status": "succeeded"}\n'
+    with pytest.raises(UpstreamProtocolError, match="gave no image URL") as caught:
+        make_adapter("grsai", mode="stream").parse_submit_reply(200, stream)
+    assert "`url`" in caught.value.message
+
+
+def test_image_list_keeps_only_absolute_http_urls() -> None:
+    value = [
+        "pending",
+        "",
+        "   ",
+        "/relative/a.png",
+        "files/a.png",
+        "//cdn.example/a.png",
+        "ftp://cdn.example/a.png",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "javascript:alert(1)",
+        "https://",
+        "http://[oops/a.png",
+        "https://cdn.example/a\r\n.png",
+        {"url": "pending", "width": 10},
+        {"url": " https://cdn.example/a.png ", "width": 1024, "height": 1536},
+        "https://cdn.example/a.png",  # the same URL again
+        "HTTP://CDN.example/b.png",
+        {"url": "http://10.0.0.1:8080/c.png?sig=x", "width": True},
+        7,
+        None,
+    ]
+    assert parsing.image_list(value) == [
+        {"url": "https://cdn.example/a.png", "width": 1024, "height": 1536},
+        {"url": "HTTP://CDN.example/b.png"},
+        {"url": "http://10.0.0.1:8080/c.png?sig=x"},
+    ]
+    assert parsing.image_list("pending") == []
+    assert parsing.image_list({"url": "https://g/a.png"}) == [{"url": "https://g/a.png"}]
+
+
+def test_apiinone_passes_over_a_field_without_urls() -> None:
+    task = {"task_id": "t", "status": "completed", "results": ["pending"], "result": "ok"}
+    body = {"code": 200, "data": {**task, "output": ["https://g/a.png"]}}
+    update = make_adapter("apiinone").parse_status(200, body)
+    assert update.images == ({"url": "https://g/a.png"},)
 
 
 # --- callback shapes ---------------------------------------------------------------------------
@@ -1184,6 +1368,7 @@ def test_seed_000_grsai() -> None:
         ('data: {"progress": 100, "url": "https://g/x.png"}', S.succeeded, None),
         ('data: {"progress": 100, "failure_reason": "boom"}', S.failed, "boom"),
         ('data: {"progress": 100}', S.running, None),
+        ('data: {"progress": 100, "url": "pending"}', S.running, None),
         ('data: {"progress": 60, "status": "failed", "error": "quota"}', S.failed, "quota"),
         ('data: {"code": 0, "data": {"progress": 30, "status": "running"}}', S.running, None),
     ],

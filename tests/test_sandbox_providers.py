@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from service.errors import ValidationFailed
+from service.providers.base import GenerationRequest
+from service.providers.evolink import EvoLinkAdapter
 from service.sandbox import Sandbox, SandboxBehaviour
 from service.sandbox.testing import (
     ASYNC_APIS,
@@ -24,6 +27,7 @@ from service.sandbox.testing import (
     ProviderAPI,
     asgi_client,
 )
+from service.settings import ProviderSettings
 
 KEY = "sandbox-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -462,6 +466,7 @@ VALIDATION = [
     ("evolink", {"prompt": "x", "callback_url": "ftp://a/b"}),
     ("evolink", {"prompt": "x", "callback_url": LONG_URL}),
     ("evolink", {"prompt": "word " * 2001}),
+    ("evolink", {"prompt": "猫" * 2001}),  # a CJK character is a token
     ("apiinone", {"model": "m", "prompt": "x", "quality": "low"}),
     ("apiinone", {"model": "m", "prompt": "x", "aspect_ratio": "16:9"}),
     ("apiinone", {"prompt": "x"}),
@@ -544,6 +549,40 @@ async def test_accepted_variants(client: httpx.AsyncClient) -> None:
         prompt = "x sandbox:duration=0"
         response = await client.post(SUBMIT_PATHS[provider], json={**body, "prompt": prompt})
         assert response.status_code == 200, (provider, response.text)
+
+
+EVOLINK_PROMPTS = [
+    ("a" * 8000, True),
+    ("a" * 8001, False),
+    ("a " * 2000, True),
+    ("a " * 2001, False),
+    ("猫" * 2000, True),
+    ("猫" * 2001, False),
+    ("猫a" * 1000, True),
+    ("猫a" * 1001, False),
+    ("一只可爱的猫咪 " * 275, True),  # 1925 + ceil(275 / 4)
+    ("一只可爱的猫咪 " * 276, False),  # 1932 + 69
+]
+
+
+async def test_evolink_prompt_limit_agrees_with_the_adapter(client: httpx.AsyncClient) -> None:
+    """One token estimate for both: the adapter never sends a prompt the sandbox refuses, and
+    never refuses one the sandbox takes."""
+    settings = ProviderSettings(
+        name="evolink", api_key=None, base_url="http://sandbox.test/evolink", model="gpt-image-1.5"
+    )
+    adapter = EvoLinkAdapter(settings, client)
+    for prompt, fits in EVOLINK_PROMPTS:
+        try:
+            adapter.validate(GenerationRequest(prompt=prompt))
+        except ValidationFailed:
+            taken_by_adapter = False
+        else:
+            taken_by_adapter = True
+        response = await client.post(SUBMIT_PATHS["evolink"], json={"prompt": prompt})
+        assert response.status_code in (200, 400), response.text
+        taken_by_sandbox = response.status_code == 200
+        assert (taken_by_adapter, taken_by_sandbox) == (fits, fits), prompt[:20]
 
 
 # --- auth -----------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ one per configured provider, all sharing the app's ``httpx.AsyncClient``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import httpx
 
 from service.errors import SettingsError
@@ -31,8 +33,14 @@ ADAPTER_CLASSES: dict[str, type[ProviderAdapter]] = {
 __all__ = ["ADAPTER_CLASSES", "ProviderAdapter", "build_adapters"]
 
 
-def build_adapters(settings: Settings, http: httpx.AsyncClient) -> dict[str, ProviderAdapter]:
-    """One adapter per provider in ``settings.providers``, each with its own settings."""
+def build_adapters(
+    settings: Settings,
+    http: httpx.AsyncClient,
+    *,
+    clients: Mapping[str, httpx.AsyncClient] | None = None,
+) -> dict[str, ProviderAdapter]:
+    """One adapter per provider in ``settings.providers``, each with its own settings, on
+    its client in ``clients`` (``http`` for any provider it does not name)."""
     unknown = sorted(set(settings.providers) - set(ADAPTER_CLASSES))
     if unknown:
         raise SettingsError(
@@ -40,6 +48,6 @@ def build_adapters(settings: Settings, http: httpx.AsyncClient) -> dict[str, Pro
             f"{', '.join(ADAPTER_CLASSES)}."
         )
     return {
-        name: ADAPTER_CLASSES[name](provider_settings, http)
+        name: ADAPTER_CLASSES[name](provider_settings, (clients or {}).get(name, http))
         for name, provider_settings in settings.providers.items()
     }

@@ -3,7 +3,8 @@
 The submit reply is ``{"code": 200, "message": "success", "data": {"task_id", "status"}}``;
 errors are ``{"error": {"code", "message", "type"}}``. The status answer's body is not
 documented, so it is read like the submit reply (envelope or bare object), the status word in
-any case, and the images from whichever of :data:`IMAGE_FIELDS` is present.
+any case, and the images from the first of :data:`IMAGE_FIELDS` that holds absolute http(s)
+URLs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class APIInOneAdapter(TaskEndpointAdapter):
     statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
     documented_statuses: ClassVar[str] = "IN_PROGRESS, completed, failed"
     default_failure: ClassVar[str] = DEFAULT_FAILURE
+    images_where: ClassVar[str] = "any of " + ", ".join(f"`{key}`" for key in IMAGE_FIELDS)
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt)
@@ -75,7 +77,8 @@ class APIInOneAdapter(TaskEndpointAdapter):
 
 
 def _images(task: Mapping[str, Any], depth: int = 0) -> list[dict[str, Any]]:
-    """The first of :data:`IMAGE_FIELDS` that holds images, looking one object level down."""
+    """The first of :data:`IMAGE_FIELDS` that holds images (absolute http(s) URLs), looking one
+    object level down; a field holding something else (``"result": "ok"``) is passed over."""
     for key in IMAGE_FIELDS:
         value = task.get(key)
         images = parsing.image_list(value)

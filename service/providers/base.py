@@ -380,6 +380,8 @@ class TaskEndpointAdapter(ProviderAdapter):
     task_id_where: ClassVar[str] = "`data.task_id`"
     # The error message of a failed task whose provider gives no reason.
     default_failure: ClassVar[str]
+    # Where a succeeded task object carries its image URLs, to name in errors.
+    images_where: ClassVar[str] = "`results`"
 
     @abc.abstractmethod
     def status_query(self, provider_task_id: str) -> StatusQuery:
@@ -452,7 +454,31 @@ class TaskEndpointAdapter(ProviderAdapter):
                 provider_task_id=task_id,
                 estimated_seconds=self.estimated_seconds(task),
             )
-        return self.task_update(task)
+        return self.submitted_update(task, task_id)
+
+    def submitted_update(self, task: Mapping[str, Any], task_id: str | None) -> TaskUpdate:
+        """A submit reply's task object that carries a status word.
+
+        A reply that says "succeeded" without an image URL, for a task it names, leaves the
+        task running under that id: a poll or callback can still bring the images, where an
+        error would end a task the provider has taken (it is never sent again).
+        """
+        try:
+            return self.task_update(task)
+        except parsing.NoImageError as exc:
+            if task_id is None:
+                raise
+            log.warning(
+                "%s accepted task %s but answered: %s; waiting for its images",
+                self.name,
+                task_id,
+                exc,
+            )
+            return TaskUpdate(
+                status=TaskStatus.running,
+                provider_task_id=task_id,
+                estimated_seconds=self.estimated_seconds(task),
+            )
 
     def task_update(self, task: Mapping[str, Any]) -> TaskUpdate:
         """A task object, which must carry a status word."""
@@ -462,14 +488,25 @@ class TaskEndpointAdapter(ProviderAdapter):
     def update_for(
         self, task: Mapping[str, Any], status: TaskStatus, raw: str | None
     ) -> TaskUpdate:
-        """A task object's update, its status already read."""
+        """A task object's update, its status already read.
+
+        Success without an image URL raises :class:`~.parsing.NoImageError`: recorded, it
+        would end the task with nothing to show, and no later answer could mend it.
+        """
+        images = tuple(self.images(task))
+        if status is TaskStatus.succeeded and not images:
+            said = f" (status {raw[:40]!r})" if raw else ""
+            raise parsing.NoImageError(
+                f"the provider reported success{said} but gave no image URL: expected at "
+                f"least one absolute http(s) URL in {self.images_where}"
+            )
         error = None
         if status is TaskStatus.failed:
             error = parsing.failure_error(self.failure_reason(task), self.default_failure)
         return TaskUpdate(
             status=status,
             progress=parsing.progress_of(task.get("progress")),
-            images=tuple(self.images(task)),
+            images=images,
             error=error,
             provider_task_id=self.task_id_of(task),
             raw_status=raw,

@@ -8,6 +8,7 @@ provider's hint, in seconds, of when to look.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -31,15 +32,40 @@ STATUSES = {
 DEFAULT_FAILURE = "EvoLink reported the task as failed without giving a reason."
 
 
-def estimated_tokens(prompt: str) -> int:
-    """A rough count of the prompt's tokens, to refuse prompts clearly over EvoLink's limit.
+# Scripts whose characters are a token each: CJK ideographs (and their extensions and
+# compatibility forms), kana, Hangul, and CJK punctuation and full-width forms.
+_WIDE_SCRIPTS = re.compile(
+    "[\u2e80-\u2fdf\u3000-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
+    "\U00020000-\U0003134f]"
+)
 
-    Four ASCII characters per token (the usual English average) and two per other character
-    (CJK text runs nearer one token per character). So a prompt over 8000 ASCII characters, or
-    4000 CJK characters, is refused here; a prompt near the limit may still be refused upstream.
+
+def estimated_tokens(prompt: str) -> int:
+    """A rough count of the prompt's tokens, to refuse prompts over EvoLink's 2000-token limit
+    (seed 002) before they are sent.
+
+    A CJK, kana or Hangul character is a token (such text runs at about one token per
+    character); any other non-ASCII character (Cyrillic, Greek, accented Latin) half a token,
+    since tokenizers take such words in pieces of two or more characters. ASCII text is a
+    token per four characters (the usual English average), but never fewer than its words,
+    so short words each count as one. So 8000 ASCII characters of ordinary text, or 2000 CJK
+    characters, are the most a prompt can hold. The sandbox's EvoLink validates with this
+    same function, so the two always agree; the real EvoLink counts with its own tokenizer,
+    and may still refuse a prompt near the limit.
     """
-    ascii_chars = sum(1 for char in prompt if char.isascii())
-    return math.ceil(ascii_chars / 4 + (len(prompt) - ascii_chars) / 2)
+    wide = other = 0
+    for char in prompt:
+        if not char.isascii():
+            if _WIDE_SCRIPTS.match(char):
+                wide += 1
+            else:
+                other += 1
+    # Non-ASCII characters are counted on their own: as spaces they keep ASCII words apart.
+    ascii_text = "".join(char if char.isascii() else " " for char in prompt)
+    ascii_chars = len(prompt) - wide - other
+    ascii_tokens = max(len(ascii_text.split()), math.ceil(ascii_chars / 4))
+    return wide + math.ceil(other / 2) + ascii_tokens
 
 
 class EvoLinkAdapter(TaskEndpointAdapter):
@@ -60,7 +86,8 @@ class EvoLinkAdapter(TaskEndpointAdapter):
                 self.name,
                 "prompt",
                 f"about {tokens} tokens is over the limit of {MAX_PROMPT_TOKENS} tokens "
-                "(estimated as 4 ASCII or 2 other characters per token)",
+                "(estimated as one token per CJK character, one per two other non-ASCII "
+                "characters, and one per 4 ASCII characters or per word, whichever is more)",
                 accepted={"max_tokens": MAX_PROMPT_TOKENS},
             )
         base.check_choice(self.name, "size", request.size, SIZES)

@@ -33,6 +33,7 @@ class GPTImage15Adapter(TaskEndpointAdapter):
     statuses: ClassVar[Mapping[str, TaskStatus]] = STATUSES
     documented_statuses: ClassVar[str] = "PENDING, IN_PROGRESS, SUCCESS, FAILED"
     default_failure: ClassVar[str] = DEFAULT_FAILURE
+    images_where: ClassVar[str] = "`response`"
 
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt, MAX_PROMPT_CHARS)

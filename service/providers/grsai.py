@@ -7,7 +7,8 @@
 - ``poll``: ``"-1"``. The reply is ``{"code": 0, "data": {"id": ...}}``; TaskRelay polls
   ``POST /v1/draw/result``.
 - ``stream``: no ``webHook``. The reply is a stream of ``data: {json}`` lines with ``progress``;
-  the line that ends it (``progress`` 100 with ``status`` succeeded/failed) is the result.
+  the line that ends it (``progress`` 100 with ``status`` succeeded/failed) is the result. That
+  line has room for one image (a single ``url``, seed 000), so this mode takes ``n`` = 1 only.
 
 A non-zero ``code`` in any JSON answer is an error. In the callback and poll modes GrsAI is a
 task endpoint like the others (:class:`~service.providers.base.TaskEndpointAdapter`); the stream
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SIZES = ("auto", "1:1", "3:2", "2:3")
 MAX_VARIANTS = 2
+# The stream's final line carries one `url` (seed 000): a second variant would be paid for and lost.
+MAX_STREAM_VARIANTS = 1
 OK_CODES = (0,)
 # The "-1" webHook asks for the task id at once, for polling.
 POLL_WEBHOOK = "-1"
@@ -64,6 +67,7 @@ class GrsAIAdapter(TaskEndpointAdapter):
     documented_statuses: ClassVar[str] = "running, succeeded, failed"
     task_id_field: ClassVar[str] = "id"
     default_failure: ClassVar[str] = DEFAULT_FAILURE
+    images_where: ClassVar[str] = "`results` (or `url`, on a stream line)"
 
     def delivers_callbacks(self) -> bool:
         """Only in callback mode; a stream or a polled task reports nothing by itself."""
@@ -78,6 +82,15 @@ class GrsAIAdapter(TaskEndpointAdapter):
                 "quality",
                 "GrsAI takes no quality setting; leave quality out",
                 accepted=[],
+            )
+        if self.settings.mode == "stream" and request.n > MAX_STREAM_VARIANTS:
+            raise base.rejected(
+                self.name,
+                "n",
+                f"{request.n} images cannot be made in stream mode, whose reply carries one "
+                "image; send n=1, or have TaskRelay run GrsAI in callback or poll mode "
+                f"(TASKRELAY_GRSAI_MODE), which returns up to {MAX_VARIANTS}",
+                accepted=list(range(1, MAX_STREAM_VARIANTS + 1)),
             )
         base.check_count(self.name, request.n, 1, MAX_VARIANTS)
 
@@ -223,10 +236,10 @@ class GrsAIAdapter(TaskEndpointAdapter):
         reply = parsing.require_object(body, "the submit reply")
         parsing.check_body_code(self.name, reply, OK_CODES)
         data = reply.get("data")
-        if isinstance(data, Mapping) and isinstance(data.get("status"), str):
-            return self.task_update(data)
         task_id = parsing.id_of(data.get("id")) if isinstance(data, Mapping) else None
         task_id = task_id or parsing.id_of(reply.get("id"))
+        if isinstance(data, Mapping) and isinstance(data.get("status"), str):
+            return self.submitted_update(data, task_id)
         if task_id is None and self.settings.mode == "poll":
             raise parsing.BodyShapeError(
                 'expected the task id to poll with in `data.id` ({"code": 0, "data": {"id": ...}})'

@@ -100,13 +100,15 @@ class OpenAIAdapter(ProviderAdapter):
         for item in data:
             entry = parsing.require_object(item, "each entry of `data`")
             b64 = entry.get("b64_json")
-            url = entry.get("url")
+            url = parsing.image_url(entry.get("url"))
             if isinstance(b64, str) and b64:
                 image: dict[str, Any] = {"b64_json": b64}
-            elif isinstance(url, str) and url:
+            elif url is not None:
                 image = {"url": url}
             else:
-                raise parsing.BodyShapeError("expected each image to carry `b64_json` or `url`")
+                raise parsing.BodyShapeError(
+                    "expected each image to carry `b64_json` or an absolute http(s) `url`"
+                )
             images.append({**image, **width_height})
         return TaskUpdate(status=TaskStatus.succeeded, progress=100, images=tuple(images))
 

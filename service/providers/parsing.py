@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -41,8 +42,19 @@ CONTENT_POLICY_MARKERS = (
     "违规",
     "内容政策",
 )
-# What a parser may trip over in JSON of an unexpected shape (RecursionError: deep nesting).
-_ODD_JSON = (RecursionError, TypeError, ValueError, KeyError, AttributeError, IndexError)
+# What a parser may trip over in JSON of an unexpected shape (RecursionError: deep nesting;
+# ArithmeticError: an integer too large for a float, which JSON allows).
+_ODD_JSON = (
+    RecursionError,
+    ArithmeticError,
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    IndexError,
+)
+# The largest image side kept from a provider's width or height (GPT Image makes at most 1536).
+MAX_IMAGE_SIDE = 100_000
 
 
 class BodyShapeError(ValueError):
@@ -50,6 +62,15 @@ class BodyShapeError(ValueError):
 
     Parsers raise this; :func:`guard_reply` turns it into an :class:`UpstreamProtocolError` (a
     reply to our request) and :func:`guard_callback` into a :class:`CallbackParseError`.
+    """
+
+
+class NoImageError(BodyShapeError):
+    """A task object reports success but names no image URL.
+
+    Success is final for a task, so such an answer is refused (as any odd shape is) rather
+    than recorded: the task stays running, and a later poll or callback can still bring the
+    images.
     """
 
 
@@ -94,7 +115,8 @@ def seconds_of(value: Any) -> float | None:
     if isinstance(value, float):
         return value if 0 <= value < 1e15 else None
     number = int_of(value)
-    return float(number) if number is not None and number >= 0 else None
+    # Bounded before float(): JSON integers have no size limit, floats do.
+    return float(number) if number is not None and 0 <= number < 10**15 else None
 
 
 def id_of(value: Any) -> str | None:
@@ -106,24 +128,49 @@ def id_of(value: Any) -> str | None:
     return None
 
 
+def image_url(value: Any) -> str | None:
+    """``value`` as an image URL: an absolute http(s) URL with a host, else ``None``.
+
+    A provider's image must be fetchable from anywhere: a word (``"pending"``), a relative path
+    or another scheme is no image, however non-empty.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. "http://[oops": a broken IPv6 host
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        return None  # a control character: no URL, and unsafe in a later request line
+    return text
+
+
 def image_list(value: Any) -> list[dict[str, Any]]:
     """Images from a list of URL strings and/or ``{"url", "width"?, "height"?}`` objects.
 
-    A single string or object counts as a list of one; entries without a URL are skipped.
+    A single string or object counts as a list of one. Only absolute http(s) URLs count
+    (:func:`image_url`); other entries are skipped, so a list of none yields no images.
     """
     items = value if isinstance(value, list) else [value]
     images: list[dict[str, Any]] = []
     seen: set[str] = set()
     for item in items:
-        url = item.get("url") if isinstance(item, Mapping) else item
-        if not isinstance(url, str) or not url.strip() or url.strip() in seen:
+        url = image_url(item.get("url") if isinstance(item, Mapping) else item)
+        if url is None or url in seen:
             continue
-        image: dict[str, Any] = {"url": url.strip()}
-        seen.add(image["url"])
+        image: dict[str, Any] = {"url": url}
+        seen.add(url)
         if isinstance(item, Mapping):
             for key in ("width", "height"):
                 size = item.get(key)
-                if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                if (
+                    isinstance(size, int)
+                    and not isinstance(size, bool)
+                    and 0 < size <= MAX_IMAGE_SIDE
+                ):
                     image[key] = size
         images.append(image)
     return images

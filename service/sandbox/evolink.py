@@ -8,6 +8,10 @@ failed, ``progress`` 0-100, ``results`` (URL strings) once completed and ``error
 Errors (not shown by the seeds) use an OpenAI-like shape:
 ``{"error": {"code": "<string>", "message", "type", "param"}}``.
 
+The prompt limit (2000 tokens, seed 002) is counted with TaskRelay's own estimate
+(:func:`service.providers.evolink.estimated_tokens`), so that the adapter never sends a prompt
+the sandbox refuses, nor refuses one the sandbox would take.
+
 Real EvoLink accepts only HTTPS callback URLs on public addresses; the sandbox also takes http
 and local addresses because everything it talks to is local. A failed callback delivery
 (non-2xx or no answer) is retried 3 times, ``callback_retry_backoff * k`` seconds apart.
@@ -15,11 +19,11 @@ and local addresses because everything it talks to is local. A failed callback d
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
+from service.providers.evolink import MAX_PROMPT_TOKENS, estimated_tokens
 from service.sandbox.common import (
     Invalid,
     ProviderEmulator,
@@ -37,7 +41,6 @@ from service.sandbox.tasks import SandboxTask, View, random_token
 SIZES = ("1:1", "2:3", "3:2", "1024x1024", "1024x1536", "1536x1024")
 ASPECTS = {"1024x1024": "1:1", "1024x1536": "2:3", "1536x1024": "3:2"}
 QUALITIES = ("low", "medium", "high")
-MAX_PROMPT_TOKENS = 2000
 STATUSES = {
     "queued": "pending",
     "running": "processing",
@@ -76,7 +79,8 @@ class EvoLinkEmulator(ProviderEmulator):
     def parse_submit(self, body: dict[str, Any]) -> Submission:
         model = string(body, "model", "gpt-image-1.5")
         prompt = require_prompt(body)
-        if estimate_tokens(prompt) > MAX_PROMPT_TOKENS:
+        # TaskRelay's own estimate: its EvoLink adapter never sends a prompt refused here.
+        if estimated_tokens(prompt) > MAX_PROMPT_TOKENS:
             raise Invalid("prompt", f"'prompt' must be at most {MAX_PROMPT_TOKENS} tokens.")
         size = choice(body, "size", SIZES, "1:1")
         quality = choice(body, "quality", QUALITIES, "high")
@@ -124,8 +128,3 @@ class EvoLinkEmulator(ProviderEmulator):
             reason = task.behaviour.failure_reason
             body["error"] = {"code": failure_code(reason), "message": reason}
         return body
-
-
-def estimate_tokens(text: str) -> int:
-    """A rough token count (EvoLink limits prompts in tokens): about four characters each."""
-    return max(len(text.split()), math.ceil(len(text) / 4))
