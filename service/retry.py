@@ -6,6 +6,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+# Past this many growths every delay is at its cap anyway (a factor of 1.1 already multiplies
+# the base by over 400), and factor**n stays a finite float: TASKRELAY_SUBMIT_ATTEMPTS may be
+# large, and 4.0**600 overflows.
+MAX_GROWTHS = 64
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -31,7 +36,8 @@ class Backoff:
     ) -> float | None:
         if attempt >= self.max_attempts:
             return None
-        raw = min(self.cap, self.base * self.factor ** (attempt - 1))
+        growths = min(MAX_GROWTHS, attempt - 1)
+        raw = min(self.cap, self.base * self.factor**growths)
         spread = raw * self.jitter
         chosen = raw - spread + (rng or random).random() * spread
         if retry_after is not None:

@@ -3,9 +3,10 @@
 Each pass claims, per provider, the tasks that are due (leases in the database, so several
 processes never query the same task at once), queries their status within that provider's
 concurrency and rate caps, and records each answer through the same state machine as a
-callback. A task past its deadline gets one last query, then becomes ``expired``. The loop
-wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives its
-own errors. Providers do not wait for each other: the loop claims a provider's next batch
+callback. A task past its deadline gets one last query, then becomes ``expired`` (a last
+query refused with a 429 or a Retry-After is made once more, when the provider asked). The
+loop wakes on an interval, on :meth:`Scheduler.wake`, or stops; each pass logs and survives
+its own errors. Providers do not wait for each other: the loop claims a provider's next batch
 once its previous batch is done, whatever the others' claims and batches are doing, so a
 provider whose queries hang (each cut off before its poll lease runs out) or whose claim is
 slow (plans moved after a stall) delays only its own tasks.
@@ -26,6 +27,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import sqlalchemy as sa
+from sqlmodel import col
 from starlette.concurrency import run_in_threadpool
 
 from service import observe
@@ -39,7 +42,7 @@ from service.errors import (
 from service.lifecycle import TaskUpdate
 from service.loops import Failures, Ticker
 from service.metrics import Metrics
-from service.models import TERMINAL_STATUSES, TaskStatus
+from service.models import TERMINAL_STATUSES, Task, TaskStatus
 from service.providers.base import ProviderAdapter
 from service.store import Claim, Store
 
@@ -62,8 +65,36 @@ class ProviderPaused(Exception):
         self.seconds = seconds
 
 
+# How much of the last query's error an expired task's message quotes.
+WHY_EXPIRED_CHARS = 300
+
+
+def _why_expired(adapter: ProviderAdapter, claim: Claim, failure: ProviderError | None) -> str:
+    """An expired task's error message: what TaskRelay last knew, not only that time ran out
+    (a provider that does not know the task id, a submission that never named one)."""
+    said = "No final answer from the provider before the task's deadline"
+    if adapter.can_query_status and claim.provider_task_id is None:
+        return (
+            f"{said}: the provider's id for the task never came (not in the answer to its "
+            "submission, a callback or a PATCH), so TaskRelay could not ask about it."
+        )
+    if failure is not None:
+        quoted = f"{failure.code}: {failure.message}"[:WHY_EXPIRED_CHARS]
+        return f"{said}; the last status query failed ({quoted})."
+    return f"{said}."
+
+
 class _Stopping(Exception):
     """The scheduler is stopping: a claimed task is handed back instead of being queried."""
+
+
+class _LastLookRefused(Exception):
+    """The last look, at or past the deadline, was refused for now (a 429, or a 5xx with
+    Retry-After): it is made again after ``seconds`` instead of expiring the task."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"last look refused for {seconds:.1f} s")
+        self.seconds = seconds
 
 
 class _LeaseRunningOut(Exception):
@@ -326,9 +357,22 @@ class Scheduler:
         adapter = self.adapters[claim.provider]
         task = None
         queried = False
+        failure: ProviderError | None = None  # this look's, if the provider refused it
         if adapter.can_query_status and claim.provider_task_id is not None:
             try:
-                task = await self._query(adapter, claim, worker, until)
+                task, failure = await self._query(
+                    adapter, claim, worker, until, final_look=final_look
+                )
+            except _LastLookRefused as refused:
+                task = await run_in_threadpool(
+                    self.store.defer, claim.task_id, worker, seconds=refused.seconds
+                )
+                log.info(
+                    "the last look at %s before it expires was refused; asking again in %.1f s",
+                    claim.task_id,
+                    refused.seconds,
+                )
+                return PollOutcome(task, queried=True, expired=False)
             except _LeaseRunningOut:
                 # Never sent: handed back, due now, for the next pass (this one or another
                 # process's) to claim with a fresh lease. Not a failed query.
@@ -346,9 +390,7 @@ class Scheduler:
             queried = True
         if final_look and (task is None or task["status"] not in _FINAL):
             result = await run_in_threadpool(
-                self.store.expire_task,
-                claim.task_id,
-                "No final answer from the provider before the task's deadline.",
+                self.store.expire_task, claim.task_id, _why_expired(adapter, claim, failure)
             )
             self.metrics.inc("tasks_expired_total", provider=claim.provider)
             log.info("task %s expired at its deadline", claim.task_id)
@@ -426,19 +468,58 @@ class Scheduler:
         )
 
     async def _query(
-        self, adapter: ProviderAdapter, claim: Claim, worker: str | None, until: float | None
-    ) -> dict[str, Any]:
+        self,
+        adapter: ProviderAdapter,
+        claim: Claim,
+        worker: str | None,
+        until: float | None,
+        *,
+        final_look: bool = False,
+    ) -> tuple[dict[str, Any], ProviderError | None]:
+        """The task after this query is recorded, and the query's error if it failed."""
         try:
             update = await self._ask(adapter, claim, scheduled=True, until=until)
         except ProviderError as exc:  # a ProviderPaused is not one: poll() hands the task back
+            if final_look:
+                wait = self._refused_for(claim, exc)
+                if wait is not None and not await run_in_threadpool(self._put_off, claim):
+                    raise _LastLookRefused(wait) from exc
             failed = await run_in_threadpool(
                 self.store.record_poll, claim.task_id, worker, error=exc
             )
-            return failed.task
+            return failed.task, exc
         result = await run_in_threadpool(
             self.store.record_poll, claim.task_id, worker, update=update
         )
-        return result.task
+        return result.task, None
+
+    def _refused_for(self, claim: Claim, exc: ProviderError) -> float | None:
+        """How long the provider asked to be left alone when it refused a query for now (a
+        429, or another error worth retrying that came with Retry-After); None otherwise."""
+        if not exc.retryable:
+            return None
+        paused = self.limiters[claim.provider].paused_for()  # a 429's, _send paused it
+        if exc.retry_after is None and exc.code != UpstreamRateLimited.code:
+            return None  # no hint (a timeout, a bare 5xx): nothing says a later look is worth it
+        return max(exc.retry_after or 0.0, paused)
+
+    def _put_off(self, claim: Claim) -> bool:
+        """Whether this look at a task past its deadline was planned after the deadline: a
+        last look put off already (by a pause, a hand-back for want of a slot, or a refused
+        last look).
+
+        A refused last look is like a pause known beforehand (ProviderPaused): the provider
+        said when to ask, so the last look moves there instead of expiring a task it may
+        have finished. But only once: a pause gives the task one look after it, and so does
+        a refusal. The polling policy never plans past the deadline, so a plan after it is
+        what marks the look as put off already, in the row, whichever process (or start-up
+        after a restart) makes the look. A provider that refuses every query cannot keep a
+        task alive: its second refusal expires it."""
+        with self.store.transaction(write=False) as session:
+            planned = session.execute(
+                sa.select(col(Task.next_check_at)).where(col(Task.id) == claim.task_id)
+            ).scalar()
+        return planned is not None and bool(planned > claim.deadline_at)
 
     async def refresh(self, task: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/tasks/{id}/refresh``: query the provider now and record the answer.

@@ -12,6 +12,7 @@ the next sweep of any process sends it once it is overdue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,7 +68,12 @@ class Submitter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
         sweep_seconds: float = SWEEP_SECONDS,
+        send_slots: Mapping[str, int] | None = None,
     ) -> None:
+        """``send_slots``: per provider, how many requests may be out at once (each holds a
+        connection of that provider's pool until it is answered: OpenAI's for the whole
+        generation); the others wait their turn here, before an attempt is counted, rather
+        than for a connection, where the wait is short and fails the attempt. None: no cap."""
         self.metrics = metrics or Metrics()
         self.store = store
         self.adapters = adapters
@@ -86,6 +92,7 @@ class Submitter:
         self._rng = random.Random()
         self.sweep_seconds = sweep_seconds
         self._sweeper: Ticker | None = None
+        self._slots = {name: asyncio.Semaphore(count) for name, count in (send_slots or {}).items()}
 
     def submit(self, task_id: str, *, attempts_made: int = 0) -> None:
         """Start sending ``task_id`` to its provider (attempt ``attempts_made + 1``: a retry
@@ -203,52 +210,77 @@ class Submitter:
             return
         attempt = attempts_made
         while True:
-            attempt += 1
-            if not await run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt):
-                # Another process is sending it, or a callback or poll settled it meanwhile.
+            if self._past_deadline(task, 0.0):
+                # Found after its deadline (a start-up or sweep after an outage longer than
+                # the deadline, or a backoff that outlasted it): sent now, the provider would
+                # make and bill an image the scheduler expires at once, and in a polled mode
+                # never fetches.
+                await self._fail_unsent(task_id, provider, attempt)
                 return
-            try:
-                result = await adapter.submit(
-                    request, callback_url=callback_url, on_update=on_update
-                )
+            attempt += 1
+            async with self._slots.get(provider) or contextlib.nullcontext():
+                if self._past_deadline(task, 0.0):  # it may have passed while a slot was awaited
+                    await self._fail_unsent(task_id, provider, attempt - 1)
+                    return
+                if not await run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt):
+                    # Another process is sending it, or a callback or poll settled it meanwhile.
+                    return
+                try:
+                    result = await adapter.submit(
+                        request, callback_url=callback_url, on_update=on_update
+                    )
+                except ProviderError as caught:
+                    failure: ProviderError | None = caught
+                else:
+                    failure = None
+            if failure is None:
                 break
-            except ProviderError as exc:
-                if exc.ambiguous and adapter.delivers_callbacks():
-                    # The provider may have accepted it: sending it again could start a second,
-                    # paid task. Its callback carries this task's token and will still land.
-                    self._count(provider, "unconfirmed")
-                    log.warning(
-                        "submission of %s to %s got no usable answer (%s); not resending, "
-                        "waiting for the provider's callback",
-                        task_id,
-                        provider,
-                        exc.code,
-                    )
-                    return
-                if answered_2xx(exc) or streamed:
-                    # The provider took the task (it answered 2xx, or streamed its progress):
-                    # sending it again could make, and bill, it twice.
-                    named = next(
-                        (u.provider_task_id for u in reversed(streamed) if u.provider_task_id),
-                        None,
-                    )
-                    await self._end_taken(task_id, adapter, exc, named)
-                    return
-                delay = (
-                    self.backoff.delay(attempt, retry_after=exc.retry_after, rng=self._rng)
-                    if exc.retryable
-                    else None
+            exc = failure  # its slot given back: a backoff below holds none
+            if exc.ambiguous and adapter.delivers_callbacks():
+                # The provider may have accepted it: sending it again could start a second,
+                # paid task. Its callback carries this task's token and will still land.
+                self._count(provider, "unconfirmed")
+                log.warning(
+                    "submission of %s to %s got no usable answer (%s); not resending, "
+                    "waiting for the provider's callback",
+                    task_id,
+                    provider,
+                    exc.code,
                 )
-                if delay is not None and self._past_deadline(task, delay):
-                    # A Retry-After past the task's deadline: the retry would find the task
-                    # expired (with a message blaming the provider's silence). Say why now.
-                    exc.message = (
-                        f"{exc.message.rstrip('.')}. {provider} asked to wait {delay:.0f} s, "
-                        f"past the task's deadline (TASKRELAY_{provider.upper()}_DEADLINE), so "
-                        "it is not sent again; submit a new task later."
-                    )
-                    delay = None
-                if delay is None:
+                return
+            if answered_2xx(exc) or streamed:
+                # The provider took the task (it answered 2xx, or streamed its progress):
+                # sending it again could make, and bill, it twice.
+                named = next(
+                    (u.provider_task_id for u in reversed(streamed) if u.provider_task_id),
+                    None,
+                )
+                await self._end_taken(task_id, adapter, exc, named)
+                return
+            delay = (
+                self.backoff.delay(attempt, retry_after=exc.retry_after, rng=self._rng)
+                if exc.retryable
+                else None
+            )
+            if delay is not None and self._past_deadline(task, delay):
+                # The retry would come after the task's deadline and find it expired (with a
+                # message blaming the provider's silence). Say why now.
+                wait = (
+                    f"{provider} asked to wait {delay:.0f} s"
+                    if exc.retry_after is not None
+                    else f"the next attempt would be in {delay:.0f} s"
+                )
+                exc.message = (
+                    f"{exc.message.rstrip('.')}. {wait}, past the task's deadline "
+                    f"(TASKRELAY_{provider.upper()}_DEADLINE), so it is not sent again; "
+                    "submit a new task later."
+                )
+                delay = None
+            if delay is None:
+                # Guarded as any give-up: a task that expired (or settled) meanwhile keeps
+                # its state; only the provider's own final word moves an expired task.
+                error = {"code": exc.code, "message": exc.message}
+                if await run_in_threadpool(self.store.give_up_submission, task_id, attempt, error):
                     self._count(provider, "failed")
                     log.warning(
                         "submission of %s to %s failed for good after %d attempt(s): %s",
@@ -257,23 +289,22 @@ class Submitter:
                         attempt,
                         exc.code,
                     )
-                    await self._fail(task_id, exc)
-                    return
-                self._count(provider, "retrying")
-                log.info(
-                    "submission of %s to %s failed (%s); retrying in %.1fs",
-                    task_id,
-                    provider,
-                    exc.code,
-                    delay,
-                )
-                planned = await self._plan_retry(task_id, attempt, delay)
-                if planned is None:
-                    return
-                if not planned:
-                    await self.sleep(delay)
-                elif not await self._back_off(delay):
-                    return  # planned in the database, due after this process has stopped
+                return
+            self._count(provider, "retrying")
+            log.info(
+                "submission of %s to %s failed (%s); retrying in %.1fs",
+                task_id,
+                provider,
+                exc.code,
+                delay,
+            )
+            planned = await self._plan_retry(task_id, attempt, delay)
+            if planned is None:
+                return
+            if not planned:
+                await self.sleep(delay)
+            elif not await self._back_off(delay):
+                return  # planned in the database, due after this process has stopped
         # Taken and answered: from here on, nothing sends it again.
         try:
             update = await self._keep_images(task_id, provider, result)
@@ -340,6 +371,27 @@ class Submitter:
                 provider,
                 attempts_made,
                 limit,
+            )
+
+    async def _fail_unsent(self, task_id: str, provider: str, attempts_made: int) -> None:
+        """Fail a task whose deadline passed before its next attempt could be sent, without
+        sending it (unless it moved on meanwhile: the same guard as any attempt)."""
+        sent = "sent again" if attempts_made else "sent"
+        late = {
+            "code": "submit_deadline_passed",
+            "message": f"The task's deadline (TASKRELAY_{provider.upper()}_DEADLINE after it "
+            f"was created) passed before it could be {sent} to {provider}, so it was not "
+            f"{sent} (and not billed for it); submit a new task.",
+        }
+        if await run_in_threadpool(self.store.give_up_submission, task_id, attempts_made, late):
+            self._count(provider, "failed")
+            log.warning(
+                "submission of %s to %s failed without being %s: its deadline passed first "
+                "(%d attempts were made before)",
+                task_id,
+                provider,
+                sent,
+                attempts_made,
             )
 
     def _count(self, provider: str, outcome: str) -> None:
@@ -423,19 +475,19 @@ class Submitter:
         if not any("b64_json" in image for image in update.images):
             return update
         images = []
-        for index, image in enumerate(update.images):
-            if "b64_json" in image:
-                url = await run_in_threadpool(
-                    self.files.save_b64, task_id, index, image["b64_json"], provider=provider
-                )
-                kept = {key: value for key, value in image.items() if key != "b64_json"}
-                images.append({**kept, "url": url})
-            else:
-                images.append(dict(image))
+        try:
+            for index, image in enumerate(update.images):
+                if "b64_json" in image:
+                    url = await run_in_threadpool(
+                        self.files.save_b64, task_id, index, image["b64_json"], provider=provider
+                    )
+                    kept = {key: value for key, value in image.items() if key != "b64_json"}
+                    images.append({**kept, "url": url})
+                else:
+                    images.append(dict(image))
+        except TaskRelayError:
+            # The task fails: the images saved before this one go too, or they would be
+            # served for a task that says it has none.
+            await run_in_threadpool(self.files.remove, [task_id])
+            raise
         return replace(update, images=tuple(images))
-
-    async def _fail(self, task_id: str, exc: TaskRelayError) -> None:
-        update = TaskUpdate(
-            status=TaskStatus.failed, error={"code": exc.code, "message": exc.message}
-        )
-        await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.submit)

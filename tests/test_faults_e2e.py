@@ -32,6 +32,8 @@ from tests.servers import SandboxProcess
 from tests.test_polling_e2e import HEADERS, relay, wait_all
 
 ERRORS = 2  # failed status queries per task before the provider answers again
+# TASKRELAY_POLL_ERROR_BACKOFF of the relays here (5 s by default): waited out twice per task.
+ERROR_BACKOFF = 1.0
 FAILURES = [("gptimage15", "500"), ("apiinone", "429"), ("gptimage15", "503"), ("apiinone", "500")]
 
 
@@ -58,7 +60,7 @@ def submit(url: str, tasks: list[tuple[str, str]]) -> list[str]:
 def test_status_endpoints_failing_for_a_while_lose_no_task_and_are_backed_off(
     tmp_path: Path, sandbox: SandboxProcess
 ) -> None:
-    service = relay(tmp_path, "relay", sandbox)
+    service = relay(tmp_path, "relay", sandbox, TASKRELAY_POLL_ERROR_BACKOFF=f"{ERROR_BACKOFF}s")
     try:
         ids = submit(
             service.url,
@@ -79,7 +81,7 @@ def test_status_endpoints_failing_for_a_while_lose_no_task_and_are_backed_off(
     assert [task["status"] for task in tasks] == ["succeeded"] * len(FAILURES), tasks
     assert all(task["last_update_source"] == "poll" for task in tasks)
 
-    policy = PollPolicy(typical_duration=2.0, deadline=3600.0)
+    policy = PollPolicy(typical_duration=2.0, deadline=3600.0, error_backoff=ERROR_BACKOFF)
     at_provider = {task["id"]: task for task in sandbox.tasks()}
     for task, (_, error) in zip(tasks, FAILURES, strict=True):
         log = at_provider[task["provider_task_id"]]["status_query_log"]
@@ -113,7 +115,13 @@ def failed_queries(url: str, outcome: str) -> float:
 def test_status_queries_that_hang_time_out_lose_no_task_and_are_backed_off(
     tmp_path: Path, sandbox: SandboxProcess
 ) -> None:
-    service = relay(tmp_path, "relay", sandbox, TASKRELAY_PROVIDER_TIMEOUT=f"{PROVIDER_TIMEOUT}s")
+    service = relay(
+        tmp_path,
+        "relay",
+        sandbox,
+        TASKRELAY_PROVIDER_TIMEOUT=f"{PROVIDER_TIMEOUT}s",
+        TASKRELAY_POLL_ERROR_BACKOFF=f"{ERROR_BACKOFF}s",
+    )
     try:
         ids = submit(
             service.url,
@@ -138,7 +146,7 @@ def test_status_queries_that_hang_time_out_lose_no_task_and_are_backed_off(
     # Every hanging query was given up by TaskRelay and counted as a failure.
     assert (timed_out, answered) == (ERRORS * len(HANGING), len(HANGING))
 
-    policy = PollPolicy(typical_duration=2.0, deadline=3600.0)
+    policy = PollPolicy(typical_duration=2.0, deadline=3600.0, error_backoff=ERROR_BACKOFF)
     at_provider = {task["id"]: task for task in sandbox.tasks()}
     for task in tasks:
         log = at_provider[task["provider_task_id"]]["status_query_log"]

@@ -307,6 +307,76 @@ async def test_a_pause_at_the_deadline_puts_off_the_last_look_instead_of_expirin
     assert harness.queries() == queries + 1
 
 
+async def test_a_429_on_the_last_look_puts_it_off_by_retry_after_instead_of_expiring(
+    harness: Harness,
+) -> None:
+    # The provider finishes right at the 10-minute deadline, and answers the last look with
+    # 429 Retry-After: 1, as a pause known beforehand would have made the scheduler wait.
+    task_id = await harness.submit(
+        "evolink", "busy sandbox:duration=600 sandbox:status_errors=1 sandbox:status_error=429"
+    )
+    harness.clock.advance(600)
+    queries = harness.queries()
+    await harness.scheduler.run_until_idle()
+    task = await harness.task(task_id)
+    assert task["status"] == "queued"  # not expired on a refusal that said when to ask
+    assert harness.queries() == queries + 1
+    with Session(harness.runtime.engine) as session:
+        row = session.exec(select(Task).where(Task.id == task_id)).one()
+        assert row.lease_owner is None
+        assert row.next_check_at is not None
+        wait = (row.next_check_at.replace(tzinfo=UTC) - harness.clock.now()).total_seconds()
+        assert 0.9 <= wait <= 1.1  # Retry-After, though the deadline has passed
+    harness.clock.advance(1)
+    await harness.scheduler.run_until_idle()  # the last look, made again
+    task = await harness.task(task_id)
+    assert task["status"] == "succeeded"
+    assert task["last_update_source"] == "poll"
+    assert harness.queries() == queries + 2
+
+
+@pytest.mark.parametrize("status_error", ["429", "500"])
+async def test_a_provider_refusing_every_last_look_cannot_keep_a_task_alive(
+    harness: Harness, status_error: str
+) -> None:
+    """A 429 puts the last look off once: refused again, the task expires. An error that
+    says nothing of when to ask again (a 500 without Retry-After) expires it at once."""
+    task_id = await harness.submit(
+        "evolink",
+        f"busy sandbox:duration=600 sandbox:status_errors=1000 sandbox:status_error={status_error}",
+    )
+    harness.clock.advance(600)
+    queries = harness.queries()
+    for _ in range(10):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(1)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired"
+    assert task["error"]["code"] == "deadline_exceeded"
+    assert harness.queries() == queries + (2 if status_error == "429" else 1)
+    # The message says what the last look found, not only that time ran out.
+    code = "upstream_rate_limited" if status_error == "429" else "upstream_unavailable"
+    assert f"the last status query failed ({code}: " in task["error"]["message"]
+
+
+async def test_a_task_whose_provider_id_never_came_says_so_when_it_expires(
+    harness: Harness,
+) -> None:
+    """Tracked without its provider task id, and never given one: there was nothing to ask,
+    and the expiry says so."""
+    response = await harness.client.post(
+        "/v1/tasks/track", json={"provider": "evolink"}, headers=auth()
+    )
+    task_id = response.json()["id"]
+    harness.clock.advance(3600)
+    for _ in range(3):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(1)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired"
+    assert "the provider's id for the task never came" in task["error"]["message"]
+
+
 async def finished_task_queries(harness: Harness, task_id: str) -> int:
     """Status queries of ``task_id`` in five passes after a refresh that failed upstream; the
     clock does not move, so a planned look cannot come due."""

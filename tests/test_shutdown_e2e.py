@@ -44,6 +44,7 @@ WAIT = 30.0  # the most any single condition may take, even on a loaded machine
 # (a 30 s read timeout per claimed query). The budget itself is checked below, with its own bound.
 EXIT_WITHIN = 60.0
 GRACEFUL_TIMEOUT = "10"
+SHORT_GRACE = "5"  # for a test whose processes wait their whole budget out
 LONG_LEASE = "10m"  # a lease that is not released would hold its task for the whole test
 
 
@@ -359,7 +360,10 @@ def test_leases_are_released_at_exit_and_the_next_process_takes_over_at_once(
         wait_until(lambda: len(sandbox.tasks()) == 3, "the submissions to reach the provider")
     assert terminate(setup) == 0, setup.logs()
 
-    first = start_relay(tmp_path / "first", "first", database, cleanup, **environ)
+    # A shorter budget than the other tests': each of the two processes below waits it out.
+    first = start_relay(
+        tmp_path / "first", "first", database, cleanup, graceful_timeout=SHORT_GRACE, **environ
+    )
 
     def claimed() -> bool:
         rows = database.rows("SELECT id, lease_owner FROM task")
@@ -392,7 +396,9 @@ def test_leases_are_released_at_exit_and_the_next_process_takes_over_at_once(
 
     # The next process picks both kinds of work up at once, not after the 10-minute lease.
     subscriber.configure(hold=0.0)
-    second = start_relay(tmp_path / "second", "second", database, cleanup, **environ)
+    second = start_relay(
+        tmp_path / "second", "second", database, cleanup, graceful_timeout=SHORT_GRACE, **environ
+    )
     wait_until(lambda: len(subscriber.requests("/hook")) >= 2, "the delivery to be sent again")
     sent = subscriber.requests("/hook")
     assert sent[0]["headers"]["webhook-id"] == sent[1]["headers"]["webhook-id"]

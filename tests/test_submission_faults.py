@@ -9,20 +9,27 @@ ends the task at once with an error that says what was wrong.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import errno
+import inspect
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from service import files as files_module
-from service.errors import StoreUnavailable
+from service.app import UPSTREAM_LIMITS, submit_slots
+from service.errors import ImageStorageFailed, StoreUnavailable
 from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
 from service.models import TaskOrigin, UpdateSource
@@ -33,7 +40,7 @@ from service.settings import DEFAULT_MODELS, ProviderSettings, Secret
 from service.signing import CallbackSigner
 from service.store import Store
 from service.submitter import RECORD_RETRY_WAITS, Submitter
-from tests.conftest import SECRET
+from tests.conftest import SECRET, until
 
 PNG_B64 = "iVBORw0KGgo="  # valid base64 (the first bytes of a PNG)
 Answer = httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]
@@ -77,13 +84,16 @@ class Relay:
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return answer(request) if callable(answer) else answer
+        response = answer(request) if callable(answer) else answer
+        if inspect.isawaitable(response):  # an answer that takes its time
+            response = await response
+        return response
 
     async def _sleep(self, seconds: float) -> None:
         self.waits.append(seconds)
 
-    async def run(self, provider: str, *, backoff: Backoff | None = None) -> dict[str, Any]:
-        """Submit one task to ``provider`` and wait until the submitter is done with it."""
+    def create(self, provider: str) -> str:
+        """A submitted task, committed and not yet sent; its id."""
         created = self.store.create_task(
             owner="alice",
             provider=provider,
@@ -91,9 +101,15 @@ class Relay:
             request={"prompt": "a red fox in snow"},
             metadata={},
         )
-        task_id = created.task["id"]
+        task_id: str = created.task["id"]
+        return task_id
+
+    @contextlib.asynccontextmanager
+    async def submitter(
+        self, *, backoff: Backoff | None = None, send_slots: dict[str, int] | None = None
+    ) -> AsyncIterator[Submitter]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(self._handle)) as http:
-            submitter = Submitter(
+            yield Submitter(
                 self.store,
                 {
                     "openai": OpenAIAdapter(settings("openai"), http),
@@ -104,7 +120,13 @@ class Relay:
                 public_url="http://relay.test",
                 backoff=backoff or submit_backoff(0.01, 4),
                 sleep=self.sleep or self._sleep,
+                send_slots=send_slots,
             )
+
+    async def run(self, provider: str, *, backoff: Backoff | None = None) -> dict[str, Any]:
+        """Submit one task to ``provider`` and wait until the submitter is done with it."""
+        task_id = self.create(provider)
+        async with self.submitter(backoff=backoff) as submitter:
             submitter.submit(task_id)
             await submitter.idle()
         task = self.store.find_task(task_id)
@@ -139,7 +161,14 @@ UNUSABLE_OPENAI_ANSWERS: dict[str, tuple[Callable[[], httpx.Response], str, str]
     "no image in the entry": (
         lambda: httpx.Response(200, json={"created": 1, "data": [{"revised_prompt": "a fox"}]}),
         "upstream_protocol_error",
-        "expected each image to carry `b64_json` or `url`",
+        "expected each image to carry `b64_json` or an absolute http(s) `url`",
+    ),
+    "an image link that is not a URL": (
+        lambda: httpx.Response(
+            200, json={"created": 1, "data": [{"url": "pending"}, {"url": "javascript:x()"}]}
+        ),
+        "upstream_protocol_error",
+        "expected each image to carry `b64_json` or an absolute http(s) `url`",
     ),
     "not JSON": (
         lambda: httpx.Response(200, text="<html>ok</html>"),
@@ -208,6 +237,121 @@ async def test_failures_before_any_2xx_are_still_retried(relay: Relay) -> None:
     assert (relay.files_root / task["id"] / "0.png").read_bytes().startswith(b"\x89PNG")
 
 
+async def test_submissions_past_the_providers_slots_wait_their_turn_without_an_attempt(
+    relay: Relay,
+) -> None:
+    """Each request to OpenAI holds a connection for the whole generation. Past the provider's
+    send slots, submissions wait before their attempt is counted, instead of for a pooled
+    connection, where a short wait failed attempt after attempt ("PoolTimeout") and then the
+    task."""
+    release = asyncio.Event()
+    in_flight = most = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64}]})
+
+    relay.answer(*[slow] * 5)
+    task_ids = [relay.create("openai") for _ in range(5)]
+    async with relay.submitter(send_slots={"openai": 2}) as submitter:
+        for task_id in task_ids:
+            submitter.submit(task_id)
+        await until(lambda: len(relay.posts) == 2, step=0.005)
+        await asyncio.sleep(0.05)  # time for a third to go out, were it not held back
+        assert len(relay.posts) == 2  # the other three wait for a slot...
+        attempts = sorted(relay.store.find_task(i)["submit_attempts"] for i in task_ids)
+        assert attempts == [0, 0, 0, 1, 1]  # ...with no attempt spent on the wait
+        release.set()
+        await submitter.idle()
+    assert most == 2 and len(relay.posts) == 5
+    for task_id in task_ids:
+        task = relay.store.find_task(task_id)
+        assert task["status"] == "succeeded" and task["submit_attempts"] == 1
+
+
+def test_each_provider_has_send_slots_beside_its_status_queries() -> None:
+    providers = {
+        "openai": dataclasses.replace(settings("openai"), poll_concurrency=8),
+        "evolink": dataclasses.replace(settings("evolink"), poll_concurrency=500),
+    }
+    slots = submit_slots(SimpleNamespace(providers=providers))  # type: ignore[arg-type]
+    assert slots == {"openai": UPSTREAM_LIMITS.max_connections - 8, "evolink": 1}
+
+
+async def test_a_submission_whose_deadline_passed_while_it_waited_for_a_slot_is_not_sent(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is checked again once a send slot is free: a task that waited for one
+    past its deadline fails unsent, rather than being billed and then expired at once."""
+    release = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64}]})
+
+    relay.answer(slow, httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64}]}))
+    first, second = relay.create("openai"), relay.create("openai")
+    now = relay.store.clock()
+    async with relay.submitter(send_slots={"openai": 1}) as submitter:
+        submitter.submit(first)
+        await until(lambda: len(relay.posts) == 1, step=0.005)
+        submitter.submit(second)  # waits for the one slot
+        await asyncio.sleep(0.05)
+        # The first generation holds the slot past the second's deadline (an hour).
+        monkeypatch.setattr(relay.store, "clock", lambda: now + timedelta(hours=2))
+        release.set()
+        await submitter.idle()
+    assert len(relay.posts) == 1
+    task = relay.store.find_task(second)
+    assert task is not None and task["status"] == "failed" and task["submit_attempts"] == 0
+    assert task["error"]["code"] == "submit_deadline_passed"
+
+
+async def test_a_task_that_expired_while_its_last_attempt_failed_stays_expired(
+    relay: Relay,
+) -> None:
+    """The scheduler expires the task while its last attempt is out; the attempt then fails
+    for good. The task stays expired, with one final event: only the provider's own final
+    word moves an expired task, and a failure on TaskRelay's side of the submission is not
+    one (a subscriber was told it expired, then that it failed)."""
+    task_id = relay.create("openai")
+
+    def expire_then_refuse(request: httpx.Request) -> httpx.Response:
+        relay.store.expire_task(task_id, "No final answer from the provider before the deadline.")
+        return httpx.Response(400, json={"error": {"message": "bad request"}})
+
+    relay.answer(expire_then_refuse)
+    async with relay.submitter() as submitter:
+        submitter.submit(task_id)
+        await submitter.idle()
+    task = relay.store.find_task(task_id)
+    assert task is not None and task["status"] == "expired"
+    assert [kind for kind, _ in event_sources(relay.store, task_id)] == [
+        "task.submitted",
+        "task.expired",
+    ]
+
+
+async def test_a_retry_past_the_deadline_names_who_set_the_wait(relay: Relay) -> None:
+    """A retry that would come after the deadline fails the task now; its message says the
+    provider asked for the wait only when it did (Retry-After), and else that it is
+    TaskRelay's own backoff."""
+    relay.answer(httpx.Response(503, json={"error": {"message": "busy"}}))
+    task = await relay.run("openai", backoff=Backoff(base=7200.0, cap=7200.0, max_attempts=4))
+    assert task["status"] == "failed"
+    message = task["error"]["message"]
+    assert "the next attempt would be in" in message and "asked to wait" not in message
+    relay.answer(
+        httpx.Response(429, headers={"Retry-After": "7200"}, json={"error": {"message": "slow"}})
+    )
+    task = await relay.run("openai")
+    assert "openai asked to wait 3600 s" in task["error"]["message"]  # Retry-After, capped
+
+
 # --- 3. an image that cannot be stored -----------------------------------------------------------
 
 
@@ -244,7 +388,56 @@ async def test_a_full_disk_while_storing_an_image_leaves_no_partial_file(
     assert task["status"] == "failed"
     assert task["error"]["code"] == "image_storage_failed"
     assert "No space left on device" in task["error"]["message"]
-    assert list((relay.files_root / task["id"]).iterdir()) == []
+    assert not (relay.files_root / task["id"]).exists()
+
+
+async def test_images_saved_before_one_that_cannot_be_are_removed_with_the_task_failed(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second of two images fails to save: the task fails, and the first image goes too,
+    or it would be served for a task that says it has no images."""
+    save = ImageFiles.save_b64
+
+    def second_fails(self: ImageFiles, task_id: str, index: int, data: str, **kw: Any) -> str:
+        if index == 1:
+            raise ImageStorageFailed("The image openai returned could not be stored: full.")
+        return save(self, task_id, index, data, **kw)
+
+    monkeypatch.setattr(ImageFiles, "save_b64", second_fails)
+    images = [{"b64_json": PNG_B64}, {"b64_json": PNG_B64}]
+    relay.answer(httpx.Response(200, json={"created": 1, "data": images}))
+    task = await relay.run("openai")
+    assert task["status"] == "failed" and task["images"] == []
+    assert task["error"]["code"] == "image_storage_failed"
+    assert not (relay.files_root / task["id"]).exists()
+
+
+def test_a_saved_image_and_a_new_folder_are_synced_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file, its folder (the rename) and, for a new task folder, the files root (its
+    entry) are each fsynced before the URL is handed out."""
+    synced: list[tuple[str, str]] = []
+    fsync = os.fsync
+
+    def record(descriptor: int) -> None:
+        kind = "folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"
+        synced.append((kind, os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    monkeypatch.setattr(files_module.os, "fsync", record)
+    files = ImageFiles(tmp_path, "http://relay.test")
+    task_id = "tsk_" + "a" * 22
+    files.save_b64(task_id, 0, PNG_B64, provider="openai")
+    folder = str(tmp_path / task_id)
+    assert synced == [
+        ("file", f"{folder}/.0.png.tmp"),
+        ("folder", folder),
+        ("folder", str(tmp_path)),
+    ]
+    synced.clear()
+    files.save_b64(task_id, 1, PNG_B64, provider="openai")
+    assert synced == [("file", f"{folder}/.1.png.tmp"), ("folder", folder)]
 
 
 # --- 2. GrsAI stream: a progress line that cannot be recorded -------------------------------------
@@ -403,3 +596,44 @@ async def test_a_retry_after_past_the_deadline_fails_the_submission_now(relay: R
     message = task["error"]["message"]
     assert "asked to wait 3600 s, past the task's deadline" in message
     assert "TASKRELAY_OPENAI_DEADLINE" in message
+
+
+def test_the_backoff_saturates_at_its_cap_however_many_attempts_are_allowed() -> None:
+    """TASKRELAY_SUBMIT_ATTEMPTS=1000: the waits stay at the cap (4**599 would overflow)."""
+    backoff = submit_backoff(1.0, 1000)
+    for attempt in (10, 600, 999):
+        delay = backoff.delay(attempt)
+        assert delay is not None and 30.0 <= delay <= 60.0
+    assert backoff.delay(1000) is None
+
+
+# --- 6. a deadline that passed before the task could be sent ----------------------------------
+
+
+@pytest.mark.parametrize("attempts_made", [0, 1], ids=["unsent", "retry planned"])
+async def test_a_task_found_past_its_deadline_fails_without_being_sent(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, attempts_made: int
+) -> None:
+    """The deployment was down for two hours: the start-up finds a task never sent (or a
+    retry planned before the outage) whose one-hour deadline has passed. Sent now, the
+    provider would make, and bill, an image the scheduler expires at once (and in a polled
+    mode never fetches): it fails unsent instead, and says why."""
+    task_id = relay.create("grsai")
+    now = relay.store.clock()
+    if attempts_made:
+        assert relay.store.mark_submit_attempt(task_id, 1)
+        assert relay.store.plan_submit_retry(task_id, 1, now + timedelta(seconds=5))
+    monkeypatch.setattr(relay.store, "clock", lambda: now + timedelta(hours=2))
+    async with relay.submitter() as submitter:
+        assert await submitter.resume() == 1
+        await submitter.idle()
+        failed = submitter.metrics.counter("submissions_total", provider="grsai", outcome="failed")
+    assert relay.posts == []
+    task = relay.store.find_task(task_id)
+    assert task is not None
+    assert task["status"] == "failed" and task["submit_attempts"] == attempts_made
+    assert task["error"]["code"] == "submit_deadline_passed"
+    assert "TASKRELAY_GRSAI_DEADLINE" in task["error"]["message"]
+    assert relay.store.due_submit_retries(now + timedelta(days=1)) == []
+    assert event_sources(relay.store, task_id)[-1] == ("task.failed", "submit")
+    assert failed == 1
