@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -41,7 +42,9 @@ _STATUSES = set(StatusName.__args__)  # type: ignore[attr-defined]
 def _check_metadata(runtime: Runtime, metadata: dict[str, Any] | None) -> None:
     if metadata is None:
         return
-    size = len(json.dumps(metadata, separators=(",", ":")).encode("utf-8"))
+    # Compact UTF-8 JSON: ensure_ascii would count each "é" as the six bytes of "\u00e9".
+    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8"))
     limit = runtime.settings.max_metadata_bytes
     if size > limit:
         raise ValidationFailed(
@@ -49,6 +52,21 @@ def _check_metadata(runtime: Runtime, metadata: dict[str, Any] | None) -> None:
             "(TASKRELAY_MAX_METADATA_BYTES).",
             details=[{"field": "metadata", "message": f"larger than {limit} bytes"}],
         )
+
+
+def _require_trackable(runtime: Runtime, provider: str) -> None:
+    """A tracked task learns its result by callback or by asking the provider; a provider that
+    offers neither (OpenAI: its reply to the request is the result) could only expire."""
+    adapter = runtime.adapters[provider]
+    if adapter.delivers_callbacks() or adapter.can_query_status:
+        return
+    raise ValidationFailed(
+        f"Provider {provider!r} cannot be tracked: it sends no callbacks and has no status "
+        "endpoint, so TaskRelay would never learn the result. Submit "
+        f"{provider} tasks through POST /v1/tasks instead.",
+        code="provider_not_trackable",
+        details=[{"field": "provider", "message": "sends no callbacks and has no status endpoint"}],
+    )
 
 
 async def _notify_url(runtime: Runtime, url: str | None) -> str | None:
@@ -118,9 +136,14 @@ async def track_task(request: Request) -> Response:
     owner = runtime.clients.authenticate(request)
     body = await read_json_object(request, runtime.settings.max_body_bytes)
     spec = parse_body(TaskTrack, body)
+    _require_trackable(runtime, spec.provider)
     _check_metadata(runtime, spec.metadata)
     notify_url = await _notify_url(runtime, spec.notify_url)
     key = _idempotency_key(request)
+    if spec.provider_task_id is not None:
+        await run_in_threadpool(
+            runtime.store.refuse_another_clients, owner, spec.provider, spec.provider_task_id
+        )
     result = await run_in_threadpool(
         runtime.store.create_task,
         notify_url=notify_url,
@@ -159,6 +182,16 @@ async def patch_task(request: Request) -> Response:
             details=[{"field": "(body)", "message": "no updatable field given"}],
         )
     _check_metadata(runtime, spec.metadata)
+    if spec.provider_task_id is not None:
+        current = await run_in_threadpool(
+            runtime.store.get_task, owner, request.path_params["task_id"]
+        )
+        await run_in_threadpool(
+            runtime.store.refuse_another_clients,
+            owner,
+            current["provider"],
+            spec.provider_task_id,
+        )
     task = await run_in_threadpool(
         runtime.store.patch_task,
         owner,
@@ -194,10 +227,22 @@ def _page_size(text: str | None) -> int:
     return value
 
 
+def single_param(params: QueryParams, name: str) -> str | None:
+    """The value of a query parameter that takes one; given twice it is a 400, rather than
+    one of the values chosen silently."""
+    values = params.getlist(name)
+    if len(values) > 1:
+        raise ValidationFailed(
+            f"The query parameter {name} was given {len(values)} times; it takes one value.",
+            details=[{"field": name, "message": "given more than once"}],
+        )
+    return values[0] if values else None
+
+
 def page_cursor(request: Request) -> str | None:
     """The ``cursor`` query parameter, refused (400) unless it could have come from a page: a
     crafted position beyond any key is a value no database column takes."""
-    cursor = request.query_params.get("cursor") or None
+    cursor = single_param(request.query_params, "cursor") or None
     if cursor is not None:
         decode_cursor(cursor)  # 400 now, before any other work, if it is not one of ours
     return cursor
@@ -230,14 +275,14 @@ def _filters(request: Request) -> TaskFilter:
             f"Unknown status {bad[0]!r}; use one of {', '.join(sorted(_STATUSES))}.",
             details=[{"field": "status", "message": f"must be one of {sorted(_STATUSES)}"}],
         )
-    provider = params.get("provider")
+    provider = single_param(params, "provider")
     if provider is not None and provider not in PROVIDERS:
         raise ValidationFailed(
             f"Unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}.",
             details=[{"field": "provider", "message": f"must be one of {list(PROVIDERS)}"}],
         )
-    after = params.get("created_after")
-    before = params.get("created_before")
+    after = single_param(params, "created_after")
+    before = single_param(params, "created_before")
     return TaskFilter(
         status=tuple(dict.fromkeys(statuses)),
         provider=provider,
@@ -250,7 +295,7 @@ async def list_tasks(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     filters = _filters(request)
-    limit = _page_size(request.query_params.get("limit"))
+    limit = _page_size(single_param(request.query_params, "limit"))
     tasks, next_cursor = await run_in_threadpool(
         runtime.store.list_tasks,
         owner,

@@ -75,6 +75,19 @@ def _rank(status: TaskStatus) -> int:
     return _TERMINAL_RANK if status in TERMINAL_STATUSES else _RANK[status]
 
 
+def behind(current: TaskStatus, update: TaskUpdate) -> bool:
+    """Whether ``update`` reports a state the task has moved past already (a late or
+    out-of-order update, or any but the provider's final word on a final task): then its
+    status word and duration hint are out of date too, and are not taken."""
+    if update.status is None:
+        return False
+    if current is TaskStatus.expired:
+        return update.status not in (TaskStatus.succeeded, TaskStatus.failed)
+    if current in TERMINAL_STATUSES:
+        return True
+    return _rank(update.status) < _rank(current)
+
+
 def _clamp_progress(value: int) -> int:
     return max(0, min(100, int(value)))
 
@@ -134,8 +147,9 @@ def decide(current: TaskState, update: TaskUpdate) -> Change | None:
             if status is TaskStatus.canceled and not update.error:
                 error = {"code": "canceled", "message": "The provider canceled the task."}
     # Cut as stored: compared uncut, a long status word would differ from its stored self.
+    # A late update's word ("pending" after "processing") would move it back.
     raw_status = current.raw_status
-    if update.raw_status is not None:
+    if update.raw_status is not None and not behind(current.status, update):
         raw_status = update.raw_status[:RAW_STATUS_CHARS]
 
     new_state = TaskState(

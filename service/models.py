@@ -135,6 +135,8 @@ def big_pk_type() -> sa.types.TypeEngine[int]:
 # partial index ix_task_unsent_created_at from its creation to its first attempt. Literal
 # values, in the index and in the query alike: SQLite uses a partial index only for a query
 # whose WHERE clause repeats its terms.
+# A client's provider task ids are unique per provider (store.provider_task_id_taken).
+PROVIDER_TASK_UNIQUE = "uq_task_owner_provider_task"
 UNSENT_INDEX = "ix_task_unsent_created_at"
 UNSENT = (
     f"origin = '{TaskOrigin.submitted.value}' AND status = '{TaskStatus.queued.value}' "
@@ -147,9 +149,7 @@ class Task(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("id", name="uq_task_id"),
         sa.UniqueConstraint("owner", "idempotency_key", name="uq_task_owner_idempotency_key"),
-        sa.UniqueConstraint(
-            "owner", "provider", "provider_task_id", name="uq_task_owner_provider_task"
-        ),
+        sa.UniqueConstraint("owner", "provider", "provider_task_id", name=PROVIDER_TASK_UNIQUE),
         sa.Index("ix_task_provider_task", "provider", "provider_task_id"),
         sa.Index("ix_task_owner_pk", "owner", "pk"),
         sa.Index("ix_task_owner_status_pk", "owner", "status", "pk"),

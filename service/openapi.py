@@ -106,6 +106,10 @@ _IDEMPOTENCY = {
 }
 
 
+# A query parameter that takes one value: the API refuses it repeated rather than pick one.
+_ONCE = "at most once (given twice, the request is a 400)."
+
+
 def _json_body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
@@ -311,6 +315,7 @@ def _event_paths() -> dict[str, Any]:
                         "name": "cursor",
                         "in": "query",
                         "required": False,
+                        "description": f"The previous page's next_cursor; {_ONCE}",
                         "schema": {"type": "string"},
                     },
                 ],
@@ -373,36 +378,52 @@ def build_openapi() -> dict[str, Any]:
             "name": "status",
             "in": "query",
             "required": False,
+            "description": "Any of these statuses: repeat the parameter or comma-separate.",
+            "style": "form",
+            "explode": True,
             "schema": {
-                "type": "string",
-                "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"],
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"],
+                },
             },
         },
         {
             "name": "provider",
             "in": "query",
             "required": False,
+            "description": f"One provider; {_ONCE}",
             "schema": {"type": "string", "enum": list(PROVIDERS)},
         },
         {
             "name": "created_after",
             "in": "query",
             "required": False,
+            "description": f"Created at or after this time; {_ONCE}",
             "schema": {"type": "string", "format": "date-time"},
         },
         {
             "name": "created_before",
             "in": "query",
             "required": False,
+            "description": f"Created before this time; {_ONCE}",
             "schema": {"type": "string", "format": "date-time"},
         },
         {
             "name": "limit",
             "in": "query",
             "required": False,
+            "description": f"Tasks per page; {_ONCE}",
             "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
         },
-        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": f"The previous page's next_cursor; {_ONCE}",
+            "schema": {"type": "string"},
+        },
     ]
     paths: dict[str, Any] = {
         "/v1/tasks": {

@@ -43,8 +43,17 @@ from service.errors import (
     UpstreamProtocolError,
     ValidationFailed,
 )
-from service.lifecycle import RAW_STATUS_CHARS, Change, TaskState, TaskUpdate, decide, expire
+from service.lifecycle import (
+    RAW_STATUS_CHARS,
+    Change,
+    TaskState,
+    TaskUpdate,
+    behind,
+    decide,
+    expire,
+)
 from service.models import (
+    PROVIDER_TASK_UNIQUE,
     UNSENT,
     UNSENT_INDEX,
     CallbackReceipt,
@@ -105,15 +114,43 @@ def encode_cursor(pk: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"before": pk}).encode()).decode().rstrip("=")
 
 
+# encode_cursor of the largest key is 42 characters. A longer cursor is not one of ours, and
+# is refused before decoding: deeply nested JSON would make json.loads raise RecursionError.
+MAX_CURSOR_CHARS = 64
+
+
+# callback_receipt.body_size is a 32-bit INTEGER column.
+MAX_BODY_SIZE = 2**31 - 1
+
+
+def provider_task_id_taken(exc: IntegrityError) -> bool:
+    """Whether ``exc`` is another of the client's tasks holding the provider task id (its
+    unique constraint), rather than some other constraint refusing the write."""
+    diagnostics = getattr(exc.orig, "diag", None)
+    if diagnostics is not None:  # PostgreSQL names the constraint
+        return bool(diagnostics.constraint_name == PROVIDER_TASK_UNIQUE)
+    return "task.provider_task_id" in str(exc.orig)  # SQLite names its columns
+
+
 def decode_cursor(cursor: str) -> int:
     try:
+        if len(cursor) > MAX_CURSOR_CHARS:
+            raise ValueError
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         before = value["before"]
-        if not isinstance(before, int) or not 1 <= before <= MAX_ROW_ID:
+        # type(), not isinstance(): JSON true and false are bools, and bool is an int.
+        if type(before) is not int or not 1 <= before <= MAX_ROW_ID:
             raise ValueError
         return before
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeEncodeError) as exc:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        RecursionError,
+        binascii.Error,
+        UnicodeEncodeError,
+    ) as exc:
         raise ValidationFailed(
             "The cursor is not valid: pass the next_cursor value of a previous page unchanged.",
             details=[{"field": "cursor", "message": "not a cursor issued by this API"}],
@@ -224,9 +261,21 @@ _EXISTING_IDS = prebuilt(
 )
 _EVENT = TaskEvent.__table__  # type: ignore[attr-defined]
 _DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+_SUBSCRIPTION = Subscription.__table__  # type: ignore[attr-defined]
 # PostgreSQL: the deliveries the cascade will delete, locked first in key order, the order
 # the dispatcher and a subscription's delete lock them in (the cascade's own order is the
 # events', which could deadlock with them).
+# Before those, the tasks' notify_url subscriptions, which the cascade deletes too: a 410's
+# record locks a subscription, then its deliveries, and so must everyone else (in the other
+# order, a record and a sweep deadlocked).
+_LOCK_PRUNED_SUBSCRIPTIONS = prebuilt(
+    lambda dialect: (
+        sa.select(_SUBSCRIPTION.c.pk)
+        .where(one_of(dialect, _SUBSCRIPTION.c.task_pk, "pks"))
+        .order_by(_SUBSCRIPTION.c.pk)
+        .with_for_update()
+    )
+)
 _LOCK_PRUNED_DELIVERIES = prebuilt(
     lambda dialect: (
         sa.select(_DELIVERY.c.pk)
@@ -298,7 +347,11 @@ def transition(
     became of the update, and whether any field changed (the task must then be replanned and
     written)."""
     touched = False
-    if update is not None and update.estimated_seconds is not None:
+    if (
+        update is not None
+        and update.estimated_seconds is not None
+        and not behind(TaskStatus(task.status), update)  # a late update's hint is as old
+    ):
         # A hint of more than a year is no estimate (an epoch time sent as a duration, say),
         # and would overflow the date: it counts as a year, which the deadline bounds anyway.
         seconds = min(update.estimated_seconds, MAX_ESTIMATED_SECONDS)
@@ -502,12 +555,11 @@ class Store:
         earlier request with the same idempotency key created."""
         try:
             with self.transaction(write=True) as session:
-                if idempotency_key is not None:
-                    existing = self._by_idempotency_key(session, owner, idempotency_key)
-                    if existing is not None:
-                        return self._replay(existing, request_fingerprint)
-                if provider_task_id is not None:
-                    self._ensure_not_tracked(session, owner, provider, provider_task_id)
+                found = self._created_before(
+                    session, owner, provider, provider_task_id, idempotency_key, request_fingerprint
+                )
+                if found is not None:
+                    return found
                 now = self.clock()
                 task = Task(
                     id=new_id("tsk"),
@@ -550,16 +602,57 @@ class Store:
                     session.flush()
                 self._append_event(session, task, EventType.submitted, task.last_update_source)
                 return CreateResult(task_json(task), created=True)
-        except IntegrityError as exc:
+        except IntegrityError:
             # Lost a race: a concurrent request with the same key or provider task id won.
-            with self.transaction(write=False) as session:
-                if idempotency_key is not None:
-                    existing = self._by_idempotency_key(session, owner, idempotency_key)
-                    if existing is not None:
-                        return self._replay(existing, request_fingerprint)
-                if provider_task_id is not None:
-                    self._ensure_not_tracked(session, owner, provider, provider_task_id)
-            raise Conflict("The task conflicts with one created at the same moment.") from exc
+            return self._after_lost_race(
+                owner, provider, provider_task_id, idempotency_key, request_fingerprint
+            )
+        except Conflict as exc:
+            if idempotency_key is None or exc.code != "already_tracked":
+                raise
+            # Under READ COMMITTED each statement reads a snapshot of its own: a concurrent
+            # request with the same key can commit after the key lookup found nothing and
+            # before the provider task id check, which then finds that request's task.
+            return self._after_lost_race(
+                owner, provider, provider_task_id, idempotency_key, request_fingerprint
+            )
+
+    def _after_lost_race(
+        self,
+        owner: str,
+        provider: str,
+        provider_task_id: str | None,
+        idempotency_key: str | None,
+        request_fingerprint: str | None,
+    ) -> CreateResult:
+        """The answer to a create that a concurrent one beat, read afresh: the winner's task
+        replayed if it came with the same idempotency key, else the conflict that names it."""
+        with self.transaction(write=False) as session:
+            found = self._created_before(
+                session, owner, provider, provider_task_id, idempotency_key, request_fingerprint
+            )
+        if found is not None:
+            return found
+        raise Conflict("The task conflicts with one created at the same moment.")
+
+    def _created_before(
+        self,
+        session: Session,
+        owner: str,
+        provider: str,
+        provider_task_id: str | None,
+        idempotency_key: str | None,
+        request_fingerprint: str | None,
+    ) -> CreateResult | None:
+        """The task an earlier request with this idempotency key created, replayed; a
+        Conflict if another task already tracks this provider task id; else None."""
+        if idempotency_key is not None:
+            existing = self._by_idempotency_key(session, owner, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, request_fingerprint)
+        if provider_task_id is not None:
+            self._ensure_not_tracked(session, owner, provider, provider_task_id)
+        return None
 
     @staticmethod
     def _by_idempotency_key(session: Session, owner: str, key: str) -> Task | None:
@@ -578,14 +671,17 @@ class Store:
         return CreateResult(task_json(existing), created=False)
 
     @staticmethod
-    def _ensure_not_tracked(
-        session: Session, owner: str, provider: str, provider_task_id: str
-    ) -> None:
-        statement = select(Task.id).where(
-            Task.owner == owner,
-            Task.provider == provider,
-            Task.provider_task_id == provider_task_id,
+    def _holding(provider: str, provider_task_id: str) -> Any:
+        """The ids of the tasks that hold this provider task (narrow it by owner)."""
+        return select(Task.id).where(
+            Task.provider == provider, Task.provider_task_id == provider_task_id
         )
+
+    @classmethod
+    def _ensure_not_tracked(
+        cls, session: Session, owner: str, provider: str, provider_task_id: str
+    ) -> None:
+        statement = cls._holding(provider, provider_task_id).where(Task.owner == owner)
         existing = session.exec(statement).first()
         if existing is not None:
             raise Conflict(
@@ -594,6 +690,20 @@ class Store:
                 code="already_tracked",
                 details={"task_id": existing},
             )
+
+    def refuse_another_clients(self, owner: str, provider: str, provider_task_id: str) -> None:
+        """Conflict when another API client's task holds this provider task (the API's check
+        before tracking it or setting it by PATCH): TaskRelay asks providers with its own keys,
+        whoever asks, so tracking it would hand that client's results to this one."""
+        elsewhere = self._holding(provider, provider_task_id).where(Task.owner != owner)
+        with self.transaction(write=False) as session:
+            if session.exec(elsewhere).first() is not None:
+                raise Conflict(
+                    f"Provider task {provider_task_id!r} at {provider} belongs to another API "
+                    "client of this TaskRelay: a client may track only the provider tasks it "
+                    "submitted itself.",
+                    code="tracked_by_another_client",
+                )
 
     def get_task(self, owner: str, task_id: str) -> dict[str, Any]:
         with self.transaction(write=False) as session:
@@ -706,6 +816,20 @@ class Store:
         with self.transaction(write=True) as session:
             task = self._owned(session, owner, task_id, lock=True)
             changed = False
+            if (
+                provider_task_id is not None
+                and provider_task_id != task.provider_task_id
+                and task.origin != TaskOrigin.tracked.value
+            ):
+                # TaskRelay learns a submitted task's id from the provider's reply: an id set
+                # here first would make it refuse the real one, and the callbacks with it.
+                raise Conflict(
+                    f"Task {task_id} was submitted through POST /v1/tasks: TaskRelay takes its "
+                    "provider task id from the provider, so it cannot be set. Only tasks "
+                    "registered with POST /v1/tasks/track take a provider_task_id.",
+                    code="provider_task_id_not_settable",
+                    details={"origin": task.origin},
+                )
             if provider_task_id is not None and provider_task_id != task.provider_task_id:
                 if task.provider_task_id is not None:
                     raise Conflict(
@@ -762,6 +886,8 @@ class Store:
                 return [self._apply_alone(request) for request in requests]
             if isinstance(exc, BadRequest):
                 return [exc]
+            if not provider_task_id_taken(exc):
+                raise  # not the update's fault: unexpected, and answered as such
             return [
                 Conflict(
                     "The provider task id in this update already belongs to another of the "
@@ -857,7 +983,8 @@ class Store:
     ) -> dict[str, Any]:
         """A ``callback_receipt`` row: the body as received, cut to the audit size."""
         kept = receipt.body[: self.audit_bytes]
-        size = max(receipt.size or 0, len(receipt.body))
+        # The size a too-large body declared is the sender's to choose: bounded to the column.
+        size = min(max(receipt.size or 0, len(receipt.body)), MAX_BODY_SIZE)
         return {
             "task_pk": task_pk,
             "provider": receipt.provider,
@@ -1173,6 +1300,7 @@ class Store:
             if rows:
                 pks = listed(connection.dialect.name, [pk for pk, _ in rows])
                 if connection.dialect.name == "postgresql":
+                    connection.execute(_LOCK_PRUNED_SUBSCRIPTIONS(connection), {"pks": pks}).all()
                     connection.execute(_LOCK_PRUNED_DELIVERIES(connection), {"pks": pks}).all()
                 connection.execute(_PRUNE(connection), {"pks": pks})
         return [task_id for _, task_id in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from service.retry import Backoff, submit_backoff
 from service.runtime import Runtime
+from service.store import encode_cursor
 from tests.conftest import ALICE, BOB, auth, error_code
 
 FAST = " sandbox:duration=0.05"
@@ -136,6 +138,23 @@ async def test_metadata_size_is_capped(client: httpx.AsyncClient) -> None:
     assert response.json()["error"]["details"][0]["field"] == "metadata"
 
 
+async def test_metadata_size_counts_utf8_bytes(client: httpx.AsyncClient) -> None:
+    fits = {"note": "\u00e9" * 7000}  # 14,011 bytes as compact UTF-8 JSON; the limit is 16,384
+    task = await track(client, metadata=fits)
+    assert task["metadata"] == fits
+    patched = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"metadata": {"n": "\u00e8" * 7000}}, headers=auth()
+    )
+    assert patched.status_code == 200, patched.text
+    too_big = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "metadata": {"note": "\u00e9" * 9000}},
+        headers=auth(),
+    )
+    assert too_big.status_code == 400
+    assert "metadata is 18011 bytes" in too_big.json()["error"]["message"]
+
+
 async def test_unconfigured_provider_is_refused_clearly(
     client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -213,7 +232,7 @@ async def test_track_returns_a_callback_url_for_the_provider(client: httpx.Async
     task = await track(client, provider_task_id="task-unified-1", metadata={"job": "x"})
     assert task["origin"] == "tracked"
     assert task["provider_task_id"] == "task-unified-1"
-    assert task["callback_url"].startswith("http://testserver/callbacks/evolink/")
+    assert task["callback_url"].startswith("http://127.0.0.1:8000/callbacks/evolink/")
     assert len(task["callback_url"]) < 2048
     again = await client.post(
         "/v1/tasks/track",
@@ -246,6 +265,74 @@ async def test_provider_task_id_can_arrive_later_by_patch(client: httpx.AsyncCli
     assert meta.json()["metadata"] == {"a": 1}
     empty = await client.patch(f"/v1/tasks/{task['id']}", json={}, headers=auth())
     assert empty.status_code == 400
+
+
+async def test_provider_task_id_of_a_submitted_task_cannot_be_set(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"provider": "evolink", "prompt": "a cat" + FAST, "metadata": {"a": 1}}
+    task = (await client.post("/v1/tasks", json=body, headers=auth())).json()
+    for patch in [{"provider_task_id": "bogus-id"}, {"provider_task_id": "x", "metadata": {}}]:
+        refused = await client.patch(f"/v1/tasks/{task['id']}", json=patch, headers=auth())
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "provider_task_id_not_settable"
+        assert "POST /v1/tasks/track" in error["message"]
+    meta = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"metadata": {"b": 2}}, headers=auth()
+    )
+    assert meta.status_code == 200
+    # The provider's own id still arrives, and its callbacks with it.
+    done = await wait_for_status(client, task["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded"
+    assert done["provider_task_id"] not in (None, "bogus-id", "x")
+    assert done["metadata"] == {"b": 2}
+    # The task as it is, sent back with a change (a read-modify-write client): its own id
+    # again is no change, so the rest goes through.
+    same = {"provider_task_id": done["provider_task_id"], "metadata": {"c": 3}}
+    resent = await client.patch(f"/v1/tasks/{task['id']}", json=same, headers=auth())
+    assert resent.status_code == 200, resent.text
+    assert resent.json()["metadata"] == {"c": 3}
+
+
+async def test_a_client_cannot_track_another_clients_provider_task(
+    client: httpx.AsyncClient,
+) -> None:
+    """TaskRelay asks providers with its own key, whoever asks: a provider task another client
+    holds (tracked or submitted) cannot be tracked, or set by PATCH, to read its results."""
+    theirs = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": "p-bob"},
+        headers=auth(BOB),
+    )
+    assert theirs.status_code == 201
+    body = {"provider": "evolink", "provider_task_id": "p-bob"}
+    refused = await client.post("/v1/tasks/track", json=body, headers=auth())
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "tracked_by_another_client"
+    mine = await client.post("/v1/tasks/track", json={"provider": "evolink"}, headers=auth())
+    patched = await client.patch(
+        f"/v1/tasks/{mine.json()['id']}", json={"provider_task_id": "p-bob"}, headers=auth()
+    )
+    assert patched.status_code == 409
+    assert patched.json()["error"]["code"] == "tracked_by_another_client"
+    # Another provider's task of the same id is another task.
+    other = {"provider": "gptimage15", "provider_task_id": "p-bob"}
+    assert (await client.post("/v1/tasks/track", json=other, headers=auth())).status_code == 201
+
+
+async def test_a_provider_that_reports_nothing_back_cannot_be_tracked(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        "/v1/tasks/track", json={"provider": "openai", "provider_task_id": "x"}, headers=auth()
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "provider_not_trackable"
+    assert "'openai'" in error["message"] and "POST /v1/tasks" in error["message"]
+    assert error["details"][0]["field"] == "provider"
+    assert (await client.get("/v1/tasks", headers=auth())).json()["data"] == []
 
 
 # --- ownership and auth ---------------------------------------------------------------------
@@ -383,6 +470,10 @@ async def test_list_filters(client: httpx.AsyncClient, runtime: Runtime) -> None
         "limit=ten",
         "cursor=%%%",
         "cursor=eyJ4IjoxfQ",
+        pytest.param(
+            "cursor=" + base64.urlsafe_b64encode(b'{"before": true}').decode(), id="bool-cursor"
+        ),
+        pytest.param("cursor=" + base64.urlsafe_b64encode(b"[" * 5000).decode(), id="deep-cursor"),
         "created_after=yesterday",
         "colour=red",
     ],
@@ -391,6 +482,26 @@ async def test_bad_list_queries_are_400(client: httpx.AsyncClient, query: str) -
     response = await client.get(f"/v1/tasks?{query}", headers=auth())
     assert response.status_code == 400, query
     assert response.json()["error"]["details"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("provider", "evolink"),
+        ("created_after", "2026-01-01T00:00:00Z"),
+        ("created_before", "2026-01-01T00:00:00Z"),
+        ("limit", "5"),
+        ("cursor", encode_cursor(10)),
+    ],
+)
+async def test_a_single_valued_list_parameter_given_twice_is_400(
+    client: httpx.AsyncClient, name: str, value: str
+) -> None:
+    response = await client.get("/v1/tasks", params=[(name, value), (name, value)], headers=auth())
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert name in error["message"]
+    assert error["details"] == [{"field": name, "message": "given more than once"}]
 
 
 async def test_cursor_pagination_stays_correct_while_tasks_are_written(

@@ -210,6 +210,59 @@ def test_a_value_the_database_refuses_fails_only_its_own_update(store: Store) ->
     assert store.list_receipts("alice", taker) == []  # rolled back with its update
 
 
+def test_a_late_updates_duration_hint_is_not_taken(store: Store) -> None:
+    """A stale update (a "pending" with its old estimate after the task runs) changes neither
+    the expected finish nor anything else: the receipt says unchanged."""
+    task_id = new_task(store)
+    running = TaskUpdate(status=TaskStatus.running, progress=40, estimated_seconds=90.0)
+    stale = TaskUpdate(status=TaskStatus.queued, progress=0, estimated_seconds=30.0)
+    for update in (running, stale):
+        (result,) = store.apply_updates(
+            [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
+        )
+        assert isinstance(result, ApplyResult)
+    assert result.outcome is ReceiptOutcome.unchanged
+    with store.engine.connect() as connection:
+        row = connection.execute(
+            sa.select(Task.created_at, Task.expected_at).where(Task.id == task_id)  # type: ignore[call-overload]
+        ).one()
+    assert row.expected_at - row.created_at == timedelta(seconds=90)
+
+
+def test_another_constraint_refusing_an_update_is_not_called_a_taken_provider_task_id(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the provider task id's own unique constraint makes a 409 "provider_task_id_taken";
+    any other constraint the database enforces (here a receipt naming no task: its foreign
+    key) is an unexpected failure of that update alone, with nothing of it stored, not a
+    conflict blamed on the client."""
+    good, bad = new_task(store), new_task(store)
+    with store.engine.connect() as connection:
+        found = connection.execute(sa.text("SELECT pk FROM task WHERE id = :id"), {"id": bad})
+        bad_pk = found.scalar_one()
+    made = Store.receipt_row
+
+    def receipt_row(self: Store, task_pk: int, *args: Any) -> dict[str, Any]:
+        row = made(self, task_pk, *args)
+        if task_pk == bad_pk:
+            row["task_pk"] = 10**12  # no such task
+        return row
+
+    monkeypatch.setattr(Store, "receipt_row", receipt_row)
+    results = store.apply_updates(
+        [
+            UpdateRequest(good, progress(10), UpdateSource.callback, receipt()),
+            UpdateRequest(bad, progress(20), UpdateSource.callback, receipt()),
+        ]
+    )
+    assert isinstance(results[0], ApplyResult)
+    assert isinstance(results[1], TaskRelayError) and not isinstance(results[1], Conflict)
+    assert results[1].status == 500 and "nothing was recorded" in results[1].message
+    assert store.get_task("alice", bad)["progress"] == 0
+    with pytest.raises(sa.exc.IntegrityError):  # alone, the fault is raised (the committer logs it)
+        store.apply_updates([UpdateRequest(bad, progress(30), UpdateSource.callback, receipt())])
+
+
 def test_an_update_that_fails_unexpectedly_fails_alone(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

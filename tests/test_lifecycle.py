@@ -11,6 +11,7 @@ from service.lifecycle import (
     ProviderTaskIdMismatch,
     TaskState,
     TaskUpdate,
+    behind,
     decide,
     expire,
 )
@@ -99,6 +100,22 @@ def test_running_never_goes_back_to_queued() -> None:
     change = decide(current, TaskUpdate(status=Q, progress=55))
     assert change is not None
     assert change.state.status is R and change.state.progress == 55
+
+
+def test_a_late_updates_status_word_does_not_move_back_either() -> None:
+    """A stale "pending" after "processing" leaves the provider's status word as it was (it
+    is out of date, like the status it names): nothing changes, no write, no event."""
+    current = state(R, 40, raw_status="processing")
+    assert decide(current, TaskUpdate(status=Q, progress=0, raw_status="pending")) is None
+    change = decide(current, TaskUpdate(status=Q, progress=45, raw_status="pending"))
+    assert change is not None and change.state.raw_status == "processing"
+    assert change.state.progress == 45
+    change = decide(current, TaskUpdate(status=R, progress=40, raw_status="rendering"))
+    assert change is not None and change.state.raw_status == "rendering"  # not behind
+    assert behind(X, TaskUpdate(status=S)) is False
+    assert behind(X, TaskUpdate(status=R)) is True
+    assert behind(S, TaskUpdate(status=S)) is True
+    assert behind(R, TaskUpdate(raw_status="weird")) is False
 
 
 @pytest.mark.parametrize("final", [S, F, C])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +13,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
+from sqlmodel import Session
 
 from service import ingest, outbox
 from service.db import ManyRows, make_engine, without_fsync
+from service.errors import Conflict, Unprocessable, ValidationFailed
 from service.lifecycle import TaskUpdate
 from service.models import (
     ReceiptOutcome,
@@ -25,7 +28,7 @@ from service.models import (
     UTCDateTime,
     json_type,
 )
-from service.store import ReceiptDraft, Store
+from service.store import MAX_ROW_ID, ReceiptDraft, Store, decode_cursor, encode_cursor
 from tests.conftest import query_plan, statements_with
 
 IMAGE = ({"url": "https://cdn.example/1.png"},)
@@ -289,6 +292,67 @@ def test_only_one_process_may_make_each_submit_attempt(store: Store) -> None:
     assert not store.mark_submit_attempt(task_id, 2)
     store.apply_update(task_id, TaskUpdate(status=TaskStatus.failed), UpdateSource.submit)
     assert not store.mark_submit_attempt(task_id, 3)  # settled: nothing left to send
+
+
+def test_a_create_beaten_to_its_idempotency_key_replays_the_winner(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two identical requests with one key: the second's key lookup can read a snapshot from
+    before the first committed, and its provider task id check (READ COMMITTED: a snapshot of
+    its own) one from after. It must replay the first's task, not call it a conflict."""
+    request: dict[str, Any] = dict(
+        owner="alice",
+        provider="evolink",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        provider_task_id="up-1",
+        request_fingerprint="f1",
+    )
+    winner = store.create_task(**request, idempotency_key="k1")
+    lookup = Store._by_idempotency_key
+    stale: list[None] = []  # lookups to answer as the snapshot before the winner committed
+
+    def lookup_from_before_the_commit(session: Session, owner: str, key: str) -> Task | None:
+        return stale.pop() if stale else lookup(session, owner, key)
+
+    monkeypatch.setattr(Store, "_by_idempotency_key", staticmethod(lookup_from_before_the_commit))
+    stale.append(None)
+    replay = store.create_task(**request, idempotency_key="k1")
+    assert replay.created is False
+    assert replay.task["id"] == winner.task["id"]
+
+    stale.append(None)
+    with pytest.raises(Unprocessable):  # the same key with another body
+        store.create_task(**{**request, "request_fingerprint": "f2"}, idempotency_key="k1")
+    for key in (None, "k2"):  # the provider task id is another request's
+        with pytest.raises(Conflict) as conflict:
+            store.create_task(**request, idempotency_key=key)
+        assert conflict.value.code == "already_tracked"
+
+
+def test_a_cursor_decodes_only_as_a_page_issued_it() -> None:
+    def cursor_of(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    assert decode_cursor(encode_cursor(MAX_ROW_ID)) == MAX_ROW_ID
+    assert decode_cursor(encode_cursor(1)) == 1
+    for text in [
+        '{"before": true}',
+        '{"before": false}',
+        '{"before": 5.0}',
+        '{"before": "5"}',
+        '{"before": 0}',
+        f'{{"before": {MAX_ROW_ID + 1}}}',
+        "[5]",
+        "[" * 5000,
+        "[" * 30,
+    ]:
+        with pytest.raises(ValidationFailed) as refused:
+            decode_cursor(cursor_of(text))
+        assert refused.value.details == [
+            {"field": "cursor", "message": "not a cursor issued by this API"}
+        ]
 
 
 # --- datetimes on SQLite ---------------------------------------------------------------------
