@@ -196,8 +196,9 @@ class Dispatcher:
             # NotFound: the subscription was deleted while we were sending.
             with contextlib.suppress(NotFound):
                 recorded = await self._record(job, result)
-                if recorded.dead_lettered:
-                    self.metrics.inc("deliveries_dead_lettered_total")
+                dead_lettered = recorded.dead_lettered + recorded.others_dead_lettered
+                if dead_lettered:
+                    self.metrics.inc("deliveries_dead_lettered_total", dead_lettered)
         except StoreUnavailable:
             log.warning("delivery %s not recorded: the database is unavailable", job.delivery_id)
         except Exception:

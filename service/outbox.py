@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -168,14 +169,24 @@ def delivery_row(
     }
 
 
-def _followers(delivery: Delivery, now: datetime) -> sa.ColumnElement[bool]:
-    """The task's later events owed to the same subscription and put off past ``now`` (held
-    behind ``delivery``'s retry, see ``Outbox._move_aside``)."""
+def _later_in_line(delivery: Delivery) -> sa.ColumnElement[bool]:
+    """The task's later events still owed to the same subscription as ``delivery``."""
     return sa.and_(
         _DELIVERY.c.subscription_pk == delivery.subscription_pk,
         _DELIVERY.c.task_pk == delivery.task_pk,
         _DELIVERY.c.event_seq > delivery.event_seq,
         _DELIVERY.c.status == DeliveryStatus.pending.value,
+    )
+
+
+def _followers(delivery: Delivery, now: datetime) -> sa.ColumnElement[bool]:
+    """The task's later events owed to the same subscription and put off past ``now`` without
+    ever being attempted: held behind ``delivery``'s retry (see ``Outbox._move_aside``). One
+    attempted already waits for its own retry, which a manual retry of ``delivery`` must not
+    cut short."""
+    return sa.and_(
+        _later_in_line(delivery),
+        _DELIVERY.c.attempts == 0,
         _DELIVERY.c.next_attempt_at > now,
     )
 
@@ -218,7 +229,16 @@ _FAN_OUT_COLUMNS = (
 @prebuilt
 def _fan_out_subscriptions(dialect: str) -> sa.Select[Any]:
     """The enabled subscriptions an event of these tasks may owe a delivery (``owners``,
-    ``task_pks``: :func:`service.db.listed`)."""
+    ``task_pks``: :func:`service.db.listed`).
+
+    They stay locked FOR KEY SHARE until the event's commit (PostgreSQL; SQLite's writes take
+    turns anyway): a subscription deleted meanwhile would otherwise make the deliveries' INSERT
+    violate their foreign key and fail the whole update (the callback, the status answer or the
+    new task) with it. A DELETE after the read waits for the commit, then removes the new
+    deliveries with the subscription; one under way is skipped (SKIP LOCKED: the subscription
+    is going, and the update must not wait for its cascade through every delivery it had).
+    Changes to other columns (disabling it, a new secret) neither wait nor are skipped: only a
+    DELETE's lock conflicts with KEY SHARE."""
     return (
         sa.select(*_FAN_OUT_COLUMNS)
         .where(
@@ -235,6 +255,7 @@ def _fan_out_subscriptions(dialect: str) -> sa.Select[Any]:
             ),
         )
         .order_by(_SUBSCRIPTION.c.pk)
+        .with_for_update(read=True, key_share=True, skip_locked=True)
     )
 
 
@@ -242,13 +263,13 @@ def _subscriptions_of_tasks() -> sa.Select[Any]:
     """PostgreSQL: :func:`_fan_out_subscriptions`'s subscriptions, found from the tasks' ids
     (``ids``, an array) instead of their owners and keys, so that the query can go out in the
     same round trip as the lock on those tasks (``service/ingest.py``). Each branch joins on its
-    own index, as there."""
+    own index, as there, and the rows are locked as there."""
     task = Task.__table__  # type: ignore[attr-defined]
     owners = (
         sa.select(task.c.owner).where(one_of("postgresql", task.c.id, "ids")).distinct().subquery()
     )
     endpoints = (
-        sa.select(*_FAN_OUT_COLUMNS)
+        sa.select(_SUBSCRIPTION.c.pk)
         .join_from(_SUBSCRIPTION, owners, _SUBSCRIPTION.c.owner == owners.c.owner)
         .where(
             _SUBSCRIPTION.c.enabled.is_(True),
@@ -256,14 +277,23 @@ def _subscriptions_of_tasks() -> sa.Select[Any]:
         )
     )
     of_tasks = (
-        sa.select(*_FAN_OUT_COLUMNS)
+        sa.select(_SUBSCRIPTION.c.pk)
         .join_from(_SUBSCRIPTION, task, _SUBSCRIPTION.c.task_pk == task.c.pk)
         # Only a task subscription has a task_pk: no test of its kind, which would let the
         # planner read every task subscription through ix_subscription_owner_kind_pk.
         .where(one_of("postgresql", task.c.id, "ids"), _SUBSCRIPTION.c.enabled.is_(True))
     )
-    both = sa.union_all(endpoints, of_tasks).subquery()
-    return sa.select(*both.c).order_by(both.c.pk)
+    # The rows themselves are read (and locked) by key: PostgreSQL allows no row lock on the
+    # branches of a UNION.
+    return (
+        sa.select(*_FAN_OUT_COLUMNS)
+        .where(
+            _SUBSCRIPTION.c.pk.in_(sa.union_all(endpoints, of_tasks)),
+            _SUBSCRIPTION.c.enabled.is_(True),
+        )
+        .order_by(_SUBSCRIPTION.c.pk)
+        .with_for_update(read=True, key_share=True, skip_locked=True)
+    )
 
 
 SUBSCRIPTIONS_OF_TASKS = _subscriptions_of_tasks()
@@ -578,6 +608,9 @@ class Recorded(NamedTuple):
     next_attempt_at: datetime
     # This record dead-lettered it (not one another worker's record made before it).
     dead_lettered: bool = False
+    # The other deliveries this record dead-lettered with it: a notify_url's 410 Gone ends
+    # every delivery its task was still owed there.
+    others_dead_lettered: int = 0
 
 
 def fan_out_many(
@@ -805,6 +838,19 @@ class Outbox:
             if subscription.enabled and not was_enabled:
                 subscription.disabled_reason = None
                 # Its deliveries were put off while it was disabled (_move_aside): due now.
+                # Locked first, due or not, on PostgreSQL: a claim's put-aside that read the
+                # subscription disabled and has not committed yet is waited for, so that the
+                # update reads what it put off instead of leaving it put off for an hour.
+                if session.connection().dialect.name == "postgresql":
+                    session.execute(
+                        sa.select(_DELIVERY.c.pk)
+                        .where(
+                            _DELIVERY.c.subscription_pk == subscription.pk,
+                            _DELIVERY.c.status == DeliveryStatus.pending.value,
+                        )
+                        .order_by(_DELIVERY.c.pk)
+                        .with_for_update()
+                    ).all()
                 session.execute(
                     sa.update(_DELIVERY)
                     .where(
@@ -830,7 +876,9 @@ class Outbox:
         self, owner: str, subscription_id: str, overlap: timedelta
     ) -> Subscription:
         with self.store.transaction(write=True) as session:
-            subscription = self._owned(session, owner, subscription_id)
+            # Locked: two rotations at once take turns, the second keeping the first's new
+            # secret as its previous one (else one caller would get a secret never stored).
+            subscription = self._owned(session, owner, subscription_id, lock=True)
             now = self.clock()
             subscription.previous_secret = subscription.secret
             subscription.previous_secret_expires_at = now + overlap
@@ -865,16 +913,19 @@ class Outbox:
         with self.store.transaction(write=True) as session:
             return self._client_secret(session, owner)
 
-    def _client_secret(self, session: Session, owner: str) -> ClientSecret:
+    def _client_secret(self, session: Session, owner: str, *, lock: bool = False) -> ClientSecret:
+        """``lock``: the row locked until the commit (PostgreSQL), as a rotation needs it."""
         # Made, if need be, as the claim makes it (another process making it at once is fine).
         _client_secret_rows(session.connection(), {owner}, self.clock(), None)
-        row = session.get(ClientSecret, owner)
+        row = session.get(
+            ClientSecret, owner, with_for_update={"key_share": True} if lock else None
+        )
         assert row is not None
         return row
 
     def rotate_client_secret(self, owner: str, overlap: timedelta) -> ClientSecret:
         with self.store.transaction(write=True) as session:
-            row = self._client_secret(session, owner)
+            row = self._client_secret(session, owner, lock=True)  # rotations take turns
             now = self.clock()
             row.previous_secret = row.secret
             row.previous_secret_expires_at = now + overlap
@@ -1292,18 +1343,28 @@ class Outbox:
                 _SUBSCRIPTION.c.pk.in_(sorted(gone)),
                 _SUBSCRIPTION.c.kind == SubscriptionKind.task.value,
             )
-            connection.execute(
-                sa.update(_DELIVERY)
-                .where(
-                    _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),
-                    _DELIVERY.c.status == DeliveryStatus.pending.value,
-                )
-                .values(
-                    status=DeliveryStatus.dead.value,
-                    last_error="The notify_url answered 410 Gone: not sent.",
-                    updated_at=now,
-                )
+            ended = Counter(
+                connection.execute(
+                    sa.update(_DELIVERY)
+                    .where(
+                        _DELIVERY.c.subscription_pk.in_(notify_urls.scalar_subquery()),
+                        _DELIVERY.c.status == DeliveryStatus.pending.value,
+                    )
+                    .values(
+                        status=DeliveryStatus.dead.value,
+                        last_error="The notify_url answered 410 Gone: not sent.",
+                        updated_at=now,
+                    )
+                    .returning(_DELIVERY.c.subscription_pk)
+                ).scalars()
             )
+            # Counted once, with the first record of each subscription's 410.
+            for index, (job, _) in enumerate(attempts):
+                outcome = recorded[index]
+                if isinstance(outcome, Recorded) and ended[job.subscription_pk]:
+                    recorded[index] = outcome._replace(
+                        others_dead_lettered=ended.pop(job.subscription_pk)
+                    )
             _put_off_disabled(connection, gone, now)
         if retries:  # last: the statements above may wait on locks, these never do
             lines = sorted(retries.values(), key=lambda r: (r["s_pk"], r["t_pk"], r["seq"]))
@@ -1443,17 +1504,14 @@ class Outbox:
             connection = session.connection()
             now = self.clock()
             if connection.dialect.name == "postgresql":
-                # This delivery and the followers the update below moves, locked together in
-                # key order (the order the dispatcher and a retention sweep lock them in):
-                # a sweep deleting them meanwhile waits, or has already deleted this one.
+                # This delivery and the rest of its line, locked together in key order (the
+                # order the dispatcher and a retention sweep lock them in): a sweep deleting
+                # them meanwhile waits, or has already deleted this one. The whole line, due
+                # or not: a claim's put-aside not yet committed (its rows look due) is waited
+                # for, so the update below reads what it put off and brings it along.
                 locked = connection.execute(
                     sa.select(_DELIVERY.c.pk)
-                    .where(
-                        sa.or_(
-                            _DELIVERY.c.pk == delivery.pk,
-                            _followers(delivery, now),
-                        )
-                    )
+                    .where(sa.or_(_DELIVERY.c.pk == delivery.pk, _later_in_line(delivery)))
                     .order_by(_DELIVERY.c.pk)
                     .with_for_update()
                 ).scalars()
@@ -1500,7 +1558,9 @@ class Outbox:
         """Owe the subscription every matching event of the client's tasks since ``since``
         again (same event ids, so receivers can deduplicate)."""
         with self.store.transaction(write=True) as session:
-            subscription = self._owned(session, owner, subscription_id)
+            # Locked (PostgreSQL), so that replays of one subscription take turns: each sees
+            # what the one before it owed (below).
+            subscription = self._owned(session, owner, subscription_id, lock=True)
             if not subscription.enabled:
                 raise Conflict(
                     "The subscription is disabled; enable it (PATCH enabled=true) before replaying."
@@ -1541,6 +1601,20 @@ class Outbox:
                     ).scalars()
                 )
                 owed = [event for event in owed if event.seq in present]
+            if owed:
+                # An event the subscription is still owed goes on its own schedule: a second
+                # delivery of it would be sent beside the first, both at once.
+                pending = set(
+                    connection.execute(
+                        sa.select(_DELIVERY.c.event_seq).where(
+                            _DELIVERY.c.subscription_pk == subscription.pk,
+                            _DELIVERY.c.status == DeliveryStatus.pending.value,
+                            one_of(dialect, _DELIVERY.c.event_seq, "seqs"),
+                        ),
+                        {"seqs": listed(dialect, [event.seq for event in owed])},
+                    ).scalars()
+                )
+                owed = [event for event in owed if event.seq not in pending]
             for event in owed:
                 session.add(new_delivery(subscription.pk, event, now + self.first_wait, now))
             return len(owed)

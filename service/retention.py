@@ -71,6 +71,10 @@ class Pruner:
         # Whether the image folders were checked since the start, or since a folder could not
         # be deleted; they are checked again at the start of a sweep, not before each batch.
         self._orphans_checked = False
+        # Task folders whose removal failed: tried again whenever they were last changed (a
+        # removal that failed part-way changed the folder just now, which the look for
+        # folders left behind, by age, would pass over for a whole retention period).
+        self._left: set[str] = set()
         self._sweep_starts = True  # the next call begins a sweep
 
     def start(self) -> None:
@@ -91,6 +95,7 @@ class Pruner:
         if task_ids:
             removed = await run_in_threadpool(self.files.remove, task_ids)
             if removed.failed:
+                self._left.update(removed.left)
                 self._orphans_checked = False  # try those folders again next sweep
             self.metrics.inc("tasks_pruned_total", len(task_ids))
             self._unlogged += len(task_ids)
@@ -120,14 +125,18 @@ class Pruner:
         considered: OpenAI's tasks, the only ones with images here, finish as their images
         are written, so a folder changed since then belongs to a task retention keeps,
         whatever the store says. That also bounds the damage of a misconfiguration (the right
-        files folder with the wrong, or a new, database) to what retention deletes anyway."""
+        files folder with the wrong, or a new, database) to what retention deletes anyway.
+        Folders whose removal failed before are looked at again whatever their age."""
         deleted = failed = 0
-        folders = self.files.task_folders(finished_before.timestamp())
+        old = self.files.task_folders(finished_before.timestamp())
+        folders = sorted(self._left.union(old))
+        self._left.clear()
         for start in range(0, len(folders), ORPHAN_CHECK_BATCH):
             batch = folders[start : start + ORPHAN_CHECK_BATCH]
             existing = self.store.existing_task_ids(batch)
             removed = self.files.remove(task_id for task_id in batch if task_id not in existing)
             deleted, failed = deleted + removed.removed, failed + removed.failed
+            self._left.update(removed.left)
         if deleted or failed:
             log.info(
                 "deleted the image folders of %d tasks no longer stored (TASKRELAY_RETENTION)%s",

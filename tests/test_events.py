@@ -20,12 +20,15 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service import ingest, outbox
+from service.db import make_engine
 from service.lifecycle import TaskUpdate
 from service.models import TaskOrigin, TaskStatus, UpdateSource, UTCDateTime, utcnow
 from service.netguard import AddressPolicy
@@ -34,14 +37,27 @@ from service.outbox import (
     DISABLED_PUT_OFF,
     MOVE_ASIDE_FULL_EVERY,
     MOVE_ASIDE_OVERLAP,
+    AttemptResult,
     Outbox,
     _add_client_secrets,
     _client_secret_rows,
     delivery_row,
+    plan_deliveries,
 )
 from service.runtime import Runtime
+from service.signing import new_webhook_secret
 from service.store import Store
-from tests.conftest import ALICE, BOB, auth, error_code, make_settings, query_plan, serving
+from tests.conftest import (
+    ALICE,
+    BOB,
+    auth,
+    error_code,
+    make_settings,
+    query_plan,
+    serving,
+    until,
+)
+from tests.test_callbacks import DONE
 from tests.test_scheduler import FakeClock
 
 HOOK = "http://127.0.0.1:9/hooks/{name}"
@@ -435,6 +451,31 @@ async def test_replay_seeds_a_new_subscriber_with_the_same_event_ids(harness: Ha
     ]
 
 
+async def test_a_replay_does_not_owe_again_an_event_still_pending(harness: Harness) -> None:
+    """An event the subscription is still owed is left to its own schedule: a second delivery
+    of it would be claimed and sent beside the first, at once."""
+    subscription = await harness.subscribe("replayed")
+    since = harness.clock.now() - timedelta(minutes=1)
+    await harness.track()
+    await harness.deliver()  # sent
+    harness.receiver.status["replayed"] = 503
+    await harness.track()
+    await harness.deliver()  # fails: retry in 5 s
+    harness.receiver.status["replayed"] = 200
+    replayed = await harness.client.post(
+        f"/v1/subscriptions/{subscription['id']}/replay",
+        json={"since": since.isoformat()},
+        headers=auth(),
+    )
+    assert replayed.status_code == 202 and replayed.json() == {"replayed": 1}
+    assert _pending(harness) == [("task.submitted", 0.0), ("task.submitted", 5.0)]
+    harness.clock.advance(5)
+    assert await harness.deliver() == 2
+    ids = Counter(h["webhook-id"] for h, _ in harness.receiver.received["replayed"])
+    assert sorted(ids.values()) == [2, 2]  # each sent twice: once first, once again
+    assert _pending(harness) == []
+
+
 async def test_a_crashed_dispatchers_delivery_is_sent_again_with_the_same_id(
     harness: Harness,
 ) -> None:
@@ -608,6 +649,17 @@ async def test_a_notify_url_that_answers_410_is_owed_nothing_more(harness: Harne
     assert await harness.deliver() == 0
 
 
+async def test_what_a_notify_url_is_owed_when_it_answers_410_counts_as_dead_lettered(
+    harness: Harness,
+) -> None:
+    task_id = await harness.track(notify_url=HOOK.format(name="gone-counted"))
+    harness.update(task_id, TaskStatus.succeeded)
+    harness.receiver.status["gone-counted"] = 410
+    await harness.deliver()
+    # The delivery answered 410, and task.succeeded, dead-lettered with it unsent.
+    assert harness.runtime.dispatcher.metrics.counter("deliveries_dead_lettered_total") == 2
+
+
 async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harness) -> None:
     subscription = await harness.subscribe("rotating")
     old = subscription["secret"]
@@ -631,6 +683,205 @@ async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harne
     assert verify(new, headers, body)
     with pytest.raises(WebhookVerificationError):
         verify(old, headers, body)
+
+
+def while_held(run_meanwhile: Callable[[], Any]) -> tuple[Callable[[], None], Callable[[], bool]]:
+    """A hook for the middle of a transaction: ``start()`` runs ``run_meanwhile`` on a thread
+    of its own (another request, on another connection) and gives it 0.3 s; ``finish()`` waits
+    for it and says whether it had to wait for the transaction (it was still running when the
+    0.3 s were up). An error on the thread fails ``finish()``."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = run_meanwhile()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+
+    def start() -> None:
+        thread.start()
+        thread.join(0.3)
+        outcome["waited"] = thread.is_alive()
+
+    def finish() -> bool:
+        thread.join(10)
+        assert not thread.is_alive(), "the concurrent request never finished"
+        if "error" in outcome:
+            raise outcome["error"]
+        return bool(outcome["waited"])
+
+    return start, finish
+
+
+@pytest.mark.parametrize("update", ["callback", "new_task"])
+async def test_a_subscription_deleted_during_a_fan_out_waits_for_the_event(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, update: str
+) -> None:
+    """A subscription deleted between the fan-out's read of the subscriptions and its insert of
+    the deliveries waits for the event's commit, then takes the new delivery with it. The
+    update is recorded either way: before, on PostgreSQL, the delete committed in between, the
+    insert broke the delivery's foreign key, and the whole update failed (a callback with an
+    unrelated 409 "provider_task_id_taken", a new task with a 409)."""
+    subscription = await harness.subscribe("gone")
+    callback_path = None
+    if update == "callback":
+        tracked = await harness.client.post(
+            "/v1/tasks/track", json={"provider": "evolink"}, headers=auth()
+        )
+        callback_path = httpx.URL(tracked.json()["callback_url"]).path
+    await harness.deliver()
+    engine = make_engine(harness.runtime.settings.database_url)
+
+    def delete() -> None:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("DELETE FROM subscription WHERE id = :id"), {"id": subscription["id"]}
+            )
+
+    start, finish = while_held(delete)
+    planned = []
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        if not planned:
+            start()
+        planned.append(1)
+        return plan_deliveries(*args, **kwargs)
+
+    # Both fan-outs: the callback batch's (PostgreSQL's pipeline) and the others'.
+    monkeypatch.setattr(ingest, "plan_deliveries", plan)
+    monkeypatch.setattr(outbox, "plan_deliveries", plan)
+    if callback_path is None:
+        answer = await harness.client.post(
+            "/v1/tasks/track", json={"provider": "evolink"}, headers=auth()
+        )
+        assert answer.status_code == 201, answer.text
+        expected = "queued"
+    else:
+        answer = await harness.client.post(callback_path, json=DONE)
+        assert answer.status_code == 200, answer.text
+        expected = "succeeded"
+    task_id = answer.json()["id" if callback_path is None else "task_id"]
+    assert planned, "no fan-out ran"
+    assert finish(), "the delete did not wait for the event's commit"
+    engine.dispose()
+    task = (await harness.client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == expected
+    with harness.runtime.store.engine.connect() as connection:
+        left = connection.execute(sa.text("SELECT count(*) FROM delivery")).scalar_one()
+    assert left == 0  # the delivery went with its subscription
+    assert await harness.deliver() == 0
+
+
+def test_a_subscription_being_deleted_does_not_hold_up_an_events_fan_out(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL: a DELETE of a subscription under way (its cascade through every delivery it
+    had may take seconds) is skipped by an event's fan-out rather than waited for: the update
+    commits at once, and owes the going subscription nothing."""
+    store = Store(make_engine(postgres_url))
+    box = Outbox(store)
+
+    def subscribe(url: str) -> Any:
+        return box.create_subscription(
+            "alice", url=url, event_types=None, providers=None, description=None
+        )
+
+    going, kept = subscribe("https://hooks.example/g"), subscribe("https://hooks.example/k")
+    deleting = store.engine.connect()
+    deleting.execute(sa.text("DELETE FROM subscription WHERE id = :id"), {"id": going.id})
+    start, finish = while_held(lambda: _tracked(store))
+    start()
+    try:
+        assert not finish(), "the new task's event waited for the delete"
+    finally:
+        deleting.commit()
+        deleting.close()
+    with store.engine.connect() as connection:
+        owed = connection.execute(sa.text("SELECT subscription_pk FROM delivery")).scalars().all()
+    assert owed == [kept.pk]
+    store.engine.dispose()
+
+
+def test_a_410_recorded_while_retention_deletes_the_task_take_turns(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a 410 for a task's notify_url locks the subscription, then its deliveries;
+    retention deleting that task locks them in the same order (the cascade deletes the
+    subscription too). Before, retention locked the deliveries first and one of the two was
+    ended by a deadlock."""
+    store = Store(make_engine(postgres_url))
+    box = Outbox(store)
+    task_id = _tracked(store, notify_url="https://hooks.example/n")
+    store.expire_task(task_id, "gave up")  # final: retention may take it
+    (job,) = box.claim("w1", limit=5, lease_seconds=60)
+    sweep = while_held(lambda: store.prune_tasks(utcnow() + timedelta(days=1)))
+    started = []
+
+    def pause(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # The record holds its subscription: now the sweep starts, and gets 0.3 s.
+        locking = (
+            statement.startswith("SELECT subscription.pk") and "FOR NO KEY UPDATE" in statement
+        )
+        if locking and threading.current_thread().name == "record" and not started:
+            started.append(1)
+            sweep[0]()
+
+    sa.event.listen(store.engine, "after_cursor_execute", pause)
+    recorded: list[Any] = []
+    record = threading.Thread(
+        target=lambda: recorded.extend(box.record_attempts([(job, AttemptResult(410, 1.0))], "w1")),
+        name="record",
+    )
+    record.start()
+    record.join(20)
+    sa.event.remove(store.engine, "after_cursor_execute", pause)
+    assert started and recorded and recorded[0].status == "dead"
+    assert sweep[1]()  # the sweep waited for the record, then deleted the task
+    assert store.find_task(task_id) is None
+    store.engine.dispose()
+
+
+@pytest.mark.parametrize("secret", ["subscription", "client"])
+def test_concurrent_rotations_keep_every_secret_they_answered(
+    store: Store, monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    """Two rotations of one secret at once take turns: the second keeps the first's new secret
+    as its previous one. Before, on PostgreSQL, both read the same row and the last commit won,
+    so one caller was answered a secret nothing ever signed with."""
+    box = Outbox(store)
+    subscription = box.create_subscription(
+        "alice", url="https://example.com/h", event_types=None, providers=None, description=None
+    )
+
+    def rotate() -> tuple[str, str | None]:
+        if secret == "subscription":
+            row: Any = box.rotate_subscription_secret("alice", subscription.id, timedelta(hours=1))
+        else:
+            row = box.rotate_client_secret("alice", timedelta(hours=1))
+        return row.secret, row.previous_secret
+
+    start, finish = while_held(rotate)
+    made = []
+
+    def new_secret() -> str:
+        value = new_webhook_secret()
+        made.append(value)
+        if len(made) == 1:
+            start()  # the second rotation, while the first holds its transaction open
+        return value
+
+    box.client_secret("alice")  # made before, as a client's first delivery makes it
+    monkeypatch.setattr(outbox, "new_webhook_secret", new_secret)
+    first, _ = rotate()
+    assert finish(), "the second rotation did not wait for the first"
+    assert made[0] == first
+    if secret == "subscription":
+        row: Any = box.get_subscription("alice", subscription.id)
+    else:
+        row = box.client_secret("alice")
+    assert (row.secret, row.previous_secret) == (made[1], first)
 
 
 # --- SSRF at registration -------------------------------------------------------------------------
@@ -734,7 +985,7 @@ async def test_shutdown_releases_in_flight_deliveries_for_another_process(
     harness.receiver.hold["stuck"] = asyncio.Event()
     leaving = harness.runtime.dispatcher
     await leaving.run_once(wait=False)
-    await asyncio.sleep(0.05)
+    await until(lambda: harness.receiver.received["stuck"], step=0.005)
     assert len(harness.receiver.received["stuck"]) == 1  # in flight, held by the subscriber
     await leaving.stop(grace=0.1)  # it cannot finish in time: released, not kept leased
     harness.receiver.hold.pop("stuck").set()
@@ -903,17 +1154,6 @@ def _dispatcher(harness: Harness, **options: Any) -> Any:
     )
 
 
-async def _until(condition: Callable[[], object], seconds: float = 10.0) -> None:
-    """Yield to the event loop, a step at a time, until ``condition`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while loop.time() < deadline:
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("timed out")
-
-
 async def test_records_go_first_in_the_claims_transaction(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1001,7 +1241,7 @@ async def test_a_running_dispatcher_records_each_attempt_with_its_next_claim(
     dispatcher = _dispatcher(harness, concurrency=1, tick_seconds=3600)
     await dispatcher.start()
     try:
-        await _until(lambda: sum(len(recorded) for recorded, _ in calls) == 2)
+        await until(lambda: sum(len(recorded) for recorded, _ in calls) == 2)
     finally:
         await dispatcher.stop(grace=5)
     submitted, succeeded = (event["id"] for event in harness.receiver.events("merged"))
@@ -1031,15 +1271,15 @@ async def test_an_attempt_answered_during_a_pass_is_recorded_by_the_next(
     dispatcher = _dispatcher(harness, tick_seconds=3600)
     await dispatcher.start()
     try:
-        await _until(lambda: harness.receiver.received["during"])
+        await until(lambda: harness.receiver.received["during"])
         monkeypatch.setattr(outbox, "record_and_claim", slow)
         gate.clear()
         dispatcher.notify()
-        await _until(blocked.is_set)  # a pass is in its transaction, with nothing to record
+        await until(blocked.is_set)  # a pass is in its transaction, with nothing to record
         hold.set()
-        await _until(lambda: dispatcher._to_record)  # answered meanwhile
+        await until(lambda: dispatcher._to_record)  # answered meanwhile
         gate.set()
-        await _until(lambda: not dispatcher._in_flight)
+        await until(lambda: not dispatcher._in_flight)
         assert _deliveries(harness) == [("task.submitted", "succeeded", 1, None)]
     finally:
         gate.set()
@@ -1057,13 +1297,13 @@ async def test_stopping_records_the_attempts_no_pass_will_take(harness: Harness)
     late = harness.receiver.hold["late"] = asyncio.Event()
     dispatcher = _dispatcher(harness, tick_seconds=3600)
     await dispatcher.start()
-    await _until(lambda: harness.receiver.received["early"] and harness.receiver.received["late"])
+    await until(lambda: harness.receiver.received["early"] and harness.receiver.received["late"])
     await asyncio.sleep(0.05)  # the loop's passes are over: it waits for a wake
     early.set()
-    await _until(lambda: dispatcher._to_record)  # answered, waiting for the next pass
+    await until(lambda: dispatcher._to_record)  # answered, waiting for the next pass
     began = asyncio.get_running_loop().time()
     stopping = asyncio.create_task(dispatcher.stop(grace=30))
-    await _until(lambda: len(dispatcher._in_flight) == 1)  # the early one, recorded
+    await until(lambda: len(dispatcher._in_flight) == 1)  # the early one, recorded
     assert not stopping.done()  # the late one is still in flight
     late.set()
     await asyncio.wait_for(stopping, timeout=10)
@@ -1095,12 +1335,12 @@ async def test_a_failed_claim_records_the_attempts_it_carried_on_their_own(
     dispatcher = _dispatcher(harness, concurrency=1)  # the second waits for the first's slot
     await dispatcher.start()
     try:
-        await _until(lambda: harness.receiver.received["answered"])
+        await until(lambda: harness.receiver.received["answered"])
         await harness.track()  # due: the pass recording the first claims it, and fails
         monkeypatch.setattr(outbox, "_jobs", failing_claim)
         hold.set()
-        await _until(lambda: len(harness.receiver.received["answered"]) == 2)
-        await _until(lambda: not dispatcher._in_flight and not dispatcher._to_record)
+        await until(lambda: len(harness.receiver.received["answered"]) == 2)
+        await until(lambda: not dispatcher._in_flight and not dispatcher._to_record)
     finally:
         await dispatcher.stop(grace=5)
     assert failed
@@ -1139,7 +1379,7 @@ async def test_a_failed_pass_fails_the_records_it_carried_when_they_fail_alone_t
     dispatcher = _dispatcher(harness)
     await dispatcher.start()
     try:
-        await _until(lambda: len(failed) == 2 and not dispatcher._in_flight)
+        await until(lambda: len(failed) == 2 and not dispatcher._in_flight)
         assert "not recorded: the database is unavailable" in caplog.text
         assert _deliveries(harness) == [("task.submitted", "pending", 0, dispatcher.worker_id)]
     finally:
@@ -1230,6 +1470,115 @@ async def test_a_manual_retry_brings_the_events_held_behind_it_along(harness: Ha
         "task.submitted",
         "task.succeeded",
     ]
+
+
+async def test_a_manual_retry_leaves_a_later_events_own_retry_where_it_is(
+    harness: Harness,
+) -> None:
+    """Only the events held behind the retried delivery (never attempted) come along: one
+    that was attempted and waits for its own retry keeps its backoff."""
+    subscription = await harness.subscribe("backoff")
+    harness.receiver.status["backoff"] = 500
+    harness.runtime.outbox.schedule = (0.0, 3600.0)  # one retry, an hour later, then dead
+    task_id = await harness.track()
+    await harness.deliver()  # task.submitted fails: retry in an hour
+    harness.update(task_id, TaskStatus.succeeded)
+    harness.clock.advance(3600)
+    await harness.deliver()  # task.submitted dead; task.succeeded fails: retry in an hour
+    assert _pending(harness) == [("task.succeeded", 3600.0)]
+    dead = await harness.client.get(
+        f"/v1/subscriptions/{subscription['id']}/deliveries?status=dead", headers=auth()
+    )
+    (head,) = dead.json()["data"]
+    harness.receiver.status["backoff"] = 200
+    retried = await harness.client.post(f"/v1/deliveries/{head['id']}/retry", headers=auth())
+    assert retried.status_code == 202
+    assert _pending(harness) == [("task.submitted", 0.0), ("task.succeeded", 3600.0)]
+    assert await harness.deliver() == 1
+    assert [e["type"] for e in harness.receiver.events("backoff")][-1] == "task.submitted"
+    assert _pending(harness) == [("task.succeeded", 3600.0)]
+
+
+def _put_aside_uncommitted(harness: Harness) -> Callable[[], None]:
+    """Another replica's claim puts aside what cannot go, in a transaction left open; the
+    returned call commits it."""
+    connection = harness.runtime.store.engine.connect()
+    transaction = connection.begin()
+    now = harness.clock.now()
+    assert Outbox._move_aside(connection, now, since=now - timedelta(seconds=10)) == 1
+
+    def commit() -> None:
+        transaction.commit()
+        connection.close()
+
+    return commit
+
+
+def _owner_of(harness: Harness, subscription_id: str) -> str:
+    from service.models import Subscription
+
+    table = Subscription.__table__  # type: ignore[attr-defined]
+    with harness.runtime.store.engine.connect() as connection:
+        owner: str = connection.execute(
+            sa.select(table.c.owner).where(table.c.id == subscription_id)
+        ).scalar_one()
+    return owner
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # row locks
+async def test_a_manual_retry_racing_a_put_aside_still_brings_the_held_event_along(
+    harness: Harness,
+) -> None:
+    """The retry waits for another replica's put-aside of the event held behind it, then
+    makes it due with the retried delivery instead of leaving it put off an hour."""
+    subscription = await harness.subscribe("racing")
+    harness.receiver.status["racing"] = 500
+    harness.runtime.outbox.schedule = (0.0, 3600.0)
+    task_id = await harness.track()
+    await harness.deliver()  # task.submitted fails: retry in an hour
+    harness.update(task_id, TaskStatus.succeeded)  # due, held behind it
+    listed = await harness.client.get(
+        f"/v1/subscriptions/{subscription['id']}/deliveries?status=pending", headers=auth()
+    )
+    head = next(d for d in listed.json()["data"] if d["event_type"] == "task.submitted")
+    owner = _owner_of(harness, subscription["id"])
+    commit = _put_aside_uncommitted(harness)
+    start, finish = while_held(lambda: harness.runtime.outbox.retry_delivery(owner, head["id"]))
+    start()
+    commit()
+    waited = finish()
+    assert _pending(harness) == [("task.submitted", 0.0), ("task.succeeded", 0.0)]
+    assert waited  # for the put-aside
+    harness.receiver.status["racing"] = 200
+    assert await harness.deliver() == 2
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # row locks
+async def test_enabling_a_subscription_racing_a_put_aside_makes_its_deliveries_due(
+    harness: Harness,
+) -> None:
+    """Another replica's claim reads the subscription disabled and puts its due delivery off
+    an hour, not yet committed, while the client enables it: the enable waits for it, then
+    makes the delivery due."""
+    subscription = await harness.subscribe("reenabled")
+    path = f"/v1/subscriptions/{subscription['id']}"
+    await harness.track()
+    await harness.client.patch(path, json={"enabled": False}, headers=auth())
+    harness.clock.advance(3600)  # the put-off ran out while it was still disabled
+    assert _pending(harness) == [("task.submitted", 0.0)]
+    owner = _owner_of(harness, subscription["id"])
+    commit = _put_aside_uncommitted(harness)
+    start, finish = while_held(
+        lambda: harness.runtime.outbox.update_subscription(
+            owner, subscription["id"], {"enabled": True}
+        )
+    )
+    start()
+    commit()
+    waited = finish()
+    assert _pending(harness) == [("task.submitted", 0.0)]
+    assert waited  # for the put-aside
+    assert await harness.deliver() == 1
 
 
 async def test_a_disabled_subscriptions_deliveries_are_put_off_then_due_when_enabled(

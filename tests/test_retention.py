@@ -470,6 +470,34 @@ async def test_a_folder_that_could_not_be_deleted_is_tried_again_next_sweep(
     assert listings == 2 and real_folders(now.timestamp()) == []
 
 
+async def test_a_folder_whose_removal_failed_part_way_is_tried_again_next_sweep(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that fails after deleting some images changes the folder just now: it is
+    still tried again by the next sweep, not only once it is a retention period old (its
+    remaining images were served for a deleted task all that while)."""
+    now = datetime.now(UTC)
+    files = ImageFiles(tmp_path / "files", "http://testserver")
+    (task_id,) = finished(store, 1, now - timedelta(days=40))
+    stored_images(files, task_id, written=now - timedelta(days=40))
+    (files.root / task_id / "1.png").write_bytes(b"png")
+    os.utime(files.root / task_id, ((now - timedelta(days=40)).timestamp(),) * 2)
+    pruner = pruner_of(store, files, now)
+    real_rmtree = shutil.rmtree
+
+    def part_way(path: Any, *args: Any, **kwargs: Any) -> None:
+        (Path(path) / "0.png").unlink()  # one image goes, then the folder refuses
+        raise OSError(16, "Device or resource busy", str(Path(path) / "1.png"))
+
+    monkeypatch.setattr(shutil, "rmtree", part_way)
+    assert await pruner.prune_once() == 0
+    assert store.existing_task_ids([task_id]) == set()
+    assert sorted(p.name for p in (files.root / task_id).iterdir()) == ["1.png"]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert await pruner.prune_once() == 0  # the next sweep
+    assert not (files.root / task_id).exists()
+
+
 async def test_a_files_folder_that_cannot_be_listed_does_not_stop_retention(
     store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -727,6 +755,7 @@ async def test_the_sweep_takes_deliveries_in_key_order(pg_harness: Harness) -> N
     task_id = await harness.track()  # event 1 at 0 s
     harness.clock.advance(10)
     harness.update(task_id, TaskStatus.succeeded)  # event 2 at 10 s
+    assert await harness.deliver() == 2  # delivered: a replay owes them again
     replay = partial(harness.runtime.outbox.replay, "alice", subscription["id"])
     # The later window first (event 2), then the earlier one (event 1).
     assert replay(since=start + timedelta(seconds=5), until=None) == 1
