@@ -36,6 +36,7 @@ from service.dispatcher import Dispatcher
 from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.groupcommit import GroupCommitter
+from service.logs import configure_logging
 from service.metrics import Metrics, metrics_endpoint
 from service.models import utcnow
 from service.netguard import AddressPolicy, parse_networks
@@ -96,6 +97,16 @@ def upstream_timeout(seconds: float) -> httpx.Timeout:
         write=seconds,
         pool=UPSTREAM_CONNECT_SECONDS,
     )
+
+
+def submit_slots(settings: Settings) -> dict[str, int]:
+    """Per provider, the submissions that may be out at once: its pool's connections less
+    those its status queries may hold (TASKRELAY_<P>_POLL_CONCURRENCY), at least one."""
+    pool = UPSTREAM_LIMITS.max_connections or 1
+    return {
+        name: max(1, pool - provider.poll_concurrency)
+        for name, provider in settings.providers.items()
+    }
 
 
 def shutdown_drain_seconds(total: float) -> float:
@@ -165,6 +176,7 @@ def poll_policies(
             deadline=provider.deadline,
             grace=settings.poll_grace,
             max_interval=settings.poll_max_interval,
+            error_backoff=settings.poll_error_backoff,
             queryable=adapters[name].can_query_status,
         )
         for name, provider in settings.providers.items()
@@ -194,17 +206,26 @@ def create_app(
             "print(secrets.token_urlsafe(32))')).",
             details={"variable": "TASKRELAY_API_TOKENS"},
         )
+    if settings.providers["openai"].configured:  # the one provider whose images TaskRelay keeps
+        ImageFiles(settings.files_dir, settings.public_url).check_writable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
-        http = httpx.AsyncClient(
-            timeout=upstream_timeout(settings.provider_timeout),
-            limits=UPSTREAM_LIMITS,
-            transport=http_transport,
-            follow_redirects=False,
-        )
-        adapters = build_adapters(settings, http)
+
+        def upstream_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                timeout=upstream_timeout(settings.provider_timeout),
+                limits=UPSTREAM_LIMITS,
+                transport=http_transport,
+                follow_redirects=False,
+            )
+
+        http = upstream_client()  # the sandbox's callbacks
+        # A pool of connections per provider: one whose requests are held open for long (an
+        # OpenAI generation, a GrsAI stream) cannot take the connections the others need.
+        provider_http = {name: upstream_client() for name in settings.providers}
+        adapters = build_adapters(settings, http, clients=provider_http)
         store = Store(
             engine,
             clock=clock,
@@ -228,6 +249,7 @@ def create_app(
             backoff=submit_backoff(settings.submit_backoff, settings.submit_attempts),
             metrics=metrics,
             sweep_seconds=settings.submit_sweep,
+            send_slots=submit_slots(settings),
         )
         sandbox: Any = None
         if settings.sandbox:
@@ -398,6 +420,8 @@ def create_app(
             await webhook_http.aclose()
             if sandbox is not None:
                 await sandbox.aclose()
+            for client in provider_http.values():
+                await client.aclose()
             await http.aclose()
             engine.dispose()
 
@@ -495,9 +519,16 @@ def tune_process() -> None:
 
 
 def create_app_from_env() -> Starlette:
-    """The uvicorn factory (``service.app:create_app_from_env``): settings from the environment."""
+    """The uvicorn factory (``service.app:create_app_from_env``): settings from the environment.
+
+    Each worker of ``serve --workers N`` is a fresh process that calls this: it sets up the
+    JSON logs at the configured level itself (uvicorn runs with ``log_config=None``), as
+    ``taskrelay serve`` does for one process, or its lines would be plain text and its info
+    lines lost."""
     tune_process()
+    configure_logging("INFO")  # loading the settings may log
     settings = load_settings()
+    configure_logging(settings.log_level)
     app = create_app(settings, handle_signals=True)
     # Everything imported and built so far lives as long as the process: move it out of the
     # cyclic collector's way, so that its full collections, which otherwise walk it all, stop

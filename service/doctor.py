@@ -35,9 +35,11 @@ from service.errors import SettingsError
 from service.providers import build_adapters
 from service.providers.base import ProviderAdapter, TaskEndpointAdapter
 from service.settings import (
+    DEMO_TOKENS,
     Settings,
     env_file_path,
     load_settings,
+    masked,
     public_url_problem,
     read_env_file,
 )
@@ -54,8 +56,6 @@ CLOCK_WARN_SECONDS = 2.0
 PROBE_TASK_ID = "taskrelay-doctor-probe-0000"
 # Stands in for an unset signing key, so that loading the settings writes no key file.
 PLACEHOLDER_SECRET = "taskrelay-doctor-placeholder-key"  # noqa: S105  (signs nothing real)
-# Tokens from the README and `make run`: fine for trying TaskRelay out, never in production.
-DEMO_TOKENS = frozenset({"demo-token", "sandbox-key", "changeme", "change-me", "password"})
 SHORT_TOKEN = 16
 EVOLINK_MAX_CALLBACK_URL = 2048
 SAMPLE_TASK_ID = "tsk_" + "X" * 22
@@ -257,6 +257,33 @@ def real_providers(settings: Settings) -> list[str]:
         for name, provider in settings.providers.items()
         if provider.configured and not uses_sandbox(settings, name)
     ]
+
+
+def files_dir_check(settings: Settings) -> CheckResult | None:
+    """Whether the folder OpenAI's images are kept in can be written (None: OpenAI is not
+    configured, nothing is kept). Nothing is created: the folder, or the nearest folder above
+    it that exists, must be a writable folder (``serve`` makes it, and writes a probe file)."""
+    if not settings.providers["openai"].configured:
+        return None
+    folder = settings.files_dir
+    fix = "make TASKRELAY_FILES_DIR a folder TaskRelay can write, or point it at one."
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        found = f"{existing} is not a folder"
+    elif not _writable(existing):
+        found = f"{existing} cannot be written"
+    else:
+        made = "" if existing == folder else " (serve creates it)"
+        return CheckResult("files folder", OK, f"OpenAI's images go to {folder}{made}.")
+    return CheckResult(
+        "files folder",
+        FAIL,
+        f"TASKRELAY_FILES_DIR {folder}: {found}; OpenAI's images are kept there, and serve "
+        "refuses to start.",
+        fix=fix,
+    )
 
 
 def public_url_check(settings: Settings) -> CheckResult:
@@ -508,7 +535,10 @@ def explain_database_error(message: str, where: str, name: str = "NAME") -> tupl
             "allow this host and user in the server's pg_hba.conf.",
         )
     if "ssl" in text:
-        return (f"{where}: the TLS (SSL) connection failed.", "check the sslmode in " + url_fix)
+        return (
+            f"{where}: the TLS (SSL) connection failed.",
+            "check the sslmode in TASKRELAY_DATABASE_URL.",
+        )
     if "not a database" in text or "malformed" in text:
         return (
             f"{where} is not a TaskRelay database (not SQLite, or damaged).",
@@ -801,6 +831,9 @@ def run_checks(
         results.append(clock)
     results.extend(asyncio.run(check_providers(settings, probe_seconds=timeout)))
     results.append(public_url_check(settings))
+    files = files_dir_check(settings)
+    if files is not None:
+        results.append(files)
     return redact(results, secret_values(settings))
 
 
@@ -823,7 +856,7 @@ def redact(results: list[CheckResult], secrets: Iterable[str]) -> list[CheckResu
         if text is None:
             return None
         for value in ordered:
-            text = text.replace(value, "***")
+            text = masked(text, value, "***")
         return text
 
     return [

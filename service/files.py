@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from service.errors import ImageStorageFailed, NotFound, UpstreamProtocolError
+from service.errors import ImageStorageFailed, NotFound, SettingsError, UpstreamProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,39 @@ class Removed(NamedTuple):
 
     removed: int
     failed: int
+    left: tuple[str, ...] = ()  # the task ids whose folder could not be deleted
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class ImageFiles:
     def __init__(self, root: Path, public_url: str) -> None:
         self.root = root
         self.public_url = public_url
+
+    def check_writable(self) -> None:
+        """Refuse a files folder that cannot take an image, at start-up (the folder is made if
+        need be, and a probe file written and removed): found only when an image comes in, it
+        would fail every OpenAI task after its image was made and paid for."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            descriptor, probe = tempfile.mkstemp(dir=self.root, prefix=".taskrelay-write-check-")
+            os.close(descriptor)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SettingsError(
+                f"TASKRELAY_FILES_DIR: cannot write to {self.root} "
+                f"({exc.strerror or type(exc).__name__}), where OpenAI's images are kept (each "
+                "would be paid for and then lost): make it a folder TaskRelay can write, or set "
+                "TASKRELAY_FILES_DIR to one.",
+                details={"variable": "TASKRELAY_FILES_DIR"},
+            ) from None
 
     def save_b64(self, task_id: str, index: int, data: str, *, provider: str) -> str:
         """Write one base64 PNG durably and return its public URL. Data that is not base64 is
@@ -60,12 +88,18 @@ class ImageFiles:
         name = f"{index}.png"
         temporary = folder / f".{name}.tmp"
         try:
+            new_folder = not folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
             with open(temporary, "wb") as handle:
                 handle.write(raw)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, folder / name)
+            # The rename, and a new folder's own entry, are durable only once their folders
+            # are synced: a power cut could otherwise lose a file whose URL is recorded.
+            _sync_folder(folder)
+            if new_folder:
+                _sync_folder(self.root)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
@@ -82,7 +116,8 @@ class ImageFiles:
         """Delete the images kept for these tasks (retention, once the tasks are deleted). A
         folder another process removes first is skipped; one that cannot be removed is logged
         and counted as failed, never raised."""
-        removed = failed = 0
+        removed = 0
+        left: list[str] = []
         for task_id in task_ids:
             if not _SAFE_NAME.match(task_id):
                 continue
@@ -95,10 +130,10 @@ class ImageFiles:
                 continue
             except OSError as exc:
                 log.warning("could not delete the images of task %s: %s", task_id, exc)
-                failed += 1
+                left.append(task_id)
                 continue
             removed += 1
-        return Removed(removed, failed)
+        return Removed(removed, len(left), tuple(left))
 
     def task_folders(self, modified_before: float) -> list[str]:
         """The task ids whose folder here was last changed before ``modified_before`` (a

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from service.errors import SettingsError
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,7 @@ class Settings:
     submit_backoff: float = 1.0
     poll_grace: float = 1.0
     poll_max_interval: float = 300.0
+    poll_error_backoff: float = 5.0
     poll_lease: float = 60.0
     submit_sweep: float = 30.0  # how often each process looks for orphaned unsent submissions
     scheduler_tick: float = 1.0
@@ -224,8 +228,17 @@ def _without(value: str, text: str) -> str:
     parts = {value, value.strip(), *re.split(r"[\s,;=]+", value)}
     for part in sorted(parts, key=len, reverse=True):
         if len(part) >= 3:
-            text = text.replace(part, "...")
+            text = masked(text, part, "...")
     return text
+
+
+def masked(text: str, value: str, replacement: str) -> str:
+    """``text`` with ``value`` replaced wherever it stands on its own, not inside a longer
+    word: a secret that is also a word ("short") must not turn the message around it
+    ("shorter than 16 characters") into nonsense."""
+    before = r"(?<!\w)" if value[:1].isalnum() or value[:1] == "_" else ""
+    after = r"(?!\w)" if value[-1:].isalnum() or value[-1:] == "_" else ""
+    return re.sub(before + re.escape(value) + after, lambda _: replacement, text)
 
 
 def parse_duration(text: str) -> float:
@@ -375,9 +388,15 @@ def default_public_url(host: str, port: int) -> str:
     return f"http://{listening}:{port}"
 
 
+# Tokens from the README and `make run`: fine for trying TaskRelay out on this machine only.
+DEMO_TOKENS = frozenset({"demo-token", "sandbox-key", "changeme", "change-me", "password"})
+
+
 def check_public_url(settings: Settings) -> None:
     """Refuse a public URL providers cannot be handed in callback URLs (``serve``: commands
-    that hand out no callback URL, such as ``migrate`` and ``doctor``, take any)."""
+    that hand out no callback URL, such as ``migrate`` and ``doctor``, take any), and the
+    local-only conveniences (the sandbox, a demo token) on a service reached from elsewhere."""
+    _check_local_only(settings)
     problem = public_url_problem(settings.public_url)
     if problem is None:
         return
@@ -391,6 +410,34 @@ def check_public_url(settings: Settings) -> None:
         "TaskRelay at (e.g. https://relay.example.com): callback URLs are built from it.",
         details={"variable": "TASKRELAY_PUBLIC_URL"},
     )
+
+
+def _check_local_only(settings: Settings) -> None:
+    """A reverse proxy on the same machine forwards to a loopback TASKRELAY_HOST: the public
+    URL tells whether the service is reached from elsewhere. The sandbox's control API and
+    its callbacks take a well-known key, and a demo token is in the README for anyone."""
+    public_host = urlsplit(settings.public_url).hostname or ""
+    local = _is_loopback(settings.host) and _is_loopback(public_host)
+    if local:
+        return
+    where = f"TASKRELAY_HOST {settings.host}, TASKRELAY_PUBLIC_URL {settings.public_url}"
+    if settings.sandbox:
+        raise SettingsError(
+            f"TASKRELAY_SANDBOX=true is for this machine only ({where}): its control API "
+            "takes a well-known key, lists every task's callback URL and calls any URL back. "
+            "Turn it off, or keep both the host and the public URL on a loopback address.",
+            details={"variable": "TASKRELAY_SANDBOX"},
+        )
+    demo = sorted(
+        name for name, token in settings.api_tokens.items() if token.reveal() in DEMO_TOKENS
+    )
+    if demo:
+        raise SettingsError(
+            f"TASKRELAY_API_TOKENS gives client(s) {', '.join(demo)} a well-known demo token, "
+            f"and this service is reached from elsewhere ({where}): anyone could use it as "
+            "them. Give each client a random token (`taskrelay new-token`).",
+            details={"variable": "TASKRELAY_API_TOKENS"},
+        )
 
 
 def _is_unspecified(host: str) -> bool:
@@ -413,7 +460,7 @@ def _http_url(text: str) -> str:
 
 def _metrics_token(text: str) -> Secret:
     if len(text) < 16:
-        raise ValueError("too short to be a secret")
+        raise ValueError("fewer characters than a secret needs")
     return Secret(text)
 
 
@@ -424,11 +471,23 @@ def _log_level(text: str) -> str:
     return upper
 
 
+def _parsed_url(text: str) -> str:
+    """``text`` once SQLAlchemy can read it (a port that is not a number, an unclosed IPv6
+    bracket: refused here, named, rather than a traceback when the engine is made)."""
+    try:
+        make_url(text)
+    except (ValueError, ArgumentError) as exc:
+        raise ValueError(f"not a URL SQLAlchemy can read ({exc})") from None
+    return text
+
+
 def _database_url(text: str) -> str:
     if text.startswith("postgresql://") or text.startswith("postgres://"):
         # psycopg 3 is the PostgreSQL driver; accept the plain URL form users copy from elsewhere.
-        return "postgresql+psycopg://" + text.split("://", 1)[1]
-    if text.startswith(("postgresql+psycopg://", "sqlite:///", "sqlite+pysqlite:///")):
+        return _parsed_url("postgresql+psycopg://" + text.split("://", 1)[1])
+    if text.startswith("postgresql+psycopg://"):
+        return _parsed_url(text)
+    if text.startswith(("sqlite:///", "sqlite+pysqlite:///")):
         if text.startswith("sqlite"):
             path, _, query = text.split(":///", 1)[1].partition("?")
             if path in ("", ":memory:") or "mode=memory" in query:
@@ -495,6 +554,11 @@ def read_env_file(path: Path) -> dict[str, str]:
             f"cannot read {path}: {exc.strerror or type(exc).__name__}.",
             details={"variable": "TASKRELAY_ENV_FILE"},
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"{path} is not UTF-8 text (byte {exc.start} cannot be read): save it as UTF-8.",
+            details={"variable": "TASKRELAY_ENV_FILE"},
+        ) from None
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -592,8 +656,8 @@ def load_settings(
         raise SettingsError(
             f"TASKRELAY_SECRET_KEY_FALLBACKS holds {short} key(s) shorter than "
             f"{MIN_SECRET_KEY} characters, the least TASKRELAY_SECRET_KEY takes too: tokens "
-            "signed with a key that short are easy to forge. Remove the short keys (callback "
-            "URLs signed with them stop working).",
+            f"signed with fewer characters are easy to forge. Remove the keys under "
+            f"{MIN_SECRET_KEY} characters (callback URLs signed with them stop working).",
             details={"variable": "TASKRELAY_SECRET_KEY_FALLBACKS"},
         )
 
@@ -718,6 +782,9 @@ def load_settings(
         poll_grace=env.get("TASKRELAY_POLL_GRACE", parse_duration, 1.0, "a duration such as 1s"),
         poll_max_interval=env.get(
             "TASKRELAY_POLL_MAX_INTERVAL", parse_duration, 300.0, "a duration such as 5m"
+        ),
+        poll_error_backoff=env.get(
+            "TASKRELAY_POLL_ERROR_BACKOFF", parse_duration, 5.0, "a duration such as 5s"
         ),
         poll_lease=env.get("TASKRELAY_POLL_LEASE", parse_duration, 60.0, "a duration such as 60s"),
         submit_sweep=env.get(

@@ -4,6 +4,9 @@ It starts with the task's current state (``event: task.state``), then sends each
 (``id:`` the event id, ``event:`` its type, ``data:`` the same envelope webhooks carry), and
 ends after the terminal event. A client that reconnects with ``Last-Event-ID`` resumes after
 that event. A comment line (``: keep-alive``) goes out after ``KEEPALIVE_SECONDS`` of silence.
+A database outage does not end a stream: it keeps its keep-alives going and reads again every
+``STORE_RETRY_SECONDS`` until the database answers; the outage is logged once when the first
+read fails and once when one works again, whatever the number of open streams.
 
 What wakes a stream
 -------------------
@@ -236,6 +239,9 @@ class EventSignal:
         self._per_client: dict[str, int] = {}
         self._open = 0
         self.draining = False
+        # Open streams' reads of their events: a database outage is logged once when the
+        # first read fails and once when one works again, whatever the number of streams.
+        self.read_failures = Failures("event stream read")
 
     def bind(self, loop: asyncio.AbstractEventLoop, store: Store | None = None) -> None:
         """Wake streams on ``loop``; with ``store``, also watch it for other processes' events."""
@@ -354,9 +360,9 @@ class EventSignal:
 # --- other processes' events ---------------------------------------------------------------------
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    # A priming error is raised to the streams that waited for it; with none left, this keeps
-    # asyncio from logging "exception was never retrieved".
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A priming error is raised to the streams that waited for it (a read's error to its
+    # stream); with none left, this keeps asyncio from logging "exception was never retrieved".
     if not future.cancelled():
         future.exception()
 
@@ -570,6 +576,7 @@ async def stream_task(request: Request) -> Response:
                 backlog = []
             clock = asyncio.get_running_loop().time
             last_write = clock()
+            retry_at: float | None = None  # while reads fail: when this stream reads again
             while True:
                 for event in backlog:
                     listener.last_seq = event.seq or listener.last_seq
@@ -584,22 +591,40 @@ async def stream_task(request: Request) -> Response:
                     # after the last one, wherever it reconnects.
                     yield SHUTDOWN_FRAME
                     return
-                if not await listener.wait(last_write + KEEPALIVE_SECONDS - clock()):
+                keepalive_at = last_write + KEEPALIVE_SECONDS
+                wake_at = keepalive_at if retry_at is None else min(keepalive_at, retry_at)
+                woken = await listener.wait(wake_at - clock())
+                if signal.draining:
+                    continue  # woken to end, not by news: no read
+                if not woken and (retry_at is None or clock() < retry_at):
                     yield b": keep-alive\n\n"
                     last_write = clock()
                     continue
-                if signal.draining:
-                    continue  # woken to end, not by news: no read
+                # Read in a task, so that keep-alives keep their schedule however long the
+                # read takes (a database that does not answer: up to the pool's timeout).
+                read = asyncio.ensure_future(
+                    run_in_threadpool(store.events_after, owner, task_id, listener.last_seq)
+                )
+                read.add_done_callback(_retrieve)
                 try:
-                    backlog = await run_in_threadpool(
-                        store.events_after, owner, task_id, listener.last_seq
-                    )
-                except StoreUnavailable:
-                    # Kept open and read again shortly: ended here, an EventSource would
-                    # reconnect into a 503, and a 503 makes it give up for good.
-                    log.warning("event stream read failed: the database is unavailable")
-                    listener.wake()
-                    await asyncio.sleep(STORE_RETRY_SECONDS)
+                    while not read.done():
+                        await asyncio.wait({read}, timeout=last_write + KEEPALIVE_SECONDS - clock())
+                        if not read.done():
+                            yield b": keep-alive\n\n"
+                            last_write = clock()
+                finally:
+                    read.cancel()  # the client went away mid-read (a no-op once done)
+                try:
+                    backlog = read.result()
+                except StoreUnavailable as exc:
+                    # Kept open (with its keep-alives) and read again shortly: ended here, an
+                    # EventSource would reconnect into a 503, and a 503 makes it give up for
+                    # good. Logged once per outage for all streams, not once per read.
+                    signal.read_failures.failed(exc)
+                    retry_at = clock() + STORE_RETRY_SECONDS
+                else:
+                    signal.read_failures.succeeded()
+                    retry_at = None
         finally:
             signal.close(listener)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import sqlalchemy as sa
 from service import doctor
 from service.db import head_revision, migrate
 from service.doctor import FAIL, OK, WARN, CheckResult, DatabaseProbe, ProviderProbe
-from service.settings import PROVIDERS, Settings
+from service.errors import SettingsError
+from service.settings import PROVIDERS, Settings, load_settings
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import SandboxProcess, free_port
 
@@ -436,6 +438,56 @@ def test_redact_scrubs_every_secret() -> None:
     results = [CheckResult("x", FAIL, "the key abc-secret-123 was refused", fix="abc-secret-123")]
     (scrubbed,) = doctor.redact(results, ["abc-secret-123"])
     assert scrubbed.message == "the key *** was refused" and scrubbed.fix == "***"
+
+
+def test_redact_leaves_words_a_short_secret_is_part_of() -> None:
+    """A secret that is also part of an ordinary word (a fallback key "short") is blanked out
+    where it stands alone, but "shorter" stays a word, and the message stays readable."""
+    results = [CheckResult("x", FAIL, "1 key shorter than 16: short; (short)", fix="-short-")]
+    (scrubbed,) = doctor.redact(results, ["short", "-x-"])
+    assert scrubbed.message == "1 key shorter than 16: ***; (***)"
+    assert scrubbed.fix == "-***-"
+    (scrubbed,) = doctor.redact([CheckResult("x", FAIL, "a-x-b -x- x")], ["-x-"])
+    assert scrubbed.message == "a***b *** x"  # a value that starts and ends with a separator
+
+
+def test_a_short_secret_setting_is_named_in_a_readable_message(tmp_path: Path) -> None:
+    for variable, value in [
+        ("TASKRELAY_METRICS_TOKEN", "short"),
+        ("TASKRELAY_SECRET_KEY_FALLBACKS", "short"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            load_settings(
+                {"TASKRELAY_DATA_DIR": str(tmp_path), variable: value},
+                env_file=tmp_path / "no.env",
+            )
+        message = caught.value.message
+        assert variable in message and "..." not in message
+        assert not re.search(r"\bshort\b", message), message  # nor the value itself
+
+
+def test_the_files_folder_is_checked_without_creating_it(tmp_path: Path) -> None:
+    def check(files_dir: Path, **environ: str) -> CheckResult | None:
+        settings = load_settings(
+            {
+                "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+                "TASKRELAY_FILES_DIR": str(files_dir),
+                **environ,
+            },
+            env_file=tmp_path / "no.env",
+        )
+        return doctor.files_dir_check(settings)
+
+    key = {"TASKRELAY_OPENAI_API_KEY": "sk-doctor-files-0123456789"}
+    assert check(tmp_path / "nowhere") is None  # OpenAI not configured: no images are kept
+    result = check(tmp_path / "new" / "files", **key)
+    assert result is not None and result.status == OK and "serve creates it" in result.message
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "a-file").write_text("not a folder")
+    result = check(tmp_path / "a-file" / "files", **key)
+    assert result is not None and result.status == FAIL
+    assert f"{tmp_path / 'a-file'} is not a folder" in result.message
+    assert "TASKRELAY_FILES_DIR" in result.message and result.fix
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -6,10 +6,13 @@ import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
+from service.app import poll_policies
 from service.errors import SettingsError
 from service.netguard import AddressPolicy
+from service.providers import build_adapters
 from service.settings import MAX_DURATION, Secret, check_public_url, load_settings, parse_duration
 
 
@@ -380,3 +383,37 @@ def test_the_shutdown_budget_keeps_a_reserve_for_the_end() -> None:
     assert shutdown_drain_seconds(100.0) == 95.0
     assert shutdown_drain_seconds(10.0) == 8.0
     assert 0 < shutdown_drain_seconds(0.5) < 0.5
+
+
+async def test_the_polling_settings_reach_every_providers_policy(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        TASKRELAY_POLL_GRACE="300ms",
+        TASKRELAY_POLL_MAX_INTERVAL="2m",
+        TASKRELAY_POLL_ERROR_BACKOFF="750ms",
+    )
+    async with httpx.AsyncClient() as http:
+        policies = poll_policies(settings, build_adapters(settings, http))
+    assert set(policies) == set(settings.providers)
+    for policy in policies.values():
+        assert (policy.grace, policy.max_interval, policy.error_backoff) == (0.3, 120.0, 0.75)
+    assert load(tmp_path).poll_error_backoff == 5.0
+    with pytest.raises(SettingsError, match="TASKRELAY_POLL_ERROR_BACKOFF"):
+        load(tmp_path, TASKRELAY_POLL_ERROR_BACKOFF="0s")
+
+
+def test_local_only_conveniences_are_refused_on_a_service_reached_from_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """Behind a reverse proxy on the same machine TASKRELAY_HOST is loopback, but the public
+    URL is not: the sandbox (a well-known key, every callback URL listed, any URL called back)
+    and demo tokens would face the internet."""
+    public = {"TASKRELAY_PUBLIC_URL": "https://relay.example.com"}
+    with pytest.raises(SettingsError, match="TASKRELAY_SANDBOX=true is for this machine only"):
+        check_public_url(load(tmp_path, TASKRELAY_SANDBOX="true", **public))
+    demo = {"TASKRELAY_API_TOKENS": "demo:demo-token,ops:tok-0123456789abcdef"}
+    with pytest.raises(SettingsError, match=r"client\(s\) demo a well-known demo token"):
+        check_public_url(load(tmp_path, **demo, **public))
+    # On this machine only, both are fine (make run); a real token is fine anywhere.
+    check_public_url(load(tmp_path, TASKRELAY_SANDBOX="true", **demo))
+    check_public_url(load(tmp_path, TASKRELAY_API_TOKENS="ops:tok-0123456789abcdef", **public))

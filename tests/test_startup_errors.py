@@ -83,6 +83,25 @@ def serve(tmp_path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
             "names /nonexistent/prod.env, which does not exist",
             None,
         ),
+        (
+            {"TASKRELAY_DATABASE_URL": "postgresql://relay:S3cretPass@db:abc/taskrelay"},
+            "TASKRELAY_DATABASE_URL",
+            "not a URL SQLAlchemy can read",
+            "S3cretPass",
+        ),
+        (
+            {"TASKRELAY_DATABASE_URL": "postgresql://relay@[::1/taskrelay"},
+            "TASKRELAY_DATABASE_URL",
+            "not a URL SQLAlchemy can read",
+            None,
+        ),
+        # OpenAI's images are kept there (the sandbox stands in for OpenAI).
+        (
+            {"TASKRELAY_SANDBOX": "true", "TASKRELAY_FILES_DIR": "/dev/null/files"},
+            "TASKRELAY_FILES_DIR",
+            "cannot write to /dev/null/files (Not a directory)",
+            None,
+        ),
     ],
 )
 def test_a_bad_value_stops_serve_with_one_line(
@@ -97,6 +116,17 @@ def test_a_bad_value_stops_serve_with_one_line(
     assert variable in problems[0] and says in problems[0], problems[0]
     if secret is not None:
         assert secret not in result.stdout + result.stderr
+
+
+def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    env_file = tmp_path / "latin1.env"
+    env_file.write_bytes("TASKRELAY_LOG_LEVEL=INFO # caf\xe9\n".encode("latin-1"))
+    result = serve(tmp_path, TASKRELAY_ENV_FILE=str(env_file))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"taskrelay: configuration error: {env_file} is not UTF-8 text (byte 30 cannot be "
+        "read): save it as UTF-8."
+    ]
 
 
 def test_a_data_folder_that_cannot_hold_the_generated_key(tmp_path: Path) -> None:
@@ -151,3 +181,30 @@ async def test_the_largest_write_batch_starts(sqlite_url: str, tmp_path: Path) -
     async with serving(settings, webhook_app=Starlette()) as (app, client):
         assert app.state.runtime.committer.max_batch == MAX_WRITE_QUEUE
         assert (await client.get("/readyz")).status_code == 200
+
+
+def test_each_worker_process_logs_json_lines_at_the_configured_level(tmp_path: Path) -> None:
+    """``serve --workers N`` starts each worker as a fresh process that builds the app through
+    the factory: it sets up the JSON log itself (its info lines were lost, its warnings plain
+    text)."""
+    script = (
+        "import logging; from service.app import create_app_from_env; create_app_from_env(); "
+        "logging.getLogger('taskrelay.worker').info('worker ready')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+            "TASKRELAY_API_TOKENS": "me:token-12345678",
+            "TASKRELAY_SECRET_KEY": KEY,
+            "TASKRELAY_LOG_LEVEL": "INFO",
+        },
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    assert [line["message"] for line in lines if line["level"] == "info"] == ["worker ready"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -404,15 +405,15 @@ def _insert_event_uncommitted(
     return event_id, int(row.scalar_one())
 
 
+# PostgreSQL only: SQLite has one writer at a time, so its seq order is its commit order.
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("found_by", ["pass", "sweep"])
 async def test_an_event_committed_after_a_larger_seq_still_reaches_its_stream(
-    relay: Relay, other_store: Store, backend: str, found_by: str
+    relay: Relay, other_store: Store, found_by: str
 ) -> None:
     """PostgreSQL hands out seqs at insert time, not commit time: a transaction holding seq N
     can commit after seq N+1 is visible. The watcher keeps asking for N (a hole) and finds it
     on its next pass; a hole given up (here at once) is still found by the sweep."""
-    if backend != "postgresql":
-        pytest.skip("SQLite has one writer at a time: seq order is commit order there")
     relay.watcher.interval = 0.1
     if found_by == "pass":
         relay.watcher.sweep_interval = 3600.0
@@ -530,6 +531,117 @@ async def test_a_database_outage_mid_stream_is_retried_and_other_errors_free_the
     with pytest.raises((ValueError, RuntimeError)):
         await asyncio.wait_for(watching.task, timeout=WAIT)
     assert relay.signal.open_count == 0
+
+
+async def test_keep_alives_go_on_through_a_database_outage(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads retried every STORE_RETRY_SECONDS must not take the place of keep-alives: a proxy
+    drops a stream that stays silent through an outage, which keeping it open was for."""
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(stream, "STORE_RETRY_SECONDS", 0.02)  # retried far more often
+    task_id = await relay.track()
+    watching = await relay.stream(task_id).opened()
+    store = relay.runtime.store
+    working = store.events_after
+    failed = Counter[str]()
+
+    def down(owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
+        failed[task_id] += 1
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(store, "events_after", down)
+    relay.signal.wake([task_id])
+    for _ in range(5):
+        assert await watching.next(within=1.0) == {"comment": "keep-alive"}
+    # Read again all along (about five reads to a keep-alive), not only at each keep-alive.
+    assert failed[task_id] > 2 * 5, failed
+
+    monkeypatch.setattr(store, "events_after", working)
+    await relay.update(task_id, TaskStatus.running, 20)
+    frame = await watching.next_event()  # the outage over, events go on
+    assert frame["event"] == "task.progress"
+    assert json.loads(frame["data"])["data"]["progress"] == 20
+    await watching.close()
+
+
+async def test_a_read_the_database_does_not_answer_still_gets_keep_alives(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that does not answer holds a read for its connect or pool timeout, longer
+    than KEEPALIVE_SECONDS: the keep-alives go on meanwhile."""
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.1)
+    task_id = await relay.track()
+    watching = await relay.stream(task_id).opened()
+    store = relay.runtime.store
+    working = store.events_after
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow(owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
+        asked.set()
+        answer.wait(WAIT)
+        return working(owner, task_id, after_seq)
+
+    monkeypatch.setattr(store, "events_after", slow)
+    try:
+        await relay.update(task_id, TaskStatus.running, 20)
+        await eventually(asked.is_set)
+        while not watching.quiet():
+            await watching.next()  # sent before the read began
+        for _ in range(3):
+            assert await watching.next(within=1.0) == {"comment": "keep-alive"}
+    finally:
+        answer.set()
+    assert (await watching.next_event())["event"] == "task.progress"
+    await watching.close()
+
+
+async def test_an_outage_is_logged_once_for_all_streams_and_once_when_it_ends(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every open stream retries its read several times a second during an outage: one line
+    when reads start failing, one when they work again, not one per stream per retry."""
+    monkeypatch.setattr(stream, "STORE_RETRY_SECONDS", 0.02)
+    tasks = [await relay.track() for _ in range(3)]
+    streams = [await relay.stream(task_id).opened() for task_id in tasks]
+    store = relay.runtime.store
+    working = store.events_after
+    lock, back = threading.Lock(), threading.Event()
+    outage = {"down": True, "failed": 0}
+    held: set[str] = set()  # streams whose read waits for the database to be back
+
+    def flaky(owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
+        with lock:
+            if outage["down"]:
+                outage["failed"] += 1
+                raise StoreUnavailable("down", details={"reason": "OperationalError"})
+            held.add(task_id)
+        back.wait(WAIT)
+        return working(owner, task_id, after_seq)
+
+    monkeypatch.setattr(store, "events_after", flaky)
+    with caplog.at_level(logging.WARNING):
+        relay.signal.wake(tasks)
+        await eventually(lambda: outage["failed"] >= 30)  # about ten retries per stream
+        with lock:
+            outage["down"] = False
+            failed = outage["failed"]
+        # A stream reads again only after handling its failed read: once every stream waits
+        # in a read, every failure has been handled, and no success comes before one (no race).
+        await eventually(lambda: held == set(tasks))
+        back.set()
+        for task_id in tasks:
+            await relay.update(task_id, TaskStatus.running, 60)
+        for watching in streams:
+            assert (await watching.next_event())["event"] == "task.progress"
+    logged = [r.getMessage() for r in caplog.records if "event stream read" in r.getMessage()]
+    assert logged == [
+        "event stream read skipped: the database is unavailable (OperationalError); "
+        "retried until it answers",
+        f"event stream read works again, after {failed} skipped",
+    ]
+    for watching in streams:
+        await watching.close()
 
 
 # --- keep-alives and resume -----------------------------------------------------------------------

@@ -64,4 +64,7 @@ def run(
         host=host,
         port=port,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # The caller's log set-up (taskrelay sandbox: JSON lines, as serve's), no access log.
+        log_config=None,
+        access_log=False,
     )
