@@ -133,7 +133,11 @@ def decide(current: TaskState, update: TaskUpdate) -> Change | None:
         return None
 
     progress = current.progress
-    if update.progress is not None:
+    # A failure's own progress is not taken: providers differ (GrsAI's stream ends a failure
+    # at 100, others at 0 or nothing), and a failed, canceled or expired task keeps the
+    # progress it had reached, the same whichever provider ran it.
+    ended_unfinished = became_terminal and status is not TaskStatus.succeeded
+    if update.progress is not None and not ended_unfinished:
         progress = max(progress, _clamp_progress(update.progress))
     images = current.images
     error = current.error

@@ -62,6 +62,18 @@ def test_failure_keeps_the_providers_reason() -> None:
     assert change.event_type is EventType.failed
 
 
+@pytest.mark.parametrize("final", [F, C])
+@pytest.mark.parametrize("said", [None, 0, 100])
+def test_an_unfinished_end_keeps_the_progress_reached(final: TaskStatus, said: int | None) -> None:
+    """Providers end a failure at 100 (GrsAI's stream), 0 or nothing: a failed or canceled task
+    keeps the progress it had reached, whichever provider ran it."""
+    change = decide(state(R, 40), TaskUpdate(status=final, progress=said))
+    assert change is not None
+    assert change.state.progress == 40
+    expired = decide(state(X, 30), TaskUpdate(status=F, progress=said))
+    assert expired is not None and expired.state.progress == 30
+
+
 def test_failure_without_reason_gets_a_default_error() -> None:
     change = decide(state(R), TaskUpdate(status=F))
     assert change is not None
