@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,9 +39,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def held_port(owner: object) -> int:
+    """A free port on 127.0.0.1 for ``owner``'s server process, kept for it while ``owner``
+    lives, restarts included. :func:`free_port` leaves the port to anyone between its check and
+    the server's bind (another xdist worker's bind(0), an outgoing connection), and again while
+    the server is down. Here a socket of this process keeps it bound, with SO_REUSEADDR and
+    never listening: connections to it are refused while the server is down, the server (which
+    sets SO_REUSEADDR, as uvicorn does) binds it all the same, and no other socket can take
+    it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    weakref.finalize(owner, sock.close)
+    return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for as long as the block runs: bound by
+    this process, so that nothing else (another xdist worker's bind(0) included) can take it
+    meanwhile, but not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
 class ServiceProcess:
     def __init__(self, environ: Mapping[str, str], *args: str, log_path: Path) -> None:
-        self.port = free_port()
+        self.port = held_port(self)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRELAY_")}
@@ -96,7 +123,7 @@ class SandboxProcess:
     """``taskrelay sandbox`` on a free port; providers at ``{url}/{provider}``."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
+        self.port = held_port(self)
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.process = subprocess.Popen(
@@ -250,12 +277,13 @@ class SubscriberProcess:
 
     It records every request to a JSON-lines file that outlives the process, so it can be
     killed (the subscriber is down: connections are refused) and started again on the same
-    port. ``configure(status=..., hold=...)`` changes how it answers while it runs.
+    port (held meanwhile: see :func:`held_port`). ``configure(status=..., hold=...)`` changes
+    how it answers while it runs.
     """
 
     def __init__(self, directory: Path, *, status: int = 200, hold: float = 0.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = held_port(self)
         self.url = f"http://127.0.0.1:{self.port}"
         self.records_path = directory / "subscriber.jsonl"
         self.records_path.touch()
@@ -466,7 +494,7 @@ class BalancerProcess:
 
     def __init__(self, directory: Path, timeout: float = 20.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = held_port(self)
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(directory / "balancer.log", "wb")  # noqa: SIM115  (closed in stop())
         code = "import sys; from tests.servers import balancer_main as m; m(sys.argv[1:])"

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import ServiceProcess, free_port
+from tests.servers import ServiceProcess, closed_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -216,24 +216,24 @@ def test_postgresql_migrate_down_and_a_newer_schema(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_postgresql_is_one_line_without_the_password(tmp_path: Path) -> None:
-    port = free_port()
-    refused = f"postgresql://relay:hunter2-secret@127.0.0.1:{port}/relay"
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "TASKRELAY_DATA_DIR": str(tmp_path),
-        "TASKRELAY_API_TOKENS": "me:token-12345678",
-        "TASKRELAY_SECRET_KEY": "k" * 32,
-        "TASKRELAY_DATABASE_URL": refused,
-    }
-    expected = (
-        f"taskrelay: PostgreSQL database relay on 127.0.0.1:{port} as user relay: nothing "
-        "accepts connections there (connection refused). Fix: start "
-        "PostgreSQL, or correct the host and port in TASKRELAY_DATABASE_URL."
-    )
-    for args in (["migrate"], ["serve", "--migrate"], ["serve"]):
-        result = run_cli(*args, env=env)
-        assert one_line_refusal(result) == expected, args
-        assert "hunter2-secret" not in result.stdout + result.stderr
+    with closed_port() as port:
+        refused = f"postgresql://relay:hunter2-secret@127.0.0.1:{port}/relay"
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "TASKRELAY_DATA_DIR": str(tmp_path),
+            "TASKRELAY_API_TOKENS": "me:token-12345678",
+            "TASKRELAY_SECRET_KEY": "k" * 32,
+            "TASKRELAY_DATABASE_URL": refused,
+        }
+        expected = (
+            f"taskrelay: PostgreSQL database relay on 127.0.0.1:{port} as user relay: nothing "
+            "accepts connections there (connection refused). Fix: start "
+            "PostgreSQL, or correct the host and port in TASKRELAY_DATABASE_URL."
+        )
+        for args in (["migrate"], ["serve", "--migrate"], ["serve"]):
+            result = run_cli(*args, env=env)
+            assert one_line_refusal(result) == expected, args
+            assert "hunter2-secret" not in result.stdout + result.stderr
     admin_url = _pg_url()
     if admin_url is None:
         return

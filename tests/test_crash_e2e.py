@@ -120,8 +120,9 @@ def restart_service(
     previous: ServiceProcess, environ: dict[str, str], log_path: Path
 ) -> ServiceProcess:
     """A new ``taskrelay serve`` where ``previous`` (which must have exited) listened: the same
-    port and public URL, so the callback URLs providers were handed reach it; with the same
-    ``environ`` (data folder, secret key), on the same store."""
+    port (which ``previous`` holds meanwhile, see ``held_port``) and public URL, so the callback
+    URLs providers were handed reach it; with the same ``environ`` (data folder, secret key), on
+    the same store."""
     assert previous.process.poll() is not None, "stop the previous process first"
     environ = {"TASKRELAY_PUBLIC_URL": previous.url, **environ}
     # ServiceProcess passes a free port of its own; a later --port wins (argparse).

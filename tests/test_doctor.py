@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -26,7 +27,7 @@ from service.doctor import FAIL, OK, WARN, CheckResult, DatabaseProbe, ProviderP
 from service.errors import SettingsError
 from service.settings import PROVIDERS, Settings, load_settings
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import SandboxProcess, free_port
+from tests.servers import SandboxProcess, closed_port
 
 TASKRELAY_BIN = str(Path(sys.executable).parent / "taskrelay")
 SECRET_KEY = "doctor-secret-key-5b1f0e9c2d"
@@ -318,7 +319,7 @@ def test_postgresql_with_and_without_migrations(admin_url: str) -> None:
         database.drop()
 
 
-def test_postgresql_connection_failures_in_plain_words(admin_url: str) -> None:
+def test_postgresql_connection_failures_in_plain_words(admin_url: str, no_such_host: None) -> None:
     base = sa.engine.make_url(admin_url)
     absent = base.set(database="taskrelay_doctor_absent").render_as_string(hide_password=False)
     check, _ = database_checks(absent)
@@ -330,8 +331,9 @@ def test_postgresql_connection_failures_in_plain_words(admin_url: str) -> None:
     check, _ = database_checks(nobody)
     assert check.status == FAIL and "no such user" in check.message
 
-    closed = base.set(host="127.0.0.1", port=free_port()).render_as_string(hide_password=False)
-    check, migrations = database_checks(closed)
+    with closed_port() as port:
+        closed = base.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+        check, migrations = database_checks(closed)
     assert check.status == FAIL and "connection refused" in check.message
     assert "start PostgreSQL" in str(check.fix)
     assert migrations.status == WARN and "not checked" in migrations.message
@@ -354,6 +356,22 @@ def test_a_refused_password_in_plain_words() -> None:
         DatabaseProbe("PostgreSQL database x on h:5432", sqlite=False, error="timeout expired")
     )
     assert check.status == FAIL and "no answer in time" in check.message
+
+
+@pytest.fixture
+def no_such_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names under ``no-such-host.invalid`` fail to resolve at once, as a resolver answers for
+    a name that does not exist, whatever this machine's nameserver does (a slow one would make
+    the lookup a timeout; some answer for any name). Every other name resolves as usual."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: str | bytes | None, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host or ""
+        if name.rstrip(".").lower().endswith("no-such-host.invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 # --- the providers -------------------------------------------------------------------------
@@ -392,9 +410,10 @@ def test_a_rejected_key_names_the_provider_not_the_key(
     assert results["grsai"].status == OK
 
 
-def test_unreachable_providers_in_plain_words(tmp_path: Path, sandbox: SandboxProcess) -> None:
-    closed = free_port()
-    with socket.socket() as silent:
+def test_unreachable_providers_in_plain_words(
+    tmp_path: Path, sandbox: SandboxProcess, no_such_host: None
+) -> None:
+    with closed_port() as closed, socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # accepts connections (the kernel does), never answers
         silent_port = silent.getsockname()[1]

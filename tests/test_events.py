@@ -685,11 +685,17 @@ async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harne
         verify(old, headers, body)
 
 
-def while_held(run_meanwhile: Callable[[], Any]) -> tuple[Callable[[], None], Callable[[], bool]]:
+def while_held(
+    run_meanwhile: Callable[[], Any], patience: float = 0.3
+) -> tuple[Callable[[], None], Callable[[], bool]]:
     """A hook for the middle of a transaction: ``start()`` runs ``run_meanwhile`` on a thread
-    of its own (another request, on another connection) and gives it 0.3 s; ``finish()`` waits
-    for it and says whether it had to wait for the transaction (it was still running when the
-    0.3 s were up). An error on the thread fails ``finish()``."""
+    of its own (another request, on another connection) and gives it ``patience`` seconds;
+    ``finish()`` waits for it and says whether it had to wait for the transaction (it was still
+    running when the ``patience`` was up). An error on the thread fails ``finish()``.
+
+    A test that expects no wait gives a generous ``patience`` (a slow machine's stall must not
+    read as a wait) and keeps the transaction open throughout: a real wait lasts until the
+    commit, so it still shows."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -702,7 +708,7 @@ def while_held(run_meanwhile: Callable[[], Any]) -> tuple[Callable[[], None], Ca
 
     def start() -> None:
         thread.start()
-        thread.join(0.3)
+        thread.join(patience)
         outcome["waited"] = thread.is_alive()
 
     def finish() -> bool:
@@ -791,8 +797,8 @@ def test_a_subscription_being_deleted_does_not_hold_up_an_events_fan_out(
     going, kept = subscribe("https://hooks.example/g"), subscribe("https://hooks.example/k")
     deleting = store.engine.connect()
     deleting.execute(sa.text("DELETE FROM subscription WHERE id = :id"), {"id": going.id})
-    start, finish = while_held(lambda: _tracked(store))
-    start()
+    start, finish = while_held(lambda: _tracked(store), patience=10)
+    start()  # returns once the event is recorded, the delete still uncommitted
     try:
         assert not finish(), "the new task's event waited for the delete"
     finally:
@@ -940,13 +946,25 @@ async def test_a_host_that_is_not_valid_punycode_is_a_validation_error_naming_th
 
 
 async def test_stream_starts_with_the_current_state_and_ends_after_the_final_event(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task_id = await harness.track()
     harness.update(task_id, TaskStatus.running, 20)
+    store = harness.runtime.store
+    read = store.task_with_events
+    snapshots = []
+
+    def snapshot(owner: str, task_id: str) -> Any:
+        result = read(owner, task_id)
+        snapshots.append(task_id)
+        return result
+
+    # The stream's first frame comes from this read: the updates follow it, however long the
+    # stream takes to open.
+    monkeypatch.setattr(store, "task_with_events", snapshot)
 
     async def finish_later() -> None:
-        await asyncio.sleep(0.2)
+        await until(lambda: snapshots, step=0.005)
         await asyncio.to_thread(harness.update, task_id, TaskStatus.running, 60)
         await asyncio.to_thread(harness.update, task_id, TaskStatus.succeeded)
 

@@ -568,7 +568,7 @@ def test_stream_starts_with_the_state_and_ends_after_the_final_event(
     relay: ServiceProcess, cleanup: contextlib.ExitStack
 ) -> None:
     api = Api(relay, "stream", cleanup)
-    task_id = api.submit("evolink", "x sandbox:duration=1.5")
+    task_id = api.submit("evolink", "x sandbox:duration=5")
     started = time.monotonic()
     frames = read_stream(api, task_id)
     assert time.monotonic() - started < 15.0

@@ -157,7 +157,9 @@ def test_status_queries_that_hang_time_out_lose_no_task_and_are_backed_off(
         for failures, gap in enumerate(gaps, start=1):
             # The failure is known once TaskRelay stops waiting, and backed off from then.
             backoff = policy.error_backoff * 2 ** (failures - 1) * (1 - policy.jitter)
-            assert gap >= PROVIDER_TIMEOUT + backoff - 0.05, gaps
+            # (Slack: the provider stamps `at` once its handler runs, after TaskRelay's timer
+            # started; the bound only guards against a query sent again at once.)
+            assert gap >= PROVIDER_TIMEOUT + backoff - 0.25, gaps
             # TaskRelay stopped waiting long before the provider would have answered.
             assert gap < HANG, gaps
 

@@ -33,7 +33,7 @@ from service.models import Task, TaskStatus, UpdateSource
 from service.observe import MAX_REQUEST_ID, ObservedStarlette, accepted_request_id
 from service.runtime import Runtime
 from service.settings import PROVIDERS
-from tests.conftest import auth, make_settings, serving
+from tests.conftest import altered, auth, make_settings, serving
 from tests.test_callbacks import DONE, evolink_body
 from tests.test_scheduler import FakeClock
 
@@ -342,7 +342,7 @@ async def test_callback_counters_move_by_provider_and_outcome(harness: Harness) 
     assert (await harness.client.post(path, json=DONE)).status_code == 200  # terminal
     bad = await harness.client.post(path, content=b"not json", headers={"content-type": "x/y"})
     assert bad.status_code == 400  # rejected
-    forged = path[:-4] + "AAAA"
+    forged = altered(path, -4)
     assert (await harness.client.post(forged, json=DONE)).status_code == 401
     wrong = path.replace("/evolink/", "/grsai/")
     assert (await harness.client.post(wrong, json=DONE)).status_code == 403

@@ -72,10 +72,16 @@ def test_a_restart_in_the_middle_loses_nothing(tmp_path: Path, sandbox: SandboxP
             )
             assert response.status_code == 202
             ids.append(response.json()["id"])
-        # Wait until every submission has reached the provider, then crash hard.
-        deadline = time.monotonic() + 10
-        while len(sandbox.tasks()) < 6 and time.monotonic() < deadline:
+        # Wait until every submission has reached the provider and TaskRelay has recorded the
+        # provider's task id, then crash hard. (A task killed between the provider's answer and
+        # that record is, by design, never resent: at-most-once submission.)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            tasks = [httpx.get(f"{first.url}/v1/tasks/{i}", headers=HEADERS).json() for i in ids]
+            if all(task["provider_task_id"] for task in tasks):
+                break
             time.sleep(0.05)
+        assert all(task["provider_task_id"] for task in tasks), tasks
         assert len(sandbox.tasks()) == 6
     finally:
         first.stop(signal.SIGKILL)

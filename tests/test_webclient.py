@@ -29,6 +29,7 @@ from service.webclient import (
     LeanClient,
     Timeouts,
 )
+from tests.conftest import until
 from tests.servers import serving_tls
 
 LOOPBACK = AddressPolicy(parse_networks("127.0.0.0/8,::1/128"))
@@ -142,11 +143,7 @@ async def client() -> AsyncIterator[LeanClient]:
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(200):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the condition never held")
+    await until(condition, seconds=10.0, step=0.005)
 
 
 # --- requests and keep-alive -------------------------------------------------------------------
@@ -576,16 +573,15 @@ async def test_aclose_closes_every_connection_and_fails_what_waits(
 async def test_a_cancelled_request_closes_its_connection(
     serve: Callable[..., Awaitable[Subscriber]], client: LeanClient
 ) -> None:
-    async def slow(request: Received, writer: asyncio.StreamWriter) -> bool:
-        await asyncio.sleep(0.2)
-        writer.write(OK)
-        return True
-
-    subscriber = await serve(slow)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):  # as the dispatcher's attempt deadline does
-            await client.post(subscriber.url, b"1", HEADERS)
+    release = asyncio.Event()
+    subscriber = await serve(answering_after(release))
+    posting = asyncio.create_task(client.post(subscriber.url, b"1", HEADERS))
+    await eventually(lambda: len(subscriber.requests) == 1)  # sent; the answer is held
+    posting.cancel()  # as the dispatcher's attempt deadline does
+    with pytest.raises(asyncio.CancelledError):
+        await posting
     assert client.open_connections == 0
+    release.set()
     assert await client.post(subscriber.url, b"2", HEADERS) == (200, b"ok")
     assert [r.connection for r in subscriber.requests] == [0, 1]
 
