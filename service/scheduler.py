@@ -84,6 +84,19 @@ def _why_expired(adapter: ProviderAdapter, claim: Claim, failure: ProviderError 
     return f"{said}."
 
 
+def _why_unanswered(adapter: ProviderAdapter) -> str:
+    """An expired task's error message when it is still queued after TaskRelay sent it: the
+    answer to the submission was never recorded (the process sending it was killed while it
+    waited, or the answer was lost on the way) and nothing came after."""
+    came = "and no callback came" if adapter.delivers_callbacks() else "and it cannot be asked"
+    return (
+        f"TaskRelay sent the task to {adapter.name} but recorded no answer to the submission "
+        f"{came}: the process sending it may have been stopped while it waited (a crash or a "
+        "kill), or the answer was lost on the way. It was not sent again, since the provider "
+        "may have made (and billed) the image; submit a new task."
+    )
+
+
 class _Stopping(Exception):
     """The scheduler is stopping: a claimed task is handed back instead of being queried."""
 
@@ -390,7 +403,10 @@ class Scheduler:
             queried = True
         if final_look and (task is None or task["status"] not in _FINAL):
             result = await run_in_threadpool(
-                self.store.expire_task, claim.task_id, _why_expired(adapter, claim, failure)
+                self.store.expire_task,
+                claim.task_id,
+                _why_expired(adapter, claim, failure),
+                unsent=_why_unanswered(adapter),
             )
             self.metrics.inc("tasks_expired_total", provider=claim.provider)
             log.info("task %s expired at its deadline", claim.task_id)

@@ -916,10 +916,19 @@ class Store:
             )
         return result
 
-    def expire_task(self, task_id: str, reason: str) -> ApplyResult:
+    def expire_task(self, task_id: str, reason: str, *, unsent: str | None = None) -> ApplyResult:
+        """Expire the task with ``reason`` as its error message; ``unsent`` instead when it is
+        still queued after an attempt to send it, with no provider task id and no retry
+        planned (no answer to that attempt was recorded), if given."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            change = expire(task_state(task), reason)
+            unanswered = (
+                task.status == TaskStatus.queued.value
+                and task.submit_attempts > 0
+                and task.provider_task_id is None  # an id: the answer came (its task waits)
+                and task.submit_retry_at is None  # a retry planned: the last answer was a refusal
+            )
+            change = expire(task_state(task), unsent if unsent and unanswered else reason)
             if change is None and task.next_check_at is not None:
                 self.plan(task, self.clock())  # final already: no look is left to make
                 session.add(task)

@@ -231,6 +231,9 @@ class Submitter:
                     )
                 except ProviderError as caught:
                     failure: ProviderError | None = caught
+                except asyncio.CancelledError:
+                    await self._cut_off(task_id, adapter, streamed)
+                    raise
                 else:
                     failure = None
             if failure is None:
@@ -343,7 +346,11 @@ class Submitter:
         insurance (and stop() gives it the grace of a submission in flight)."""
         due = self.store.clock() + timedelta(seconds=delay)
         try:
-            planned = await run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
+            # Shielded: a shutdown that cuts this job off must not cut off the write that
+            # hands its retry to the next process.
+            planned = await asyncio.shield(
+                run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
+            )
         except StoreUnavailable:
             log.warning(
                 "could not record the planned retry of %s (database unavailable); "
@@ -393,6 +400,53 @@ class Submitter:
                 sent,
                 attempts_made,
             )
+
+    async def _cut_off(
+        self, task_id: str, adapter: ProviderAdapter, streamed: list[TaskUpdate]
+    ) -> None:
+        """This process is stopping, and :meth:`stop` cut off a submission still waiting for
+        the provider's answer: the provider may have the task (and bill it), so it is not sent
+        again. Say so, and leave the task in a state that still leads somewhere: a provider
+        that calls back will; one named in a stream can be asked; any other (OpenAI, GrsAI
+        polled or streamed) can never tell TaskRelay about it, so the task fails now instead
+        of waiting for its deadline. One try to record it: the shutdown is under way."""
+        provider = adapter.name
+        named = next((u.provider_task_id for u in reversed(streamed) if u.provider_task_id), None)
+        if adapter.delivers_callbacks() or (named is not None and adapter.can_query_status):
+            self._count(provider, "unconfirmed")
+            log.warning(
+                "submission of %s to %s cut off by the shutdown while it waited for the "
+                "answer; not resending (the provider may have it): %s",
+                task_id,
+                provider,
+                "its callback is awaited"
+                if adapter.delivers_callbacks()
+                else f"its status is asked for under the provider's task id {named}",
+            )
+            if adapter.delivers_callbacks():
+                return
+            update = TaskUpdate(provider_task_id=named)
+        else:
+            self._count(provider, "failed")
+            log.warning(
+                "submission of %s to %s cut off by the shutdown while it waited for the "
+                "answer; failing the task (%s sends no callback, and its answer is lost)",
+                task_id,
+                provider,
+                provider,
+            )
+            error = {
+                "code": "submission_interrupted",
+                "message": f"TaskRelay was shutting down and stopped waiting for {provider}'s "
+                "answer to the submission: the answer is lost, and it cannot be asked for "
+                f"again. {provider} may have made (and billed) the image; the task is not sent "
+                "again. Submit a new task.",
+            }
+            update = TaskUpdate(status=TaskStatus.failed, error=error)
+        try:
+            await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.submit)
+        except TaskRelayError as exc:
+            log.error("could not record the cut-off submission of %s: %s", task_id, exc.code)
 
     def _count(self, provider: str, outcome: str) -> None:
         self.metrics.inc("submissions_total", provider=provider, outcome=outcome)

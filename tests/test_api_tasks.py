@@ -14,7 +14,7 @@ import pytest
 from service.retry import Backoff, submit_backoff
 from service.runtime import Runtime
 from service.store import encode_cursor
-from tests.conftest import ALICE, BOB, auth, error_code
+from tests.conftest import ALICE, BOB, auth, error_code, until
 
 FAST = " sandbox:duration=0.05"
 
@@ -979,3 +979,60 @@ async def test_a_submission_another_replica_left_unsent_is_sent_by_the_sweep(
     assert done["status"] == "succeeded"
     assert done["submit_attempts"] == 1
     assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
+async def cut_off_by_the_shutdown(client: httpx.AsyncClient, app: Any, provider: str) -> str:
+    """Submit a task the sandbox takes 30 s to answer, and stop the submitter (grace 0) once
+    the request is at the provider: the shutdown cuts the submission off. The task's id."""
+    runtime = app.state.runtime
+    response = await client.post(
+        "/v1/tasks",
+        json={"provider": provider, "prompt": "slow sandbox:duration=30"},
+        headers=auth(),
+    )
+    task_id: str = response.json()["id"]
+    sandbox = app.state.sandbox
+    await until(lambda: [t for t in sandbox.tasks.values() if t.provider == provider])
+    await asyncio.wait_for(runtime.submitter.stop(grace=0), timeout=30)
+    assert not runtime.submitter._running
+    return task_id
+
+
+async def test_a_submission_the_shutdown_cuts_off_fails_when_nothing_could_bring_its_answer(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    """OpenAI's answer is the image, and no callback or status query can bring it later:
+    cut off by a shutdown, the task fails at once, saying why, instead of sitting queued
+    until its deadline; it is not sent again, by this process or the next."""
+    runtime = app.state.runtime
+    task_id = await cut_off_by_the_shutdown(client, app, "openai")
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "failed" and task["submit_attempts"] == 1
+    assert task["error"]["code"] == "submission_interrupted"
+    assert "may have made (and billed) the image" in task["error"]["message"]
+    assert runtime.metrics.counter("submissions_total", provider="openai", outcome="failed") == 1
+    assert await runtime.submitter.resume() == 0
+
+
+async def test_a_submission_the_shutdown_cuts_off_waits_for_the_providers_callback(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EvoLink calls back: cut off by a shutdown, the submission is not sent again (the
+    provider may have it) and the task stays queued for the callback, counted unconfirmed."""
+    runtime = app.state.runtime
+    adapter = runtime.submitter.adapters["evolink"]
+    sent = adapter.submit
+
+    async def answered_late(*args: Any, **kwargs: Any) -> Any:
+        await sent(*args, **kwargs)  # at the provider (the sandbox has it) ...
+        await asyncio.sleep(3600)  # ... and its answer is slow to come back
+
+    monkeypatch.setattr(adapter, "submit", answered_late)
+    task_id = await cut_off_by_the_shutdown(client, app, "evolink")
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "queued" and task["submit_attempts"] == 1
+    unconfirmed = runtime.metrics.counter(
+        "submissions_total", provider="evolink", outcome="unconfirmed"
+    )
+    assert unconfirmed == 1
+    assert await runtime.submitter.resume() == 0

@@ -377,6 +377,47 @@ async def test_a_task_whose_provider_id_never_came_says_so_when_it_expires(
     assert "the provider's id for the task never came" in task["error"]["message"]
 
 
+@pytest.mark.parametrize("provider", ["openai", "evolink"])
+async def test_a_task_sent_without_a_recorded_answer_says_so_when_it_expires(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, provider: str
+) -> None:
+    """The process sending it was killed while it waited for the answer: the attempt is
+    counted, the answer never recorded, no retry planned. At the deadline the task expires
+    saying that, not that the provider was silent."""
+    monkeypatch.setattr(harness.runtime.submitter, "submit", lambda *args, **kwargs: None)
+    task_id = await harness.submit(provider, "killed while it waited")
+    assert harness.runtime.store.mark_submit_attempt(task_id, 1)  # the attempt, then the kill
+    harness.clock.advance(3600)
+    for _ in range(3):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(1)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired" and task["error"]["code"] == "deadline_exceeded"
+    message = task["error"]["message"]
+    assert f"TaskRelay sent the task to {provider} but recorded no answer" in message
+    came = "no callback came" if provider == "evolink" else "it cannot be asked"
+    assert came in message
+
+
+async def test_a_task_whose_last_attempt_was_refused_does_not_say_it_got_no_answer(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry planned (the last attempt was answered with a refusal) when the deadline
+    comes: the expiry does not claim the answer was lost."""
+    monkeypatch.setattr(harness.runtime.submitter, "submit", lambda *args, **kwargs: None)
+    task_id = await harness.submit("evolink", "refused, then the deadline")
+    store = harness.runtime.store
+    assert store.mark_submit_attempt(task_id, 1)
+    assert store.plan_submit_retry(task_id, 1, store.clock() + timedelta(hours=2))
+    harness.clock.advance(3600)
+    for _ in range(3):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(1)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired"
+    assert "recorded no answer" not in task["error"]["message"]
+
+
 async def finished_task_queries(harness: Harness, task_id: str) -> int:
     """Status queries of ``task_id`` in five passes after a refresh that failed upstream; the
     clock does not move, so a planned look cannot come due."""
