@@ -32,7 +32,14 @@ from service.schemas import (
     parse_timestamp,
 )
 from service.settings import PROVIDERS
-from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, TaskFilter, decode_cursor, fingerprint
+from service.store import (
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_RECEIPTS_PAGE,
+    MAX_PAGE_SIZE,
+    TaskFilter,
+    decode_cursor,
+    fingerprint,
+)
 from service.web import json_response, read_json_object
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -212,9 +219,11 @@ async def refresh_task(request: Request) -> Response:
     return json_response(await runtime.scheduler.refresh(task))
 
 
-def _page_size(text: str | None) -> int:
+def page_size(params: QueryParams, default: int = DEFAULT_PAGE_SIZE) -> int:
+    """The ``limit`` query parameter: from 1 to MAX_PAGE_SIZE, ``default`` when absent."""
+    text = single_param(params, "limit")
     if text is None:
-        return DEFAULT_PAGE_SIZE
+        return default
     try:
         value = int(text)
     except ValueError:
@@ -239,25 +248,18 @@ def single_param(params: QueryParams, name: str) -> str | None:
     return values[0] if values else None
 
 
-def page_cursor(request: Request) -> str | None:
-    """The ``cursor`` query parameter, refused (400) unless it could have come from a page: a
-    crafted position beyond any key is a value no database column takes."""
+def page_cursor(request: Request, direction: str = "before") -> str | None:
+    """The ``cursor`` query parameter, refused (400) unless it could have come from a page of
+    this list: a crafted position beyond any key is a value no database column takes."""
     cursor = single_param(request.query_params, "cursor") or None
     if cursor is not None:
-        decode_cursor(cursor)  # 400 now, before any other work, if it is not one of ours
+        decode_cursor(cursor, direction)  # 400 now, before any other work, if not one of ours
     return cursor
 
 
-def _filters(request: Request) -> TaskFilter:
-    params = request.query_params
-    unknown = set(params) - {
-        "status",
-        "provider",
-        "created_after",
-        "created_before",
-        "limit",
-        "cursor",
-    }
+def only_params(params: QueryParams, *known: str) -> None:
+    """Refuse (400) query parameters the endpoint does not take, rather than ignore them."""
+    unknown = set(params) - set(known)
     if unknown:
         names = ", ".join(sorted(unknown))
         raise ValidationFailed(
@@ -266,6 +268,11 @@ def _filters(request: Request) -> TaskFilter:
                 {"field": name, "message": "unknown query parameter"} for name in sorted(unknown)
             ],
         )
+
+
+def _filters(request: Request) -> TaskFilter:
+    params = request.query_params
+    only_params(params, "status", "provider", "created_after", "created_before", "limit", "cursor")
     statuses: list[str] = []
     for value in params.getlist("status"):
         statuses.extend(item.strip() for item in value.split(",") if item.strip())
@@ -295,7 +302,7 @@ async def list_tasks(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     filters = _filters(request)
-    limit = _page_size(single_param(request.query_params, "limit"))
+    limit = page_size(request.query_params)
     tasks, next_cursor = await run_in_threadpool(
         runtime.store.list_tasks,
         owner,
@@ -310,6 +317,7 @@ async def list_events(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     observe.bind(task_id=request.path_params["task_id"])
+    only_params(request.query_params)  # every event (a task has at most about a hundred)
     events = await run_in_threadpool(
         runtime.store.list_events, owner, request.path_params["task_id"]
     )
@@ -329,8 +337,14 @@ async def list_callbacks(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
     observe.bind(task_id=request.path_params["task_id"])
-    receipts = await run_in_threadpool(
-        runtime.store.list_receipts, owner, request.path_params["task_id"]
+    params = request.query_params
+    only_params(params, "limit", "cursor")
+    receipts, next_cursor = await run_in_threadpool(
+        runtime.store.list_receipts,
+        owner,
+        request.path_params["task_id"],
+        cursor=page_cursor(request, "after"),
+        limit=page_size(params, DEFAULT_RECEIPTS_PAGE),
     )
     return json_response(
         {
@@ -345,7 +359,8 @@ async def list_callbacks(request: Request) -> Response:
                     "body_truncated": receipt.body_truncated,
                 }
                 for receipt in receipts
-            ]
+            ],
+            "next_cursor": next_cursor,
         }
     )
 

@@ -15,6 +15,7 @@ from service import __version__
 from service.schemas import (
     EVENT_SCHEMA_VERSION,
     CallbackAck,
+    CallbackPage,
     DeliveryOut,
     ErrorResponse,
     EventPage,
@@ -32,6 +33,7 @@ from service.schemas import (
     WebhookEvent,
 )
 from service.settings import PROVIDERS
+from service.store import DEFAULT_PAGE_SIZE, DEFAULT_RECEIPTS_PAGE, MAX_PAGE_SIZE
 
 _MODELS: list[type[BaseModel]] = [
     TaskCreate,
@@ -41,6 +43,7 @@ _MODELS: list[type[BaseModel]] = [
     TrackedTaskOut,
     TaskPage,
     EventPage,
+    CallbackPage,
     ErrorResponse,
     CallbackAck,
     WebhookEvent,
@@ -305,19 +308,7 @@ def _event_paths() -> dict[str, Any]:
                             "enum": ["pending", "succeeded", "dead", "coalesced"],
                         },
                     },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "required": False,
-                        "description": f"The previous page's next_cursor; {_ONCE}",
-                        "schema": {"type": "string"},
-                    },
+                    *_page_params("Deliveries", DEFAULT_PAGE_SIZE),
                 ],
             )
         },
@@ -367,6 +358,31 @@ def _event_paths() -> dict[str, Any]:
     }
 
 
+def _page_params(noun: str, default: int) -> list[dict[str, Any]]:
+    """A paged list's ``limit`` and ``cursor`` query parameters."""
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"{noun} per page; {_ONCE}",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_PAGE_SIZE,
+                "default": default,
+            },
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": f"The previous page's next_cursor; {_ONCE}",
+            "schema": {"type": "string"},
+        },
+    ]
+
+
 def build_openapi() -> dict[str, Any]:
     _, definitions = models_json_schema(
         [(model, "validation") for model in _MODELS],
@@ -410,20 +426,7 @@ def build_openapi() -> dict[str, Any]:
             "description": f"Created before this time; {_ONCE}",
             "schema": {"type": "string", "format": "date-time"},
         },
-        {
-            "name": "limit",
-            "in": "query",
-            "required": False,
-            "description": f"Tasks per page; {_ONCE}",
-            "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
-        },
-        {
-            "name": "cursor",
-            "in": "query",
-            "required": False,
-            "description": f"The previous page's next_cursor; {_ONCE}",
-            "schema": {"type": "string"},
-        },
+        *_page_params("Tasks", DEFAULT_PAGE_SIZE),
     ]
     paths: dict[str, Any] = {
         "/v1/tasks": {
@@ -490,18 +493,21 @@ def build_openapi() -> dict[str, Any]:
                 "operationId": "listTaskEvents",
                 "security": _AUTH,
                 "parameters": [_TASK_ID],
-                "responses": {"200": _json("EventPage", "The events"), **_errors(401, 404, 503)},
+                "responses": {
+                    "200": _json("EventPage", "The events"),
+                    **_errors(400, 401, 404, 503),
+                },
             }
         },
         "/v1/tasks/{task_id}/callbacks": {
             "get": {
-                "summary": "Callbacks received for a task, raw bodies included (audit)",
+                "summary": "Callbacks received for a task, oldest first, raw bodies included",
                 "operationId": "listTaskCallbacks",
                 "security": _AUTH,
-                "parameters": [_TASK_ID],
+                "parameters": [_TASK_ID, *_page_params("Callbacks", DEFAULT_RECEIPTS_PAGE)],
                 "responses": {
-                    "200": {"description": "The receipts", "content": {"application/json": {}}},
-                    **_errors(401, 404, 503),
+                    "200": _json("CallbackPage", "A page of the task's callback receipts"),
+                    **_errors(400, 401, 404, 503),
                 },
             }
         },

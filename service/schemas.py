@@ -196,6 +196,22 @@ class EventPage(BaseModel):
     data: list[EventOut]
 
 
+class CallbackReceiptOut(BaseModel):
+    received_at: str
+    outcome: Literal["applied", "unchanged", "terminal", "rejected"]
+    error: str | None
+    content_type: str | None
+    body: str = Field(description="The raw body as received (up to TASKRELAY_CALLBACK_AUDIT_BYTES)")
+    body_encoding: Literal["utf-8", "base64"]
+    body_size: int
+    body_truncated: bool
+
+
+class CallbackPage(BaseModel):
+    data: list[CallbackReceiptOut]
+    next_cursor: str | None
+
+
 EVENT_SCHEMA_VERSION = 1
 
 

@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# A task's callbacks, oldest first: most tasks have a handful, a 100-step progress run 100.
+DEFAULT_RECEIPTS_PAGE = 100
 DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
 UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
 MAX_ESTIMATED_SECONDS = 365 * 86_400.0  # the longest duration hint a task's plan takes in
@@ -110,8 +112,11 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"before": pk}).encode()).decode().rstrip("=")
+def encode_cursor(pk: int, direction: str = "before") -> str:
+    """A page's ``next_cursor``: the rows ``before`` (newest first) or ``after`` (oldest first)
+    the key ``pk``."""
+    text = json.dumps({direction: pk})
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 # encode_cursor of the largest key is 42 characters. A longer cursor is not one of ours, and
@@ -132,17 +137,17 @@ def provider_task_id_taken(exc: IntegrityError) -> bool:
     return "task.provider_task_id" in str(exc.orig)  # SQLite names its columns
 
 
-def decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: str, direction: str = "before") -> int:
     try:
         if len(cursor) > MAX_CURSOR_CHARS:
             raise ValueError
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        before = value["before"]
+        key = value[direction]  # a cursor of a list in the other order is not one of this one's
         # type(), not isinstance(): JSON true and false are bools, and bool is an int.
-        if type(before) is not int or not 1 <= before <= MAX_ROW_ID:
+        if type(key) is not int or not 1 <= key <= MAX_ROW_ID:
             raise ValueError
-        return before
+        return key
     except (
         ValueError,
         KeyError,
@@ -1349,12 +1354,29 @@ class Store:
             rows = connection.execute(_unsent_tasks(connection), {"before": before, "limit": limit})
             return list(rows.scalars())
 
-    def list_receipts(self, owner: str, task_id: str) -> list[CallbackReceipt]:
+    def list_receipts(
+        self,
+        owner: str,
+        task_id: str,
+        *,
+        cursor: str | None = None,
+        limit: int = DEFAULT_RECEIPTS_PAGE,
+    ) -> tuple[list[CallbackReceipt], str | None]:
+        """A page of the task's callback receipts, oldest first, and the cursor of the next
+        page (None after the last): anyone holding the callback URL can add receipts, so
+        they are never read all at once."""
         with self.transaction(write=False) as session:
             task = self._owned(session, owner, task_id)
-            statement = (
-                select(CallbackReceipt)
-                .where(CallbackReceipt.task_pk == task.pk)
-                .order_by(col(CallbackReceipt.pk))
-            )
-            return list(session.exec(statement))
+            statement = select(CallbackReceipt).where(CallbackReceipt.task_pk == task.pk)
+            if cursor is not None:
+                after = decode_cursor(cursor, "after")
+                statement = statement.where(col(CallbackReceipt.pk) > after)
+            statement = statement.order_by(col(CallbackReceipt.pk)).limit(limit + 1)
+            rows = list(session.exec(statement))
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1].pk
+            assert last is not None
+            next_cursor = encode_cursor(last, "after")
+        return rows, next_cursor

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.api import page_cursor
+from service.api import only_params, page_cursor, page_size, single_param
 from service.errors import ValidationFailed
 from service.models import ClientSecret, Delivery, DeliveryAttempt, DeliveryStatus, Subscription
 from service.runtime import runtime_of
@@ -24,7 +24,6 @@ from service.schemas import (
     isoformat,
     parse_body,
 )
-from service.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from service.web import decode_json, json_response, read_body, read_json_object
 
 _STATUSES = {status.value for status in DeliveryStatus}
@@ -180,21 +179,14 @@ async def rotate_subscription_secret(request: Request) -> Response:
 async def list_deliveries(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    status = request.query_params.get("status")
+    only_params(request.query_params, "status", "limit", "cursor")
+    status = single_param(request.query_params, "status")
     if status is not None and status not in _STATUSES:
         raise ValidationFailed(
             f"Unknown delivery status {status!r}; use one of {', '.join(sorted(_STATUSES))}.",
             details=[{"field": "status", "message": f"must be one of {sorted(_STATUSES)}"}],
         )
-    try:
-        limit = int(request.query_params.get("limit", DEFAULT_PAGE_SIZE))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValidationFailed(
-            f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}.",
-            details=[{"field": "limit", "message": f"from 1 to {MAX_PAGE_SIZE}"}],
-        )
+    limit = page_size(request.query_params)
     rows, next_cursor = await run_in_threadpool(
         runtime.outbox.list_deliveries,
         owner,

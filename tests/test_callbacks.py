@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from service.runtime import Runtime
+from service.schemas import CallbackPage
 from tests.conftest import ALICE, auth, error_code
 
 
@@ -367,3 +368,75 @@ async def test_a_provider_task_id_of_another_task_is_409_not_500(
     assert response.status_code == 409
     assert error_code(response) == "provider_task_id_taken"
     assert (await get(client, task_id))["status"] == "queued"
+
+
+async def test_a_tasks_callbacks_come_in_pages_oldest_first(client: httpx.AsyncClient) -> None:
+    """Anyone holding the callback URL can add receipts (each kept for audit, rejected ones
+    too): the list is paged, never read all at once, and each page follows the one before."""
+    task_id, path = await tracked(client)
+    for progress in range(1, 6):
+        answer = await client.post(path, json=evolink_body("processing", progress))
+        assert answer.status_code == 200
+    assert (await client.post(path, content=b"not json")).status_code == 400
+    url = f"/v1/tasks/{task_id}/callbacks"
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await client.get(url, params=params, headers=auth())).json()
+        assert len(page["data"]) <= 2
+        seen += page["data"]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert [r["outcome"] for r in seen] == ["applied"] * 5 + ["rejected"]
+    progress = [json.loads(r["body"])["progress"] for r in seen[:5]]
+    assert progress == [1, 2, 3, 4, 5]
+    everything = (await client.get(url, headers=auth())).json()
+    assert everything["data"] == seen and everything["next_cursor"] is None  # 100 by default
+    CallbackPage.model_validate(everything)  # as the OpenAPI document says
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+        ("limit=1&limit=2", "limit"),
+        ("cursor=nonsense", "cursor"),
+        ("page=2", "page"),
+    ],
+)
+async def test_a_bad_callbacks_query_is_a_400_naming_it(
+    client: httpx.AsyncClient, query: str, field: str
+) -> None:
+    task_id, _path = await tracked(client)
+    response = await client.get(f"/v1/tasks/{task_id}/callbacks?{query}", headers=auth())
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["details"][0]["field"] == field
+
+
+async def test_a_cursor_of_the_task_list_is_not_one_of_the_callbacks_list(
+    client: httpx.AsyncClient,
+) -> None:
+    """The task list pages newest first ("before" a key), the callbacks oldest first ("after"
+    one): a cursor of one list given to the other is refused, not read the wrong way."""
+    task_id, _path = await tracked(client)
+    await tracked(client)
+    tasks = (await client.get("/v1/tasks", params={"limit": "1"}, headers=auth())).json()
+    assert tasks["next_cursor"] is not None
+    response = await client.get(
+        f"/v1/tasks/{task_id}/callbacks", params={"cursor": tasks["next_cursor"]}, headers=auth()
+    )
+    assert response.status_code == 400
+    assert error_code(response) == "validation_failed"
+
+
+async def test_the_events_list_takes_no_query_parameters(client: httpx.AsyncClient) -> None:
+    task_id, _path = await tracked(client)
+    response = await client.get(f"/v1/tasks/{task_id}/events?limit=10", headers=auth())
+    assert response.status_code == 400
+    assert response.json()["error"]["details"][0]["field"] == "limit"

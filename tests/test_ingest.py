@@ -87,7 +87,7 @@ def snapshot(store: Store, owner: str, task_ids: list[str]) -> list[Any]:
         task, events = store.task_with_events(owner, task_id)
         task = {k: v for k, v in task.items() if k != "id"}
         history = [(e.type, e.status, e.progress, e.source) for e in events]
-        receipts = [(r.outcome, r.error, r.body) for r in store.list_receipts(owner, task_id)]
+        receipts = [(r.outcome, r.error, r.body) for r in store.list_receipts(owner, task_id)[0]]
         out.append((task, history, receipts))
     return out
 
@@ -178,7 +178,7 @@ def test_one_bad_item_fails_alone(store: Store) -> None:
     assert isinstance(results[3], ApplyResult) and results[3].task["status"] == "succeeded"
     assert store.get_task("alice", first)["progress"] == 10
     # The contradicting callback is kept for audit, as rejected.
-    assert [r.outcome for r in store.list_receipts("alice", second)] == ["rejected", "applied"]
+    assert [r.outcome for r in store.list_receipts("alice", second)[0]] == ["rejected", "applied"]
 
 
 def test_a_value_the_database_refuses_fails_only_its_own_update(store: Store) -> None:
@@ -207,7 +207,7 @@ def test_a_value_the_database_refuses_fails_only_its_own_update(store: Store) ->
     assert store.get_task("alice", bystander)["progress"] == 40
     assert store.get_task("alice", taker)["provider_task_id"] is None
     assert store.get_task("alice", holder)["status"] == "succeeded"
-    assert store.list_receipts("alice", taker) == []  # rolled back with its update
+    assert store.list_receipts("alice", taker)[0] == []  # rolled back with its update
 
 
 def test_a_late_updates_duration_hint_is_not_taken(store: Store) -> None:
@@ -291,7 +291,7 @@ def test_an_update_that_fails_unexpectedly_fails_alone(
     assert isinstance(results[2], ApplyResult) and results[2].task["status"] == "succeeded"
     assert store.get_task("alice", good)["progress"] == 10
     assert store.get_task("alice", bad)["progress"] == 0
-    assert store.list_receipts("alice", bad) == []
+    assert store.list_receipts("alice", bad)[0] == []
     assert store.get_task("alice", other)["status"] == "succeeded"
     with pytest.raises(RuntimeError):  # alone, the fault is raised (the committer logs it)
         store.apply_updates([UpdateRequest(bad, progress(30), UpdateSource.callback, receipt())])
@@ -323,7 +323,7 @@ def test_the_batch_is_one_transaction(database_url: str, monkeypatch: pytest.Mon
     for task_id in ids:
         assert store.get_task("alice", task_id)["status"] == "queued"
         assert [e.type for e in store.list_events("alice", task_id)] == ["task.submitted"]
-        assert store.list_receipts("alice", task_id) == []
+        assert store.list_receipts("alice", task_id)[0] == []
     assert [(kind, status) for kind, status, _ in deliveries(store)] == [
         ("task.submitted", DeliveryStatus.pending.value)
     ] * 3
@@ -373,7 +373,7 @@ def test_a_listener_that_fails_after_the_commit_fails_nothing(
         ReceiptOutcome.applied
     ] * 2
     assert heard == [frozenset(ids)]
-    assert [len(store.list_receipts("alice", task_id)) for task_id in ids] == [1, 1]
+    assert [len(store.list_receipts("alice", task_id)[0]) for task_id in ids] == [1, 1]
     assert "a listener failed after a commit" in caplog.text
 
 

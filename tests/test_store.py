@@ -62,7 +62,7 @@ def test_racing_poll_and_callbacks_make_one_transition(store: Store) -> None:
     assert outcomes.count(ReceiptOutcome.applied) == 1
     assert outcomes.count(ReceiptOutcome.terminal) == 7
     assert event_types(store, task_id) == ["task.submitted", "task.succeeded"]
-    assert len(store.list_receipts("alice", task_id)) == 4
+    assert len(store.list_receipts("alice", task_id)[0]) == 4
 
 
 def test_racing_progress_updates_never_lower_progress(store: Store) -> None:
