@@ -40,7 +40,7 @@ from service.store import (
     decode_cursor,
     fingerprint,
 )
-from service.web import json_response, read_json_object
+from service.web import by_method, json_response, read_json_object
 
 MAX_IDEMPOTENCY_KEY = 255
 _STATUSES = set(StatusName.__args__)  # type: ignore[attr-defined]
@@ -366,11 +366,9 @@ async def list_callbacks(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/tasks", create_task, methods=["POST"]),
-    Route("/v1/tasks", list_tasks, methods=["GET"]),
+    by_method("/v1/tasks", GET=list_tasks, POST=create_task),
     Route("/v1/tasks/track", track_task, methods=["POST"]),
-    Route("/v1/tasks/{task_id}", get_task, methods=["GET"]),
-    Route("/v1/tasks/{task_id}", patch_task, methods=["PATCH"]),
+    by_method("/v1/tasks/{task_id}", GET=get_task, PATCH=patch_task),
     Route("/v1/tasks/{task_id}/events", list_events, methods=["GET"]),
     Route("/v1/tasks/{task_id}/refresh", refresh_task, methods=["POST"]),
     Route("/v1/tasks/{task_id}/callbacks", list_callbacks, methods=["GET"]),

@@ -24,7 +24,7 @@ from service.schemas import (
     isoformat,
     parse_body,
 )
-from service.web import decode_json, json_response, read_body, read_json_object
+from service.web import by_method, decode_json, json_response, read_body, read_json_object
 
 _STATUSES = {status.value for status in DeliveryStatus}
 
@@ -255,11 +255,13 @@ async def rotate_notify_secret(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/subscriptions", create_subscription, methods=["POST"]),
-    Route("/v1/subscriptions", list_subscriptions, methods=["GET"]),
-    Route("/v1/subscriptions/{subscription_id}", get_subscription, methods=["GET"]),
-    Route("/v1/subscriptions/{subscription_id}", update_subscription, methods=["PATCH"]),
-    Route("/v1/subscriptions/{subscription_id}", delete_subscription, methods=["DELETE"]),
+    by_method("/v1/subscriptions", GET=list_subscriptions, POST=create_subscription),
+    by_method(
+        "/v1/subscriptions/{subscription_id}",
+        GET=get_subscription,
+        PATCH=update_subscription,
+        DELETE=delete_subscription,
+    ),
     Route(
         "/v1/subscriptions/{subscription_id}/rotate-secret",
         rotate_subscription_secret,

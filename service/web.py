@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from service.errors import (
     BadRequest,
@@ -212,3 +214,23 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
         }
     }
     return JSONResponse(body, status_code=500)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def by_method(path: str, **endpoints: Endpoint) -> Route:
+    """One route for a path that takes several methods (``GET=list_tasks, POST=create_task``).
+    Starlette answers a method no route takes with a 405 whose ``Allow`` names the methods of
+    the first route whose path matched: routes split by method would name only some."""
+    handlers = {method.upper(): endpoint for method, endpoint in endpoints.items()}
+    if "GET" in handlers:
+        handlers["HEAD"] = handlers["GET"]  # as Starlette's Route adds HEAD to GET
+
+    async def dispatch(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    dispatch.__name__ = dispatch.__qualname__ = "_or_".join(
+        endpoint.__name__ for endpoint in endpoints.values()
+    )
+    return Route(path, dispatch, methods=list(handlers))

@@ -554,6 +554,25 @@ async def test_unknown_routes_and_methods_answer_json(client: httpx.AsyncClient)
     assert wrong.status_code == 405 and error_code(wrong) == "method_not_allowed"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/v1/tasks", {"GET", "HEAD", "POST"}),
+        ("PUT", "/v1/tasks/tsk_x", {"GET", "HEAD", "PATCH"}),
+        ("PUT", "/v1/subscriptions", {"GET", "HEAD", "POST"}),
+        ("PUT", "/v1/subscriptions/sub_x", {"GET", "HEAD", "PATCH", "DELETE"}),
+        ("PUT", "/v1/tasks/track", {"POST"}),
+    ],
+)
+async def test_a_405_names_every_method_the_path_takes(
+    client: httpx.AsyncClient, method: str, path: str, allowed: set[str]
+) -> None:
+    """Allow lists all the path's methods, not only those of one of its endpoints."""
+    wrong = await client.request(method, path, headers=auth())
+    assert wrong.status_code == 405
+    assert {m.strip() for m in wrong.headers["allow"].split(",")} == allowed
+
+
 async def test_unexpected_errors_are_500_json_without_a_traceback(
     client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
