@@ -51,7 +51,13 @@ from service.retention import Pruner
 from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.scheduler import ProviderLimiter, Scheduler
-from service.settings import MAX_WRITE_QUEUE, Settings, check_public_url, load_settings
+from service.settings import (
+    MAX_WRITE_QUEUE,
+    Settings,
+    check_public_url,
+    lease_warning,
+    load_settings,
+)
 from service.signing import CallbackSigner
 from service.store import Store
 from service.stream import EventSignal
@@ -357,14 +363,9 @@ def create_app(
             },
         )
         if settings.scheduler:
-            if settings.provider_timeout >= settings.poll_lease:
-                log.warning(
-                    "TASKRELAY_PROVIDER_TIMEOUT (%g s) is not shorter than TASKRELAY_POLL_LEASE "
-                    "(%g s): a status query still running when its task's lease runs out is "
-                    "cut off and counted as failed",
-                    settings.provider_timeout,
-                    settings.poll_lease,
-                )
+            risky = lease_warning(settings)
+            if risky is not None:
+                log.warning("%s", risky)
             await scheduler.start()
         if settings.dispatcher:
             await dispatcher.start()

@@ -38,6 +38,7 @@ from service.settings import (
     DEMO_TOKENS,
     Settings,
     env_file_path,
+    lease_warning,
     load_settings,
     masked,
     public_url_problem,
@@ -199,7 +200,8 @@ def secret_key_check(settings: Settings, source: str, key_file: Path) -> CheckRe
 
 
 def mode_checks(settings: Settings, workers: int = 1) -> list[CheckResult]:
-    """Valid but risky modes: the sandbox, SQLite with several workers."""
+    """Valid but risky modes: the sandbox, a lease shorter than a query may run, SQLite with
+    several workers."""
     results = []
     if settings.sandbox:
         results.append(
@@ -210,6 +212,16 @@ def mode_checks(settings: Settings, workers: int = 1) -> list[CheckResult]:
                 "/sandbox (placeholder images, nothing real is generated), and its control API "
                 "answers to a well-known key.",
                 fix="set TASKRELAY_SANDBOX=false in production.",
+            )
+        )
+    risky = lease_warning(settings)
+    if risky is not None:
+        results.append(
+            CheckResult(
+                "poll lease",
+                WARN,
+                f"{risky}.",
+                fix="make TASKRELAY_POLL_LEASE longer than TASKRELAY_PROVIDER_TIMEOUT.",
             )
         )
     if settings.is_sqlite and workers > 1:

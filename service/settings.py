@@ -412,6 +412,18 @@ def check_public_url(settings: Settings) -> None:
     )
 
 
+def lease_warning(settings: Settings) -> str | None:
+    """A valid but risky pair of settings, for serve's log and the doctor: a status query
+    that may run longer than its task's lease."""
+    if not settings.scheduler or settings.provider_timeout < settings.poll_lease:
+        return None
+    return (
+        f"TASKRELAY_PROVIDER_TIMEOUT ({settings.provider_timeout:g} s) is not shorter than "
+        f"TASKRELAY_POLL_LEASE ({settings.poll_lease:g} s): a status query still running when "
+        "its task's lease runs out is cut off and counted as failed"
+    )
+
+
 def _check_local_only(settings: Settings) -> None:
     """A reverse proxy on the same machine forwards to a loopback TASKRELAY_HOST: the public
     URL tells whether the service is reached from elsewhere. The sandbox's control API and

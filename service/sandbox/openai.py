@@ -4,6 +4,7 @@ The request waits the task's ``duration``, then answers the images, or the failu
 error (``content_policy_violation`` with HTTP 400 when the failure reason mentions a policy,
 else ``server_error`` with HTTP 500). There is no task id, status endpoint or callback; the
 sandbox still records each call as a task (id ``openai-<hex>``) for the control API.
+``GET /v1/models`` lists the image models (what ``taskrelay doctor`` asks to check a key).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import base64
 import uuid
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from service.sandbox.common import (
     Invalid,
@@ -34,6 +37,10 @@ ASPECTS = {"1024x1024": "1:1", "1024x1536": "2:3", "1536x1024": "3:2", "auto": "
 SIZES_BY_ASPECT = {"1:1": "1024x1024", "2:3": "1024x1536", "3:2": "1536x1024"}
 # Image output tokens per image (square, non-square), as OpenAI bills them.
 OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
+
+# GET /v1/models: the image models, with a fixed creation time (Unix seconds).
+MODELS = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+MODELS_CREATED = 1745000000
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -64,6 +71,19 @@ class OpenAIEmulator(ProviderEmulator):
     def invalid(self, exc: Invalid) -> Response:
         code = "missing_required_parameter" if "required" in exc.message else None
         return self.error(400, exc.message, param=exc.param, code=code)
+
+    def routes(self) -> list[BaseRoute]:
+        return [*super().routes(), Route("/v1/models", self.models, methods=["GET"])]
+
+    async def models(self, request: Request) -> Response:
+        """The model list, as OpenAI's (only its image models here)."""
+        if not self.authorized(request):
+            return self.unauthorized()
+        listed = [
+            {"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "system"}
+            for model in MODELS
+        ]
+        return JSONResponse({"object": "list", "data": listed})
 
     def parse_submit(self, body: dict[str, Any]) -> Submission:
         prompt = require_prompt(body, max_chars=32000)
