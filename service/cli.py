@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -26,7 +27,7 @@ from service.db import (
 )
 from service.errors import SettingsError, StoreUnavailable
 from service.logs import configure_logging
-from service.settings import Settings, check_public_url, load_settings
+from service.settings import Settings, check_public_url, load_settings, port_number
 
 log = logging.getLogger("taskrelay")
 
@@ -102,6 +103,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    unable = _cannot_listen(settings.host, settings.port)
+    if unable is not None:
+        print(
+            f"taskrelay: cannot listen on {settings.host} port {settings.port}: {unable}. "
+            "Stop what holds the port, or choose another (--port or TASKRELAY_PORT); the "
+            "host, with --host or TASKRELAY_HOST.",
+            file=sys.stderr,
+        )
+        return 2
     # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes the requests in
     # flight, then the app's lifespan finishes or releases its background work; the app begins
     # its part at the signal itself: open event streams end, background work stops claiming),
@@ -126,6 +136,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        return port_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a TCP port number ({exc})") from None
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host``:``port`` (in use, not an address of this
+    machine, not allowed), found by binding it as uvicorn will and letting go; None if it
+    can. Checked before start-up, which would otherwise log "TaskRelay ready" and then fail."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, address = found[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _seconds(text: str) -> float:
@@ -229,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default: TASKRELAY_HOST or 127.0.0.1)")
     serve.add_argument(
-        "--port", type=int, help="port to listen on (default: TASKRELAY_PORT or 8000)"
+        "--port", type=_port, help="port to listen on (default: TASKRELAY_PORT or 8000)"
     )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (PostgreSQL only)")
     serve.add_argument(
@@ -272,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the emulator of all five providers' HTTP APIs on its own.",
     )
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=9000)
+    sandbox.add_argument("--port", type=_port, default=9000)
     sandbox.add_argument("--api-key", default="sandbox-key", help="the key clients must send")
     sandbox.set_defaults(handler=cmd_sandbox)
 

@@ -316,8 +316,24 @@ def parse_bool(text: str) -> bool:
     raise ValueError("use true or false")
 
 
+def _whole_number(text: str) -> int:
+    """int(), with a reason of its own: Python's ("invalid literal for int() with base 10")
+    speaks of its internals."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value <= 0:
         raise ValueError("must be greater than zero")
     return value
@@ -335,21 +351,21 @@ def _is_loopback(host: str) -> bool:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise ValueError("must be a number greater than zero")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError("must be zero or more")
     return value
 
 
-def _port(text: str) -> int:
-    value = int(text)
+def port_number(text: str) -> int:
+    value = _whole_number(text)
     if not 0 < value < 65536:
         raise ValueError("must be between 1 and 65535")
     return value
@@ -634,7 +650,7 @@ def load_settings(
         "TASKRELAY_DATABASE_URL", _database_url, default_db, "a sqlite:/// or postgresql:// URL"
     )
     host = env.get("TASKRELAY_HOST", str, "127.0.0.1", "a host name or address")
-    port = env.get("TASKRELAY_PORT", _port, 8000, "a TCP port number")
+    port = env.get("TASKRELAY_PORT", port_number, 8000, "a TCP port number")
     sandbox = env.get("TASKRELAY_SANDBOX", parse_bool, False, "true or false")
     if sandbox and not _is_loopback(host):
         raise SettingsError(
