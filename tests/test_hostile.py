@@ -366,8 +366,6 @@ VALID_CALLBACK = {"id": "task-unified-9", "status": "completed", "progress": 100
             json.dumps(VALID_CALLBACK).encode("utf-16-le"), "not valid JSON", id="utf-16-le"
         ),
         pytest.param(b'{"id": "t", "status": "compl\xe9ted"}', "not UTF-8", id="latin-1-bytes"),
-        pytest.param(b'{"id": "t\\ud800", "status": "completed"}', "unpaired", id="lone-surrogate"),
-        pytest.param(b'{"id": "t\\u0000", "status": "completed"}', "NUL", id="nul-character"),
         pytest.param(
             b'{"id": "t", "status": "processing", "progress": 1e999}',
             "out of range",
@@ -402,6 +400,29 @@ async def test_callback_bodies_nothing_can_read_are_400_kept_and_change_nothing(
     ).json()["data"]
     assert receipt["outcome"] == "rejected"
     assert receipt["body_size"] == len(content)
+
+
+async def test_a_callback_whose_text_no_column_takes_is_mended_not_lost(relay: Relay) -> None:
+    """A NUL (PostgreSQL text cannot hold one) or an unpaired surrogate (no UTF-8 encoder takes
+    one) in a provider's strings: refusing the body would lose the provider's final word for
+    good, since it cannot be asked to send it again. The strings are mended (U+FFFD) and the
+    update applied; the receipt keeps the bytes as they came."""
+    task = await relay.track()
+    content = (
+        b'{"id": "task-unified-9", "status": "failed", "progress": 30, '
+        b'"error": {"message": "moderation\\u0000 flagged \\ud800 it"}, "note\\u0000": "\\udc00"}'
+    )
+    response = await relay.client.post(
+        callback_path(task), content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    done = (await relay.client.get(f"/v1/tasks/{task['id']}", headers=auth())).json()
+    assert done["status"] == "failed"
+    assert done["error"]["message"] == "moderation\ufffd flagged \ufffd it"
+    (receipt,) = (
+        await relay.client.get(f"/v1/tasks/{task['id']}/callbacks", headers=auth())
+    ).json()["data"]
+    assert receipt["outcome"] == "applied" and receipt["body"] == content.decode()
 
 
 async def test_an_oversized_callback_sent_in_chunks_is_413_with_a_capped_receipt(

@@ -1446,3 +1446,21 @@ def test_retry_after_is_finite_and_bounded(value: str, seconds: float | None) ->
     from service.providers.parsing import retry_after_seconds
 
     assert retry_after_seconds({"Retry-After": value}) == seconds
+
+
+def test_a_providers_json_is_mended_where_the_api_would_refuse_it() -> None:
+    """Provider JSON (callbacks, replies): NULs and unpaired surrogates become U+FFFD, in keys
+    and values, at any depth; a paired surrogate escape is one character and stays. The
+    management API still refuses such input (its client can send it again)."""
+    text = '{"a\\u0000": ["x\\ud800y", {"b": "\\udc00"}], "ok": "\\ud83d\\ude00", "n": 1}'
+    assert parsing.loads_provider_json(text) == {
+        "a\ufffd": ["x\ufffdy", {"b": "\ufffd"}],
+        "ok": "\U0001f600",
+        "n": 1,
+    }
+    clean = '{"a": "\\u00e9", "b": [1, 2.5, null]}'
+    assert parsing.loads_provider_json(clean) == json.loads(clean)
+    with pytest.raises(parsing.UnstorableJSON):
+        parsing.loads_storable(text)
+    with pytest.raises(ValueError, match="NaN is not a JSON value"):
+        parsing.loads_provider_json('{"a": NaN}')

@@ -204,7 +204,7 @@ def answered_2xx(exc: ProviderError) -> bool:
 def decode_json(provider: str, response: httpx.Response) -> Any:
     """A 2xx reply's JSON; UpstreamProtocolError (ambiguous) when it is not JSON."""
     try:
-        return parsing.loads_storable(response.content.decode("utf-8-sig"))
+        return parsing.loads_provider_json(response.content.decode("utf-8-sig"))
     except (ValueError, RecursionError) as exc:
         raise UpstreamProtocolError(
             f"{provider} answered HTTP {response.status_code} with a body that is not JSON.",
@@ -216,7 +216,7 @@ def decode_json(provider: str, response: httpx.Response) -> Any:
 def error_body(response: httpx.Response) -> Any:
     """An error reply's JSON if it has any (for its message), else ``None``."""
     try:
-        return parsing.loads_storable(response.content.decode("utf-8-sig"))
+        return parsing.loads_provider_json(response.content.decode("utf-8-sig"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
         return None
 

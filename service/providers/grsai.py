@@ -135,7 +135,7 @@ class GrsAIAdapter(TaskEndpointAdapter):
         if not text or text == "[DONE]":
             return None
         try:
-            payload = parsing.loads_storable(text)
+            payload = parsing.loads_provider_json(text)
         except (ValueError, RecursionError):
             log.warning("grsai stream: skipped a line that is not JSON: %.200s", text)
             return None
@@ -217,7 +217,7 @@ class GrsAIAdapter(TaskEndpointAdapter):
         """A stream with no final line; a plain JSON error body in its place is that error."""
         text = "\n".join(leftovers).strip()
         try:
-            payload = parsing.loads_storable(text) if text else None
+            payload = parsing.loads_provider_json(text) if text else None
         except (ValueError, RecursionError):
             payload = None
         if isinstance(payload, Mapping):

@@ -486,6 +486,29 @@ def loads_storable(text: str) -> Any:
     return value
 
 
+def loads_provider_json(text: str) -> Any:
+    """A provider's JSON (a callback, a reply): as :func:`loads_storable`, except that a NUL or
+    an unpaired surrogate in a string is replaced by U+FFFD instead of refusing the whole body.
+    A provider cannot be asked to send it again, and refused, its final word would never be
+    recorded; a callback's raw bytes are kept for audit as they came anyway."""
+    value = json.loads(text, parse_constant=reject_json_constant, parse_float=_finite_float)
+    if _SUSPECT_ESCAPE.search(text) and _string_problem(value) is not None:
+        return _mended(value)
+    return value
+
+
+def _mended(value: Any) -> Any:
+    if isinstance(value, str):
+        # Lone surrogates round-trip through UTF-16 as U+FFFD; paired ones are one character.
+        text = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return text.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_mended(key): _mended(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mended(item) for item in value]
+    return value
+
+
 def parse_json_body(body: bytes) -> Any:
     """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
     try:
@@ -495,7 +518,7 @@ def parse_json_body(body: bytes) -> Any:
     if not text.strip():
         raise CallbackParseError("The callback body is empty; expected a JSON object.")
     try:
-        return loads_storable(text)
+        return loads_provider_json(text)
     except UnstorableJSON as exc:
         raise CallbackParseError(f"The callback body cannot be accepted: {exc}.") from exc
     except (ValueError, RecursionError) as exc:
