@@ -9,7 +9,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from service.errors import ValidationFailed
 from service.models import Task, TaskEvent, TaskRow
@@ -52,7 +59,8 @@ class TaskCreate(_Body):
     quality: Quality | None = Field(
         default=None, description="Omitted means the provider's default."
     )
-    n: Annotated[int, Field(ge=1, le=10)] = 1
+    # Strict: a JSON number, not true or "2" (which lax validation would take as 1 and 2).
+    n: Annotated[int, Field(ge=1, le=10, strict=True)] = 1
     image_urls: Annotated[list[str], Field(max_length=MAX_IMAGE_URLS)] = Field(
         default_factory=list, description="Reference images (edit mode)."
     )
@@ -118,11 +126,11 @@ class SubscriptionUpdate(_Body):
     event_types: Annotated[list[EventTypeName], Field(min_length=1)] | None = None
     providers: Annotated[list[ProviderName], Field(min_length=1)] | None = None
     description: Annotated[str, Field(max_length=500)] | None = None
-    enabled: bool | None = None
+    enabled: Annotated[bool, Field(strict=True)] | None = None  # true or false, not "yes"
 
 
 class SecretRotation(_Body):
-    overlap_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = Field(
+    overlap_seconds: Annotated[int, Field(ge=0, le=7 * 86400, strict=True)] = Field(
         default=86400, description="How long the previous secret keeps signing too."
     )
 
@@ -130,6 +138,14 @@ class SecretRotation(_Body):
 class Replay(_Body):
     since: datetime
     until: datetime | None = None
+
+    @field_validator("until")
+    @classmethod
+    def _until_after_since(cls, until: datetime | None, info: ValidationInfo) -> datetime | None:
+        since = info.data.get("since")  # absent when since itself was refused
+        if until is not None and since is not None and until <= since:
+            raise ValueError("must be later than since (an empty range replays nothing)")
+        return until
 
 
 class ErrorBody(BaseModel):
@@ -331,6 +347,8 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
             message = "unknown field; remove it (see the API reference for accepted fields)"
         elif error["type"] == "literal_error":
             message = message.replace("Input should be", "must be one of")
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         details.append({"field": location, "message": message})
     return details
 

@@ -99,6 +99,9 @@ async def test_submit_returns_202_then_completes_through_the_sandbox(
         ({"provider": "evolink", "prompt": "x", "metadata": [1, 2]}, {"metadata"}),
         ({"provider": "evolink", "prompt": "x", "colour": "red"}, {"colour"}),
         ({"provider": "evolink", "prompt": 5, "n": "many"}, {"prompt", "n"}),
+        # A JSON number, not what lax validation would take as one (true as 1, "2" as 2).
+        ({"provider": "evolink", "prompt": "x", "n": True}, {"n"}),
+        ({"provider": "evolink", "prompt": "x", "n": "2"}, {"n"}),
     ],
 )
 async def test_invalid_bodies_are_400_naming_each_field(

@@ -451,6 +451,35 @@ async def test_replay_seeds_a_new_subscriber_with_the_same_event_ids(harness: Ha
     ]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field", "fragment"),
+    [
+        (
+            "replay",
+            {"since": "2026-11-22T00:30:00Z", "until": "2026-11-22T00:10:00Z"},
+            "until",
+            "must be later than since",
+        ),
+        ("replay", {"since": "2026-11-22T00:30:00Z", "until": "2026-11-22T00:30:00Z"}, "until", ""),
+        ("", {"enabled": "yes"}, "enabled", "valid boolean"),
+        ("", {"enabled": 1}, "enabled", "valid boolean"),
+        ("rotate-secret", {"overlap_seconds": "60"}, "overlap_seconds", "valid integer"),
+    ],
+)
+async def test_subscription_bodies_lax_validation_would_misread_are_400(
+    harness: Harness, path: str, body: dict[str, Any], field: str, fragment: str
+) -> None:
+    """An empty replay range is a mistake to name, not a 202 replaying nothing; booleans and
+    integers are JSON's, not strings or numbers standing for them."""
+    subscription = await harness.subscribe("strict")
+    url = f"/v1/subscriptions/{subscription['id']}" + (f"/{path}" if path else "")
+    method = "PATCH" if not path else "POST"
+    response = await harness.client.request(method, url, json=body, headers=auth())
+    assert response.status_code == 400, response.text
+    (detail,) = response.json()["error"]["details"]
+    assert detail["field"] == field and fragment in detail["message"]
+
+
 async def test_a_replay_does_not_owe_again_an_event_still_pending(harness: Harness) -> None:
     """An event the subscription is still owed is left to its own schedule: a second delivery
     of it would be claimed and sent beside the first, at once."""
