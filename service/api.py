@@ -250,7 +250,8 @@ def single_param(params: QueryParams, name: str) -> str | None:
 
 def page_cursor(request: Request, direction: str = "before") -> str | None:
     """The ``cursor`` query parameter, refused (400) unless it could have come from a page of
-    this list: a crafted position beyond any key is a value no database column takes."""
+    a list in this ``direction`` (a crafted position beyond any key is a value no database
+    column takes; a cursor of a list in the other order is refused too)."""
     cursor = single_param(request.query_params, "cursor") or None
     if cursor is not None:
         decode_cursor(cursor, direction)  # 400 now, before any other work, if not one of ours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import secrets
@@ -11,6 +12,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -103,12 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    unable = _cannot_listen(settings.host, settings.port)
+    unable = _cannot_listen(settings.host, settings.port, args.workers)
     if unable is not None:
         print(
-            f"taskrelay: cannot listen on {settings.host} port {settings.port}: {unable}. "
-            "Stop what holds the port, or choose another (--port or TASKRELAY_PORT); the "
-            "host, with --host or TASKRELAY_HOST.",
+            f"taskrelay: cannot listen on {settings.host} port {settings.port}: {unable}.",
             file=sys.stderr,
         )
         return 2
@@ -145,19 +145,49 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a TCP port number ({exc})") from None
 
 
-def _cannot_listen(host: str, port: int) -> str | None:
+def _cannot_listen(host: str, port: int, workers: int) -> str | None:
     """Why the server could not listen on ``host``:``port`` (in use, not an address of this
-    machine, not allowed), found by binding it as uvicorn will and letting go; None if it
-    can. Checked before start-up, which would otherwise log "TaskRelay ready" and then fail."""
+    machine, not allowed), found by binding as uvicorn will and letting go; None if it can.
+    Checked before start-up, which would otherwise log "TaskRelay ready" and then fail. One
+    process binds every address the host resolves to, IPv6 ones for IPv6 only (asyncio's
+    create_server); several bind one socket for the host (uvicorn's Config.bind_socket)."""
+    addresses: list[tuple[socket.AddressFamily, Any]]
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _name, address = found[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        if workers > 1:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            addresses = [(family, (host, port))]
+        else:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            addresses = [(found_family, address) for found_family, _, _, _, address in found]
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return f"{host} does not resolve ({exc.strerror or exc}); check --host or TASKRELAY_HOST"
+    for family, address in dict.fromkeys(addresses):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and workers == 1:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as exc:
+            return _bind_problem(exc)
     return None
+
+
+def _bind_problem(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return f"{reason}; stop what holds the port, or choose another (--port, TASKRELAY_PORT)"
+    if exc.errno == errno.EACCES:
+        return (
+            f"{reason}; ports below 1024 need privileges: choose a higher one (--port, "
+            "TASKRELAY_PORT)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{reason}; it is not an address of this machine: choose one of its addresses, "
+            "or 0.0.0.0 for all (--host, TASKRELAY_HOST)"
+        )
+    return f"{reason}; check --host and --port (TASKRELAY_HOST, TASKRELAY_PORT)"
 
 
 def _seconds(text: str) -> float:

@@ -221,7 +221,9 @@ def mode_checks(settings: Settings, workers: int = 1) -> list[CheckResult]:
                 "poll lease",
                 WARN,
                 f"{risky}.",
-                fix="make TASKRELAY_POLL_LEASE longer than TASKRELAY_PROVIDER_TIMEOUT.",
+                fix="make TASKRELAY_POLL_LEASE at least 5 s longer than "
+                "TASKRELAY_PROVIDER_TIMEOUT (and at least 1.25 times as long), or the timeout "
+                "shorter.",
             )
         )
     if settings.is_sqlite and workers > 1:

@@ -44,17 +44,13 @@ from service.loops import Failures, Ticker
 from service.metrics import Metrics
 from service.models import TERMINAL_STATUSES, Task, TaskStatus
 from service.providers.base import ProviderAdapter
+from service.settings import lease_margin
 from service.store import Claim, Store
 
 log = logging.getLogger(__name__)
 
 # A pass claims about this many seconds' worth of each provider's query budget.
 PASS_SECONDS = 2.0
-# A status query (with its wait for a free slot) ends this long before its task's poll lease
-# runs out, at most, to leave time to record the answer: a query still running then is cut off
-# and counted as failed, so no other process ever queries the task while this one still does.
-LEASE_MARGIN_SECONDS = 5.0
-LEASE_MARGIN_FRACTION = 0.2
 
 
 class ProviderPaused(Exception):
@@ -85,15 +81,16 @@ def _why_expired(adapter: ProviderAdapter, claim: Claim, failure: ProviderError 
 
 
 def _why_unanswered(adapter: ProviderAdapter) -> str:
-    """An expired task's error message when it is still queued after TaskRelay sent it: the
-    answer to the submission was never recorded (the process sending it was killed while it
-    waited, or the answer was lost on the way) and nothing came after."""
+    """An expired task's error message when it is still queued after TaskRelay sent it: no
+    answer to the submission was recorded (the process sending it stopped while it waited, or
+    the answer was lost or unusable) and nothing came after."""
     came = "and no callback came" if adapter.delivers_callbacks() else "and it cannot be asked"
     return (
         f"TaskRelay sent the task to {adapter.name} but recorded no answer to the submission "
-        f"{came}: the process sending it may have been stopped while it waited (a crash or a "
-        "kill), or the answer was lost on the way. It was not sent again, since the provider "
-        "may have made (and billed) the image; submit a new task."
+        f"{came}: the process sending it may have stopped while it waited (a crash, a kill, "
+        "or a shutdown that cut the submission off), or the answer was lost or could not be "
+        "used. It was not sent again, since the provider may have made (and billed) the "
+        "image; submit a new task."
     )
 
 
@@ -251,7 +248,7 @@ class Scheduler:
     def _lease_until(self, claimed_at: float) -> float:
         """When a query of a task claimed at ``claimed_at`` (loop time, taken before the claim)
         must have ended: its lease less the margin to record the answer."""
-        margin = min(LEASE_MARGIN_SECONDS, self.lease_seconds * LEASE_MARGIN_FRACTION)
+        margin = lease_margin(self.lease_seconds)
         return claimed_at + self.lease_seconds - margin
 
     # --- passes -----------------------------------------------------------------------------

@@ -428,15 +428,29 @@ def check_public_url(settings: Settings) -> None:
     )
 
 
+# A status query (with its wait for a free slot) ends this long before its task's poll lease
+# runs out, at most, to leave time to record the answer: a query still running then is cut off
+# and counted as failed, so no other process ever queries the task while this one still does.
+LEASE_MARGIN_SECONDS = 5.0
+LEASE_MARGIN_FRACTION = 0.2
+
+
+def lease_margin(lease_seconds: float) -> float:
+    return min(LEASE_MARGIN_SECONDS, lease_seconds * LEASE_MARGIN_FRACTION)
+
+
 def lease_warning(settings: Settings) -> str | None:
     """A valid but risky pair of settings, for serve's log and the doctor: a status query
-    that may run longer than its task's lease."""
-    if not settings.scheduler or settings.provider_timeout < settings.poll_lease:
+    allowed to run longer than its task's lease leaves it (the lease less the margin kept to
+    record the answer)."""
+    lease = settings.poll_lease
+    room = lease - lease_margin(lease)
+    if not settings.scheduler or settings.provider_timeout <= room:
         return None
     return (
-        f"TASKRELAY_PROVIDER_TIMEOUT ({settings.provider_timeout:g} s) is not shorter than "
-        f"TASKRELAY_POLL_LEASE ({settings.poll_lease:g} s): a status query still running when "
-        "its task's lease runs out is cut off and counted as failed"
+        f"TASKRELAY_PROVIDER_TIMEOUT ({settings.provider_timeout:g} s) is longer than a status "
+        f"query may run within TASKRELAY_POLL_LEASE ({lease:g} s, less {lease - room:g} s kept "
+        "to record the answer): a query still running then is cut off and counted as failed"
     )
 
 

@@ -1269,6 +1269,26 @@ class Store:
         with self.transaction(write=True) as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
+    def unmark_submit_attempt(self, task_id: str, attempt: int) -> bool:
+        """Take back :meth:`mark_submit_attempt` for an attempt that was never sent (a shutdown
+        cut it off right there), so that the sweep sends it: the first attempt as an unsent
+        task, a later one as a retry due now. A compare-and-set, as the mark: a no-op unless
+        ``attempt`` attempts are recorded and the task is still queued."""
+        statement = (
+            sa.update(Task)
+            .where(
+                col(Task.id) == task_id,
+                col(Task.submit_attempts) == attempt,
+                col(Task.status) == TaskStatus.queued.value,
+            )
+            .values(
+                submit_attempts=attempt - 1,
+                submit_retry_at=None if attempt == 1 else self.clock(),
+            )
+        )
+        with self.transaction(write=True) as session:
+            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
     def plan_submit_retry(self, task_id: str, attempts: int, at: datetime) -> bool:
         """Keep in the row that the submission, after ``attempts`` attempts, is to be sent
         again at ``at``: if this process is gone by then, another one's sweep sends it

@@ -18,7 +18,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +40,7 @@ from service.signing import CallbackSigner
 from service.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Unsent submissions and overdue retries: how often every process looks for them, and how old
 # (or how overdue) they must be: younger ones are most likely being sent right now by the
@@ -48,6 +49,19 @@ SWEEP_SECONDS = 30.0
 SWEEP_GRACE = timedelta(seconds=10)
 # Waits between tries to record an accepted submission while the database is unavailable.
 RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
+
+
+async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` on a worker thread, waited for to the end even if this job is cancelled
+    meanwhile (:meth:`Submitter.stop` at a shutdown): the thread runs on regardless, and what
+    it writes must be known, and done before the shutdown closes the database. The
+    cancellation is raised again once it is."""
+    job = asyncio.ensure_future(run_in_threadpool(call, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
 
 
 class _Job(NamedTuple):
@@ -222,7 +236,14 @@ class Submitter:
                 if self._past_deadline(task, 0.0):  # it may have passed while a slot was awaited
                     await self._fail_unsent(task_id, provider, attempt - 1)
                     return
-                if not await run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt):
+                try:
+                    marked = await _to_the_end(self.store.mark_submit_attempt, task_id, attempt)
+                except asyncio.CancelledError:
+                    # Cut off by a shutdown while the attempt was being counted: nothing was
+                    # sent. Counted, it would keep the task from every sweep; take it back.
+                    await _to_the_end(self.store.unmark_submit_attempt, task_id, attempt)
+                    raise
+                if not marked:
                     # Another process is sending it, or a callback or poll settled it meanwhile.
                     return
                 try:
@@ -232,7 +253,7 @@ class Submitter:
                 except ProviderError as caught:
                     failure: ProviderError | None = caught
                 except asyncio.CancelledError:
-                    await self._cut_off(task_id, adapter, streamed)
+                    await self._cut_off(task_id, adapter, attempt, streamed)
                     raise
                 else:
                     failure = None
@@ -346,11 +367,9 @@ class Submitter:
         insurance (and stop() gives it the grace of a submission in flight)."""
         due = self.store.clock() + timedelta(seconds=delay)
         try:
-            # Shielded: a shutdown that cuts this job off must not cut off the write that
-            # hands its retry to the next process.
-            planned = await asyncio.shield(
-                run_in_threadpool(self.store.plan_submit_retry, task_id, attempt, due)
-            )
+            # Waited for even when a shutdown cuts this job off: the write hands the retry to
+            # the next process, and the database must not be closed under it.
+            planned = await _to_the_end(self.store.plan_submit_retry, task_id, attempt, due)
         except StoreUnavailable:
             log.warning(
                 "could not record the planned retry of %s (database unavailable); "
@@ -402,14 +421,14 @@ class Submitter:
             )
 
     async def _cut_off(
-        self, task_id: str, adapter: ProviderAdapter, streamed: list[TaskUpdate]
+        self, task_id: str, adapter: ProviderAdapter, attempt: int, streamed: list[TaskUpdate]
     ) -> None:
-        """This process is stopping, and :meth:`stop` cut off a submission still waiting for
-        the provider's answer: the provider may have the task (and bill it), so it is not sent
-        again. Say so, and leave the task in a state that still leads somewhere: a provider
-        that calls back will; one named in a stream can be asked; any other (OpenAI, GrsAI
-        polled or streamed) can never tell TaskRelay about it, so the task fails now instead
-        of waiting for its deadline. One try to record it: the shutdown is under way."""
+        """This process is stopping, and :meth:`stop` cut off attempt ``attempt`` while it
+        waited for the provider's answer: the provider may have the task (and bill it), so it
+        is not sent again. Say so, and leave the task in a state that still leads somewhere: a
+        provider that calls back will; one named in a stream can be asked; any other (OpenAI,
+        GrsAI polled or streamed) can never tell TaskRelay about it, so the task fails now
+        instead of waiting for its deadline. One try to record it: the shutdown is under way."""
         provider = adapter.name
         named = next((u.provider_task_id for u in reversed(streamed) if u.provider_task_id), None)
         if adapter.delivers_callbacks() or (named is not None and adapter.can_query_status):
@@ -423,30 +442,38 @@ class Submitter:
                 if adapter.delivers_callbacks()
                 else f"its status is asked for under the provider's task id {named}",
             )
-            if adapter.delivers_callbacks():
-                return
-            update = TaskUpdate(provider_task_id=named)
-        else:
+            if not adapter.delivers_callbacks():
+                update = TaskUpdate(provider_task_id=named)
+                await self._record_once(
+                    task_id, self.store.apply_update, update, UpdateSource.submit
+                )
+            return
+        error = {
+            "code": "submission_interrupted",
+            "message": f"TaskRelay was shutting down and stopped waiting for {provider}'s "
+            "answer to the submission: the answer is lost, and it cannot be asked for again. "
+            f"{provider} may have made (and billed) the image; the task is not sent again. "
+            "Submit a new task.",
+        }
+        # Guarded as any give-up: a task that expired (or settled) meanwhile keeps its state.
+        if await self._record_once(task_id, self.store.give_up_submission, attempt, error):
             self._count(provider, "failed")
             log.warning(
                 "submission of %s to %s cut off by the shutdown while it waited for the "
-                "answer; failing the task (%s sends no callback, and its answer is lost)",
+                "answer; failed the task (%s sends no callback, and its answer is lost)",
                 task_id,
                 provider,
                 provider,
             )
-            error = {
-                "code": "submission_interrupted",
-                "message": f"TaskRelay was shutting down and stopped waiting for {provider}'s "
-                "answer to the submission: the answer is lost, and it cannot be asked for "
-                f"again. {provider} may have made (and billed) the image; the task is not sent "
-                "again. Submit a new task.",
-            }
-            update = TaskUpdate(status=TaskStatus.failed, error=error)
+
+    async def _record_once(self, task_id: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(task_id, *args)`` once, to the end, for a shutdown's record; None if the
+        database refused it (logged)."""
         try:
-            await run_in_threadpool(self.store.apply_update, task_id, update, UpdateSource.submit)
+            return await _to_the_end(call, task_id, *args)
         except TaskRelayError as exc:
             log.error("could not record the cut-off submission of %s: %s", task_id, exc.code)
+            return None
 
     def _count(self, provider: str, outcome: str) -> None:
         self.metrics.inc("submissions_total", provider=provider, outcome=outcome)

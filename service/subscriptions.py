@@ -104,6 +104,7 @@ async def create_subscription(request: Request) -> Response:
 async def list_subscriptions(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
+    only_params(request.query_params)
     rows = await run_in_threadpool(runtime.outbox.list_subscriptions, owner)
     return json_response({"data": [subscription_json(row) for row in rows]})
 
@@ -228,6 +229,11 @@ async def replay(request: Request) -> Response:
     spec = parse_body(Replay, await read_json_object(request, runtime.settings.max_body_bytes))
     since = in_utc("since", spec.since)
     until = None if spec.until is None else in_utc("until", spec.until)
+    if until is not None and until <= since:  # compared in UTC: either may come without a zone
+        raise ValidationFailed(
+            "until must be later than since: an empty range replays nothing.",
+            details=[{"field": "until", "message": "must be later than since"}],
+        )
     count = await run_in_threadpool(
         runtime.outbox.replay,
         owner,

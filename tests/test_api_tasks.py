@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -102,6 +103,7 @@ async def test_submit_returns_202_then_completes_through_the_sandbox(
         # A JSON number, not what lax validation would take as one (true as 1, "2" as 2).
         ({"provider": "evolink", "prompt": "x", "n": True}, {"n"}),
         ({"provider": "evolink", "prompt": "x", "n": "2"}, {"n"}),
+        ({"provider": "evolink", "prompt": "x", "n": 1.5}, {"n"}),
     ],
 )
 async def test_invalid_bodies_are_400_naming_each_field(
@@ -1058,3 +1060,64 @@ async def test_a_submission_the_shutdown_cuts_off_waits_for_the_providers_callba
     )
     assert unconfirmed == 1
     assert await runtime.submitter.resume() == 0
+
+
+async def test_a_cut_off_submission_leaves_a_task_that_expired_meanwhile_expired(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    """The deadline passed while OpenAI was still generating: the task expired. The
+    shutdown's cut-off then records nothing over it (only the provider's own final word may
+    move an expired task)."""
+    runtime = app.state.runtime
+    response = await client.post(
+        "/v1/tasks",
+        json={"provider": "openai", "prompt": "slow sandbox:duration=30"},
+        headers=auth(),
+    )
+    task_id = response.json()["id"]
+    sandbox = app.state.sandbox
+    await until(lambda: [t for t in sandbox.tasks.values() if t.provider == "openai"])
+    runtime.store.expire_task(task_id, "No final answer before the deadline.")
+    await asyncio.wait_for(runtime.submitter.stop(grace=0), timeout=30)
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "expired" and task["error"]["code"] == "deadline_exceeded"
+    events = (await client.get(f"/v1/tasks/{task_id}/events", headers=auth())).json()["data"]
+    assert [e["type"] for e in events] == ["task.submitted", "task.expired"]
+
+
+async def test_a_shutdown_while_an_attempt_is_counted_takes_the_count_back(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off while the attempt was being counted (its write still running on a thread):
+    nothing was sent, so the count is taken back once written, and the next process sends
+    the task as unsent, once."""
+    runtime = app.state.runtime
+    store = runtime.store
+    entered, release = threading.Event(), threading.Event()
+    mark = store.mark_submit_attempt
+
+    def slow_mark(task_id: str, attempt: int) -> bool:
+        entered.set()
+        release.wait(30)
+        return mark(task_id, attempt)
+
+    monkeypatch.setattr(store, "mark_submit_attempt", slow_mark)
+    response = await client.post(
+        "/v1/tasks", json={"provider": "evolink", "prompt": "counted" + FAST}, headers=auth()
+    )
+    task_id = response.json()["id"]
+    await until(entered.is_set)
+    stopping = asyncio.create_task(runtime.submitter.stop(grace=0))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not stopping.done()  # waiting for the write, not leaving it running
+    release.set()
+    await asyncio.wait_for(stopping, timeout=30)
+    task = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert task["status"] == "queued" and task["submit_attempts"] == 0
+    assert not [t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]
+    monkeypatch.setattr(store, "mark_submit_attempt", mark)
+    assert await runtime.submitter.resume() == 1  # the next process's start-up
+    await wait_for_status(client, task_id, {"succeeded", "failed"})
+    done = (await client.get(f"/v1/tasks/{task_id}", headers=auth())).json()
+    assert done["status"] == "succeeded" and done["submit_attempts"] == 1

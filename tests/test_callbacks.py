@@ -435,8 +435,9 @@ async def test_a_cursor_of_the_task_list_is_not_one_of_the_callbacks_list(
     assert error_code(response) == "validation_failed"
 
 
-async def test_the_events_list_takes_no_query_parameters(client: httpx.AsyncClient) -> None:
+async def test_lists_that_take_no_query_parameters_refuse_them(client: httpx.AsyncClient) -> None:
     task_id, _path = await tracked(client)
-    response = await client.get(f"/v1/tasks/{task_id}/events?limit=10", headers=auth())
-    assert response.status_code == 400
-    assert response.json()["error"]["details"][0]["field"] == "limit"
+    for path in (f"/v1/tasks/{task_id}/events", "/v1/subscriptions"):
+        response = await client.get(f"{path}?limit=10", headers=auth())
+        assert response.status_code == 400, path
+        assert response.json()["error"]["details"][0]["field"] == "limit"

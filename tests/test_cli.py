@@ -14,6 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from service.cli import _cannot_listen
 from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import ServiceProcess, closed_port
@@ -88,10 +89,27 @@ def test_serve_says_the_port_is_in_use_before_it_starts(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         result = run_cli("serve", "--port", str(port), env=env)
     assert result.returncode == 2
-    assert f"taskrelay: cannot listen on 127.0.0.1 port {port}: Address already in use." in (
+    assert f"taskrelay: cannot listen on 127.0.0.1 port {port}: Address already in use; " in (
         result.stderr
     )
+    assert "stop what holds the port, or choose another (--port, TASKRELAY_PORT)" in result.stderr
     assert "TaskRelay ready" not in result.stderr
+
+
+def test_the_listen_check_binds_as_uvicorn_will() -> None:
+    """One process binds IPv6 for IPv6 only (asyncio), so "::" is free while 0.0.0.0 is held
+    on the same port; several workers bind one dual-stack socket, which is then in use. An
+    address of another machine is named as such."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert _cannot_listen("::", port, workers=1) is None
+        assert "Address already in use" in str(_cannot_listen("::", port, workers=2))
+        assert "Address already in use" in str(_cannot_listen("127.0.0.1", port, workers=1))
+    elsewhere = _cannot_listen("192.0.2.1", 8000, workers=1)  # TEST-NET-1: never this machine
+    assert elsewhere is not None and "not an address of this machine" in elsewhere
 
 
 @contextlib.contextmanager

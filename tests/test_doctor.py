@@ -166,12 +166,18 @@ def test_risky_but_valid_settings_are_warnings(tmp_path: Path) -> None:
 def test_a_lease_no_longer_than_a_query_may_run_is_a_warning_as_in_serves_log(
     tmp_path: Path,
 ) -> None:
-    results, _ = configuration(tmp_path, TASKRELAY_POLL_LEASE="10s")  # the timeout is 30 s
+    # The timeout is 30 s; a query must end 5 s (at most a fifth of the lease) before it.
+    results, _ = configuration(tmp_path, TASKRELAY_POLL_LEASE="34s")
     lease = by_check(results)["poll lease"]
     assert lease.status == WARN
-    assert "TASKRELAY_PROVIDER_TIMEOUT (30 s) is not shorter than TASKRELAY_POLL_LEASE" in (
-        lease.message
-    )
+    assert (
+        "TASKRELAY_PROVIDER_TIMEOUT (30 s) is longer than a status query may run within "
+        "TASKRELAY_POLL_LEASE (34 s, less 5 s kept to record the answer)"
+    ) in lease.message
+    results, _ = configuration(tmp_path, TASKRELAY_POLL_LEASE="35s")
+    assert "poll lease" not in by_check(results)
+    results, _ = configuration(tmp_path, TASKRELAY_POLL_LEASE="10s")
+    assert "less 2 s kept" in by_check(results)["poll lease"].message
     results, _ = configuration(tmp_path, TASKRELAY_POLL_LEASE="10s", TASKRELAY_SCHEDULER="false")
     assert "poll lease" not in by_check(results)  # no queries in this process
     results, _ = configuration(tmp_path)

@@ -461,9 +461,12 @@ async def test_replay_seeds_a_new_subscriber_with_the_same_event_ids(harness: Ha
             "must be later than since",
         ),
         ("replay", {"since": "2026-11-22T00:30:00Z", "until": "2026-11-22T00:30:00Z"}, "until", ""),
+        # One with a zone, one without (read as UTC): compared, not a 500.
+        ("replay", {"since": "2026-11-22T00:30:00", "until": "2026-11-22T00:10:00Z"}, "until", ""),
+        ("replay", {"since": "2026-11-22T01:30+01:00", "until": "2026-11-22T00:10"}, "until", ""),
         ("", {"enabled": "yes"}, "enabled", "valid boolean"),
         ("", {"enabled": 1}, "enabled", "valid boolean"),
-        ("rotate-secret", {"overlap_seconds": "60"}, "overlap_seconds", "valid integer"),
+        ("rotate-secret", {"overlap_seconds": "60"}, "overlap_seconds", "a JSON number"),
     ],
 )
 async def test_subscription_bodies_lax_validation_would_misread_are_400(
