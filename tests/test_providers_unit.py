@@ -1458,6 +1458,8 @@ def test_a_providers_json_is_mended_where_the_api_would_refuse_it() -> None:
         "ok": "\U0001f600",
         "n": 1,
     }
+    collide = '{"k\\u0000": "first", "k\\ud800": "second"}'
+    assert parsing.loads_provider_json(collide) == {"k\ufffd": "first"}
     clean = '{"a": "\\u00e9", "b": [1, 2.5, null]}'
     assert parsing.loads_provider_json(clean) == json.loads(clean)
     with pytest.raises(parsing.UnstorableJSON):

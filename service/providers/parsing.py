@@ -503,7 +503,10 @@ def _mended(value: Any) -> Any:
         text = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         return text.replace("\x00", "\ufffd")
     if isinstance(value, dict):
-        return {_mended(key): _mended(item) for key, item in value.items()}
+        mended: dict[str, Any] = {}
+        for key, item in value.items():  # two keys mended alike: the first one's value stays
+            mended.setdefault(_mended(key), _mended(item))
+        return mended
     if isinstance(value, list):
         return [_mended(item) for item in value]
     return value
