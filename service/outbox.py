@@ -45,8 +45,8 @@ from service.store import (
     Written,
     could_be_issued,
     decode_cursor,
-    encode_cursor,
     new_id,
+    paged,
 )
 
 PROGRESS_DELAY = timedelta(seconds=1)
@@ -1460,13 +1460,7 @@ class Outbox:
                 statement = statement.where(col(Delivery.pk) < decode_cursor(cursor))
             statement = statement.order_by(col(Delivery.pk).desc()).limit(limit + 1)
             rows = [(delivery, str(event_id)) for delivery, event_id in session.exec(statement)]
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1][0].pk
-            assert last is not None
-            next_cursor = encode_cursor(last)
-        return rows, next_cursor
+        return paged(rows, limit, lambda row: row[0].pk)
 
     def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> Delivery:
         statement = (

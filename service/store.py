@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from service.ingest import UpdateRequest
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -135,6 +136,19 @@ def provider_task_id_taken(exc: IntegrityError) -> bool:
     if diagnostics is not None:  # PostgreSQL names the constraint
         return bool(diagnostics.constraint_name == PROVIDER_TASK_UNIQUE)
     return "task.provider_task_id" in str(exc.orig)  # SQLite names its columns
+
+
+def paged(
+    rows: list[R], limit: int, key: Callable[[R], int | None], direction: str = "before"
+) -> tuple[list[R], str | None]:
+    """A page of ``rows`` (read ``limit + 1`` of them) and the cursor of the next page, None
+    after the last; ``key`` gives a row's primary key."""
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = key(rows[-1])
+    assert last is not None
+    return rows, encode_cursor(last, direction)
 
 
 def decode_cursor(cursor: str, direction: str = "before") -> int:
@@ -756,12 +770,7 @@ class Store:
             statement = statement.where(col(Task.pk) < decode_cursor(cursor))
         statement = statement.order_by(col(Task.pk).desc()).limit(limit + 1)
         with self.transaction(write=False) as session:
-            rows = list(session.exec(statement))
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            assert rows[-1].pk is not None
-            next_cursor = encode_cursor(rows[-1].pk)
+            rows, next_cursor = paged(list(session.exec(statement)), limit, lambda t: t.pk)
         return [task_json(task) for task in rows], next_cursor
 
     def list_events(self, owner: str, task_id: str) -> list[TaskEvent]:
@@ -1393,10 +1402,4 @@ class Store:
                 statement = statement.where(col(CallbackReceipt.pk) > after)
             statement = statement.order_by(col(CallbackReceipt.pk)).limit(limit + 1)
             rows = list(session.exec(statement))
-        next_cursor = None
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1].pk
-            assert last is not None
-            next_cursor = encode_cursor(last, "after")
-        return rows, next_cursor
+        return paged(rows, limit, lambda receipt: receipt.pk, "after")

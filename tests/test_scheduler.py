@@ -359,6 +359,15 @@ async def test_a_provider_refusing_every_last_look_cannot_keep_a_task_alive(
     assert f"the last status query failed ({code}: " in task["error"]["message"]
 
 
+async def past_the_deadline(harness: Harness, task_id: str) -> dict[str, Any]:
+    """The task after the scheduler's passes an hour on (the default deadline) and beyond."""
+    harness.clock.advance(3600)
+    for _ in range(3):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(1)
+    return await harness.task(task_id)
+
+
 async def test_a_task_whose_provider_id_never_came_says_so_when_it_expires(
     harness: Harness,
 ) -> None:
@@ -368,11 +377,7 @@ async def test_a_task_whose_provider_id_never_came_says_so_when_it_expires(
         "/v1/tasks/track", json={"provider": "evolink"}, headers=auth()
     )
     task_id = response.json()["id"]
-    harness.clock.advance(3600)
-    for _ in range(3):
-        await harness.scheduler.run_until_idle()
-        harness.clock.advance(1)
-    task = await harness.task(task_id)
+    task = await past_the_deadline(harness, task_id)
     assert task["status"] == "expired"
     assert "the provider's id for the task never came" in task["error"]["message"]
 
@@ -387,11 +392,7 @@ async def test_a_task_sent_without_a_recorded_answer_says_so_when_it_expires(
     monkeypatch.setattr(harness.runtime.submitter, "submit", lambda *args, **kwargs: None)
     task_id = await harness.submit(provider, "killed while it waited")
     assert harness.runtime.store.mark_submit_attempt(task_id, 1)  # the attempt, then the kill
-    harness.clock.advance(3600)
-    for _ in range(3):
-        await harness.scheduler.run_until_idle()
-        harness.clock.advance(1)
-    task = await harness.task(task_id)
+    task = await past_the_deadline(harness, task_id)
     assert task["status"] == "expired" and task["error"]["code"] == "deadline_exceeded"
     message = task["error"]["message"]
     assert f"TaskRelay sent the task to {provider} but recorded no answer" in message
@@ -409,11 +410,7 @@ async def test_a_task_whose_last_attempt_was_refused_does_not_say_it_got_no_answ
     store = harness.runtime.store
     assert store.mark_submit_attempt(task_id, 1)
     assert store.plan_submit_retry(task_id, 1, store.clock() + timedelta(hours=2))
-    harness.clock.advance(3600)
-    for _ in range(3):
-        await harness.scheduler.run_until_idle()
-        harness.clock.advance(1)
-    task = await harness.task(task_id)
+    task = await past_the_deadline(harness, task_id)
     assert task["status"] == "expired"
     assert "recorded no answer" not in task["error"]["message"]
 
