@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
@@ -510,6 +511,10 @@ def tune_process() -> None:
     # finished a database call waits to run again while the event loop is busy; the group
     # committer, the dispatcher's transactions and SQLite's single write turn all pay it.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    # A fatal signal (SIGSEGV, or SIGBUS: SQLite's -shm file is memory-mapped, and one made
+    # immutable or truncated under it faults) would end the process without a word: leave the
+    # Python stacks of every thread on stderr instead.
+    faulthandler.enable(all_threads=True)
     # glibc gives threads that allocate at the same time malloc arenas of their own (up to 8
     # per core), each keeping the pages freed in it: over a 10-minute run that made RSS grow
     # ~11 % with no live object growing (bench/memory.py). Two arenas hold it under 5 %. An

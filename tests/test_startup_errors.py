@@ -208,3 +208,18 @@ def test_each_worker_process_logs_json_lines_at_the_configured_level(tmp_path: P
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
     assert [line["message"] for line in lines if line["level"] == "info"] == ["worker ready"]
+
+
+def test_a_fatal_signal_leaves_the_stacks_on_stderr() -> None:
+    """SIGBUS (a memory-mapped SQLite -shm file made immutable under the process) ends a
+    process at once; tuned as every serving process is, it says where each thread was."""
+    code = (
+        "import os, signal; from service.app import tune_process; tune_process(); "
+        "os.kill(os.getpid(), signal.SIGBUS)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == -7  # killed by SIGBUS
+    assert "Fatal Python error: Bus error" in result.stderr
+    assert "Current thread" in result.stderr and '"<string>", line 1' in result.stderr
