@@ -85,12 +85,15 @@ def _why_unanswered(adapter: ProviderAdapter) -> str:
     answer to the submission was recorded (the process sending it stopped while it waited, or
     the answer was lost or unusable) and nothing came after."""
     came = "and no callback came" if adapter.delivers_callbacks() else "and it cannot be asked"
+    # No advice to submit again: the submission may still be waiting for its answer (a long
+    # generation against a short deadline), and a second task would be paid for twice.
     return (
-        f"TaskRelay sent the task to {adapter.name} but recorded no answer to the submission "
-        f"{came}: the process sending it may have stopped while it waited (a crash, a kill, "
-        "or a shutdown that cut the submission off), or the answer was lost or could not be "
-        "used. It was not sent again, since the provider may have made (and billed) the "
-        "image; submit a new task."
+        f"TaskRelay sent the task to {adapter.name} but had recorded no answer to the "
+        f"submission by its deadline, {came}: the submission may still be waiting for its "
+        "answer, the process sending it may have stopped (a crash, a kill, or a shutdown "
+        "that cut it off), or the answer was lost or could not be used. It is not sent "
+        "again, since the provider may have made (and billed) the image; an answer that "
+        "still comes is recorded on this task."
     )
 
 
