@@ -70,6 +70,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.graceful_timeout is not None:
         os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = f"{args.graceful_timeout:f}"
     settings = _settings()
+    if settings.is_sqlite and args.workers > 1:
+        print(
+            "taskrelay: SQLite supports one process; use PostgreSQL for several workers.",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.sandbox and args.workers > 1:
+        print(
+            "taskrelay: the built-in sandbox keeps its tasks in the process that made them, "
+            "so with several workers a status query to another worker finds none. Run "
+            "`taskrelay sandbox` on its own and point TASKRELAY_<PROVIDER>_BASE_URL at it, "
+            "or serve with one worker.",
+            file=sys.stderr,
+        )
+        return 2
     try:  # before migrating: serve hands out callback URLs, so it needs a usable public URL
         check_public_url(settings)
     except SettingsError as exc:
@@ -99,12 +114,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    if settings.is_sqlite and args.workers > 1:
-        print(
-            "taskrelay: SQLite supports one process; use PostgreSQL for several workers.",
-            file=sys.stderr,
-        )
-        return 2
     unable = _cannot_listen(settings.host, settings.port, args.workers)
     if unable is not None:
         print(
@@ -122,20 +131,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM before uvicorn has installed its own handler (still starting) also stops here.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     drain = shutdown_drain_seconds(settings.shutdown_timeout)
-    uvicorn.run(
-        "service.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=args.workers,
-        log_config=None,
-        access_log=False,
-        proxy_headers=True,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": True,
         # Annotated int, used as a number of seconds (asyncio.wait_for): a float is kept exact.
-        timeout_graceful_shutdown=drain,  # type: ignore[arg-type]
-        server_header=False,
-    )
+        "timeout_graceful_shutdown": drain,
+        "server_header": False,
+    }
+    if args.workers == 1:
+        uvicorn.run(APP_FACTORY, **options)
+        return 0
+    # Several workers: uvicorn's supervisor, as uvicorn.run would start it, but one that lets
+    # go of the listening socket when it stops.
+    from service.supervisor import Supervisor
+
+    config = uvicorn.Config(APP_FACTORY, workers=args.workers, **options)
+    Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
+
+
+APP_FACTORY = "service.app:create_app_from_env"
 
 
 def _port(text: str) -> int:

@@ -226,6 +226,17 @@ def mode_checks(settings: Settings, workers: int = 1) -> list[CheckResult]:
                 "shorter.",
             )
         )
+    if settings.sandbox and workers > 1:
+        results.append(
+            CheckResult(
+                "sandbox workers",
+                FAIL,
+                f"{workers} workers with the built-in sandbox: its tasks live in the process "
+                "that made them, so `taskrelay serve --workers` refuses it.",
+                fix="run `taskrelay sandbox` on its own and point TASKRELAY_<PROVIDER>_BASE_URL "
+                "at it, or serve with one worker.",
+            )
+        )
     if settings.is_sqlite and workers > 1:
         results.append(
             CheckResult(

@@ -69,6 +69,22 @@ def test_bad_configuration_stops_start_up_with_the_variable_named(tmp_path: Path
     assert "TASKRELAY_API_TOKENS" in result.stderr
 
 
+def test_serve_refuses_the_built_in_sandbox_with_several_workers(tmp_path: Path) -> None:
+    """Its tasks live in the process that made them: another worker's status query would
+    find none. Refused before anything else is done (the database is not even reached)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path),
+        "TASKRELAY_API_TOKENS": "me:token-12345678",
+        "TASKRELAY_DATABASE_URL": "postgresql://relay@db.invalid/relay",
+        "TASKRELAY_SANDBOX": "true",
+    }
+    result = run_cli("serve", "--workers", "2", env=env)
+    assert result.returncode == 2
+    assert "the built-in sandbox keeps its tasks in the process that made them" in result.stderr
+    assert "`taskrelay sandbox` on its own" in result.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "sandbox"])
 def test_a_port_flag_out_of_range_names_the_flag(command: str) -> None:
     result = run_cli(command, "--port", "99999")

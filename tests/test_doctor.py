@@ -194,6 +194,15 @@ def test_missing_tokens_and_sqlite_with_workers_fail(tmp_path: Path) -> None:
         tmp_path, workers=4, TASKRELAY_DATABASE_URL="postgresql://u@db.internal/taskrelay"
     )
     assert "workers" not in by_check(results)
+    results, _ = configuration(
+        tmp_path,
+        workers=2,
+        TASKRELAY_DATABASE_URL="postgresql://u@db.internal/taskrelay",
+        TASKRELAY_SANDBOX="true",
+        TASKRELAY_PUBLIC_URL="http://127.0.0.1:8000",
+    )
+    sandbox = by_check(results)["sandbox workers"]
+    assert sandbox.status == FAIL and "taskrelay sandbox" in str(sandbox.fix)
 
 
 def test_no_configured_provider_is_a_warning(tmp_path: Path) -> None:

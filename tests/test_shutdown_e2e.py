@@ -92,6 +92,7 @@ def start_relay(
     cleanup: contextlib.ExitStack,
     *,
     graceful_timeout: str = GRACEFUL_TIMEOUT,
+    workers: int = 1,
     **extra: str,
 ) -> ServiceProcess:
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,8 @@ def start_relay(
         },
         "--graceful-timeout",
         graceful_timeout,
+        "--workers",
+        str(workers),
         log_path=directory / f"{name}.log",
     )
     cleanup.callback(service.stop, signal.SIGKILL)  # a no-op once it has exited
@@ -188,19 +191,31 @@ def held_open(release: threading.Event, first: bytes, rest: bytes, sent: threadi
 # --- (a) requests in flight finish; new connections are refused ----------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_requests_in_flight_finish_and_new_connections_are_refused(
-    tmp_path: Path, cleanup: contextlib.ExitStack
+    tmp_path: Path, cleanup: contextlib.ExitStack, workers: int
 ) -> None:
+    """Also with ``--workers 2`` (PostgreSQL): the supervisor's own copy of the listening
+    socket kept the kernel accepting connections while the workers drained, each reset once
+    they had, instead of refused at once."""
     sandbox = SandboxProcess(tmp_path / "sandbox.log")
     cleanup.callback(sandbox.stop)
     sandbox.behave("*", callback="drop")
-    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    if workers == 1:
+        url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    else:
+        admin_url = _pg_url()
+        assert admin_url is not None, "needs TASKRELAY_TEST_DATABASE_URL"
+        created = PostgresDatabase.create(admin_url, prefix="taskrelay_shutdown")
+        cleanup.callback(created.drop)
+        url = created.url
     migrate(url)
     relay = start_relay(
         tmp_path,
         "relay",
         Database(url),
         cleanup,
+        workers=workers,
         # Never polled on its own: only the refresh below asks the provider about it.
         TASKRELAY_GPTIMAGE15_TYPICAL_DURATION="1h",
         **sandbox.provider_environment(),
