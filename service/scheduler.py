@@ -584,6 +584,10 @@ class Scheduler:
             ) from None
         except ProviderError as exc:
             await run_in_threadpool(self.store.record_poll, claim.task_id, worker, error=exc)
+            if exc.status == 503 and exc.retry_after is None:
+                # Unavailable without a word of when (a 500, a timeout): the caller is told to
+                # wait what the scheduler waits after a failed query.
+                exc.retry_after = self.store.policy(claim.provider).error_backoff
             raise
         result = await run_in_threadpool(
             self.store.record_poll, claim.task_id, worker, update=update

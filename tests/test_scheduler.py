@@ -497,13 +497,18 @@ async def test_refresh_refuses_what_cannot_be_asked(harness: Harness) -> None:
     assert error_code(response) == "not_queryable"
 
 
-async def test_refresh_reports_provider_errors(harness: Harness) -> None:
+@pytest.mark.parametrize("status_error", ["500", "503"])
+async def test_refresh_reports_provider_errors(harness: Harness, status_error: str) -> None:
+    """Unavailable, with a Retry-After even when the provider gave none: the wait after a
+    failed status query (TASKRELAY_POLL_ERROR_BACKOFF, 5 s by default)."""
     task_id = await harness.submit(
-        "evolink", "err sandbox:duration=5 sandbox:status_errors=1 sandbox:status_error=503"
+        "evolink",
+        f"err sandbox:duration=5 sandbox:status_errors=1 sandbox:status_error={status_error}",
     )
     response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
     assert response.status_code == 503
     assert error_code(response) == "upstream_unavailable"
+    assert response.headers["retry-after"] == "5"
 
 
 # --- several workers ------------------------------------------------------------------------
