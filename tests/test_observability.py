@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -402,6 +403,7 @@ async def test_submissions_and_their_log_lines(harness: Harness, logs: io.String
         assert line["task_id"] == task_id
         assert line["provider"] == "evolink"
         assert line["request_id"] == "submit-1"
+        assert line["pid"] == os.getpid()  # which worker process wrote it
     assert ok.status_code == 202
 
 
