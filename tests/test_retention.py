@@ -26,7 +26,7 @@ from service.errors import NotFound, StoreUnavailable
 from service.files import ImageFiles, Removed
 from service.lifecycle import TaskUpdate
 from service.loops import Ticker
-from service.metrics import Metrics
+from service.metrics import PREFIX, Metrics, render
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
 from service.retention import RETRY_SECONDS, Pruner
 from service.settings import SettingsError
@@ -224,6 +224,9 @@ async def test_a_sweep_goes_on_while_its_batches_come_back_full(
         batch=2,
         pause=pause,
     )
+    # The counter is scraped at 0 before the first sweep (which runs at start-up), so that
+    # the first deletions show in increase() too.
+    assert f"{PREFIX}tasks_pruned_total 0" in render(metrics).splitlines()
     # Full batches ask the ticker to go again, after a pause as long as the batch took; the
     # last, short one does not.
     assert [await pruner.prune_once() for _ in range(4)] == [2, 2, 0, 0]
