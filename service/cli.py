@@ -164,6 +164,16 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a TCP port number ({exc})") from None
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("a number of worker processes, 1 or more")
+    return value
+
+
 def _cannot_listen(host: str, port: int, workers: int) -> str | None:
     """Why the server could not listen on ``host``:``port`` (in use, not an address of this
     machine, not allowed), found by binding as uvicorn will and letting go; None if it can.
@@ -312,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=_port, help="port to listen on (default: TASKRELAY_PORT or 8000)"
     )
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (PostgreSQL only)")
+    serve.add_argument(
+        "--workers", type=_workers, default=1, help="worker processes (PostgreSQL only)"
+    )
     serve.add_argument(
         "--migrate",
         action="store_true",

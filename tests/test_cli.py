@@ -85,6 +85,13 @@ def test_serve_refuses_the_built_in_sandbox_with_several_workers(tmp_path: Path)
     assert "`taskrelay sandbox` on its own" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["0", "-2", "two"])
+def test_a_worker_count_below_one_names_the_flag(workers: str) -> None:
+    result = run_cli("serve", "--workers", workers)
+    assert result.returncode == 2
+    assert "argument --workers: a number of worker processes, 1 or more" in result.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "sandbox"])
 def test_a_port_flag_out_of_range_names_the_flag(command: str) -> None:
     result = run_cli(command, "--port", "99999")
