@@ -100,6 +100,12 @@ FAMILIES: dict[str, Family] = {
             "Final tasks deleted past TASKRELAY_RETENTION, with their history and deliveries.",
         ),
         Family(
+            "deliveries_pruned_pending_total",
+            "counter",
+            "Webhook deliveries still pending when retention deleted their task: events "
+            "their subscribers will never get.",
+        ),
+        Family(
             "deliveries_total",
             "counter",
             "Webhook delivery attempts, by outcome (succeeded: a 2xx; failed: another status; "

@@ -60,6 +60,7 @@ class Pruner:
         # The series exists from the start, at 0: the first sweep runs at start-up, and a
         # counter that first appears with its deletions hides them from rate() and increase().
         metrics.inc("tasks_pruned_total", 0)
+        metrics.inc("deliveries_pruned_pending_total", 0)
         self.clock = clock
         self.batch = batch
         self.pause = pause  # between full batches, for as long as the last one took
@@ -70,6 +71,7 @@ class Pruner:
             retry_seconds=min(RETRY_SECONDS, sweep_seconds),
         )
         self._unlogged = 0  # tasks deleted since the last log line
+        self._undelivered = 0  # and their deliveries that were still pending
         self._logged_at = time.monotonic()
         # Whether the image folders were checked since the start, or since a folder could not
         # be deleted; they are checked again at the start of a sweep, not before each batch.
@@ -93,8 +95,12 @@ class Pruner:
         if self._sweep_starts and not self._orphans_checked:
             self._orphans_checked = await run_in_threadpool(self._check_orphans, finished_before)
         started = time.perf_counter()
-        task_ids = await run_in_threadpool(self.store.prune_tasks, finished_before, self.batch)
+        pruned = await run_in_threadpool(self.store.prune, finished_before, self.batch)
+        task_ids = pruned.task_ids
         took = time.perf_counter() - started
+        if pruned.undelivered:
+            self.metrics.inc("deliveries_pruned_pending_total", pruned.undelivered)
+            self._undelivered += pruned.undelivered
         if task_ids:
             removed = await run_in_threadpool(self.files.remove, task_ids)
             if removed.failed:
@@ -106,13 +112,18 @@ class Pruner:
         self._sweep_starts = done
         # One line per sweep that deleted anything, and one a minute while a long one goes on.
         if self._unlogged and (done or time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS):
-            log.info(
-                "deleted %d tasks finished before %s (TASKRELAY_RETENTION)%s",
+            # A warning when webhooks went with them: events their subscribers never got.
+            log.log(
+                logging.WARNING if self._undelivered else logging.INFO,
+                "deleted %d tasks finished before %s (TASKRELAY_RETENTION)%s%s",
                 self._unlogged,
                 finished_before.isoformat(),
+                f", with {self._undelivered} webhook deliveries still pending, never to be made"
+                if self._undelivered
+                else "",
                 "" if done else "; more to delete",
             )
-            self._unlogged, self._logged_at = 0, time.monotonic()
+            self._unlogged, self._undelivered, self._logged_at = 0, 0, time.monotonic()
         if done:
             return 0
         await self.pause(took)

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -58,6 +58,7 @@ from service.models import (
     UNSENT_INDEX,
     CallbackReceipt,
     Delivery,
+    DeliveryStatus,
     EventType,
     ReceiptOutcome,
     Subscription,
@@ -307,7 +308,31 @@ _LOCK_PRUNED_DELIVERIES = prebuilt(
         .with_for_update()
     )
 )
+# The deliveries still pending that a prune deletes with its tasks' events: webhooks that will
+# never be made (counted for the operator, who may replay them elsewhere before they go).
+_PENDING_PRUNED_DELIVERIES = prebuilt(
+    lambda dialect: (
+        sa.select(sa.func.count())
+        .select_from(_DELIVERY)
+        .where(
+            _DELIVERY.c.status == DeliveryStatus.pending.value,
+            _DELIVERY.c.event_seq.in_(
+                sa.select(_EVENT.c.seq).where(one_of(dialect, _EVENT.c.task_pk, "pks"))
+            ),
+        )
+    )
+)
 PRUNE_BATCH = 100
+
+
+class Pruned(NamedTuple):
+    """What one :meth:`Store.prune` deleted: the tasks' ids, and how many of their webhook
+    deliveries were still pending (never to be made)."""
+
+    task_ids: list[str]
+    undelivered: int
+
+
 _LEASE = prebuilt(
     lambda dialect: (
         _TASK.update()
@@ -1332,10 +1357,15 @@ class Store:
             return True
 
     def prune_tasks(self, finished_before: datetime, limit: int = PRUNE_BATCH) -> list[str]:
+        """:meth:`prune`, returning the deleted tasks' ids."""
+        return self.prune(finished_before, limit).task_ids
+
+    def prune(self, finished_before: datetime, limit: int = PRUNE_BATCH) -> Pruned:
         """Delete up to ``limit`` final tasks that finished before ``finished_before``, the
         longest finished first, with everything kept for them: their events, callback
-        receipts, notify_url subscriptions, deliveries and delivery attempts. Returns their
-        ids. One short write transaction per call: call again while it returns ``limit``."""
+        receipts, notify_url subscriptions, deliveries and delivery attempts. One short write
+        transaction per call: call again while it deletes ``limit``."""
+        undelivered = 0
         with self.core_transaction() as (connection, _written):
             rows = connection.execute(
                 _PRUNABLE(connection), {"before": finished_before, "limit": limit}
@@ -1345,8 +1375,10 @@ class Store:
                 if connection.dialect.name == "postgresql":
                     connection.execute(_LOCK_PRUNED_SUBSCRIPTIONS(connection), {"pks": pks}).all()
                     connection.execute(_LOCK_PRUNED_DELIVERIES(connection), {"pks": pks}).all()
+                pending = _PENDING_PRUNED_DELIVERIES(connection)
+                undelivered = connection.execute(pending, {"pks": pks}).scalar_one()
                 connection.execute(_PRUNE(connection), {"pks": pks})
-        return [task_id for _, task_id in rows]
+        return Pruned([task_id for _, task_id in rows], undelivered)
 
     def existing_task_ids(self, task_ids: Iterable[str]) -> set[str]:
         """Which of ``task_ids`` are tasks in the store (retention's check for image folders

@@ -140,7 +140,8 @@ async def test_a_task_past_retention_is_deleted_with_everything_kept_for_it(
     engine = harness.runtime.engine
     kept_before = rows_of(engine, [old, failed_old])
     assert all(kept_before.values()), kept_before  # every kind of row exists to delete
-    assert pending_deliveries(engine, [old, failed_old]) > 0  # the paused subscription's
+    owed = pending_deliveries(engine, [old, failed_old])
+    assert owed > 0  # the paused subscription's
     others = [recent, unfinished]
     others_before = rows_of(engine, others)
     unfinished_before = rows_of(engine, [unfinished])
@@ -164,6 +165,8 @@ async def test_a_task_past_retention_is_deleted_with_everything_kept_for_it(
     listed = (await harness.client.get("/v1/subscriptions", headers=auth(ALICE))).json()["data"]
     assert sorted(item["id"] for item in listed) == sorted([subscription["id"], paused["id"]])
     assert harness.runtime.metrics.counter("tasks_pruned_total") == 2
+    # The webhooks that went with them are counted: events a subscriber will never get.
+    assert harness.runtime.metrics.counter("deliveries_pruned_pending_total") == owed
 
     harness.clock.advance(2 * DAY)
     assert await pruner.prune_once() == 0
@@ -226,7 +229,9 @@ async def test_a_sweep_goes_on_while_its_batches_come_back_full(
     )
     # The counter is scraped at 0 before the first sweep (which runs at start-up), so that
     # the first deletions show in increase() too.
-    assert f"{PREFIX}tasks_pruned_total 0" in render(metrics).splitlines()
+    scraped = render(metrics).splitlines()
+    assert f"{PREFIX}tasks_pruned_total 0" in scraped
+    assert f"{PREFIX}deliveries_pruned_pending_total 0" in scraped
     # Full batches ask the ticker to go again, after a pause as long as the batch took; the
     # last, short one does not.
     assert [await pruner.prune_once() for _ in range(4)] == [2, 2, 0, 0]
