@@ -514,7 +514,8 @@ def tune_process() -> None:
     # A fatal signal (SIGSEGV, or SIGBUS: SQLite's -shm file is memory-mapped, and one made
     # immutable or truncated under it faults) would end the process without a word: leave the
     # Python stacks of every thread on stderr instead.
-    faulthandler.enable(all_threads=True)
+    with contextlib.suppress(RuntimeError, ValueError):  # no stderr to write to: nothing to do
+        faulthandler.enable(all_threads=True)
     # glibc gives threads that allocate at the same time malloc arenas of their own (up to 8
     # per core), each keeping the pages freed in it: over a 10-minute run that made RSS grow
     # ~11 % with no live object growing (bench/memory.py). Two arenas hold it under 5 %. An

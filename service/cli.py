@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -143,18 +144,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server_header": False,
     }
     if args.workers == 1:
-        uvicorn.run(APP_FACTORY, **options)
+        # workers=1 said: uvicorn would otherwise take WEB_CONCURRENCY from the environment
+        # (some platforms set it) and run several processes under its own supervisor.
+        uvicorn.run(APP_FACTORY, workers=1, **options)
         return 0
     # Several workers: uvicorn's supervisor, as uvicorn.run would start it, but one that lets
     # go of the listening socket when it stops.
     from service.supervisor import Supervisor
 
     config = uvicorn.Config(APP_FACTORY, workers=args.workers, **options)
-    Supervisor(config, sockets=[config.bind_socket()]).run()
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before its handlers are set
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        if supervisor.failed_to_start:
+            return STARTUP_FAILURE  # as uvicorn exits with one worker that failed to start
     return 0
 
 
 APP_FACTORY = "service.app:create_app_from_env"
+STARTUP_FAILURE = 3  # uvicorn.config.STARTUP_FAILURE: a server that failed to start
 
 
 def _port(text: str) -> int:
@@ -378,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
     doctor.add_argument(
-        "--workers", type=int, default=1, help="the worker count you serve with (default: 1)"
+        "--workers", type=_workers, default=1, help="the worker count you serve with (default: 1)"
     )
     doctor.add_argument(
         "--timeout", type=float, default=5.0, help="seconds each network check may take"

@@ -168,7 +168,13 @@ def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
 
 def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:
     service = ServiceProcess(
-        {"TASKRELAY_DATA_DIR": str(tmp_path / "data"), "TASKRELAY_API_TOKENS": "me:token-12345678"},
+        {
+            "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+            "TASKRELAY_API_TOKENS": "me:token-12345678",
+            # Set by some platforms; uvicorn reads it unless told the worker count. SQLite
+            # takes one process, and serve runs one unless --workers says otherwise.
+            "WEB_CONCURRENCY": "2",
+        },
         log_path=tmp_path / "serve.log",
     )
     try:
@@ -187,6 +193,22 @@ def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:
     logs = service.logs()
     assert "Application shutdown complete" in logs
     assert "token-12345678" not in logs
+    assert logs.count('"message": "TaskRelay ready"') == 1  # one process, not a supervisor's two
+    assert "Started parent process" not in logs
+
+
+def test_the_supervisor_says_when_a_worker_failed_to_start() -> None:
+    """uvicorn's supervisor returns as after a clean stop when a worker's start-up failed;
+    serve then exits with uvicorn's start-up failure status instead of 0."""
+    from types import SimpleNamespace
+
+    from service.supervisor import Supervisor
+
+    supervisor = Supervisor.__new__(Supervisor)  # no signal handlers in the test process
+    supervisor.processes = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=None)]
+    assert not supervisor.failed_to_start
+    supervisor.processes.append(SimpleNamespace(exitcode=3))
+    assert supervisor.failed_to_start
 
 
 def schema_of(path: Path) -> str:
