@@ -150,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     # Several workers: uvicorn's supervisor, as uvicorn.run would start it, but one that lets
     # go of the listening socket when it stops.
+    from uvicorn.config import STARTUP_FAILURE
+
     from service.supervisor import Supervisor
 
     config = uvicorn.Config(APP_FACTORY, workers=args.workers, **options)
@@ -162,7 +164,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 APP_FACTORY = "service.app:create_app_from_env"
-STARTUP_FAILURE = 3  # uvicorn.config.STARTUP_FAILURE: a server that failed to start
 
 
 def _port(text: str) -> int:

@@ -309,7 +309,7 @@ _LOCK_PRUNED_DELIVERIES = prebuilt(
     )
 )
 # The deliveries still pending that a prune deletes with its tasks' events: webhooks that will
-# never be made (counted for the operator, who may replay them elsewhere before they go).
+# never be made (counted, so that an operator sees them go).
 _PENDING_PRUNED_DELIVERIES = prebuilt(
     lambda dialect: (
         sa.select(sa.func.count())
