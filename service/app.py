@@ -174,6 +174,21 @@ async def _sandbox_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     await sandbox.app(scope, receive, send)
 
 
+# How long after a submission's timeouts have run out its answer may still be on its way into
+# the database: storing images, recording the reply (kept trying for about four minutes while
+# the database is unavailable: submitter.RECORD_RETRY_WAITS), clocks of replicas a little
+# apart.
+ANSWER_MARGIN = 300.0
+
+
+def answer_within(adapter: ProviderAdapter) -> float | None:
+    """:attr:`PollPolicy.answer_within` for ``adapter``: None for one that calls back."""
+    if adapter.delivers_callbacks():
+        return None
+    longest = adapter.longest_wait_for_answer()
+    return None if longest is None else longest + ANSWER_MARGIN
+
+
 def poll_policies(
     settings: Settings, adapters: Mapping[str, ProviderAdapter]
 ) -> dict[str, PollPolicy]:
@@ -185,6 +200,7 @@ def poll_policies(
             max_interval=settings.poll_max_interval,
             error_backoff=settings.poll_error_backoff,
             queryable=adapters[name].can_query_status,
+            answer_within=answer_within(adapters[name]),
         )
         for name, provider in settings.providers.items()
     }

@@ -180,14 +180,14 @@ def decide(current: TaskState, update: TaskUpdate) -> Change | None:
     return Change(new_state, event_type, became_terminal=became_terminal, changed_fields=changed)
 
 
-def expire(current: TaskState, reason: str) -> Change | None:
+def expire(current: TaskState, reason: str, code: str = "deadline_exceeded") -> Change | None:
     """TaskRelay gives up waiting on a task that has no final state yet."""
     if current.status in TERMINAL_STATUSES:
         return None
     new_state = replace(
         current,
         status=TaskStatus.expired,
-        error={"code": "deadline_exceeded", "message": reason},
+        error={"code": code, "message": reason},
     )
     return Change(
         new_state,

@@ -217,6 +217,10 @@ class Task(SQLModel, table=True):
     # None when no retry is planned. Kept in the row so that the retry survives the process
     # that planned it: any replica's sweep sends it once it is overdue.
     submit_retry_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
+    # For a provider that cannot call back: when the last attempt's answer is lost if it has
+    # not been recorded by then (the process sending it died), set by that process when it
+    # sends it (Store.mark_submit_attempt, PollPolicy.answer_within); None otherwise.
+    submit_answer_due_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
     created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
     completed_at: datetime | None = Field(default=None, sa_column=sa.Column(UTCDateTime()))
@@ -266,6 +270,7 @@ class TaskRow:
     last_update_source: str
     submit_attempts: int
     submit_retry_at: datetime | None
+    submit_answer_due_at: datetime | None
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None

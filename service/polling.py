@@ -36,6 +36,13 @@ class PollPolicy:
     error_backoff: float = 5.0  # the first wait after a failed status query
     jitter: float = 0.1  # +/- this fraction of every interval
     queryable: bool = True  # False for providers without a status endpoint (OpenAI)
+    # For a provider that cannot call back (OpenAI; GrsAI polled or streamed): how long after
+    # a submission is sent its answer must have been recorded, if the process sending it is
+    # still alive (the request's timeouts, and a margin to record the answer). A task still
+    # queued with no answer after that lost it with its process (a crash, a kill): nothing
+    # will ever settle it, so it expires then instead of at its deadline. None: no such
+    # bound (a provider that calls back, whose callback may still come).
+    answer_within: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,10 @@ class TaskTiming:
     poll_count: int  # status queries made so far (answered or not)
     poll_errors: int  # consecutive failed status queries
     has_provider_task_id: bool
+    # When a submission sent without a recorded answer is lost (PollPolicy.answer_within
+    # after it was sent), for a task still queued with no provider task id and no retry
+    # planned; None otherwise.
+    answer_due_at: datetime | None = None
 
 
 def _jittered(seconds: float, policy: PollPolicy, rng: random.Random) -> float:
@@ -83,7 +94,10 @@ def next_check(
     if timing.status in TERMINAL_STATUSES:
         return None
     if not policy.queryable or not timing.has_provider_task_id:
-        # Nothing to ask the provider: wait for the callback, and expire at the deadline.
+        # Nothing to ask the provider: wait for the callback, and expire at the deadline (or
+        # when a submission's answer is lost, if that comes first).
+        if timing.answer_due_at is not None:
+            return min(timing.answer_due_at, timing.deadline_at)
         return timing.deadline_at
     rng = rng or random.Random()
     grace = timedelta(seconds=policy.grace)

@@ -97,6 +97,21 @@ def _why_unanswered(adapter: ProviderAdapter) -> str:
     )
 
 
+def _why_lost(adapter: ProviderAdapter) -> str:
+    """An expired task's error message when its submission's answer was lost: still queued
+    after every timeout of its request, and a margin, had run out, at a provider that cannot
+    call back."""
+    return (
+        f"TaskRelay sent the task to {adapter.name} but had recorded no answer when every "
+        "timeout of that request, and a margin for recording the answer, had run out: the "
+        "process sending it stopped before the answer came (a crash or a kill), or the "
+        f"answer was lost. {adapter.name} does not call back here and cannot be asked about "
+        "a task without its id, so nothing else could settle this task. It is not sent "
+        "again, since the provider may have made (and billed) the image; an answer that "
+        "still comes is recorded on this task."
+    )
+
+
 class _Stopping(Exception):
     """The scheduler is stopping: a claimed task is handed back instead of being queried."""
 
@@ -408,9 +423,23 @@ class Scheduler:
                 _why_expired(adapter, claim, failure),
                 unsent=_why_unanswered(adapter),
             )
-            self.metrics.inc("tasks_expired_total", provider=claim.provider)
-            log.info("task %s expired at its deadline", claim.task_id)
+            if result.event is not None:  # not one expired already, followed till now
+                self.metrics.inc("tasks_expired_total", provider=claim.provider)
+                log.info("task %s expired at its deadline", claim.task_id)
             return PollOutcome(result.task, queried, expired=result.event is not None)
+        if not queried and claim.provider_task_id is None:
+            # Maybe a submission whose answer was lost with the process sending it (its due
+            # time, in the row, was set by that process).
+            lost = await run_in_threadpool(
+                self.store.expire_unanswered, claim.task_id, _why_lost(adapter)
+            )
+            if lost is not None:
+                self.metrics.inc("tasks_expired_total", provider=claim.provider)
+                log.warning(
+                    "task %s expired: no answer to its submission was recorded in time",
+                    claim.task_id,
+                )
+                return PollOutcome(lost.task, queried, expired=lost.event is not None)
         if not queried:
             # Nothing to ask (no provider task id yet, or no status endpoint): plan the next
             # look, which is never later than the deadline.

@@ -21,7 +21,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -84,6 +84,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 # A task's callbacks, oldest first: most tasks have a handful, a 100-step progress run 100.
 DEFAULT_RECEIPTS_PAGE = 100
+# An expired task's error code when its submission's answer was lost (expire_unanswered).
+UNANSWERED_CODE = "submission_unanswered"
 DEFAULT_POLICY = PollPolicy(typical_duration=60.0, deadline=3600.0)
 UNFINISHED = (TaskStatus.queued.value, TaskStatus.running.value)
 MAX_ESTIMATED_SECONDS = 365 * 86_400.0  # the longest duration hint a task's plan takes in
@@ -513,7 +515,10 @@ class Store:
         policy = self.policy(task.provider)
         if task.deadline_at is None:
             task.deadline_at = self.deadline_for(task.provider, task.created_at)
-        planned = next_check(self._timing(task), now, policy, self.rng)
+        timing = self._timing(task)
+        if self._followed_after_expiry(task, now):
+            timing = replace(timing, status=TaskStatus.running)
+        planned = next_check(timing, now, policy, self.rng)
         ahead = task.next_check_at
         if planned is not None and ahead is not None and now < ahead <= planned:
             task.planned_check_at = planned if planned > ahead else None
@@ -973,6 +978,18 @@ class Store:
                 session.add(task)
             return self._commit_change(session, task, change, UpdateSource.timeout)
 
+    def expire_unanswered(self, task_id: str, reason: str) -> ApplyResult | None:
+        """Expire a task whose last submission's answer is lost (:meth:`_answer_due` has
+        passed: sent to a provider that cannot call back, still queued, nothing recorded),
+        with ``reason`` as its error message; None, changing nothing, for any other task."""
+        with self.transaction(write=True) as session:
+            task = self._locked(session, task_id)
+            due = self._answer_due(task)
+            if due is None or due > self.clock():
+                return None
+            change = expire(task_state(task), reason, code=UNANSWERED_CODE)
+            return self._commit_change(session, task, change, UpdateSource.timeout)
+
     def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
         """Keep the raw body of a callback that could not be parsed, for audit."""
         with self.transaction(write=True) as session:
@@ -1163,7 +1180,7 @@ class Store:
                     error = UpstreamProtocolError(exc.message, provider=task.provider)
             if error is not None:
                 task.poll_errors += 1
-                if TaskStatus(task.status).terminal:
+                if TaskStatus(task.status).terminal and not self._followed_after_expiry(task, now):
                     # Final already (a refresh, or a callback that won the race): nothing is
                     # left to look at, so no next look, whatever the provider answered.
                     self.plan(task, now)
@@ -1209,7 +1226,7 @@ class Store:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             now = self.clock()
-            if TaskStatus(task.status).terminal:
+            if TaskStatus(task.status).terminal and not self._followed_after_expiry(task, now):
                 self.plan(task, now)  # final: no more looks
             else:
                 later = now + timedelta(seconds=seconds)
@@ -1282,6 +1299,34 @@ class Store:
             poll_count=task.poll_count,
             poll_errors=task.poll_errors,
             has_provider_task_id=task.provider_task_id is not None,
+            answer_due_at=self._answer_due(task),
+        )
+
+    def _answer_due(self, task: Task | TaskRow) -> datetime | None:
+        """When the answer to ``task``'s last submission attempt is lost, if nothing but that
+        answer could settle it: see :attr:`PollPolicy.answer_within`."""
+        if (
+            task.submit_answer_due_at is None  # a provider that calls back, or an older release
+            or task.status != TaskStatus.queued.value
+            or task.submit_attempts == 0  # an attempt taken back (unmark): sent again
+            or task.provider_task_id is not None  # an answer came: the task waits at its provider
+            or task.submit_retry_at is not None  # an answer came (a refusal): a retry is planned
+        ):
+            return None
+        return task.submit_answer_due_at
+
+    def _followed_after_expiry(self, task: Task | TaskRow, now: datetime) -> bool:
+        """Whether ``task`` expired because its submission's answer seemed lost
+        (:meth:`expire_unanswered`) and then the answer came after all, naming the provider's
+        task: it is followed like any task until its deadline, so that the provider's final
+        word still lands on it (an expired task takes it)."""
+        return (
+            task.status == TaskStatus.expired.value
+            and task.provider_task_id is not None
+            and task.deadline_at is not None
+            and now < task.deadline_at
+            and (task.error or {}).get("code") == UNANSWERED_CODE
+            and self.policy(task.provider).queryable
         )
 
     def mark_submit_attempt(self, task_id: str, attempt: int) -> bool:
@@ -1290,18 +1335,29 @@ class Store:
         A compare-and-set: it succeeds only if ``attempt - 1`` attempts were recorded, so when
         several processes try to send the same task (e.g. every replica resuming unsent tasks
         at once, or the process that planned a retry and another one's sweep), exactly one
-        sends it. A retry that was planned is no longer: this is it."""
-        statement = (
-            sa.update(Task)
-            .where(
-                col(Task.id) == task_id,
-                col(Task.submit_attempts) == attempt - 1,
-                col(Task.status) == TaskStatus.queued.value,
-            )
-            .values(submit_attempts=attempt, submit_retry_at=None)
-        )
+        sends it. A retry that was planned is no longer: this is it.
+
+        For a provider that cannot call back, it also records when the answer is lost if none
+        has been recorded by then (:attr:`PollPolicy.answer_within` from now: this process's
+        timeouts), and plans the scheduler's next look for that time instead of the
+        deadline."""
         with self.transaction(write=True) as session:
-            return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+            task = session.exec(select(Task).where(Task.id == task_id).with_for_update()).first()
+            if (
+                task is None
+                or task.status != TaskStatus.queued.value
+                or task.submit_attempts != attempt - 1
+            ):
+                return False
+            now = self.clock()
+            within = self.policy(task.provider).answer_within
+            task.submit_attempts = attempt
+            task.submit_retry_at = None
+            task.submit_answer_due_at = None if within is None else now + timedelta(seconds=within)
+            if within is not None:
+                self.plan(task, now)
+            session.add(task)
+            return True
 
     def unmark_submit_attempt(self, task_id: str, attempt: int) -> bool:
         """Take back :meth:`mark_submit_attempt` for an attempt that was never sent (a shutdown
@@ -1318,6 +1374,7 @@ class Store:
             .values(
                 submit_attempts=attempt - 1,
                 submit_retry_at=None if attempt == 1 else self.clock(),
+                submit_answer_due_at=None,
             )
         )
         with self.transaction(write=True) as session:
@@ -1335,7 +1392,9 @@ class Store:
                 col(Task.submit_attempts) == attempts,
                 col(Task.status) == TaskStatus.queued.value,
             )
-            .values(submit_retry_at=at)
+            # The attempt was answered (a refusal): no answer is lost. Cleared here, not by the
+            # next attempt: a release before 0010 making it would leave this one's due time.
+            .values(submit_retry_at=at, submit_answer_due_at=None)
         )
         with self.transaction(write=True) as session:
             return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]

@@ -247,7 +247,7 @@ def test_migrate_to_an_older_revision_downgrades(tmp_path: Path) -> None:
     }
     path = tmp_path / "taskrelay.db"
     head = head_revision(f"sqlite:///{path}")
-    assert head == "0009"  # the revisions named below exist in this release
+    assert head == "0010"  # the revisions named below exist in this release
     done = run_cli("migrate", env=env)
     assert done.returncode == 0, done.stderr
     assert f"upgraded from nothing (an empty database) to {head}" in done.stdout
@@ -276,36 +276,36 @@ def test_a_schema_newer_than_this_release_is_named_not_a_traceback(tmp_path: Pat
     }
     url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
     migrate(url)
-    set_schema(url, "0010")
+    set_schema(url, "0011")
     expected = (
-        "taskrelay: the database schema is at 0010, a revision this TaskRelay does not know: a "
-        "newer version migrated it (this one needs 0009). Fix: run the newer TaskRelay, or "
-        "downgrade the schema with it (`taskrelay migrate --revision 0009`, run by the newer "
+        "taskrelay: the database schema is at 0011, a revision this TaskRelay does not know: a "
+        "newer version migrated it (this one needs 0010). Fix: run the newer TaskRelay, or "
+        "downgrade the schema with it (`taskrelay migrate --revision 0010`, run by the newer "
         "version)."
     )
     assert one_line_refusal(run_cli("migrate", env=env)) == expected
     assert one_line_refusal(run_cli("migrate", "--revision", "0008", env=env)) == expected
     assert one_line_refusal(run_cli("serve", env=env)) == expected  # SQLite: serve migrates
-    assert schema_of(tmp_path / "taskrelay.db") == "0010"
+    assert schema_of(tmp_path / "taskrelay.db") == "0011"
 
 
 def test_postgresql_migrate_down_and_a_newer_schema(tmp_path: Path) -> None:
     with fresh_postgres(tmp_path, TASKRELAY_LOG_LEVEL="ERROR") as (url, env):
         assert run_cli("migrate", env=env).returncode == 0
         down = run_cli("migrate", "--revision", "0008", env=env)
-        assert down.returncode == 0 and "downgraded from 0009 to 0008 (postgresql)" in down.stdout
+        assert down.returncode == 0 and "downgraded from 0010 to 0008 (postgresql)" in down.stdout
         engine = make_engine(url)
         assert current_revision(engine) == "0008"
         engine.dispose()
-        assert "schema is at 0008, this version needs 0009" in one_line_refusal(
+        assert "schema is at 0008, this version needs 0010" in one_line_refusal(
             run_cli("serve", env=env)
         )
         assert run_cli("migrate", env=env).returncode == 0
-        set_schema(url, "0010")
+        set_schema(url, "0011")
         for args in (["serve"], ["serve", "--migrate"], ["migrate"]):
             line = one_line_refusal(run_cli(*args, env=env))
-            assert "at 0010, a revision this TaskRelay does not know" in line, args
-            assert "`taskrelay migrate --revision 0009`, run by the newer version" in line
+            assert "at 0011, a revision this TaskRelay does not know" in line, args
+            assert "`taskrelay migrate --revision 0010`, run by the newer version" in line
 
 
 def test_an_unreachable_postgresql_is_one_line_without_the_password(tmp_path: Path) -> None:

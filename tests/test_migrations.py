@@ -112,7 +112,7 @@ def test_upgrade_downgrade_upgrade(empty_database: str) -> None:
     assert table_names(url) == set(SQLModel.metadata.tables)
 
 
-REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009"]
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"]
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
 

@@ -78,6 +78,16 @@ def test_without_a_provider_task_id_or_status_endpoint_wait_for_the_deadline() -
     assert next_check(timing(), T0, unqueryable) == T0 + s(3600)
 
 
+def test_a_lost_submission_answer_is_looked_at_when_it_is_due_never_past_the_deadline() -> None:
+    """A submission sent with no answer recorded, to a provider that cannot call back: the
+    look comes when the answer is lost (Store._answer_due), or at the deadline if sooner."""
+    lost = timing(has_provider_task_id=False, status=TaskStatus.queued, answer_due_at=T0 + s(400))
+    assert next_check(lost, T0, POLICY) == T0 + s(400)
+    assert next_check(replace(lost, answer_due_at=T0 + s(4000)), T0, POLICY) == T0 + s(3600)
+    # Overdue: now-ish is the scheduler's to decide; the plan keeps the due time.
+    assert next_check(lost, T0 + s(500), POLICY) == T0 + s(400)
+
+
 def test_backoff_after_the_expected_finish_doubles_up_to_the_cap() -> None:
     policy = replace(POLICY, first_step=5, max_interval=40)
     now = T0 + s(61)

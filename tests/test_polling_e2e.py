@@ -8,13 +8,16 @@ import itertools
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import Session, select
 
-from service.db import migrate
+from service.db import make_engine, migrate
+from service.models import Task
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import SandboxProcess, ServiceProcess
 
@@ -94,6 +97,60 @@ def test_a_restart_in_the_middle_loses_nothing(tmp_path: Path, sandbox: SandboxP
     assert [task["status"] for task in tasks] == ["succeeded"] * 6, tasks
     assert all(task["last_update_source"] == "poll" for task in tasks)
     assert all(task["submit_attempts"] == 1 for task in tasks)  # nothing sent twice
+
+
+def test_an_openai_submission_killed_mid_answer_expires_once_its_answer_is_lost(
+    tmp_path: Path, sandbox: SandboxProcess
+) -> None:
+    """TaskRelay is SIGKILLed while OpenAI makes the image (the answer to the request is the
+    image; OpenAI never calls back). What the killed process wrote before sending: the
+    attempt, when its answer is lost if not recorded by then (640 s on: OpenAI's timeouts
+    and a margin), and the scheduler's next look at that time, not at the one-hour
+    deadline. The test moves both times back in the SQLite file, as if those 640 s had
+    passed, and starts TaskRelay again: the task expires at once, saying why, and is not
+    sent again."""
+    first = relay(tmp_path, "first", sandbox)
+    try:
+        response = httpx.post(
+            f"{first.url}/v1/tasks",
+            json={"provider": "openai", "prompt": "slow sandbox:duration=120"},
+            headers=HEADERS,
+        )
+        assert response.status_code == 202, response.text
+        task_id = response.json()["id"]
+        created = datetime.fromisoformat(response.json()["created_at"].replace("Z", "+00:00"))
+        deadline = time.monotonic() + 30
+        while not sandbox.tasks() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sandbox.tasks()) == 1  # OpenAI is making it: TaskRelay waits for the answer
+    finally:
+        first.stop(signal.SIGKILL)
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'taskrelay.db'}")
+    try:
+        with Session(engine) as session:
+            row = session.exec(select(Task).where(Task.id == task_id)).one()
+            assert row.status == "queued" and row.submit_attempts == 1
+            due = row.submit_answer_due_at
+            assert due is not None and row.next_check_at == due
+            assert timedelta(seconds=640) <= due - created <= timedelta(seconds=660)
+            assert row.deadline_at == created + timedelta(hours=1)
+            row.submit_answer_due_at = row.next_check_at = due - timedelta(seconds=641)
+            session.add(row)
+            session.commit()
+    finally:
+        engine.dispose()
+    second = relay(tmp_path, "second", sandbox)
+    try:
+        (task,) = wait_all(second.url, [task_id])
+    finally:
+        second.stop()
+    assert task["status"] == "expired", task
+    assert task["error"]["code"] == "submission_unanswered"
+    assert (
+        "sent the task to openai but had recorded no answer when every timeout"
+        in (task["error"]["message"])
+    )
+    assert task["submit_attempts"] == 1 and len(sandbox.tasks()) == 1  # not sent again
 
 
 def test_two_processes_on_postgresql_never_query_one_task_at_once(

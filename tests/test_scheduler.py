@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 from starlette.applications import Starlette
 
 from service.app import create_app
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, UpstreamUnavailable
 from service.metrics import Metrics
 from service.models import Task
 from service.runtime import Runtime
@@ -400,6 +400,157 @@ async def test_a_task_sent_without_a_recorded_answer_says_so_when_it_expires(
     assert "submit a new task" not in message  # it may yet succeed: a second would cost twice
     came = "no callback came" if provider == "evolink" else "it cannot be asked"
     assert came in message
+
+
+# PollPolicy.answer_within: the submission's timeouts added up, and the 300 s margin.
+ANSWER_WITHIN = {"openai": 640.0, "grsai": 370.0}  # GrsAI polled: the shared client's timeouts
+
+
+@pytest.mark.parametrize("provider", ["openai", "grsai", "evolink"])
+async def test_an_answer_lost_with_its_process_expires_the_task_long_before_its_deadline(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, provider: str
+) -> None:
+    """Killed while it waited for the answer (OpenAI's is the image; GrsAI's, polled, the id
+    to poll with): neither calls back, and neither can be asked about a task without its id.
+    Once a live process would have recorded the answer (the request's timeouts and a margin
+    after it was sent), nothing else can settle the task: it expires then, not an hour
+    later, and says why. EvoLink calls back: its task waits for the callback until the
+    deadline."""
+    monkeypatch.setattr(harness.runtime.submitter, "submit", lambda *args, **kwargs: None)
+    task_id = await harness.submit(provider, "killed while it waited")
+    store = harness.runtime.store
+    assert store.mark_submit_attempt(task_id, 1)  # the attempt, then the kill
+    within = ANSWER_WITHIN.get(provider)
+    assert store.policy(provider).answer_within == within
+
+    async def after(seconds: float) -> dict[str, Any]:
+        harness.clock.advance(seconds)
+        await harness.scheduler.run_until_idle()
+        return await harness.task(task_id)
+
+    # (EvoLink's deadline here is 10 minutes.)
+    assert (await after((within or 300) - 1))["status"] == "queued"
+    task = await after(2)
+    if within is None:
+        assert task["status"] == "queued"  # its callback may still come
+        assert (await past_the_deadline(harness, task_id))["status"] == "expired"
+        return
+    assert task["status"] == "expired"
+    assert task["error"]["code"] == "submission_unanswered"
+    message = task["error"]["message"]
+    assert f"TaskRelay sent the task to {provider} but had recorded no answer when" in message
+    assert "cannot be asked about a task without its id" in message
+    assert "It is not sent again" in message
+    assert harness.runtime.metrics.counter("tasks_expired_total", provider=provider) == 1
+    events = (await harness.client.get(f"/v1/tasks/{task_id}/events", headers=auth())).json()
+    assert [event["type"] for event in events["data"]][-1] == "task.expired"
+    assert harness.queries() == 0  # nothing was asked: there was nothing to ask
+
+
+async def expired_then_named(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, duration: float
+) -> tuple[str, str]:
+    """A GrsAI task (polled, ``duration`` s at GrsAI) whose submission's answer, the id to
+    poll with, is recorded only after the task expired for want of it: the process alive
+    after all, its record held up past the margin (a database it could not write to). Its
+    id and GrsAI's."""
+    submitter = harness.runtime.submitter
+    release = asyncio.Event()
+    record = submitter._record_reply
+
+    async def held_up(task_id: str, update: Any) -> None:
+        await release.wait()
+        await record(task_id, update)
+
+    monkeypatch.setattr(submitter, "_record_reply", held_up)
+    response = await harness.client.post(
+        "/v1/tasks",
+        json={"provider": "grsai", "prompt": f"late sandbox:duration={duration:g}"},
+        headers=auth(),
+    )
+    task_id = response.json()["id"]
+
+    async def sent() -> bool:
+        return len(harness.sandbox.tasks) == 1
+
+    assert await eventually(sent)
+    harness.clock.advance(ANSWER_WITHIN["grsai"] + 1)
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["error"]["code"] == "submission_unanswered"
+    release.set()
+    await submitter.idle()
+    task = await harness.task(task_id)
+    (provider_task_id,) = harness.sandbox.tasks
+    assert task["status"] == "expired" and task["provider_task_id"] == provider_task_id
+    return task_id, provider_task_id
+
+
+async def event_types(harness: Harness, task_id: str) -> list[str]:
+    response = await harness.client.get(f"/v1/tasks/{task_id}/events", headers=auth())
+    return [event["type"] for event in response.json()["data"]]
+
+
+async def test_an_answer_recorded_after_all_is_followed_until_the_provider_settles_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The late id lands on the expired task, which is then polled like any task until its
+    deadline: GrsAI's final word settles it, and after that nothing is asked."""
+    task_id, _ = await expired_then_named(harness, monkeypatch, duration=900)
+    harness.clock.advance(900)  # the image is done at GrsAI
+    for _ in range(5):
+        await harness.scheduler.run_until_idle()
+        harness.clock.advance(30)
+    task = await harness.task(task_id)
+    assert task["status"] == "succeeded" and task["images"], task
+    assert task["last_update_source"] == "poll"
+    assert (await event_types(harness, task_id))[-2:] == ["task.expired", "task.succeeded"]
+    harness.clock.advance(3600)
+    queries = harness.queries()
+    await harness.scheduler.run_until_idle()
+    assert harness.queries() == queries
+
+
+async def test_a_followed_task_unsettled_at_its_deadline_stays_expired_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Followed, but GrsAI is still at it when the deadline comes: one last look, and the
+    task stays expired, with one expiry event, counted once, and no look after that."""
+    task_id, _ = await expired_then_named(harness, monkeypatch, duration=7200)
+    harness.clock.advance(600)
+    await harness.scheduler.run_until_idle()
+    assert harness.queries("grsai") == 1  # followed: GrsAI says it is still running
+    await past_the_deadline(harness, task_id)
+    task = await harness.task(task_id)
+    assert task["status"] == "expired" and task["error"]["code"] == "submission_unanswered"
+    assert harness.queries("grsai") >= 2  # and the last look, at the deadline
+    assert (await event_types(harness, task_id)).count("task.expired") == 1
+    assert harness.runtime.metrics.counter("tasks_expired_total", provider="grsai") == 1
+    queries = harness.queries()
+    harness.clock.advance(3600)
+    await harness.scheduler.run_until_idle()
+    assert harness.queries() == queries
+
+
+async def test_a_followed_task_keeps_its_pauses_and_error_backoff(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expired but followed, it is not "final, no more looks": a provider's pause (defer)
+    and a failed query's Retry-After hold it back like any task, not an immediate look."""
+    task_id, _ = await expired_then_named(harness, monkeypatch, duration=7200)
+    store = harness.runtime.store
+
+    def wait() -> float:
+        with Session(harness.runtime.engine) as session:
+            row = session.exec(select(Task).where(Task.id == task_id)).one()
+            assert row.next_check_at is not None
+            return (row.next_check_at - harness.clock.now()).total_seconds()
+
+    store.defer(task_id, None, seconds=60)
+    assert wait() == pytest.approx(60, abs=1)
+    refused = UpstreamUnavailable("busy", provider="grsai", retry_after=600)
+    store.record_poll(task_id, None, update=None, error=refused)
+    assert wait() >= 299  # Retry-After, up to the 5-minute cap
+    assert (await harness.task(task_id))["status"] == "expired"
 
 
 async def test_a_task_whose_last_attempt_was_refused_does_not_say_it_got_no_answer(

@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import poll_policies
+from service.app import ANSWER_MARGIN, poll_policies, upstream_timeout
 from service.errors import SettingsError
 from service.netguard import AddressPolicy
 from service.providers import build_adapters
 from service.settings import MAX_DURATION, Secret, check_public_url, load_settings, parse_duration
+from service.submitter import RECORD_RETRY_WAITS
 
 
 def load(tmp_path: Path, **environ: str):  # type: ignore[no-untyped-def]
@@ -400,6 +401,28 @@ async def test_the_polling_settings_reach_every_providers_policy(tmp_path: Path)
     assert load(tmp_path).poll_error_backoff == 5.0
     with pytest.raises(SettingsError, match="TASKRELAY_POLL_ERROR_BACKOFF"):
         load(tmp_path, TASKRELAY_POLL_ERROR_BACKOFF="0s")
+
+
+@pytest.mark.parametrize(
+    ("mode", "grsai"),
+    # The shared client's timeouts (5 s pool, 5 s connect, 20 s write, 20 s read) or the
+    # stream's (5, 5, 30, 120), and the 300 s margin.
+    [("callback", None), ("poll", 350.0), ("stream", 460.0)],
+)
+async def test_only_a_provider_that_cannot_call_back_bounds_the_wait_for_an_answer(
+    tmp_path: Path, mode: str, grsai: float | None
+) -> None:
+    """PollPolicy.answer_within: OpenAI (its generation timeouts: 5 + 5 + 30 + 300 s) and
+    GrsAI unless it calls back; never a provider whose callback may still come."""
+    settings = load(tmp_path, TASKRELAY_GRSAI_MODE=mode, TASKRELAY_PROVIDER_TIMEOUT="20s")
+    async with httpx.AsyncClient(timeout=upstream_timeout(settings.provider_timeout)) as http:
+        policies = poll_policies(settings, build_adapters(settings, http))
+    assert policies["grsai"].answer_within == grsai
+    assert policies["openai"].answer_within == 640.0
+    # The margin outlasts the submitter's tries to record an answer, with a minute to spare.
+    assert sum(RECORD_RETRY_WAITS) + 60 <= ANSWER_MARGIN
+    for name in ("gptimage15", "evolink", "apiinone"):
+        assert policies[name].answer_within is None
 
 
 def test_local_only_conveniences_are_refused_on_a_service_reached_from_elsewhere(

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.applications import Starlette
 
+from service.db import head_revision
 from service.settings import MAX_WRITE_QUEUE
 from tests.conftest import make_settings, serving
 from tests.servers import free_port
@@ -166,13 +167,14 @@ async def test_readiness_names_a_schema_newer_than_this_release(
         assert (await client.get("/readyz")).status_code == 200
         engine = sa.create_engine(url)
         with engine.begin() as connection:  # a newer release migrated it meanwhile
-            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0010'")
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0999'")
         engine.dispose()
         ready = await client.get("/readyz")
     assert ready.status_code == 503
     reason = ready.json()["reason"]
-    assert "at 0010, a revision this TaskRelay does not know" in reason
-    assert "downgrade the schema with it (`taskrelay migrate --revision 0009`" in reason
+    assert "at 0999, a revision this TaskRelay does not know" in reason
+    head = head_revision(url)
+    assert f"downgrade the schema with it (`taskrelay migrate --revision {head}`" in reason
     assert "run `taskrelay migrate`" not in reason
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from service import ingest, outbox
 from service.db import ManyRows, make_engine, without_fsync
@@ -28,6 +28,7 @@ from service.models import (
     UTCDateTime,
     json_type,
 )
+from service.polling import PollPolicy
 from service.store import MAX_ROW_ID, ReceiptDraft, Store, decode_cursor, encode_cursor
 from tests.conftest import query_plan, statements_with
 
@@ -172,6 +173,100 @@ def test_a_planned_submit_retry_is_found_once_due_and_taken_by_one_attempt(store
     assert store.mark_submit_attempt(first, 2)
     assert not store.mark_submit_attempt(first, 2)
     assert store.due_submit_retries(later) == [(second, 1)]
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+ANSWER_WITHIN = 640.0  # seconds; OpenAI's timeouts add up to 340, the margin is 300
+
+
+def test_a_submission_whose_answer_is_lost_expires_when_due_and_no_other_task_does(
+    database_url: str,
+) -> None:
+    """Sent to a provider that cannot call back (answer_within set), with no answer recorded
+    ``answer_within`` after it was sent: the next look is planned for then, and then the task
+    expires (``submission_unanswered``). An answer recorded, a retry planned, an attempt taken
+    back, or a provider that calls back: nothing is due, nothing expires."""
+    engine = make_engine(database_url)
+    clock = StepClock()
+    policies = {
+        "openai": PollPolicy(60, 3600, queryable=False, answer_within=ANSWER_WITHIN),
+        "evolink": PollPolicy(60, 3600),
+    }
+    store = Store(engine, clock=clock, policies=policies)
+
+    def create(provider: str) -> str:
+        created = store.create_task(
+            owner="a",
+            provider=provider,
+            origin=TaskOrigin.submitted,
+            request={"prompt": "x"},
+            metadata={},
+        )
+        return str(created.task["id"])
+
+    def plan_of(task_id: str) -> tuple[datetime | None, datetime | None]:
+        with Session(engine) as session:
+            row = session.exec(select(Task).where(Task.id == task_id)).one()
+            return row.submit_answer_due_at, row.next_check_at
+
+    try:
+        lost, answered, refused, unmarked, called_back, old_release = (
+            create("openai"),
+            create("openai"),
+            create("openai"),
+            create("openai"),
+            create("evolink"),
+            create("openai"),
+        )
+        sent_at = clock.now
+        for task_id in (lost, answered, refused, unmarked, called_back, old_release):
+            assert store.mark_submit_attempt(task_id, 1)
+        due = sent_at + timedelta(seconds=ANSWER_WITHIN)
+        assert plan_of(lost) == (due, due)
+        assert plan_of(called_back) == (None, sent_at + timedelta(hours=1))  # the deadline
+        store.apply_update(answered, TaskUpdate(provider_task_id="p-1"), UpdateSource.submit)
+        assert store.plan_submit_retry(refused, 1, due + timedelta(seconds=30))
+        assert store.unmark_submit_attempt(unmarked, 1)
+        assert plan_of(refused)[0] is None and plan_of(unmarked)[0] is None
+        # Refused, then sent again by a replica of a release before 0010 (its bare compare-
+        # and-set): no due time of that attempt's, and the first one's went with its refusal.
+        assert store.plan_submit_retry(old_release, 1, sent_at)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.update(Task)
+                .where(Task.id == old_release)  # type: ignore[arg-type]
+                .values(submit_attempts=2, submit_retry_at=None)
+            )
+
+        clock.now = due - timedelta(seconds=1)
+        assert store.expire_unanswered(lost, "lost") is None  # not yet
+        clock.now = due
+        for task_id in (answered, refused, unmarked, called_back, old_release):
+            assert store.expire_unanswered(task_id, "lost") is None, task_id
+            assert store.find_task(task_id)["status"] == "queued"  # type: ignore[index]
+        result = store.expire_unanswered(lost, "the answer was lost")
+        assert result is not None and result.event is not None
+        assert result.event["type"] == "task.expired"
+        task = result.task
+        assert task["status"] == "expired"
+        assert task["error"] == {"code": "submission_unanswered", "message": "the answer was lost"}
+        assert plan_of(lost)[1] is None  # final: no look left
+        assert store.expire_unanswered(lost, "again") is None  # once
+
+        # The answer still comes (a process that outlived every timeout): it is taken.
+        images = ({"url": "https://files.example/1.png"},)
+        late = TaskUpdate(status=TaskStatus.succeeded, images=images)
+        store.apply_update(lost, late, UpdateSource.submit)
+        assert store.find_task(lost)["status"] == "succeeded"  # type: ignore[index]
+    finally:
+        engine.dispose()
 
 
 def test_giving_up_a_submission_fails_it_only_if_it_has_not_moved_on(store: Store) -> None:

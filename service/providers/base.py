@@ -296,6 +296,18 @@ class ProviderAdapter(abc.ABC):
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}{path}"
 
+    def submission_timeout(self) -> httpx.Timeout:
+        """The timeouts of the submit request (a streamed one's too)."""
+        return self.submit_timeout if self.submit_timeout is not None else self.http.timeout
+
+    def longest_wait_for_answer(self) -> float | None:
+        """The longest a submission can wait for the start of its answer, while the process
+        sending it lives: its request's timeouts added up (a free connection, connecting,
+        sending, the silence before the answer). None when one of them is unbounded."""
+        timeout = self.submission_timeout()
+        parts = (timeout.pool, timeout.connect, timeout.write, timeout.read)
+        return None if any(part is None for part in parts) else sum(parts)  # type: ignore[arg-type]
+
     def delivers_callbacks(self) -> bool:
         """Whether the results of a submission made with a callback URL arrive by callback.
 

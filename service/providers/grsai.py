@@ -73,6 +73,9 @@ class GrsAIAdapter(TaskEndpointAdapter):
         """Only in callback mode; a stream or a polled task reports nothing by itself."""
         return self.settings.mode == "callback"
 
+    def submission_timeout(self) -> httpx.Timeout:
+        return STREAM_TIMEOUT if self.settings.mode == "stream" else super().submission_timeout()
+
     def validate(self, request: GenerationRequest) -> None:
         base.check_prompt(self.name, request.prompt)
         base.check_choice(self.name, "size", request.size, SIZES)
