@@ -40,7 +40,7 @@ from service.store import (
     decode_cursor,
     fingerprint,
 )
-from service.web import by_method, json_response, read_json_object
+from service.web import by_method, json_response, read_json_object, reserved
 
 MAX_IDEMPOTENCY_KEY = 255
 _STATUSES = set(StatusName.__args__)  # type: ignore[attr-defined]
@@ -368,7 +368,7 @@ async def list_callbacks(request: Request) -> Response:
 
 routes = [
     by_method("/v1/tasks", GET=list_tasks, POST=create_task),
-    Route("/v1/tasks/track", track_task, methods=["POST"]),
+    reserved("/v1/tasks/track", POST=track_task),
     by_method("/v1/tasks/{task_id}", GET=get_task, PATCH=patch_task),
     Route("/v1/tasks/{task_id}/events", list_events, methods=["GET"]),
     Route("/v1/tasks/{task_id}/refresh", refresh_task, methods=["POST"]),

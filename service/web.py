@@ -15,7 +15,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from service.errors import (
     BadRequest,
@@ -234,3 +235,21 @@ def by_method(path: str, **endpoints: Endpoint) -> Route:
         endpoint.__name__ for endpoint in endpoints.values()
     )
     return Route(path, dispatch, methods=list(handlers))
+
+
+class _Reserved(Route):
+    """A route that answers every method on its path: see :func:`reserved`."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        # A method it does not take is its own 405 (Route.handle), not the next route's.
+        return (Match.FULL if match is Match.PARTIAL else match), child_scope
+
+
+def reserved(path: str, **endpoints: Endpoint) -> Route:
+    """:func:`by_method` for a literal path that a later route's pattern matches too
+    (``/v1/tasks/track`` and ``/v1/tasks/{task_id}``). Starlette would hand a method this
+    route does not take to that one (GET /v1/tasks/track: "no task 'track'", a 404); this
+    route answers it 405, naming the methods it takes."""
+    route = by_method(path, **endpoints)
+    return _Reserved(route.path, route.endpoint, methods=list(route.methods or ()))

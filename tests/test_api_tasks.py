@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from service.retry import Backoff, submit_backoff
 from service.runtime import Runtime
@@ -576,6 +579,24 @@ async def test_a_405_names_every_method_the_path_takes(
     wrong = await client.request(method, path, headers=auth())
     assert wrong.status_code == 405
     assert {m.strip() for m in wrong.headers["allow"].split(",")} == allowed
+
+
+async def test_every_path_answers_a_method_it_does_not_take_with_a_405(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    """Whatever the route order: GET /v1/tasks/track is not a lookup of a task named
+    "track" (a 404), nor PUT a callback URL something other than a 405."""
+    checked = 0
+    for route in app.routes:
+        if not isinstance(route, Route) or route.methods is None:
+            continue  # the mounted sandbox
+        path = re.sub(r"\{[^}]+\}", "x", route.path)
+        for method in {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - route.methods:
+            wrong = await client.request(method, path, headers=auth())
+            assert wrong.status_code == 405, (method, path, wrong.text)
+            assert {m.strip() for m in wrong.headers["allow"].split(",")} == route.methods
+            checked += 1
+    assert checked > 50
 
 
 async def test_unexpected_errors_are_500_json_without_a_traceback(
