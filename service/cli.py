@@ -273,7 +273,7 @@ def _describe(settings: Settings) -> str:
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     try:
-        done = migrate(settings.database_url, args.revision)
+        done = migrate(settings.database_url, args.revision, discard_data=args.discard_data)
     except (StoreUnavailable, SchemaError, DBAPIError) as exc:
         print(f"taskrelay: {_why(settings, exc)}", file=sys.stderr)
         return 2
@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="head",
         help="target revision: head (the default), a revision id such as 0008 (older than the "
         "schema's: a downgrade), base (remove every table), or -1 (one back)",
+    )
+    mig.add_argument(
+        "--discard-data",
+        action="store_true",
+        help="let a downgrade delete stored data (subscriptions, pending deliveries, tasks, "
+        "...); without it, such a downgrade is refused and names what it would delete",
     )
     mig.set_defaults(handler=cmd_migrate)
 

@@ -427,6 +427,38 @@ def _revisions(script: ScriptDirectory) -> tuple[str | None, frozenset[str]]:
     return script.get_current_head(), known
 
 
+class DataWouldBeLost(SchemaError):
+    """A downgrade would delete stored data (its migrations' ``DOWNGRADE_DISCARDS``, counted):
+    refused unless the caller said to discard it. Nothing was changed."""
+
+    code = "downgrade_discards_data"
+
+
+def count_discards(
+    connection: sa.Connection, discards: Mapping[str, str], revision: str
+) -> list[str]:
+    """What the downgrade of ``revision`` would delete, counted: its migration's
+    ``DOWNGRADE_DISCARDS`` (what -> the SQL counting it), the non-zero counts only."""
+    lost = []
+    for what, count_sql in discards.items():
+        count = connection.execute(sa.text(count_sql)).scalar_one()
+        if count:
+            lost.append(f"{what}: {count} (revision {revision})")
+    return lost
+
+
+def would_lose(
+    moved_from: str | None, moved_to: str | None, lost: Sequence[str]
+) -> DataWouldBeLost:
+    """The refusal of a downgrade that would delete ``lost``."""
+    return DataWouldBeLost(
+        f"downgrading the schema from {moved_from} to {moved_to or 'base'} would delete "
+        f"{'; '.join(lost)}. Back the database up first; to go ahead and delete it, run the "
+        "same command with --discard-data.",
+        details={"discards": list(lost)},
+    )
+
+
 class Migrated(NamedTuple):
     """What :func:`migrate` did: the revision it found and the one it left (None: no schema)."""
 
@@ -435,7 +467,7 @@ class Migrated(NamedTuple):
     downgraded: bool
 
 
-def migrate(database_url: str, revision: str = "head") -> Migrated:
+def migrate(database_url: str, revision: str = "head", *, discard_data: bool = False) -> Migrated:
     """Bring the schema to ``revision``: up (creating the SQLite file and folder if needed), or
     down when ``revision`` is older than the schema (``base``, an earlier revision id, or a
     relative ``-N``), as ``alembic upgrade`` and ``alembic downgrade`` would.
@@ -444,6 +476,8 @@ def migrate(database_url: str, revision: str = "head") -> Migrated:
     the run, on PostgreSQL with the migration lock held (migrations/env.py), so a run that
     waited for another decides on what that one left. A schema at a revision this release
     does not know raises :class:`SchemaTooNew`; an unknown ``revision``, :class:`SchemaError`.
+    A downgrade that would delete stored data (subscriptions, pending deliveries, tasks, ...)
+    raises :class:`DataWouldBeLost`, naming it, unless ``discard_data``.
 
     A SQLite file or folder that cannot be written stops this first, with a
     :class:`StoreReadOnly` (or :class:`StoreFull`) naming it and the cause: a store already at
@@ -482,6 +516,22 @@ def migrate(database_url: str, revision: str = "head") -> Migrated:
             found_at = current or "nothing (an empty database)"
             raise SchemaError(f"cannot migrate to {revision!r} from {found_at}: {exc}.") from exc
         after = (found[-1].to_revisions or (None,))[0] if found else current
+        if down and found and not discard_data:
+            # Every step counted before the first runs, so that a refusal changes nothing. Not
+            # again inside the step that deletes: some steps commit as they go (CREATE INDEX
+            # CONCURRENTLY), and a refusal after them would leave the schema between two
+            # revisions. What is written after this count is deleted with the rest.
+            lost = [
+                line
+                for step in found
+                for line in count_discards(
+                    context.connection,
+                    getattr(step.revision.module, "DOWNGRADE_DISCARDS", {}),
+                    step.revision.revision,
+                )
+            ]
+            if lost:
+                raise would_lose(current, after, lost)
         done.append(Migrated(current, after, down and bool(found)))
         return list(found)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -266,6 +267,33 @@ def test_migrate_to_an_older_revision_downgrades(tmp_path: Path) -> None:
         f"taskrelay: there is no schema revision '0042' in this TaskRelay (its newest is {head})."
     )
     assert schema_of(path) == head
+
+
+def test_a_downgrade_that_would_delete_data_needs_discard_data(tmp_path: Path) -> None:
+    """Subscriptions are stored: going below 0003 is refused in one line naming them, and
+    changes nothing; with --discard-data it goes ahead."""
+    env = {"PATH": "/usr/bin:/bin", "TASKRELAY_DATA_DIR": str(tmp_path)}
+    path = tmp_path / "taskrelay.db"
+    assert run_cli("migrate", env=env).returncode == 0
+    head = schema_of(path)
+    with sqlite3.connect(path) as raw:
+        raw.execute(
+            "INSERT INTO subscription (id, owner, kind, url, enabled, created_at, updated_at) "
+            "VALUES ('sub_1', 'alice', 'endpoint', 'https://hooks.example/h', 1, "
+            "'2026-11-22 00:00:00', '2026-11-22 00:00:00')"
+        )
+    refused = run_cli("migrate", "--revision", "0002", env=env)
+    assert refused.returncode == 2
+    assert one_line_refusal(refused) == (
+        f"taskrelay: downgrading the schema from {head} to 0002 would delete subscriptions: 1 "
+        "(revision 0003). Back the database up first; to go ahead and delete it, run the same "
+        "command with --discard-data."
+    )
+    assert schema_of(path) == head
+    done = run_cli("migrate", "--revision", "0002", "--discard-data", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"database downgraded from {head} to 0002" in done.stdout
+    assert schema_of(path) == "0002"
 
 
 def test_a_schema_newer_than_this_release_is_named_not_a_traceback(tmp_path: Path) -> None:

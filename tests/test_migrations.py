@@ -21,6 +21,7 @@ from sqlmodel import SQLModel
 
 import service.models  # noqa: F401
 from service.db import (
+    DataWouldBeLost,
     Migrated,
     alembic_config,
     current_revision,
@@ -193,7 +194,7 @@ def test_every_migration_keeps_the_rows_up_and_down(empty_database: str) -> None
 
     def step(revision: str) -> None:
         before = row_counts(url)
-        migrate(url, revision)
+        migrate(url, revision, discard_data=True)
         after = row_counts(url)
         kept = {table: after[table] for table in before if table in after}
         assert kept == {table: before[table] for table in kept}, (revision, before, after)
@@ -486,6 +487,111 @@ def test_migrate_goes_down_to_an_older_revision_and_says_so(empty_database: str)
     assert migrate(url, "0008") == Migrated("0008", "0008", downgraded=False)
     assert migrate(url) == Migrated("0008", head, downgraded=False)
     assert schema_diff(url) == []
+
+
+def test_a_downgrade_that_would_delete_stored_data_is_refused_and_names_it(
+    empty_database: str,
+) -> None:
+    """Below 0005 the planned submission retries go, below 0003 the subscriptions, the
+    deliveries not yet made and the notify secrets, to base every task: refused, with what
+    would go counted, unless discard_data. A downgrade that deletes nothing stored, or only
+    what is not stored (no rows), goes ahead."""
+    url = empty_database
+    head = head_revision(url)
+    migrate(url)
+    common = {"origin": "submitted", "request": "{}", "images": "[]", "metadata": "{}"}
+    for pk, status, retry_at in ((1, "queued", AT), (2, "succeeded", None)):
+        insert(
+            url,
+            "task",
+            pk=pk,
+            id=f"tsk_{pk}",
+            owner="alice",
+            provider="evolink",
+            status=status,
+            progress=0,
+            last_update_source="api",
+            submit_attempts=1,
+            submit_retry_at=retry_at,
+            created_at=AT,
+            updated_at=AT,
+            poll_count=0,
+            poll_errors=0,
+            **common,
+        )
+    insert(
+        url,
+        "task_event",
+        seq=1,
+        id="evt_1",
+        task_pk=2,
+        type="task.succeeded",
+        status="succeeded",
+        progress=100,
+        source="callback",
+        created_at=AT,
+        data="{}",
+    )
+    insert(
+        url,
+        "subscription",
+        pk=1,
+        id="sub_1",
+        owner="alice",
+        kind="endpoint",
+        url="https://hooks.example/h",
+        enabled=True,
+        created_at=AT,
+        updated_at=AT,
+    )
+    for pk, status in ((1, "pending"), (2, "succeeded"), (3, "pending")):
+        insert(
+            url,
+            "delivery",
+            pk=pk,
+            id=f"dlv_{pk}",
+            subscription_pk=1,
+            event_seq=1,
+            task_pk=2,
+            event_type="task.succeeded",
+            status=status,
+            attempts=0,
+            next_attempt_at=AT,
+            created_at=AT,
+            updated_at=AT,
+        )
+    insert(url, "client_secret", owner="alice", secret="whsec_x", created_at=AT)
+    counts = row_counts(url)
+
+    with pytest.raises(DataWouldBeLost) as refused:
+        migrate(url, "0002")
+    assert refused.value.message == (
+        f"downgrading the schema from {head} to 0002 would delete submission retries "
+        "planned (those tasks would not be sent again): 1 (revision 0005); subscriptions: 1 "
+        "(revision 0003); webhook deliveries not yet made (they would never be sent): 2 "
+        "(revision 0003); notify secrets (their clients' webhooks could no longer be "
+        "verified): 1 (revision 0003). Back the database up first; to go ahead and delete "
+        "it, run the same command with --discard-data."
+    )
+    assert refused.value.code == "downgrade_discards_data"
+    assert current_revision_of(url) == head and row_counts(url) == counts  # nothing changed
+
+    assert migrate(url, "0005") == Migrated(head, "0005", downgraded=True)  # nothing deleted
+    with pytest.raises(DataWouldBeLost, match=r"retries planned .*: 1 \(revision 0005\)"):
+        migrate(url, "-1")
+    assert migrate(url, "0003", discard_data=True) == Migrated("0005", "0003", downgraded=True)
+    assert migrate(url, "0002", discard_data=True) == Migrated("0003", "0002", downgraded=True)
+    with pytest.raises(DataWouldBeLost, match=r"with their events and callback receipts: 2 "):
+        migrate(url, "base")
+    assert row_counts(url)["task"] == 2
+
+
+def current_revision_of(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def test_a_downgrade_that_waited_decides_on_what_the_other_run_left(empty_postgres: str) -> None:

@@ -25,6 +25,19 @@ def _big_pk() -> sa.types.TypeEngine:  # type: ignore[type-arg]
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+# What the downgrade deletes (service.db.migrate refuses it while any is stored, unless told to
+# discard it): what, and the SQL that counts it.
+DOWNGRADE_DISCARDS = {
+    "subscriptions": "SELECT count(*) FROM subscription",
+    "webhook deliveries not yet made (they would never be sent)": (
+        "SELECT count(*) FROM delivery WHERE status = 'pending'"
+    ),
+    "notify secrets (their clients' webhooks could no longer be verified)": (
+        "SELECT count(*) FROM client_secret"
+    ),
+}
+
+
 def upgrade() -> None:
     op.create_table(
         "subscription",

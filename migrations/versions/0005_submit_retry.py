@@ -18,6 +18,15 @@ depends_on = None
 _PLANNED = "submit_retry_at IS NOT NULL"
 
 
+# What the downgrade deletes (service.db.migrate refuses it while any is stored, unless told to
+# discard it): what, and the SQL that counts it.
+DOWNGRADE_DISCARDS = {
+    "submission retries planned (those tasks would not be sent again)": (
+        "SELECT count(*) FROM task WHERE submit_retry_at IS NOT NULL AND status = 'queued'"
+    ),
+}
+
+
 def upgrade() -> None:
     op.add_column("task", sa.Column("submit_retry_at", sa.DateTime(), nullable=True))
     # Only the rows with a retry planned: the sweep's range, without touching the others.
