@@ -177,6 +177,27 @@ def test_submission_failures_retry_only_when_the_provider_is_at_fault(
     assert done["submit_attempts"] == attempts
 
 
+@pytest.mark.parametrize("provider", ["gptimage15", "evolink"])
+def test_a_gateway_timeout_on_submit_is_not_resent_and_the_callback_settles_it(
+    relay: httpx.Client, provider: str
+) -> None:
+    """The provider made the task, but the gateway in front of it answered the submission
+    504 (it gave up waiting). Sent again, the image would be made and billed twice: the task
+    waits for the provider's callback instead, which settles it."""
+    prompt = f"gateway {provider}{FAST} sandbox:submit_error=gateway_timeout"
+    task = submit(relay, provider, prompt + " sandbox:timeout_seconds=0.2")
+    done = wait_final(relay, task["id"])
+    assert done["status"] == "succeeded", done
+    assert done["submit_attempts"] == 1
+    assert done["last_update_source"] == "callback"
+    made = [
+        t
+        for t in sandbox_tasks(relay)
+        if str(t["request"].get("prompt", "")).startswith(f"gateway {provider} ")
+    ]
+    assert len(made) == 1
+
+
 def sandbox_tasks(relay: httpx.Client) -> list[dict[str, Any]]:
     """What the sandbox saw (its control API)."""
     response = httpx.get(

@@ -1219,13 +1219,19 @@ def test_non_json_error_reply_still_maps_by_status() -> None:
         make_adapter("evolink").parse_status(502, None)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504, 524])
 @pytest.mark.parametrize("source", ["HTTP", "code"])
-def test_an_error_status_is_never_ambiguous(status: int, source: Literal["HTTP", "code"]) -> None:
-    """The provider answered and refused: sending the request again cannot start a second task."""
+def test_an_error_status_is_ambiguous_only_for_a_gateways_timeout(
+    status: int, source: Literal["HTTP", "code"]
+) -> None:
+    """The provider answered and refused: sending the request again cannot start a second
+    task. Except an HTTP 504 or 524: a gateway gave up waiting for the provider behind it,
+    which has the request and may act on it (as after a read timeout of TaskRelay's own). A
+    body code of 504 (GrsAI's codes) is the provider's own answer."""
     error = parsing.error_for_status("evolink", status, "no", source=source)
+    assert type(error) is not UpstreamProtocolError
     assert error.upstream_status == status
-    assert not error.ambiguous
+    assert error.ambiguous == (source == "HTTP" and status in (504, 524))
 
 
 def test_a_status_outside_4xx_5xx_is_an_ambiguous_protocol_error() -> None:

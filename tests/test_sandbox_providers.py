@@ -700,6 +700,25 @@ async def test_submit_timeout(client: httpx.AsyncClient, clock: ManualClock) -> 
     assert clock.now - start == pytest.approx(30.0)  # the default timeout_seconds
 
 
+async def test_a_gateway_timeout_makes_the_task_and_answers_504(
+    client: httpx.AsyncClient, sandbox: Sandbox, clock: ManualClock
+) -> None:
+    """As a gateway in front of a slow provider: the task is made (and will call back), the
+    submission is answered 504 after timeout_seconds."""
+    start = clock.now
+    response = await client.post(
+        "/evolink/v1/images/generations",
+        json={
+            "prompt": "x sandbox:submit_error=gateway_timeout sandbox:timeout_seconds=5",
+            "callback_url": "http://127.0.0.1:9/cb",
+        },
+    )
+    assert_error_format("evolink", response, 504)
+    assert clock.now - start >= 5.0  # (the task's own run moves this clock too)
+    (task,) = sandbox.tasks.values()
+    assert task.callback_url == "http://127.0.0.1:9/cb"
+
+
 async def test_a_bad_directive_is_a_400_naming_the_knob(
     client: httpx.AsyncClient, sandbox: Sandbox
 ) -> None:

@@ -331,8 +331,9 @@ def error_for_status(
     ``moderation_blocked``) wins over the status. A body code that is no HTTP status (GrsAI's
     non-zero codes) is an UpstreamBadRequest and is kept in ``details["provider_code"]``;
     ``upstream_status`` is set only for a status that reads as HTTP. None of these is
-    ``ambiguous``: the provider answered, and said no; only an HTTP status outside 4xx/5xx
-    (an UpstreamProtocolError) leaves open whether it acted on the request.
+    ``ambiguous``: the provider answered, and said no; only a gateway's timeout (504, 524)
+    and an HTTP status outside 4xx/5xx (an UpstreamProtocolError) leave open whether it
+    acted on the request.
     """
     message = f"{provider} answered {source} {status}" + (f": {reason}" if reason else "")
     from_body = source == "code"
@@ -355,10 +356,20 @@ def error_for_status(
     if status == 429:
         return UpstreamRateLimited(message, retry_after=retry_after_seconds(headers), **kwargs)
     if status >= 500:
-        return UpstreamUnavailable(message, retry_after=retry_after_seconds(headers), **kwargs)
+        # A gateway's timeout: the provider behind it got the request and did not answer in
+        # time, so it may have acted on it, as after a read timeout of TaskRelay's own.
+        gave_up = source == "HTTP" and status in GATEWAY_TIMEOUTS
+        return UpstreamUnavailable(
+            message, retry_after=retry_after_seconds(headers), ambiguous=gave_up, **kwargs
+        )
     if status >= 400:
         return UpstreamBadRequest(message, **kwargs)
     return UpstreamProtocolError(message, **kwargs)
+
+
+# 504 Gateway Timeout; 524, Cloudflare's "A Timeout Occurred" (the origin took the
+# connection and did not answer in time).
+GATEWAY_TIMEOUTS = (504, 524)
 
 
 def reply_error(

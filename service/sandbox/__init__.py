@@ -40,10 +40,11 @@ Any request can override the provider's behaviour for itself with words in its p
 Values: seconds as a number, optionally with ``ms`` or ``s`` (``duration=150ms``); rates 0..1
 (``fail=1`` always fails, ``fail=0`` never; ``true``/``false`` also work); ``callback`` one of
 normal, drop, duplicate, out_of_order; ``status_error`` 429, 500, 503 or timeout;
-``submit_error`` none, 400, 401, 429, 500 or timeout; counts as whole numbers. A later word wins
-over an earlier one. An unknown knob or bad value makes the submit answer 400 in the provider's
-error format, naming the knob. The directives stay in the prompt the provider "sees" (it counts
-towards the length limits, and gptimage15 echoes it in ``request``).
+``submit_error`` none, 400, 401, 429, 500, timeout or gateway_timeout; counts as whole
+numbers. A later word wins over an earlier one. An unknown knob or bad value makes the submit
+answer 400 in the provider's error format, naming the knob. The directives stay in the prompt
+the provider "sees" (it counts towards the length limits, and gptimage15 echoes it in
+``request``).
 
 Injected errors: ``submit_error`` fails the submit itself (no task is created); the first
 ``status_errors`` status queries of a task, and any query with probability ``status_error_rate``,

@@ -23,7 +23,9 @@ from urllib.parse import unquote
 
 CallbackMode = Literal["normal", "drop", "duplicate", "out_of_order"]
 StatusError = Literal[429, 500, 503, "timeout"]
-SubmitError = Literal[400, 401, 429, 500, "timeout"]
+# "timeout": no task, a 504 after timeout_seconds. "gateway_timeout": the task is made (and
+# called back) all the same: a gateway in front of a slow provider gave up waiting for it.
+SubmitError = Literal[400, 401, 429, 500, "timeout", "gateway_timeout"]
 
 CALLBACK_MODES: tuple[str, ...] = get_args(CallbackMode)
 STATUS_ERRORS: tuple[int | str, ...] = get_args(StatusError)
@@ -185,8 +187,9 @@ def _rate(knob: str, value: Any) -> float:
 def _error_choice(knob: str, value: Any, choices: tuple[int | str, ...]) -> int | str | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
-    if isinstance(value, str) and value.strip().lower() == "timeout":
-        return "timeout"
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in choices:  # "timeout", "gateway_timeout"
+        return word
     code = _integer(knob, value)
     if code not in choices:
         raise BehaviourError(knob, "one of " + ", ".join(str(c) for c in choices))

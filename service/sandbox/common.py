@@ -245,9 +245,11 @@ class ProviderEmulator(abc.ABC):
             behaviour = self.behaviour_for(submission.prompt)
         except Invalid as exc:
             return self.invalid(exc)
-        if behaviour.submit_error is not None:
+        if behaviour.submit_error not in (None, "gateway_timeout"):
             return await self.injected_error(behaviour.submit_error, behaviour)
         task = self.new_task(request, behaviour, body, submission)
+        if behaviour.submit_error == "gateway_timeout":
+            return await self.injected_error("timeout", behaviour)
         return await self.submit_reply(task)
 
     async def status(self, request: Request) -> Response:
