@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import logging.config
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import sqlalchemy as sa
@@ -14,7 +14,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from service.db import make_engine
+from service.db import count_discards, make_engine, would_lose
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get(
@@ -49,6 +49,32 @@ _KEEPALIVES = (
     "SET tcp_keepalives_interval = 10",
     "SET tcp_keepalives_count = 3",
 )
+
+
+def guard_downgrade(
+    revision: str, down_revision: str | None, discards: Mapping[str, str], tables: Sequence[str]
+) -> None:
+    """Called by the downgrade of a migration that deletes stored data, before it does:
+    ``discards`` (its ``DOWNGRADE_DISCARDS``) counted again, and a refusal if any is stored,
+    unless the run may discard data (``taskrelay migrate --discard-data``; a plain alembic
+    run: ``-x discard_data=true``). service.db.migrate counted before the run; this count
+    is for what was written since (another replica still serving) and for a plain alembic
+    run. On PostgreSQL ``tables`` are locked first (SHARE: writes wait until this step
+    commits), so nothing written after the count is deleted unseen."""
+    extra = context.get_x_argument(as_dictionary=True)
+    if config.attributes.get("discard_data") or extra.get("discard_data") == "true":
+        return
+    connection = context.get_bind()
+    if connection.dialect.name == "postgresql":
+        for table in tables:
+            # S608: the migration's own table names, constants.
+            connection.exec_driver_sql(f"LOCK TABLE {table} IN SHARE MODE")
+    lost = count_discards(connection, discards, revision)
+    if lost:
+        raise would_lose(revision, down_revision, lost, left_at=revision)
+
+
+config.attributes["guard_downgrade"] = guard_downgrade
 
 
 def _url() -> str:
@@ -88,6 +114,7 @@ def run_migrations_online() -> None:
 
 
 def _run(connection: sa.Connection) -> None:
+    postgresql = connection.dialect.name == "postgresql"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -96,6 +123,12 @@ def _run(connection: sa.Connection) -> None:
         # SQLite's DDL is transactional (Alembic assumes not): the whole run is one
         # transaction, so a run that fails, or is killed, leaves the schema as it was.
         transactional_ddl=True,
+        # PostgreSQL: a transaction per step. Steps that build or drop an index
+        # CONCURRENTLY commit what came before them; in one transaction for the run, a
+        # later step's failure then rolled back the revision of a step whose indexes stayed,
+        # and the next run did that step again, or skipped its undoing. Per step, a failed
+        # run leaves the schema at the revision of the last step done, as that step left it.
+        transaction_per_migration=postgresql,
     )
     with (
         _one_run_at_a_time(connection),

@@ -448,14 +448,20 @@ def count_discards(
 
 
 def would_lose(
-    moved_from: str | None, moved_to: str | None, lost: Sequence[str]
+    moved_from: str | None,
+    moved_to: str | None,
+    lost: Sequence[str],
+    *,
+    left_at: str | None = None,
 ) -> DataWouldBeLost:
-    """The refusal of a downgrade that would delete ``lost``."""
+    """The refusal of a downgrade that would delete ``lost``; ``left_at``: the revision the
+    steps already done left the schema at (nothing was changed without it)."""
+    left = f" The schema is left at {left_at}." if left_at else ""
     return DataWouldBeLost(
         f"downgrading the schema from {moved_from} to {moved_to or 'base'} would delete "
-        f"{'; '.join(lost)}. Back the database up first; to go ahead and delete it, run the "
-        "same command with --discard-data.",
-        details={"discards": list(lost)},
+        f"{'; '.join(lost)}.{left} Back the database up first; to go ahead and delete it, "
+        "run the same command with --discard-data.",
+        details={"discards": list(lost), "left_at": left_at},
     )
 
 
@@ -517,10 +523,9 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
             raise SchemaError(f"cannot migrate to {revision!r} from {found_at}: {exc}.") from exc
         after = (found[-1].to_revisions or (None,))[0] if found else current
         if down and found and not discard_data:
-            # Every step counted before the first runs, so that a refusal changes nothing. Not
-            # again inside the step that deletes: some steps commit as they go (CREATE INDEX
-            # CONCURRENTLY), and a refusal after them would leave the schema between two
-            # revisions. What is written after this count is deleted with the rest.
+            # Every step counted before the first runs, so that a refusal changes nothing;
+            # the step that deletes counts again, with the tables locked (migrations/env.py,
+            # guard_downgrade), for what is written meanwhile.
             lost = [
                 line
                 for step in found
@@ -535,6 +540,7 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
         done.append(Migrated(current, after, down and bool(found)))
         return list(found)
 
+    config.attributes["discard_data"] = discard_data
     with EnvironmentContext(config, script, fn=steps, destination_rev=revision):
         script.run_env()
     return done[0]

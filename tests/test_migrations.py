@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -584,6 +585,93 @@ def test_a_downgrade_that_would_delete_stored_data_is_refused_and_names_it(
     with pytest.raises(DataWouldBeLost, match=r"with their events and callback receipts: 2 "):
         migrate(url, "base")
     assert row_counts(url)["task"] == 2
+
+
+def test_a_plain_alembic_downgrade_is_guarded_too(empty_database: str) -> None:
+    """`alembic downgrade` (service.db.downgrade) has no count before the run: the step that
+    would delete counts, and refuses."""
+    url = empty_database
+    migrate(url)
+    insert(url, "client_secret", owner="alice", secret="whsec_x", created_at=AT)
+    with pytest.raises(DataWouldBeLost, match=r"^downgrading the schema from 0003 to 0002 "):
+        downgrade(url, "0002")
+    assert row_counts(url)["client_secret"] == 1
+    migrate(url)  # back up from wherever it stopped
+    assert schema_diff(url) == []
+
+
+def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
+    empty_postgres: str,
+) -> None:
+    """The count before the run finds nothing; a subscription is being written meanwhile
+    (its transaction open). The step that would drop the table locks it first, so it waits
+    for that write, counts it, and refuses: the subscription is kept. The steps done before
+    it stay done (one transaction per step), and the schema is at their revision, exactly:
+    migrating up again leaves nothing behind (a step building an index CONCURRENTLY
+    commits as it goes, so one transaction for the run rolled back the revision of a step
+    whose index stayed)."""
+    url = empty_postgres
+    migrate(url)
+    outcome: list[BaseException | Migrated] = []
+
+    def run() -> None:
+        try:
+            outcome.append(migrate(url, "0002"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    writer_engine = make_engine(url)
+    try:
+        with writer_engine.connect() as writer:
+            writer.execute(
+                sa.text(
+                    "INSERT INTO subscription (id, owner, kind, url, enabled, created_at, "
+                    "updated_at) VALUES ('sub_1', 'alice', 'endpoint', 'https://h.example/h', "
+                    "true, :at, :at)"
+                ),
+                {"at": AT},
+            )  # not committed yet
+            downgrading = threading.Thread(target=run)
+            downgrading.start()
+            assert wait_for_lock_waiter(url, "subscription", downgrading), outcome
+            writer.commit()
+            downgrading.join(timeout=60)
+    finally:
+        writer_engine.dispose()
+    (result,) = outcome
+    assert isinstance(result, DataWouldBeLost), result
+    assert "subscriptions: 1 (revision 0003). The schema is left at 0003." in result.message
+    assert current_revision_of(url) == "0003"
+    assert row_counts(url)["subscription"] == 1
+    migrate(url)
+    assert schema_diff(url) == []
+    assert partial_indexes(url) == {
+        (table.name, str(index.name)): _predicate(str(index.dialect_options["postgresql"]["where"]))
+        for table in SQLModel.metadata.tables.values()
+        for index in table.indexes
+        if index.dialect_options["postgresql"]["where"] is not None
+    }
+
+
+def wait_for_lock_waiter(url: str, table: str, runner: threading.Thread) -> bool:
+    """Whether a session came to wait for a lock on ``table`` (within 30 s, while ``runner``
+    runs)."""
+    watcher = make_engine(url)
+    query = sa.text(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+        "WHERE NOT l.granted AND c.relname = :table"
+    )
+    try:
+        for _ in range(600):
+            with watcher.connect() as connection:
+                if connection.execute(query, {"table": table}).scalar_one():
+                    return True
+            if not runner.is_alive():
+                return False
+            time.sleep(0.05)
+        return False
+    finally:
+        watcher.dispose()
 
 
 def current_revision_of(url: str) -> str | None:

@@ -8,7 +8,7 @@ Create Date: 2026-11-20
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
 revision = "0001"
@@ -25,8 +25,8 @@ def _big_pk() -> sa.types.TypeEngine:  # type: ignore[type-arg]
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-# What the downgrade deletes (service.db.migrate refuses it while any is stored, unless told to
-# discard it): what, and the SQL that counts it.
+# What the downgrade deletes (refused while any is stored, unless the run may discard it:
+# service.db.migrate, and guard_downgrade in migrations/env.py): what, and the SQL counting it.
 DOWNGRADE_DISCARDS = {
     "tasks, with their events and callback receipts": "SELECT count(*) FROM task",
 }
@@ -108,6 +108,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    guard = context.config.attributes["guard_downgrade"]  # migrations/env.py
+    guard(revision, down_revision, DOWNGRADE_DISCARDS, ("task", "task_event", "callback_receipt"))
     op.drop_index("ix_callback_receipt_task_pk", table_name="callback_receipt")
     op.drop_table("callback_receipt")
     op.drop_index("ix_task_event_task_seq", table_name="task_event")

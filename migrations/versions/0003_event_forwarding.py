@@ -8,7 +8,7 @@ Create Date: 2026-11-21
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
 revision = "0003"
@@ -25,8 +25,8 @@ def _big_pk() -> sa.types.TypeEngine:  # type: ignore[type-arg]
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-# What the downgrade deletes (service.db.migrate refuses it while any is stored, unless told to
-# discard it): what, and the SQL that counts it.
+# What the downgrade deletes (refused while any is stored, unless the run may discard it:
+# service.db.migrate, and guard_downgrade in migrations/env.py): what, and the SQL counting it.
 DOWNGRADE_DISCARDS = {
     "subscriptions": "SELECT count(*) FROM subscription",
     "webhook deliveries not yet made (they would never be sent)": (
@@ -128,6 +128,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    guard = context.config.attributes["guard_downgrade"]  # migrations/env.py
+    guard(
+        revision, down_revision, DOWNGRADE_DISCARDS, ("subscription", "delivery", "client_secret")
+    )
     op.drop_index("ix_delivery_attempt_delivery_pk", table_name="delivery_attempt")
     op.drop_table("delivery_attempt")
     for name in (

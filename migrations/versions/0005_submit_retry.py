@@ -8,7 +8,7 @@ Create Date: 2026-11-21
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "0005"
 down_revision = "0004"
@@ -18,8 +18,8 @@ depends_on = None
 _PLANNED = "submit_retry_at IS NOT NULL"
 
 
-# What the downgrade deletes (service.db.migrate refuses it while any is stored, unless told to
-# discard it): what, and the SQL that counts it.
+# What the downgrade deletes (refused while any is stored, unless the run may discard it:
+# service.db.migrate, and guard_downgrade in migrations/env.py): what, and the SQL counting it.
 DOWNGRADE_DISCARDS = {
     "submission retries planned (those tasks would not be sent again)": (
         "SELECT count(*) FROM task WHERE submit_retry_at IS NOT NULL AND status = 'queued'"
@@ -40,6 +40,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    guard = context.config.attributes["guard_downgrade"]  # migrations/env.py
+    guard(revision, down_revision, DOWNGRADE_DISCARDS, ("task",))
     op.drop_index("ix_task_status_submit_retry_at", table_name="task")
     with op.batch_alter_table("task") as batch:
         batch.drop_column("submit_retry_at")
