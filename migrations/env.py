@@ -14,7 +14,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from service.db import count_discards, make_engine, would_lose
+from service.db import SchemaError, count_discards, make_engine, would_lose
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get(
@@ -59,19 +59,30 @@ def guard_downgrade(
     unless the run may discard data (``taskrelay migrate --discard-data``; a plain alembic
     run: ``-x discard_data=true``). service.db.migrate counted before the run; this count
     is for what was written since (another replica still serving) and for a plain alembic
-    run. On PostgreSQL ``tables`` are locked first (SHARE: writes wait until this step
-    commits), so nothing written after the count is deleted unseen."""
+    run. On PostgreSQL ``tables`` are locked first, in the mode the step's own DROP takes
+    anyway (ACCESS EXCLUSIVE: a weaker lock, held while the DROP waits for a stronger one,
+    deadlocked a replica updating a row it had locked), so nothing written after the count
+    is deleted unseen."""
     extra = context.get_x_argument(as_dictionary=True)
-    if config.attributes.get("discard_data") or extra.get("discard_data") == "true":
+    if config.attributes.get("discard_data") or extra.get("discard_data", "").lower() == "true":
         return
     connection = context.get_bind()
-    if connection.dialect.name == "postgresql":
-        for table in tables:
-            # S608: the migration's own table names, constants.
-            connection.exec_driver_sql(f"LOCK TABLE {table} IN SHARE MODE")
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        for table in tables:  # the migration's own table names, constants
+            connection.exec_driver_sql(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
     lost = count_discards(connection, discards, revision)
     if lost:
-        raise would_lose(revision, down_revision, lost, left_at=revision)
+        # Per step on PostgreSQL, the steps before this one are done; on SQLite the run is
+        # one transaction, rolled back.
+        taskrelay = "discard_data" in config.attributes  # service.db.migrate, not plain alembic
+        raise would_lose(
+            revision,
+            down_revision,
+            lost,
+            left_at=revision if postgresql else None,
+            go_ahead="--discard-data" if taskrelay else "alembic -x discard_data=true",
+        )
 
 
 config.attributes["guard_downgrade"] = guard_downgrade
@@ -170,10 +181,11 @@ def _check_foreign_keys(connection: sa.Connection) -> None:
         return
     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
     if broken:
-        raise RuntimeError(
-            f"the migration left {len(broken)} rows referring to rows that do not exist "
-            f"(table, rowid, referred table: {[tuple(row[:3]) for row in broken[:5]]}); "
-            "nothing was changed"
+        raise SchemaError(
+            f"the database has {len(broken)} rows referring to rows that do not exist "
+            f"(table, rowid, referred table: {[tuple(row[:3]) for row in broken[:5]]}), "
+            "left by a migration or written with foreign keys off: nothing was changed. Fix "
+            "those rows (sqlite3: PRAGMA foreign_key_check), then migrate again."
         )
 
 

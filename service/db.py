@@ -453,14 +453,16 @@ def would_lose(
     lost: Sequence[str],
     *,
     left_at: str | None = None,
+    go_ahead: str = "--discard-data",
 ) -> DataWouldBeLost:
     """The refusal of a downgrade that would delete ``lost``; ``left_at``: the revision the
-    steps already done left the schema at (nothing was changed without it)."""
+    steps already done left the schema at (nothing was changed without it); ``go_ahead``:
+    the option that lets it delete."""
     left = f" The schema is left at {left_at}." if left_at else ""
     return DataWouldBeLost(
         f"downgrading the schema from {moved_from} to {moved_to or 'base'} would delete "
         f"{'; '.join(lost)}.{left} Back the database up first; to go ahead and delete it, "
-        "run the same command with --discard-data.",
+        f"run the same command with {go_ahead}.",
         details={"discards": list(lost), "left_at": left_at},
     )
 
@@ -494,6 +496,10 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
     config = alembic_config(database_url)
     script = ScriptDirectory.from_config(config)
     head, known = _revisions(script)
+    if not revision.strip():
+        raise SchemaError(
+            f"no schema revision given: name one (e.g. {head}), base, head, or -N (N back)."
+        )
     relative = revision.startswith(("-", "+"))
     try:  # before the run: a revision that does not exist is no reason to touch the database
         target = None if relative or revision == "base" else script.get_revision(revision)

@@ -285,7 +285,8 @@ def test_a_downgrade_that_would_delete_data_needs_discard_data(tmp_path: Path) -
     refused = run_cli("migrate", "--revision", "0002", env=env)
     assert refused.returncode == 2
     assert one_line_refusal(refused) == (
-        f"taskrelay: downgrading the schema from {head} to 0002 would delete subscriptions: 1 "
+        f"taskrelay: downgrading the schema from {head} to 0002 would delete subscriptions "
+        "(endpoints, and tasks' notify_url): 1 "
         "(revision 0003). Back the database up first; to go ahead and delete it, run the same "
         "command with --discard-data."
     )

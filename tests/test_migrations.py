@@ -24,6 +24,7 @@ import service.models  # noqa: F401
 from service.db import (
     DataWouldBeLost,
     Migrated,
+    SchemaError,
     alembic_config,
     current_revision,
     downgrade,
@@ -265,7 +266,7 @@ def test_a_sqlite_migration_that_would_leave_a_broken_reference_changes_nothing(
             "created_at, data) VALUES (1, 'evt_1', 99, 'task.submitted', 'queued', 0, 'api', "
             "'2026-01-01 00:00:00', '{}')"
         )
-    with pytest.raises(RuntimeError, match="rows referring to rows that do not exist"):
+    with pytest.raises(SchemaError, match="rows referring to rows that do not exist"):
         migrate(url)
     engine = make_engine(url)
     assert current_revision(engine) == "0001"
@@ -568,7 +569,8 @@ def test_a_downgrade_that_would_delete_stored_data_is_refused_and_names_it(
         migrate(url, "0002")
     assert refused.value.message == (
         f"downgrading the schema from {head} to 0002 would delete submission retries "
-        "planned (those tasks would not be sent again): 1 (revision 0005); subscriptions: 1 "
+        "planned (those tasks would not be sent again): 1 (revision 0005); subscriptions "
+        "(endpoints, and tasks' notify_url): 1 "
         "(revision 0003); webhook deliveries not yet made (they would never be sent): 2 "
         "(revision 0003); notify secrets (their clients' webhooks could no longer be "
         "verified): 1 (revision 0003). Back the database up first; to go ahead and delete "
@@ -593,11 +595,74 @@ def test_a_plain_alembic_downgrade_is_guarded_too(empty_database: str) -> None:
     url = empty_database
     migrate(url)
     insert(url, "client_secret", owner="alice", secret="whsec_x", created_at=AT)
-    with pytest.raises(DataWouldBeLost, match=r"^downgrading the schema from 0003 to 0002 "):
+    with pytest.raises(DataWouldBeLost, match=r"^downgrading the schema from 0003 to 0002 ") as no:
         downgrade(url, "0002")
     assert row_counts(url)["client_secret"] == 1
+    assert "run the same command with alembic -x discard_data=true." in no.value.message
+    # PostgreSQL: a transaction per step, the steps before it done; SQLite: one, rolled back.
+    postgresql = url.startswith("postgresql")
+    assert ("The schema is left at 0003." in no.value.message) == postgresql
+    assert current_revision_of(url) == ("0003" if postgresql else head_revision(url))
     migrate(url)  # back up from wherever it stopped
     assert schema_diff(url) == []
+
+
+def test_no_revision_is_one_clear_refusal(empty_database: str) -> None:
+    with pytest.raises(SchemaError, match=r"^no schema revision given: name one"):
+        migrate(empty_database, " ")
+
+
+def test_the_guards_lock_does_not_deadlock_a_replica_updating_a_row_it_locked(
+    empty_postgres: str,
+) -> None:
+    """A replica has locked a task row (SELECT ... FOR UPDATE, as the store does) and is
+    about to update it when a downgrade below 0005 starts: the guard's lock on ``task`` waits
+    for that transaction, which updates its row and commits (a weaker lock taken first, then
+    the DROP's own, deadlocked it), and then the downgrade goes on."""
+    url = empty_postgres
+    migrate(url, "0005")  # the next step down is the guarded one
+    insert(
+        url,
+        "task",
+        pk=1,
+        id="tsk_1",
+        owner="alice",
+        provider="evolink",
+        origin="tracked",
+        status="running",
+        progress=0,
+        request="{}",
+        images="[]",
+        metadata="{}",
+        last_update_source="callback",
+        submit_attempts=0,
+        created_at=AT,
+        updated_at=AT,
+        poll_count=0,
+        poll_errors=0,
+    )
+    outcome: list[BaseException | Migrated] = []
+
+    def run() -> None:
+        try:
+            outcome.append(migrate(url, "0004"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    replica_engine = make_engine(url)
+    try:
+        with replica_engine.connect() as replica:
+            replica.execute(sa.text("SELECT pk FROM task WHERE id = 'tsk_1' FOR UPDATE")).all()
+            downgrading = threading.Thread(target=run)
+            downgrading.start()
+            assert wait_for_lock_waiter(url, "task", downgrading), outcome
+            replica.execute(sa.text("UPDATE task SET progress = 50 WHERE id = 'tsk_1'"))
+            replica.commit()
+            downgrading.join(timeout=60)
+    finally:
+        replica_engine.dispose()
+    assert outcome == [Migrated("0005", "0004", downgraded=True)]
+    assert current_revision_of(url) == "0004"
 
 
 def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
@@ -640,7 +705,7 @@ def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
         writer_engine.dispose()
     (result,) = outcome
     assert isinstance(result, DataWouldBeLost), result
-    assert "subscriptions: 1 (revision 0003). The schema is left at 0003." in result.message
+    assert "notify_url): 1 (revision 0003). The schema is left at 0003." in result.message
     assert current_revision_of(url) == "0003"
     assert row_counts(url)["subscription"] == 1
     migrate(url)

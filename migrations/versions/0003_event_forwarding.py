@@ -28,7 +28,7 @@ def _big_pk() -> sa.types.TypeEngine:  # type: ignore[type-arg]
 # What the downgrade deletes (refused while any is stored, unless the run may discard it:
 # service.db.migrate, and guard_downgrade in migrations/env.py): what, and the SQL counting it.
 DOWNGRADE_DISCARDS = {
-    "subscriptions": "SELECT count(*) FROM subscription",
+    "subscriptions (endpoints, and tasks' notify_url)": "SELECT count(*) FROM subscription",
     "webhook deliveries not yet made (they would never be sent)": (
         "SELECT count(*) FROM delivery WHERE status = 'pending'"
     ),
