@@ -98,17 +98,18 @@ def _why_unanswered(adapter: ProviderAdapter) -> str:
 
 
 def _why_lost(adapter: ProviderAdapter) -> str:
-    """An expired task's error message when its submission's answer was lost: still queued
-    after every timeout of its request, and a margin, had run out, at a provider that cannot
-    call back."""
+    """An expired task's error message when its submission's answer was lost: nothing heard
+    from it after every timeout of its request, and a margin, had run out, at a provider
+    that cannot call back."""
     return (
-        f"TaskRelay sent the task to {adapter.name} but had recorded no answer when every "
-        "timeout of that request, and a margin for recording the answer, had run out: the "
-        "process sending it stopped before the answer came (a crash or a kill), or the "
-        f"answer was lost. {adapter.name} does not call back here and cannot be asked about "
-        "a task without its id, so nothing else could settle this task. It is not sent "
-        "again, since the provider may have made (and billed) the image; an answer that "
-        "still comes is recorded on this task."
+        f"TaskRelay sent the task to {adapter.name} but had heard nothing more of the "
+        "submission (no answer; from a stream, no line) when every timeout of that request, "
+        "and a margin for recording the answer, had run out: the process sending it stopped "
+        "(a crash or a kill), or the answer was lost. "
+        f"{adapter.name} does not call back here and cannot be asked about a task without "
+        "its id, so nothing else could settle this task. It is not sent again, since the "
+        "provider may have made (and billed) the image; if the image, or the provider's id "
+        "for the task, still comes, it is recorded on this task."
     )
 
 

@@ -204,6 +204,18 @@ class ReceiptDraft:
     size: int | None = None
 
 
+def _only_its_submission(task: Task | TaskRow) -> bool:
+    """Whether nothing but TaskRelay's own submission has moved ``task`` yet: still queued,
+    or running on its stream's progress alone (GrsAI's lines name no task)."""
+    if task.status == TaskStatus.queued.value:
+        return True
+    return (
+        task.status == TaskStatus.running.value
+        and task.provider_task_id is None
+        and task.last_update_source == UpdateSource.stream.value
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     """A task leased to one scheduler worker for one look."""
@@ -967,7 +979,7 @@ class Store:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             unanswered = (
-                task.status == TaskStatus.queued.value
+                _only_its_submission(task)
                 and task.submit_attempts > 0
                 and task.provider_task_id is None  # an id: the answer came (its task waits)
                 and task.submit_retry_at is None  # a retry planned: the last answer was a refusal
@@ -1307,7 +1319,7 @@ class Store:
         answer could settle it: see :attr:`PollPolicy.answer_within`."""
         if (
             task.submit_answer_due_at is None  # a provider that calls back, or an older release
-            or task.status != TaskStatus.queued.value
+            or not _only_its_submission(task)
             or task.submit_attempts == 0  # an attempt taken back (unmark): sent again
             or task.provider_task_id is not None  # an answer came: the task waits at its provider
             or task.submit_retry_at is not None  # an answer came (a refusal): a retry is planned
@@ -1359,6 +1371,26 @@ class Store:
             session.add(task)
             return True
 
+    def extend_answer_due(self, task_id: str, attempt: int, slack: float = 0.0) -> bool:
+        """A line of attempt ``attempt``'s stream came: the process reading it is alive, so
+        its answer is due :attr:`PollPolicy.answer_within` (and ``slack``) from now, not from
+        when it was sent. The next look stays where it is; the scheduler, finding the task
+        not due yet, plans it again. False when nothing was changed (no due time, another
+        attempt)."""
+        with self.transaction(write=True) as session:
+            task = session.exec(select(Task).where(Task.id == task_id).with_for_update()).first()
+            within = None if task is None else self.policy(task.provider).answer_within
+            if (
+                task is None
+                or within is None
+                or task.submit_answer_due_at is None
+                or task.submit_attempts != attempt
+            ):
+                return False
+            task.submit_answer_due_at = self.clock() + timedelta(seconds=within + slack)
+            session.add(task)
+            return True
+
     def unmark_submit_attempt(self, task_id: str, attempt: int) -> bool:
         """Take back :meth:`mark_submit_attempt` for an attempt that was never sent (a shutdown
         cut it off right there), so that the sweep sends it: the first attempt as an unsent
@@ -1403,10 +1435,11 @@ class Store:
         """Fail a queued task after ``attempts`` attempts without sending it again, unless it
         moved on meanwhile (settled, or another attempt made: the same guard as
         :meth:`mark_submit_attempt`, in the same transaction as the failure); whether it
-        was failed here."""
+        was failed here. A task running on its own stream's progress alone (no provider task
+        id) counts as queued: only that stream could have moved it."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            if task.status != TaskStatus.queued.value or task.submit_attempts != attempts:
+            if not _only_its_submission(task) or task.submit_attempts != attempts:
                 return False
             task.submit_retry_at = None
             failed = TaskUpdate(status=TaskStatus.failed, error=error)

@@ -48,6 +48,8 @@ T = TypeVar("T")
 SWEEP_SECONDS = 30.0
 SWEEP_GRACE = timedelta(seconds=10)
 # Waits between tries to record an accepted submission while the database is unavailable.
+# While a stream is read, its answer's due time is pushed back at most this often (seconds).
+ALIVE_EVERY = 60.0
 RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
 
 
@@ -98,10 +100,11 @@ class Submitter:
         self.sleep = sleep
         self._running: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()  # task ids this process is sending
-        # Jobs waiting out a backoff whose retry is written in the task row, and when (loop
-        # time) it ends: nothing is lost when stop() cuts one off (any replica's sweep, or the
-        # next start-up, sends it).
-        self._backing_off: dict[asyncio.Task[None], float] = {}
+        # Jobs waiting out a backoff whose retry is written in the task row: when (loop time)
+        # it ends, and whether the shutdown may still send it (a provider that calls back).
+        # Nothing is lost when stop() cuts one off (any replica's sweep, or the next
+        # start-up, sends it).
+        self._backing_off: dict[asyncio.Task[None], tuple[float, bool]] = {}
         self._stop_by: float | None = None  # loop time: stop() cuts off what is left then
         self._rng = random.Random()
         self.sweep_seconds = sweep_seconds
@@ -161,19 +164,26 @@ class Submitter:
         share of the shutdown budget), then cut off what is left. A retry written in the task
         row whose backoff ends after the grace is cut off at once instead of holding the
         shutdown (and from then on, one planned like that returns instead of waiting): the
-        sweep or the next start-up sends it."""
+        sweep or the next start-up sends it. So is one to a provider that does not call back
+        (OpenAI, GrsAI polled or streamed), whatever its backoff, and no new attempt to such a
+        provider starts: cut off before its answer, it would fail the task, perhaps made and
+        billed at the provider (:meth:`_cut_off`)."""
         self._stop_by = asyncio.get_running_loop().time() + grace
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
-        beyond = [job for job, ends in self._backing_off.items() if ends > self._stop_by]
-        if beyond:
+        left = [
+            job
+            for job, (ends, sendable) in self._backing_off.items()
+            if ends > self._stop_by or not sendable
+        ]
+        if left:
             log.info(
-                "stopping: %d submission retries whose backoff ends after the shutdown's grace "
-                "are left to the next process (planned in the database)",
-                len(beyond),
+                "stopping: %d submission retries are left to the next process (planned in the "
+                "database)",
+                len(left),
             )
-            for job in beyond:
+            for job in left:
                 job.cancel()
         if not self._running:
             return
@@ -203,8 +213,11 @@ class Submitter:
         callback_url = self.signer.callback_url(self.public_url, task_id, provider)
 
         streamed: list[TaskUpdate] = []  # the progress a stream reported (GrsAI)
+        loop = asyncio.get_running_loop()
+        alive_noted = loop.time()  # when the answer's due time was last set or pushed back
 
         async def on_update(update: TaskUpdate) -> None:
+            nonlocal alive_noted
             streamed.append(update)
             try:
                 await run_in_threadpool(
@@ -216,6 +229,16 @@ class Submitter:
                 log.warning(
                     "could not record a progress update of %s (%s); reading on", task_id, exc.code
                 )
+            if loop.time() - alive_noted >= ALIVE_EVERY:
+                # Still reading it, whatever became of the line: its answer is not lost. The
+                # due time is pushed ALIVE_EVERY further, as the next push may be that late.
+                alive_noted = loop.time()
+                try:
+                    await run_in_threadpool(
+                        self.store.extend_answer_due, task_id, attempt, ALIVE_EVERY
+                    )
+                except TaskRelayError as exc:
+                    log.warning("could not note that %s's stream is alive (%s)", task_id, exc.code)
 
         if attempts_made >= self.backoff.max_attempts:
             # A retry planned by a process allowed more attempts (TASKRELAY_SUBMIT_ATTEMPTS
@@ -223,6 +246,8 @@ class Submitter:
             await self._give_up(task_id, provider, attempts_made)
             return
         attempt = attempts_made
+        in_database = True  # the task's next attempt is in its row (unsent, or retry planned)
+        ambiguous = 0  # attempts with no answer after the request may have arrived
         while True:
             if self._past_deadline(task, 0.0):
                 # Found after its deadline (a start-up or sweep after an outage longer than
@@ -236,6 +261,14 @@ class Submitter:
                 if self._past_deadline(task, 0.0):  # it may have passed while a slot was awaited
                     await self._fail_unsent(task_id, provider, attempt - 1)
                     return
+                if self._stop_by is not None and in_database and not adapter.delivers_callbacks():
+                    # Shutting down: an attempt started now may be cut off before its answer,
+                    # and with no callback to come, fail the task though the provider made it
+                    # (_cut_off). The task is unsent, or its retry planned, in the database:
+                    # the next process (or another replica's sweep) sends it.
+                    log.info("not sending %s now: shutting down; left to the next process", task_id)
+                    return
+                alive_noted = loop.time()
                 try:
                     marked = await _to_the_end(self.store.mark_submit_attempt, task_id, attempt)
                 except asyncio.CancelledError:
@@ -245,6 +278,10 @@ class Submitter:
                     raise
                 if not marked:
                     # Another process is sending it, or a callback or poll settled it meanwhile.
+                    return
+                if self._stop_by is not None and in_database and not adapter.delivers_callbacks():
+                    # The shutdown began while the attempt was being counted: as above.
+                    await _to_the_end(self.store.unmark_submit_attempt, task_id, attempt)
                     return
                 try:
                     result = await adapter.submit(
@@ -260,6 +297,7 @@ class Submitter:
             if failure is None:
                 break
             exc = failure  # its slot given back: a backoff below holds none
+            ambiguous += exc.ambiguous
             if exc.ambiguous and adapter.delivers_callbacks():
                 # The provider may have accepted it: sending it again could start a second,
                 # paid task. Its callback carries this task's token and will still land.
@@ -303,7 +341,18 @@ class Submitter:
             if delay is None:
                 # Guarded as any give-up: a task that expired (or settled) meanwhile keeps
                 # its state; only the provider's own final word moves an expired task.
-                error = {"code": exc.code, "message": exc.message}
+                message = exc.message
+                if ambiguous:
+                    made_here = attempt - attempts_made
+                    message = (
+                        f"{message.rstrip('.')}. {ambiguous} of the {made_here} attempts this "
+                        f"process made got no answer after the request may have reached "
+                        f"{provider} (a timeout, a dropped connection, or a gateway that gave "
+                        f"up waiting), so {provider} may have made (and billed) that many "
+                        "images; they could not be recovered, since only the answer carries "
+                        "them."
+                    )
+                error = {"code": exc.code, "message": message}
                 if await run_in_threadpool(self.store.give_up_submission, task_id, attempt, error):
                     self._count(provider, "failed")
                     log.warning(
@@ -311,6 +360,14 @@ class Submitter:
                         task_id,
                         provider,
                         attempt,
+                        exc.code,
+                    )
+                else:
+                    log.info(
+                        "submission of %s to %s failed for good (%s), but the task had moved "
+                        "on meanwhile (settled, expired or sent again): left as it is",
+                        task_id,
+                        provider,
                         exc.code,
                     )
                 return
@@ -325,9 +382,10 @@ class Submitter:
             planned = await self._plan_retry(task_id, attempt, delay)
             if planned is None:
                 return
+            in_database = planned
             if not planned:
                 await self.sleep(delay)
-            elif not await self._back_off(delay):
+            elif not await self._back_off(delay, adapter.delivers_callbacks()):
                 return  # planned in the database, due after this process has stopped
         # Taken and answered: from here on, nothing sends it again.
         try:
@@ -338,16 +396,16 @@ class Submitter:
         self._count(provider, "accepted")
         await self._record_reply(task_id, update)
 
-    async def _back_off(self, delay: float) -> bool:
+    async def _back_off(self, delay: float, sendable: bool) -> bool:
         """Wait out the backoff of a retry written in the task row (stop() may cut it off);
-        False, without waiting, when it would end after a shutdown under way has cut off
-        what is left."""
+        False, without waiting, when a shutdown under way would not send it (``sendable``:
+        to a provider that calls back, and ending within the grace): the next process does."""
         ends = asyncio.get_running_loop().time() + delay
-        if self._stop_by is not None and ends > self._stop_by:
+        if self._stop_by is not None and (ends > self._stop_by or not sendable):
             return False
         job = asyncio.current_task()
         assert job is not None
-        self._backing_off[job] = ends
+        self._backing_off[job] = (ends, sendable)
         try:
             await self.sleep(delay)
         finally:

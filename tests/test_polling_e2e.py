@@ -147,7 +147,7 @@ def test_an_openai_submission_killed_mid_answer_expires_once_its_answer_is_lost(
     assert task["status"] == "expired", task
     assert task["error"]["code"] == "submission_unanswered"
     assert (
-        "sent the task to openai but had recorded no answer when every timeout"
+        "sent the task to openai but had heard nothing more of the submission"
         in (task["error"]["message"])
     )
     assert task["submit_attempts"] == 1 and len(sandbox.tasks()) == 1  # not sent again

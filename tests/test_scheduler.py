@@ -438,7 +438,7 @@ async def test_an_answer_lost_with_its_process_expires_the_task_long_before_its_
     assert task["status"] == "expired"
     assert task["error"]["code"] == "submission_unanswered"
     message = task["error"]["message"]
-    assert f"TaskRelay sent the task to {provider} but had recorded no answer when" in message
+    assert f"TaskRelay sent the task to {provider} but had heard nothing more of" in message
     assert "cannot be asked about a task without its id" in message
     assert "It is not sent again" in message
     assert harness.runtime.metrics.counter("tasks_expired_total", provider=provider) == 1

@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,7 +32,8 @@ from service.app import UPSTREAM_LIMITS, submit_slots
 from service.errors import ImageStorageFailed, StoreUnavailable
 from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
-from service.models import TaskOrigin, UpdateSource
+from service.models import TaskOrigin, TaskStatus, UpdateSource
+from service.polling import PollPolicy
 from service.providers.grsai import GrsAIAdapter
 from service.providers.openai import OpenAIAdapter
 from service.retry import Backoff, submit_backoff
@@ -637,3 +638,178 @@ async def test_a_task_found_past_its_deadline_fails_without_being_sent(
     assert relay.store.due_submit_retries(now + timedelta(days=1)) == []
     assert event_sources(relay.store, task_id)[-1] == ("task.failed", "submit")
     assert failed == 1
+
+
+# --- 7. what only the submission can settle ------------------------------------------------------
+
+
+class Hang(httpx.AsyncByteStream):
+    """A reply body that delivers ``chunks`` and then waits for good (a long generation)."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        await asyncio.Event().wait()
+
+
+def find(relay: Relay, task_id: str) -> dict[str, Any]:
+    task = relay.store.find_task(task_id)
+    assert task is not None
+    return task
+
+
+async def test_a_stream_cut_off_by_the_shutdown_after_its_progress_fails_the_task(
+    relay: Relay,
+) -> None:
+    """GrsAI's lines name no task: once its stream reported progress the task is running, and
+    nothing but that stream could settle it. Cut off by a shutdown, it fails at once
+    (submission_interrupted), as a queued one does, instead of running until its deadline."""
+    relay.grsai_mode = "stream"
+    relay.answer(httpx.Response(200, stream=Hang(sse('{"progress": 30}'))))
+    task_id = relay.create("grsai")
+    async with relay.submitter() as submitter:
+        submitter.submit(task_id)
+        await until(lambda: find(relay, task_id)["status"] == "running")
+        await asyncio.wait_for(submitter.stop(grace=0), timeout=30)
+    task = find(relay, task_id)
+    assert task["status"] == "failed" and task["error"]["code"] == "submission_interrupted"
+    assert [kind for kind, _ in event_sources(relay.store, task_id)] == [
+        "task.submitted",
+        "task.progress",
+        "task.failed",
+    ]
+    assert len(relay.posts) == 1
+
+
+async def test_a_streams_lines_push_back_when_its_answer_is_lost(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a stream's lines come, its process is alive: each pushes the answer's due time
+    back (at most every ALIVE_EVERY seconds; every line here), so a long generation is not
+    taken for a lost one."""
+    import service.submitter
+
+    relay.grsai_mode = "stream"
+    relay.store.policies["grsai"] = PollPolicy(60, 3600, queryable=True, answer_within=460.0)
+    monkeypatch.setattr(service.submitter, "ALIVE_EVERY", 0.0)
+    pushed: list[tuple[str, int, float]] = []
+    extend = relay.store.extend_answer_due
+
+    def noted(task_id: str, attempt: int, slack: float = 0.0) -> bool:
+        pushed.append((task_id, attempt, slack))
+        assert extend(task_id, attempt, slack)
+        return True
+
+    monkeypatch.setattr(relay.store, "extend_answer_due", noted)
+    relay.answer(
+        httpx.Response(200, content=sse('{"progress": 10}', '{"progress": 60}', FINAL_LINE))
+    )
+    task = await relay.run("grsai")
+    assert task["status"] == "succeeded"
+    assert pushed == [(task["id"], 1, 0.0)] * 2
+
+
+def test_a_running_stream_that_stopped_is_due_like_a_queued_task(store: Store) -> None:
+    """A task running on its stream's progress alone (no id to poll with, no callback to
+    come) whose lines stopped: its answer is lost once the due time, pushed back by its last
+    line, has passed. A task running on a callback's word never is."""
+    clock = [store.clock()]
+    store.clock = lambda: clock[0]  # type: ignore[method-assign]
+    store.policies["grsai"] = PollPolicy(60, 3600, queryable=True, answer_within=460.0)
+    streamed, called_back = (
+        store.create_task(
+            owner="alice",
+            provider="grsai",
+            origin=TaskOrigin.submitted,
+            request={"prompt": "x"},
+            metadata={},
+        ).task["id"]
+        for _ in range(2)
+    )
+    start = clock[0]
+    for task_id, source in ((streamed, UpdateSource.stream), (called_back, UpdateSource.callback)):
+        assert store.mark_submit_attempt(task_id, 1)
+        store.apply_update(task_id, TaskUpdate(status=TaskStatus.running, progress=30), source)
+    clock[0] = start + timedelta(seconds=300)
+    assert not store.extend_answer_due(streamed, 2)  # not the attempt being read
+    assert store.extend_answer_due(streamed, 1)  # a line came
+    clock[0] = start + timedelta(seconds=500)
+    assert store.expire_unanswered(streamed, "lost") is None  # pushed back to 760 s
+    clock[0] = start + timedelta(seconds=760)
+    expired = store.expire_unanswered(streamed, "lost")
+    assert expired is not None and expired.task["error"]["code"] == "submission_unanswered"
+    clock[0] = start + timedelta(seconds=3000)
+    assert store.expire_unanswered(called_back, "lost") is None
+    assert find_status(store, called_back) == "running"
+
+
+def find_status(store: Store, task_id: str) -> str:
+    task = store.find_task(task_id)
+    assert task is not None
+    return str(task["status"])
+
+
+async def test_attempts_that_may_have_reached_the_provider_are_counted_in_the_failure(
+    relay: Relay,
+) -> None:
+    """OpenAI does not call back, so an attempt with no answer (a timeout) is sent again:
+    only the answer carries the image. When they all end so, the failure says how many may
+    have been made, and billed, at OpenAI."""
+    relay.answer(*[httpx.ReadTimeout("slow")] * 4)
+    task = await relay.run("openai")
+    assert len(relay.posts) == 4
+    assert task["status"] == "failed" and task["error"]["code"] == "upstream_unavailable"
+    message = task["error"]["message"]
+    assert "4 of the 4 attempts this process made got no answer after the request" in message
+    assert "may have made (and billed) that many images" in message
+
+
+async def test_no_attempt_to_a_provider_that_cannot_call_back_starts_in_a_shutdown(
+    relay: Relay,
+) -> None:
+    """Once the shutdown has begun, a submission to OpenAI is not started: cut off before
+    its answer, it would fail the task though OpenAI made the image. It stays unsent for
+    the next process. GrsAI with callbacks is sent: its callback settles it either way."""
+    relay.grsai_mode = "callback"
+    openai_task, grsai_task = relay.create("openai"), relay.create("grsai")
+    relay.answer(httpx.Response(200, json={"code": 0, "data": {"id": "g-1"}}))
+    async with relay.submitter() as submitter:
+        await submitter.stop(grace=30)
+        submitter.submit(openai_task)
+        submitter.submit(grsai_task)
+        await submitter.idle()
+    assert [request.url.host for request in relay.posts] == ["grsai.example"]
+    assert find(relay, openai_task)["submit_attempts"] == 0
+    assert relay.store.unsent_submissions() == [openai_task]
+    assert find(relay, grsai_task)["provider_task_id"] == "g-1"
+
+
+async def test_a_retry_to_a_provider_that_cannot_call_back_is_left_to_the_next_process(
+    relay: Relay,
+) -> None:
+    """OpenAI refused the first attempt (500); its retry, planned in the task row, waits out
+    its backoff when the shutdown begins: stop() cuts it off at once, however short the
+    backoff, rather than send an attempt the shutdown may cut off before its answer."""
+    hold = asyncio.Event()
+
+    async def backoff_sleep(seconds: float) -> None:
+        await hold.wait()  # a backoff that would end within the grace, once woken
+
+    relay.sleep = backoff_sleep
+    relay.answer(httpx.Response(500, json={"error": {"message": "busy"}}))
+    task_id = relay.create("openai")
+    async with relay.submitter() as submitter:
+        submitter.submit(task_id)
+        await until(lambda: relay.store.due_submit_retries(far_ahead()) != [])
+        await asyncio.wait_for(submitter.stop(grace=3600), timeout=10)
+        assert not submitter._running
+    assert len(relay.posts) == 1
+    assert relay.store.due_submit_retries(far_ahead()) == [(task_id, 1)]
+    assert find(relay, task_id)["status"] == "queued"
+
+
+def far_ahead() -> datetime:
+    return datetime.now(UTC) + timedelta(days=1)
