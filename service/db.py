@@ -32,8 +32,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import event
@@ -550,6 +552,45 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
     with EnvironmentContext(config, script, fn=steps, destination_rev=revision):
         script.run_env()
     return done[0]
+
+
+def schema_drift(engine: Engine) -> list[str]:
+    """How the database's tables, columns and indexes differ from this release's models, one
+    line each (empty: none). A schema at the right revision can still differ: a migration
+    stopped midway that built or dropped an index CONCURRENTLY, or a change made by hand.
+    (Partial indexes' predicates are not compared.)"""
+    from sqlmodel import SQLModel
+
+    import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        found = compare_metadata(context, SQLModel.metadata)
+    lines = []
+    for diff in found:
+        # Column changes come as lists of tuples; the others as one tuple.
+        for change in diff if isinstance(diff, list) else [diff]:
+            kind = str(change[0])
+            if kind in ("add_column", "remove_column"):  # (kind, schema, table, Column)
+                name = f"{change[2]}.{change[3].name}"
+            elif kind.startswith("modify_"):  # (kind, schema, table, column, ...)
+                name = f"{change[2]}.{change[3]}"
+            else:  # (kind, Table | Index | Constraint)
+                name = str(getattr(change[1], "name", change[1]))
+            lines.append(f"{_DRIFT_WORDS.get(kind, kind)} {name}")
+    return lines
+
+
+_DRIFT_WORDS = {
+    "add_index": "missing index",
+    "remove_index": "unexpected index",
+    "add_table": "missing table",
+    "remove_table": "unexpected table",
+    "add_column": "missing column",
+    "remove_column": "unexpected column",
+    "modify_type": "a column of another type:",
+    "modify_nullable": "a column nullable otherwise:",
+}
 
 
 def check_sqlite_writable(path: Path) -> None:

@@ -30,7 +30,13 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from service.db import current_revision, newer_schema, schema_revisions, sqlite_path
+from service.db import (
+    current_revision,
+    newer_schema,
+    schema_drift,
+    schema_revisions,
+    sqlite_path,
+)
 from service.errors import SettingsError
 from service.providers import build_adapters
 from service.providers.base import ProviderAdapter, TaskEndpointAdapter
@@ -396,6 +402,8 @@ class DatabaseProbe:
     unwritable: str | None = None  # SQLite: a path TaskRelay could not write
     error: str | None = None  # the driver's message when it could not be read
     revision: str | None = None  # the schema's Alembic revision (None: empty)
+    # At this release's revision: how the schema still differs from its models (db.schema_drift).
+    drift: tuple[str, ...] = ()
     # PostgreSQL: this host's clock minus the server's, and the round trip it was read in.
     clock_offset: float | None = None
     clock_round_trip: float = 0.0
@@ -412,7 +420,9 @@ def describe_database(url: str) -> str:
     return f"PostgreSQL database {parsed.database} on {place}{user}"
 
 
-def probe_database(url: str, *, timeout: float = DATABASE_TIMEOUT_SECONDS) -> DatabaseProbe:
+def probe_database(
+    url: str, *, timeout: float = DATABASE_TIMEOUT_SECONDS, head: str | None = None
+) -> DatabaseProbe:
     where = describe_database(url)
     path = sqlite_path(url)
     if path is not None:
@@ -443,6 +453,8 @@ def probe_database(url: str, *, timeout: float = DATABASE_TIMEOUT_SECONDS) -> Da
     )
     try:
         found = replace(found, revision=current_revision(engine))
+        if head is not None and found.revision == head:
+            found = replace(found, drift=tuple(schema_drift(engine)))
         if path is None:
             offset, round_trip = clock_offset(engine)
             found = replace(found, clock_offset=offset, clock_round_trip=round_trip)
@@ -607,12 +619,29 @@ def database_error_line(url: str, exc: sa.exc.DBAPIError) -> str:
     return line.replace(str(password), "***") if password else line
 
 
+# The differences a warning names at most.
+DRIFT_SHOWN = 5
+
+
 def migrations_check(probe: DatabaseProbe, head: str | None, known: Iterable[str]) -> CheckResult:
     if probe.error is not None:
         return CheckResult("migrations", WARN, "not checked: the database cannot be read.")
     if probe.missing:
         return CheckResult(
             "migrations", OK, f"nothing to check: `taskrelay serve` creates it at {head}."
+        )
+    if probe.revision == head and probe.drift:
+        shown = "; ".join(probe.drift[:DRIFT_SHOWN])
+        hidden = len(probe.drift) - DRIFT_SHOWN
+        more = f" (and {hidden} more)" if hidden > 0 else ""
+        return CheckResult(
+            "migrations",
+            WARN,
+            f"the schema is at {head}, but differs from what this version expects: {shown}"
+            f"{more}. A migration stopped midway (an index built or dropped CONCURRENTLY) or "
+            "a change made by hand leaves this.",
+            fix="migrate down past the revision that made it and up again (`taskrelay migrate "
+            "--revision <earlier>`, then `taskrelay migrate`), or restore the object by hand.",
         )
     if probe.revision == head:
         return CheckResult("migrations", OK, f"the schema is current ({head}).")
@@ -847,9 +876,9 @@ def run_checks(
     results, settings = load_configuration(environ, env_file, workers=workers)
     if settings is None:
         return results
-    probe = probe_database(settings.database_url, timeout=timeout)
-    results.append(database_check(probe))
     head, known = schema_revisions(settings.database_url)
+    probe = probe_database(settings.database_url, timeout=timeout, head=head)
+    results.append(database_check(probe))
     results.append(migrations_check(probe, head, known))
     clock = clock_check(probe, settings.poll_lease)
     if clock is not None:

@@ -271,8 +271,8 @@ def test_the_public_url(tmp_path: Path) -> None:
 
 
 def database_checks(url: str) -> tuple[CheckResult, CheckResult]:
-    probe = doctor.probe_database(url, timeout=3)
     head, known = doctor.schema_revisions(url)
+    probe = doctor.probe_database(url, timeout=3, head=head)
     return doctor.database_check(probe), doctor.migrations_check(probe, head, known)
 
 
@@ -321,6 +321,46 @@ def test_an_old_or_unknown_sqlite_schema(tmp_path: Path) -> None:
     assert migrations.status == FAIL and "newer version" in migrations.message
     head = head_revision(url)
     assert f"`taskrelay migrate --revision {head}`, run by the newer version" in str(migrations.fix)
+
+
+def leave_a_build_index_in_place_of(url: str) -> None:
+    """What a migration 0006 killed midway and then run the other way can leave: the
+    delivery queue's index gone, its half-finished replacement under the build name."""
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_delivery_status_next_attempt")
+        connection.exec_driver_sql(
+            "CREATE INDEX ix_delivery_status_next_attempt_build ON delivery "
+            "(status, next_attempt_at)"
+        )
+    engine.dispose()
+
+
+def test_a_schema_at_head_that_differs_from_the_models_is_named(
+    tmp_path: Path, admin_url: str
+) -> None:
+    """At the right revision, but an index missing and another in its place: doctor names
+    both (it used to say "current"), and how to rebuild them."""
+    sqlite_url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_doctor")
+    try:
+        for url in (sqlite_url, database.url):
+            migrate(url)
+            leave_a_build_index_in_place_of(url)
+            _, migrations = database_checks(url)
+            assert migrations.status == WARN, (url, migrations)
+            assert f"the schema is at {head_revision(url)}, but differs" in migrations.message
+            assert "missing index ix_delivery_status_next_attempt" in migrations.message
+            assert "unexpected index ix_delivery_status_next_attempt_build" in migrations.message
+            assert "taskrelay migrate --revision <earlier>" in str(migrations.fix)
+        # On PostgreSQL, where only a run stopped midway leaves this, the fix it names works
+        # (on SQLite a run is one transaction: a change by hand is the only way there).
+        migrate(database.url, "0005")
+        migrate(database.url)
+        _, migrations = database_checks(database.url)
+        assert migrations.status == OK, migrations
+    finally:
+        database.drop()
 
 
 @pytest.fixture
