@@ -509,6 +509,12 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
         raise SchemaError(
             f"there is no schema revision {revision!r} in this TaskRelay (its newest is {head})."
         ) from exc
+    if target is not None and revision != "head" and target.revision != revision:
+        # Alembic takes a unique prefix ("001" is 0010): a typo for 0001 would go the wrong way.
+        raise SchemaError(
+            f"there is no schema revision {revision!r} in this TaskRelay; give a whole one "
+            f"(did you mean {target.revision}? its newest is {head})."
+        )
     done: list[Migrated] = []
 
     def steps(heads: tuple[str, ...], context: Any) -> list[Any]:

@@ -612,6 +612,16 @@ def test_no_revision_is_one_clear_refusal(empty_database: str) -> None:
         migrate(empty_database, " ")
 
 
+def test_a_part_of_a_revision_is_refused_not_taken_for_the_one_it_begins(
+    empty_database: str,
+) -> None:
+    """Alembic takes a unique prefix: "001", a typo for 0001, is 0010. Refused, naming it."""
+    migrate(empty_database, "0002")
+    with pytest.raises(SchemaError, match=r"give a whole one \(did you mean 0010\?"):
+        migrate(empty_database, "001")
+    assert current_revision_of(empty_database) == "0002"
+
+
 def test_the_guards_lock_does_not_deadlock_a_replica_updating_a_row_it_locked(
     empty_postgres: str,
 ) -> None:
