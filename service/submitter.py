@@ -47,9 +47,9 @@ T = TypeVar("T")
 # replica that accepted them or planned the retry.
 SWEEP_SECONDS = 30.0
 SWEEP_GRACE = timedelta(seconds=10)
-# Waits between tries to record an accepted submission while the database is unavailable.
 # While a stream is read, its answer's due time is pushed back at most this often (seconds).
 ALIVE_EVERY = 60.0
+# Waits between tries to record an accepted submission while the database is unavailable.
 RECORD_RETRY_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 60.0, 60.0)
 
 
