@@ -22,7 +22,7 @@ two round trips per batch instead of one per statement.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -117,6 +117,20 @@ def _locked_tasks(dialect: str) -> sa.Select[Any]:
 
 
 _lock_tasks = prebuilt(_locked_tasks)
+# Another API client's task holding a provider task (_decide: an id a callback names).
+_HELD_ELSEWHERE = (
+    sa.select(TASK.c.id)
+    .where(
+        TASK.c.provider == sa.bindparam("provider"),
+        TASK.c.provider_task_id == sa.bindparam("provider_task_id"),
+        TASK.c.owner != sa.bindparam("owner"),
+    )
+    .limit(1)
+)
+_PG_HELD_ELSEWHERE = DriverSQL(_HELD_ELSEWHERE)
+# Where a provider task id comes from a client, not from the provider's answer to TaskRelay:
+# a callback (anyone with the task's callback URL, its client first) or the API.
+_CLAIMED_BY_A_CLIENT = (UpdateSource.callback, UpdateSource.api)
 # PostgreSQL's pipeline (_apply_pipelined): the same statements on the driver's connection.
 _PG_LOCK = DriverSQL(_locked_tasks("postgresql"))
 _PG_SUBSCRIPTIONS = DriverSQL(SUBSCRIPTIONS_OF_TASKS)
@@ -192,7 +206,13 @@ def apply_updates(
         _lock_tasks(connection), {"ids": listed(connection.dialect.name, ids)}
     )
     now = store.clock()
-    decided = _decide(store, requests, {row[1]: TaskRow(*row) for row in rows}, now)
+
+    def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
+        values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
+        return connection.execute(_HELD_ELSEWHERE, values).first() is not None
+
+    tasks = {row[1]: TaskRow(*row) for row in rows}
+    decided = _decide(store, requests, tasks, now, held_elsewhere)
     if decided.touched:
         _UPDATE_TASK.execute(connection, decided.task_values())
     if decided.events:
@@ -237,7 +257,18 @@ def _apply_pipelined(
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
         now = store.clock()
-        decided = _decide(store, requests, {row[1]: TaskRow(*lock.row(row)) for row in rows}, now)
+        held = _PG_HELD_ELSEWHERE.on(dialect)
+
+        def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
+            # Rare (a callback naming the task's provider id for the first time): a round
+            # trip of its own.
+            values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
+            cursor = driver.cursor()
+            cursor.execute(held.sql, held.params(values))
+            return cursor.fetchone() is not None
+
+        tasks = {row[1]: TaskRow(*lock.row(row)) for row in rows}
+        decided = _decide(store, requests, tasks, now, held_elsewhere)
         _executemany(driver, _UPDATE_TASK.driven.on(dialect), decided.task_values())
         events_cursor = _executemany(driver, _PG_INSERT_EVENT.on(dialect), decided.events)
         matches = match_subscriptions(decided.new_events, subscriptions)
@@ -297,6 +328,18 @@ def _executemany(
     return cursor
 
 
+def _another_clients(provider: str, provider_task_id: str) -> Conflict:
+    """A client-supplied provider task id that another API client's task holds: TaskRelay
+    asks providers with its own keys, whoever asks, so taking it would hand that client's
+    results to this one (as tracking it or setting it by PATCH would)."""
+    return Conflict(
+        f"Provider task {provider_task_id!r} at {provider} belongs to another API client of "
+        "this TaskRelay: a task may follow only a provider task of its own client. Nothing "
+        "was changed.",
+        code="tracked_by_another_client",
+    )
+
+
 def _returned(cursor: psycopg.Cursor[Any]) -> list[Any]:
     """The one value each statement of an ``executemany(..., returning=True)`` returned."""
     values = []
@@ -309,12 +352,18 @@ def _returned(cursor: psycopg.Cursor[Any]) -> list[Any]:
 
 
 def _decide(
-    store: Store, requests: Sequence[UpdateRequest], tasks: Mapping[str, TaskRow], now: datetime
+    store: Store,
+    requests: Sequence[UpdateRequest],
+    tasks: Mapping[str, TaskRow],
+    now: datetime,
+    held_elsewhere: Callable[[str, str, str], bool],
 ) -> _Decided:
     """Run each request through the state machine, in arrival order, on ``tasks`` (the
-    batch's locked tasks by id, changed in place)."""
+    batch's locked tasks by id, changed in place). ``held_elsewhere(provider, provider task
+    id, owner)``: whether another client's task holds that provider task."""
     decided = _Decided([], {}, [], [], [])
     results, receipts = decided.results, decided.receipts
+    claimed: dict[tuple[str, str], str] = {}  # provider tasks given to a task in this batch
     for request in requests:
         task = tasks.get(request.task_id)
         if task is None:
@@ -333,6 +382,15 @@ def _decide(
             results.append(too_long)
             continue
         try:
+            new_id = update.provider_task_id
+            if new_id and task.provider_task_id is None:
+                key = (task.provider, new_id)
+                if request.source in _CLAIMED_BY_A_CLIENT and (
+                    claimed.get(key, task.owner) != task.owner
+                    or held_elsewhere(task.provider, new_id, task.owner)
+                ):
+                    raise _another_clients(task.provider, new_id)
+                claimed[key] = task.owner
             change = decide(task_state(task), update)
         except Conflict as exc:
             if receipt is not None:

@@ -24,11 +24,16 @@ from service.errors import (
     TaskRelayError,
     UnsupportedMediaType,
 )
-from service.providers.parsing import UnstorableJSON, loads_storable
+from service.providers.parsing import (
+    MAX_JSON_DEPTH,
+    UnstorableJSON,
+    depth_ok,
+    loads_storable,
+    too_deep,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_DEPTH = 64
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -99,19 +104,6 @@ async def read_body(request: Request, limit: int, *, keep_prefix: bool = False) 
     return b"".join(chunks)
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return True
-
-
 def decode_json(body: bytes, *, what: str = "request body") -> Any:
     try:
         text = body.decode("utf-8-sig")
@@ -123,12 +115,12 @@ def decode_json(body: bytes, *, what: str = "request body") -> Any:
         value = loads_storable(text)
     except UnstorableJSON as exc:
         raise BadRequest(f"The {what} cannot be accepted: {exc}.", code="invalid_json") from exc
-    except (ValueError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise BadRequest(too_deep(MAX_JSON_DEPTH, what), code="invalid_json") from exc
+    except ValueError as exc:
         raise BadRequest(f"The {what} is not valid JSON: {exc}.", code="invalid_json") from exc
-    if not _depth_ok(value, MAX_JSON_DEPTH):
-        raise BadRequest(
-            f"The {what} is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json"
-        )
+    if not depth_ok(value, MAX_JSON_DEPTH):
+        raise BadRequest(too_deep(MAX_JSON_DEPTH, what), code="invalid_json")
     return value
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from service.runtime import Runtime
 from service.schemas import CallbackPage
-from tests.conftest import ALICE, auth, error_code
+from tests.conftest import ALICE, BOB, auth, error_code
 
 
 def evolink_body(status: str, progress: int = 0, **extra: Any) -> dict[str, Any]:
@@ -80,6 +80,74 @@ async def test_callback_completes_a_task_and_learns_its_provider_id(
     (receipt,) = await receipts(client, task_id)
     assert receipt["outcome"] == "applied"
     assert json.loads(receipt["body"]) == DONE
+
+
+async def test_a_callback_cannot_give_a_task_another_clients_provider_task(
+    client: httpx.AsyncClient,
+) -> None:
+    """A client holds its tracked task's callback URL, and can post to it: naming a provider
+    task another client holds there would hand that client's results to this one (TaskRelay
+    asks providers with its own keys). Refused as tracking it is; the body kept for audit."""
+    bobs = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": "p-bob"},
+        headers=auth(BOB),
+    )
+    assert bobs.status_code == 201
+    task_id, path = await tracked(client)
+    response = await client.post(path, json=evolink_body("processing", 10, id="p-bob"))
+    assert response.status_code == 409
+    assert error_code(response) == "tracked_by_another_client"
+    task = await get(client, task_id)
+    assert task["provider_task_id"] is None and task["status"] == "queued"
+    (receipt,) = await receipts(client, task_id)
+    assert receipt["outcome"] == "rejected"
+    # The client's own provider task is still learned from a callback.
+    response = await client.post(path, json=evolink_body("processing", 10, id="p-alice"))
+    assert response.status_code == 200
+    assert (await get(client, task_id))["provider_task_id"] == "p-alice"
+
+
+async def test_two_clients_callbacks_racing_for_one_provider_task_give_it_to_one(
+    client: httpx.AsyncClient,
+) -> None:
+    """Both at once, in one batch of the writer or in two: exactly one task gets it."""
+    alices, alice_path = await tracked(client)
+    bobs = (
+        await client.post("/v1/tasks/track", json={"provider": "evolink"}, headers=auth(BOB))
+    ).json()
+    bob_path = httpx.URL(bobs["callback_url"]).path
+    body = evolink_body("processing", 10, id="p-contested")
+    answers = await asyncio.gather(
+        client.post(alice_path, json=body), client.post(bob_path, json=body)
+    )
+    assert sorted(answer.status_code for answer in answers) == [200, 409], answers
+    holders = [
+        (await get(client, alices))["provider_task_id"],
+        (await client.get(f"/v1/tasks/{bobs['id']}", headers=auth(BOB))).json()["provider_task_id"],
+    ]
+    assert sorted(holders, key=str) == sorted([None, "p-contested"], key=str)
+
+
+@pytest.mark.parametrize("levels", [65, 5000])
+async def test_a_callback_nested_too_deep_is_a_clear_400(
+    client: httpx.AsyncClient, levels: int
+) -> None:
+    """At most 64 levels, as for the management API; the message says so, not how the
+    parser ran out of stack. The body is kept for audit."""
+    task_id, path = await tracked(client)
+    deep = "[" * levels + "]" * levels
+    body = json.dumps(evolink_body("processing", 10)).replace('"type"', f'"deep": {deep}, "type"')
+    response = await client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert error_code(response) == "callback_unparseable"
+    message = response.json()["error"]["message"]
+    assert "nested deeper than 64 levels" in message and "recursion" not in message
+    assert [r["outcome"] for r in await receipts(client, task_id)] == ["rejected"]
+    api = await client.post(
+        "/v1/tasks", content=deep, headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert api.status_code == 400 and "nested deeper than 64 levels" in api.text
 
 
 async def test_duplicate_and_out_of_order_callbacks_change_nothing(

@@ -523,6 +523,24 @@ def _mended(value: Any) -> Any:
     return value
 
 
+# The deepest JSON TaskRelay takes (a request body, a callback): no real body comes near it.
+MAX_JSON_DEPTH = 64
+
+
+def depth_ok(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` levels of objects and arrays."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return True
+
+
 def parse_json_body(body: bytes) -> Any:
     """Callback bodies: JSON, UTF-8 (a BOM tolerated). Anything else is a CallbackParseError."""
     try:
@@ -532,11 +550,20 @@ def parse_json_body(body: bytes) -> Any:
     if not text.strip():
         raise CallbackParseError("The callback body is empty; expected a JSON object.")
     try:
-        return loads_provider_json(text)
+        value = loads_provider_json(text)
     except UnstorableJSON as exc:
         raise CallbackParseError(f"The callback body cannot be accepted: {exc}.") from exc
-    except (ValueError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise CallbackParseError(too_deep(MAX_JSON_DEPTH)) from exc
+    except ValueError as exc:
         raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
+    if not depth_ok(value, MAX_JSON_DEPTH):
+        raise CallbackParseError(too_deep(MAX_JSON_DEPTH))
+    return value
+
+
+def too_deep(limit: int, what: str = "callback body") -> str:
+    return f"The {what} is nested deeper than {limit} levels of objects and arrays."
 
 
 def parse_callback(
