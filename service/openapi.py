@@ -207,6 +207,10 @@ def _event_paths() -> dict[str, Any]:
                         "description": "text/event-stream",
                         "content": {"text/event-stream": {}},
                     },
+                    "204": {
+                        "description": "Resumed (Last-Event-ID) after the task's final event: "
+                        "nothing more will come; an EventSource stops reconnecting"
+                    },
                     **_errors(401, 404),
                     "429": {
                         **_json(

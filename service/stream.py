@@ -558,6 +558,13 @@ async def stream_task(request: Request) -> Response:
     resume_from = request.headers.get("last-event-id")
     if resume_from:
         listener.last_seq = next((e.seq or 0 for e in events if e.id == resume_from), 0)
+        caught_up = all((e.seq or 0) <= listener.last_seq for e in events)
+        if caught_up and TaskStatus(task["status"]) in TERMINAL_STATUSES:
+            # Resumed after the final event: nothing more will ever come. 204 is what tells
+            # an EventSource to stop reconnecting; a stream that ends has it back in 2 s,
+            # for ever.
+            signal.close(listener)
+            return Response(status_code=204)
     elif events:
         listener.last_seq = events[-1].seq or 0
 
@@ -566,8 +573,6 @@ async def stream_task(request: Request) -> Response:
             yield b"retry: 2000\n\n"
             if resume_from:
                 backlog = [e for e in events if (e.seq or 0) > listener.last_seq]
-                if not backlog and TaskStatus(task["status"]) in TERMINAL_STATUSES:
-                    return  # resumed after the final event: nothing more will come
             else:
                 state = {"type": "task.state", "timestamp": task["updated_at"], "data": task}
                 yield _frame("task.state", state, events[-1].id if events else None)
