@@ -142,6 +142,28 @@ def insert(database: str, table: str, **values: object) -> None:
         engine.dispose()
 
 
+def insert_task(database: str, *, pk: int = 1, **values: object) -> None:
+    """A task row with the columns of revision 0001 (the later ones have defaults), tracked
+    at EvoLink for alice unless ``values`` say otherwise."""
+    row: dict[str, object] = {
+        "pk": pk,
+        "id": f"tsk_{pk}",
+        "owner": "alice",
+        "provider": "evolink",
+        "origin": "tracked",
+        "status": "queued",
+        "progress": 0,
+        "request": "{}",
+        "images": "[]",
+        "metadata": "{}",
+        "last_update_source": "callback",
+        "submit_attempts": 0,
+        "created_at": AT,
+        "updated_at": AT,
+    }
+    insert(database, "task", **{**row, **values})
+
+
 def test_every_migration_keeps_the_rows_up_and_down(empty_database: str) -> None:
     """Each step up from the first revision and back down keeps every row of every table it
     does not drop (a row in each, from the revision that adds the table). On SQLite, Alembic
@@ -150,24 +172,7 @@ def test_every_migration_keeps_the_rows_up_and_down(empty_database: str) -> None
     DELETE CASCADE), while the migration said it succeeded."""
     url = empty_database
     migrate(url, "0001")
-    insert(
-        url,
-        "task",
-        pk=1,
-        id="tsk_1",
-        owner="alice",
-        provider="evolink",
-        origin="tracked",
-        status="succeeded",
-        progress=100,
-        request="{}",
-        images="[]",
-        metadata="{}",
-        last_update_source="callback",
-        submit_attempts=0,
-        created_at=AT,
-        updated_at=AT,
-    )
+    insert_task(url, status="succeeded", progress=100)
     insert(
         url,
         "task_event",
@@ -501,25 +506,15 @@ def test_a_downgrade_that_would_delete_stored_data_is_refused_and_names_it(
     url = empty_database
     head = head_revision(url)
     migrate(url)
-    common = {"origin": "submitted", "request": "{}", "images": "[]", "metadata": "{}"}
     for pk, status, retry_at in ((1, "queued", AT), (2, "succeeded", None)):
-        insert(
+        insert_task(
             url,
-            "task",
             pk=pk,
-            id=f"tsk_{pk}",
-            owner="alice",
-            provider="evolink",
+            origin="submitted",
             status=status,
-            progress=0,
             last_update_source="api",
             submit_attempts=1,
             submit_retry_at=retry_at,
-            created_at=AT,
-            updated_at=AT,
-            poll_count=0,
-            poll_errors=0,
-            **common,
         )
     insert(
         url,
@@ -631,26 +626,7 @@ def test_the_guards_lock_does_not_deadlock_a_replica_updating_a_row_it_locked(
     the DROP's own, deadlocked it), and then the downgrade goes on."""
     url = empty_postgres
     migrate(url, "0005")  # the next step down is the guarded one
-    insert(
-        url,
-        "task",
-        pk=1,
-        id="tsk_1",
-        owner="alice",
-        provider="evolink",
-        origin="tracked",
-        status="running",
-        progress=0,
-        request="{}",
-        images="[]",
-        metadata="{}",
-        last_update_source="callback",
-        submit_attempts=0,
-        created_at=AT,
-        updated_at=AT,
-        poll_count=0,
-        poll_errors=0,
-    )
+    insert_task(url, status="running")
     outcome: list[BaseException | Migrated] = []
 
     def run() -> None:
