@@ -216,6 +216,18 @@ def _only_its_submission(task: Task | TaskRow) -> bool:
     )
 
 
+def _awaiting_its_answer(task: Task | TaskRow) -> bool:
+    """Whether ``task`` was sent and no answer to its last attempt was recorded: nothing but
+    its submission has moved it, with no provider task id (with one, the answer came and the
+    task waits at its provider) and no retry planned (the last answer was a refusal)."""
+    return (
+        _only_its_submission(task)
+        and task.submit_attempts > 0  # 0: never sent, or the attempt taken back (unmark)
+        and task.provider_task_id is None
+        and task.submit_retry_at is None
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     """A task leased to one scheduler worker for one look."""
@@ -978,12 +990,7 @@ class Store:
         planned (no answer to that attempt was recorded), if given."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            unanswered = (
-                _only_its_submission(task)
-                and task.submit_attempts > 0
-                and task.provider_task_id is None  # an id: the answer came (its task waits)
-                and task.submit_retry_at is None  # a retry planned: the last answer was a refusal
-            )
+            unanswered = _awaiting_its_answer(task)
             change = expire(task_state(task), unsent if unsent and unanswered else reason)
             if change is None and task.next_check_at is not None:
                 self.plan(task, self.clock())  # final already: no look is left to make
@@ -1317,15 +1324,8 @@ class Store:
     def _answer_due(self, task: Task | TaskRow) -> datetime | None:
         """When the answer to ``task``'s last submission attempt is lost, if nothing but that
         answer could settle it: see :attr:`PollPolicy.answer_within`."""
-        if (
-            task.submit_answer_due_at is None  # a provider that calls back, or an older release
-            or not _only_its_submission(task)
-            or task.submit_attempts == 0  # an attempt taken back (unmark): sent again
-            or task.provider_task_id is not None  # an answer came: the task waits at its provider
-            or task.submit_retry_at is not None  # an answer came (a refusal): a retry is planned
-        ):
-            return None
-        return task.submit_answer_due_at
+        # None: a provider that calls back, or a task sent by a release before 0010.
+        return task.submit_answer_due_at if _awaiting_its_answer(task) else None
 
     def _followed_after_expiry(self, task: Task | TaskRow, now: datetime) -> bool:
         """Whether ``task`` expired because its submission's answer seemed lost
