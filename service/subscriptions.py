@@ -24,7 +24,7 @@ from service.schemas import (
     isoformat,
     parse_body,
 )
-from service.web import by_method, decode_json, json_response, read_body, read_json_object
+from service.web import by_method, json_response, read_json_object
 
 _STATUSES = {status.value for status in DeliveryStatus}
 
@@ -154,13 +154,8 @@ async def delete_subscription(request: Request) -> Response:
 
 async def _rotation(request: Request) -> timedelta:
     runtime = runtime_of(request)
-    raw = await read_body(request, runtime.settings.max_body_bytes)  # capped: never buffered whole
-    body: Any = decode_json(raw) if raw.strip() else {}
-    if not isinstance(body, dict):
-        raise ValidationFailed(
-            "The request body must be a JSON object.",
-            details=[{"field": "(body)", "message": "not an object"}],
-        )
+    # No body: the defaults. A body: JSON, as for every other endpoint.
+    body = await read_json_object(request, runtime.settings.max_body_bytes, optional=True)
     return timedelta(seconds=parse_body(SecretRotation, body).overlap_seconds)
 
 

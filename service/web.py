@@ -124,8 +124,15 @@ def decode_json(body: bytes, *, what: str = "request body") -> Any:
     return value
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """A management API body: ``application/json`` (415 otherwise), bounded, a JSON object."""
+async def read_json_object(
+    request: Request, limit: int, *, optional: bool = False
+) -> dict[str, Any]:
+    """A management API body: ``application/json`` (415 otherwise), bounded, a JSON object.
+    ``optional``: an empty body (any content type) is an empty object."""
+    if optional:
+        raw = await read_body(request, limit)
+        if not raw.strip():
+            return {}
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not (
@@ -135,7 +142,7 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
             f"Send the body as JSON with 'Content-Type: application/json' "
             f"(got {content_type or 'no Content-Type'!r})."
         )
-    value = decode_json(await read_body(request, limit))
+    value = decode_json(raw if optional else await read_body(request, limit))
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     return value

@@ -1123,6 +1123,26 @@ async def test_rotation_bodies_are_capped_too(harness: Harness) -> None:
     assert replay.status_code == 400
 
 
+async def test_rotation_bodies_are_json_objects_like_every_other_body(harness: Harness) -> None:
+    """The body is optional (the defaults), but one that is sent is JSON, as anywhere else:
+    415 for another content type, 400 invalid_json for a JSON that is no object."""
+    subscription = await harness.subscribe("typed")
+    for path in (
+        f"/v1/subscriptions/{subscription['id']}/rotate-secret",
+        "/v1/notify-secret/rotate",
+    ):
+        plain = await harness.client.post(
+            path,
+            content=b'{"overlap_seconds": 1}',
+            headers={**auth(), "Content-Type": "text/plain"},
+        )
+        assert plain.status_code == 415, (path, plain.text)
+        listed = await harness.client.post(path, json=[1], headers=auth())
+        assert listed.status_code == 400 and error_code(listed) == "invalid_json", path
+        empty = await harness.client.post(path, headers=auth())
+        assert empty.status_code == 200, (path, empty.text)
+
+
 async def test_a_claim_leases_only_what_each_subscriber_has_room_for(harness: Harness) -> None:
     """A busy subscriber's backlog is not leased beyond its room (it would only sit leased),
     and the claim fills its other slots with the other subscribers' deliveries."""
