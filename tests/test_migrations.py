@@ -85,15 +85,19 @@ def _predicate(text: str) -> str:
     return " ".join(text.replace("(", " ").replace(")", " ").split())
 
 
-def test_partial_indexes_have_the_models_predicates(empty_database: str) -> None:
-    migrate(empty_database)
-    dialect = sa.engine.make_url(empty_database).get_backend_name()
-    expected = {
+def models_partial_indexes(dialect: str) -> dict[tuple[str, str], str]:
+    """:func:`partial_indexes` as the models define them for ``dialect``."""
+    return {
         (table.name, str(index.name)): _predicate(str(index.dialect_options[dialect]["where"]))
         for table in SQLModel.metadata.tables.values()
         for index in table.indexes
         if index.dialect_options[dialect]["where"] is not None
     }
+
+
+def test_partial_indexes_have_the_models_predicates(empty_database: str) -> None:
+    migrate(empty_database)
+    expected = models_partial_indexes(sa.engine.make_url(empty_database).get_backend_name())
     assert expected  # the models have some
     assert partial_indexes(empty_database) == expected
 
@@ -627,20 +631,11 @@ def test_the_guards_lock_does_not_deadlock_a_replica_updating_a_row_it_locked(
     url = empty_postgres
     migrate(url, "0005")  # the next step down is the guarded one
     insert_task(url, status="running")
-    outcome: list[BaseException | Migrated] = []
-
-    def run() -> None:
-        try:
-            outcome.append(migrate(url, "0004"))
-        except BaseException as exc:
-            outcome.append(exc)
-
     replica_engine = make_engine(url)
     try:
         with replica_engine.connect() as replica:
             replica.execute(sa.text("SELECT pk FROM task WHERE id = 'tsk_1' FOR UPDATE")).all()
-            downgrading = threading.Thread(target=run)
-            downgrading.start()
+            downgrading, outcome = migrating_in_background(url, "0004")
             assert wait_for_lock_waiter(url, "task", downgrading), outcome
             replica.execute(sa.text("UPDATE task SET progress = 50 WHERE id = 'tsk_1'"))
             replica.commit()
@@ -663,14 +658,6 @@ def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
     whose index stayed)."""
     url = empty_postgres
     migrate(url)
-    outcome: list[BaseException | Migrated] = []
-
-    def run() -> None:
-        try:
-            outcome.append(migrate(url, "0002"))
-        except BaseException as exc:
-            outcome.append(exc)
-
     writer_engine = make_engine(url)
     try:
         with writer_engine.connect() as writer:
@@ -682,8 +669,7 @@ def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
                 ),
                 {"at": AT},
             )  # not committed yet
-            downgrading = threading.Thread(target=run)
-            downgrading.start()
+            downgrading, outcome = migrating_in_background(url, "0002")
             assert wait_for_lock_waiter(url, "subscription", downgrading), outcome
             writer.commit()
             downgrading.join(timeout=60)
@@ -696,12 +682,25 @@ def test_a_row_written_while_a_postgresql_downgrade_runs_is_not_deleted_unseen(
     assert row_counts(url)["subscription"] == 1
     migrate(url)
     assert schema_diff(url) == []
-    assert partial_indexes(url) == {
-        (table.name, str(index.name)): _predicate(str(index.dialect_options["postgresql"]["where"]))
-        for table in SQLModel.metadata.tables.values()
-        for index in table.indexes
-        if index.dialect_options["postgresql"]["where"] is not None
-    }
+    assert partial_indexes(url) == models_partial_indexes("postgresql")
+
+
+def migrating_in_background(
+    url: str, revision: str
+) -> tuple[threading.Thread, list[BaseException | Migrated]]:
+    """``migrate(url, revision)`` started in a thread; the list gets what it returned or
+    raised once it ends."""
+    outcome: list[BaseException | Migrated] = []
+
+    def run() -> None:
+        try:
+            outcome.append(migrate(url, revision))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, outcome
 
 
 def wait_for_lock_waiter(url: str, table: str, runner: threading.Thread) -> bool:
