@@ -129,10 +129,10 @@ async def read_json_object(
 ) -> dict[str, Any]:
     """A management API body: ``application/json`` (415 otherwise), bounded, a JSON object.
     ``optional``: an empty body (any content type) is an empty object."""
-    if optional:
-        raw = await read_body(request, limit)
-        if not raw.strip():
-            return {}
+    # Read first only when it may be empty: otherwise the content type is refused unread.
+    raw = await read_body(request, limit) if optional else None
+    if raw is not None and not raw.strip():
+        return {}
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not (
@@ -142,7 +142,7 @@ async def read_json_object(
             f"Send the body as JSON with 'Content-Type: application/json' "
             f"(got {content_type or 'no Content-Type'!r})."
         )
-    value = decode_json(raw if optional else await read_body(request, limit))
+    value = decode_json(raw if raw is not None else await read_body(request, limit))
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     return value
