@@ -54,6 +54,7 @@ from service.outbox import (
 )
 from service.schemas import task_json
 from service.store import (
+    HELD_ELSEWHERE,
     PROVIDER_TASK_ID_CHARS,
     ApplyResult,
     ReceiptDraft,
@@ -117,17 +118,7 @@ def _locked_tasks(dialect: str) -> sa.Select[Any]:
 
 
 _lock_tasks = prebuilt(_locked_tasks)
-# Another API client's task holding a provider task (_decide: an id a callback names).
-_HELD_ELSEWHERE = (
-    sa.select(TASK.c.id)
-    .where(
-        TASK.c.provider == sa.bindparam("provider"),
-        TASK.c.provider_task_id == sa.bindparam("provider_task_id"),
-        TASK.c.owner != sa.bindparam("owner"),
-    )
-    .limit(1)
-)
-_PG_HELD_ELSEWHERE = DriverSQL(_HELD_ELSEWHERE)
+_PG_HELD_ELSEWHERE = DriverSQL(HELD_ELSEWHERE)
 # Where a provider task id comes from a client, not from the provider's answer to TaskRelay:
 # a callback (anyone with the task's callback URL, its client first) or the API.
 _CLAIMED_BY_A_CLIENT = (UpdateSource.callback, UpdateSource.api)
@@ -209,7 +200,7 @@ def apply_updates(
 
     def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
         values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
-        return connection.execute(_HELD_ELSEWHERE, values).first() is not None
+        return connection.execute(HELD_ELSEWHERE, values).first() is not None
 
     tasks = {row[1]: TaskRow(*row) for row in rows}
     decided = _decide(store, requests, tasks, now, held_elsewhere)

@@ -261,6 +261,17 @@ def _unsent_query(dialect: str) -> sa.Select[Any]:
 
 
 _unsent_tasks = prebuilt(_unsent_query)
+# Another API client's task holding a provider task (refuse_another_clients, and the writer
+# for an id a callback names: service/ingest.py).
+HELD_ELSEWHERE = (
+    sa.select(_TASK.c.id)
+    .where(
+        _TASK.c.provider == sa.bindparam("provider"),
+        _TASK.c.provider_task_id == sa.bindparam("provider_task_id"),
+        _TASK.c.owner != sa.bindparam("owner"),
+    )
+    .limit(1)
+)
 _NO_CUT_OFF = datetime.max.replace(tzinfo=UTC)
 _DUE_TASKS = (
     sa.select(
@@ -768,9 +779,9 @@ class Store:
         """Conflict when another API client's task holds this provider task (the API's check
         before tracking it or setting it by PATCH): TaskRelay asks providers with its own keys,
         whoever asks, so tracking it would hand that client's results to this one."""
-        elsewhere = self._holding(provider, provider_task_id).where(Task.owner != owner)
+        values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
         with self.transaction(write=False) as session:
-            if session.exec(elsewhere).first() is not None:
+            if session.connection().execute(HELD_ELSEWHERE, values).first() is not None:
                 raise Conflict(
                     f"Provider task {provider_task_id!r} at {provider} belongs to another API "
                     "client of this TaskRelay: a client may track only the provider tasks it "

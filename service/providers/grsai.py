@@ -182,7 +182,7 @@ class GrsAIAdapter(TaskEndpointAdapter):
                 self.url(self.submit_path),
                 json=self.build_submit(request, None),
                 headers=headers,
-                timeout=STREAM_TIMEOUT,
+                timeout=self.submission_timeout(),
             ) as response:
                 if not response.is_success:
                     await response.aread()
