@@ -298,13 +298,22 @@ _MOVE_TO_PLAN = prebuilt(
     )
 )
 # Retention (prune_tasks): final tasks, the longest finished first; on PostgreSQL, rows
-# another replica is deleting at that moment are left to it.
+# another replica is deleting at that moment are left to it. A final task with a look still
+# planned is being followed (expired as unanswered, then its provider's task id came:
+# Store._followed_after_expiry) and is kept until its deadline is as old as the cut-off, so
+# the provider's final word still finds it; a look left planned on a final task by any other
+# path cannot keep it longer than that.
 _PRUNABLE = prebuilt(
     lambda dialect: (
         sa.select(_TASK.c.pk, _TASK.c.id)
         .where(
             _TASK.c.completed_at.is_not(None),  # ix_task_completed_at's predicate
             _TASK.c.completed_at < sa.bindparam("before"),
+            sa.or_(
+                _TASK.c.next_check_at.is_(None),
+                sa.func.coalesce(_TASK.c.deadline_at, _TASK.c.completed_at)
+                < sa.bindparam("before"),
+            ),
         )
         .order_by(_TASK.c.completed_at)
         .limit(sa.bindparam("limit", type_=sa.Integer))

@@ -28,6 +28,7 @@ from service.lifecycle import TaskUpdate
 from service.loops import Ticker
 from service.metrics import PREFIX, Metrics, render
 from service.models import Task, TaskOrigin, TaskStatus, UpdateSource
+from service.polling import PollPolicy
 from service.retention import RETRY_SECONDS, Pruner
 from service.settings import SettingsError
 from service.store import Store, new_id
@@ -205,6 +206,42 @@ def test_pruning_takes_the_longest_finished_first_in_batches(store: Store) -> No
     assert store.prune_tasks(cut_off, limit=2) == []
     # Finished exactly at the cut-off, or after it: kept.
     assert [store.get_task("alice", task_id)["id"] for task_id in kept] == kept
+
+
+def test_a_task_followed_after_its_expiry_is_kept_until_its_deadline(database_url: str) -> None:
+    """A GrsAI task expired because its submission's answer seemed lost, and then the answer
+    came with GrsAI's task id: it is final (expired) but followed until its deadline, here
+    longer than the retention. Retention keeps it until that deadline is past the cut-off, so
+    GrsAI's final word still finds it; a task finished at the same moment and not followed
+    is deleted."""
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    policies = {"grsai": PollPolicy(60, 3 * DAY, answer_within=640.0)}
+    store = Store(make_engine(database_url), clock=lambda: now, policies=policies)
+    try:
+        followed = store.create_task(
+            owner="alice", provider="grsai", origin=TaskOrigin.submitted, request={}, metadata={}
+        ).task["id"]
+        assert store.mark_submit_attempt(followed, 1)
+        plain = finished(store, 1, now + timedelta(seconds=640))[0]
+        now += timedelta(seconds=640)
+        assert store.expire_unanswered(followed, "lost") is not None
+        store.apply_update(followed, TaskUpdate(provider_task_id="g-1"), UpdateSource.submit)
+        task = store.get_task("alice", followed)
+        assert task["status"] == "expired" and task["provider_task_id"] == "g-1"
+        with store.engine.connect() as connection:
+            next_check_at = connection.execute(
+                sa.select(Task.next_check_at).where(Task.id == followed)  # type: ignore[call-overload]
+            ).scalar_one()
+        assert next_check_at is not None  # followed: GrsAI is asked again
+
+        deadline = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(days=3)
+        assert store.prune_tasks(now + timedelta(days=1)) == [plain]
+        assert store.prune_tasks(deadline) == []  # not before its deadline has passed
+        assert store.get_task("alice", followed)["status"] == "expired"
+        # Past it, the task is deleted, even with the look its deadline ends still planned.
+        assert store.prune_tasks(deadline + timedelta(seconds=1)) == [followed]
+    finally:
+        store.engine.dispose()
 
 
 async def test_a_sweep_goes_on_while_its_batches_come_back_full(
