@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -123,8 +124,38 @@ def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FUL
             pool_recycle=1800,
             connect_args={"connect_timeout": 5},
         )
+        event.listen(engine, "handle_error", _drop_stuck_connection)
     _translate_storage_faults(engine)
     return engine
+
+
+def _drop_stuck_connection(context: sa.engine.ExceptionContext) -> None:
+    """A psycopg connection an error left mid-command is dropped, as a lost one is.
+
+    When the server goes away in the middle of a command (an outage, a restart), psycopg can
+    raise with libpq still waiting for that command's results, or still in pipeline mode (the
+    one psycopg's ``executemany`` runs in: its exit fails "while busy") before it has seen
+    the socket close. The connection is not yet "broken", so SQLAlchemy would roll it back
+    and hand it back to the pool, and that ROLLBACK fails too ("another command is already in
+    progress", "PQsendQuery not allowed in pipeline mode"): an error traceback in the log, and
+    the rollback's error raised in place of the first one. Marked a disconnect, it is closed
+    instead (this connection only: the others are checked by the pool's ping)."""
+    connection = context.connection
+    if connection is None or connection.invalidated:
+        return
+    try:
+        driver = connection.connection.driver_connection
+    except sa.exc.SQLAlchemyError:
+        return
+    pgconn = getattr(driver, "pgconn", None)
+    if pgconn is None:
+        return
+    if (
+        pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
+        or pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+    ):
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

@@ -759,6 +759,37 @@ def test_batches_survive_connections_killed_at_random(
     store.engine.dispose()
 
 
+@pytest.mark.parametrize("stuck", ["mid-command", "in pipeline mode"])
+def test_a_connection_an_error_leaves_mid_command_is_dropped_not_reset(
+    postgres_url: str, stuck: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server going away mid-command can leave psycopg raising while libpq still waits for
+    that command's results, or is still in the pipeline mode of psycopg's ``executemany``
+    (seen in the outage test: an outbox record's executemany). The connection is dropped as a
+    lost one: the statement's own error is raised, not the pool's failed ROLLBACK ("another
+    command is already in progress"), nothing is logged as an error, and the pool hands out
+    working connections. Here the states are made on purpose, with libpq's own calls."""
+    engine = make_engine(postgres_url)
+    caplog.set_level(logging.WARNING)
+    try:
+        with pytest.raises(sa.exc.OperationalError) as raised, engine.connect() as connection:
+            pgconn = connection.connection.driver_connection.pgconn  # type: ignore[union-attr]
+            if stuck == "in pipeline mode":
+                pgconn.enter_pipeline_mode()
+                pgconn.send_query_params(b"SELECT pg_sleep(0.05)", None)
+            else:
+                pgconn.send_query(b"SELECT pg_sleep(0.05)")
+            connection.execute(sa.text("SELECT 1"))
+        assert "[SQL: SELECT 1]" in str(raised.value)  # the statement's error, not ROLLBACK's
+        assert raised.value.connection_invalidated
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert not errors, [(r.name, r.getMessage()) for r in errors[:3]]
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT 2")).scalar_one() == 2
+    finally:
+        engine.dispose()
+
+
 def test_the_pipeline_finds_subscriptions_through_indexes(postgres_url: str) -> None:
     """The subscriptions query sent with the lock on the tasks reads the clients' endpoint
     subscriptions and these tasks' notify_url ones each through its index, never every
