@@ -147,10 +147,6 @@ async def track_task(request: Request) -> Response:
     _check_metadata(runtime, spec.metadata)
     notify_url = await _notify_url(runtime, spec.notify_url)
     key = _idempotency_key(request)
-    if spec.provider_task_id is not None:
-        await run_in_threadpool(
-            runtime.store.refuse_another_clients, owner, spec.provider, spec.provider_task_id
-        )
     result = await run_in_threadpool(
         runtime.store.create_task,
         notify_url=notify_url,
@@ -189,16 +185,6 @@ async def patch_task(request: Request) -> Response:
             details=[{"field": "(body)", "message": "no updatable field given"}],
         )
     _check_metadata(runtime, spec.metadata)
-    if spec.provider_task_id is not None:
-        current = await run_in_threadpool(
-            runtime.store.get_task, owner, request.path_params["task_id"]
-        )
-        await run_in_threadpool(
-            runtime.store.refuse_another_clients,
-            owner,
-            current["provider"],
-            spec.provider_task_id,
-        )
     task = await run_in_threadpool(
         runtime.store.patch_task,
         owner,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -54,6 +55,7 @@ from service.outbox import (
 )
 from service.schemas import task_json
 from service.store import (
+    CLAIM_LOCK,
     HELD_ELSEWHERE,
     PROVIDER_TASK_ID_CHARS,
     ApplyResult,
@@ -61,6 +63,7 @@ from service.store import (
     Store,
     Written,
     event_row,
+    held_elsewhere,
     task_state,
     transition,
 )
@@ -119,6 +122,7 @@ def _locked_tasks(dialect: str) -> sa.Select[Any]:
 
 _lock_tasks = prebuilt(_locked_tasks)
 _PG_HELD_ELSEWHERE = DriverSQL(HELD_ELSEWHERE)
+_PG_CLAIM_LOCK = DriverSQL(CLAIM_LOCK)
 # Where a provider task id comes from a client, not from the provider's answer to TaskRelay:
 # a callback (anyone with the task's callback URL, its client first) or the API.
 _CLAIMED_BY_A_CLIENT = (UpdateSource.callback, UpdateSource.api)
@@ -198,12 +202,8 @@ def apply_updates(
     )
     now = store.clock()
 
-    def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
-        values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
-        return connection.execute(HELD_ELSEWHERE, values).first() is not None
-
     tasks = {row[1]: TaskRow(*row) for row in rows}
-    decided = _decide(store, requests, tasks, now, held_elsewhere)
+    decided = _decide(store, requests, tasks, now, partial(held_elsewhere, connection))
     if decided.touched:
         _UPDATE_TASK.execute(connection, decided.task_values())
     if decided.events:
@@ -248,12 +248,13 @@ def _apply_pipelined(
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
         now = store.clock()
-        held = _PG_HELD_ELSEWHERE.on(dialect)
+        claim, held = _PG_CLAIM_LOCK.on(dialect), _PG_HELD_ELSEWHERE.on(dialect)
 
         def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
             # Rare (a callback naming the task's provider id for the first time): a round
-            # trip of its own.
+            # trip of its own, the claim's lock and then the read (store.held_elsewhere).
             values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
+            driver.cursor().execute(claim.sql, claim.params(values))
             cursor = driver.cursor()
             cursor.execute(held.sql, held.params(values))
             return cursor.fetchone() is not None

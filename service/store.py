@@ -261,8 +261,8 @@ def _unsent_query(dialect: str) -> sa.Select[Any]:
 
 
 _unsent_tasks = prebuilt(_unsent_query)
-# Another API client's task holding a provider task (refuse_another_clients, and the writer
-# for an id a callback names: service/ingest.py).
+# Another API client's task holding a provider task (held_elsewhere: tracking, PATCH, and
+# the writer for an id a callback names, service/ingest.py).
 HELD_ELSEWHERE = (
     sa.select(_TASK.c.id)
     .where(
@@ -272,6 +272,42 @@ HELD_ELSEWHERE = (
     )
     .limit(1)
 )
+# PostgreSQL: the lock a transaction giving a task a client-supplied provider task id holds
+# on that id until it ends, taken before HELD_ELSEWHERE reads (a statement of its own, so the
+# read's snapshot is taken after the wait). Two clients' transactions claiming the same id at
+# once, on any replicas, take turns, and the second reads the first's task. Advisory locks of
+# two keys, the first CLAIM_LOCK_SPACE: a key space apart from the migration lock's one-key
+# lock; two ids hashing alike only take turns.
+CLAIM_LOCK_SPACE = 0x5452_4331
+CLAIM_LOCK = sa.select(
+    sa.func.pg_advisory_xact_lock(
+        sa.literal_column(str(CLAIM_LOCK_SPACE), sa.Integer()),
+        sa.func.hashtext(
+            sa.func.concat(
+                sa.bindparam("provider", type_=sa.String()),
+                ":",
+                sa.bindparam("provider_task_id", type_=sa.String()),
+            )
+        ),
+    )
+)
+
+
+def held_elsewhere(
+    connection: sa.Connection, provider: str, provider_task_id: str, owner: str
+) -> bool:
+    """Whether another API client's task holds this provider task: checked, inside the write
+    transaction that would give it to one of ``owner``'s tasks, wherever a client supplies
+    the id (tracking, PATCH, a callback). TaskRelay asks providers with its own keys, whoever
+    asks, so taking it would hand that client's results to this one. On PostgreSQL the
+    claim's lock (:data:`CLAIM_LOCK`) is taken first; SQLite's write transactions run one at
+    a time (``BEGIN IMMEDIATE``)."""
+    values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
+    if connection.dialect.name == "postgresql":
+        connection.execute(CLAIM_LOCK, values)
+    return connection.execute(HELD_ELSEWHERE, values).first() is not None
+
+
 _NO_CUT_OFF = datetime.max.replace(tzinfo=UTC)
 _DUE_TASKS = (
     sa.select(
@@ -745,6 +781,7 @@ class Store:
                 return self._replay(existing, request_fingerprint)
         if provider_task_id is not None:
             self._ensure_not_tracked(session, owner, provider, provider_task_id)
+            self._refuse_another_clients(session, owner, provider, provider_task_id)
         return None
 
     @staticmethod
@@ -784,19 +821,19 @@ class Store:
                 details={"task_id": existing},
             )
 
-    def refuse_another_clients(self, owner: str, provider: str, provider_task_id: str) -> None:
-        """Conflict when another API client's task holds this provider task (the API's check
-        before tracking it or setting it by PATCH): TaskRelay asks providers with its own keys,
-        whoever asks, so tracking it would hand that client's results to this one."""
-        values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
-        with self.transaction(write=False) as session:
-            if session.connection().execute(HELD_ELSEWHERE, values).first() is not None:
-                raise Conflict(
-                    f"Provider task {provider_task_id!r} at {provider} belongs to another API "
-                    "client of this TaskRelay: a client may track only the provider tasks it "
-                    "submitted itself.",
-                    code="tracked_by_another_client",
-                )
+    @staticmethod
+    def _refuse_another_clients(
+        session: Session, owner: str, provider: str, provider_task_id: str
+    ) -> None:
+        """Conflict when another API client's task holds this provider task (tracking it, or
+        setting it by PATCH; :func:`held_elsewhere`)."""
+        if held_elsewhere(session.connection(), provider, provider_task_id, owner):
+            raise Conflict(
+                f"Provider task {provider_task_id!r} at {provider} belongs to another API "
+                "client of this TaskRelay: a client may track only the provider tasks it "
+                "submitted itself.",
+                code="tracked_by_another_client",
+            )
 
     def get_task(self, owner: str, task_id: str) -> dict[str, Any]:
         with self.transaction(write=False) as session:
@@ -926,6 +963,7 @@ class Store:
                         code="provider_task_id_set",
                     )
                 self._ensure_not_tracked(session, owner, task.provider, provider_task_id)
+                self._refuse_another_clients(session, owner, task.provider, provider_task_id)
                 task.provider_task_id = provider_task_id
                 self.plan(task, self.clock())
                 changed = True

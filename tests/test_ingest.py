@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,13 +82,18 @@ DONE = TaskUpdate(status=TaskStatus.succeeded, images=IMAGE)
 
 
 def snapshot(store: Store, owner: str, task_ids: list[str]) -> list[Any]:
-    """Everything an update can touch, without the ids that differ from task to task."""
+    """Everything an update can touch, without the ids that differ from task to task (twins
+    track provider tasks of their own: one client may not track another's)."""
     out = []
     for task_id in task_ids:
         task, events = store.task_with_events(owner, task_id)
-        task = {k: v for k, v in task.items() if k != "id"}
+        tracked = task["provider_task_id"]
+        task = {k: v for k, v in task.items() if k not in {"id", "provider_task_id"}}
         history = [(e.type, e.status, e.progress, e.source) for e in events]
-        receipts = [(r.outcome, r.error, r.body) for r in store.list_receipts(owner, task_id)[0]]
+        receipts = [
+            (r.outcome, r.error and r.error.replace(repr(tracked), "<tracked>"), r.body)
+            for r in store.list_receipts(owner, task_id)[0]
+        ]
         out.append((task, history, receipts))
     return out
 
@@ -121,7 +127,7 @@ def twin_updates(
     """Four twin tasks for alice and bob, and ``count`` random updates for alice's tasks with
     the same for bob's twins: (alice's task ids, her updates), (bob's, his)."""
     ids_a = [new_task(store, "alice", provider_task_id=f"p{i}") for i in range(4)]
-    ids_b = [new_task(store, "bob", provider_task_id=f"p{i}") for i in range(4)]
+    ids_b = [new_task(store, "bob", provider_task_id=f"q{i}") for i in range(4)]
     updates_a = random_updates(rng, ids_a, count)
     mapping = dict(zip(ids_a, ids_b, strict=True))
     updates_b = [
@@ -757,6 +763,63 @@ def test_batches_survive_connections_killed_at_random(
     for _ in range(store.engine.pool.size() + 1):
         assert all(isinstance(r, ApplyResult) for r in store.apply_updates(batch))
     store.engine.dispose()
+
+
+@pytest.mark.parametrize("path", ["track", "patch", "callback (pipeline)", "callback (statements)"])
+def test_two_clients_claiming_one_provider_task_on_two_replicas_take_turns(
+    postgres_url: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's transaction (another replica's) gives his task provider task ``p-race`` and has
+    not committed yet. Alice's claim of the same id, by tracking it, by PATCH, or by a
+    callback naming it (the writer's two paths), waits for his transaction instead of reading
+    around it, and is then refused: without the claim's lock both read "nobody holds it", and
+    both tasks got it, Alice's then polling Bob's results."""
+    if path == "callback (statements)":
+        monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    store, replica = make_store(postgres_url), make_store(postgres_url)
+    bobs = new_task(store, "bob")
+    alices = new_task(store, "alice")
+
+    def alice_claims() -> Any:
+        try:
+            if path == "track":
+                return new_task(store, "alice", provider_task_id="p-race")
+            if path == "patch":
+                return store.patch_task("alice", alices, provider_task_id="p-race", metadata=None)
+            update = TaskUpdate(provider_task_id="p-race", status=TaskStatus.running)
+            request = UpdateRequest(alices, update, UpdateSource.callback, receipt())
+            return store.apply_updates([request])[0]
+        except Conflict as exc:
+            return exc
+
+    with replica.engine.connect() as bob:
+        bob.begin()
+        assert not store_module.held_elsewhere(bob, "evolink", "p-race", "bob")
+        bob.execute(
+            sa.update(Task).where(Task.id == bobs).values(provider_task_id="p-race")  # type: ignore[arg-type]
+        )
+        with ThreadPoolExecutor(1) as pool:
+            claim = pool.submit(alice_claims)
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            with store.engine.connect() as watcher:
+                deadline = time.monotonic() + 10.0
+                while not watcher.execute(sa.text(waiting)).scalar_one():
+                    assert time.monotonic() < deadline, "Alice's claim did not wait for Bob's"
+                    assert not claim.done(), claim.result()
+                    time.sleep(0.01)
+            bob.commit()
+            result = claim.result(timeout=10)
+    assert isinstance(result, Conflict), result
+    assert result.code == "tracked_by_another_client"
+    assert store.get_task("bob", bobs)["provider_task_id"] == "p-race"
+    assert store.get_task("alice", alices)["provider_task_id"] is None
+    with store.engine.connect() as connection:
+        holders = connection.execute(
+            sa.select(Task.id).where(Task.provider_task_id == "p-race")  # type: ignore[call-overload]
+        ).scalars()
+        assert list(holders) == [bobs]  # and no task of Alice's was created with it
+    store.engine.dispose()
+    replica.engine.dispose()
 
 
 @pytest.mark.parametrize("stuck", ["mid-command", "in pipeline mode"])
