@@ -285,7 +285,7 @@ def _what_migrate_did(done: Migrated) -> str:
     if done.before == done.after:
         return f"the database schema is already at {done.after or 'base (no tables)'}: no change"
     if done.downgraded:
-        after = done.after or "base (every TaskRelay table removed)"
+        after = done.after or "base (every TaskRelay table removed; Alembic's own, empty, is left)"
         return f"database downgraded from {done.before} to {after}"
     return f"database upgraded from {done.before or 'nothing (an empty database)'} to {done.after}"
 

@@ -534,6 +534,16 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
             f"no schema revision given: name one (e.g. {head}), base, head, or -N (N back)."
         )
     relative = revision.startswith(("-", "+"))
+    if relative and not revision[1:].isdigit():
+        raise SchemaError(
+            f"there is no schema revision {revision!r} in this TaskRelay: a relative one is -N "
+            f"or +N with N a whole number of steps (its newest is {head})."
+        )
+    if relative and int(revision[1:]) == 0:
+        raise SchemaError(
+            f"{revision!r} moves the schema no step: give -N or +N with N at least 1, a "
+            f"revision, base or head (its newest is {head})."
+        )
     try:  # before the run: a revision that does not exist is no reason to touch the database
         target = None if relative or revision == "base" else script.get_revision(revision)
     except CommandError as exc:
@@ -565,7 +575,20 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
             found = move(revision, heads)  # type: ignore[arg-type]
         except CommandError as exc:  # a relative revision beyond either end
             found_at = current or "nothing (an empty database)"
-            raise SchemaError(f"cannot migrate to {revision!r} from {found_at}: {exc}.") from exc
+            if not relative:
+                message = f"cannot migrate to {revision!r} from {found_at}: {exc}."
+                raise SchemaError(message) from exc
+            up = revision.startswith("+")
+            newest_first = [step.revision for step in script.iterate_revisions(head, "base")]
+            if current is None:
+                steps_left = len(newest_first) if up else 0
+            else:
+                place = newest_first.index(current)
+                steps_left = place if up else len(newest_first) - place
+            raise SchemaError(
+                f"cannot move the schema {revision} steps from {found_at}: only {steps_left} "
+                f"lead {'up' if up else 'down'} from it (to {head if up else 'base'})."
+            ) from exc
         after = (found[-1].to_revisions or (None,))[0] if found else current
         if down and found and not discard_data:
             # Every step counted before the first runs, so that a refusal changes nothing;

@@ -611,6 +611,27 @@ def test_no_revision_is_one_clear_refusal(empty_database: str) -> None:
         migrate(empty_database, " ")
 
 
+@pytest.mark.parametrize(
+    ("revision", "message"),
+    [
+        ("+0", r"^'\+0' moves the schema no step: give -N or \+N with N at least 1"),
+        ("-0", r"^'-0' moves the schema no step"),
+        ("+two", r"^there is no schema revision '\+two' in this TaskRelay: a relative one is"),
+        ("+2", r"^cannot move the schema \+2 steps from 0009: only 1 lead up from it \(to 0010\)"),
+        ("-10", r"^cannot move the schema -10 steps from 0009: only 9 lead down from it \(to base"),
+    ],
+)
+def test_a_relative_revision_that_cannot_be_taken_says_why(
+    empty_database: str, revision: str, message: str
+) -> None:
+    """Not Alembic's "Relative revision +2 didn't produce 2 migrations": how many steps there
+    are, and nothing changed."""
+    migrate(empty_database, "0009")
+    with pytest.raises(SchemaError, match=message):
+        migrate(empty_database, revision)
+    assert current_revision_of(empty_database) == "0009"
+
+
 def test_a_part_of_a_revision_is_refused_not_taken_for_the_one_it_begins(
     empty_database: str,
 ) -> None:
