@@ -22,11 +22,10 @@ two round trips per batch instead of one per statement.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -55,15 +54,17 @@ from service.outbox import (
 )
 from service.schemas import task_json
 from service.store import (
-    CLAIM_LOCK,
-    HELD_ELSEWHERE,
+    CLAIM_LOCKS,
+    PG_HOLDERS,
     PROVIDER_TASK_ID_CHARS,
     ApplyResult,
     ReceiptDraft,
     Store,
     Written,
+    claim_keys,
     event_row,
-    held_elsewhere,
+    holders_of,
+    provider_task_holders,
     task_state,
     transition,
 )
@@ -121,8 +122,8 @@ def _locked_tasks(dialect: str) -> sa.Select[Any]:
 
 
 _lock_tasks = prebuilt(_locked_tasks)
-_PG_HELD_ELSEWHERE = DriverSQL(HELD_ELSEWHERE)
-_PG_CLAIM_LOCK = DriverSQL(CLAIM_LOCK)
+_PG_CLAIM_LOCKS = DriverSQL(CLAIM_LOCKS)
+_PG_HOLDERS = DriverSQL(PG_HOLDERS)
 # Where a provider task id comes from a client, not from the provider's answer to TaskRelay:
 # a callback (anyone with the task's callback URL, its client first) or the API.
 _CLAIMED_BY_A_CLIENT = (UpdateSource.callback, UpdateSource.api)
@@ -203,7 +204,8 @@ def apply_updates(
     now = store.clock()
 
     tasks = {row[1]: TaskRow(*row) for row in rows}
-    decided = _decide(store, requests, tasks, now, partial(held_elsewhere, connection))
+    holders = provider_task_holders(connection, _claims(requests, tasks))
+    decided = _decide(store, requests, tasks, now, holders)
     if decided.touched:
         _UPDATE_TASK.execute(connection, decided.task_values())
     if decided.events:
@@ -227,7 +229,9 @@ def _apply_pipelined(
     deliveries; ``bench/writer.py`` compares the two paths (the pipeline takes 0.7-0.9 of the
     time where deliveries are owed, and saves little without, on a loopback connection):
 
-    1. the lock on the tasks, and the subscriptions that may match their events;
+    1. the lock on the tasks, and the subscriptions that may match their events (and, when
+       callbacks name their tasks' provider ids for the first time, a round trip more: the
+       claims' locks and their holders, :func:`_pg_holders`);
     2. (after the state machine has run in memory) the tasks' writes, the events (their seqs
        returned), the receipts, and the COMMIT; when deliveries are owed, the coalescing
        UPDATEs instead of the COMMIT;
@@ -248,19 +252,9 @@ def _apply_pipelined(
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
         now = store.clock()
-        claim, held = _PG_CLAIM_LOCK.on(dialect), _PG_HELD_ELSEWHERE.on(dialect)
-
-        def held_elsewhere(provider: str, provider_task_id: str, owner: str) -> bool:
-            # Rare (a callback naming the task's provider id for the first time): a round
-            # trip of its own, the claim's lock and then the read (store.held_elsewhere).
-            values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
-            driver.cursor().execute(claim.sql, claim.params(values))
-            cursor = driver.cursor()
-            cursor.execute(held.sql, held.params(values))
-            return cursor.fetchone() is not None
-
         tasks = {row[1]: TaskRow(*lock.row(row)) for row in rows}
-        decided = _decide(store, requests, tasks, now, held_elsewhere)
+        holders = _pg_holders(driver, dialect, requests, tasks)  # a round trip, if any
+        decided = _decide(store, requests, tasks, now, holders)
         _executemany(driver, _UPDATE_TASK.driven.on(dialect), decided.task_values())
         events_cursor = _executemany(driver, _PG_INSERT_EVENT.on(dialect), decided.events)
         matches = match_subscriptions(decided.new_events, subscriptions)
@@ -306,6 +300,28 @@ def _pipeline(driver: psycopg.Connection[Any]) -> Iterator[None]:
         raise
 
 
+def _pg_holders(
+    driver: psycopg.Connection[Any],
+    dialect: sa.Dialect,
+    requests: Sequence[UpdateRequest],
+    tasks: Mapping[str, TaskRow],
+) -> dict[tuple[str, str], set[str]]:
+    """:func:`service.store.provider_task_holders` in the pipeline: rare (callbacks naming
+    their task's provider id for the first time), a round trip of its own for the batch."""
+    keys = _claims(requests, tasks)
+    if not keys:
+        return {}
+    locks, read = _PG_CLAIM_LOCKS.on(dialect), _PG_HOLDERS.on(dialect)
+    driver.cursor().execute(locks.sql, locks.params({"keys": claim_keys(keys)}))
+    cursor = driver.cursor()
+    values = {
+        "providers": list({provider for provider, _ in keys}),
+        "provider_task_ids": list({task_id for _, task_id in keys}),
+    }
+    cursor.execute(read.sql, read.params(values))
+    return holders_of((read.row(row) for row in cursor.fetchall()), keys)
+
+
 def _executemany(
     driver: psycopg.Connection[Any], statement: Driven, rows: Sequence[Mapping[str, Any]]
 ) -> psycopg.Cursor[Any] | None:
@@ -343,16 +359,46 @@ def _returned(cursor: psycopg.Cursor[Any]) -> list[Any]:
             return values
 
 
+def _claim(request: UpdateRequest, task: TaskRow) -> tuple[str, str] | None:
+    """The provider task ``request`` would give ``task`` from a client-supplied source (a
+    callback, the API), checked against the other clients' tasks first: (provider, its task
+    id), or None. A task holds one provider task for good; one the task holds already, or an
+    id too long to store (refused for that), is none."""
+    new_id = request.update.provider_task_id
+    if (
+        new_id
+        and task.provider_task_id is None
+        and request.source in _CLAIMED_BY_A_CLIENT
+        and len(new_id) <= PROVIDER_TASK_ID_CHARS
+    ):
+        return (task.provider, new_id)
+    return None
+
+
+def _claims(
+    requests: Sequence[UpdateRequest], tasks: Mapping[str, TaskRow]
+) -> set[tuple[str, str]]:
+    """Every provider task the batch's requests may give to a task (:func:`_claim`), as the
+    batch begins: its tasks' holders are read, and their claims locked, before it runs."""
+    keys = set()
+    for request in requests:
+        task = tasks.get(request.task_id)
+        key = _claim(request, task) if task is not None else None
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
 def _decide(
     store: Store,
     requests: Sequence[UpdateRequest],
     tasks: Mapping[str, TaskRow],
     now: datetime,
-    held_elsewhere: Callable[[str, str, str], bool],
+    holders: Mapping[tuple[str, str], set[str]],
 ) -> _Decided:
     """Run each request through the state machine, in arrival order, on ``tasks`` (the
-    batch's locked tasks by id, changed in place). ``held_elsewhere(provider, provider task
-    id, owner)``: whether another client's task holds that provider task."""
+    batch's locked tasks by id, changed in place). ``holders``: the API clients whose tasks
+    hold each provider task the batch's requests would give to a task (:func:`_claims`)."""
     decided = _Decided([], {}, [], [], [])
     results, receipts = decided.results, decided.receipts
     claimed: dict[tuple[str, str], str] = {}  # provider tasks given to a task in this batch
@@ -374,14 +420,12 @@ def _decide(
             results.append(too_long)
             continue
         try:
-            new_id = update.provider_task_id
-            if new_id and task.provider_task_id is None:
-                key = (task.provider, new_id)
-                if request.source in _CLAIMED_BY_A_CLIENT and (
-                    claimed.get(key, task.owner) != task.owner
-                    or held_elsewhere(task.provider, new_id, task.owner)
-                ):
-                    raise _another_clients(task.provider, new_id)
+            key = _claim(request, task)
+            if key is not None:
+                if claimed.get(key, task.owner) != task.owner or holders.get(key, set()) - {
+                    task.owner
+                }:
+                    raise _another_clients(*key)
                 claimed[key] = task.owner
             change = decide(task_state(task), update)
         except Conflict as exc:

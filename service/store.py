@@ -19,7 +19,7 @@ import random
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
@@ -261,51 +262,90 @@ def _unsent_query(dialect: str) -> sa.Select[Any]:
 
 
 _unsent_tasks = prebuilt(_unsent_query)
-# Another API client's task holding a provider task (held_elsewhere: tracking, PATCH, and
-# the writer for an id a callback names, service/ingest.py).
-HELD_ELSEWHERE = (
-    sa.select(_TASK.c.id)
-    .where(
-        _TASK.c.provider == sa.bindparam("provider"),
-        _TASK.c.provider_task_id == sa.bindparam("provider_task_id"),
-        _TASK.c.owner != sa.bindparam("owner"),
+
+
+# Who holds provider tasks (provider_task_holders): tasks of any client naming them, read
+# through ix_task_provider_task. The pairs asked about are a subset of the rows' providers
+# times their ids, filtered in memory.
+def _holders_query(dialect: str) -> sa.Select[Any]:
+    return sa.select(_TASK.c.provider, _TASK.c.provider_task_id, _TASK.c.owner).where(
+        one_of(dialect, _TASK.c.provider, "providers"),
+        one_of(dialect, _TASK.c.provider_task_id, "provider_task_ids"),
     )
-    .limit(1)
-)
-# PostgreSQL: the lock a transaction giving a task a client-supplied provider task id holds
-# on that id until it ends, taken before HELD_ELSEWHERE reads (a statement of its own, so the
-# read's snapshot is taken after the wait). Two clients' transactions claiming the same id at
-# once, on any replicas, take turns, and the second reads the first's task. Advisory locks of
+
+
+_HOLDERS = prebuilt(_holders_query)
+PG_HOLDERS = _holders_query("postgresql")
+# PostgreSQL: the locks a transaction giving tasks client-supplied provider task ids holds on
+# those ids until it ends, taken before the holders are read (a statement of their own, so the
+# read's snapshot is taken after any wait). Two clients' transactions claiming the same id at
+# once, on any replicas, take turns, and the second reads the first's task. Taken in the order
+# of the locks' keys, so two batches claiming the same ids cannot deadlock. Advisory locks of
 # two keys, the first CLAIM_LOCK_SPACE: a key space apart from the migration lock's one-key
 # lock; two ids hashing alike only take turns.
 CLAIM_LOCK_SPACE = 0x5452_4331
-CLAIM_LOCK = sa.select(
+_CLAIMED = (
+    sa.func.unnest(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String())))
+    .table_valued("key")
+    .render_derived()
+)
+_IN_LOCK_ORDER = (
+    sa.select(sa.func.hashtext(_CLAIMED.c.key).label("lock"))
+    .order_by(sa.func.hashtext(_CLAIMED.c.key))
+    .subquery()
+)
+CLAIM_LOCKS = sa.select(
     sa.func.pg_advisory_xact_lock(
-        sa.literal_column(str(CLAIM_LOCK_SPACE), sa.Integer()),
-        sa.func.hashtext(
-            sa.func.concat(
-                sa.bindparam("provider", type_=sa.String()),
-                ":",
-                sa.bindparam("provider_task_id", type_=sa.String()),
-            )
-        ),
+        sa.literal_column(str(CLAIM_LOCK_SPACE), sa.Integer()), _IN_LOCK_ORDER.c.lock
     )
 )
+
+
+def claim_keys(keys: Iterable[tuple[str, str]]) -> list[str]:
+    """The values of :data:`CLAIM_LOCKS`'s ``keys``: one text per (provider, provider task id)."""
+    return [f"{provider}:{provider_task_id}" for provider, provider_task_id in keys]
+
+
+def provider_task_holders(
+    connection: sa.Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], set[str]]:
+    """The API clients whose tasks hold each of these (provider, provider task id) pairs, for
+    a write transaction about to give them to tasks from a client-supplied source (tracking,
+    PATCH, a callback naming one): TaskRelay asks providers with its own keys, whoever asks,
+    so a provider task another client holds would hand that client's results to this one. On
+    PostgreSQL the claims' locks (:data:`CLAIM_LOCKS`) are taken first; SQLite's write
+    transactions run one at a time (``BEGIN IMMEDIATE``)."""
+    if not keys:
+        return {}
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(CLAIM_LOCKS, {"keys": claim_keys(keys)})
+    values = {
+        "providers": listed(dialect, {provider for provider, _ in keys}),
+        "provider_task_ids": listed(dialect, {task_id for _, task_id in keys}),
+    }
+    return holders_of(connection.execute(_HOLDERS(connection), values), keys)
+
+
+def holders_of(
+    rows: Iterable[Sequence[Any]], keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], set[str]]:
+    """The holders query's rows (provider, provider task id, owner) as the owners of each of
+    ``keys`` (the query reads every pair of their providers and ids)."""
+    holders: dict[tuple[str, str], set[str]] = {}
+    for provider, provider_task_id, owner in rows:
+        if (provider, provider_task_id) in keys:
+            holders.setdefault((provider, provider_task_id), set()).add(owner)
+    return holders
 
 
 def held_elsewhere(
     connection: sa.Connection, provider: str, provider_task_id: str, owner: str
 ) -> bool:
-    """Whether another API client's task holds this provider task: checked, inside the write
-    transaction that would give it to one of ``owner``'s tasks, wherever a client supplies
-    the id (tracking, PATCH, a callback). TaskRelay asks providers with its own keys, whoever
-    asks, so taking it would hand that client's results to this one. On PostgreSQL the
-    claim's lock (:data:`CLAIM_LOCK`) is taken first; SQLite's write transactions run one at
-    a time (``BEGIN IMMEDIATE``)."""
-    values = {"provider": provider, "provider_task_id": provider_task_id, "owner": owner}
-    if connection.dialect.name == "postgresql":
-        connection.execute(CLAIM_LOCK, values)
-    return connection.execute(HELD_ELSEWHERE, values).first() is not None
+    """Whether another API client's task holds this provider task
+    (:func:`provider_task_holders`, for one)."""
+    key = (provider, provider_task_id)
+    return bool(provider_task_holders(connection, {key}).get(key, set()) - {owner})
 
 
 _NO_CUT_OFF = datetime.max.replace(tzinfo=UTC)

@@ -822,6 +822,58 @@ def test_two_clients_claiming_one_provider_task_on_two_replicas_take_turns(
     replica.engine.dispose()
 
 
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipeline", "statements"])
+def test_two_batches_claiming_the_same_ids_in_opposite_orders_do_not_deadlock(
+    postgres_url: str, pipelined: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas' writers at once: Alice's batch names provider tasks A then B for two of
+    her tasks, Bob's names B then A for two of his. The claims' locks are taken in one order
+    whatever the batch's, so neither batch fails as a deadlock: each id goes to one client,
+    the other's callbacks are refused (409), and nothing is refused as unavailable."""
+    if not pipelined:
+        monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    stores = [make_store(postgres_url), make_store(postgres_url)]
+    try:
+        for round_ in range(15):
+            a, b = f"a-{round_}", f"b-{round_}"
+            alices = [new_task(stores[0], "alice") for _ in range(2)]
+            bobs = [new_task(stores[0], "bob") for _ in range(2)]
+            batches = [
+                [(alices[0], a), (alices[1], b)],
+                [(bobs[0], b), (bobs[1], a)],
+            ]
+            barrier = threading.Barrier(2)
+
+            def send(store: Store, batch: list[tuple[str, str]], barrier: threading.Barrier) -> Any:
+                requests = [
+                    UpdateRequest(
+                        task_id,
+                        TaskUpdate(provider_task_id=named, status=TaskStatus.running),
+                        UpdateSource.callback,
+                        receipt(),
+                    )
+                    for task_id, named in batch
+                ]
+                barrier.wait()
+                return store.apply_updates(requests)
+
+            with ThreadPoolExecutor(2) as pool:
+                sent = [pool.submit(send, stores[i], batches[i], barrier) for i in range(2)]
+                results = [r for future in sent for r in future.result()]
+            assert all(isinstance(r, ApplyResult | Conflict) for r in results), results
+            owners: dict[str, str] = {}  # provider task id: the client whose task holds it
+            for owner, task_ids in (("alice", alices), ("bob", bobs)):
+                for task_id in task_ids:
+                    held = stores[0].get_task(owner, task_id)["provider_task_id"]
+                    if held is not None:
+                        assert held not in owners, (held, owners)
+                        owners[held] = owner
+            assert set(owners) == {a, b}, owners
+    finally:
+        for store in stores:
+            store.engine.dispose()
+
+
 @pytest.mark.parametrize("stuck", ["mid-command", "in pipeline mode"])
 def test_a_connection_an_error_leaves_mid_command_is_dropped_not_reset(
     postgres_url: str, stuck: str, caplog: pytest.LogCaptureFixture
