@@ -520,16 +520,15 @@ def _frame(event: str, data: dict[str, Any], event_id: str | None = None) -> byt
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 class EventStreamResponse(StreamingResponse):
     """A streaming response that gives its stream slot back however the response ends: the
     last event, a client gone away, an error, or a body that never started."""
 
     def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        super().__init__(content, media_type="text/event-stream", headers=_STREAM_HEADERS)
         self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -545,6 +544,12 @@ async def stream_task(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     signal = runtime.event_signal
     store = runtime.store
+    if request.method == "HEAD":
+        # Starlette answers HEAD on every GET route. A HEAD's answer has no body, so its
+        # client is done at the headers: a stream behind it would hold a stream slot, and the
+        # connection, until the task ended. The headers a GET would have; no slot.
+        await run_in_threadpool(store.get_task, owner, task_id)  # a 404 as for GET
+        return Response(media_type="text/event-stream", headers=_STREAM_HEADERS)
     listener = signal.open(owner, task_id)
     try:
         # Listening, and the watcher primed, before the snapshot: whatever commits after it

@@ -505,6 +505,30 @@ async def test_the_stream_caps_answer_429_and_503_and_slots_come_back(
         assert relay.signal.open_count == 0
 
 
+async def test_a_head_request_holds_no_stream_slot(database_url: str, tmp_path: Path) -> None:
+    """Starlette answers HEAD on every GET route. A HEAD's client is done at the headers, so
+    it gets a GET's headers at once and no stream behind them: before, a stream ran on until
+    the task ended, holding a slot (and the connection) nobody would ever read."""
+    async with running(database_url, tmp_path, TASKRELAY_MAX_STREAMS_PER_CLIENT="1") as relay:
+        task_id = await relay.track()
+        for _ in range(3):
+            head = await asyncio.wait_for(
+                relay.client.head(f"/v1/tasks/{task_id}/stream", headers=auth()), 10
+            )
+            assert head.status_code == 200, head
+            assert head.headers["content-type"].startswith("text/event-stream")
+            assert head.headers["cache-control"] == "no-cache"
+            assert head.content == b""
+        assert relay.signal.open_count == 0
+        opened = await relay.stream(task_id).opened()  # the client's one slot is free
+        await opened.close()
+        own = f"/v1/tasks/{task_id}/stream"
+        for path, token in (("/v1/tasks/tsk_nope/stream", ALICE), (own, BOB)):
+            missing = await relay.client.head(path, headers=auth(token))
+            assert missing.status_code == 404, (path, missing)
+        assert (await relay.client.head(own)).status_code == 401
+
+
 async def test_a_database_outage_mid_stream_is_retried_and_other_errors_free_the_slot(
     relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
