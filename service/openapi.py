@@ -165,22 +165,57 @@ def _op(summary: str, op_id: str, responses: dict[str, Any], **extra: Any) -> di
     }
 
 
-def _event_paths() -> dict[str, Any]:
-    sub_params = [_SUBSCRIPTION_ID]
-    page = {
+def _delivery_page(item: dict[str, Any]) -> dict[str, Any]:
+    """The 200 answer of a list of deliveries, each shaped by ``item``."""
+    return {
         "description": "A page of deliveries",
         "content": {
             "application/json": {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "data": {"type": "array", "items": _ref("DeliveryOut")},
+                        "data": {"type": "array", "items": item},
                         "next_cursor": {"type": ["string", "null"]},
                     },
                 }
             }
         },
     }
+
+
+# A task's delivery: a subscription's (DeliveryOut), and which of the client's subscribers it
+# went to (a notify_url's subscription is never exposed: no id).
+_TASK_DELIVERY = {
+    "allOf": [
+        _ref("DeliveryOut"),
+        {
+            "type": "object",
+            "required": ["subscription_id", "target"],
+            "properties": {
+                "subscription_id": {
+                    "type": ["string", "null"],
+                    "description": "The endpoint subscription it went to; null for the "
+                    "task's notify_url",
+                },
+                "target": {"type": "string", "enum": ["endpoint", "notify_url"]},
+            },
+        },
+    ]
+}
+_DELIVERY_STATUS = {
+    "name": "status",
+    "in": "query",
+    "required": False,
+    "description": f"Only the deliveries in this status; {_ONCE}",
+    "schema": {
+        "type": "string",
+        "enum": ["pending", "succeeded", "dead", "coalesced"],
+    },
+}
+
+
+def _event_paths() -> dict[str, Any]:
+    sub_params = [_SUBSCRIPTION_ID]
     return {
         "/v1/tasks/{task_id}/refresh": {
             "post": _op(
@@ -300,18 +335,23 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "The subscription's deliveries, newest first",
                 "listDeliveries",
-                {"200": page, **_errors(400, 401, 404, 503)},
+                {"200": _delivery_page(_ref("DeliveryOut")), **_errors(400, 401, 404, 503)},
                 parameters=[
                     _SUBSCRIPTION_ID,
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "string",
-                            "enum": ["pending", "succeeded", "dead", "coalesced"],
-                        },
-                    },
+                    _DELIVERY_STATUS,
+                    *_page_params("Deliveries", DEFAULT_PAGE_SIZE),
+                ],
+            )
+        },
+        "/v1/tasks/{task_id}/deliveries": {
+            "get": _op(
+                "The task's deliveries to your subscribers (its notify_url and your "
+                "endpoints), newest first",
+                "listTaskDeliveries",
+                {"200": _delivery_page(_TASK_DELIVERY), **_errors(400, 401, 404, 503)},
+                parameters=[
+                    _TASK_ID,
+                    _DELIVERY_STATUS,
                     *_page_params("Deliveries", DEFAULT_PAGE_SIZE),
                 ],
             )

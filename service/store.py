@@ -877,7 +877,7 @@ class Store:
 
     def get_task(self, owner: str, task_id: str) -> dict[str, Any]:
         with self.transaction(write=False) as session:
-            return task_json(self._owned(session, owner, task_id))
+            return task_json(self.owned(session, owner, task_id))
 
     def find_task(self, task_id: str) -> dict[str, Any] | None:
         """A task by id whoever owns it (internal use: callbacks, background work)."""
@@ -888,7 +888,9 @@ class Store:
             return None if task is None else task_json(task)
 
     @staticmethod
-    def _owned(session: Session, owner: str, task_id: str, *, lock: bool = False) -> Task:
+    def owned(session: Session, owner: str, task_id: str, *, lock: bool = False) -> Task:
+        """The client's task ``task_id`` read in ``session``; NotFound otherwise (also for the
+        outbox's lists of a task's deliveries)."""
         statement = select(Task).where(Task.id == task_id, Task.owner == owner)
         if lock:
             statement = statement.with_for_update()
@@ -926,7 +928,7 @@ class Store:
 
     def list_events(self, owner: str, task_id: str) -> list[TaskEvent]:
         with self.transaction(write=False) as session:
-            task = self._owned(session, owner, task_id)
+            task = self.owned(session, owner, task_id)
             statement = (
                 select(TaskEvent).where(TaskEvent.task_pk == task.pk).order_by(col(TaskEvent.seq))
             )
@@ -937,7 +939,7 @@ class Store:
         first, then the task again (under READ COMMITTED each statement has its own snapshot,
         so the task is then at least as new as the last event listed)."""
         with self.transaction(write=False) as session:
-            task = self._owned(session, owner, task_id)
+            task = self.owned(session, owner, task_id)
             statement = (
                 select(TaskEvent).where(TaskEvent.task_pk == task.pk).order_by(col(TaskEvent.seq))
             )
@@ -947,7 +949,7 @@ class Store:
 
     def events_after(self, owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
         with self.transaction(write=False) as session:
-            task = self._owned(session, owner, task_id)
+            task = self.owned(session, owner, task_id)
             statement = (
                 select(TaskEvent)
                 .where(TaskEvent.task_pk == task.pk, col(TaskEvent.seq) > after_seq)
@@ -979,7 +981,7 @@ class Store:
         metadata: dict[str, Any] | None,
     ) -> dict[str, Any]:
         with self.transaction(write=True) as session:
-            task = self._owned(session, owner, task_id, lock=True)
+            task = self.owned(session, owner, task_id, lock=True)
             changed = False
             if (
                 provider_task_id is not None
@@ -1617,7 +1619,7 @@ class Store:
         page (None after the last): anyone holding the callback URL can add receipts, so
         they are never read all at once."""
         with self.transaction(write=False) as session:
-            task = self._owned(session, owner, task_id)
+            task = self.owned(session, owner, task_id)
             statement = select(CallbackReceipt).where(CallbackReceipt.task_pk == task.pk)
             if cursor is not None:
                 after = decode_cursor(cursor, "after")

@@ -7,10 +7,12 @@ from datetime import timedelta
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service import observe
 from service.api import only_params, page_cursor, page_size, single_param
 from service.errors import ValidationFailed
 from service.models import ClientSecret, Delivery, DeliveryAttempt, DeliveryStatus, Subscription
@@ -172,23 +174,37 @@ async def rotate_subscription_secret(request: Request) -> Response:
     return json_response(subscription_json(row, secret=True))
 
 
+def delivery_status(params: QueryParams) -> str | None:
+    """The ``status`` filter of a list of deliveries: one delivery status, or None (every
+    delivery)."""
+    status = single_param(params, "status")
+    if status is not None and status not in _STATUSES:
+        statuses = sorted(_STATUSES)
+        raise ValidationFailed(
+            f"Unknown delivery status {status!r}; use one of {', '.join(statuses)}.",
+            details=[{"field": "status", "message": f"must be one of {statuses}"}],
+        )
+    return status
+
+
+def _delivery_page(request: Request) -> tuple[str | None, int, str | None]:
+    """A list of deliveries' query, checked in this order (the first wrong one is named):
+    the ``status`` filter, the page size, the cursor; any other parameter is a 400."""
+    only_params(request.query_params, "status", "limit", "cursor")
+    status = delivery_status(request.query_params)
+    return status, page_size(request.query_params), page_cursor(request)
+
+
 async def list_deliveries(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    only_params(request.query_params, "status", "limit", "cursor")
-    status = single_param(request.query_params, "status")
-    if status is not None and status not in _STATUSES:
-        raise ValidationFailed(
-            f"Unknown delivery status {status!r}; use one of {', '.join(sorted(_STATUSES))}.",
-            details=[{"field": "status", "message": f"must be one of {sorted(_STATUSES)}"}],
-        )
-    limit = page_size(request.query_params)
+    status, limit, cursor = _delivery_page(request)
     rows, next_cursor = await run_in_threadpool(
         runtime.outbox.list_deliveries,
         owner,
         request.path_params["subscription_id"],
         status=status,
-        cursor=page_cursor(request),
+        cursor=cursor,
         limit=limit,
     )
     return json_response(
@@ -255,6 +271,37 @@ async def rotate_notify_secret(request: Request) -> Response:
     return json_response(client_secret_json(row))
 
 
+async def list_task_deliveries(request: Request) -> Response:
+    """Every delivery of the task's events to the client's subscribers, newest first, paged
+    as a subscription's deliveries are: the one way to find (and so to retry) what went to
+    the task's notify_url, whose subscription no other endpoint shows."""
+    runtime = runtime_of(request)
+    owner = runtime.clients.authenticate(request)
+    observe.bind(task_id=request.path_params["task_id"])
+    status, limit, cursor = _delivery_page(request)
+    rows, next_cursor = await run_in_threadpool(
+        runtime.outbox.list_task_deliveries,
+        owner,
+        request.path_params["task_id"],
+        status=status,
+        cursor=cursor,
+        limit=limit,
+    )
+    return json_response(
+        {
+            "data": [
+                {
+                    **delivery_json(row.delivery, row.event_id),
+                    "subscription_id": row.subscription_id,
+                    "target": row.target,
+                }
+                for row in rows
+            ],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
 routes = [
     by_method("/v1/subscriptions", GET=list_subscriptions, POST=create_subscription),
     by_method(
@@ -269,6 +316,7 @@ routes = [
         methods=["POST"],
     ),
     Route("/v1/subscriptions/{subscription_id}/deliveries", list_deliveries, methods=["GET"]),
+    Route("/v1/tasks/{task_id}/deliveries", list_task_deliveries, methods=["GET"]),
     Route("/v1/subscriptions/{subscription_id}/replay", replay, methods=["POST"]),
     Route("/v1/deliveries/{delivery_id}", get_delivery, methods=["GET"]),
     Route("/v1/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
