@@ -140,10 +140,14 @@ def envelope_bytes(event: TaskEvent) -> bytes:
     return json.dumps(envelope(event), separators=(",", ":")).encode("utf-8")
 
 
-def _matches(subscription: Subscription, event_type: str, provider: str) -> bool:
-    if subscription.event_types is not None and event_type not in subscription.event_types:
-        return False
-    return subscription.providers is None or provider in subscription.providers
+def _rotate(row: Subscription | ClientSecret, now: datetime, overlap: timedelta) -> None:
+    """A new secret for ``row``; the one it replaces keeps signing for ``overlap``. With no
+    overlap it is dropped at once, not kept with an expiry of now."""
+    if overlap > timedelta(0):
+        row.previous_secret, row.previous_secret_expires_at = row.secret, now + overlap
+    else:
+        row.previous_secret, row.previous_secret_expires_at = None, None
+    row.secret = new_webhook_secret()
 
 
 def delivery_row(
@@ -895,9 +899,7 @@ class Outbox:
             # secret as its previous one (else one caller would get a secret never stored).
             subscription = self._owned(session, owner, subscription_id, lock=True)
             now = self.clock()
-            subscription.previous_secret = subscription.secret
-            subscription.previous_secret_expires_at = now + overlap
-            subscription.secret = new_webhook_secret()
+            _rotate(subscription, now, overlap)
             subscription.updated_at = now
             session.add(subscription)
             return subscription
@@ -941,10 +943,7 @@ class Outbox:
     def rotate_client_secret(self, owner: str, overlap: timedelta) -> ClientSecret:
         with self.store.transaction(write=True) as session:
             row = self._client_secret(session, owner, lock=True)  # rotations take turns
-            now = self.clock()
-            row.previous_secret = row.secret
-            row.previous_secret_expires_at = now + overlap
-            row.secret = new_webhook_secret()
+            _rotate(row, self.clock(), overlap)
             session.add(row)
             return row
 
@@ -1623,15 +1622,21 @@ class Outbox:
                     "The subscription is disabled; enable it (PATCH enabled=true) before replaying."
                 )
             statement = (
-                select(TaskEvent, Task.provider)
+                select(TaskEvent)
                 .join(Task, col(Task.pk) == col(TaskEvent.task_pk))
                 .where(Task.owner == owner, col(TaskEvent.created_at) >= since)
             )
             if until is not None:
                 statement = statement.where(col(TaskEvent.created_at) < until)
+            # The subscription's filters in the query, so that the cap counts only the
+            # events it matches (a filter on a rare type replays a busy period in one call).
+            if subscription.event_types is not None:
+                statement = statement.where(col(TaskEvent.type).in_(subscription.event_types))
+            if subscription.providers is not None:
+                statement = statement.where(col(Task.provider).in_(subscription.providers))
             statement = statement.order_by(col(TaskEvent.seq)).limit(MAX_REPLAY + 1)
-            rows = list(session.exec(statement))
-            if len(rows) > MAX_REPLAY:
+            owed = list(session.exec(statement))
+            if len(owed) > MAX_REPLAY:
                 raise ValidationFailed(
                     f"More than {MAX_REPLAY} events match; replay a shorter time range "
                     "(use until).",
@@ -1639,9 +1644,6 @@ class Outbox:
                 )
             now = self.clock()
             assert subscription.pk is not None
-            owed = [
-                event for event, provider in rows if _matches(subscription, event.type, provider)
-            ]
             connection = session.connection()
             dialect = connection.dialect.name
             if owed and dialect == "postgresql":

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,6 +33,7 @@ MAX_IMAGE_URLS = 16
 MAX_URL_CHARS = 2048
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ValueT = TypeVar("ValueT")
 
 assert set(ProviderName.__args__) == set(PROVIDERS)  # type: ignore[attr-defined]
 
@@ -53,6 +55,26 @@ def _json_number(value: Any) -> Any:
 
 
 JSONInt = Annotated[int, BeforeValidator(_json_number)]
+
+
+def _iso_timestamp(value: Any) -> Any:
+    """An ISO 8601 timestamp, as text, as the query parameters take them: lax validation
+    would also read a number (0, or "1700000000") as Unix seconds."""
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 timestamp string, e.g. 2026-11-20T10:00:00Z")
+    try:
+        datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("not an ISO 8601 timestamp; use e.g. 2026-11-20T10:00:00Z") from None
+    return value
+
+
+ISOTimestamp = Annotated[datetime, BeforeValidator(_iso_timestamp)]
+
+
+def _once_each(values: list[ValueT]) -> list[ValueT]:
+    """A list of names with each named once, in the order first given."""
+    return list(dict.fromkeys(values))
 
 
 class _Body(BaseModel):
@@ -116,16 +138,17 @@ EventTypeName = Literal[
     "task.canceled",
     "task.expired",
 ]
+# A subscription's filters: at least one name, each kept once.
+EventTypes = Annotated[list[EventTypeName], Field(min_length=1), AfterValidator(_once_each)]
+Providers = Annotated[list[ProviderName], Field(min_length=1), AfterValidator(_once_each)]
 
 
 class SubscriptionCreate(_Body):
     """POST /v1/subscriptions: an endpoint that receives the client's task events."""
 
     url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)]
-    event_types: Annotated[list[EventTypeName], Field(min_length=1)] | None = Field(
-        default=None, description="Omitted: every event type."
-    )
-    providers: Annotated[list[ProviderName], Field(min_length=1)] | None = Field(
+    event_types: EventTypes | None = Field(default=None, description="Omitted: every event type.")
+    providers: Providers | None = Field(
         default=None, description="Omitted: tasks of every provider."
     )
     description: Annotated[str, Field(max_length=500)] | None = None
@@ -133,8 +156,8 @@ class SubscriptionCreate(_Body):
 
 class SubscriptionUpdate(_Body):
     url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
-    event_types: Annotated[list[EventTypeName], Field(min_length=1)] | None = None
-    providers: Annotated[list[ProviderName], Field(min_length=1)] | None = None
+    event_types: EventTypes | None = None
+    providers: Providers | None = None
     description: Annotated[str, Field(max_length=500)] | None = None
     enabled: Annotated[bool, Field(strict=True)] | None = None  # true or false, not "yes"
 
@@ -146,8 +169,8 @@ class SecretRotation(_Body):
 
 
 class Replay(_Body):
-    since: datetime
-    until: datetime | None = None
+    since: ISOTimestamp
+    until: ISOTimestamp | None = None
 
 
 class ErrorBody(BaseModel):

@@ -467,6 +467,10 @@ async def test_replay_seeds_a_new_subscriber_with_the_same_event_ids(harness: Ha
         ("", {"enabled": "yes"}, "enabled", "valid boolean"),
         ("", {"enabled": 1}, "enabled", "valid boolean"),
         ("rotate-secret", {"overlap_seconds": "60"}, "overlap_seconds", "a JSON number"),
+        # Unix times, which lax validation takes; the task list's parameters never did.
+        ("replay", {"since": 0}, "since", "ISO 8601 timestamp string"),
+        ("replay", {"since": "1700000000"}, "since", "not an ISO 8601 timestamp"),
+        ("replay", {"since": "2026-11-22T00:00:00Z", "until": 1.5e9}, "until", "ISO 8601"),
     ],
 )
 async def test_subscription_bodies_lax_validation_would_misread_are_400(
@@ -715,6 +719,79 @@ async def test_secret_rotation_signs_with_both_during_the_overlap(harness: Harne
     assert verify(new, headers, body)
     with pytest.raises(WebhookVerificationError):
         verify(old, headers, body)
+
+
+async def test_a_rotation_without_overlap_keeps_no_previous_secret(harness: Harness) -> None:
+    """overlap_seconds 0: the old secret stops signing at once, and is not kept (nor shown
+    with an expiry of now)."""
+    subscription = await harness.subscribe("cut-over")
+    old = subscription["secret"]
+    rotated = await harness.client.post(
+        f"/v1/subscriptions/{subscription['id']}/rotate-secret",
+        json={"overlap_seconds": 0},
+        headers=auth(),
+    )
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["previous_secret_expires_at"] is None
+    notify = await harness.client.post(
+        "/v1/notify-secret/rotate", json={"overlap_seconds": 0}, headers=auth()
+    )
+    assert notify.status_code == 200 and notify.json()["previous_secret_expires_at"] is None
+    with harness.runtime.store.engine.connect() as connection:
+        kept = connection.execute(
+            sa.text("SELECT previous_secret FROM subscription WHERE id = :id"),
+            {"id": subscription["id"]},
+        ).scalar_one()
+    assert kept is None
+    await harness.track()
+    await harness.deliver()
+    headers, body = harness.receiver.received["cut-over"][-1]
+    assert verify(rotated.json()["secret"], headers, body)
+    with pytest.raises(WebhookVerificationError):
+        verify(old, headers, body)
+
+
+async def test_a_subscriptions_filters_name_each_value_once(harness: Harness) -> None:
+    created = await harness.subscribe(
+        "twice",
+        event_types=["task.failed", "task.failed", "task.succeeded"],
+        providers=["evolink", "evolink"],
+    )
+    assert created["event_types"] == ["task.failed", "task.succeeded"]
+    assert created["providers"] == ["evolink"]
+    patched = await harness.client.patch(
+        f"/v1/subscriptions/{created['id']}",
+        json={"event_types": ["task.progress", "task.progress"]},
+        headers=auth(),
+    )
+    assert patched.status_code == 200 and patched.json()["event_types"] == ["task.progress"]
+
+
+async def test_replays_cap_counts_only_the_events_the_subscription_matches(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_REPLAY events per replay, counted among those the subscription's filters
+    match: a subscription to a rare event type replays a busy period in one call."""
+    monkeypatch.setattr(outbox, "MAX_REPLAY", 3)
+    since = harness.clock.now() - timedelta(minutes=1)
+    busy = [await harness.track() for _ in range(4)]  # four task.submitted events
+    harness.update(busy[0], TaskStatus.failed)
+    failures = await harness.subscribe("failures", event_types=["task.failed"])
+    others = await harness.subscribe("gptimage", providers=["gptimage15"])
+    every = await harness.subscribe("every")
+
+    async def replay(subscription: dict[str, Any]) -> httpx.Response:
+        return await harness.client.post(
+            f"/v1/subscriptions/{subscription['id']}/replay",
+            json={"since": since.isoformat()},
+            headers=auth(),
+        )
+
+    assert (await replay(failures)).json() == {"replayed": 1}
+    assert (await replay(others)).json() == {"replayed": 0}
+    refused = await replay(every)  # five events match
+    assert refused.status_code == 400
+    assert "More than 3 events match" in refused.json()["error"]["message"]
 
 
 def while_held(
