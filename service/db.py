@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -141,8 +142,8 @@ def _drop_stuck_connection(context: sa.engine.ExceptionContext) -> None:
     the rollback's error raised in place of the first one. Marked a disconnect, it is closed
     instead (this connection only: the others are checked by the pool's ping)."""
     connection = context.connection
-    if connection is None or connection.invalidated:
-        return
+    if connection is None or connection.invalidated or context.is_disconnect:
+        return  # a lost connection keeps SQLAlchemy's own handling
     try:
         driver = connection.connection.driver_connection
     except sa.exc.SQLAlchemyError:
@@ -534,7 +535,7 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
             f"no schema revision given: name one (e.g. {head}), base, head, or -N (N back)."
         )
     relative = revision.startswith(("-", "+"))
-    if relative and not revision[1:].isdigit():
+    if relative and re.fullmatch(r"[0-9]+", revision[1:]) is None:
         raise SchemaError(
             f"there is no schema revision {revision!r} in this TaskRelay: a relative one is -N "
             f"or +N with N a whole number of steps (its newest is {head})."

@@ -422,9 +422,9 @@ def _decide(
         try:
             key = _claim(request, task)
             if key is not None:
-                if claimed.get(key, task.owner) != task.owner or holders.get(key, set()) - {
-                    task.owner
-                }:
+                # holders[key]: read for every claim the batch may make (_claims), or this
+                # fails the batch rather than give an id nobody checked.
+                if claimed.get(key, task.owner) != task.owner or holders[key] - {task.owner}:
                     raise _another_clients(*key)
                 claimed[key] = task.owner
             change = decide(task_state(task), update)

@@ -331,11 +331,12 @@ def holders_of(
     rows: Iterable[Sequence[Any]], keys: Collection[tuple[str, str]]
 ) -> dict[tuple[str, str], set[str]]:
     """The holders query's rows (provider, provider task id, owner) as the owners of each of
-    ``keys`` (the query reads every pair of their providers and ids)."""
-    holders: dict[tuple[str, str], set[str]] = {}
+    ``keys`` (the query reads every pair of their providers and ids): every key, with no
+    owner when no task holds it, so that a key never read is an error, not a free id."""
+    holders: dict[tuple[str, str], set[str]] = {key: set() for key in keys}
     for provider, provider_task_id, owner in rows:
         if (provider, provider_task_id) in keys:
-            holders.setdefault((provider, provider_task_id), set()).add(owner)
+            holders[(provider, provider_task_id)].add(owner)
     return holders
 
 
@@ -345,7 +346,7 @@ def held_elsewhere(
     """Whether another API client's task holds this provider task
     (:func:`provider_task_holders`, for one)."""
     key = (provider, provider_task_id)
-    return bool(provider_task_holders(connection, {key}).get(key, set()) - {owner})
+    return bool(provider_task_holders(connection, {key})[key] - {owner})
 
 
 _NO_CUT_OFF = datetime.max.replace(tzinfo=UTC)

@@ -544,12 +544,6 @@ async def stream_task(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     signal = runtime.event_signal
     store = runtime.store
-    if request.method == "HEAD":
-        # Starlette answers HEAD on every GET route. A HEAD's answer has no body, so its
-        # client is done at the headers: a stream behind it would hold a stream slot, and the
-        # connection, until the task ended. The headers a GET would have; no slot.
-        await run_in_threadpool(store.get_task, owner, task_id)  # a 404 as for GET
-        return Response(media_type="text/event-stream", headers=_STREAM_HEADERS)
     listener = signal.open(owner, task_id)
     try:
         # Listening, and the watcher primed, before the snapshot: whatever commits after it
@@ -572,6 +566,15 @@ async def stream_task(request: Request) -> Response:
             return Response(status_code=204)
     elif events:
         listener.last_seq = events[-1].seq or 0
+    if request.method == "HEAD":
+        # Starlette answers HEAD on every GET route. A HEAD's answer has no body, so its
+        # client is done at the headers: a stream behind it would hold the slot, and the
+        # connection, until the task ended. The answer a GET would get (its caps, 404 and
+        # 204 included), without the stream; the slot given back at once.
+        signal.close(listener)
+        head = Response(media_type="text/event-stream", headers=_STREAM_HEADERS)
+        del head.headers["content-length"]  # a stream's length is not known
+        return head
 
     async def frames() -> AsyncIterator[bytes]:
         try:

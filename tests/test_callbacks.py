@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.providers.parsing import CallbackParseError, depth_ok, parse_json_body
 from service.runtime import Runtime
 from service.schemas import CallbackPage
 from tests.conftest import ALICE, BOB, auth, error_code
@@ -148,6 +149,17 @@ async def test_a_callback_nested_too_deep_is_a_clear_400(
         "/v1/tasks", content=deep, headers={**auth(), "Content-Type": "application/json"}
     )
     assert api.status_code == 400 and "nested deeper than 64 levels" in api.text
+
+
+def test_the_nesting_limit_counts_the_innermost_value_as_the_management_api_does() -> None:
+    """64 levels of objects and arrays at most, the innermost value a level of its own: 64
+    brackets around a number are too deep, 63 are not, however few brackets the body has
+    besides (the check skips its walk only for bodies that cannot reach the limit)."""
+    with pytest.raises(CallbackParseError, match="nested deeper than 64 levels"):
+        parse_json_body(b"[" * 64 + b"1" + b"]" * 64)
+    assert depth_ok(parse_json_body(b"[" * 63 + b"1" + b"]" * 63), 64)
+    with pytest.raises(CallbackParseError, match="nested deeper than 64 levels"):
+        parse_json_body(b'{"a":' * 64 + b"1" + b"}" * 64)
 
 
 async def test_duplicate_and_out_of_order_callbacks_change_nothing(

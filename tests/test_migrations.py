@@ -617,6 +617,9 @@ def test_no_revision_is_one_clear_refusal(empty_database: str) -> None:
         ("+0", r"^'\+0' moves the schema no step: give -N or \+N with N at least 1"),
         ("-0", r"^'-0' moves the schema no step"),
         ("+two", r"^there is no schema revision '\+two' in this TaskRelay: a relative one is"),
+        # Digits to str.isdigit (superscript two; an Arabic-Indic one), not whole numbers here.
+        ("-\u00b2", r"^there is no schema revision '-\u00b2' in this TaskRelay"),
+        ("+\u0661", r"^there is no schema revision '\+\u0661' in this TaskRelay"),
         ("+2", r"^cannot move the schema \+2 steps from 0009: only 1 lead up from it \(to 0010\)"),
         ("-10", r"^cannot move the schema -10 steps from 0009: only 9 lead down from it \(to base"),
     ],

@@ -518,10 +518,22 @@ async def test_a_head_request_holds_no_stream_slot(database_url: str, tmp_path: 
             assert head.status_code == 200, head
             assert head.headers["content-type"].startswith("text/event-stream")
             assert head.headers["cache-control"] == "no-cache"
+            assert "content-length" not in head.headers  # as for the GET's stream
             assert head.content == b""
         assert relay.signal.open_count == 0
         opened = await relay.stream(task_id).opened()  # the client's one slot is free
+        # And what a GET would get: a 429 while the client's one slot is held...
+        full = await relay.client.head(f"/v1/tasks/{task_id}/stream", headers=auth())
+        assert full.status_code == 429, full
         await opened.close()
+        # ... and a 204 to resume after the final event.
+        await relay.update(task_id, TaskStatus.succeeded)
+        events = (await relay.client.get(f"/v1/tasks/{task_id}/events", headers=auth())).json()
+        last = events["data"][-1]["id"]
+        resumed = await relay.client.head(
+            f"/v1/tasks/{task_id}/stream", headers={**auth(), "Last-Event-ID": last}
+        )
+        assert resumed.status_code == 204, resumed
         own = f"/v1/tasks/{task_id}/stream"
         for path, token in (("/v1/tasks/tsk_nope/stream", ALICE), (own, BOB)):
             missing = await relay.client.head(path, headers=auth(token))

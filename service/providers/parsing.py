@@ -557,9 +557,11 @@ def parse_json_body(body: bytes) -> Any:
         raise CallbackParseError(too_deep(MAX_JSON_DEPTH)) from exc
     except ValueError as exc:
         raise CallbackParseError(f"The callback body is not valid JSON: {exc}.") from exc
-    # Each level opens with a bracket: a body with few of them (every provider's callback)
-    # cannot nest too deep, and counting them costs a tenth of walking the value.
-    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and not depth_ok(value, MAX_JSON_DEPTH):
+    # Each level but the innermost value's opens with a bracket: a body with fewer than the
+    # limit (every provider's callback) cannot nest too deep, and counting them costs a tenth
+    # of walking the value.
+    brackets = text.count("{") + text.count("[")
+    if brackets >= MAX_JSON_DEPTH and not depth_ok(value, MAX_JSON_DEPTH):
         raise CallbackParseError(too_deep(MAX_JSON_DEPTH))
     return value
 
