@@ -1115,44 +1115,71 @@ def test_progress_callbacks_update_the_task_row_in_place_on_postgresql(empty_pos
     the task, and the table's pages keep room (fill factor, migration 0007): PostgreSQL
     updates the row in place (a HOT update) instead of adding an entry to each of the task's
     indexes. Read from the server's counters for a database of the test's own, on both of
-    the writer's paths. (Before: no HOT update at all, the next check moved every time.)"""
+    the writer's paths. (Before: no HOT update at all, the next check moved every time.)
+
+    A page makes room by pruning the row versions no transaction can see any more, and any
+    transaction open on the server meanwhile, in any database (another test's), can hold
+    that back: then nearly every update misses its page. So the round is made again, on new
+    tasks, after a pause, up to three times; one round must be in place. A column the
+    callbacks changed in an index would make every round miss."""
     migrate(empty_postgres)
     clock = Clock()
-    store = make_store(empty_postgres, clock)
-    ids = [new_task(store, provider_task_id=f"p{i}") for i in range(40)]
+    tasks = 40
+    wanted = 0.9 * 5 * tasks  # every update after each task's first, but for one without room
 
-    def send(value: int, at: float, *, pipelined: bool) -> None:
-        """Each task's callback in a batch of its own: a batch of every task would need room
-        for a new version of every row of a page at once."""
-        clock.now = T0 + timedelta(seconds=at)
-        for task_id in ids:
-            request = UpdateRequest(task_id, progress(value), UpdateSource.callback, receipt())
-            with store.core_transaction() as (connection, written):
-                (result,) = ingest.apply_updates(
-                    store, connection, written, [request], pipelined=pipelined
-                )
-            assert isinstance(result, ApplyResult), result
+    def round_of_callbacks(number: int) -> None:
+        clock.now = T0
+        store = make_store(empty_postgres, clock)
+        ids = [new_task(store, provider_task_id=f"p{number}-{i}") for i in range(tasks)]
 
-    send(1, 5, pipelined=True)  # queued -> running: the status (indexed) changes
-    # Done at 667, 750, 800, 833 and 786 s: each plan later than the look at 61 s, still ahead.
-    for step, (value, at) in enumerate([(3, 20), (4, 30), (5, 40), (6, 50), (7, 55)]):
-        send(value, at, pipelined=step % 2 == 0)
-    later = [plan_of(store, task_id) for task_id in ids]
-    assert all(p[0] == 61.0 and p[1] is not None and p[1] > 61.0 for p in later), later[:3]
-    store.engine.dispose()  # the server's backends flush their counters as they exit
+        def send(value: int, at: float, *, pipelined: bool) -> None:
+            """Each task's callback in a batch of its own: a batch of every task would need
+            room for a new version of every row of a page at once."""
+            clock.now = T0 + timedelta(seconds=at)
+            for task_id in ids:
+                request = UpdateRequest(task_id, progress(value), UpdateSource.callback, receipt())
+                with store.core_transaction() as (connection, written):
+                    (result,) = ingest.apply_updates(
+                        store, connection, written, [request], pipelined=pipelined
+                    )
+                assert isinstance(result, ApplyResult), result
+
+        send(1, 5, pipelined=True)  # queued -> running: the status (indexed) changes
+        # Done at 667, 750, 800, 833 and 786 s: each plan later than the look at 61 s, ahead.
+        for step, (value, at) in enumerate([(3, 20), (4, 30), (5, 40), (6, 50), (7, 55)]):
+            send(value, at, pipelined=step % 2 == 0)
+        later = [plan_of(store, task_id) for task_id in ids]
+        assert all(p[0] == 61.0 and p[1] is not None and p[1] > 61.0 for p in later), later[:3]
+        store.engine.dispose()  # the server's backends flush their counters as they exit
 
     engine = sa.create_engine(sa.make_url(empty_postgres), poolclass=sa.pool.NullPool)
-    counters = (0, 0)
-    for _ in range(100):
-        with engine.connect() as connection:
-            counters = connection.exec_driver_sql(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'task'"
-            ).one()
-        if counters[0] >= 6 * len(ids):
-            break
-        time.sleep(0.1)
-    engine.dispose()
-    updates, in_place = counters
-    assert updates == 6 * len(ids), counters
-    # Every update after the first of each task, but for one that found no room on its page.
-    assert in_place >= 0.9 * 5 * len(ids), counters
+
+    def counters(at_least: int) -> tuple[int, int]:
+        """The task table's (updates, of them in place), once ``at_least`` updates show."""
+        found = (0, 0)
+        for _ in range(100):
+            with engine.connect() as connection:
+                found = connection.exec_driver_sql(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                    "WHERE relname = 'task'"
+                ).one()
+            if found[0] >= at_least:
+                break
+            time.sleep(0.1)
+        return int(found[0]), int(found[1])
+
+    rounds: list[tuple[int, int]] = []
+    before = (0, 0)
+    try:
+        for number in range(3):
+            round_of_callbacks(number)
+            after = counters(before[0] + 6 * tasks)
+            rounds.append((after[0] - before[0], after[1] - before[1]))
+            assert rounds[-1][0] == 6 * tasks, rounds
+            if rounds[-1][1] >= wanted:
+                break
+            before = after
+            time.sleep(2.0 * (number + 1))  # for the transaction in the way to end
+    finally:
+        engine.dispose()
+    assert rounds[-1][1] >= wanted, rounds
