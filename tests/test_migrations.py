@@ -588,6 +588,24 @@ def test_a_downgrade_that_would_delete_stored_data_is_refused_and_names_it(
     assert row_counts(url)["task"] == 2
 
 
+def test_a_downgrade_below_0010_keeps_no_submissions_answer_due_time_unasked(
+    empty_database: str,
+) -> None:
+    """Below 0010 a task sent to a provider that cannot call back loses the time its answer
+    is due by: a lost answer would then be noticed only at the task's deadline. Refused while
+    an unsettled task has one, unless discard_data; a settled task's is nothing to lose."""
+    url = empty_database
+    migrate(url)
+    insert_task(url, pk=1, status="succeeded", submit_answer_due_at=AT)
+    assert migrate(url, "0009") == Migrated("0010", "0009", downgraded=True)
+    migrate(url)
+    insert_task(url, pk=2, status="queued", submit_answer_due_at=AT)
+    with pytest.raises(DataWouldBeLost, match=r"awaiting their answer .*: 1 \(revision 0010\)"):
+        migrate(url, "0009")
+    assert current_revision_of(url) == "0010"
+    assert migrate(url, "0009", discard_data=True) == Migrated("0010", "0009", downgraded=True)
+
+
 def test_a_plain_alembic_downgrade_is_guarded_too(empty_database: str) -> None:
     """`alembic downgrade` (service.db.downgrade) has no count before the run: the step that
     would delete counts, and refuses."""

@@ -10,12 +10,24 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
+
+# What the downgrade deletes (refused while any is stored, unless the run may discard it:
+# service.db.migrate, and guard_downgrade in migrations/env.py): what, and the SQL counting it.
+# Without its due time, a task whose answer was lost waits for its deadline (an hour by
+# default) instead of expiring minutes after it was sent.
+DOWNGRADE_DISCARDS = {
+    "due times of submissions awaiting their answer (those tasks would expire only at their "
+    "deadline)": (
+        "SELECT count(*) FROM task WHERE submit_answer_due_at IS NOT NULL AND status IN "
+        "('queued', 'running')"
+    ),
+}
 
 
 def upgrade() -> None:
@@ -25,5 +37,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    guard = context.config.attributes["guard_downgrade"]  # migrations/env.py
+    guard(revision, down_revision, DOWNGRADE_DISCARDS, ("task",))
     with op.batch_alter_table("task") as batch:
         batch.drop_column("submit_answer_due_at")
