@@ -42,7 +42,7 @@ from service.errors import (
 from service.lifecycle import TaskUpdate
 from service.loops import Failures, Ticker
 from service.metrics import Metrics
-from service.models import TERMINAL_STATUSES, Task, TaskStatus
+from service.models import TERMINAL_STATUSES, Task, TaskOrigin, TaskStatus
 from service.providers.base import ProviderAdapter
 from service.settings import lease_margin
 from service.store import Claim, Store
@@ -580,9 +580,15 @@ class Scheduler:
                 code="not_queryable",
             )
         if task["provider_task_id"] is None:
+            how = (
+                "set one with PATCH /v1/tasks/{id}."
+                if task["origin"] == TaskOrigin.tracked.value
+                else "TaskRelay takes it from the provider's answer to the submission; ask "
+                "again once the task has one."
+            )
             raise Conflict(
                 "The task has no provider task id yet, so the provider cannot be asked about "
-                "it; set one with PATCH /v1/tasks/{id}.",
+                f"it; {how}",
                 code="not_queryable",
             )
         worker = f"refresh-{uuid.uuid4().hex[:12]}"

@@ -330,7 +330,7 @@ class Submitter:
                 wait = (
                     f"{provider} asked to wait {delay:.0f} s"
                     if exc.retry_after is not None
-                    else f"the next attempt would be in {delay:.0f} s"
+                    else f"The next attempt would be in {delay:.0f} s"
                 )
                 exc.message = (
                     f"{exc.message.rstrip('.')}. {wait}, past the task's deadline "

@@ -646,6 +646,14 @@ async def test_refresh_refuses_what_cannot_be_asked(harness: Harness) -> None:
     response = await harness.client.post(f"/v1/tasks/{tracked['id']}/refresh", headers=auth())
     assert response.status_code == 409
     assert error_code(response) == "not_queryable"
+    assert "set one with PATCH" in response.json()["error"]["message"]
+    # A submitted task's id comes from the provider's answer: PATCH would refuse it, so the
+    # message does not send the client there.
+    submitted = await harness.submit("evolink", "retrying sandbox:submit_error=500")
+    response = await harness.client.post(f"/v1/tasks/{submitted}/refresh", headers=auth())
+    assert response.status_code == 409 and error_code(response) == "not_queryable"
+    message = response.json()["error"]["message"]
+    assert "PATCH" not in message and "from the provider's answer" in message
 
 
 @pytest.mark.parametrize("status_error", ["500", "503"])

@@ -345,7 +345,7 @@ async def test_a_retry_past_the_deadline_names_who_set_the_wait(relay: Relay) ->
     task = await relay.run("openai", backoff=Backoff(base=7200.0, cap=7200.0, max_attempts=4))
     assert task["status"] == "failed"
     message = task["error"]["message"]
-    assert "the next attempt would be in" in message and "asked to wait" not in message
+    assert ". The next attempt would be in" in message and "asked to wait" not in message
     relay.answer(
         httpx.Response(429, headers={"Retry-After": "7200"}, json={"error": {"message": "slow"}})
     )
