@@ -179,6 +179,9 @@ async def _sandbox_asgi(scope: Scope, receive: Receive, send: Send) -> None:
 # the database is unavailable: submitter.RECORD_RETRY_WAITS), clocks of replicas a little
 # apart.
 ANSWER_MARGIN = 300.0
+# Before the end of a shutdown's drain: when the mounted sandbox's held requests are let go
+# (end_sandbox_requests in create_app).
+SANDBOX_LET_GO_BEFORE = 1.0
 
 
 def answer_within(adapter: ProviderAdapter) -> float | None:
@@ -278,7 +281,7 @@ def create_app(
         if settings.sandbox:
             from service.sandbox import Sandbox
 
-            sandbox = Sandbox(http, clock=monotonic, sleep=sleep)
+            sandbox = Sandbox(http, clock=monotonic, sleep=sleep, can_let_go=handle_signals)
             app.state.sandbox = sandbox
         address_policy = AddressPolicy(
             allowed_networks=parse_networks(settings.webhook_allowed_networks)
@@ -393,6 +396,7 @@ def create_app(
         drain_seconds = shutdown_drain_seconds(settings.shutdown_timeout)
         shutdown_began: list[float] = []  # loop time, once it has begun
         stopping: list[asyncio.Task[None]] = []
+        letting_go: list[asyncio.Task[None]] = []  # end_sandbox_requests, when it runs
 
         def begin_shutdown() -> None:
             """The app's part of a graceful shutdown, from the moment it begins (idempotent).
@@ -418,6 +422,19 @@ def create_app(
                 stopping.append(loop.create_task(dispatcher.stop(grace=drain_seconds)))
             if pruner is not None:  # no new batch; the one in flight (milliseconds) ends
                 stopping.append(loop.create_task(pruner.stop()))
+            if sandbox is not None and handle_signals:
+                letting_go.append(loop.create_task(end_sandbox_requests()))
+
+        async def end_sandbox_requests() -> None:
+            """The mounted sandbox's answers are requests uvicorn is draining: at the
+            drain's end it would cancel the ones still held back (a hung or slow answer),
+            answering them 500 with an error in the log, and a submission waiting for one
+            would take the 500 for the provider's answer (and retry it) instead of being cut
+            off. So, a little before, the submissions in flight are cut off (as at the end of
+            any shutdown: _cut_off), then the sandbox lets its held requests go."""
+            await asyncio.sleep(max(0.0, drain_seconds - SANDBOX_LET_GO_BEFORE))
+            await submitter.stop(grace=0.0)
+            sandbox.let_go()
 
         restore_signals = (
             _chain_shutdown_signals(loop, begin_shutdown) if handle_signals else _nothing
@@ -429,6 +446,9 @@ def create_app(
             # Without a signal (tests; a server stopping on its own) the shutdown begins here.
             restore_signals()
             begin_shutdown()
+            for early in letting_go:  # the drain is over: nothing is left to end early
+                early.cancel()
+            await asyncio.gather(*letting_go, return_exceptions=True)
             # Requests draining may still hand it tasks to send, so the submitter stops last,
             # with what is left of the drain.
             left = max(0.0, shutdown_began[0] + drain_seconds - loop.time())

@@ -612,3 +612,53 @@ def test_the_whole_shutdown_stays_within_its_budget(
     deliveries = database.rows("SELECT status, lease_owner FROM delivery")
     assert [(d["status"], d["lease_owner"]) for d in deliveries] == [("pending", None)]
     assert error_lines(relay.logs()) == []
+
+
+def test_submissions_held_by_the_mounted_sandbox_are_cut_off_as_by_a_real_provider(
+    tmp_path: Path, database: Database, cleanup: contextlib.ExitStack
+) -> None:
+    """With the sandbox mounted beside the service (TASKRELAY_SANDBOX, the quick start), its
+    held-back answers are requests the same server drains: at the drain's end uvicorn used to
+    cancel them, answering 500 (and logging an error with a traceback), and the submitter took
+    that 500 for the provider's answer and planned a retry. Now the submissions in flight are
+    cut off first, as they are with a provider elsewhere: OpenAI's fails at once
+    (``submission_interrupted``), EvoLink's is not sent again and waits for its callback, and
+    nothing is logged as an error (found by exploratory testing)."""
+    relay = start_relay(
+        tmp_path / "relay",
+        "relay",
+        database,
+        cleanup,
+        graceful_timeout=f"{BUDGET:g}",
+        TASKRELAY_SANDBOX="true",
+    )
+    with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
+        held = {
+            "openai": "held sandbox:duration=120",
+            "evolink": "held sandbox:submit_error=timeout sandbox:timeout_seconds=120",
+        }
+        ids = {}
+        for provider, prompt in held.items():
+            response = http.post("/v1/tasks", json={"provider": provider, "prompt": prompt})
+            assert response.status_code == 202, response.text
+            ids[provider] = response.json()["id"]
+
+        def both_sent() -> bool:
+            return all(
+                http.get(f"/v1/tasks/{task_id}").json()["submit_attempts"] == 1
+                for task_id in ids.values()
+            )
+
+        wait_until(both_sent, "both submissions to be on their way")
+    code = terminate(relay)
+    assert code == 0, relay.logs()
+    assert error_lines(relay.logs()) == [], relay.logs()
+    rows = {
+        row["id"]: row
+        for row in database.rows("SELECT id, status, error, submit_retry_at FROM task")
+    }
+    openai, evolink = rows[ids["openai"]], rows[ids["evolink"]]
+    assert openai["status"] == "failed", openai
+    assert "submission_interrupted" in str(openai["error"]), openai
+    assert evolink["status"] == "queued" and evolink["error"] in (None, "null"), evolink
+    assert evolink["submit_retry_at"] is None, evolink  # not sent again: its callback will come

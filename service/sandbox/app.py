@@ -61,7 +61,10 @@ class Sandbox:
         behaviour: Mapping[str, SandboxBehaviour] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        can_let_go: bool = False,
     ) -> None:
+        """``can_let_go``: the requests' waits (:meth:`hold`) can be cut short by
+        :meth:`let_go`, for a host serving the sandbox beside itself (``taskrelay serve``)."""
         if not api_key:
             raise ValueError("the sandbox needs a non-empty api_key")
         initial = dict(behaviour or {})
@@ -74,6 +77,7 @@ class Sandbox:
         self.api_key = api_key
         self.clock = clock
         self.sleep = sleep
+        self._let_go = asyncio.Event() if can_let_go else None
         self._initial_behaviour = initial
         self.behaviours: dict[str, SandboxBehaviour] = dict(initial)
         # Oldest first; an OrderedDict drops its oldest entry in O(1), a dict does not.
@@ -141,6 +145,34 @@ class Sandbox:
         delay = when - self.clock()
         if delay > 0:
             await self.sleep(delay)
+
+    async def hold(self, seconds: float) -> None:
+        """A request's wait (an answer held back: a task's duration, an injected timeout, a
+        slow status), cut short once the host lets the held requests go (:meth:`let_go`)."""
+        if self._let_go is None:
+            await self.sleep(seconds)
+            return
+        if seconds <= 0 or self._let_go.is_set():
+            return
+        sleeping = asyncio.ensure_future(self.sleep(seconds))
+        released = asyncio.ensure_future(self._let_go.wait())
+        try:
+            await asyncio.wait({sleeping, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            released.cancel()
+
+    async def hold_until(self, when: float) -> None:
+        delay = when - self.clock()
+        if delay > 0:
+            await self.hold(delay)
+
+    def let_go(self) -> None:
+        """End every request's wait now, and every later one at once: the host is shutting
+        down, and the requests it still serves must end before it cancels them (a request
+        cancelled there is answered 500, and logged as an error)."""
+        if self._let_go is not None:
+            self._let_go.set()
 
     async def reset(self) -> None:
         """Forget every task, cancel pending callbacks, restore the constructor's behaviour."""

@@ -267,7 +267,7 @@ class ProviderEmulator(abc.ABC):
         if failure is not None:
             return failure
         if task.behaviour.status_latency:
-            await self.sandbox.sleep(task.behaviour.status_latency)
+            await self.sandbox.hold(task.behaviour.status_latency)
         return JSONResponse(self.status_body(task, self.view(task)))
 
     async def file(self, request: Request) -> Response:
@@ -320,7 +320,7 @@ class ProviderEmulator(abc.ABC):
 
     async def injected_error(self, error: int | str, behaviour: SandboxBehaviour) -> Response:
         if error == "timeout":
-            await self.sandbox.sleep(behaviour.timeout_seconds)
+            await self.sandbox.hold(behaviour.timeout_seconds)
             return self.error(504, INJECTED_MESSAGES[504], code="timeout")
         status = int(error)
         headers = {"Retry-After": "1"} if status == 429 else None

@@ -83,7 +83,7 @@ class GrsAIEmulator(ProviderEmulator):
         previous: View | None = None
         for line in range(STREAM_LINES):
             at = task.created_at + task.behaviour.duration * line / STREAM_LINES
-            await self.sandbox.sleep_until(at)
+            await self.sandbox.hold_until(at)
             view = self.view(task)
             if view.final:
                 break
@@ -91,7 +91,7 @@ class GrsAIEmulator(ProviderEmulator):
             if view != previous:
                 yield _sse(self.stream_line(task, view))
             previous = view
-        await self.sandbox.sleep_until(task.finish_at)
+        await self.sandbox.hold_until(task.finish_at)
         yield _sse(self.stream_line(task, task.view(task.finish_at)))
 
     async def status_task_id(self, request: Request) -> str:

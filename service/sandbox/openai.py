@@ -99,7 +99,7 @@ class OpenAIEmulator(ProviderEmulator):
 
     async def submit_reply(self, task: SandboxTask) -> Response:
         """Wait the task's duration, then answer its images or its failure."""
-        await self.sandbox.sleep_until(task.finish_at)
+        await self.sandbox.hold_until(task.finish_at)
         if task.outcome == "failed":
             reason = task.behaviour.failure_reason
             code = failure_code(reason)
