@@ -1587,6 +1587,13 @@ class Outbox:
                     "The subscription is disabled; enable it (PATCH enabled=true) before "
                     "retrying its deliveries."
                 )
+            if delivery.status == DeliveryStatus.coalesced.value:
+                raise Conflict(
+                    "This delivery was coalesced: a later event of the same task took its "
+                    "place and carries the task as it is since. Sent again now, this older "
+                    "event would follow the newer one; retry the later event's delivery "
+                    "instead (GET /v1/tasks/{id}/deliveries lists a task's deliveries)."
+                )
             expires = delivery.lease_expires_at
             leased = delivery.lease_owner is not None and expires is not None and expires > now
             if delivery.status == DeliveryStatus.pending.value and leased:

@@ -279,6 +279,15 @@ async def test_progress_events_are_coalesced(harness: Harness) -> None:
     harness.update(task_id, TaskStatus.succeeded)
     await harness.deliver()
     assert [e["type"] for e in harness.receiver.events("calm")][-1] == "task.succeeded"
+    # A coalesced delivery is not sent again by hand: its event would follow the newer ones.
+    listed = await harness.client.get(
+        f"/v1/tasks/{task_id}/deliveries?status=coalesced", headers=auth()
+    )
+    superseded = listed.json()["data"][0]["id"]
+    retried = await harness.client.post(f"/v1/deliveries/{superseded}/retry", headers=auth())
+    assert retried.status_code == 409 and "was coalesced" in retried.json()["error"]["message"]
+    await harness.deliver()
+    assert [e["type"] for e in harness.receiver.events("calm")][-1] == "task.succeeded"
 
 
 def test_the_first_attempt_waits_the_schedules_first_entry() -> None:
