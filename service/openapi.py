@@ -16,6 +16,7 @@ from service.schemas import (
     EVENT_SCHEMA_VERSION,
     CallbackAck,
     CallbackPage,
+    DeliveryDetail,
     DeliveryOut,
     ErrorResponse,
     EventPage,
@@ -53,6 +54,7 @@ _MODELS: list[type[BaseModel]] = [
     SecretRotation,
     Replay,
     DeliveryOut,
+    DeliveryDetail,
 ]
 
 
@@ -183,25 +185,6 @@ def _delivery_page(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# A task's delivery: a subscription's (DeliveryOut), and which of the client's subscribers it
-# went to (a notify_url's subscription is never exposed: no id).
-_TASK_DELIVERY = {
-    "allOf": [
-        _ref("DeliveryOut"),
-        {
-            "type": "object",
-            "required": ["subscription_id", "target"],
-            "properties": {
-                "subscription_id": {
-                    "type": ["string", "null"],
-                    "description": "The endpoint subscription it went to; null for the "
-                    "task's notify_url",
-                },
-                "target": {"type": "string", "enum": ["endpoint", "notify_url"]},
-            },
-        },
-    ]
-}
 _DELIVERY_STATUS = {
     "name": "status",
     "in": "query",
@@ -348,7 +331,7 @@ def _event_paths() -> dict[str, Any]:
                 "The task's deliveries to your subscribers (its notify_url and your "
                 "endpoints), newest first",
                 "listTaskDeliveries",
-                {"200": _delivery_page(_TASK_DELIVERY), **_errors(400, 401, 404, 503)},
+                {"200": _delivery_page(_ref("DeliveryOut")), **_errors(400, 401, 404, 503)},
                 parameters=[
                     _TASK_ID,
                     _DELIVERY_STATUS,
@@ -369,7 +352,7 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "A delivery with its attempt log",
                 "getDelivery",
-                {"200": _OBJECT, **_errors(401, 404, 503)},
+                {"200": _json("DeliveryDetail", "The delivery"), **_errors(401, 404, 503)},
                 parameters=[_DELIVERY_ID],
             )
         },

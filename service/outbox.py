@@ -617,12 +617,13 @@ class Recorded(NamedTuple):
     others_dead_lettered: int = 0
 
 
-class TaskDelivery(NamedTuple):
-    """A delivery of a task's event as its task's list shows it (``list_task_deliveries``)."""
+class DeliveryView(NamedTuple):
+    """A delivery as the API shows it: with its event's id and which of the client's
+    subscribers it went to."""
 
     delivery: Delivery
     event_id: str
-    # The endpoint subscription it went to; None for the task's notify_url, whose
+    # The endpoint subscription it went to; None for a task's notify_url, whose
     # subscription the API never exposes.
     subscription_id: str | None
 
@@ -630,6 +631,11 @@ class TaskDelivery(NamedTuple):
     def target(self) -> str:
         """Which kind of subscriber it went to: ``endpoint`` or ``notify_url``."""
         return "notify_url" if self.subscription_id is None else "endpoint"
+
+    @classmethod
+    def of(cls, delivery: Delivery, event_id: Any, subscription_id: Any, kind: Any) -> DeliveryView:
+        endpoint = kind == SubscriptionKind.endpoint.value
+        return cls(delivery, str(event_id), str(subscription_id) if endpoint else None)
 
 
 def fan_out_many(
@@ -1460,7 +1466,7 @@ class Outbox:
         status: str | None,
         cursor: str | None,
         limit: int,
-    ) -> tuple[list[tuple[Delivery, str]], str | None]:
+    ) -> tuple[list[DeliveryView], str | None]:
         with self.store.transaction(write=False) as session:
             subscription = self._owned(session, owner, subscription_id)
             statement = (
@@ -1473,8 +1479,11 @@ class Outbox:
             if cursor:
                 statement = statement.where(col(Delivery.pk) < decode_cursor(cursor))
             statement = statement.order_by(col(Delivery.pk).desc()).limit(limit + 1)
-            rows = [(delivery, str(event_id)) for delivery, event_id in session.exec(statement)]
-        return paged(rows, limit, lambda row: row[0].pk)
+            rows = [
+                DeliveryView(delivery, str(event_id), subscription.id)
+                for delivery, event_id in session.exec(statement)
+            ]
+        return paged(rows, limit, lambda row: row.delivery.pk)
 
     def list_task_deliveries(
         self,
@@ -1484,7 +1493,7 @@ class Outbox:
         status: str | None,
         cursor: str | None,
         limit: int,
-    ) -> tuple[list[TaskDelivery], str | None]:
+    ) -> tuple[list[DeliveryView], str | None]:
         """Every delivery of the client's task's events, to any of its subscribers (the
         task's notify_url and the client's endpoints), newest first: the only way to find a
         notify_url's deliveries, whose subscription is not exposed.
@@ -1514,49 +1523,43 @@ class Outbox:
             if cursor:
                 statement = statement.where(col(Delivery.pk) < decode_cursor(cursor))
             statement = statement.order_by(col(Delivery.pk).desc()).limit(limit + 1)
-            rows = [
-                TaskDelivery(
-                    delivery,
-                    str(event_id),
-                    str(subscription_id) if kind == SubscriptionKind.endpoint.value else None,
-                )
-                for delivery, event_id, subscription_id, kind in session.exec(statement)
-            ]
+            rows = [DeliveryView.of(*row) for row in session.exec(statement)]
         return paged(rows, limit, lambda row: row.delivery.pk)
 
-    def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> Delivery:
+    def _owned_delivery(self, session: Session, owner: str, delivery_id: str) -> DeliveryView:
+        """The client's delivery with its event's id and subscriber; a 404 when it is not
+        the client's, or retention has deleted it (its event goes first)."""
         statement = (
-            select(Delivery)
+            select(Delivery, TaskEvent.id, Subscription.id, Subscription.kind)
+            .join(TaskEvent, col(TaskEvent.seq) == col(Delivery.event_seq))
             .join(Subscription, col(Subscription.pk) == col(Delivery.subscription_pk))
             .where(Delivery.id == delivery_id, Subscription.owner == owner)
         )
         row = session.exec(statement).first() if could_be_issued(delivery_id) else None
         if row is None:
             raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
-        return row
+        return DeliveryView.of(*row)
 
     def get_delivery(
         self, owner: str, delivery_id: str
-    ) -> tuple[Delivery, str, list[DeliveryAttempt]]:
+    ) -> tuple[DeliveryView, list[DeliveryAttempt]]:
         with self.store.transaction(write=False) as session:
-            delivery = self._owned_delivery(session, owner, delivery_id)
-            event = session.get(TaskEvent, delivery.event_seq)
+            view = self._owned_delivery(session, owner, delivery_id)
             attempts = list(
                 session.exec(
                     select(DeliveryAttempt)
-                    .where(DeliveryAttempt.delivery_pk == delivery.pk)
+                    .where(DeliveryAttempt.delivery_pk == view.delivery.pk)
                     .order_by(col(DeliveryAttempt.pk))
                 )
             )
-            if event is None:  # deleted by retention between the two reads
-                raise NotFound(f"No delivery {delivery_id!r} was found for this API client.")
-            return delivery, event.id, attempts
+            return view, attempts
 
-    def retry_delivery(self, owner: str, delivery_id: str) -> Delivery:
+    def retry_delivery(self, owner: str, delivery_id: str) -> DeliveryView:
         """Send a delivery again now, with a fresh schedule of attempts. Conflict while it is
         being attempted (leased, the lease running), or its subscription is disabled."""
         with self.store.transaction(write=True) as session:
-            delivery = self._owned_delivery(session, owner, delivery_id)
+            view = self._owned_delivery(session, owner, delivery_id)
+            delivery = view.delivery
             connection = session.connection()
             now = self.clock()
             if connection.dialect.name == "postgresql":
@@ -1613,7 +1616,7 @@ class Outbox:
             session.execute(
                 sa.update(_DELIVERY).where(_followers(delivery, now)).values(next_attempt_at=now)
             )
-            return delivery
+            return view
 
     def replay(
         self, owner: str, subscription_id: str, *, since: datetime, until: datetime | None

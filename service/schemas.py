@@ -284,6 +284,9 @@ class SubscriptionOut(BaseModel):
 class DeliveryOut(BaseModel):
     id: str
     event_id: str
+    # The endpoint subscription it went to; null for a task's notify_url.
+    subscription_id: str | None
+    target: Literal["endpoint", "notify_url"]
     event_type: EventTypeName
     status: Literal["pending", "succeeded", "dead", "coalesced"]
     attempts: int
@@ -292,6 +295,18 @@ class DeliveryOut(BaseModel):
     last_error: str | None
     created_at: str
     delivered_at: str | None
+
+
+class DeliveryAttemptOut(BaseModel):
+    attempted_at: str
+    status_code: int | None
+    duration_ms: float
+    response_body: str | None
+    error: str | None
+
+
+class DeliveryDetail(DeliveryOut):
+    attempt_log: list[DeliveryAttemptOut]
 
 
 class CallbackAck(BaseModel):

@@ -15,7 +15,8 @@ from starlette.routing import Route
 from service import observe
 from service.api import only_params, page_cursor, page_size, single_param
 from service.errors import ValidationFailed
-from service.models import ClientSecret, Delivery, DeliveryAttempt, DeliveryStatus, Subscription
+from service.models import ClientSecret, DeliveryAttempt, DeliveryStatus, Subscription
+from service.outbox import DeliveryView
 from service.runtime import runtime_of
 from service.schemas import (
     Replay,
@@ -49,10 +50,13 @@ def subscription_json(subscription: Subscription, *, secret: bool = False) -> di
     return data
 
 
-def delivery_json(delivery: Delivery, event_id: str) -> dict[str, Any]:
+def delivery_json(view: DeliveryView) -> dict[str, Any]:
+    delivery = view.delivery
     return {
         "id": delivery.id,
-        "event_id": event_id,
+        "event_id": view.event_id,
+        "subscription_id": view.subscription_id,
+        "target": view.target,
         "event_type": delivery.event_type,
         "status": delivery.status,
         "attempts": delivery.attempts,
@@ -207,18 +211,16 @@ async def list_deliveries(request: Request) -> Response:
         cursor=cursor,
         limit=limit,
     )
-    return json_response(
-        {"data": [delivery_json(d, event_id) for d, event_id in rows], "next_cursor": next_cursor}
-    )
+    return json_response({"data": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 async def get_delivery(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    delivery, event_id, attempts = await run_in_threadpool(
+    view, attempts = await run_in_threadpool(
         runtime.outbox.get_delivery, owner, request.path_params["delivery_id"]
     )
-    data = delivery_json(delivery, event_id)
+    data = delivery_json(view)
     data["attempt_log"] = [attempt_json(attempt) for attempt in attempts]
     return json_response(data)
 
@@ -226,12 +228,11 @@ async def get_delivery(request: Request) -> Response:
 async def retry_delivery(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    delivery = await run_in_threadpool(
+    view = await run_in_threadpool(
         runtime.outbox.retry_delivery, owner, request.path_params["delivery_id"]
     )
     runtime.dispatcher.notify()
-    _, event_id, _ = await run_in_threadpool(runtime.outbox.get_delivery, owner, delivery.id)
-    return json_response(delivery_json(delivery, event_id), status_code=202)
+    return json_response(delivery_json(view), status_code=202)
 
 
 async def replay(request: Request) -> Response:
@@ -287,19 +288,7 @@ async def list_task_deliveries(request: Request) -> Response:
         cursor=cursor,
         limit=limit,
     )
-    return json_response(
-        {
-            "data": [
-                {
-                    **delivery_json(row.delivery, row.event_id),
-                    "subscription_id": row.subscription_id,
-                    "target": row.target,
-                }
-                for row in rows
-            ],
-            "next_cursor": next_cursor,
-        }
-    )
+    return json_response({"data": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
 
 
 routes = [

@@ -379,6 +379,12 @@ async def test_retry_schedule_then_dead_letter_then_manual_retry(harness: Harnes
     harness.receiver.status["flaky"] = 200
     retried = await harness.client.post(f"/v1/deliveries/{dead[0]['id']}/retry", headers=auth())
     assert retried.status_code == 202
+    # Each view of the delivery names the subscription it goes to.
+    assert (retried.json()["subscription_id"], retried.json()["target"]) == (
+        subscription["id"],
+        "endpoint",
+    )
+    assert (dead[0]["subscription_id"], detail["subscription_id"]) == (subscription["id"],) * 2
     await harness.deliver()
     ids = [headers["webhook-id"] for headers, _ in harness.receiver.received["flaky"]]
     assert len(set(ids)) == 1

@@ -721,7 +721,7 @@ async def test_a_retry_racing_the_sweep_is_made_then_deleted(pg_harness: Harness
     with sweep_racing(pg_harness, "UPDATE delivery") as finished_first:
         retried = pg_harness.runtime.outbox.retry_delivery("alice", delivery_id)
     assert finished_first == [False]  # the sweep waited for the retry's commit
-    assert retried.status == "pending"
+    assert retried.delivery.status == "pending"
     assert rows_of(pg_harness.runtime.engine, [task_id]) == dict.fromkeys(_ROWS_OF_TASKS, 0)
 
 
@@ -744,10 +744,11 @@ async def test_a_retry_or_a_replay_after_the_sweep_deleted_its_rows_is_a_404_or_
 ) -> None:
     """PostgreSQL: the sweep commits between a request's first read and its locks. A retry
     of the delivery is a 404 (not an update of a row gone), a replay owes nothing (not a
-    delivery whose event is gone), a look at the delivery is a 404 (not a 500)."""
+    delivery whose event is gone), a look at the delivery is a 404 (not a 500: it reads the
+    delivery with its event in one statement)."""
     subscription_id, task_id, delivery_id = await old_delivery(pg_harness)
     outbox = pg_harness.runtime.outbox
-    racing = sweep_racing(pg_harness, "SELECT task_event.seq, task_event.id")
+    racing = sweep_racing(pg_harness, "SELECT delivery.pk")
     with racing as finished_first, pytest.raises(NotFound):
         outbox.get_delivery("alice", delivery_id)
     assert finished_first == [True]

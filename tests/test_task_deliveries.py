@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.models import Delivery, Task, TaskStatus
+from service.schemas import DeliveryDetail, DeliveryOut
 from service.store import encode_cursor
 from tests.conftest import ALICE, BOB, auth, error_code, query_plan, statements_with
 from tests.test_events import HOOK, Harness, harnessed
@@ -67,10 +68,6 @@ def stored_ids_newest_first(harness: Harness, task_id: str) -> list[str]:
         )
 
 
-def without_target(item: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in item.items() if key not in ("subscription_id", "target")}
-
-
 async def test_both_subscribers_deliveries_are_listed_newest_first_with_their_target(
     harness: Harness,
 ) -> None:
@@ -107,17 +104,21 @@ async def test_both_subscribers_deliveries_are_listed_newest_first_with_their_ta
     received = [headers["webhook-id"] for headers, _ in harness.receiver.received["notify"]]
     listed = [item["event_id"] for item in reversed(data) if item["target"] == "notify_url"]
     assert received == listed
-    # The same delivery JSON as the other views of a delivery, plus its two fields.
+    # The same delivery JSON as every other view of a delivery, its subscriber included.
     for item in data:
         detail = (await harness.client.get(f"/v1/deliveries/{item['id']}", headers=auth())).json()
-        del detail["attempt_log"]
-        assert without_target(item) == detail
+        # Exactly the fields the OpenAPI document's schemas name.
+        assert set(detail) == set(DeliveryDetail.model_fields)
+        DeliveryDetail.model_validate(detail)
+        assert len(detail.pop("attempt_log")) == 1
+        assert item == detail
+        assert set(item) == set(DeliveryOut.model_fields)
     by_subscription = await harness.client.get(
         f"/v1/subscriptions/{endpoint['id']}/deliveries", headers=auth()
     )
     endpoint_items = [item for item in data if item["target"] == "endpoint"]
     mine = [item for item in by_subscription.json()["data"] if item["event_id"] in event_ids]
-    assert [without_target(item) for item in endpoint_items] == mine
+    assert endpoint_items == mine
 
 
 async def test_a_task_without_deliveries_is_an_empty_list(harness: Harness) -> None:
@@ -202,7 +203,10 @@ async def test_a_dead_lettered_notify_url_delivery_found_here_can_be_retried(
         harness.receiver.status["notify"] = 200  # the receiver is fixed
         retried = await harness.client.post(f"/v1/deliveries/{dead['id']}/retry", headers=auth())
         assert retried.status_code == 202, retried.text
-        assert retried.json()["status"] == "pending"
+        answer = retried.json()
+        assert (answer["id"], answer["status"], answer["attempts"]) == (dead["id"], "pending", 0)
+        assert (answer["target"], answer["subscription_id"]) == ("notify_url", None)
+        assert answer["event_id"] == dead["event_id"]
         await harness.deliver()
 
         (done,) = (await task_deliveries(harness, task_id))["data"]
