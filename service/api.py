@@ -277,11 +277,21 @@ def _filters(request: Request) -> TaskFilter:
         )
     after = single_param(params, "created_after")
     before = single_param(params, "created_before")
+    created_after = parse_timestamp("created_after", after) if after else None
+    created_before = parse_timestamp("created_before", before) if before else None
+    if created_after and created_before and created_before <= created_after:
+        # As replay's since/until: an empty range is a mistake (swapped bounds, most likely),
+        # not a question whose answer is "no tasks".
+        raise ValidationFailed(
+            "created_before must be later than created_after: the range holds no time. "
+            "Swap them if they are reversed.",
+            details=[{"field": "created_before", "message": "must be later than created_after"}],
+        )
     return TaskFilter(
         status=tuple(dict.fromkeys(statuses)),
         provider=provider,
-        created_after=parse_timestamp("created_after", after) if after else None,
-        created_before=parse_timestamp("created_before", before) if before else None,
+        created_after=created_after,
+        created_before=created_before,
     )
 
 

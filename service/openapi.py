@@ -450,7 +450,7 @@ def build_openapi() -> dict[str, Any]:
             "name": "created_before",
             "in": "query",
             "required": False,
-            "description": f"Created before this time; {_ONCE}",
+            "description": f"Created before this time (later than created_after); {_ONCE}",
             "schema": {"type": "string", "format": "date-time"},
         },
         *_page_params("Tasks", DEFAULT_PAGE_SIZE),

@@ -466,6 +466,31 @@ async def test_list_filters(client: httpx.AsyncClient, runtime: Runtime) -> None
     assert await ids(f"created_after={httpx.QueryParams({'x': future})['x']}") == []
     assert await ids(f"created_before={past.replace('+', '%2B')}") == []
     assert len(await ids(f"created_after={past.replace('+', '%2B')}")) == 2
+    # A range: both bounds at once.
+    window = f"created_after={past.replace('+', '%2B')}&created_before={future.replace('+', '%2B')}"
+    assert await ids(window) == [b["id"], a["id"]]
+
+
+@pytest.mark.parametrize(
+    ("after", "before"),
+    [
+        ("2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"),  # swapped
+        ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z"),  # empty
+        ("2026-01-01T06:00:00+05:00", "2026-01-01T01:00:00Z"),  # swapped once in UTC
+    ],
+)
+async def test_a_task_list_range_that_holds_no_time_is_400(
+    client: httpx.AsyncClient, after: str, before: str
+) -> None:
+    response = await client.get(
+        "/v1/tasks", params={"created_after": after, "created_before": before}, headers=auth()
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "created_before must be later than created_after" in error["message"]
+    assert error["details"] == [
+        {"field": "created_before", "message": "must be later than created_after"}
+    ]
 
 
 @pytest.mark.parametrize(
