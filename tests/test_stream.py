@@ -737,6 +737,32 @@ async def test_last_event_id_resumes_after_that_event(relay: Relay) -> None:
     assert relay.signal.open_count == 0
 
 
+async def test_a_late_result_after_task_expired_is_streamed_to_a_resume(relay: Relay) -> None:
+    """task.expired ends a stream as a final event does, but the provider's late result can
+    still land on the task: a resume after task.expired is a 204 until it has come, and
+    streams it (then ends) once it has."""
+    task_id = await relay.track()
+    watching = await relay.stream(task_id).opened()  # past its task.state
+    await asyncio.to_thread(relay.runtime.store.expire_task, task_id, "gave up")
+    expired = await watching.next_event()
+    assert expired["event"] == "task.expired"
+    assert await watching.next() is None  # the stream ends there
+    await watching.close()
+
+    resume = {**auth(), "Last-Event-ID": expired["id"]}
+    early = await relay.client.get(f"/v1/tasks/{task_id}/stream", headers=resume)
+    assert early.status_code == 204  # nothing yet, and nothing may ever come
+
+    await relay.update(task_id, TaskStatus.succeeded)  # the provider's late word
+    late = relay.stream(task_id, **{"Last-Event-ID": expired["id"]})
+    result = await late.next_event()
+    assert result["event"] == "task.succeeded"
+    assert json.loads(result["data"])["data"]["status"] == "succeeded"
+    assert await late.next() is None
+    await late.close()
+    assert relay.signal.open_count == 0
+
+
 # --- shutdown -------------------------------------------------------------------------------------
 
 SHUTDOWN = {"comment": "shutdown: reconnect with Last-Event-ID"}
