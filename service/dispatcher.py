@@ -320,6 +320,7 @@ class Dispatcher:
             ("User-Agent", USER_AGENT),
             *webhook_headers(job.signing_secrets, job.event_id, timestamp, job.body).items(),
         ]
+        started_at = self.outbox.clock()
         started = self.monotonic()
         try:
             async with asyncio.timeout(ATTEMPT_DEADLINE_SECONDS):
@@ -327,11 +328,18 @@ class Dispatcher:
         except TimeoutError:
             elapsed = (self.monotonic() - started) * 1000
             late = f"no complete answer within {ATTEMPT_DEADLINE_SECONDS:.0f} s"
-            return AttemptResult(None, elapsed, error=late)
+            return AttemptResult(None, elapsed, error=late, started_at=started_at)
         except DeliveryFailed as exc:
-            elapsed = (self.monotonic() - started) * 1000
-            return AttemptResult(None, elapsed, error=str(exc)[:500], sent=not exc.unsent)
+            return AttemptResult(
+                None,
+                (self.monotonic() - started) * 1000,
+                error=str(exc)[:500],
+                sent=not exc.unsent,
+                started_at=started_at,
+            )
         elapsed = (self.monotonic() - started) * 1000
         error = None if reply.is_success else f"HTTP {reply.status_code}"
         body = reply.body.decode("utf-8", errors="replace")
-        return AttemptResult(reply.status_code, elapsed, response_body=body, error=error)
+        return AttemptResult(
+            reply.status_code, elapsed, response_body=body, error=error, started_at=started_at
+        )

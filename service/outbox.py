@@ -97,6 +97,8 @@ class AttemptResult:
     response_body: str | None = None
     error: str | None = None
     sent: bool = True
+    # When the request started, on the outbox's clock; None: when it is recorded.
+    started_at: datetime | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -1335,7 +1337,9 @@ class Outbox:
                 logged.append(
                     {
                         "delivery_pk": row.pk,
-                        "attempted_at": now,
+                        # When it began: a batch records attempts that ended at
+                        # different times, and an attempt can last up to its deadline.
+                        "attempted_at": result.started_at or now,
                         "status_code": result.status_code,
                         "duration_ms": result.duration_ms,
                         "response_body": result.response_body,

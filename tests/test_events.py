@@ -45,6 +45,7 @@ from service.outbox import (
     plan_deliveries,
 )
 from service.runtime import Runtime
+from service.schemas import isoformat
 from service.signing import new_webhook_secret
 from service.store import Store
 from tests.conftest import (
@@ -559,6 +560,34 @@ async def test_a_slow_subscriber_does_not_hold_up_others(harness: Harness) -> No
     harness.receiver.hold["slow"].set()
     await harness.deliver()
     assert len(harness.receiver.received["slow"]) == 6
+
+
+async def test_an_attempt_is_logged_at_the_time_it_began(harness: Harness) -> None:
+    """A subscriber that takes its time: the attempt log says when the request was sent,
+    not when its answer was recorded (7 s later here, on the fake clock)."""
+    subscription = await harness.subscribe("slow", event_types=["task.submitted"])
+    harness.receiver.hold["slow"] = asyncio.Event()
+    await harness.track()
+    began = harness.clock.now()
+    delivering = asyncio.ensure_future(harness.deliver())
+    for _ in range(500):  # until the request is in (bounded)
+        if harness.receiver.received["slow"]:
+            break
+        await asyncio.sleep(0.01)
+    assert len(harness.receiver.received["slow"]) == 1
+    harness.clock.advance(7)
+    harness.receiver.hold["slow"].set()
+    assert await delivering == 1
+    (delivery,) = (
+        await harness.client.get(
+            f"/v1/subscriptions/{subscription['id']}/deliveries", headers=auth()
+        )
+    ).json()["data"]
+    assert delivery["delivered_at"] == isoformat(began + timedelta(seconds=7))  # recorded then
+    detail = (await harness.client.get(f"/v1/deliveries/{delivery['id']}", headers=auth())).json()
+    (attempt,) = detail["attempt_log"]
+    assert attempt["attempted_at"] == isoformat(began)  # sent then
+    assert attempt["status_code"] == 200
 
 
 # --- notify_url and secrets ---------------------------------------------------------------------
