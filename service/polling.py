@@ -135,5 +135,7 @@ def next_check_after_error(
     wait = min(policy.max_interval, policy.error_backoff * 2**doublings)
     wait = _jittered(wait, policy, rng)
     if retry_after is not None:
-        wait = max(wait, min(retry_after, policy.max_interval))
+        # The provider's own wait wins over the cap of ours (asked again sooner, it would
+        # only refuse again); retry_after_seconds bounds it, and the deadline below.
+        wait = max(wait, retry_after)
     return min(now + timedelta(seconds=wait), timing.deadline_at)

@@ -146,6 +146,13 @@ def test_errors_back_off_exponentially_and_honour_retry_after() -> None:
     assert with_hint == now + s(30)
     # A hint shorter than our own backoff does not make us hotter.
     assert next_check_after_error(timing(poll_errors=3), now, policy, retry_after=1) == now + s(20)
+    # A hint longer than our cap wins over it (asked sooner, the provider would refuse again),
+    # but not over the deadline.
+    assert next_check_after_error(timing(poll_errors=1), now, policy, retry_after=600) == now + s(
+        600
+    )
+    near = timing(poll_errors=1, deadline_at=now + s(100))
+    assert next_check_after_error(near, now, policy, retry_after=600) == now + s(100)
 
 
 @pytest.mark.parametrize("seed", range(20))
