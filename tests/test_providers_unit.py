@@ -888,6 +888,34 @@ def test_failure_reason_and_content_policy(provider: str, reason: str, code: str
     assert update.error == {"code": code, "message": reason}
 
 
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        (  # the category and its detail: both kept
+            {"failure_reason": "error", "error": "upstream timeout"},
+            {"code": "provider_failed", "message": "error: upstream timeout"},
+        ),
+        (
+            {"failure_reason": "output_moderation", "error": "The image was flagged"},
+            {
+                "code": "content_policy_violation",
+                "message": "output_moderation: The image was flagged",
+            },
+        ),
+        ({"failure_reason": "", "error": "upstream timeout"}, None),  # the detail alone
+        ({"failure_reason": "error", "error": "error"}, None),  # not said twice
+    ],
+)
+def test_grsai_failure_keeps_its_category_and_detail(
+    fields: dict[str, str], error: dict[str, str] | None
+) -> None:
+    body = {"code": 0, "data": {"status": "failed", **fields}}
+    update = make_adapter("grsai").parse_status(200, body)
+    assert update.status is S.failed
+    alone = fields["failure_reason"] or fields["error"]
+    assert update.error == (error or {"code": "provider_failed", "message": alone})
+
+
 def test_evolink_error_code_alone_can_name_content_policy() -> None:
     body = {"id": "t", "status": "failed", "error": {"code": "content_policy", "message": "No."}}
     update = make_adapter("evolink").parse_status(200, body)

@@ -125,7 +125,13 @@ class GrsAIAdapter(TaskEndpointAdapter):
         return parsing.image_list(items)
 
     def failure_reason(self, task: Mapping[str, Any]) -> Any:
-        return parsing.text_of(task.get("failure_reason")) or parsing.text_of(task.get("error"))
+        """GrsAI's ``failure_reason`` may be a bare category (``input_moderation``,
+        ``output_moderation``, ``error``) with the detail in ``error``: both are kept."""
+        reason = parsing.text_of(task.get("failure_reason"))
+        detail = parsing.text_of(task.get("error"))
+        if reason and detail and detail != reason:
+            return f"{reason}: {detail}"
+        return reason or detail
 
     def parse_stream_line(self, line: str) -> TaskUpdate | None:
         """One line of a stream reply: an update (running, or final), or ``None`` for a line
