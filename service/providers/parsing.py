@@ -241,8 +241,15 @@ def require_object(value: Any, what: str) -> Mapping[str, Any]:
 
 
 def is_envelope(body: Mapping[str, Any]) -> bool:
-    """``{code, data}``: a ``data`` key and no ``status`` of its own."""
-    return "data" in body and "status" not in body
+    """``{code, data}``: a ``data`` key and no ``status`` of its own, or a ``data`` object
+    with a ``status`` of its own: then the envelope's (``"status": "success"``, an extra
+    field of the request's outcome) is not the task's."""
+    if "data" not in body:
+        return False
+    if "status" not in body:
+        return True
+    data = body["data"]
+    return isinstance(data, Mapping) and "status" in data
 
 
 def status_object(body: Any, what: str = "the body") -> Mapping[str, Any]:
