@@ -66,6 +66,18 @@ class NotFound(TaskRelayError):
     code = "not_found"
 
 
+class RangeNotSatisfiable(TaskRelayError):
+    """A ``Range`` that starts past the end of the file (416); ``size`` goes out in
+    ``Content-Range: bytes */size``."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message)
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
 class Conflict(TaskRelayError):
     status = 409
     code = "conflict"

@@ -23,7 +23,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from service.errors import ImageStorageFailed, NotFound, SettingsError, UpstreamProtocolError
+from service.errors import (
+    ImageStorageFailed,
+    NotFound,
+    RangeNotSatisfiable,
+    SettingsError,
+    UpstreamProtocolError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +168,53 @@ class ImageFiles:
         return path
 
 
+# One byte range, first-last (last optional) or a suffix: the only Range served as a 206.
+_ONE_RANGE = re.compile(r"bytes=(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))", re.ASCII)
+
+
+def _range_to_serve(wanted: str, size: int) -> str | None:
+    """The ``Range`` to hand to the file response (normalised), or None to serve the whole
+    file (200): RFC 9110 lets a server ignore a Range, and this one ignores what it does not
+    serve (several ranges, another unit, a malformed one, last before first). A range that
+    starts past the end is a 416."""
+    match = _ONE_RANGE.fullmatch(wanted.strip())
+    if match is None:
+        return None
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        if int(suffix) == 0:
+            raise RangeNotSatisfiable(
+                "An empty suffix range (bytes=-0) selects nothing.", size=size
+            )
+        return f"bytes={max(0, size - int(suffix))}-"
+    if last and int(last) < int(first):
+        return None
+    if int(first) >= size:
+        raise RangeNotSatisfiable(
+            f"The range starts at byte {int(first)}, past the end of this {size}-byte file.",
+            size=size,
+        )
+    return f"bytes={int(first)}-{int(last) if last else ''}"
+
+
 async def serve_file(request: Request) -> Response:
     from service.runtime import runtime_of
 
     files = runtime_of(request).files
     path = files.path(request.path_params["task_id"], request.path_params["name"])
+    wanted = request.headers.get("range")
+    if wanted is not None:
+        # Starlette's own parsing would answer plain-text errors, and its several-range
+        # answer breaks off mid-body; it gets one well-formed range, or none.
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # deleted meanwhile (retention)
+            raise NotFound("No such file.") from None
+        served = _range_to_serve(wanted, size)
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
+        if served is not None:
+            headers.append((b"range", served.encode("ascii")))
+        request.scope["headers"] = headers
     return FileResponse(
         path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
     )

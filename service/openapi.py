@@ -75,6 +75,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "Conflict",
         413: "Body larger than the limit",
         415: "Body is not JSON",
+        416: "The range starts past the end of the file (`Content-Range: bytes */size`)",
         422: "Idempotency-Key reused with a different body",
         502: "The provider refused or failed the request (`upstream_*`)",
         503: "Database unavailable, or its storage read-only or failing; nothing was recorded",
@@ -579,7 +580,12 @@ def build_openapi() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "The PNG image", "content": {"image/png": {}}},
-                    **_errors(404),
+                    "206": {
+                        "description": "One byte range of it (`Range: bytes=first-last`, "
+                        "`first-` or `-suffix`); any other Range is ignored (200)",
+                        "content": {"image/png": {}},
+                    },
+                    **_errors(404, 416),
                 },
             }
         },

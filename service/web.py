@@ -72,6 +72,7 @@ def error_response(exc: TaskRelayError) -> Response:
     if isinstance(retry_after, int | float) and math.isfinite(retry_after):
         # Rounded up: a client that waits exactly this long must not come back too early.
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    headers.update(getattr(exc, "headers", None) or {})
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
 
 
