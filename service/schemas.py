@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -39,11 +40,34 @@ assert set(ProviderName.__args__) == set(PROVIDERS)  # type: ignore[attr-defined
 
 
 def _check_http_url(value: str) -> str:
+    """A reference image's URL, as the provider will fetch it: absolute http(s) with a host,
+    nothing a request line cannot carry (whitespace, control characters)."""
     if len(value) > MAX_URL_CHARS:
         raise ValueError(f"URL longer than {MAX_URL_CHARS} characters")
     if not value.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
+    if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise ValueError("must not contain spaces or control characters (percent-encode them)")
+    try:
+        host = urlsplit(value).hostname
+    except ValueError as exc:  # e.g. "http://[oops": a broken IPv6 host, or a bad port
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if not host:
+        raise ValueError("must name a host, e.g. https://example.com/reference.png")
     return value
+
+
+def _provider_task_id(value: str) -> str:
+    """A provider task id goes into a status query's path: "." and ".." would make it
+    another path of the provider's API (asked with TaskRelay's key); no provider issues them."""
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} cannot be a provider task id")
+    return value
+
+
+ProviderTaskId = Annotated[
+    str, Field(min_length=1, max_length=255), AfterValidator(_provider_task_id)
+]
 
 
 def _json_number(value: Any) -> Any:
@@ -115,7 +139,7 @@ class TaskTrack(_Body):
     """POST /v1/tasks/track: register a task the caller submits to the provider itself."""
 
     provider: ProviderName
-    provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    provider_task_id: ProviderTaskId | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     notify_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] | None = Field(
         default=None,
@@ -126,7 +150,7 @@ class TaskTrack(_Body):
 class TaskPatch(_Body):
     """PATCH /v1/tasks/{id}: learn the provider task id later, or replace the metadata."""
 
-    provider_task_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    provider_task_id: ProviderTaskId | None = None
     metadata: dict[str, Any] | None = None
 
 

@@ -100,6 +100,15 @@ async def test_submit_returns_202_then_completes_through_the_sandbox(
         ({"provider": "evolink", "prompt": "x", "n": 0}, {"n"}),
         ({"provider": "evolink", "prompt": "x", "n": 11}, {"n"}),
         ({"provider": "evolink", "prompt": "x", "image_urls": ["ftp://a/b.png"]}, {"image_urls"}),
+        # What the provider could not fetch: no host, a space, a broken host, a control char.
+        ({"provider": "evolink", "prompt": "x", "image_urls": ["http://"]}, {"image_urls"}),
+        ({"provider": "evolink", "prompt": "x", "image_urls": ["http:///a.png"]}, {"image_urls"}),
+        (
+            {"provider": "evolink", "prompt": "x", "image_urls": ["http://a b/c.png"]},
+            {"image_urls"},
+        ),
+        ({"provider": "evolink", "prompt": "x", "image_urls": ["http://[oops/a"]}, {"image_urls"}),
+        ({"provider": "evolink", "prompt": "x", "image_urls": ["https://a/\x01"]}, {"image_urls"}),
         ({"provider": "evolink", "prompt": "x", "metadata": [1, 2]}, {"metadata"}),
         ({"provider": "evolink", "prompt": "x", "colour": "red"}, {"colour"}),
         ({"provider": "evolink", "prompt": 5, "n": "many"}, {"prompt", "n"}),
@@ -120,6 +129,32 @@ async def test_invalid_bodies_are_400_naming_each_field(
     assert fields <= named, error
     for field in fields:
         assert field in error["message"]
+
+
+@pytest.mark.parametrize("provider_task_id", [".", ".."])
+async def test_a_dot_segment_is_no_provider_task_id(
+    client: httpx.AsyncClient, provider_task_id: str
+) -> None:
+    """It would make a status query another path of the provider's API (".." from
+    /v1/tasks/{id}: /v1), asked with TaskRelay's key and its answer quoted back."""
+    tracked = await client.post(
+        "/v1/tasks/track",
+        json={"provider": "evolink", "provider_task_id": provider_task_id},
+        headers=auth(),
+    )
+    assert tracked.status_code == 400, tracked.text
+    assert tracked.json()["error"]["details"][0]["field"] == "provider_task_id"
+    task = await track(client)
+    patched = await client.patch(
+        f"/v1/tasks/{task['id']}", json={"provider_task_id": provider_task_id}, headers=auth()
+    )
+    assert patched.status_code == 400, patched.text
+    (detail,) = patched.json()["error"]["details"]
+    assert detail["field"] == "provider_task_id"
+    assert "cannot be a provider task id" in detail["message"]
+    # Nothing was stored: the one task, still without a provider task id.
+    listed = (await client.get("/v1/tasks", headers=auth())).json()["data"]
+    assert [(item["id"], item["provider_task_id"]) for item in listed] == [(task["id"], None)]
 
 
 async def test_value_a_provider_cannot_take_is_400_before_anything_is_sent(

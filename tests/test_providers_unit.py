@@ -1506,3 +1506,34 @@ def test_a_providers_json_is_mended_where_the_api_would_refuse_it() -> None:
         parsing.loads_storable(text)
     with pytest.raises(ValueError, match="NaN is not a JSON value"):
         parsing.loads_provider_json('{"a": NaN}')
+
+
+# --- provider task ids in a status query's path ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "prefix"), [("evolink", "/v1/tasks/"), ("apiinone", "/api/v1/tasks/")]
+)
+@pytest.mark.parametrize(
+    ("task_id", "segment"),
+    [("abc", "abc"), ("a/b?c#d", "a%2Fb%3Fc%23d"), (".", "%2E"), ("..", "%2E%2E"), ("...", "...")],
+)
+def test_a_provider_task_id_is_one_path_segment_of_the_status_query(
+    provider: str, prefix: str, task_id: str, segment: str
+) -> None:
+    """Whatever the id (one stored before ids were checked included), the query asks for that
+    task: a dot segment would have made it another path of the provider's API."""
+    adapter = make_adapter(provider)
+    query = adapter.status_query(task_id)
+    assert query.path == prefix + segment
+    url = httpx.URL(adapter.url(query.path))
+    assert url.raw_path.decode().endswith(prefix + segment)
+
+
+@pytest.mark.parametrize("value", [".", "..", " .. ", ""])
+def test_a_dot_segment_or_nothing_is_no_provider_task_id(value: str) -> None:
+    assert parsing.id_of(value) is None
+    body = {"id": value, "status": "processing", "progress": 10}
+    update = make_adapter("evolink").parse_callback(json.dumps(body).encode(), {})
+    assert update.provider_task_id is None  # the rest of the callback still counts
+    assert update.status is TaskStatus.running

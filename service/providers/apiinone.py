@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 from service.models import TaskStatus
 from service.providers import base, parsing
@@ -64,7 +63,7 @@ class APIInOneAdapter(TaskEndpointAdapter):
         )
 
     def status_query(self, provider_task_id: str) -> StatusQuery:
-        return StatusQuery("GET", "/api/v1/tasks/" + quote(provider_task_id, safe=""))
+        return StatusQuery("GET", "/api/v1/tasks/" + parsing.path_segment(provider_task_id))
 
     def task_id_of(self, task: Mapping[str, Any]) -> str | None:
         return parsing.id_of(task.get("task_id")) or parsing.id_of(task.get("id"))

@@ -11,7 +11,6 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import quote
 
 from service.models import TaskStatus
 from service.providers import base, parsing
@@ -114,7 +113,7 @@ class EvoLinkAdapter(TaskEndpointAdapter):
         )
 
     def status_query(self, provider_task_id: str) -> StatusQuery:
-        return StatusQuery("GET", "/v1/tasks/" + quote(provider_task_id, safe=""))
+        return StatusQuery("GET", "/v1/tasks/" + parsing.path_segment(provider_task_id))
 
     def images(self, task: Mapping[str, Any]) -> list[dict[str, Any]]:
         return parsing.image_list(task.get("results"))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -120,12 +120,24 @@ def seconds_of(value: Any) -> float | None:
 
 
 def id_of(value: Any) -> str | None:
-    """A provider task id from a JSON string or integer; ``None`` for anything else."""
+    """A provider task id from a JSON string or integer; ``None`` for anything else, and for
+    "." and "..", which a status query's path cannot carry (:func:`path_segment`)."""
     if isinstance(value, str):
-        return value.strip() or None
+        text = value.strip()
+        return text if text and text not in (".", "..") else None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def path_segment(provider_task_id: str) -> str:
+    """A provider task id as one segment of a status query's path: percent-encoded, "/"
+    included, and a dot segment encoded too, so that no id can make the query another path
+    of the provider's API (asked with TaskRelay's key). Ids are checked where they come in
+    (:func:`id_of`, the API's schemas); this holds for one stored before they were."""
+    if provider_task_id in (".", ".."):
+        return "%2E" * len(provider_task_id)
+    return quote(provider_task_id, safe="")
 
 
 def image_url(value: Any) -> str | None:
