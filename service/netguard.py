@@ -458,7 +458,16 @@ def check_url(url: str, policy: AddressPolicy) -> str:
                 "use letters, digits, hyphens and dots."
             )
         _check_hostname(name)
-    return str(parsed)
+    normal = str(parsed)
+    if len(normal) > MAX_URL_LENGTH:
+        # Checked again in the normal form that is stored and sent: percent-encoding makes
+        # each non-ASCII character of a path 6 to 12 characters long.
+        raise _invalid(
+            f"The webhook URL is {len(normal)} characters long once percent-encoded (as it is "
+            f"stored and sent); the limit is {MAX_URL_LENGTH}. Shorten it: each non-ASCII "
+            "character takes 6 to 12."
+        )
+    return normal
 
 
 def _is_unicode_text(text: str) -> bool:

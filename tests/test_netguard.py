@@ -325,6 +325,8 @@ def test_check_url_refuses_internal_literals(url: str, fragment: str) -> None:
         ("http://exa%6dple.com/", "not a valid host name"),
         ("http://[::1/", "not valid"),
         ("http://" + "a" * 2050 + ".com/", "the limit is 2048"),
+        # Within the limit as sent, over it percent-encoded, as it would be stored and sent.
+        ("http://example.com/" + "\u00fc" * 1000, "once percent-encoded"),
         # Labels that are not punycode, or decode to what IDNA 2008 does not allow.
         ("https://xn--ls8h.la/hook", "xn--ls8h.la is not a valid internationalised domain"),
         ("https://xn--a.example.com/hook", "xn--a.example.com is not a valid international"),
