@@ -210,10 +210,8 @@ def page_size(params: QueryParams, default: int = DEFAULT_PAGE_SIZE) -> int:
     text = single_param(params, "limit")
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    # ASCII digits only: int() also takes " 5", "1_0" and other scripts' digits.
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else 0
     if not 1 <= value <= MAX_PAGE_SIZE:
         raise ValidationFailed(
             f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}.",

@@ -536,6 +536,13 @@ async def test_a_task_list_range_that_holds_no_time_is_400(
         "limit=0",
         "limit=201",
         "limit=ten",
+        # What int() takes but is no whole number as written.
+        "limit=1_0",
+        "limit=%205",
+        "limit=5%20",
+        "limit=%D9%A5",
+        "limit=%2B5",
+        "limit=05.0",
         "cursor=%%%",
         "cursor=eyJ4IjoxfQ",
         pytest.param(
