@@ -45,6 +45,13 @@ class BadRequest(TaskRelayError):
     code = "bad_request"
 
 
+class ClientGone(BadRequest):
+    """The client closed its connection before sending its whole request body: nothing was
+    done, and the answer goes nowhere."""
+
+    code = "client_disconnected"
+
+
 class ValidationFailed(BadRequest):
     """The request body or query does not validate; ``details`` lists each bad field."""
 

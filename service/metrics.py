@@ -64,7 +64,7 @@ FAMILIES: dict[str, Family] = {
             "counter",
             "Provider callbacks received, by provider and outcome (applied, unchanged, terminal, "
             "rejected, invalid_token, expired_token, wrong_provider, not_found, too_large, "
-            "overloaded, unavailable, error).",
+            "client_gone, overloaded, unavailable, error).",
         ),
         Family(
             "callback_duration_seconds",

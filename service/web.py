@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from service.errors import (
     BadRequest,
+    ClientGone,
     PayloadTooLarge,
     TaskRelayError,
     UnsupportedMediaType,
@@ -96,12 +97,24 @@ async def read_body(request: Request, limit: int, *, keep_prefix: bool = False) 
             raise BodyTooLarge(too_large, b"", declared_size)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                chunks.append(chunk)
+                raise BodyTooLarge(too_large, b"".join(chunks)[:limit], max(size, declared_size))
             chunks.append(chunk)
-            raise BodyTooLarge(too_large, b"".join(chunks)[:limit], max(size, declared_size))
-        chunks.append(chunk)
+    except ClientDisconnect:
+        # Anyone can do this at will: one quiet line, not an error with its traceback.
+        log.info(
+            "%s %s: the client went away after %d bytes of its body",
+            request.method,
+            route_path(request),
+            size,
+        )
+        raise ClientGone(
+            "The connection closed before the whole request body arrived; nothing was done."
+        ) from None
     return b"".join(chunks)
 
 

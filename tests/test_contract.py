@@ -4,6 +4,7 @@ over real HTTP. Parametrised over the five providers."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,40 @@ def test_grsai_poll_mode_completes_by_status_queries(tmp_path: Path) -> None:
             assert seen[0]["callbacks"] == []
     finally:
         service.stop()
+
+
+def _send_half_a_body(base_url: str, path: str) -> None:
+    """A POST announcing 100 bytes of body, 6 of them sent, then the connection closed."""
+    url = httpx.URL(base_url)
+    with socket.create_connection((url.host, url.port or 80), timeout=5) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b'{"a": ')
+
+
+def test_a_client_gone_mid_body_is_one_quiet_line_not_an_error(tmp_path: Path) -> None:
+    """Anyone can send half a body and hang up: an info line each, no traceback, nothing
+    changed, and the callback counted as client_gone (it was counted as an error)."""
+    service = start(tmp_path, "gone")
+    try:
+        with httpx.Client(base_url=service.url, headers=HEADERS, timeout=10) as client:
+            task = client.post("/v1/tasks/track", json={"provider": "evolink"}).json()
+            callback_path = httpx.URL(task["callback_url"]).raw_path.decode()
+            _send_half_a_body(service.url, "/v1/tasks")
+            _send_half_a_body(service.url, callback_path)
+            deadline = time.monotonic() + 10
+            while service.logs().count("went away") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            metrics = client.get("/metrics").text
+            listed = [item["id"] for item in client.get("/v1/tasks").json()["data"]]
+            assert listed == [task["id"]]  # the half-sent task was not created
+            after = client.get(f"/v1/tasks/{task['id']}").json()
+    finally:
+        service.stop()
+    logs = service.logs()
+    assert logs.count("went away") == 2, logs
+    assert "Traceback" not in logs and "unhandled error" not in logs, logs
+    assert 'taskrelay_callbacks_total{outcome="client_gone",provider="evolink"} 1' in metrics
+    assert (after["status"], after["updated_at"]) == (task["status"], task["updated_at"])
