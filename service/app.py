@@ -487,6 +487,9 @@ def create_app(
             Exception: handle_unexpected,
         },
     )
+    # A path with a trailing slash is a 404 like any unknown path: Starlette would redirect
+    # it (307) to a URL built from the request's own Host header.
+    app.router.redirect_slashes = False
     app.state.openapi = build_openapi()
     # Read the migration scripts once, not on every readiness probe.
     app.state.schema_head, app.state.schema_known = schema_revisions(settings.database_url)

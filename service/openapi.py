@@ -273,7 +273,9 @@ def _event_paths() -> dict[str, Any]:
                 requestBody=_json_body("SubscriptionCreate"),
             ),
             "get": _op(
-                "Your subscriptions", "listSubscriptions", {"200": _OBJECT, **_errors(401, 503)}
+                "Your subscriptions",
+                "listSubscriptions",
+                {"200": _OBJECT, **_errors(400, 401, 503)},
             ),
         },
         "/v1/subscriptions/{subscription_id}": {
@@ -306,7 +308,7 @@ def _event_paths() -> dict[str, Any]:
                 "rotateSubscriptionSecret",
                 {
                     "200": _json("SubscriptionOut", "With the new secret"),
-                    **_errors(400, 401, 404, *_STORE),
+                    **_errors(400, 401, 404, 413, 415, *_STORE),
                 },
                 parameters=sub_params,
                 requestBody={
@@ -344,7 +346,7 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Send the events since a time again",
                 "replayEvents",
-                {"202": _OBJECT, **_errors(400, 401, 404, 409, *_STORE)},
+                {"202": _OBJECT, **_errors(400, 401, 404, 409, 413, 415, *_STORE)},
                 parameters=sub_params,
                 requestBody=_json_body("Replay"),
             )
@@ -376,7 +378,7 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Rotate the notify secret",
                 "rotateNotifySecret",
-                {"200": _OBJECT, **_errors(400, 401, *_STORE)},
+                {"200": _OBJECT, **_errors(400, 401, 413, 415, *_STORE)},
                 requestBody={
                     "required": False,
                     "content": {"application/json": {"schema": _ref("SecretRotation")}},

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from openapi_spec_validator import validate
 from starlette.applications import Starlette
@@ -226,3 +227,53 @@ async def test_a_kept_image_is_served_and_a_missing_one_is_404(
     )
     assert "image/png" in document["responses"]["200"]["content"]
     assert missing.status_code == 404 and "404" in document["responses"]
+
+
+async def test_a_wrong_content_type_or_an_unknown_parameter_answers_what_the_document_says(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Each operation that takes a body, sent text instead of JSON (a 415), and each that
+    takes none, asked with a query parameter it does not know (a 400 where it checks them):
+    whatever it answers is in the document."""
+    settings = quiet_settings(sqlite_url, tmp_path)
+    found: dict[str, tuple[int, set[str]]] = {}
+    async with serving(settings, webhook_app=Starlette()) as (_, client):
+        ids = await seed(client, settings)
+        for path, methods in build_openapi()["paths"].items():
+            for method, operation in methods.items():
+                name = operation["operationId"]
+                if name in {"streamTask", "receiveCallback"} or method == "delete":
+                    continue
+                headers = auth() if operation.get("security") else {}
+                if "requestBody" in operation:
+                    response = await client.request(
+                        method.upper(),
+                        path.format(**ids),
+                        content=b"provider=evolink",
+                        headers={**headers, "Content-Type": "text/plain"},
+                    )
+                    assert response.status_code == 415, (name, response.text)
+                else:
+                    response = await client.request(
+                        method.upper(), path.format(**ids) + "?colour=red", headers=headers
+                    )
+                found[name] = (response.status_code, set(operation["responses"]))
+    assert undocumented(found) == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/tasks/"), ("GET", "/v1/subscriptions/"), ("GET", "/healthz/")],
+)
+async def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(
+    sqlite_url: str, tmp_path: Path, method: str, path: str
+) -> None:
+    """Starlette redirected it (307) to a URL built from the request's Host header."""
+    settings = quiet_settings(sqlite_url, tmp_path)
+    async with serving(settings, webhook_app=Starlette()) as (_, client):
+        response = await client.request(
+            method, path, headers={**auth(), "Host": "evil.example"}, json={}
+        )
+    assert response.status_code == 404, response.headers
+    assert "location" not in response.headers
+    assert response.json()["error"]["code"] == "not_found"
