@@ -644,6 +644,11 @@ class Store:
         if planned is not None and ahead is not None and now < ahead <= planned:
             task.planned_check_at = planned if planned > ahead else None
             return
+        if planned is not None and ahead is not None and now < ahead and task.poll_errors:
+            # The look ahead is a failed query's backoff, or the wait its provider asked for
+            # (Retry-After): news from a callback does not make the provider ready sooner.
+            task.planned_check_at = None
+            return
         task.next_check_at = planned
         task.planned_check_at = None
         if planned is None:

@@ -23,7 +23,13 @@ import sqlalchemy as sa
 from service import ingest, outbox
 from service import store as store_module
 from service.db import DriverSQL, listed, make_engine, migrate
-from service.errors import Conflict, NotFound, StoreUnavailable, TaskRelayError
+from service.errors import (
+    Conflict,
+    NotFound,
+    StoreUnavailable,
+    TaskRelayError,
+    UpstreamUnavailable,
+)
 from service.groupcommit import GroupCommitter, Overloaded
 from service.ingest import UpdateRequest
 from service.lifecycle import TaskUpdate
@@ -981,6 +987,43 @@ def test_a_later_plan_leaves_the_next_check_and_the_scheduler_moves_it(
     assert plan_of(store, slow) == (121.0, None, None)
     callback(slow, DONE)
     assert plan_of(store, slow) == (None, None, None)
+    store.engine.dispose()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch", "one"])
+def test_a_callback_does_not_bring_a_failed_querys_wait_forward(
+    database_url: str, batched: bool
+) -> None:
+    """After a failed status query the next look is its backoff, or the wait the provider
+    asked for (Retry-After). A progress callback meanwhile, whose own plan is earlier, leaves
+    it there: the provider is not asked again before it said; a final state still ends it."""
+    clock = Clock()
+    store = make_store(database_url, clock)
+
+    def callback(task_id: str, update: TaskUpdate) -> None:
+        if batched:
+            (result,) = store.apply_updates(
+                [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
+            )
+            assert isinstance(result, ApplyResult), result
+        else:
+            store.apply_update(task_id, update, UpdateSource.callback)
+
+    task_id = new_task(store, provider_task_id="p-busy")
+    clock.now = T0 + timedelta(seconds=62)
+    (claim,) = store.claim_due("evolink", "worker-1", limit=1, lease_seconds=30)
+    assert claim.task_id == task_id
+    busy = UpstreamUnavailable("busy", provider="evolink", retry_after=600)
+    store.record_poll(task_id, "worker-1", error=busy)
+    assert plan_of(store, task_id) == (662.0, None, None)  # as the provider asked
+    clock.now = T0 + timedelta(seconds=100)
+    callback(task_id, progress(90))  # done at about 111 s: its own plan is far earlier
+    assert plan_of(store, task_id) == (662.0, None, None)
+    clock.now = T0 + timedelta(seconds=700)  # the wait is over: plans as usual again
+    callback(task_id, progress(95))
+    assert plan_of(store, task_id)[0] != 662.0
+    callback(task_id, DONE)
+    assert plan_of(store, task_id) == (None, None, None)
     store.engine.dispose()
 
 
