@@ -36,6 +36,7 @@ from service.errors import (
     Conflict,
     ProviderError,
     StoreUnavailable,
+    UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
@@ -485,6 +486,16 @@ class Scheduler:
             )
             self._failed(claim, exc)
             raise exc from None
+        if update.provider_task_id not in (None, claim.provider_task_id):
+            # An answer about another task (a provider's mix-up): a failed query, counted,
+            # logged and backed off as one, never taken for this task's state.
+            mixed_up = UpstreamProtocolError(
+                f"{claim.provider} answered a status query for task "
+                f"{claim.provider_task_id!r} with task {update.provider_task_id!r}",
+                provider=claim.provider,
+            )
+            self._failed(claim, mixed_up)
+            raise mixed_up
         self.metrics.inc("status_queries_total", provider=claim.provider, outcome="ok")
         return update
 
@@ -537,7 +548,7 @@ class Scheduler:
         result = await run_in_threadpool(
             self.store.record_poll, claim.task_id, worker, update=update
         )
-        return result.task, None
+        return result.task, result.error
 
     def _refused_for(self, claim: Claim, exc: ProviderError) -> float | None:
         """How long the provider asked to be left alone when it refused a query for now (a
@@ -612,22 +623,28 @@ class Scheduler:
                 retry_after=PASS_SECONDS,
             ) from None
         except ProviderPaused as paused:
-            await run_in_threadpool(self.store.defer, claim.task_id, worker, seconds=paused.seconds)
+            await run_in_threadpool(
+                self.store.defer, claim.task_id, worker, seconds=paused.seconds, manual=True
+            )
             raise UpstreamRateLimited(
                 f"{task['provider']} asked for a pause in status queries.",
                 provider=task["provider"],
                 retry_after=paused.seconds,
             ) from None
         except ProviderError as exc:
-            await run_in_threadpool(self.store.record_poll, claim.task_id, worker, error=exc)
+            await run_in_threadpool(
+                self.store.record_poll, claim.task_id, worker, error=exc, manual=True
+            )
             if exc.status == 503 and exc.retry_after is None:
                 # Unavailable without a word of when (a 500, a timeout): the caller is told to
                 # wait what the scheduler waits after a failed query.
                 exc.retry_after = self.store.policy(claim.provider).error_backoff
             raise
         result = await run_in_threadpool(
-            self.store.record_poll, claim.task_id, worker, update=update
+            self.store.record_poll, claim.task_id, worker, update=update, manual=True
         )
+        if result.error is not None:
+            raise result.error  # recorded as a failed query: the answer was not taken
         return result.task
 
 

@@ -191,6 +191,9 @@ class ApplyResult:
     task: dict[str, Any]
     outcome: ReceiptOutcome
     event: dict[str, Any] | None
+    # A status answer recorded as a failed query because it could not be taken (it names
+    # another provider task, or cannot be stored): what the query's caller is to report.
+    error: ProviderError | None = None
 
 
 @dataclass(frozen=True)
@@ -1272,18 +1275,25 @@ class Store:
         *,
         update: TaskUpdate | None = None,
         error: ProviderError | None = None,
+        manual: bool = False,
     ) -> ApplyResult:
         """A status query's answer (or failure), through the same state machine as a
         callback; then the next check is planned and ``worker``'s lease released. An answer
         that cannot be stored (its provider task id belongs to another task) counts as a
-        failed query, so the task backs off instead of failing the same way each pass."""
+        failed query, so the task backs off instead of failing the same way each pass; the
+        result carries it as its ``error``.
+
+        ``manual``: a refresh, which the schedule did not plan. It is not counted among the
+        scheduled looks (whose number sets the backoff: a refresh before the expected finish
+        would have started it early), and it never brings the next look forward."""
         try:
-            return self._record_poll(task_id, worker, update=update, error=error)
+            return self._record_poll(task_id, worker, update=update, error=error, manual=manual)
         except (IntegrityError, BadRequest):
             refused = UpstreamProtocolError(
                 "the provider's answer could not be stored", provider="taskrelay"
             )
-            return self._record_poll(task_id, worker, update=None, error=refused)
+            result = self._record_poll(task_id, worker, update=None, error=refused, manual=manual)
+            return replace(result, error=refused)
 
     def _record_poll(
         self,
@@ -1292,17 +1302,20 @@ class Store:
         *,
         update: TaskUpdate | None,
         error: ProviderError | None,
+        manual: bool,
     ) -> ApplyResult:
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             now = self.clock()
-            task.poll_count += 1
+            if not manual:
+                task.poll_count += 1
             change = None
+            refused: ProviderError | None = None
             if update is not None:
                 try:
                     change = decide(task_state(task), update)
                 except Conflict as exc:
-                    error = UpstreamProtocolError(exc.message, provider=task.provider)
+                    error = refused = UpstreamProtocolError(exc.message, provider=task.provider)
             if error is not None:
                 task.poll_errors += 1
                 if TaskStatus(task.status).terminal and not self._followed_after_expiry(task, now):
@@ -1310,15 +1323,18 @@ class Store:
                     # left to look at, so no next look, whatever the provider answered.
                     self.plan(task, now)
                 else:
-                    task.planned_check_at = None
-                    task.next_check_at = next_check_after_error(
+                    after_error = next_check_after_error(
                         self._timing(task),
                         now,
                         self.policy(task.provider),
                         retry_after=error.retry_after,
                         rng=self.rng,
                     )
-                result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None)
+                    ahead = task.next_check_at
+                    if not (manual and ahead is not None and after_error < ahead):
+                        task.planned_check_at = None
+                        task.next_check_at = after_error
+                result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None, refused)
             else:
                 task.poll_errors = 0
                 result = self._commit_change(
@@ -1344,10 +1360,13 @@ class Store:
             session.add(task)
             return True
 
-    def defer(self, task_id: str, worker: str | None, *, seconds: float) -> dict[str, Any]:
+    def defer(
+        self, task_id: str, worker: str | None, *, seconds: float, manual: bool = False
+    ) -> dict[str, Any]:
         """Look at a task again in ``seconds``, without asking its provider now; releases the
         lease. The look is never put past the deadline, unless the deadline has passed: then
-        the last look before expiring the task waits for the pause to end."""
+        the last look before expiring the task waits for the pause to end. ``manual``: a
+        refresh's, which never brings the next look forward."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             now = self.clock()
@@ -1356,10 +1375,11 @@ class Store:
             else:
                 later = now + timedelta(seconds=seconds)
                 deadline = task.deadline_at
-                task.next_check_at = (
-                    later if deadline is None or deadline <= now else min(later, deadline)
-                )
-                task.planned_check_at = None
+                at = later if deadline is None or deadline <= now else min(later, deadline)
+                ahead = task.next_check_at
+                if not (manual and ahead is not None and at < ahead):
+                    task.next_check_at = at
+                    task.planned_check_at = None
             if worker is None or task.lease_owner == worker:
                 task.lease_owner = None
                 task.lease_expires_at = None

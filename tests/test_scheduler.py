@@ -22,8 +22,9 @@ from starlette.applications import Starlette
 
 from service.app import create_app
 from service.errors import StoreUnavailable, UpstreamUnavailable
+from service.lifecycle import TaskUpdate
 from service.metrics import Metrics
-from service.models import Task
+from service.models import Task, TaskStatus
 from service.runtime import Runtime
 from service.scheduler import ProviderLimiter, ProviderPaused, Scheduler
 from tests.conftest import BOB, auth, error_code, make_settings
@@ -668,6 +669,74 @@ async def test_refresh_reports_provider_errors(harness: Harness, status_error: s
     assert response.status_code == 503
     assert error_code(response) == "upstream_unavailable"
     assert response.headers["retry-after"] == "5"
+
+
+def next_look(harness: Harness, task_id: str) -> datetime | None:
+    """The task's next scheduled look (``next_check_at``), from the database."""
+    with Session(harness.runtime.engine) as session:
+        task = session.exec(select(Task).where(Task.id == task_id)).one()
+        return task.next_check_at
+
+
+# EvoLink's estimate (the sandbox's duration) sets the first look: 100 s after creation,
+# plus the grace; the callback is lost, so only looks can find the result.
+SLOW = "slow sandbox:duration=100 sandbox:callback=drop"
+
+
+async def test_an_early_refresh_leaves_the_schedule_as_it_was(harness: Harness) -> None:
+    """A refresh is not a scheduled look: made before the expected finish, it does not start
+    the backoff (looks 5 s, 10 s, 20 s ... after it) while the callback may still come."""
+    task_id = await harness.submit("evolink", SLOW)
+    first = next_look(harness, task_id)
+    assert first is not None and first > harness.clock.now() + timedelta(seconds=90)
+    harness.clock.advance(1)
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 200 and response.json()["status"] in {"queued", "running"}
+    assert harness.queries("evolink") == 1
+    assert next_look(harness, task_id) == first
+    for _ in range(60):  # a minute of scheduler passes: nobody asks
+        harness.clock.advance(1)
+        await harness.scheduler.run_until_idle()
+    assert harness.queries("evolink") == 1
+
+
+@pytest.mark.parametrize("refusal", ["status_error=500", "status_error=429"])
+async def test_a_refused_refresh_does_not_bring_the_next_look_forward(
+    harness: Harness, refusal: str
+) -> None:
+    """A failed refresh (a 500: the error backoff; a 429: the provider's pause) may put the
+    next look later, never earlier than it was."""
+    task_id = await harness.submit("evolink", f"{SLOW} sandbox:status_errors=1 sandbox:{refusal}")
+    first = next_look(harness, task_id)
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 503, response.text
+    assert next_look(harness, task_id) == first
+    assert (await harness.task(task_id))["status"] in {"queued", "running"}
+
+
+async def test_a_refresh_answered_about_another_task_is_a_502_and_a_failed_query(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider's answer names another provider task: not taken, counted and reported as
+    the protocol error it is (it was a 200 with the task unchanged, and an "ok" query)."""
+    task_id = await harness.submit("evolink", SLOW)
+    adapter = harness.runtime.adapters["evolink"]
+
+    async def mixed_up(provider_task_id: str) -> TaskUpdate:
+        return TaskUpdate(status=TaskStatus.succeeded, provider_task_id="someone-elses-task")
+
+    monkeypatch.setattr(adapter, "query_status", mixed_up)
+    response = await harness.client.post(f"/v1/tasks/{task_id}/refresh", headers=auth())
+    assert response.status_code == 502, response.text
+    assert error_code(response) == "upstream_protocol_error"
+    assert "someone-elses-task" in response.json()["error"]["message"]
+    metrics = harness.runtime.metrics
+    assert metrics.counter("status_queries_total", provider="evolink", outcome="ok") == 0
+    failed = metrics.counter(
+        "status_queries_total", provider="evolink", outcome="upstream_protocol_error"
+    )
+    assert failed == 1
+    assert (await harness.task(task_id))["status"] != "succeeded"
 
 
 # --- several workers ------------------------------------------------------------------------
