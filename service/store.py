@@ -220,6 +220,29 @@ def _only_its_submission(task: Task | TaskRow) -> bool:
     )
 
 
+def unsent_past_deadline(provider: str, *, again: bool) -> dict[str, str]:
+    """The error of a task whose deadline passed before it could be sent (``again``: sent
+    again, after earlier attempts): it was not, so nothing was billed."""
+    sent = "sent again" if again else "sent"
+    return {
+        "code": "submit_deadline_passed",
+        "message": f"The task's deadline (TASKRELAY_{provider.upper()}_DEADLINE after it "
+        f"was created) passed before it could be {sent} to {provider}, so it was not "
+        f"{sent} (and not billed for it); submit a new task.",
+    }
+
+
+def _never_sent(task: Task | TaskRow) -> bool:
+    """Whether ``task`` is a submission no attempt of which went out (none made, or the one
+    made taken back before it was sent) and nothing has moved."""
+    return (
+        task.origin == TaskOrigin.submitted.value
+        and task.status == TaskStatus.queued.value
+        and task.submit_attempts == 0
+        and task.provider_task_id is None
+    )
+
+
 def _awaiting_its_answer(task: Task | TaskRow) -> bool:
     """Whether ``task`` was sent and no answer to its last attempt was recorded: nothing but
     its submission has moved it, with no provider task id (with one, the answer came and the
@@ -1096,11 +1119,17 @@ class Store:
     def expire_task(self, task_id: str, reason: str, *, unsent: str | None = None) -> ApplyResult:
         """Expire the task with ``reason`` as its error message; ``unsent`` instead when it is
         still queued after an attempt to send it, with no provider task id and no retry
-        planned (no answer to that attempt was recorded), if given."""
+        planned (no answer to that attempt was recorded), if given. A submission never sent
+        (its deadline passed while it waited for a submission slot, or while no process
+        ran) says so, as the submitter would have said."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
-            unanswered = _awaiting_its_answer(task)
-            change = expire(task_state(task), unsent if unsent and unanswered else reason)
+            if _never_sent(task):
+                error = unsent_past_deadline(task.provider, again=False)
+                change = expire(task_state(task), error["message"], error["code"])
+            else:
+                unanswered = _awaiting_its_answer(task)
+                change = expire(task_state(task), unsent if unsent and unanswered else reason)
             if change is None and task.next_check_at is not None:
                 self.plan(task, self.clock())  # final already: no look is left to make
                 session.add(task)

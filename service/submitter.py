@@ -37,7 +37,7 @@ from service.providers.base import (
 )
 from service.retry import Backoff, submit_backoff
 from service.signing import CallbackSigner
-from service.store import Store
+from service.store import Store, unsent_past_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -461,12 +461,7 @@ class Submitter:
         """Fail a task whose deadline passed before its next attempt could be sent, without
         sending it (unless it moved on meanwhile: the same guard as any attempt)."""
         sent = "sent again" if attempts_made else "sent"
-        late = {
-            "code": "submit_deadline_passed",
-            "message": f"The task's deadline (TASKRELAY_{provider.upper()}_DEADLINE after it "
-            f"was created) passed before it could be {sent} to {provider}, so it was not "
-            f"{sent} (and not billed for it); submit a new task.",
-        }
+        late = unsent_past_deadline(provider, again=bool(attempts_made))
         if await run_in_threadpool(self.store.give_up_submission, task_id, attempts_made, late):
             self._count(provider, "failed")
             log.warning(

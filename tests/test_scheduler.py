@@ -384,6 +384,22 @@ async def test_a_task_whose_provider_id_never_came_says_so_when_it_expires(
 
 
 @pytest.mark.parametrize("provider", ["openai", "evolink"])
+async def test_a_submission_never_sent_by_its_deadline_says_so_when_it_expires(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, provider: str
+) -> None:
+    """Still waiting for a submission slot (or for a process to run it) at its deadline: the
+    scheduler's expiry says it was never sent, as the submitter would have, not that the
+    provider's id never came."""
+    monkeypatch.setattr(harness.runtime.submitter, "submit", lambda *args, **kwargs: None)
+    task_id = await harness.submit(provider, "never sent")
+    task = await past_the_deadline(harness, task_id)
+    assert task["status"] == "expired"
+    assert task["error"]["code"] == "submit_deadline_passed"
+    assert f"passed before it could be sent to {provider}" in task["error"]["message"]
+    assert "not billed" in task["error"]["message"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "evolink"])
 async def test_a_task_sent_without_a_recorded_answer_says_so_when_it_expires(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, provider: str
 ) -> None:
