@@ -53,6 +53,7 @@ from service.retry import submit_backoff
 from service.runtime import Runtime, runtime_of
 from service.scheduler import ProviderLimiter, Scheduler
 from service.settings import (
+    MAX_POLL_CONCURRENCY,
     MAX_WRITE_QUEUE,
     Settings,
     check_public_url,
@@ -85,6 +86,8 @@ M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 MALLOC_ARENAS = 2
 UPSTREAM_CONNECT_SECONDS = 5.0  # connecting (and waiting for a pooled connection) stays short
 UPSTREAM_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+# Status queries at their most leave submissions a share of each provider's pool.
+assert (UPSTREAM_LIMITS.max_connections or 0) - MAX_POLL_CONCURRENCY >= 50
 READINESS_TIMEOUT_SECONDS = 3.0
 # Graceful shutdown has one budget (TASKRELAY_SHUTDOWN_TIMEOUT, `serve --graceful-timeout`),
 # counted from SIGTERM/SIGINT. Requests in flight (uvicorn's drain) and background work in flight

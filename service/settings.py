@@ -261,6 +261,21 @@ def _retention(text: str) -> float | None:
     return parse_duration(text)
 
 
+# The most status queries to one provider in flight at once, per process: its connection pool
+# (200 connections, service/app.py's UPSTREAM_LIMITS) keeps the rest for its submissions.
+MAX_POLL_CONCURRENCY = 150
+
+
+def _poll_concurrency(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_POLL_CONCURRENCY:
+        raise ValueError(
+            f"must be at most {MAX_POLL_CONCURRENCY}: the provider's 200 connections are "
+            "shared with its submissions"
+        )
+    return value
+
+
 def _bounded_duration(most: float) -> Callable[[str], float]:
     def cast(text: str) -> float:
         value = parse_duration(text)
@@ -736,7 +751,10 @@ def load_settings(
             ),
             deadline=env.get(prefix + "DEADLINE", parse_duration, 3600.0, "a duration such as 1h"),
             poll_concurrency=env.get(
-                prefix + "POLL_CONCURRENCY", _positive_int, 8, "a positive whole number"
+                prefix + "POLL_CONCURRENCY",
+                _poll_concurrency,
+                8,
+                f"a whole number from 1 to {MAX_POLL_CONCURRENCY}",
             ),
             poll_rate=env.get(
                 prefix + "POLL_RATE", _positive_float, 5.0, "a number of queries per second"

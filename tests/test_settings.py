@@ -148,6 +148,10 @@ def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
         ("TASKRELAY_DELIVERY_SCHEDULE", "0s,5s,99999999999d", "at most 3650d"),
         ("TASKRELAY_EVOLINK_POLL_RATE", "inf", "a number greater than zero"),
         ("TASKRELAY_EVOLINK_POLL_RATE", "nan", "a number greater than zero"),
+        # More would leave the provider's submissions one connection of its pool, or none.
+        ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "151", "at most 150"),
+        ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "100000000", "from 1 to 150"),
+        ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "0", "from 1 to 150"),
     ],
 )
 def test_bad_values_name_the_variable(
