@@ -291,7 +291,9 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     waits = []
     for item in text.split(","):
         item = item.strip()
-        waits.append(0.0 if item in ("0", "0s", "0ms") else parse_duration(item))
+        zero = _DURATION_RE.match(item)
+        # A wait of nothing, in any unit ("0", "0m", "0.0s"): the attempt goes at once.
+        waits.append(0.0 if zero and float(zero.group(1)) == 0 else parse_duration(item))
     if not waits:
         raise ValueError("at least one attempt")
     return tuple(waits)

@@ -444,3 +444,18 @@ def test_local_only_conveniences_are_refused_on_a_service_reached_from_elsewhere
     # On this machine only, both are fine (make run); a real token is fine anywhere.
     check_public_url(load(tmp_path, TASKRELAY_SANDBOX="true", **demo))
     check_public_url(load(tmp_path, TASKRELAY_API_TOKENS="ops:tok-0123456789abcdef", **public))
+
+
+@pytest.mark.parametrize(
+    ("text", "waits"),
+    [
+        ("0s,5s,5m", (0.0, 5.0, 300.0)),
+        ("0,1m", (0.0, 60.0)),
+        ("0m,0.0s,0ms,2h", (0.0, 0.0, 0.0, 7200.0)),  # a wait of nothing, in any unit
+        ("500ms", (0.5,)),
+    ],
+)
+def test_a_delivery_schedule_takes_zero_waits_in_any_unit(
+    tmp_path: Path, text: str, waits: tuple[float, ...]
+) -> None:
+    assert load(tmp_path, TASKRELAY_DELIVERY_SCHEDULE=text).delivery_schedule == waits
