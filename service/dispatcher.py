@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,7 @@ from service import observe
 from service.errors import NotFound, StoreUnavailable
 from service.loops import Ticker
 from service.metrics import Metrics
+from service.models import utcnow
 from service.outbox import AttemptResult, DeliveryJob, Outbox, Recorded
 from service.signing import webhook_headers
 from service.webclient import DeliveryFailed, WebhookClient
@@ -52,8 +54,12 @@ class Dispatcher:
         tick_seconds: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
         worker_id: str | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.outbox = outbox
+        # When an attempt starts (its log's attempted_at): the outbox's clock, whose times
+        # the records compare with.
+        self.clock = clock if clock is not None else getattr(outbox, "clock", utcnow)
         self.http = http
         self.metrics = metrics
         self.concurrency = concurrency
@@ -320,7 +326,7 @@ class Dispatcher:
             ("User-Agent", USER_AGENT),
             *webhook_headers(job.signing_secrets, job.event_id, timestamp, job.body).items(),
         ]
-        started_at = self.outbox.clock()
+        started_at = self.clock()
         started = self.monotonic()
         try:
             async with asyncio.timeout(ATTEMPT_DEADLINE_SECONDS):
