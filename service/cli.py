@@ -91,6 +91,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
         return 2
+    # Before migrating: a second serve started by mistake (the same data folder and port, or
+    # a release started while the old one still runs) must not change the schema under the
+    # process that holds the port, and then exit.
+    unable = _cannot_listen(settings.host, settings.port, args.workers)
+    if unable is not None:
+        print(
+            f"taskrelay: cannot listen on {settings.host} port {settings.port}: {unable}.",
+            file=sys.stderr,
+        )
+        return 2
     if settings.is_sqlite or args.migrate:
         try:
             migrate(settings.database_url)
@@ -115,13 +125,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    unable = _cannot_listen(settings.host, settings.port, args.workers)
-    if unable is not None:
-        print(
-            f"taskrelay: cannot listen on {settings.host} port {settings.port}: {unable}.",
-            file=sys.stderr,
-        )
-        return 2
     # uvicorn shuts down gracefully on SIGTERM (stops accepting, finishes the requests in
     # flight, then the app's lifespan finishes or releases its background work; the app begins
     # its part at the signal itself: open event streams end, background work stops claiming),

@@ -118,6 +118,10 @@ def test_serve_says_the_port_is_in_use_before_it_starts(tmp_path: Path) -> None:
     )
     assert "stop what holds the port, or choose another (--port, TASKRELAY_PORT)" in result.stderr
     assert "TaskRelay ready" not in result.stderr
+    # Found before the embedded store was migrated: a second serve on the data folder of one
+    # that holds the port leaves its schema alone.
+    assert "database schema is up to date" not in result.stderr
+    assert not (tmp_path / "taskrelay.db").exists()
 
 
 def test_the_listen_check_binds_as_uvicorn_will() -> None:
