@@ -8,6 +8,7 @@ Secrets are wrapped in :class:`Secret` so they never print.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -637,19 +638,50 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def _kept_key(path: Path, value: str) -> Secret:
+    """The key read from the data folder's file, held to the length TASKRELAY_SECRET_KEY must
+    have: a short one would make callback tokens guessable."""
+    if len(value) < MIN_SECRET_KEY:
+        raise SettingsError(
+            f"The signing key in {path} is too short: it needs at least {MIN_SECRET_KEY} "
+            "characters. Put a longer random key there (e.g. the output of `taskrelay "
+            "new-token`), or delete the file and a new key is made (callback URLs signed "
+            "with the old one stop working either way).",
+            details={"variable": "TASKRELAY_DATA_DIR"},
+        )
+    return Secret(value)
+
+
 def _load_or_create_secret_key(data_dir: Path) -> Secret:
-    """The signing key kept in the data folder, generated on first use (with a warning)."""
+    """The signing key kept in the data folder, generated on first use (with a warning).
+
+    Written whole or not at all (a file of its own, then linked into place), so a crash
+    cannot leave an empty key file behind; an empty one (from a release before this, or a
+    ``touch``) signed nothing, and is replaced. Two processes starting at once keep one key:
+    the second's link fails, and it reads the first's."""
     path = data_dir / "secret_key"
     try:
         if path.is_file():
             value = path.read_text(encoding="utf-8").strip()
             if value:
-                return Secret(value)
+                return _kept_key(path, value)
         data_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(48)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(value + "\n")
+        fresh = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            if path.exists():  # empty: nothing was ever signed with it
+                os.replace(fresh, path)
+            else:
+                with contextlib.suppress(FileExistsError):  # another process's came first
+                    os.link(fresh, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                fresh.unlink()
+        value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise SettingsError(
             f"TASKRELAY_SECRET_KEY is not set, and the signing key file {path} cannot be read "

@@ -46,6 +46,31 @@ def test_secret_key_is_generated_once_and_kept(
     assert first.secret_key.reveal() not in caplog.text
 
 
+def test_an_empty_key_file_is_replaced_and_no_temporary_file_is_left(tmp_path: Path) -> None:
+    """A key file left empty (a crash while an older release wrote it, or a touch) signed
+    nothing: a new key takes its place, rather than start-up failing for good ("File
+    exists")."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "secret_key").write_text("")
+    first = load(tmp_path)
+    assert len(first.secret_key.reveal()) >= 16
+    assert (folder / "secret_key").read_text().strip() == first.secret_key.reveal()
+    assert stat.S_IMODE((folder / "secret_key").stat().st_mode) == 0o600
+    assert load(tmp_path).secret_key == first.secret_key
+    assert sorted(path.name for path in folder.iterdir()) == ["secret_key"]
+
+
+def test_a_short_key_in_the_key_file_is_refused_as_the_variable_would_be(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "secret_key").write_text("abc\n")
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path)
+    assert "too short" in caught.value.message and "at least 16" in caught.value.message
+    assert "abc" not in caught.value.message
+
+
 def test_secrets_never_print(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
