@@ -106,8 +106,8 @@ def load_configuration(
     correct = f"correct that variable (in the environment or in {env_file})."
 
     def raw(name: str) -> str:
-        value = environ[name] if name in environ else file_values.get(name, "")
-        return value.strip()
+        value = environ.get(name, "").strip()  # empty: unset, as the settings read it
+        return value or file_values.get(name, "").strip()
 
     overlay = dict(environ)
     key_source = "variable"

@@ -203,9 +203,12 @@ class _Reader:
         self.file_values = file_values
 
     def raw(self, name: str) -> str | None:
-        if name in self.environ:
-            return self.environ[name]
-        return self.file_values.get(name)
+        # An empty variable counts as unset, here as in get(): it does not hide the file's
+        # value (compose passes an unset ${VAR} as an empty one).
+        value = self.environ.get(name)
+        if value is not None and value.strip():
+            return value
+        return self.file_values.get(name, value)
 
     def get(self, name: str, cast: Callable[[str], T], default: T, expects: str) -> T:
         value = self.raw(name)
@@ -608,7 +611,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return values
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM would join the first name
     except OSError as exc:
         raise SettingsError(
             f"cannot read {path}: {exc.strerror or type(exc).__name__}.",

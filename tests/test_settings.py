@@ -142,6 +142,21 @@ def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     assert settings.public_url == "https://env.example"
 
 
+def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_values(
+    tmp_path: Path,
+) -> None:
+    """A BOM (Windows editors) joined the first name, and an empty variable (compose's
+    unset ${VAR}) hid the file's value: either way production silently ran on defaults,
+    the embedded SQLite file instead of PostgreSQL."""
+    env_file = tmp_path / ".env"
+    url = "postgresql://relay@db.example:5432/relay"
+    env_file.write_bytes(f"TASKRELAY_DATABASE_URL={url}\nTASKRELAY_PORT=9100\n".encode("utf-8-sig"))
+    environ = {"TASKRELAY_DATA_DIR": str(tmp_path), "TASKRELAY_PORT": " "}
+    settings = load_settings(environ, env_file=env_file)
+    assert settings.database_url == url.replace("postgresql:", "postgresql+psycopg:")
+    assert settings.port == 9100
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
