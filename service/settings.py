@@ -420,6 +420,26 @@ def public_url_problem(url: str) -> str | None:
     return None
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", re.ASCII)
+
+
+def listen_host(text: str) -> str:
+    """TASKRELAY_HOST: an IP address (an IPv6 one with or without its brackets) or a host
+    name; no port (TASKRELAY_PORT is that), no scheme."""
+    import ipaddress
+
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if ":" in host or "/" in host:
+        raise ValueError("no port or scheme: the port is TASKRELAY_PORT")
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError("not an IP address or a host name")
+    return host
+
+
 def default_public_url(host: str, port: int) -> str:
     listening = f"[{host}]" if ":" in host else host  # an IPv6 address, in a URL
     return f"http://{listening}:{port}"
@@ -715,7 +735,12 @@ def load_settings(
     database_url = env.get(
         "TASKRELAY_DATABASE_URL", _database_url, default_db, "a sqlite:/// or postgresql:// URL"
     )
-    host = env.get("TASKRELAY_HOST", str, "127.0.0.1", "a host name or address")
+    host = env.get(
+        "TASKRELAY_HOST",
+        listen_host,
+        "127.0.0.1",
+        "an address or host name to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::1",
+    )
     port = env.get("TASKRELAY_PORT", port_number, 8000, "a TCP port number")
     sandbox = env.get("TASKRELAY_SANDBOX", parse_bool, False, "true or false")
     if sandbox and not _is_loopback(host):

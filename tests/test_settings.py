@@ -190,6 +190,11 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_EVOLINK_POLL_RATE", "nan", "a number greater than zero"),
         # More would leave the provider's submissions one connection of its pool, or none.
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "151", "at most 150"),
+        # A port or a scheme in the host: a traceback from deep in start-up before.
+        ("TASKRELAY_HOST", "localhost:8000", "no port or scheme"),
+        ("TASKRELAY_HOST", "[::1]:8000", "no port or scheme"),
+        ("TASKRELAY_HOST", "http://0.0.0.0", "no port or scheme"),
+        ("TASKRELAY_HOST", "two words", "not an IP address or a host name"),
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "100000000", "from 1 to 150"),
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "0", "from 1 to 150"),
     ],
@@ -499,3 +504,17 @@ def test_a_delivery_schedule_takes_zero_waits_in_any_unit(
     tmp_path: Path, text: str, waits: tuple[float, ...]
 ) -> None:
     assert load(tmp_path, TASKRELAY_DELIVERY_SCHEDULE=text).delivery_schedule == waits
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("[::1]", "::1"),
+        ("::1", "::1"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("relay.internal", "relay.internal"),
+    ],
+)
+def test_a_listen_address_may_come_in_brackets(tmp_path: Path, value: str, host: str) -> None:
+    settings = load(tmp_path, TASKRELAY_HOST=value, TASKRELAY_PUBLIC_URL="https://relay.example")
+    assert settings.host == host
