@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_workers, default=1, help="the worker count you serve with (default: 1)"
     )
     doctor.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds each network check may take"
+        "--timeout", type=_seconds, default=5.0, help="seconds each network check may take"
     )
     doctor.set_defaults(handler=cmd_doctor)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.cli import _cannot_listen
+from service.cli import _cannot_listen, build_parser
 from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import ServiceProcess, closed_port
@@ -91,6 +91,17 @@ def test_a_worker_count_below_one_names_the_flag(workers: str) -> None:
     result = run_cli("serve", "--workers", workers)
     assert result.returncode == 2
     assert "argument --workers: a number of worker processes, 1 or more" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-1", "0", "soon"])
+def test_a_doctor_timeout_that_is_no_wait_names_the_flag(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It crashed (nan, inf) or failed every network check as "no answer in time" (-1)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["doctor", "--timeout", timeout])
+    assert exited.value.code == 2
+    assert "argument --timeout:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["serve", "sandbox"])
