@@ -586,8 +586,9 @@ def parse_api_tokens(text: str) -> dict[str, Secret]:
     """``"alice:tok1,bob:tok2"`` -> ``{"alice": Secret("tok1"), ...}``; names and tokens unique."""
     tokens: dict[str, Secret] = {}
     seen: set[str] = set()
-    for item in text.split(","):
-        item = item.strip()
+    # Entries are named by position, never by their name: a pair written backwards
+    # (token:name) has the token where the name goes, and it must not be printed.
+    for number, item in enumerate((item.strip() for item in text.split(",")), start=1):
         if not item:
             continue
         name, sep, token = item.partition(":")
@@ -595,11 +596,16 @@ def parse_api_tokens(text: str) -> dict[str, Secret]:
         if not sep or not name or not token:
             raise ValueError("each entry must be name:token")
         if not _TOKEN_NAME_RE.match(name):
-            raise ValueError(f"client name {name!r} may use only letters, digits, '.', '_', '-'")
+            raise ValueError(
+                f"the client name of entry {number} may use only letters, digits, '.', '_', '-'"
+            )
         if len(token) < 8:
-            raise ValueError(f"the token of client {name!r} is shorter than 8 characters")
+            raise ValueError(
+                f"the token of entry {number} is shorter than 8 characters (an entry is "
+                "name:token; one written token:name has them swapped)"
+            )
         if name in tokens:
-            raise ValueError(f"client name {name!r} appears twice")
+            raise ValueError(f"entry {number} repeats the client name of an earlier entry")
         if token in seen:
             raise ValueError("two clients share one token")
         seen.add(token)

@@ -169,6 +169,8 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_API_TOKENS", "a:shorttk", "name:token pairs"),
         ("TASKRELAY_API_TOKENS", "a:12345678,a:87654321", "name:token pairs"),
         ("TASKRELAY_API_TOKENS", "a:12345678,b:12345678", "name:token pairs"),
+        ("TASKRELAY_API_TOKENS", "a:12345678,a:87654321", "entry 2 repeats the client name"),
+        ("TASKRELAY_API_TOKENS", "a:12345678,b c:87654321", "client name of entry 2"),
         ("TASKRELAY_SANDBOX", "maybe", "true or false"),
         ("TASKRELAY_GRSAI_MODE", "carrier-pigeon", "callback, poll or stream"),
         ("TASKRELAY_CALLBACK_TOKEN_TTL", "soon", "a duration such as 7d"),
@@ -285,7 +287,7 @@ def test_errors_never_repeat_the_value(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as caught:
         load(tmp_path, TASKRELAY_API_TOKENS="alice:VERY-SECRET-alice-token,bob:short")
     assert "VERY-SECRET" not in caught.value.message
-    assert "bob" in caught.value.message  # says which entry is wrong
+    assert "entry 2" in caught.value.message  # says which entry is wrong, by position
     with pytest.raises(SettingsError) as caught:
         load(tmp_path, TASKRELAY_DATABASE_URL="mysql://user:hunter2@db/x")
     assert "hunter2" not in caught.value.message
@@ -518,3 +520,14 @@ def test_a_delivery_schedule_takes_zero_waits_in_any_unit(
 def test_a_listen_address_may_come_in_brackets(tmp_path: Path, value: str, host: str) -> None:
     settings = load(tmp_path, TASKRELAY_HOST=value, TASKRELAY_PUBLIC_URL="https://relay.example")
     assert settings.host == host
+
+
+def test_a_token_pair_written_backwards_never_prints_the_token(tmp_path: Path) -> None:
+    """token:name puts the token where the name goes: the message names the entry by its
+    position, and says the pair may be swapped."""
+    token = "Q3vJ9xZkLm2pR7tY8wNc4bHd6fGs1aEu0iOyTqWzXcV"
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, TASKRELAY_API_TOKENS=f"ops:0123456789abcdef,{token}:shop")
+    message = caught.value.message
+    assert token not in message and token[:8] not in message
+    assert "entry 2" in message and "swapped" in message
