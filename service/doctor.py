@@ -43,6 +43,7 @@ from service.providers.base import ProviderAdapter, TaskEndpointAdapter
 from service.settings import (
     DEMO_TOKENS,
     Settings,
+    check_public_url,
     env_file_path,
     lease_warning,
     load_settings,
@@ -140,6 +141,17 @@ def load_configuration(
         return redact([failed], [value.strip() for value in quoted if value.strip()]), None
 
     results = [CheckResult("configuration", OK, f"the settings in {where} are valid.")]
+    try:  # what only serve refuses (it hands out callback URLs): a gate must refuse it too
+        check_public_url(settings)
+    except SettingsError as exc:
+        results.append(
+            CheckResult(
+                "serve",
+                FAIL,
+                f"`taskrelay serve` refuses to start with these settings: {exc.message}",
+                fix=correct,
+            )
+        )
     results.append(api_tokens_check(settings))
     results.append(secret_key_check(settings, key_source, key_file))
     results.extend(mode_checks(settings, workers))

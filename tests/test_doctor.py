@@ -25,7 +25,7 @@ from service import doctor
 from service.db import head_revision, migrate
 from service.doctor import FAIL, OK, WARN, CheckResult, DatabaseProbe, ProviderProbe
 from service.errors import SettingsError
-from service.settings import PROVIDERS, Settings, load_settings
+from service.settings import PROVIDERS, Settings, check_public_url, load_settings
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import SandboxProcess, closed_port
 
@@ -137,6 +137,29 @@ def test_a_key_file_is_fine_for_one_process_but_not_for_replicas(tmp_path: Path)
     results, _ = doctor.load_configuration(environ, tmp_path / "no.env")
     key = by_check(results)["secret key"]
     assert key.status == WARN and "every replica needs the same key" in key.message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"TASKRELAY_API_TOKENS": "ops:demo-token"}, "well-known demo token"),
+        ({"TASKRELAY_SANDBOX": "true"}, "TASKRELAY_SANDBOX=true is for this machine only"),
+    ],
+)
+def test_what_serve_refuses_is_a_failure_not_no_problems(
+    tmp_path: Path, overrides: dict[str, str], said: str
+) -> None:
+    """The sandbox or a demo token on a service reached from elsewhere: serve refuses to
+    start, so the deploy gate must not say "No problems"."""
+    results, settings = configuration(
+        tmp_path, TASKRELAY_PUBLIC_URL="https://relay.example.com", **overrides
+    )
+    assert settings is not None
+    refused = by_check(results)["serve"]
+    assert refused.status == FAIL and said in refused.message, refused
+    with pytest.raises(SettingsError) as serve:
+        check_public_url(settings)
+    assert serve.value.message in refused.message
 
 
 def test_risky_but_valid_settings_are_warnings(tmp_path: Path) -> None:
