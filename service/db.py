@@ -660,6 +660,13 @@ def check_sqlite_writable(path: Path) -> None:
     real (open for writing, create a file): permission bits, which root ignores, are not asked,
     while a read-only mount or an immutable file refuses root too."""
     folder = path.parent
+    in_the_way = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if in_the_way is not None and not in_the_way.is_dir():
+        raise StoreUnavailable(
+            f"cannot create the database folder {folder}: {in_the_way} is a file, where a "
+            "folder must be. Point TASKRELAY_DATA_DIR (or TASKRELAY_DATABASE_URL) at a "
+            "folder, or move the file away."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

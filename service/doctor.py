@@ -412,6 +412,7 @@ class DatabaseProbe:
     name: str | None = None  # PostgreSQL: the database's name
     missing: bool = False  # SQLite: the file does not exist yet
     unwritable: str | None = None  # SQLite: a path TaskRelay could not write
+    not_a_folder: str | None = None  # SQLite: a file where the database's folder must be
     error: str | None = None  # the driver's message when it could not be read
     revision: str | None = None  # the schema's Alembic revision (None: empty)
     # At this release's revision: how the schema still differs from its models (db.schema_drift).
@@ -440,6 +441,8 @@ def probe_database(
     if path is not None:
         if not path.exists():
             folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+            if folder is not None and not folder.is_dir():
+                return DatabaseProbe(where, sqlite=True, missing=True, not_a_folder=str(folder))
             blocked = None if folder is None or _writable(folder) else str(folder)
             return DatabaseProbe(where, sqlite=True, missing=True, unwritable=blocked)
         blocked = next((str(p) for p in (path, path.parent) if not _writable(p)), None)
@@ -603,6 +606,14 @@ def database_check(probe: DatabaseProbe) -> CheckResult:
     if probe.error is not None:
         message, fix = explain_database_error(probe.error, probe.where, probe.name or "NAME")
         return CheckResult("database", FAIL, message, fix=fix)
+    if probe.not_a_folder is not None:
+        return CheckResult(
+            "database",
+            FAIL,
+            f"{probe.where}: {probe.not_a_folder} is a file, where a folder must be.",
+            fix="point TASKRELAY_DATA_DIR (or TASKRELAY_DATABASE_URL) at a folder, or move "
+            "the file away.",
+        )
     if probe.unwritable is not None:
         return CheckResult(
             "database",

@@ -313,6 +313,17 @@ def test_a_current_sqlite_file_is_fine_and_left_as_it_was(tmp_path: Path) -> Non
     assert snapshot(tmp_path / "db") == before  # no -wal, no -shm, nothing touched
 
 
+def test_a_data_folder_that_is_a_file_fails_as_serve_would(tmp_path: Path) -> None:
+    """serve cannot create the database's folder where a file is: doctor said only that the
+    database did not exist yet."""
+    (tmp_path / "notadir").write_text("")
+    url = f"sqlite:///{tmp_path / 'notadir' / 'taskrelay.db'}"
+    database, _ = database_checks(url)
+    assert database.status == FAIL, database
+    assert f"{tmp_path / 'notadir'} is a file" in database.message
+    assert "TASKRELAY_DATA_DIR" in str(database.fix)
+
+
 def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'nowhere' / 'taskrelay.db'}"
     database, migrations = database_checks(url)

@@ -225,3 +225,14 @@ def test_a_fatal_signal_leaves_the_stacks_on_stderr() -> None:
     assert result.returncode == -7  # killed by SIGBUS
     assert "Fatal Python error: Bus error" in result.stderr
     assert "Current thread" in result.stderr and '"<string>", line 1' in result.stderr
+
+
+def test_a_data_folder_that_is_a_file_says_so_not_read_only(tmp_path: Path) -> None:
+    """With the key set, the database's folder is the first thing that needs the data folder:
+    a file in its place was reported as a read-only folder."""
+    (tmp_path / "a-file").write_text("not a folder")
+    result = serve(tmp_path, TASKRELAY_DATA_DIR=str(tmp_path / "a-file"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert f"{tmp_path / 'a-file'} is a file, where a folder must be" in line, line
+    assert "read-only" not in line
