@@ -415,6 +415,9 @@ class DatabaseProbe:
     not_a_folder: str | None = None  # SQLite: a file where the database's folder must be
     error: str | None = None  # the driver's message when it could not be read
     revision: str | None = None  # the schema's Alembic revision (None: empty)
+    # With no revision: tables of this release's schema there already (another application's,
+    # or a schema made by hand), which migrating would fail to create.
+    in_the_way: tuple[str, ...] = ()
     # At this release's revision: how the schema still differs from its models (db.schema_drift).
     drift: tuple[str, ...] = ()
     # PostgreSQL: this host's clock minus the server's, and the round trip it was read in.
@@ -468,6 +471,14 @@ def probe_database(
     )
     try:
         found = replace(found, revision=current_revision(engine))
+        if found.revision is None:
+            from sqlmodel import SQLModel
+
+            import service.models  # noqa: F401  (the tables, in SQLModel.metadata)
+
+            ours = set(SQLModel.metadata.tables)
+            taken = ours & set(sa.inspect(engine).get_table_names())
+            found = replace(found, in_the_way=tuple(sorted(taken)))
         if head is not None and found.revision == head:
             found = replace(found, drift=tuple(schema_drift(engine)))
         if path is None:
@@ -671,6 +682,16 @@ def migrations_check(probe: DatabaseProbe, head: str | None, known: Iterable[str
     if probe.revision is not None and probe.revision not in set(known):
         message, fix = newer_schema(probe.revision, head)
         return CheckResult("migrations", FAIL, message, fix=fix)
+    if probe.revision is None and probe.in_the_way:
+        names = ", ".join(probe.in_the_way)
+        return CheckResult(
+            "migrations",
+            FAIL,
+            f"{probe.where} has no TaskRelay schema, but holds tables of the names it needs "
+            f"({names}): another application's, or made by hand. Migrating would fail to "
+            "create them, and `taskrelay serve` would not start.",
+            fix="give TaskRelay a database (or SQLite file) of its own.",
+        )
     found = probe.revision or "nothing (an empty database)"
     if probe.sqlite:
         return CheckResult(

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -322,6 +323,24 @@ def test_a_data_folder_that_is_a_file_fails_as_serve_would(tmp_path: Path) -> No
     assert database.status == FAIL, database
     assert f"{tmp_path / 'notadir'} is a file" in database.message
     assert "TASKRELAY_DATA_DIR" in str(database.fix)
+
+
+def test_another_applications_tables_of_our_names_fail_as_migrating_would(
+    tmp_path: Path,
+) -> None:
+    """No alembic_version but a table named as one of ours: doctor said "an empty database,
+    nothing to do", while serve failed with "table task already exists"."""
+    path = tmp_path / "shared.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE task (x)")
+        connection.execute("CREATE TABLE invoices (x)")
+    _, migrations = database_checks(f"sqlite:///{path}")
+    assert migrations.status == FAIL, migrations
+    assert "(task)" in migrations.message and "invoices" not in migrations.message
+    with sqlite3.connect(path) as connection:  # only another application's: nothing in the way
+        connection.execute("DROP TABLE task")
+    _, migrations = database_checks(f"sqlite:///{path}")
+    assert migrations.status == WARN and "an empty database" in migrations.message
 
 
 def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
