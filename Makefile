@@ -21,9 +21,7 @@ install: $(STAMP)
 
 # The demo token and sandbox are defaults for trying TaskRelay out; set your own in production.
 run: $(STAMP)
-	TASKRELAY_SANDBOX=$${TASKRELAY_SANDBOX:-true} \
-	TASKRELAY_API_TOKENS=$${TASKRELAY_API_TOKENS:-demo:demo-token} \
-	$(BIN)/taskrelay serve
+	$(BIN)/taskrelay serve --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests migrations bench

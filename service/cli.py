@@ -30,7 +30,14 @@ from service.db import (
 )
 from service.errors import SettingsError, StoreUnavailable
 from service.logs import configure_logging
-from service.settings import Settings, check_public_url, load_settings, port_number
+from service.settings import (
+    Settings,
+    check_public_url,
+    env_file_path,
+    load_settings,
+    port_number,
+    read_env_file,
+)
 
 log = logging.getLogger("taskrelay")
 
@@ -59,9 +66,27 @@ def _why(settings: Settings, exc: Exception) -> str:
     return database_error_line(settings.database_url, exc)
 
 
+# `serve --demo` (what `make run` runs): for trying TaskRelay out on this machine.
+DEMO_DEFAULTS = {"TASKRELAY_SANDBOX": "true", "TASKRELAY_API_TOKENS": "demo:demo-token"}
+
+
+def _demo_defaults() -> None:
+    """Each of DEMO_DEFAULTS that neither the environment nor the .env file sets. (Set in
+    the environment by `make run`, they hid the .env file's own values.)"""
+    try:
+        file_values = read_env_file(env_file_path(os.environ))
+    except SettingsError:
+        file_values = {}  # the settings say what is wrong with it, next
+    for name, value in DEMO_DEFAULTS.items():
+        if not (os.environ.get(name, "").strip() or file_values.get(name, "").strip()):
+            os.environ[name] = value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # Command-line flags win over the environment; the uvicorn factory reads the environment
     # again in each worker, so pass them on there.
+    if args.demo:
+        _demo_defaults()
     if args.host:
         os.environ["TASKRELAY_HOST"] = args.host
     if args.port:
@@ -346,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox",
         action="store_true",
         help="mount the provider sandbox at /sandbox and point unconfigured providers at it",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="for trying TaskRelay out (`make run`): the sandbox and the API token "
+        "demo:demo-token, each unless the environment or the .env file sets it",
     )
     serve.add_argument(
         "--graceful-timeout",

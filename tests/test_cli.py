@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import sqlite3
@@ -378,3 +379,25 @@ def test_an_unreachable_postgresql_is_one_line_without_the_password(tmp_path: Pa
     env["TASKRELAY_DATABASE_URL"] = nobody.render_as_string(hide_password=False)
     line = one_line_refusal(run_cli("migrate", env=env))
     assert "as user taskrelay_cli_nobody: the server has no such user. Fix: create the user" in line
+
+
+def test_demo_defaults_give_way_to_the_environment_and_the_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` (serve --demo): the sandbox and the demo token only where nothing else sets
+    them. Exported by make, they had hidden the .env file's own values."""
+    from service import cli
+
+    env_file = tmp_path / "prod.env"
+    env_file.write_text("TASKRELAY_SANDBOX=false\n")
+    monkeypatch.setenv("TASKRELAY_ENV_FILE", str(env_file))
+    monkeypatch.delenv("TASKRELAY_SANDBOX", raising=False)
+    monkeypatch.setenv("TASKRELAY_API_TOKENS", "ops:0123456789abcdef")
+    cli._demo_defaults()
+    assert "TASKRELAY_SANDBOX" not in os.environ  # the file's false stands
+    assert os.environ["TASKRELAY_API_TOKENS"] == "ops:0123456789abcdef"
+    env_file.write_text("# nothing set here\n")
+    monkeypatch.setenv("TASKRELAY_API_TOKENS", " ")  # empty: not set
+    cli._demo_defaults()
+    assert os.environ["TASKRELAY_SANDBOX"] == "true"
+    assert os.environ["TASKRELAY_API_TOKENS"] == "demo:demo-token"
