@@ -322,6 +322,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     configure_logging("INFO")
     from service.sandbox import run
 
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # exit 0 after a clean stop, as serve does
     run(args.host, args.port, api_key=args.api_key)
     return 0
 

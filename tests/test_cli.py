@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from service.cli import _cannot_listen, build_parser
 from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import ServiceProcess, closed_port
+from tests.servers import SandboxProcess, ServiceProcess, closed_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -401,3 +401,13 @@ def test_demo_defaults_give_way_to_the_environment_and_the_env_file(
     cli._demo_defaults()
     assert os.environ["TASKRELAY_SANDBOX"] == "true"
     assert os.environ["TASKRELAY_API_TOKENS"] == "demo:demo-token"
+
+
+def test_the_sandbox_exits_0_on_sigterm_after_a_clean_stop(tmp_path: Path) -> None:
+    """As serve does: an orchestrator saw "killed by SIGTERM" (143) after a clean stop."""
+    sandbox = SandboxProcess(tmp_path / "sandbox.log")
+    try:
+        sandbox.process.send_signal(signal.SIGTERM)
+        assert sandbox.process.wait(timeout=15) == 0
+    finally:
+        sandbox.stop()
