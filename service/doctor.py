@@ -43,7 +43,7 @@ from service.providers.base import ProviderAdapter, TaskEndpointAdapter
 from service.settings import (
     DEMO_TOKENS,
     Settings,
-    check_public_url,
+    check_local_only,
     env_file_path,
     lease_warning,
     load_settings,
@@ -141,8 +141,8 @@ def load_configuration(
         return redact([failed], [value.strip() for value in quoted if value.strip()]), None
 
     results = [CheckResult("configuration", OK, f"the settings in {where} are valid.")]
-    try:  # what only serve refuses (it hands out callback URLs): a gate must refuse it too
-        check_public_url(settings)
+    try:  # what only serve refuses; its public URL checks are the public URL check's
+        check_local_only(settings)
     except SettingsError as exc:
         results.append(
             CheckResult(
@@ -364,14 +364,24 @@ def public_url_check(settings: Settings) -> CheckResult:
     local = host == "localhost" or (
         address is not None and (address.is_loopback or address.is_private)
     )
-    if real and local:
+    calling_back = [name for name in real if name != "openai"]
+    if calling_back and local:
         return CheckResult(
             "public URL",
             WARN,
             f"{shown} is a local or private address that providers on the internet cannot "
-            f"reach ({', '.join(real)} are configured): callbacks will not arrive, and results "
-            "come only from polling, later.",
+            f"reach ({', '.join(calling_back)} are configured): callbacks will not arrive, "
+            "and results come only from polling, later.",
             fix=fix_url,
+        )
+    if real and local:  # OpenAI alone: no callbacks, but its images are served from here
+        return CheckResult(
+            "public URL",
+            WARN,
+            f"{shown} is a local or private address: the image URLs of OpenAI's results "
+            "(stored and served by TaskRelay under /files/) open only where that address "
+            "reaches this service.",
+            fix="set TASKRELAY_PUBLIC_URL to the address your applications reach TaskRelay at.",
         )
     return CheckResult(
         "public URL",

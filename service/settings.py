@@ -453,7 +453,7 @@ def check_public_url(settings: Settings) -> None:
     """Refuse a public URL providers cannot be handed in callback URLs (``serve``: commands
     that hand out no callback URL, such as ``migrate`` and ``doctor``, take any), and the
     local-only conveniences (the sandbox, a demo token) on a service reached from elsewhere."""
-    _check_local_only(settings)
+    check_local_only(settings)
     problem = public_url_problem(settings.public_url)
     if problem is None:
         return
@@ -495,7 +495,7 @@ def lease_warning(settings: Settings) -> str | None:
     )
 
 
-def _check_local_only(settings: Settings) -> None:
+def check_local_only(settings: Settings) -> None:
     """A reverse proxy on the same machine forwards to a loopback TASKRELAY_HOST: the public
     URL tells whether the service is reached from elsewhere. The sandbox's control API and
     its callbacks take a well-known key, and a demo token is in the README for anyone."""

@@ -26,7 +26,7 @@ from service import doctor
 from service.db import head_revision, migrate
 from service.doctor import FAIL, OK, WARN, CheckResult, DatabaseProbe, ProviderProbe
 from service.errors import SettingsError
-from service.settings import PROVIDERS, Settings, check_public_url, load_settings
+from service.settings import PROVIDERS, Settings, check_local_only, load_settings
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import SandboxProcess, closed_port
 
@@ -159,7 +159,7 @@ def test_what_serve_refuses_is_a_failure_not_no_problems(
     refused = by_check(results)["serve"]
     assert refused.status == FAIL and said in refused.message, refused
     with pytest.raises(SettingsError) as serve:
-        check_public_url(settings)
+        check_local_only(settings)
     assert serve.value.message in refused.message
 
 
@@ -241,6 +241,18 @@ def test_no_configured_provider_is_a_warning(tmp_path: Path) -> None:
 # --- the public URL ------------------------------------------------------------------------
 
 
+def test_a_local_public_url_with_openai_alone_warns_of_its_image_urls(tmp_path: Path) -> None:
+    """OpenAI neither calls back nor is polled: the warning was about callbacks."""
+    settings = settings_for(
+        tmp_path,
+        TASKRELAY_OPENAI_API_KEY="sk-openai-0123456789",
+        TASKRELAY_PUBLIC_URL="http://127.0.0.1:8000",
+    )
+    check = doctor.public_url_check(settings)
+    assert check.status == WARN and "image URLs of OpenAI's results" in check.message
+    assert "callbacks" not in check.message
+
+
 def test_the_public_url(tmp_path: Path) -> None:
     evolink = {"TASKRELAY_EVOLINK_API_KEY": "sk-evolink-0123456789"}
     check = doctor.public_url_check(settings_for(tmp_path, **evolink))
@@ -265,6 +277,8 @@ def test_the_public_url(tmp_path: Path) -> None:
     check = doctor.public_url_check(settings)
     assert check.status == FAIL and "carries a user name or password" in check.message
     assert "hunter2-pw" not in check.message + str(check.fix)
+    # Failed once, by this check: not again as the configuration's.
+    assert "serve" not in by_check(results)
     # A Settings made some other way is judged by the same check.
     for public in ("http://0.0.0.0:8000", "https://ops:hunter2-pw@relay.example.com"):
         check = doctor.public_url_check(replace(settings_for(tmp_path), public_url=public))
