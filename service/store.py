@@ -243,6 +243,13 @@ def _never_sent(task: Task | TaskRow) -> bool:
     )
 
 
+def _later(first: datetime | None, second: datetime | None) -> datetime | None:
+    """The later of two times either of which may be missing."""
+    if first is None or second is None:
+        return first or second
+    return max(first, second)
+
+
 def _awaiting_its_answer(task: Task | TaskRow) -> bool:
     """Whether ``task`` was sent and no answer to its last attempt was recorded: nothing but
     its submission has moved it, with no provider task id (with one, the answer came and the
@@ -1314,7 +1321,9 @@ class Store:
 
         ``manual``: a refresh, which the schedule did not plan. It is not counted among the
         scheduled looks (whose number sets the backoff: a refresh before the expected finish
-        would have started it early), and it never brings the next look forward."""
+        would have started it early). Refused, it never brings the next look (or the plan
+        kept for later) forward, nor counts as a failure unless it puts the look later;
+        answered, it plans the next look as a callback's news would."""
         try:
             return self._record_poll(task_id, worker, update=update, error=error, manual=manual)
         except (IntegrityError, BadRequest):
@@ -1359,8 +1368,12 @@ class Store:
                         retry_after=error.retry_after,
                         rng=self.rng,
                     )
-                    ahead = task.next_check_at
-                    if not (manual and ahead is not None and after_error < ahead):
+                    ahead = _later(task.next_check_at, task.planned_check_at)
+                    if manual and ahead is not None and after_error <= ahead:
+                        # A refused refresh leaves the schedule as it was, and its backoff:
+                        # the look ahead is no failed query's.
+                        task.poll_errors -= 1
+                    else:
                         task.planned_check_at = None
                         task.next_check_at = after_error
                 result = ApplyResult(task_json(task), ReceiptOutcome.unchanged, None, refused)
@@ -1405,8 +1418,8 @@ class Store:
                 later = now + timedelta(seconds=seconds)
                 deadline = task.deadline_at
                 at = later if deadline is None or deadline <= now else min(later, deadline)
-                ahead = task.next_check_at
-                if not (manual and ahead is not None and at < ahead):
+                ahead = _later(task.next_check_at, task.planned_check_at)
+                if not (manual and ahead is not None and at <= ahead):
                     task.next_check_at = at
                     task.planned_check_at = None
             if worker is None or task.lease_owner == worker:

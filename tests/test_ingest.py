@@ -1027,6 +1027,46 @@ def test_a_callback_does_not_bring_a_failed_querys_wait_forward(
     store.engine.dispose()
 
 
+def poll_errors_of(store: Store, task_id: str) -> int:
+    with store.engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.select(Task.poll_errors).where(Task.id == task_id)  # type: ignore[call-overload]
+            ).scalar_one()
+        )
+
+
+def test_a_refused_refresh_leaves_the_schedule_and_its_backoff_as_they_were(
+    database_url: str,
+) -> None:
+    """A refresh (``manual``) the provider refuses: neither the look ahead nor the plan kept
+    for later (``planned_check_at``) comes forward, and it counts as no failure; unless the
+    provider asks for a wait beyond them, which then stands as a failed query's would."""
+    clock = Clock()
+    store = make_store(database_url, clock)
+    task_id = new_task(store, provider_task_id="p-refreshed")
+    clock.now = T0 + timedelta(seconds=20)
+    store.apply_update(task_id, progress(10), UpdateSource.callback)  # done at 200 s
+    assert plan_of(store, task_id) == (61.0, 201.0, None)
+
+    clock.now = T0 + timedelta(seconds=58)
+    refused = UpstreamUnavailable("busy", provider="evolink")  # its backoff: about 5 s
+    result = store.record_poll(task_id, None, error=refused, manual=True)
+    assert result.task["status"] == "running"
+    assert plan_of(store, task_id) == (61.0, 201.0, None)  # was (63.x, None): 138 s early
+    assert poll_errors_of(store, task_id) == 0
+    clock.now = T0 + timedelta(seconds=100)
+    store.apply_update(task_id, progress(80), UpdateSource.callback)  # done at 125 s
+    assert plan_of(store, task_id) == (126.0, None, None)  # news from a callback, as ever
+
+    clock.now = T0 + timedelta(seconds=110)
+    wait = UpstreamUnavailable("busy", provider="evolink", retry_after=600)
+    store.record_poll(task_id, None, error=wait, manual=True)
+    assert plan_of(store, task_id) == (710.0, None, None)  # later: the provider asked
+    assert poll_errors_of(store, task_id) == 1
+    store.engine.dispose()
+
+
 def stalled_plans(store: Store) -> dict[str, list[str]]:
     """Tasks as a stalled scheduler finds them at T0 + 100 s: eleven due (at 10-20 s) whose
     look was planned later since (at 1,000-1,010 s), and, around them, one whose later plan
