@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -667,6 +667,21 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created), for the processes of this machine; on a
+    file system that takes no locks, none (the rename still keeps the file whole)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
 def _kept_key(path: Path, value: str) -> Secret:
     """The key read from the data folder's file, held to the length TASKRELAY_SECRET_KEY must
     have: a short one would make callback tokens guessable."""
@@ -684,10 +699,11 @@ def _kept_key(path: Path, value: str) -> Secret:
 def _load_or_create_secret_key(data_dir: Path) -> Secret:
     """The signing key kept in the data folder, generated on first use (with a warning).
 
-    Written whole or not at all (a file of its own, then linked into place), so a crash
-    cannot leave an empty key file behind; an empty one (from a release before this, or a
-    ``touch``) signed nothing, and is replaced. Two processes starting at once keep one key:
-    the second's link fails, and it reads the first's."""
+    Written whole or not at all (a file of its own, renamed into place), so a crash cannot
+    leave an empty key file behind; an empty one (from a release before this, or a
+    ``touch``) signed nothing, and is replaced. Processes starting at once (``migrate`` and
+    ``serve`` on one volume) take turns on a lock file, and each reads the key again under
+    it: one key is made, and every one of them keeps it."""
     path = data_dir / "secret_key"
     try:
         if path.is_file():
@@ -695,22 +711,23 @@ def _load_or_create_secret_key(data_dir: Path) -> Secret:
             if value:
                 return _kept_key(path, value)
         data_dir.mkdir(parents=True, exist_ok=True)
-        fresh = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(secrets.token_urlsafe(48) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            if path.exists():  # empty: nothing was ever signed with it
+        with _locked(data_dir / ".secret_key.lock"):
+            value = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+            if value:  # made by another process meanwhile
+                return _kept_key(path, value)
+            value = secrets.token_urlsafe(48)
+            fresh = data_dir / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}"
+            mode = stat.S_IRUSR | stat.S_IWUSR
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(value + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 os.replace(fresh, path)
-            else:
-                with contextlib.suppress(FileExistsError):  # another process's came first
-                    os.link(fresh, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                fresh.unlink()
-        value = path.read_text(encoding="utf-8").strip()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    fresh.unlink()
     except OSError as exc:
         raise SettingsError(
             f"TASKRELAY_SECRET_KEY is not set, and the signing key file {path} cannot be read "

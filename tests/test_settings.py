@@ -58,7 +58,33 @@ def test_an_empty_key_file_is_replaced_and_no_temporary_file_is_left(tmp_path: P
     assert (folder / "secret_key").read_text().strip() == first.secret_key.reveal()
     assert stat.S_IMODE((folder / "secret_key").stat().st_mode) == 0o600
     assert load(tmp_path).secret_key == first.secret_key
-    assert sorted(path.name for path in folder.iterdir()) == ["secret_key"]
+    # The key, and the lock the makers take turns on: no half-written file left.
+    assert sorted(path.name for path in folder.iterdir()) == [".secret_key.lock", "secret_key"]
+
+
+@pytest.mark.parametrize("empty_file", [False, True])
+def test_processes_starting_at_once_keep_one_key(tmp_path: Path, empty_file: bool) -> None:
+    """migrate and serve started together on one volume: each made a key and the last
+    rename won, so one ran with a key the file no longer held."""
+    import threading
+
+    if empty_file:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "secret_key").write_text("")
+    start = threading.Barrier(8)
+    keys: list[str] = []
+
+    def starting() -> None:
+        start.wait()
+        keys.append(load(tmp_path).secret_key.reveal())
+
+    threads = [threading.Thread(target=starting) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 8 and len(set(keys)) == 1
+    assert (tmp_path / "data" / "secret_key").read_text().strip() == keys[0]
 
 
 def test_a_short_key_in_the_key_file_is_refused_as_the_variable_would_be(tmp_path: Path) -> None:
