@@ -202,22 +202,31 @@ async def serve_file(request: Request) -> Response:
 
     files = runtime_of(request).files
     path = files.path(request.path_params["task_id"], request.path_params["name"])
+    try:
+        stat_result = path.stat()
+    except FileNotFoundError:  # deleted meanwhile (retention)
+        raise NotFound("No such file.") from None
+    response = FileResponse(
+        path,
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=86400"},
+        stat_result=stat_result,  # its ETag and Last-Modified set now
+    )
     wanted = request.headers.get("range")
     if wanted is not None:
         # Starlette's own parsing would answer plain-text errors, and its several-range
-        # answer breaks off mid-body; it gets one well-formed range, or none.
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:  # deleted meanwhile (retention)
-            raise NotFound("No such file.") from None
-        served = _range_to_serve(wanted, size)
+        # answer breaks off mid-body; it gets one well-formed range, or none. An If-Range
+        # that names another version of the file makes the Range void (RFC 9110): the whole
+        # file, never a 416 for a range of the version the client had.
+        if_range = request.headers.get("if-range")
+        current = (response.headers.get("etag"), response.headers.get("last-modified"))
+        void = if_range is not None and if_range not in current
+        served = None if void else _range_to_serve(wanted, stat_result.st_size)
         headers = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
         if served is not None:
             headers.append((b"range", served.encode("ascii")))
         request.scope["headers"] = headers
-    return FileResponse(
-        path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
-    )
+    return response
 
 
 routes = [Route("/files/{task_id}/{name}", serve_file, methods=["GET", "HEAD"])]

@@ -80,3 +80,21 @@ async def test_a_range_past_the_end_is_a_416_json_error(
     error = answer.json()["error"]
     assert error["code"] == "range_not_satisfiable"
     assert f"{SIZE}" in error["message"] or "bytes=-0" in error["message"]
+
+
+async def test_an_if_range_of_another_version_voids_the_range(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A client resuming a download of another version of the file gets the whole file (200),
+    even for a range past this version's end; with this version's ETag, the range stands."""
+    settings = quiet_settings(sqlite_url, tmp_path)
+    async with serving(settings, webhook_app=Starlette()) as (_, client):
+        ids = await seed(client, settings)
+        url = f"/files/{ids['task_id']}/0.png"
+        etag = (await client.get(url)).headers["etag"]
+        stale = await client.get(url, headers={"Range": "bytes=500-", "If-Range": '"old"'})
+        current = await client.get(url, headers={"Range": "bytes=1-2", "If-Range": etag})
+        past_end = await client.get(url, headers={"Range": "bytes=500-", "If-Range": etag})
+    assert (stale.status_code, stale.content) == (200, PNG)
+    assert (current.status_code, current.content) == (206, PNG[1:3])
+    assert past_end.status_code == 416
