@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -302,6 +302,15 @@ def real_providers(settings: Settings) -> list[str]:
     ]
 
 
+def _calls_back(settings: Settings, name: str) -> bool:
+    """Whether the provider's results arrive by callback, as its adapter says (GrsAI only in
+    its callback mode, OpenAI never). The adapter sends nothing here: no client is needed."""
+    from service.providers import ADAPTER_CLASSES
+
+    adapter = ADAPTER_CLASSES[name](settings.providers[name], cast(httpx.AsyncClient, None))
+    return adapter.delivers_callbacks()
+
+
 def files_dir_check(settings: Settings) -> CheckResult | None:
     """Whether the folder OpenAI's images are kept in can be written (None: OpenAI is not
     configured, nothing is kept). Nothing is created: the folder, or the nearest folder above
@@ -364,7 +373,7 @@ def public_url_check(settings: Settings) -> CheckResult:
     local = host == "localhost" or (
         address is not None and (address.is_loopback or address.is_private)
     )
-    calling_back = [name for name in real if name != "openai"]
+    calling_back = [name for name in real if _calls_back(settings, name)]
     if calling_back and local:
         return CheckResult(
             "public URL",

@@ -251,6 +251,20 @@ def test_a_local_public_url_with_openai_alone_warns_of_its_image_urls(tmp_path: 
     check = doctor.public_url_check(settings)
     assert check.status == WARN and "image URLs of OpenAI's results" in check.message
     assert "callbacks" not in check.message
+    # GrsAI streamed or polled does not call back either; in its callback mode it does.
+    for mode, calls_back in (("stream", False), ("poll", False), ("callback", True)):
+        check = doctor.public_url_check(
+            replace(
+                settings_for(
+                    tmp_path,
+                    TASKRELAY_OPENAI_API_KEY="sk-openai-0123456789",
+                    TASKRELAY_GRSAI_API_KEY="sk-grsai-0123456789",
+                    TASKRELAY_GRSAI_MODE=mode,
+                ),
+                public_url="http://127.0.0.1:8000",
+            )
+        )
+        assert ("callbacks will not arrive" in check.message) is calls_back, (mode, check)
 
 
 def test_the_public_url(tmp_path: Path) -> None:
