@@ -489,9 +489,10 @@ class Scheduler:
         if update.provider_task_id not in (None, claim.provider_task_id):
             # An answer about another task (a provider's mix-up): a failed query, counted,
             # logged and backed off as one, never taken for this task's state.
+            # The other task's id is not quoted: it may be another client's.
             mixed_up = UpstreamProtocolError(
                 f"{claim.provider} answered a status query for task "
-                f"{claim.provider_task_id!r} with task {update.provider_task_id!r}",
+                f"{claim.provider_task_id!r} with the state of another task",
                 provider=claim.provider,
             )
             self._failed(claim, mixed_up)

@@ -420,7 +420,9 @@ def public_url_problem(url: str) -> str | None:
     return None
 
 
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", re.ASCII)
+# A host name to listen on: letters, digits, '-', '_' (container names) and dots, a trailing
+# one (a fully qualified name) included.
+_HOST_NAME = re.compile(r"(?=.{1,254}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?", re.ASCII)
 
 
 def listen_host(text: str) -> str:
@@ -588,9 +590,8 @@ def parse_api_tokens(text: str) -> dict[str, Secret]:
     seen: set[str] = set()
     # Entries are named by position, never by their name: a pair written backwards
     # (token:name) has the token where the name goes, and it must not be printed.
-    for number, item in enumerate((item.strip() for item in text.split(",")), start=1):
-        if not item:
-            continue
+    entries = [item.strip() for item in text.split(",") if item.strip()]
+    for number, item in enumerate(entries, start=1):
         name, sep, token = item.partition(":")
         name, token = name.strip(), token.strip()
         if not sep or not name or not token:

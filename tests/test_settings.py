@@ -197,6 +197,7 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_API_TOKENS", "a:12345678,b:12345678", "name:token pairs"),
         ("TASKRELAY_API_TOKENS", "a:12345678,a:87654321", "entry 2 repeats the client name"),
         ("TASKRELAY_API_TOKENS", "a:12345678,b c:87654321", "client name of entry 2"),
+        ("TASKRELAY_API_TOKENS", "a:12345678,,b c:87654321", "client name of entry 2"),
         ("TASKRELAY_SANDBOX", "maybe", "true or false"),
         ("TASKRELAY_GRSAI_MODE", "carrier-pigeon", "callback, poll or stream"),
         ("TASKRELAY_CALLBACK_TOKEN_TTL", "soon", "a duration such as 7d"),
@@ -541,6 +542,8 @@ def test_a_delivery_schedule_takes_zero_waits_in_any_unit(
         ("::1", "::1"),
         ("0.0.0.0", "0.0.0.0"),
         ("relay.internal", "relay.internal"),
+        ("task_relay", "task_relay"),  # a container's name
+        ("relay.internal.", "relay.internal."),  # fully qualified
     ],
 )
 def test_a_listen_address_may_come_in_brackets(tmp_path: Path, value: str, host: str) -> None:
