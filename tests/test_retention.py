@@ -744,8 +744,8 @@ async def test_a_retry_or_a_replay_after_the_sweep_deleted_its_rows_is_a_404_or_
 ) -> None:
     """PostgreSQL: the sweep commits between a request's first read and its locks. A retry
     of the delivery is a 404 (not an update of a row gone), a replay owes nothing (not a
-    delivery whose event is gone), a look at the delivery is a 404 (not a 500: it reads the
-    delivery with its event in one statement)."""
+    delivery whose event is gone). A look at the delivery, which reads it with its event in
+    one statement, is a 404 when the sweep came first."""
     subscription_id, task_id, delivery_id = await old_delivery(pg_harness)
     outbox = pg_harness.runtime.outbox
     racing = sweep_racing(pg_harness, "SELECT delivery.pk")
@@ -755,7 +755,9 @@ async def test_a_retry_or_a_replay_after_the_sweep_deleted_its_rows_is_a_404_or_
     assert rows_of(pg_harness.runtime.engine, [task_id])["task"] == 0
 
     _, task_id, delivery_id = await old_delivery(pg_harness, subscription_id)
-    with sweep_racing(pg_harness, "SELECT delivery.pk") as finished_first, pytest.raises(NotFound):
+    # The lock on the delivery and its line, after the read that found it.
+    locks = "SELECT delivery.pk \nFROM delivery"
+    with sweep_racing(pg_harness, locks) as finished_first, pytest.raises(NotFound):
         outbox.retry_delivery("alice", delivery_id)
     assert finished_first == [True]
 
