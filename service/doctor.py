@@ -112,7 +112,7 @@ def load_configuration(
 
     overlay = dict(environ)
     key_source = "variable"
-    key_file = Path(raw("TASKRELAY_DATA_DIR") or "data") / "secret_key"
+    key_file = Path(raw("TASKRELAY_DATA_DIR") or "data").expanduser() / "secret_key"
     if not raw("TASKRELAY_SECRET_KEY"):
         try:
             key_source = "file" if key_file.read_text(encoding="utf-8").strip() else "missing"

@@ -661,10 +661,7 @@ def read_env_file(path: Path) -> dict[str, str]:
                 f"{path}:{number}: expected KEY=value (the line is not repeated here: it may "
                 "hold a secret)."
             )
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
+        values[key.strip()] = _env_value(value.strip())
     return values
 
 
@@ -695,6 +692,21 @@ def _kept_key(path: Path, value: str) -> Secret:
             details={"variable": "TASKRELAY_DATA_DIR"},
         )
     return Secret(value)
+
+
+def _env_value(text: str) -> str:
+    """A ``.env`` value: inside its quotes, whatever follows them (a comment) left out; else
+    up to a `` #`` comment (a ``#`` with no space before it is part of the value)."""
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        if end > 0:
+            return text[1:end]
+    return re.split(r"\s+#", text, maxsplit=1)[0]
+
+
+def _folder(text: str) -> Path:
+    """A folder path; ``~`` is the home folder, as a shell would make it."""
+    return Path(text).expanduser()
 
 
 def _load_or_create_secret_key(data_dir: Path) -> Secret:
@@ -754,7 +766,7 @@ def load_settings(
         env_file = env_file_path(environ)
     env = _Reader(environ, read_env_file(env_file))
 
-    data_dir = env.get("TASKRELAY_DATA_DIR", Path, Path("data"), "a folder path")
+    data_dir = env.get("TASKRELAY_DATA_DIR", _folder, Path("data"), "a folder path")
     default_db = f"sqlite:///{data_dir / 'taskrelay.db'}"
     database_url = env.get(
         "TASKRELAY_DATABASE_URL", _database_url, default_db, "a sqlite:/// or postgresql:// URL"
@@ -918,7 +930,7 @@ def load_settings(
             "TASKRELAY_METRICS_TOKEN", _metrics_token, None, "a token of 16 or more characters"
         ),
         sandbox=sandbox,
-        files_dir=env.get("TASKRELAY_FILES_DIR", Path, data_dir / "files", "a folder path"),
+        files_dir=env.get("TASKRELAY_FILES_DIR", _folder, data_dir / "files", "a folder path"),
         submit_attempts=env.get(
             "TASKRELAY_SUBMIT_ATTEMPTS", _positive_int, 4, "a positive whole number"
         ),

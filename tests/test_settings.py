@@ -560,3 +560,23 @@ def test_a_token_pair_written_backwards_never_prints_the_token(tmp_path: Path) -
     message = caught.value.message
     assert token not in message and token[:8] not in message
     assert "entry 2" in message and "swapped" in message
+
+
+def test_env_file_comments_after_a_value_and_a_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``KEY=value # note`` kept "# note" in the value (silently, inside a key); ``~`` made a
+    folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "TASKRELAY_SECRET_KEY=0123456789abcdefghij  # the staging key\n"
+        "TASKRELAY_API_TOKENS='ops:0123456789abcdef' # quoted, then a note\n"
+        "TASKRELAY_EVOLINK_API_KEY=sk-part#of-it\n"
+        "TASKRELAY_DATA_DIR=~/relay-data\n"
+    )
+    settings = load_settings({}, env_file=env_file)
+    assert settings.secret_key.reveal() == "0123456789abcdefghij"
+    assert settings.api_tokens["ops"].reveal() == "0123456789abcdef"
+    assert settings.providers["evolink"].api_key.reveal() == "sk-part#of-it"  # no space: kept
+    assert settings.data_dir == tmp_path / "home" / "relay-data"
