@@ -258,6 +258,12 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def duration_or_zero(text: str) -> float:
+    """A duration (:func:`parse_duration`), or nothing in any unit ("0", "0s", "0.0m")."""
+    zero = _DURATION_RE.match(text)
+    return 0.0 if zero and float(zero.group(1)) == 0 else parse_duration(text)
+
+
 def _retention(text: str) -> float | None:
     """A duration, or ``off`` (also ``never``, ``forever``): keep every task."""
     if text.lower() in {"off", "never", "forever"}:
@@ -295,9 +301,7 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     waits = []
     for item in text.split(","):
         item = item.strip()
-        zero = _DURATION_RE.match(item)
-        # A wait of nothing, in any unit ("0", "0m", "0.0s"): the attempt goes at once.
-        waits.append(0.0 if zero and float(zero.group(1)) == 0 else parse_duration(item))
+        waits.append(duration_or_zero(item))  # a wait of nothing: the attempt goes at once
     if not waits:
         raise ValueError("at least one attempt")
     return tuple(waits)
@@ -937,7 +941,9 @@ def load_settings(
         submit_backoff=env.get(
             "TASKRELAY_SUBMIT_BACKOFF", parse_duration, 1.0, "a duration such as 1s"
         ),
-        poll_grace=env.get("TASKRELAY_POLL_GRACE", parse_duration, 1.0, "a duration such as 1s"),
+        poll_grace=env.get(
+            "TASKRELAY_POLL_GRACE", duration_or_zero, 1.0, "a duration such as 1s, or 0"
+        ),
         poll_max_interval=env.get(
             "TASKRELAY_POLL_MAX_INTERVAL", parse_duration, 300.0, "a duration such as 5m"
         ),

@@ -580,3 +580,8 @@ def test_env_file_comments_after_a_value_and_a_home_folder(
     assert settings.api_tokens["ops"].reveal() == "0123456789abcdef"
     assert settings.providers["evolink"].api_key.reveal() == "sk-part#of-it"  # no space: kept
     assert settings.data_dir == tmp_path / "home" / "relay-data"
+
+
+@pytest.mark.parametrize("grace", ["0", "0s", "0.0m"])
+def test_a_poll_grace_of_nothing_asks_at_the_expected_finish(tmp_path: Path, grace: str) -> None:
+    assert load(tmp_path, TASKRELAY_POLL_GRACE=grace).poll_grace == 0.0
