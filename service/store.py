@@ -1095,13 +1095,21 @@ class Store:
                 return [exc]
             if not provider_task_id_taken(exc):
                 raise  # not the update's fault: unexpected, and answered as such
-            return [
-                Conflict(
-                    "The provider task id in this update already belongs to another of the "
-                    "client's tasks; nothing was changed.",
-                    code="provider_task_id_taken",
-                )
-            ]
+            taken = Conflict(
+                "The provider task id in this update already belongs to another of the "
+                "client's tasks; nothing was changed.",
+                code="provider_task_id_taken",
+            )
+            (request,) = requests
+            if request.receipt is not None:
+                # Kept for audit as every refused callback is: the refusal rolled back the
+                # transaction that held its receipt.
+                refused = replace(request.receipt, error=taken.message)
+                try:
+                    self.record_rejected_callback(request.task_id, refused)
+                except (StoreUnavailable, NotFound):  # the refusal stands; only its record is lost
+                    log.warning("could not keep the refused callback of %s", request.task_id)
+            return [taken]
         except StoreUnavailable as exc:
             return [exc] * len(requests)
         except Exception:

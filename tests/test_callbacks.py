@@ -448,6 +448,10 @@ async def test_a_provider_task_id_of_another_task_is_409_not_500(
     assert response.status_code == 409
     assert error_code(response) == "provider_task_id_taken"
     assert (await get(client, task_id))["status"] == "queued"
+    # Kept for audit, as every refused callback is (the refusal rolled its receipt back).
+    (kept,) = await receipts(client, task_id)
+    assert kept["outcome"] == "rejected"
+    assert "already belongs to another of the client's tasks" in kept["error"]
 
 
 async def test_a_tasks_callbacks_come_in_pages_oldest_first(client: httpx.AsyncClient) -> None:

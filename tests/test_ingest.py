@@ -219,7 +219,9 @@ def test_a_value_the_database_refuses_fails_only_its_own_update(store: Store) ->
     assert store.get_task("alice", bystander)["progress"] == 40
     assert store.get_task("alice", taker)["provider_task_id"] is None
     assert store.get_task("alice", holder)["status"] == "succeeded"
-    assert store.list_receipts("alice", taker)[0] == []  # rolled back with its update
+    # Its receipt, rolled back with its update, is kept again as a refused callback's.
+    (kept,) = store.list_receipts("alice", taker)[0]
+    assert kept.outcome == "rejected" and "already belongs" in str(kept.error)
 
 
 def test_a_late_updates_duration_hint_is_not_taken(store: Store) -> None:
