@@ -1301,7 +1301,12 @@ class Outbox:
                 continue
             result = _storable(result)
             before = states.get(row.pk) or {name: row._mapping[name] for name in _RECORDED_COLUMNS}
-            values = self._settle(before, worker, result, now)
+            taken_over = (
+                before["lease_owner"] not in (None, worker)
+                and row.lease_expires_at is not None
+                and row.lease_expires_at > now
+            )
+            values = self._settle(before, worker, result, now, taken_over=taken_over)
             states[row.pk] = values
             dead = DeliveryStatus.dead.value
             state = Recorded(
@@ -1396,10 +1401,17 @@ class Outbox:
         return recorded
 
     def _settle(
-        self, before: Mapping[str, Any], worker: str, result: AttemptResult, now: datetime
+        self,
+        before: Mapping[str, Any],
+        worker: str,
+        result: AttemptResult,
+        now: datetime,
+        *,
+        taken_over: bool = False,
     ) -> dict[str, Any]:
         """A delivery's columns (``before``: :data:`_RECORDED_COLUMNS`) after one more attempt;
-        this worker's lease on it, if it still has one, given back."""
+        this worker's lease on it, if it still has one, given back. ``taken_over``: another
+        worker holds a live lease on it (it took the delivery over when this one's ran out)."""
         owner = None if before["lease_owner"] == worker else before["lease_owner"]
         if not result.sent:
             # Not an attempt: put back, due again shortly, unless it has been settled, or
@@ -1408,6 +1420,11 @@ class Outbox:
             if before["status"] == DeliveryStatus.pending.value and owner is None:
                 values["next_attempt_at"] = now + UNSENT_PUT_BACK
             return values
+        if taken_over and not result.succeeded and before["status"] == DeliveryStatus.pending.value:
+            # The worker that took it over is sending it now, and its record decides: this
+            # late failure joins the log, but neither schedules a retry nor uses one up (the
+            # delivery would be dead-lettered an attempt early).
+            return {**before, "lease_owner": before["lease_owner"]}
         attempts = before["attempts"] + 1
         status = before["status"]
         if status == DeliveryStatus.succeeded.value or (

@@ -182,6 +182,28 @@ async def test_a_late_failure_leaves_a_delivery_another_worker_settled_as_it_is(
     assert [a["status_code"] for a in first["attempt_log"]] == [200, 503]
 
 
+async def test_a_late_failure_while_another_worker_sends_uses_up_no_retry(
+    harness: Harness,
+) -> None:
+    """A's lease ran out and B, which took the delivery over, is sending it when A's failure
+    is recorded: B's record decides. A's failure joined the schedule too (a retry planned,
+    an attempt counted), so B's one failure dead-lettered the delivery an attempt early."""
+    subscription = await harness.subscribe("taken-over-failing")
+    await harness.track()
+    outbox = harness.runtime.outbox
+    outbox.schedule = (0.0, 5.0)  # two attempts, then dead
+    (a,) = outbox.claim("A", limit=10, lease_seconds=60)
+    harness.clock.advance(61)
+    (b,) = outbox.claim("B", limit=10, lease_seconds=60)
+    late = outbox.record_attempt(a, "A", AttemptResult(502, 1.0, error="HTTP 502"))
+    assert (late.status, late.attempts, late.lease_owner) == ("pending", 0, "B")
+    own = outbox.record_attempt(b, "B", AttemptResult(500, 1.0, error="HTTP 500"))
+    assert (own.status, own.attempts, own.dead_lettered) == ("pending", 1, False)
+    (delivery,) = await _attempt_log(harness, subscription["id"])
+    assert (delivery["status"], delivery["last_status_code"]) == ("pending", 500)
+    assert [a["status_code"] for a in delivery["attempt_log"]] == [502, 500]  # both logged
+
+
 async def test_a_late_record_leaves_a_dead_letter_dead(harness: Harness) -> None:
     subscription = await harness.subscribe("dead")
     await harness.track()
