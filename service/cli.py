@@ -126,6 +126,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    held = _hold_sqlite_file(settings)
+    if held is not None:
+        print(f"taskrelay: {held}", file=sys.stderr)
+        return 2
     if settings.is_sqlite or args.migrate:
         try:
             migrate(settings.database_url)
@@ -264,6 +268,42 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
     return value
+
+
+# The lock `serve` holds on its SQLite file's lock file while it runs (kept open: closing it,
+# or the process ending however it ends, lets it go).
+_SERVING: list[int] = []
+
+
+def _hold_sqlite_file(settings: Settings) -> str | None:
+    """On SQLite, lock ``<database>.serve-lock`` for as long as this process runs: a second
+    ``serve`` on the same file (another port, a copy of the service started by mistake) is
+    refused, rather than run a second scheduler and writer against one file. Why not, or
+    None. A file system that takes no locks takes none."""
+    import fcntl
+
+    path = sqlite_path(settings.database_url)
+    if path is None:
+        return None
+    lock = path.with_name(path.name + ".serve-lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None  # the database's own checks say what is wrong with the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return (
+            f"another `taskrelay serve` is using the SQLite file {path}: SQLite serves one "
+            "process. Stop it first, or give this one a TASKRELAY_DATA_DIR of its own (use "
+            "PostgreSQL for several processes)."
+        )
+    except OSError:
+        pass  # no locks here
+    _SERVING.append(fd)
+    return None
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

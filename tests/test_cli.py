@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from service.cli import _cannot_listen, build_parser
 from service.db import current_revision, head_revision, make_engine, migrate
 from tests.conftest import PostgresDatabase, _pg_url
-from tests.servers import SandboxProcess, ServiceProcess, closed_port
+from tests.servers import SandboxProcess, ServiceProcess, closed_port, free_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -181,6 +181,32 @@ def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert "taskrelay migrate" in result.stderr
         assert run_cli("migrate", env=env).returncode == 0
+
+
+def test_a_second_serve_on_one_sqlite_file_is_refused_until_the_first_stops(
+    tmp_path: Path,
+) -> None:
+    """Another port, the same data folder: it started, and ran a second scheduler and writer
+    against the one file. Refused now, and served once the first one is gone."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+        "TASKRELAY_API_TOKENS": "me:token-12345678",
+    }
+    first = ServiceProcess(env, log_path=tmp_path / "first.log")
+    try:
+        first.wait_ready()
+        second = run_cli("serve", "--port", str(free_port()), env=env)
+        assert second.returncode == 2, second.stderr
+        assert "another `taskrelay serve` is using the SQLite file" in second.stderr
+        assert str(tmp_path / "data" / "taskrelay.db") in second.stderr
+    finally:
+        first.stop()
+    after = ServiceProcess(env, log_path=tmp_path / "after.log")
+    try:
+        after.wait_ready()  # the lock went with the first process
+    finally:
+        after.stop()
 
 
 def test_serve_migrates_the_embedded_store_and_answers(tmp_path: Path) -> None:
