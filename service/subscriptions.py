@@ -3,6 +3,7 @@ retries, replays and signing secrets. A client sees and changes only its own."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -199,19 +200,26 @@ def _delivery_page(request: Request) -> tuple[str | None, int, str | None]:
     return status, page_size(request.query_params), page_cursor(request)
 
 
+async def _listed_deliveries(
+    request: Request,
+    listing: Callable[..., tuple[list[DeliveryView], str | None]],
+    owner: str,
+    of: str,
+) -> Response:
+    """One page of deliveries, as ``listing`` (an Outbox list method) gives them for the
+    client's ``of`` (a subscription's id, or a task's), with :func:`_delivery_page`'s query."""
+    status, limit, cursor = _delivery_page(request)
+    rows, next_cursor = await run_in_threadpool(
+        listing, owner, of, status=status, cursor=cursor, limit=limit
+    )
+    return json_response({"data": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
+
+
 async def list_deliveries(request: Request) -> Response:
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    status, limit, cursor = _delivery_page(request)
-    rows, next_cursor = await run_in_threadpool(
-        runtime.outbox.list_deliveries,
-        owner,
-        request.path_params["subscription_id"],
-        status=status,
-        cursor=cursor,
-        limit=limit,
-    )
-    return json_response({"data": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
+    subscription_id = request.path_params["subscription_id"]
+    return await _listed_deliveries(request, runtime.outbox.list_deliveries, owner, subscription_id)
 
 
 async def get_delivery(request: Request) -> Response:
@@ -278,17 +286,9 @@ async def list_task_deliveries(request: Request) -> Response:
     the task's notify_url, whose subscription no other endpoint shows."""
     runtime = runtime_of(request)
     owner = runtime.clients.authenticate(request)
-    observe.bind(task_id=request.path_params["task_id"])
-    status, limit, cursor = _delivery_page(request)
-    rows, next_cursor = await run_in_threadpool(
-        runtime.outbox.list_task_deliveries,
-        owner,
-        request.path_params["task_id"],
-        status=status,
-        cursor=cursor,
-        limit=limit,
-    )
-    return json_response({"data": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
+    task_id = request.path_params["task_id"]
+    observe.bind(task_id=task_id)
+    return await _listed_deliveries(request, runtime.outbox.list_task_deliveries, owner, task_id)
 
 
 routes = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 
@@ -12,6 +13,16 @@ from tests.conftest import serving
 from tests.test_openapi import PNG, quiet_settings, seed
 
 SIZE = len(PNG)
+
+
+async def fetched(sqlite_url: str, tmp_path: Path, wanted: str) -> httpx.Response:
+    """A kept image, asked for with ``Range: wanted``, through the real app."""
+    settings = quiet_settings(sqlite_url, tmp_path)
+    async with serving(settings, webhook_app=Starlette()) as (_, client):
+        ids = await seed(client, settings)
+        return await client.get(
+            f"/files/{ids['task_id']}/0.png", headers={"Range": wanted.encode()}
+        )
 
 
 @pytest.mark.parametrize(
@@ -28,10 +39,7 @@ SIZE = len(PNG)
 async def test_one_byte_range_is_a_206(
     sqlite_url: str, tmp_path: Path, wanted: str, part: tuple[int, int]
 ) -> None:
-    settings = quiet_settings(sqlite_url, tmp_path)
-    async with serving(settings, webhook_app=Starlette()) as (_, client):
-        ids = await seed(client, settings)
-        answer = await client.get(f"/files/{ids['task_id']}/0.png", headers={"Range": wanted})
+    answer = await fetched(sqlite_url, tmp_path, wanted)
     start, end = part
     assert answer.status_code == 206, answer.text
     assert answer.content == PNG[start:end]
@@ -56,12 +64,7 @@ async def test_one_byte_range_is_a_206(
 async def test_any_other_range_is_ignored_and_the_whole_file_served(
     sqlite_url: str, tmp_path: Path, wanted: str
 ) -> None:
-    settings = quiet_settings(sqlite_url, tmp_path)
-    async with serving(settings, webhook_app=Starlette()) as (_, client):
-        ids = await seed(client, settings)
-        answer = await client.get(
-            f"/files/{ids['task_id']}/0.png", headers={"Range": wanted.encode()}
-        )
+    answer = await fetched(sqlite_url, tmp_path, wanted)
     assert (answer.status_code, answer.content) == (200, PNG), answer.text
     assert answer.headers["content-length"] == str(SIZE)
     assert "content-range" not in answer.headers
@@ -71,10 +74,7 @@ async def test_any_other_range_is_ignored_and_the_whole_file_served(
 async def test_a_range_past_the_end_is_a_416_json_error(
     sqlite_url: str, tmp_path: Path, wanted: str
 ) -> None:
-    settings = quiet_settings(sqlite_url, tmp_path)
-    async with serving(settings, webhook_app=Starlette()) as (_, client):
-        ids = await seed(client, settings)
-        answer = await client.get(f"/files/{ids['task_id']}/0.png", headers={"Range": wanted})
+    answer = await fetched(sqlite_url, tmp_path, wanted)
     assert answer.status_code == 416
     assert answer.headers["content-range"] == f"bytes */{SIZE}"
     error = answer.json()["error"]

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -940,6 +941,17 @@ def plan_of(store: Store, task_id: str) -> tuple[Any, ...]:
     return since(row[0]), since(row[1]), row[2]
 
 
+def apply_callback(store: Store, task_id: str, update: TaskUpdate, *, batched: bool) -> None:
+    """A callback's update, through the group-commit writer's batch path or alone."""
+    if batched:
+        (result,) = store.apply_updates(
+            [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
+        )
+        assert isinstance(result, ApplyResult), result
+    else:
+        store.apply_update(task_id, update, UpdateSource.callback)
+
+
 @pytest.mark.parametrize("batched", [True, False], ids=["batch", "one"])
 def test_a_later_plan_leaves_the_next_check_and_the_scheduler_moves_it(
     database_url: str, batched: bool
@@ -952,14 +964,7 @@ def test_a_later_plan_leaves_the_next_check_and_the_scheduler_moves_it(
     clock = Clock()
     store = make_store(database_url, clock)
 
-    def callback(task_id: str, update: TaskUpdate) -> None:
-        if batched:
-            (result,) = store.apply_updates(
-                [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
-            )
-            assert isinstance(result, ApplyResult), result
-        else:
-            store.apply_update(task_id, update, UpdateSource.callback)
+    callback = partial(apply_callback, store, batched=batched)
 
     slow = new_task(store, provider_task_id="p-slow")
     clock.now = T0 + timedelta(seconds=1)
@@ -1002,14 +1007,7 @@ def test_a_callback_does_not_bring_a_failed_querys_wait_forward(
     clock = Clock()
     store = make_store(database_url, clock)
 
-    def callback(task_id: str, update: TaskUpdate) -> None:
-        if batched:
-            (result,) = store.apply_updates(
-                [UpdateRequest(task_id, update, UpdateSource.callback, receipt())]
-            )
-            assert isinstance(result, ApplyResult), result
-        else:
-            store.apply_update(task_id, update, UpdateSource.callback)
+    callback = partial(apply_callback, store, batched=batched)
 
     task_id = new_task(store, provider_task_id="p-busy")
     clock.now = T0 + timedelta(seconds=62)
