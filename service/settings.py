@@ -286,6 +286,17 @@ def _poll_concurrency(text: str) -> int:
     return value
 
 
+# The shortest period a background loop may be given: less only spins, a query each time.
+MIN_LOOP_PERIOD = 0.01
+
+
+def _loop_period(text: str) -> float:
+    value = parse_duration(text)
+    if value < MIN_LOOP_PERIOD:
+        raise ValueError(f"must be at least {MIN_LOOP_PERIOD * 1000:g}ms: a shorter one only spins")
+    return value
+
+
 def _bounded_duration(most: float) -> Callable[[str], float]:
     def cast(text: str) -> float:
         value = parse_duration(text)
@@ -952,10 +963,10 @@ def load_settings(
         ),
         poll_lease=env.get("TASKRELAY_POLL_LEASE", parse_duration, 60.0, "a duration such as 60s"),
         submit_sweep=env.get(
-            "TASKRELAY_SUBMIT_SWEEP", parse_duration, 30.0, "a duration such as 30s"
+            "TASKRELAY_SUBMIT_SWEEP", _loop_period, 30.0, "a duration such as 30s, 10ms or more"
         ),
         scheduler_tick=env.get(
-            "TASKRELAY_SCHEDULER_TICK", parse_duration, 1.0, "a duration such as 1s"
+            "TASKRELAY_SCHEDULER_TICK", _loop_period, 1.0, "a duration such as 1s, 10ms or more"
         ),
         scheduler=env.get("TASKRELAY_SCHEDULER", parse_bool, True, "true or false"),
         delivery_schedule=delivery_schedule,

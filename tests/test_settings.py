@@ -219,6 +219,9 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_EVOLINK_POLL_RATE", "nan", "a number greater than zero"),
         # More would leave the provider's submissions one connection of its pool, or none.
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "151", "at most 150"),
+        # A background loop that would only spin, a database query each millisecond.
+        ("TASKRELAY_SCHEDULER_TICK", "1ms", "at least 10ms"),
+        ("TASKRELAY_SUBMIT_SWEEP", "5ms", "at least 10ms"),
         # A port or a scheme in the host: a traceback from deep in start-up before.
         ("TASKRELAY_HOST", "localhost:8000", "no port or scheme"),
         ("TASKRELAY_HOST", "[::1]:8000", "no port or scheme"),
