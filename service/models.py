@@ -135,6 +135,9 @@ def big_pk_type() -> sa.types.TypeEngine[int]:
 # partial index ix_task_unsent_created_at from its creation to its first attempt. Literal
 # values, in the index and in the query alike: SQLite uses a partial index only for a query
 # whose WHERE clause repeats its terms.
+# What no provider task id may be: a path's dot segments, which would make a status query
+# another path of the provider's API (schemas and providers/parsing check them).
+DOT_SEGMENTS = frozenset({".", ".."})
 # A client's provider task ids are unique per provider (store.provider_task_id_taken).
 PROVIDER_TASK_UNIQUE = "uq_task_owner_provider_task"
 UNSENT_INDEX = "ix_task_unsent_created_at"

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from service.errors import ValidationFailed
-from service.models import Task, TaskEvent, TaskRow
+from service.models import DOT_SEGMENTS, Task, TaskEvent, TaskRow
 from service.settings import PROVIDERS
 
 ProviderName = Literal["openai", "grsai", "gptimage15", "evolink", "apiinone"]
@@ -60,7 +60,7 @@ def _check_http_url(value: str) -> str:
 def _provider_task_id(value: str) -> str:
     """A provider task id goes into a status query's path: "." and ".." would make it
     another path of the provider's API (asked with TaskRelay's key); no provider issues them."""
-    if value in (".", ".."):
+    if value in DOT_SEGMENTS:
         raise ValueError(f"{value!r} cannot be a provider task id")
     return value
 

@@ -30,7 +30,7 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.lifecycle import TaskUpdate
-from service.models import TaskStatus
+from service.models import DOT_SEGMENTS, TaskStatus
 
 # Words that make a failure a content-policy refusal. GrsAI answers in Chinese, hence the last two.
 CONTENT_POLICY_MARKERS = (
@@ -124,7 +124,7 @@ def id_of(value: Any) -> str | None:
     "." and "..", which a status query's path cannot carry (:func:`path_segment`)."""
     if isinstance(value, str):
         text = value.strip()
-        return text if text and text not in (".", "..") else None
+        return text if text and text not in DOT_SEGMENTS else None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
@@ -135,7 +135,7 @@ def path_segment(provider_task_id: str) -> str:
     included, and a dot segment encoded too, so that no id can make the query another path
     of the provider's API (asked with TaskRelay's key). Ids are checked where they come in
     (:func:`id_of`, the API's schemas); this holds for one stored before they were."""
-    if provider_task_id in (".", ".."):
+    if provider_task_id in DOT_SEGMENTS:
         return "%2E" * len(provider_task_id)
     return quote(provider_task_id, safe="")
 
