@@ -919,12 +919,17 @@ class Store:
             return task_json(self.owned(session, owner, task_id))
 
     def find_task(self, task_id: str) -> dict[str, Any] | None:
-        """A task by id whoever owns it (internal use: callbacks, background work)."""
+        """A task by id whoever owns it (internal use: callbacks, background work): its JSON,
+        and its ``deadline_at`` (a datetime; the API does not show it), which a restart with
+        another ``TASKRELAY_<P>_DEADLINE`` leaves as it was."""
         if not could_be_issued(task_id):
             return None
         with self.transaction(write=False) as session:
             task = session.exec(select(Task).where(Task.id == task_id)).first()
-            return None if task is None else task_json(task)
+            if task is None:
+                return None
+            deadline = task.deadline_at or self.deadline_for(task.provider, task.created_at)
+            return {**task_json(task), "deadline_at": deadline}
 
     @staticmethod
     def owned(session: Session, owner: str, task_id: str, *, lock: bool = False) -> Task:

@@ -413,9 +413,9 @@ class Submitter:
         return True
 
     def _past_deadline(self, task: dict[str, Any], delay: float) -> bool:
-        """Whether a retry ``delay`` seconds from now comes at or after the task's deadline."""
-        created = datetime.fromisoformat(task["created_at"].replace("Z", "+00:00"))
-        deadline = self.store.deadline_for(task["provider"], created)
+        """Whether a retry ``delay`` seconds from now comes at or after the task's deadline
+        (its row's, which the scheduler expires it by, whatever the deadline setting is now)."""
+        deadline: datetime = task["deadline_at"]
         return self.store.clock() + timedelta(seconds=delay) >= deadline
 
     async def _plan_retry(self, task_id: str, attempt: int, delay: float) -> bool | None:

@@ -640,6 +640,37 @@ async def test_a_task_found_past_its_deadline_fails_without_being_sent(
     assert failed == 1
 
 
+@pytest.mark.parametrize("hours", [0.5, 3], ids=["shortened", "lengthened"])
+async def test_the_submitter_goes_by_the_deadline_in_the_task_row(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, hours: float
+) -> None:
+    """TASKRELAY_GRSAI_DEADLINE changed across a restart: the task keeps the deadline it was
+    created with (its row's), which the scheduler expires it by, so the submitter goes by it
+    too. A lengthened setting does not send a task already past it (the scheduler would
+    expire it at once, with the image billed); a shortened one does not fail a task that
+    still has time."""
+    task_id = relay.create("grsai")  # a deadline of an hour, in its row
+    now = relay.store.clock()
+    deadline = timedelta(hours=hours).total_seconds()
+    relay.store.policies["grsai"] = dataclasses.replace(
+        relay.store.policy("grsai"), deadline=deadline
+    )
+    monkeypatch.setattr(
+        relay.store, "clock", lambda: now + timedelta(minutes=45 if hours < 1 else 90)
+    )
+    relay.answer(httpx.Response(200, json={"code": 0, "data": {"id": "grs-1"}}))
+    async with relay.submitter() as submitter:
+        submitter.submit(task_id)
+        await submitter.idle()
+    task = relay.store.find_task(task_id)
+    assert task is not None
+    if hours < 1:  # 45 minutes in, with 15 left by the row
+        assert len(relay.posts) == 1 and task["status"] != "failed"
+    else:  # 90 minutes in: past the row's hour
+        assert relay.posts == []
+        assert task["status"] == "failed" and task["error"]["code"] == "submit_deadline_passed"
+
+
 # --- 7. what only the submission can settle ------------------------------------------------------
 
 
