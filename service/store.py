@@ -699,6 +699,12 @@ class Store:
             if write:
                 session.connection(execution_options={WRITE_OPTION: True})
                 session.info[WRITTEN] = Written()
+            elif self.engine.dialect.name == "postgresql":
+                # A read of several statements (a delivery, then its attempts) sees the store
+                # at one moment, as a read transaction does on SQLite: under READ COMMITTED a
+                # commit in between (a retention sweep) showed half of it. A read-only
+                # transaction never fails for REPEATABLE READ.
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             yield session
             if write:
                 session.commit()

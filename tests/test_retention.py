@@ -755,6 +755,15 @@ async def test_a_retry_or_a_replay_after_the_sweep_deleted_its_rows_is_a_404_or_
     assert rows_of(pg_harness.runtime.engine, [task_id])["task"] == 0
 
     _, task_id, delivery_id = await old_delivery(pg_harness, subscription_id)
+    # Between the read of the delivery and that of its attempts: the look is of one moment,
+    # before the sweep (under READ COMMITTED, the delivery with an empty attempt log).
+    with sweep_racing(pg_harness, "SELECT delivery_attempt") as finished_first:
+        view, attempts = outbox.get_delivery("alice", delivery_id)
+    assert finished_first == [True]
+    assert rows_of(pg_harness.runtime.engine, [task_id])["task"] == 0
+    assert view.delivery.attempts == len(attempts) == 1
+
+    _, task_id, delivery_id = await old_delivery(pg_harness, subscription_id)
     # The lock on the delivery and its line, after the read that found it.
     locks = "SELECT delivery.pk \nFROM delivery"
     with sweep_racing(pg_harness, locks) as finished_first, pytest.raises(NotFound):
