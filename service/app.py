@@ -425,6 +425,8 @@ def create_app(
                 stopping.append(loop.create_task(dispatcher.stop(grace=drain_seconds)))
             if pruner is not None:  # no new batch; the one in flight (milliseconds) ends
                 stopping.append(loop.create_task(pruner.stop()))
+            # No new attempt that a cut-off would fail; submissions in flight go on.
+            stopping.append(loop.create_task(submitter.begin_stop(grace=drain_seconds)))
             if sandbox is not None and handle_signals:
                 letting_go.append(loop.create_task(end_sandbox_requests()))
 

@@ -58,12 +58,22 @@ async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
     meanwhile (:meth:`Submitter.stop` at a shutdown): the thread runs on regardless, and what
     it writes must be known, and done before the shutdown closes the database. The
     cancellation is raised again once it is."""
-    job = asyncio.ensure_future(run_in_threadpool(call, *args))
+    return await _finish(asyncio.ensure_future(run_in_threadpool(call, *args)))
+
+
+async def _finish(job: asyncio.Future[T]) -> T:
+    """:func:`_to_the_end` of a call already started as ``job``, whose outcome its caller
+    can still read after a cancellation."""
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
         await asyncio.wait([job])
         raise
+
+
+def _came_true(job: asyncio.Future[bool]) -> bool:
+    """Whether ``job`` (finished) returned True."""
+    return not job.cancelled() and job.exception() is None and job.result()
 
 
 class _Job(NamedTuple):
@@ -159,19 +169,18 @@ class Submitter:
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
 
-    async def stop(self, *, grace: float) -> None:
-        """Let the submissions in flight finish (up to ``grace`` seconds: the app passes its
-        share of the shutdown budget), then cut off what is left. A retry written in the task
-        row whose backoff ends after the grace is cut off at once instead of holding the
-        shutdown (and from then on, one planned like that returns instead of waiting): the
-        sweep or the next start-up sends it. So is one to a provider that does not call back
-        (OpenAI, GrsAI polled or streamed), whatever its backoff, and no new attempt to such a
-        provider starts: cut off before its answer, it would fail the task, perhaps made and
-        billed at the provider (:meth:`_cut_off`)."""
-        self._stop_by = asyncio.get_running_loop().time() + grace
-        if self._sweeper is not None:
-            await self._sweeper.stop()
-            self._sweeper = None
+    async def begin_stop(self, *, grace: float) -> None:
+        """The shutdown has begun, with ``grace`` seconds left for what is in flight (the app
+        calls this when the signal comes, while uvicorn drains its requests; a later call
+        can only bring the end closer). From now on the sweep is off and no new attempt to a
+        provider that does not call back (OpenAI, GrsAI polled or streamed) starts: cut off
+        before its answer, it would fail the task, perhaps made and billed at the provider
+        (:meth:`_cut_off`). A retry written in the task row whose backoff ends after the
+        grace, or to such a provider, is cut off at once instead of holding the shutdown (and
+        one planned from now on like that returns instead of waiting): the sweep or the next
+        start-up sends it. What is in flight goes on; :meth:`stop` waits for it."""
+        stop_by = asyncio.get_running_loop().time() + grace
+        self._stop_by = stop_by if self._stop_by is None else min(self._stop_by, stop_by)
         left = [
             job
             for job, (ends, sendable) in self._backing_off.items()
@@ -184,7 +193,17 @@ class Submitter:
                 len(left),
             )
             for job in left:
+                del self._backing_off[job]  # told once, if this is called again meanwhile
                 job.cancel()
+        if self._sweeper is not None:
+            sweeper, self._sweeper = self._sweeper, None
+            await sweeper.stop()
+
+    async def stop(self, *, grace: float) -> None:
+        """:meth:`begin_stop`, then let the submissions in flight finish (up to ``grace``
+        seconds: the app passes what is left of the shutdown budget), then cut off what is
+        left."""
+        await self.begin_stop(grace=grace)
         if not self._running:
             return
         _done, pending = await asyncio.wait(list(self._running), timeout=grace)
@@ -269,12 +288,19 @@ class Submitter:
                     log.info("not sending %s now: shutting down; left to the next process", task_id)
                     return
                 alive_noted = loop.time()
+                marking = asyncio.ensure_future(
+                    run_in_threadpool(self.store.mark_submit_attempt, task_id, attempt)
+                )
                 try:
-                    marked = await _to_the_end(self.store.mark_submit_attempt, task_id, attempt)
+                    marked = await _finish(marking)
                 except asyncio.CancelledError:
                     # Cut off by a shutdown while the attempt was being counted: nothing was
                     # sent. Counted, it would keep the task from every sweep; take it back.
-                    await _to_the_end(self.store.unmark_submit_attempt, task_id, attempt)
+                    # Only if this job counted it: a count refused is another sender's
+                    # attempt (an Idempotency-Key replay, another replica's sweep), perhaps
+                    # out already, and taken back it would be sent again by the next process.
+                    if _came_true(marking):
+                        await _to_the_end(self.store.unmark_submit_attempt, task_id, attempt)
                     raise
                 if not marked:
                     # Another process is sending it, or a callback or poll settled it meanwhile.
@@ -409,7 +435,7 @@ class Submitter:
         try:
             await self.sleep(delay)
         finally:
-            del self._backing_off[job]
+            self._backing_off.pop(job, None)  # begin_stop() may have taken it off
         return True
 
     def _past_deadline(self, task: dict[str, Any], delay: float) -> bool:

@@ -285,6 +285,73 @@ def test_requests_in_flight_finish_and_new_connections_are_refused(
     assert all(row["lease_owner"] is None for row in rows)
 
 
+def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
+    tmp_path: Path, cleanup: contextlib.ExitStack
+) -> None:
+    """An OpenAI submission answered 500 has its retry planned, due while uvicorn drains a
+    request still arriving at the signal. The submitter used to hear of the shutdown only
+    once the drain was over, so the retry went out during it, and a retry cut off before its
+    answer fails the task (``submission_interrupted``, perhaps billed). It is left to the
+    next process instead, planned in the task row (found by exploratory testing)."""
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url)
+    database = Database(url)
+    relay = start_relay(
+        tmp_path / "relay",
+        "relay",
+        database,
+        cleanup,
+        graceful_timeout="15",
+        TASKRELAY_SANDBOX="true",
+        TASKRELAY_SUBMIT_BACKOFF="6s",  # the first retry 3-6 s after the first answer
+    )
+    with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
+        submitted = http.post(
+            "/v1/tasks", json={"provider": "openai", "prompt": "a fox sandbox:submit_error=500"}
+        )
+        assert submitted.status_code == 202, submitted.text
+        task_id = submitted.json()["id"]
+        tracked = track(http)
+
+    def retry_planned() -> bool:
+        rows = database.rows(f"SELECT submit_retry_at FROM task WHERE id = '{task_id}'")
+        return rows[0]["submit_retry_at"] is not None
+
+    wait_until(retry_planned, "the first attempt's 500 and its retry planned")
+    # A callback whose body is still arriving holds the drain open past the retry's time.
+    release, first_sent = threading.Event(), threading.Event()
+    body = evolink_completed("task-unified-shutdown-retry")
+    answers: dict[str, httpx.Response] = {}
+
+    def callback() -> None:
+        with httpx.Client(timeout=WAIT) as client:
+            answers["callback"] = client.post(
+                tracked["callback_url"],
+                content=held_open(release, body[:20], body[20:], first_sent),
+                headers={"Content-Type": "application/json"},
+            )
+
+    thread = threading.Thread(target=callback)
+    thread.start()
+    try:
+        assert first_sent.wait(WAIT)
+        relay.process.send_signal(signal.SIGTERM)
+        time.sleep(8)  # past the retry's due time (6 s at most), inside the drain
+        assert relay.process.poll() is None, "exited with a callback still arriving"
+    finally:
+        release.set()
+        thread.join(WAIT)
+    code = relay.process.wait(timeout=EXIT_WITHIN)
+    assert code == 0, relay.logs()
+    assert answers["callback"].status_code == 200, answers["callback"].text
+    [row] = database.rows(
+        f"SELECT status, submit_attempts, submit_retry_at FROM task WHERE id = '{task_id}'"
+    )
+    assert row["status"] == "queued" and row["submit_attempts"] == 1, (row, relay.logs())
+    assert row["submit_retry_at"] is not None  # for the next process, or another's sweep
+    assert "submission retries are left to the next process" in relay.logs()
+
+
 # --- (b) a delivery in flight finishes and is not sent again -------------------------------------
 
 

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -669,6 +670,46 @@ async def test_the_submitter_goes_by_the_deadline_in_the_task_row(
     else:  # 90 minutes in: past the row's hour
         assert relay.posts == []
         assert task["status"] == "failed" and task["error"]["code"] == "submit_deadline_passed"
+
+
+async def test_a_second_sender_cut_off_while_counting_leaves_the_first_senders_attempt_counted(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs send one task (an Idempotency-Key replay of its creation, another replica's
+    sweep). The first one's attempt is out; the second one's count of the same attempt,
+    refused, is cut off by a shutdown. Taking back "its" count took back the first one's:
+    the task looked unsent, and the next process would have sent it, and had it billed,
+    twice."""
+    out = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        out.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    relay.answer(hang)
+    relay.grsai_mode = "callback"  # the cut-off first attempt waits for its callback
+    task_id = relay.create("grsai")
+    mark = relay.store.mark_submit_attempt
+    counts: list[int] = []
+
+    def slow_mark(task_id: str, attempt: int) -> bool:
+        counts.append(attempt)
+        if len(counts) == 2:
+            time.sleep(0.3)  # the second sender waits for the write turn
+        return mark(task_id, attempt)
+
+    monkeypatch.setattr(relay.store, "mark_submit_attempt", slow_mark)
+    async with relay.submitter() as submitter:
+        submitter.submit(task_id)
+        await until(out.is_set)
+        submitter.submit(task_id)
+        await until(lambda: len(counts) == 2)
+        await submitter.stop(grace=0)
+    assert len(relay.posts) == 1 and counts == [1, 1]
+    task = relay.store.find_task(task_id)
+    assert task is not None and task["submit_attempts"] == 1
+    assert task_id not in relay.store.unsent_submissions()
 
 
 # --- 7. what only the submission can settle ------------------------------------------------------
