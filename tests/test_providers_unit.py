@@ -894,6 +894,39 @@ def test_failure_reason_and_content_policy(provider: str, reason: str, code: str
     assert update.error == {"code": code, "message": reason}
 
 
+TOKEN_URL = "https://relay.example/callbacks/evolink/WyJ0c2tfYWJjIiwiZXZvbGluayJd.aGVsbG8td29ybGQ"
+
+
+@pytest.mark.parametrize("provider", ASYNC_PROVIDERS)
+def test_a_failure_reason_keeps_no_callback_token_and_no_megabytes(provider: str) -> None:
+    """What a provider says is copied into the task, its events and every webhook body: a
+    callback URL quoted in it loses its token (which lets anyone post to the task), and a
+    reason of megabytes is cut."""
+    adapter = make_adapter(provider)
+    quoted = adapter.parse_status(200, FAILED_BODIES[provider](f"could not reach {TOKEN_URL}"))
+    assert quoted.error is not None
+    assert quoted.error["message"] == "could not reach https://relay.example/callbacks/evolink/…"
+    huge = adapter.parse_status(200, FAILED_BODIES[provider]("x" * 3_000_000))
+    assert huge.error is not None
+    message = huge.error["message"]
+    assert message.startswith("x" * (parsing.MAX_REASON_CHARS - 50))
+    assert message.endswith("x… (cut: 3000000 characters in all)")
+    assert len(message) == parsing.MAX_REASON_CHARS
+
+
+def test_an_error_reply_keeps_no_callback_token_and_no_megabytes() -> None:
+    body = {"error": {"message": f"callback_url must be https: {TOKEN_URL}?x=1"}}
+    error = parsing.reply_error("evolink", 400, body)
+    assert "WyJ0c2" not in error.message and "aGVsbG8" not in error.message
+    assert error.message.endswith("must be https: https://relay.example/callbacks/evolink/…?x=1")
+    error = parsing.reply_error("openai", 400, {"error": {"message": "y" * 3_000_000}})
+    assert len(error.message) < parsing.MAX_REASON_CHARS + 100
+    envelope = {"code": TOKEN_URL, "data": None}
+    with pytest.raises(parsing.BodyShapeError) as caught:
+        parsing.status_object(envelope)
+    assert "WyJ0c2" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("fields", "error"),
     [

@@ -222,11 +222,12 @@ def error_body(response: httpx.Response) -> Any:
 
 
 def excerpt(body: Any, limit: int = 500) -> str:
-    """The start of a parsed reply, for a log line."""
+    """The start of a parsed reply, for a log line (without callback tokens: a reply may
+    quote the callback URL it was sent)."""
     try:
-        return json.dumps(body, ensure_ascii=False)[:limit]
+        return parsing.scrubbed(json.dumps(body, ensure_ascii=False)[:limit])
     except (TypeError, ValueError):
-        return repr(body)[:limit]
+        return parsing.scrubbed(repr(body)[:limit])
 
 
 async def send_json(

@@ -77,15 +77,40 @@ class NoImageError(BodyShapeError):
 # --- values ------------------------------------------------------------------------------------
 
 
+# The most of a provider's reason TaskRelay keeps: far more than any real message, while one of
+# megabytes would be copied into the task row, every event's snapshot and every webhook body.
+MAX_REASON_CHARS = 2000
+# A callback URL's token, where a provider quotes the URL it was given (an error about it): the
+# token lets anyone post to the task, and task JSON, events and logs never carry one.
+_CALLBACK_TOKEN = re.compile(r"(/callbacks/[^/\s]+/)[^\s/?#\"'<>]+")
+
+
+def scrubbed(text: str) -> str:
+    """A provider's text with any callback token in it left out (``/callbacks/<p>/…``)."""
+    return _CALLBACK_TOKEN.sub(r"\1…", text)
+
+
+def reason_text(text: str) -> str | None:
+    """A provider's reason as TaskRelay keeps it: stripped, :func:`scrubbed`, and cut to at
+    most :data:`MAX_REASON_CHARS` with the cut said (so a reason taken twice is cut once);
+    None when empty."""
+    text = scrubbed(text.strip())
+    if len(text) > MAX_REASON_CHARS:
+        said = f"… (cut: {len(text)} characters in all)"
+        text = text[: MAX_REASON_CHARS - len(said)] + said
+    return text or None
+
+
 def text_of(value: Any) -> str | None:
-    """A provider's reason as text: a non-empty string, or an object's ``message``-like field."""
+    """A provider's reason as text (:func:`reason_text`): a non-empty string, or an object's
+    ``message``-like field."""
     if isinstance(value, str):
-        return value.strip() or None
+        return reason_text(value)
     if isinstance(value, Mapping):
         for key in ("message", "msg", "detail", "error_message", "reason"):
             found = value.get(key)
             if isinstance(found, str) and found.strip():
-                return found.strip()
+                return reason_text(found)
     return None
 
 
@@ -275,7 +300,8 @@ def status_object(body: Any, what: str = "the body") -> Mapping[str, Any]:
         said = (
             ""
             if code is None
-            else f" (code {code!r}" + (f", message {message!r})" if message else ")")
+            else f" (code {scrubbed(repr(code)[:100])}"
+            + (f", message {message!r})" if message else ")")
         )
         raise BodyShapeError(
             f"expected `data` to be an object carrying the task, got {json_type(data)}{said}"
