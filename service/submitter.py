@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 from starlette.concurrency import run_in_threadpool
 
 from service import observe
-from service.errors import ProviderError, StoreUnavailable, TaskRelayError
+from service.errors import Conflict, ProviderError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
 from service.loops import Ticker
@@ -560,17 +560,40 @@ class Submitter:
     async def _record_reply(self, task_id: str, update: TaskUpdate) -> None:
         """The provider accepted the task: its answer (task id, OpenAI's images) must not be
         lost to a brief database outage, so keep trying for a few minutes."""
-        for wait in (*RECORD_RETRY_WAITS, None):
+        waits = iter((*RECORD_RETRY_WAITS, None))
+        while True:
             try:
                 await run_in_threadpool(
                     self.store.apply_update, task_id, update, UpdateSource.submit
                 )
                 return
             except StoreUnavailable:
+                wait = next(waits)
                 if wait is None:
                     raise
                 log.warning("could not record the submit reply of %s yet; retrying", task_id)
                 await self.sleep(wait)
+            except Conflict as exc:
+                named = update.provider_task_id
+                if exc.code != "provider_task_id_taken" or named is None:
+                    raise
+                # Another task of the client holds the id (tracked before the provider gave
+                # it out): the provider's callbacks and status answers reach that task, so
+                # nothing could ever finish this one. Failed now, rather than at its deadline.
+                log.warning(
+                    "submission of %s: the provider answered with task id %s, which another "
+                    "task of the same client already holds; failing the task",
+                    task_id,
+                    named,
+                )
+                error = {
+                    "code": "provider_task_id_taken",
+                    "message": f"The provider answered the submission with task id {named!r}, "
+                    "which another of this client's tasks already holds, so this task cannot "
+                    "take it (the provider's updates reach that task). The provider may have "
+                    "made, and billed, the image; the task is not sent again.",
+                }
+                update = TaskUpdate(status=TaskStatus.failed, error=error)
 
     async def _end_taken(
         self,

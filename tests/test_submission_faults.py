@@ -712,6 +712,30 @@ async def test_a_second_sender_cut_off_while_counting_leaves_the_first_senders_a
     assert task_id not in relay.store.unsent_submissions()
 
 
+async def test_a_reply_naming_an_id_another_task_of_the_client_holds_fails_the_task(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client tracked provider id g-7 before the provider gave it out to this submission:
+    the id's updates reach the tracked task, so nothing could finish this one. It used to stay
+    queued until its deadline, after a traceback in the log; it fails now, saying why."""
+    relay.store.create_task(
+        owner="alice",
+        provider="grsai",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        provider_task_id="g-7",
+    )
+    relay.answer(httpx.Response(200, json={"code": 0, "data": {"id": "g-7"}}))
+    with caplog.at_level(logging.INFO):
+        task = await relay.run("grsai")
+    assert task["status"] == "failed" and task["provider_task_id"] is None
+    assert task["error"]["code"] == "provider_task_id_taken"
+    assert "'g-7'" in task["error"]["message"] and "billed" in task["error"]["message"]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert len(relay.posts) == 1
+
+
 # --- 7. what only the submission can settle ------------------------------------------------------
 
 
