@@ -239,6 +239,7 @@ class EventSignal:
         self._per_client: dict[str, int] = {}
         self._open = 0
         self.draining = False
+        self._drained = asyncio.Event()
         # Open streams' reads of their events: a database outage is logged once when the
         # first read fails and once when one works again, whatever the number of streams.
         self.read_failures = Failures("event stream read")
@@ -339,12 +340,17 @@ class EventSignal:
         streams opened from now on end after their first frame. Answers how many were open.
         Idempotent; on the event loop."""
         self.draining = True
+        self._drained.set()
         woken = 0
         for listeners in self._by_task.values():
             for listener in listeners:
                 listener.wake()
                 woken += 1
         return woken
+
+    async def drained(self) -> None:
+        """Returns once :meth:`drain` has been called."""
+        await self._drained.wait()
 
     async def ready(self) -> None:
         """Returns once the watcher (if any) is primed: events committed from now on, by any
@@ -619,14 +625,24 @@ async def stream_task(request: Request) -> Response:
                     run_in_threadpool(store.events_after, owner, task_id, listener.last_seq)
                 )
                 read.add_done_callback(_retrieve)
+                # A shutdown ends the stream mid-read too: a read the database does not
+                # answer (up to the pool's timeout) would hold the drain and be cut off.
+                drained = asyncio.ensure_future(signal.drained())
                 try:
-                    while not read.done():
-                        await asyncio.wait({read}, timeout=last_write + KEEPALIVE_SECONDS - clock())
-                        if not read.done():
+                    while not read.done() and not drained.done():
+                        await asyncio.wait(
+                            {read, drained},
+                            timeout=last_write + KEEPALIVE_SECONDS - clock(),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        if not read.done() and not drained.done():
                             yield b": keep-alive\n\n"
                             last_write = clock()
                 finally:
-                    read.cancel()  # the client went away mid-read (a no-op once done)
+                    read.cancel()  # the client went away, or the shutdown (no-op once done)
+                    drained.cancel()
+                if not read.done() or read.cancelled():
+                    continue  # the shutdown came first: ended above, after what was sent
                 try:
                     backlog = read.result()
                 except StoreUnavailable as exc:

@@ -641,6 +641,41 @@ async def test_a_read_the_database_does_not_answer_still_gets_keep_alives(
     await watching.close()
 
 
+async def test_draining_ends_a_stream_in_the_middle_of_a_read_the_database_does_not_answer(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shutdown comes while a stream waits for a read (a database that does not answer,
+    up to the pool's timeout): the stream ends at once, as every other one does, instead of
+    after the read, which would hold the drain and then be cut off without its last comment
+    (found by exploratory testing)."""
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.1)
+    task_id = await relay.track()
+    watching = await relay.stream(task_id).opened()
+    store = relay.runtime.store
+    asked, answer, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def hung(owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
+        asked.set()
+        answer.wait(WAIT)
+        answered.set()
+        return []
+
+    monkeypatch.setattr(store, "events_after", hung)
+    try:
+        relay.signal.wake([task_id])
+        await eventually(asked.is_set)
+        assert relay.signal.drain() == 1
+        while (frame := await watching.next(within=5.0)) == {"comment": "keep-alive"}:
+            pass  # sent before the drain
+        assert frame == SHUTDOWN
+        assert not answered.is_set()  # while the read still hangs
+        assert await watching.next() is None
+    finally:
+        answer.set()
+    await asyncio.wait_for(watching.task, timeout=WAIT)
+    assert relay.signal.open_count == 0
+
+
 async def test_an_outage_is_logged_once_for_all_streams_and_once_when_it_ends(
     relay: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
