@@ -243,6 +243,15 @@ def _never_sent(task: Task | TaskRow) -> bool:
     )
 
 
+def _as_stored(session: Session, task: Task, *names: str) -> None:
+    """Read the JSON attributes ``names`` of ``task`` (flushed) back as the database keeps
+    them, so that the answer that wrote them shows what every later read will. On PostgreSQL
+    ``jsonb`` orders an object's keys its own way and keeps a number's value, not its
+    spelling; SQLite keeps the text as written."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.refresh(task, list(names))
+
+
 def _later(first: datetime | None, second: datetime | None) -> datetime | None:
     """The later of two times either of which may be missing."""
     if first is None or second is None:
@@ -798,6 +807,7 @@ class Store:
                 self.plan(task, now)
                 session.add(task)
                 session.flush()
+                _as_stored(session, task, "meta", "request")
                 if notify_url is not None:
                     # Before the first event, so task.submitted is delivered there too.
                     assert task.pk is not None
@@ -1065,6 +1075,8 @@ class Store:
             if changed:
                 task.updated_at = self.clock()
                 session.add(task)
+                session.flush()
+                _as_stored(session, task, "meta")
             return task_json(task)
 
     # --- updates from providers -------------------------------------------------------------

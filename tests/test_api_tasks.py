@@ -198,6 +198,37 @@ async def test_metadata_size_counts_utf8_bytes(client: httpx.AsyncClient) -> Non
     assert "metadata is 18011 bytes" in too_big.json()["error"]["message"]
 
 
+async def test_the_answer_that_writes_metadata_shows_it_as_every_later_read_does(
+    client: httpx.AsyncClient,
+) -> None:
+    """On PostgreSQL ``jsonb`` orders keys its own way and writes 1e20 out in full: the
+    create and PATCH answers showed the request's own order and spelling, and every later
+    read (GET, events, webhooks) another. Now they show what is stored, on both databases."""
+
+    def shown(response: httpx.Response, *path: Any) -> str:
+        value = response.json()
+        for key in path:
+            value = value[key]
+        return json.dumps(value)
+
+    metadata = {"zeta": 1, "a": {"yy": 1, "b": 2}, "big": 1e20}
+    created = await client.post(
+        "/v1/tasks/track", json={"provider": "evolink", "metadata": metadata}, headers=auth()
+    )
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    read = await client.get(f"/v1/tasks/{task_id}", headers=auth())
+    events = await client.get(f"/v1/tasks/{task_id}/events", headers=auth())
+    assert shown(created, "metadata") == shown(read, "metadata")
+    assert shown(read, "metadata") == shown(events, "data", 0, "data", "metadata")
+    patched = await client.patch(
+        f"/v1/tasks/{task_id}", json={"metadata": {"yy": [1], "b": 1e21}}, headers=auth()
+    )
+    assert patched.status_code == 200, patched.text
+    read = await client.get(f"/v1/tasks/{task_id}", headers=auth())
+    assert shown(patched, "metadata") == shown(read, "metadata")
+
+
 async def test_unconfigured_provider_is_refused_clearly(
     client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
