@@ -372,6 +372,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     sys.dont_write_bytecode = True
     from service import doctor
 
+    if args.demo:
+        _demo_defaults()
     results = doctor.run_checks(os.environ, workers=args.workers, timeout=args.timeout)
     print(doctor.render_json(results) if args.json else doctor.render_text(results))
     return doctor.exit_code(results)
@@ -467,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is wrong in plain words. Exits 1 when a check fails (warnings alone exit 0).",
     )
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.add_argument(
+        "--demo",
+        action="store_true",
+        help="check the setup `serve --demo` (`make run`) runs: its demo defaults applied alike",
+    )
     doctor.add_argument(
         "--workers", type=_workers, default=1, help="the worker count you serve with (default: 1)"
     )

@@ -747,6 +747,23 @@ def test_the_command_fails_a_broken_deployment_and_keeps_secrets(
         database.drop()
 
 
+def test_the_command_checks_the_make_run_setup_with_demo(tmp_path: Path) -> None:
+    """`make run` serves with `serve --demo`, whose defaults doctor did not know: run where it
+    runs, doctor said the working setup could not start (no API tokens). `doctor --demo`
+    applies the same defaults, and like serve's, only where nothing else sets them."""
+    environ = {"TASKRELAY_DATA_DIR": str(tmp_path / "data")}
+    plain = run_doctor(environ, cwd=tmp_path)
+    assert plain.returncode == 1 and "FAIL  api tokens" in plain.stdout, plain.stdout
+    demo = run_doctor(environ, "--demo", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "well-known demo token" in demo.stdout and "TASKRELAY_SANDBOX is on" in demo.stdout
+    own = run_doctor(
+        {**environ, "TASKRELAY_API_TOKENS": f"ops:{API_TOKEN}"}, "--demo", cwd=tmp_path
+    )
+    assert own.returncode == 0 and "demo token" not in own.stdout, own.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_the_command_reports_a_configuration_error(tmp_path: Path) -> None:
     result = run_doctor(
         {"TASKRELAY_DATA_DIR": str(tmp_path), "TASKRELAY_SECRET_KEY": "short-secret"}, cwd=tmp_path
