@@ -429,7 +429,8 @@ def _check_metrics_token(request: Request, expected: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
         raise Unauthorized(
             "GET /metrics needs 'Authorization: Bearer <TASKRELAY_METRICS_TOKEN>'.",
-            code="invalid_token",
+            # As the management API says it (service/auth.py).
+            code="invalid_token" if header.strip() else "missing_token",
         )
 
 

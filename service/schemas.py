@@ -78,7 +78,11 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-JSONInt = Annotated[int, BeforeValidator(_json_number)]
+# Integers sent as JSON numbers, with their bounds. The bounds come before the validator:
+# after it (in an Annotated nested around one that carries it), the schema showed them as
+# "ge"/"le", which JSON Schema does not know, so OpenAPI clients and validators ignored them.
+ImageCount = Annotated[int, Field(ge=1, le=10), BeforeValidator(_json_number)]
+OverlapSeconds = Annotated[int, Field(ge=0, le=7 * 86400), BeforeValidator(_json_number)]
 
 
 def _iso_timestamp(value: Any) -> Any:
@@ -116,7 +120,7 @@ class TaskCreate(_Body):
     quality: Quality | None = Field(
         default=None, description="Omitted means the provider's default."
     )
-    n: Annotated[JSONInt, Field(ge=1, le=10)] = 1
+    n: ImageCount = 1
     image_urls: Annotated[list[str], Field(max_length=MAX_IMAGE_URLS)] = Field(
         default_factory=list, description="Reference images (edit mode)."
     )
@@ -187,7 +191,7 @@ class SubscriptionUpdate(_Body):
 
 
 class SecretRotation(_Body):
-    overlap_seconds: Annotated[JSONInt, Field(ge=0, le=7 * 86400)] = Field(
+    overlap_seconds: OverlapSeconds = Field(
         default=86400, description="How long the previous secret keeps signing too."
     )
 

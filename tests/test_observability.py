@@ -604,8 +604,10 @@ async def test_metrics_token_when_set(database_url: str, tmp_path: Path) -> None
         missing = await harness.client.get("/metrics")
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.json()["error"]["code"] == "missing_token"  # as the README's table says
         wrong = await harness.client.get("/metrics", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+        assert wrong.json()["error"]["code"] == "invalid_token"
         api_token = await harness.client.get("/metrics", headers=auth())
         assert api_token.status_code == 401
         await harness.scrape(Authorization=f"Bearer {METRICS_TOKEN}")

@@ -23,6 +23,33 @@ def test_document_is_valid_openapi_3_1() -> None:
     validate(build_openapi())  # raises on any violation
 
 
+def test_bounds_are_json_schema_keywords() -> None:
+    """pydantic wrote the bounds of ``n`` and ``overlap_seconds`` as "ge"/"le", which JSON
+    Schema does not know: validators and client generators ignored them (the document still
+    validated). Every bound is minimum/maximum (found by a newcomer's walk through the
+    README)."""
+    document = build_openapi()
+    strays: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "type" in node:
+                strays.extend(f"{where}.{key}" for key in ("ge", "le", "gt", "lt") if key in node)
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+
+    walk(document, "")
+    assert strays == []
+    schemas = document["components"]["schemas"]
+    n = schemas["TaskCreate"]["properties"]["n"]
+    assert (n["minimum"], n["maximum"]) == (1, 10)
+    overlap = schemas["SecretRotation"]["properties"]["overlap_seconds"]
+    assert (overlap["minimum"], overlap["maximum"]) == (0, 7 * 86400)
+
+
 def test_every_route_is_documented(tmp_path: Path) -> None:
     app = create_app(make_settings(f"sqlite:///{tmp_path / 'x.db'}", tmp_path))
     documented = {
