@@ -1301,9 +1301,22 @@ def test_an_error_status_is_ambiguous_only_for_a_gateways_timeout(
     assert error.ambiguous == (source == "HTTP" and status in (504, 524))
 
 
-def test_a_status_outside_4xx_5xx_is_an_ambiguous_protocol_error() -> None:
-    error = parsing.error_for_status("evolink", 302)
+def test_a_status_outside_3xx_5xx_is_an_ambiguous_protocol_error() -> None:
+    error = parsing.error_for_status("evolink", 299)
     assert type(error) is UpstreamProtocolError and error.ambiguous
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_a_base_url_to_set_right_not_a_lost_answer(status: int) -> None:
+    """An http:// base URL the provider sends on to https://: nothing was made, and sending it
+    again meets the same redirect. Taken for a lost answer (ambiguous), a task at a provider
+    that calls back waited for its deadline, with no error (found by exploratory testing)."""
+    headers = {"Location": "https://api.evolink.ai/v1/images/generations"}
+    error = parsing.error_for_status("evolink", status, headers=headers)
+    assert type(error) is UpstreamProtocolError
+    assert not error.ambiguous and not error.retryable
+    assert f"evolink answered HTTP {status} (a redirect to https://api.evolink.ai/" in error.message
+    assert "TASKRELAY_EVOLINK_BASE_URL" in error.message
 
 
 REQUEST_ERRORS: list[tuple[httpx.HTTPError, type[ProviderError], bool]] = [

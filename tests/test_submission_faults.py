@@ -736,6 +736,18 @@ async def test_a_reply_naming_an_id_another_task_of_the_client_holds_fails_the_t
     assert len(relay.posts) == 1
 
 
+async def test_a_redirected_submission_fails_at_once_naming_the_base_url(relay: Relay) -> None:
+    """An http:// base URL that the provider redirects: nothing was made. Taken for a lost
+    answer, a task at a provider that calls back waited for its deadline, an hour, with no
+    error; it fails now, once, saying which setting to change."""
+    relay.grsai_mode = "callback"
+    relay.answer(httpx.Response(301, headers={"Location": "https://grsai.example/v1/draw"}))
+    task = await relay.run("grsai")
+    assert len(relay.posts) == 1
+    assert task["status"] == "failed" and task["error"]["code"] == "upstream_protocol_error"
+    assert "TASKRELAY_GRSAI_BASE_URL" in task["error"]["message"]
+
+
 # --- 7. what only the submission can settle ------------------------------------------------------
 
 

@@ -377,8 +377,8 @@ def error_for_status(
     non-zero codes) is an UpstreamBadRequest and is kept in ``details["provider_code"]``;
     ``upstream_status`` is set only for a status that reads as HTTP. None of these is
     ``ambiguous``: the provider answered, and said no; only a gateway's timeout (504, 524)
-    and an HTTP status outside 4xx/5xx (an UpstreamProtocolError) leave open whether it
-    acted on the request.
+    and an HTTP status outside 3xx-5xx (an UpstreamProtocolError) leave open whether it
+    acted on the request. A redirect (3xx) is a base URL to set right (:func:`_redirected`).
     """
     message = f"{provider} answered {source} {status}" + (f": {reason}" if reason else "")
     from_body = source == "code"
@@ -409,7 +409,30 @@ def error_for_status(
         )
     if status >= 400:
         return UpstreamBadRequest(message, **kwargs)
+    if source == "HTTP" and 300 <= status < 400:
+        return _redirected(provider, message, headers, kwargs)
     return UpstreamProtocolError(message, **kwargs)
+
+
+def _redirected(
+    provider: str, message: str, headers: Mapping[str, str] | None, kwargs: dict[str, Any]
+) -> ProviderError:
+    """A redirect (an ``http://`` base URL sent on to ``https://``, an API that moved): the
+    server answered before the request reached the API, so nothing was made, and sending it
+    again meets the same answer. TaskRelay does not follow it with the provider's API key;
+    the base URL is to be set right. Not ambiguous, not retried: taken for a lost answer, a
+    task at a provider that calls back would wait for its deadline with no error."""
+    location = httpx.Headers(headers).get("location") if headers else None
+    said = f" to {scrubbed(location[:300])}" if location else ""
+    error = UpstreamProtocolError(
+        f"{message} (a redirect{said}). TaskRelay does not follow redirects with the "
+        f"provider's API key: set TASKRELAY_{provider.upper()}_BASE_URL to the address the "
+        "API answers at.",
+        ambiguous=False,
+        **kwargs,
+    )
+    error.retryable = False
+    return error
 
 
 # 504 Gateway Timeout; 524, Cloudflare's "A Timeout Occurred" (the origin took the
