@@ -995,17 +995,15 @@ class Store:
             return list(session.exec(statement))
 
     def task_with_events(self, owner: str, task_id: str) -> tuple[dict[str, Any], list[TaskEvent]]:
-        """The task and its history, read so that no event can fall between them: events
-        first, then the task again (under READ COMMITTED each statement has its own snapshot,
-        so the task is then at least as new as the last event listed)."""
+        """The task and its history as of one moment (a read transaction sees one snapshot on
+        both databases: :meth:`transaction`), so the task is as its last event left it: an
+        update committed meanwhile is in neither, and comes as the next event."""
         with self.transaction(write=False) as session:
             task = self.owned(session, owner, task_id)
             statement = (
                 select(TaskEvent).where(TaskEvent.task_pk == task.pk).order_by(col(TaskEvent.seq))
             )
-            events = list(session.exec(statement))
-            session.refresh(task)
-            return task_json(task), events
+            return task_json(task), list(session.exec(statement))
 
     def events_after(self, owner: str, task_id: str, after_seq: int) -> list[TaskEvent]:
         with self.transaction(write=False) as session:

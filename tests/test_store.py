@@ -119,6 +119,42 @@ def test_a_failed_transaction_leaves_no_event(
     assert event_types(store, task_id) == ["task.submitted", "task.progress"]
 
 
+def test_a_task_and_its_events_are_read_as_of_one_moment(store: Store) -> None:
+    """A stream starts from the task and its events (``task_with_events``). The task finishing
+    between the two reads showed, on PostgreSQL under READ COMMITTED, a succeeded task whose
+    events ended before ``task.succeeded``: the stream sent that state, and ended without
+    the final event. Now both are of one moment, on both databases."""
+    task_id = new_task(store)
+    store.apply_update(
+        task_id, TaskUpdate(status=TaskStatus.running, progress=40), UpdateSource.poll
+    )
+    me = threading.get_ident()
+    finished: list[bool] = []
+
+    def finish() -> None:
+        store.apply_update(
+            task_id, TaskUpdate(status=TaskStatus.succeeded, images=IMAGE), UpdateSource.callback
+        )
+
+    def between(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        if threading.get_ident() == me and "FROM task_event" in sql and not finished:
+            finisher = threading.Thread(target=finish)
+            finisher.start()
+            finisher.join()
+            finished.append(True)
+
+    sa.event.listen(store.engine, "after_cursor_execute", between)
+    try:
+        task, events = store.task_with_events("alice", task_id)
+    finally:
+        sa.event.remove(store.engine, "after_cursor_execute", between)
+    assert finished == [True]
+    assert [event.type for event in events][-1] == "task.progress"
+    assert task["status"] == "running" and events[-1].data["status"] == "running"
+    task, events = store.task_with_events("alice", task_id)
+    assert task["status"] == "succeeded" and events[-1].type == "task.succeeded"
+
+
 def test_unsent_submissions_are_found_for_resumption(store: Store) -> None:
     sent = store.create_task(
         owner="a",
