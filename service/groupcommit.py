@@ -124,8 +124,11 @@ class GroupCommitter:
         except Exception as exc:  # a bug, not a database error: fail this batch, keep going
             log.exception("group commit failed")
             results = [exc] * len(batch)
-        self.batches += 1
-        self.updates += len(batch)
+        # What was committed: a batch the database refused (an outage) counts for nothing.
+        committed = sum(not isinstance(result, BaseException) for result in results)
+        if committed:
+            self.batches += 1
+            self.updates += committed
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(_settle, batch, results)

@@ -545,6 +545,30 @@ async def test_a_full_queue_refuses_with_503_and_nothing_is_written(
     assert store.get_task("alice", task_id)["status"] == "running"
 
 
+async def test_the_writers_counts_are_of_what_it_committed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """taskrelay_group_commit_batches_total / _updates_total: a batch the database refused
+    (an outage) counted as committed, so the counters showed writes going on during it."""
+    task_id = new_task(store)
+    committer = GroupCommitter(store)
+    committer.start()
+    try:
+        await committer.apply(UpdateRequest(task_id, progress(10), UpdateSource.callback))
+        assert (committer.batches, committer.updates) == (1, 1)
+
+        def down(requests: object) -> list[Exception]:
+            raise StoreUnavailable("The database is unavailable.")
+
+        monkeypatch.setattr(store, "apply_updates", down)
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await committer.apply(UpdateRequest(task_id, progress(20), UpdateSource.callback))
+        assert (committer.batches, committer.updates) == (1, 1)
+    finally:
+        await committer.stop()
+
+
 async def test_a_client_that_goes_away_does_not_cancel_the_write(store: Store) -> None:
     task_id = new_task(store)
     committer = GroupCommitter(store)
