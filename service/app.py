@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
+from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -38,7 +40,15 @@ from service.errors import SettingsError, StoreUnavailable, TaskRelayError
 from service.files import ImageFiles
 from service.groupcommit import GroupCommitter
 from service.logs import configure_logging
-from service.metrics import Metrics, metrics_endpoint
+from service.loops import Ticker
+from service.metrics import (
+    PUBLISH_SECONDS,
+    WORKERS_DIR_ENV,
+    Metrics,
+    WorkerMetrics,
+    collect_totals,
+    metrics_endpoint,
+)
 from service.models import utcnow
 from service.netguard import AddressPolicy, parse_networks
 from service.observe import ObservedStarlette
@@ -221,12 +231,15 @@ def create_app(
     http_transport: httpx.AsyncBaseTransport | None = None,
     webhook_transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = False,
+    worker_metrics_dir: Path | None = None,
 ) -> Starlette:
     """Build the service. ``clock``, ``monotonic``, ``sleep`` and ``http_transport`` are seams
     for tests (the sandbox, when mounted, runs on the same clock); so is ``webhook_transport``,
     which sends deliveries through httpx on that transport instead of the lean client. With
     ``handle_signals`` (the server's factory), SIGTERM and SIGINT begin the app's part of the
-    graceful shutdown at once, alongside the server's (see :func:`_chain_shutdown_signals`)."""
+    graceful shutdown at once, alongside the server's (see :func:`_chain_shutdown_signals`).
+    ``worker_metrics_dir``: this is one of the workers of ``serve --workers N``, which add
+    their counters up there (:class:`service.metrics.WorkerMetrics`)."""
     check_public_url(settings)
     if not settings.api_tokens:
         raise SettingsError(
@@ -372,6 +385,15 @@ def create_app(
             committer=committer,
             pruner=pruner,
         )
+        runtime = app.state.runtime
+        worker_metrics = publisher = None
+        if worker_metrics_dir is not None:
+            worker_metrics = WorkerMetrics(
+                worker_metrics_dir, metrics, collect=partial(collect_totals, runtime)
+            )
+            runtime.worker_metrics = worker_metrics
+            publisher = Ticker("metrics publishing", worker_metrics.publish_step, PUBLISH_SECONDS)
+            publisher.start()
         try:
             await submitter.resume()
         except StoreUnavailable:
@@ -459,6 +481,9 @@ def create_app(
             left = max(0.0, shutdown_began[0] + drain_seconds - loop.time())
             await asyncio.gather(submitter.stop(grace=left), *stopping)
             await committer.stop()
+            if publisher is not None and worker_metrics is not None:
+                await publisher.stop()
+                worker_metrics.publish()  # this worker's last counts, kept for the sums
             await event_signal.stop()
             await webhook_http.aclose()
             if sandbox is not None:
@@ -580,7 +605,10 @@ def create_app_from_env() -> Starlette:
     configure_logging("INFO")  # loading the settings may log
     settings = load_settings()
     configure_logging(settings.log_level)
-    app = create_app(settings, handle_signals=True)
+    shared = os.environ.get(WORKERS_DIR_ENV)
+    app = create_app(
+        settings, handle_signals=True, worker_metrics_dir=Path(shared) if shared else None
+    )
     # Everything imported and built so far lives as long as the process: move it out of the
     # cyclic collector's way, so that its full collections, which otherwise walk it all, stop
     # adding ~25 ms to the occasional request (bench/store_scale.py: list p99 30 -> 4 ms).

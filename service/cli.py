@@ -8,9 +8,11 @@ import errno
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -184,14 +186,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # go of the listening socket when it stops.
     from uvicorn.config import STARTUP_FAILURE
 
+    from service.metrics import WORKERS_DIR_ENV
     from service.supervisor import Supervisor
 
     config = uvicorn.Config(APP_FACTORY, workers=args.workers, **options)
-    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before its handlers are set
-        supervisor = Supervisor(config, sockets=[config.bind_socket()])
-        supervisor.run()
-        if supervisor.failed_to_start:
-            return STARTUP_FAILURE  # as uvicorn exits with one worker that failed to start
+    # Where the workers add up their counters for /metrics (service.metrics.WorkerMetrics):
+    # new for each run, as a process's counters are.
+    shared = tempfile.mkdtemp(prefix="taskrelay-metrics-")
+    os.environ[WORKERS_DIR_ENV] = shared
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before its handlers are set
+            supervisor = Supervisor(config, sockets=[config.bind_socket()])
+            supervisor.run()
+            if supervisor.failed_to_start:
+                return STARTUP_FAILURE  # as uvicorn exits with one worker that failed to start
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 

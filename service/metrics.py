@@ -14,12 +14,16 @@ import asyncio
 import bisect
 import hashlib
 import hmac
+import json
+import logging
 import math
+import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -32,7 +36,10 @@ from service.models import Delivery, DeliveryStatus, Subscription, Task, TaskSta
 from service.runtime import runtime_of
 
 if TYPE_CHECKING:
+    from service.runtime import Runtime
     from service.store import Store
+
+log = logging.getLogger(__name__)
 
 Labels = tuple[tuple[str, str], ...]
 Kind = Literal["counter", "gauge", "histogram"]
@@ -227,6 +234,52 @@ class Metrics:
             histogram.total += value
             histogram.count += 1
 
+    def set_total(self, name: str, value: float, **labels: str) -> None:
+        """A counter kept elsewhere (the group-commit writer's), copied in as it is now."""
+        with self._lock:
+            self._counters[self._key(name, labels)] = value
+
+    def totals(self) -> dict[str, Any]:
+        """The counters and histograms as JSON values (:class:`WorkerMetrics`)."""
+        with self._lock:
+            return {
+                "counters": [
+                    [name, [list(pair) for pair in labels], value]
+                    for (name, labels), value in self._counters.items()
+                ],
+                "histograms": [
+                    [
+                        name,
+                        [list(pair) for pair in labels],
+                        list(h.bounds),
+                        h.counts,
+                        h.total,
+                        h.count,
+                    ]
+                    for (name, labels), h in self._histograms.items()
+                ],
+            }
+
+    def add_totals(self, totals: dict[str, Any]) -> None:
+        """Add another process's :meth:`totals` to these."""
+        with self._lock:
+            for name, labels, value in totals["counters"]:
+                key = (name, tuple((str(k), str(v)) for k, v in labels))
+                self._counters[key] = self._counters.get(key, 0.0) + float(value)
+            for name, labels, bounds, counts, total, count in totals["histograms"]:
+                key = (name, tuple((str(k), str(v)) for k, v in labels))
+                histogram = self._histograms.get(key)
+                if histogram is None:
+                    histogram = _Histogram(tuple(bounds), [0] * len(counts))
+                    self._histograms[key] = histogram
+                if list(histogram.bounds) != list(bounds) or len(counts) != len(histogram.counts):
+                    continue  # not the same histogram: cannot be added
+                histogram.counts = [
+                    mine + theirs for mine, theirs in zip(histogram.counts, counts, strict=True)
+                ]
+                histogram.total += float(total)
+                histogram.count += int(count)
+
     def counter(self, name: str, **labels: str) -> float:
         """One counter's value; with fewer labels, the sum over the rest."""
         wanted = set(labels.items())
@@ -285,6 +338,72 @@ class Metrics:
 
 
 Sample = tuple[str, Labels, float]  # (name without PREFIX, labels, value)
+
+
+# `serve --workers N`: the folder (made by serve for the run, removed at its end) where each
+# worker keeps its counters and histograms, so that a scrape, answered by whichever worker
+# takes the connection, reports them all added up.
+WORKERS_DIR_ENV = "TASKRELAY_WORKER_METRICS_DIR"
+PUBLISH_SECONDS = 1.0  # how often each worker writes its own
+
+
+class WorkerMetrics:
+    """One worker's share of the counters and histograms of ``serve --workers N``.
+
+    Each worker's are in-process, and the workers share one port: a scrape reached one of
+    them, so each counter jumped between the workers' values, which Prometheus reads as
+    resets (``rate()`` and ``increase()`` wrong). Each worker writes its own to
+    ``<folder>/<pid>.json`` (replaced in one rename) every :data:`PUBLISH_SECONDS`, when it
+    stops, and when it answers a scrape, which then adds up every file. A file only ever
+    grows, and a worker that stopped or died keeps its file, so the sums never go back
+    between scrapes (at most a second behind for the other workers). Gauges stay the
+    answering worker's own."""
+
+    def __init__(
+        self,
+        directory: Path,
+        metrics: Metrics,
+        *,
+        collect: Callable[[], None] = lambda: None,
+        name: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.collect = collect  # copies in the counters kept elsewhere (Metrics.set_total)
+        self.path = directory / f"{name or os.getpid()}.json"
+        self._failed = False
+
+    def publish(self) -> None:
+        """Write this worker's counters and histograms as they are now."""
+        self.collect()
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            temporary.write_text(json.dumps(self.metrics.totals()))
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            if not self._failed:
+                log.warning("could not write this worker's metrics to %s: %s", self.path, exc)
+            self._failed = True
+            return
+        self._failed = False
+
+    async def publish_step(self) -> int:
+        """:meth:`publish`, as a ticker's step (service/loops.py)."""
+        self.publish()
+        return 0
+
+    def combined(self) -> Metrics:
+        """Every worker's counters and histograms added up, with this worker's gauges."""
+        self.publish()
+        total = Metrics()
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                total.add_totals(json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # a file gone (the run ending) or not one of these
+        with self.metrics._lock:
+            total._gauges = dict(self.metrics._gauges)
+        return total
 
 
 def render(metrics: Metrics, scraped: Iterable[Sample] = ()) -> str:
@@ -434,6 +553,15 @@ def _check_metrics_token(request: Request, expected: str) -> None:
         )
 
 
+def collect_totals(runtime: Runtime) -> None:
+    """Copy the counters kept outside :class:`Metrics` into the runtime's (the group-commit
+    writer's and the outbox's own counts)."""
+    committer, metrics = runtime.committer, runtime.metrics
+    metrics.set_total("group_commit_batches_total", float(committer.batches))
+    metrics.set_total("group_commit_updates_total", float(committer.updates))
+    metrics.set_total("put_aside_missed_total", float(runtime.outbox.missed_by_window))
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format: this process's counters and histograms, plus queue depths read
     from the database now. Behind ``TASKRELAY_METRICS_TOKEN`` when it is set."""
@@ -449,15 +577,14 @@ async def metrics_endpoint(request: Request) -> Response:
         scraped.append(("database_up", (), 1.0))
     except (StoreUnavailable, TimeoutError):
         scraped.append(("database_up", (), 0.0))
-    committer = runtime.committer
-    scraped += [
-        ("group_commit_queue_depth", (), float(committer.waiting)),
-        ("group_commit_batches_total", (), float(committer.batches)),
-        ("group_commit_updates_total", (), float(committer.updates)),
-        ("put_aside_missed_total", (), float(runtime.outbox.missed_by_window)),
-    ]
+    scraped.append(("group_commit_queue_depth", (), float(runtime.committer.waiting)))
+    if runtime.worker_metrics is not None:
+        metrics = await run_in_threadpool(runtime.worker_metrics.combined)
+    else:
+        collect_totals(runtime)
+        metrics = runtime.metrics
     return Response(
-        render(runtime.metrics, scraped),
+        render(metrics, scraped),
         media_type=CONTENT_TYPE,
         headers={"Cache-Control": "no-store"},
     )

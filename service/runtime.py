@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from service.dispatcher import Dispatcher
     from service.files import ImageFiles
     from service.groupcommit import GroupCommitter
-    from service.metrics import Metrics
+    from service.metrics import Metrics, WorkerMetrics
     from service.netguard import AddressPolicy
     from service.outbox import Outbox
     from service.retention import Pruner
@@ -50,6 +50,7 @@ class Runtime:
     address_policy: AddressPolicy
     committer: GroupCommitter
     pruner: Pruner | None = None  # TASKRELAY_RETENTION set
+    worker_metrics: WorkerMetrics | None = None  # one of the workers of serve --workers N
 
     async def check_webhook_url(self, url: str, field: str) -> str:
         """A subscriber URL is http(s) and, resolved, reaches only public addresses (unless

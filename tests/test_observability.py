@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -774,3 +775,101 @@ def test_psycopg_pipeline_exit_warning_is_dropped_and_its_other_warnings_kept() 
         for name, level in quietened.items():
             logging.getLogger(name).setLevel(level)
     assert [line["message"] for line in lines(stream)] == ["couldn't connect to 127.0.0.1"]
+
+
+# --- serve --workers N: one sum over the workers -------------------------------------------------
+
+
+def _value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_worker_metrics_add_up_and_never_go_back(tmp_path: Path) -> None:
+    """Each worker of `serve --workers N` counts on its own and a scrape reaches one of them:
+    the counters jumped between the workers' values, which Prometheus reads as resets. Each
+    now answers the sum of all, its own as it is and the others' as they last wrote it; a
+    worker gone keeps its counts in the sum."""
+    first, second = Metrics(), Metrics()
+    one = metrics_module.WorkerMetrics(tmp_path, first, name="1")
+    two = metrics_module.WorkerMetrics(tmp_path, second, name="2")
+    first.inc("callbacks_total", 3, provider="evolink", outcome="applied")
+    first.observe("callback_duration_seconds", 0.002, provider="evolink")
+    second.inc("callbacks_total", 4, provider="evolink", outcome="applied")
+    second.observe("callback_duration_seconds", 0.2, provider="evolink")
+    two.publish()
+    total = one.combined()
+    assert total.counter("callbacks_total", outcome="applied") == 7
+    assert total.histogram_count("callback_duration_seconds", provider="evolink") == 2
+    text = render(total)
+    assert (
+        _value(text, 'taskrelay_callback_duration_seconds_bucket{provider="evolink",le="0.005"}')
+        == 1
+    )
+    assert (
+        _value(text, 'taskrelay_callback_duration_seconds_bucket{provider="evolink",le="+Inf"}')
+        == 2
+    )
+    # Scrapes alternate between the workers while both count: never lower than the last.
+    seen = []
+    for round_ in range(6):
+        (first if round_ % 2 else second).inc(
+            "callbacks_total", provider="evolink", outcome="applied"
+        )
+        answering = one if round_ % 2 else two
+        seen.append(answering.combined().counter("callbacks_total"))
+    assert seen == sorted(seen) and seen[-1] == 13
+    # Worker 2 is gone (its file stays): its counts stay in worker 1's sums.
+    first.inc("callbacks_total", provider="evolink", outcome="applied")
+    assert one.combined().counter("callbacks_total") == 14
+
+
+def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scraped(
+    tmp_path: Path,
+) -> None:
+    """Two workers on PostgreSQL; callbacks spread over both; every scrape, whichever worker
+    answers it, has them all (found by exploratory testing: 22 and 15 in turn)."""
+    from service.db import migrate
+    from tests.conftest import PostgresDatabase, _pg_url
+    from tests.servers import ServiceProcess
+
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
+    database = PostgresDatabase.create(admin_url, prefix="taskrelay_metrics")
+    try:
+        migrate(database.url)
+        service = ServiceProcess(
+            {
+                "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+                "TASKRELAY_DATABASE_URL": database.url,
+                "TASKRELAY_API_TOKENS": "ops:metrics-workers-token-0123",
+                "TASKRELAY_SECRET_KEY": "metrics-workers-secret-0123456789",
+                "TASKRELAY_EVOLINK_API_KEY": "evolink-key",
+            },
+            "--workers",
+            "2",
+            log_path=tmp_path / "serve.log",
+        )
+        try:
+            service.wait_ready()
+            series = 'taskrelay_callbacks_total{outcome="invalid_token",provider="evolink"}'
+            for _ in range(37):  # new connections: the kernel spreads them over the workers
+                assert (
+                    httpx.post(f"{service.url}/callbacks/evolink/bad", content=b"x").status_code
+                    == 401
+                )
+
+            def scraped() -> float:
+                return _value(httpx.get(f"{service.url}/metrics").text, series)
+
+            deadline = time.monotonic() + 30
+            while scraped() != 37 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert [scraped() for _ in range(12)] == [37.0] * 12, service.logs()
+        finally:
+            service.stop()
+    finally:
+        database.drop()
