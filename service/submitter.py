@@ -28,7 +28,7 @@ from service.files import ImageFiles
 from service.lifecycle import TaskUpdate
 from service.loops import Ticker
 from service.metrics import Metrics
-from service.models import TaskStatus, UpdateSource
+from service.models import TERMINAL_STATUSES, TaskStatus, UpdateSource
 from service.providers.base import (
     GenerationRequest,
     ProviderAdapter,
@@ -63,17 +63,20 @@ async def _to_the_end(call: Callable[..., T], *args: Any) -> T:
 
 async def _finish(job: asyncio.Future[T]) -> T:
     """:func:`_to_the_end` of a call already started as ``job``, whose outcome its caller
-    can still read after a cancellation."""
+    can still read after a cancellation: waited for to the end however many times this job
+    is cancelled meanwhile (two stop() calls, the second while the first's cut-off waits)."""
     try:
         return await asyncio.shield(job)
     except asyncio.CancelledError:
-        await asyncio.wait([job])
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([job])
         raise
 
 
 def _came_true(job: asyncio.Future[bool]) -> bool:
-    """Whether ``job`` (finished) returned True."""
-    return not job.cancelled() and job.exception() is None and job.result()
+    """Whether ``job`` finished and returned True."""
+    return job.done() and not job.cancelled() and job.exception() is None and job.result()
 
 
 class _Job(NamedTuple):
@@ -578,8 +581,20 @@ class Submitter:
                 if exc.code != "provider_task_id_taken" or named is None:
                     raise
                 # Another task of the client holds the id (tracked before the provider gave
-                # it out): the provider's callbacks and status answers reach that task, so
-                # nothing could ever finish this one. Failed now, rather than at its deadline.
+                # it out): the provider's callbacks and status answers reach that task.
+                if update.status in TERMINAL_STATUSES:
+                    # The answer is the result itself (a stream's last line): kept, without
+                    # the id.
+                    log.warning(
+                        "submission of %s: the provider answered with task id %s, which "
+                        "another task of the same client already holds; keeping the result "
+                        "without the id",
+                        task_id,
+                        named,
+                    )
+                    update = replace(update, provider_task_id=None)
+                    continue
+                # Nothing could ever finish this one: failed now, rather than at its deadline.
                 log.warning(
                     "submission of %s: the provider answered with task id %s, which another "
                     "task of the same client already holds; failing the task",

@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 import errno
 import inspect
+import json
 import logging
 import os
 import stat
-import time
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -692,11 +693,12 @@ async def test_a_second_sender_cut_off_while_counting_leaves_the_first_senders_a
     task_id = relay.create("grsai")
     mark = relay.store.mark_submit_attempt
     counts: list[int] = []
+    release = threading.Event()
 
     def slow_mark(task_id: str, attempt: int) -> bool:
         counts.append(attempt)
         if len(counts) == 2:
-            time.sleep(0.3)  # the second sender waits for the write turn
+            release.wait(30)  # the second sender waits for the write turn
         return mark(task_id, attempt)
 
     monkeypatch.setattr(relay.store, "mark_submit_attempt", slow_mark)
@@ -705,11 +707,50 @@ async def test_a_second_sender_cut_off_while_counting_leaves_the_first_senders_a
         await until(out.is_set)
         submitter.submit(task_id)
         await until(lambda: len(counts) == 2)
-        await submitter.stop(grace=0)
+        stopping = asyncio.ensure_future(submitter.stop(grace=0))
+        await asyncio.sleep(0.05)  # the stop has cut both jobs off
+        release.set()
+        await stopping
     assert len(relay.posts) == 1 and counts == [1, 1]
     task = relay.store.find_task(task_id)
     assert task is not None and task["submit_attempts"] == 1
     assert task_id not in relay.store.unsent_submissions()
+
+
+async def test_a_job_cut_off_twice_while_counting_its_attempt_takes_the_count_back(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two stop() calls (the mounted sandbox's early cut-off, then the lifespan's), the
+    second while the first one's cut-off job still waits for its count of the attempt: the
+    second cancellation escaped the wait, the count committed afterwards was never taken
+    back (a task counted as sent that nothing sent, out of every sweep's reach), and the
+    job died with a traceback (found in review)."""
+    relay.grsai_mode = "callback"
+    task_id = relay.create("grsai")
+    mark = relay.store.mark_submit_attempt
+    counting, release = threading.Event(), threading.Event()
+
+    def slow_mark(task_id: str, attempt: int) -> bool:
+        counting.set()
+        release.wait(30)
+        return mark(task_id, attempt)
+
+    monkeypatch.setattr(relay.store, "mark_submit_attempt", slow_mark)
+    with caplog.at_level(logging.INFO):
+        async with relay.submitter() as submitter:
+            submitter.submit(task_id)
+            await until(counting.is_set)
+            first = asyncio.ensure_future(submitter.stop(grace=0))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(submitter.stop(grace=0))
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(first, second)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert relay.posts == []
+    task = relay.store.find_task(task_id)
+    assert task is not None and task["submit_attempts"] == 0
+    assert task_id in relay.store.unsent_submissions()
 
 
 async def test_a_reply_naming_an_id_another_task_of_the_client_holds_fails_the_task(
@@ -746,6 +787,35 @@ async def test_a_redirected_submission_fails_at_once_naming_the_base_url(relay: 
     assert len(relay.posts) == 1
     assert task["status"] == "failed" and task["error"]["code"] == "upstream_protocol_error"
     assert "TASKRELAY_GRSAI_BASE_URL" in task["error"]["message"]
+
+
+async def test_a_final_answer_naming_an_id_another_task_holds_keeps_its_result(
+    relay: Relay,
+) -> None:
+    """A stream's last line is the result itself: with an id another task of the client
+    holds, the task still takes the image (without the id) rather than fail with a result
+    in hand that was made and billed (found in review)."""
+    relay.store.create_task(
+        owner="alice",
+        provider="grsai",
+        origin=TaskOrigin.tracked,
+        request={},
+        metadata={},
+        provider_task_id="g-7",
+    )
+    final = json.loads(FINAL_LINE)
+    final["id"] = "g-7"
+    relay.grsai_mode = "stream"
+    relay.answer(
+        httpx.Response(
+            200,
+            content=sse('{"id": "g-7", "progress": 10}', json.dumps(final)),
+            headers={"Content-Type": "text/event-stream"},
+        )
+    )
+    task = await relay.run("grsai")
+    assert task["status"] == "succeeded" and task["images"], task
+    assert task["provider_task_id"] is None
 
 
 # --- 7. what only the submission can settle ------------------------------------------------------
