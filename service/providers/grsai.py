@@ -127,8 +127,8 @@ class GrsAIAdapter(TaskEndpointAdapter):
     def failure_reason(self, task: Mapping[str, Any]) -> Any:
         """GrsAI's ``failure_reason`` may be a bare category (``input_moderation``,
         ``output_moderation``, ``error``) with the detail in ``error``: both are kept."""
-        reason = parsing.text_of(task.get("failure_reason"))
-        detail = parsing.text_of(task.get("error"))
+        reason = parsing.plain_text_of(task.get("failure_reason"))
+        detail = parsing.plain_text_of(task.get("error"))  # cut once joined (failure_error)
         if reason and detail and detail != reason:
             return f"{reason}: {detail}"
         return reason or detail

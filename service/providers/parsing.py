@@ -80,14 +80,19 @@ class NoImageError(BodyShapeError):
 # The most of a provider's reason TaskRelay keeps: far more than any real message, while one of
 # megabytes would be copied into the task row, every event's snapshot and every webhook body.
 MAX_REASON_CHARS = 2000
-# A callback URL's token, where a provider quotes the URL it was given (an error about it): the
-# token lets anyone post to the task, and task JSON, events and logs never carry one.
-_CALLBACK_TOKEN = re.compile(r"(/callbacks/[^/\s]+/)[^\s/?#\"'<>]+")
+# A callback token (service/signing.py), where a provider quotes the callback URL it was given
+# (an error about it), however the URL is written around it (JSON's "\/", percent-encoded):
+# the token lets anyone post to the task, and task JSON, events and logs never carry one. Its
+# payload is the base64 of ["tsk_..., so it begins "WyJ0c2tf" (or, compressed, ".eJ": zlib's
+# header); then a timestamp and an HMAC-SHA256, each after a dot.
+_CALLBACK_TOKEN = re.compile(
+    r"(?:WyJ0c2tf[A-Za-z0-9_-]*|\.eJ[A-Za-z0-9_-]+)\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+)
 
 
 def scrubbed(text: str) -> str:
-    """A provider's text with any callback token in it left out (``/callbacks/<p>/…``)."""
-    return _CALLBACK_TOKEN.sub(r"\1…", text)
+    """A provider's text with any callback token in it left out (``…`` in its place)."""
+    return _CALLBACK_TOKEN.sub("…", text)
 
 
 def reason_text(text: str) -> str | None:
@@ -101,17 +106,24 @@ def reason_text(text: str) -> str | None:
     return text or None
 
 
-def text_of(value: Any) -> str | None:
-    """A provider's reason as text (:func:`reason_text`): a non-empty string, or an object's
-    ``message``-like field."""
+def plain_text_of(value: Any) -> str | None:
+    """A provider's reason as it said it, stripped: a non-empty string, or an object's
+    ``message``-like field (for joining with another before :func:`reason_text`)."""
     if isinstance(value, str):
-        return reason_text(value)
+        return value.strip() or None
     if isinstance(value, Mapping):
         for key in ("message", "msg", "detail", "error_message", "reason"):
             found = value.get(key)
             if isinstance(found, str) and found.strip():
-                return reason_text(found)
+                return found.strip()
     return None
+
+
+def text_of(value: Any) -> str | None:
+    """A provider's reason as TaskRelay keeps it (:func:`plain_text_of`, then
+    :func:`reason_text`)."""
+    plain = plain_text_of(value)
+    return None if plain is None else reason_text(plain)
 
 
 def int_of(value: Any) -> int | None:
@@ -409,7 +421,8 @@ def error_for_status(
         )
     if status >= 400:
         return UpstreamBadRequest(message, **kwargs)
-    if source == "HTTP" and 300 <= status < 400:
+    if source == "HTTP" and 300 <= status < 400 and status != 303:
+        # (303 See Other answers a POST that was carried out: ambiguous, as below.)
         return _redirected(provider, message, headers, kwargs)
     return UpstreamProtocolError(message, **kwargs)
 
