@@ -1067,12 +1067,14 @@ class Store:
                 task.provider_task_id = provider_task_id
                 self.plan(task, self.clock())
                 changed = True
-            if metadata is not None and metadata != task.meta:
+            new_metadata = metadata is not None and metadata != task.meta
+            if metadata is not None and new_metadata:
                 task.meta = metadata
                 changed = True
             if changed:
                 task.updated_at = self.clock()
                 session.add(task)
+            if new_metadata:
                 session.flush()
                 _as_stored(session, task, "meta")
             return task_json(task)

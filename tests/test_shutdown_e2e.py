@@ -303,7 +303,7 @@ def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
         cleanup,
         graceful_timeout="15",
         TASKRELAY_SANDBOX="true",
-        TASKRELAY_SUBMIT_BACKOFF="6s",  # the first retry 3-6 s after the first answer
+        TASKRELAY_SUBMIT_BACKOFF="8s",  # the first retry 4-8 s after the first answer
     )
     with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
         submitted = http.post(
@@ -336,7 +336,7 @@ def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
     try:
         assert first_sent.wait(WAIT)
         relay.process.send_signal(signal.SIGTERM)
-        time.sleep(8)  # past the retry's due time (6 s at most), inside the drain
+        time.sleep(10)  # past the retry's due time (8 s at most), inside the drain
         assert relay.process.poll() is None, "exited with a callback still arriving"
     finally:
         release.set()
