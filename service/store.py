@@ -83,6 +83,8 @@ R = TypeVar("R")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# The most stored callback body bytes one page of GET /v1/tasks/{id}/callbacks carries.
+MAX_RECEIPTS_PAGE_BYTES = 1024 * 1024
 # A task's callbacks, oldest first: most tasks have a handful, a 100-step progress run 100.
 DEFAULT_RECEIPTS_PAGE = 100
 # An expired task's error code when its submission's answer was lost (expire_unanswered).
@@ -1725,4 +1727,12 @@ class Store:
                 statement = statement.where(col(CallbackReceipt.pk) > after)
             statement = statement.order_by(col(CallbackReceipt.pk)).limit(limit + 1)
             rows = list(session.exec(statement))
+        # Bodies are kept up to 64 KiB each, and written as JSON (a control character takes
+        # six): 200 of them made answers of about 80 MB each. A page stops once its bodies
+        # pass MAX_RECEIPTS_PAGE_BYTES (one receipt at least), and the next goes on from there.
+        kept = 0
+        for index, receipt in enumerate(rows[:limit]):
+            kept += len(receipt.body or b"")
+            if kept > MAX_RECEIPTS_PAGE_BYTES and index > 0:
+                return paged(rows[: index + 1], index, lambda row: row.pk, "after")
         return paged(rows, limit, lambda receipt: receipt.pk, "after")

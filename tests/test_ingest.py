@@ -507,6 +507,24 @@ async def test_concurrent_callbacks_share_commits(store: Store) -> None:
         assert count.scalar() == 40
 
 
+def test_a_page_of_callback_receipts_is_bounded_by_its_bodies_bytes(store: Store) -> None:
+    """Anyone holding the callback URL can leave receipts of 64 KiB: a page of 200 written
+    as JSON was about 80 MB (found by a security hunt). A page stops once its bodies pass
+    1 MiB, and the cursor goes on from there; every receipt is still listed, once."""
+    task_id = new_task(store)
+    body = b"\x01" * store.audit_bytes
+    for _ in range(40):
+        store.record_rejected_callback(task_id, ReceiptDraft("evolink", body, None, error="x"))
+    pages, cursor = [], None
+    while True:
+        page, cursor = store.list_receipts("alice", task_id, cursor=cursor, limit=200)
+        pages.append(len(page))
+        assert sum(len(r.body) for r in page) <= store_module.MAX_RECEIPTS_PAGE_BYTES
+        if cursor is None:
+            break
+    assert pages == [16, 16, 8]
+
+
 async def test_stop_writes_what_was_queued_then_refuses(store: Store) -> None:
     ids = [new_task(store) for _ in range(10)]
     committer = GroupCommitter(store)
