@@ -31,6 +31,8 @@ from service.providers.parsing import (
     depth_ok,
     loads_storable,
     too_deep,
+    too_many,
+    too_many_values,
 )
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ def decode_json(body: bytes, *, what: str = "request body") -> Any:
         raise BadRequest(f"The {what} is not UTF-8 encoded.", code="invalid_encoding") from exc
     if not text.strip():
         raise BadRequest(f"The {what} is empty; send a JSON object.", code="invalid_json")
+    if too_many_values(text):
+        raise BadRequest(too_many(what), code="invalid_json")
     try:
         value = loads_storable(text)
     except UnstorableJSON as exc:

@@ -357,13 +357,20 @@ VALID_CALLBACK = {"id": "task-unified-9", "status": "completed", "progress": 100
     ("content", "fragment"),
     [
         # The parser runs out of depth before it reaches the missing ends: too deep it is.
-        pytest.param(b"[" * 100_000, "nested deeper than 64 levels", id="100k-open-arrays"),
+        # More brackets than values a body may hold: refused before the parser runs.
+        pytest.param(b"[" * 100_000, "more than 20000 JSON values", id="100k-open-arrays"),
         pytest.param(
             b"[" * 100_000 + b"]" * 100_000,
-            "nested deeper than 64 levels",
+            "more than 20000 JSON values",
             id="100k-nested-arrays",
         ),
-        pytest.param(b'{"a":' * 100_000, "nested deeper than 64 levels", id="100k-open-objects"),
+        pytest.param(b'{"a":' * 100_000, "more than 20000 JSON values", id="100k-open-objects"),
+        pytest.param(b"[" * 5_000, "nested deeper than 64 levels", id="5k-open-arrays"),
+        pytest.param(
+            b'{"id": "t", "status": "processing", "a": [' + b",".join([b"[]"] * 100_000) + b"]}",
+            "more than 20000 JSON values",
+            id="100k-empty-arrays",
+        ),
         pytest.param(
             json.dumps(VALID_CALLBACK).encode("utf-16"), "not UTF-8", id="utf-16-with-bom"
         ),
@@ -741,8 +748,13 @@ async def test_sql_in_stored_values_is_kept_verbatim_and_stays_data(relay: Relay
         (b'{"provider": "evolink", "provider_task_id": "a\\u0000b"}', "NUL"),
         (b'{"provider": "evolink", "metadata": {"k": 1e999}}', "out of range"),
         (b'{"provider": "evolink", "metadata": {"k": -1e400}}', "out of range"),
-        (b"[" * 100_000, "nested deeper than 64 levels"),
-        (b'{"a":' * 100_000, "nested deeper than 64 levels"),
+        (b"[" * 100_000, "more than 20000 JSON values"),
+        (b'{"a":' * 100_000, "more than 20000 JSON values"),
+        (b"[" * 5_000, "nested deeper than 64 levels"),
+        (
+            b'{"provider": "evolink", "metadata": {"k": [' + b",".join([b"0"] * 30_000) + b"]}}",
+            "more than 20000 JSON values",
+        ),
         ('{"provider": "evolink"}'.encode("utf-16"), "not UTF-8"),
         (b'{"provider": "evolink", "metadata": {"k": "caf\xe9"}}', "not UTF-8"),
     ],

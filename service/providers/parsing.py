@@ -630,6 +630,8 @@ def parse_json_body(body: bytes) -> Any:
         raise CallbackParseError("The callback body is not UTF-8 text.") from exc
     if not text.strip():
         raise CallbackParseError("The callback body is empty; expected a JSON object.")
+    if too_many_values(text):
+        raise CallbackParseError(too_many())
     try:
         value = loads_provider_json(text)
     except UnstorableJSON as exc:
@@ -645,6 +647,29 @@ def parse_json_body(body: bytes) -> Any:
     if brackets >= MAX_JSON_DEPTH and not depth_ok(value, MAX_JSON_DEPTH):
         raise CallbackParseError(too_deep(MAX_JSON_DEPTH))
     return value
+
+
+# The most values a JSON body TaskRelay parses may hold (objects, arrays and their items,
+# counted from its brackets and commas, strings' own included, before parsing): no callback or
+# API body comes near it, while a body of a million tiny arrays cost a second or more of the
+# event loop's time to parse and check, holding up every other request.
+MAX_JSON_VALUES = 20_000
+
+
+def too_many_values(text: str) -> bool:
+    """Whether ``text`` may hold more than :data:`MAX_JSON_VALUES` values (an upper bound:
+    each object or array opens with a bracket, and each item after the first follows a
+    comma)."""
+    if len(text) <= MAX_JSON_VALUES:  # fewer characters than that: fewer values too
+        return False
+    return text.count("[") + text.count("{") + text.count(",") > MAX_JSON_VALUES
+
+
+def too_many(what: str = "callback body") -> str:
+    return (
+        f"The {what} holds more than {MAX_JSON_VALUES} JSON values (objects, arrays and "
+        "their items); none TaskRelay takes comes near that."
+    )
 
 
 def too_deep(limit: int, what: str = "callback body") -> str:
