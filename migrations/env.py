@@ -239,10 +239,12 @@ def _unlock(connection: sa.Connection) -> None:
             connection.rollback()
         connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
         connection.commit()
-    except sa.exc.DBAPIError as exc:
+    # SQLAlchemyError, not only DBAPIError: a connection lost mid-migration (its backend
+    # terminated) is refused a rollback as a PendingRollbackError, which is not one.
+    except sa.exc.SQLAlchemyError as exc:
         log.warning(
             "could not release the migration lock (the server ends it with the session): %s",
-            exc.orig,
+            getattr(exc, "orig", None) or exc,
         )
 
 

@@ -610,9 +610,30 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
         return list(found)
 
     config.attributes["discard_data"] = discard_data
-    with EnvironmentContext(config, script, fn=steps, destination_rev=revision):
-        script.run_env()
+    try:
+        with EnvironmentContext(config, script, fn=steps, destination_rev=revision):
+            script.run_env()
+    except sa.exc.SQLAlchemyError as exc:
+        # A connection lost mid-migration (its backend terminated, the server restarted):
+        # the clean-up after it (alembic's, a migration's own unlock) is refused as a
+        # PendingRollbackError, which hid the database's own error behind it.
+        cause = _database_error_in(exc)
+        if cause is None or cause is exc:
+            raise
+        raise cause from exc
     return done[0]
+
+
+def _database_error_in(exc: BaseException) -> sa.exc.DBAPIError | None:
+    """The first database error (a DBAPIError) in ``exc``'s chain of causes and contexts."""
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        if isinstance(found, sa.exc.DBAPIError):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def schema_drift(engine: Engine) -> list[str]:

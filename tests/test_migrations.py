@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -813,3 +814,38 @@ def test_a_downgrade_that_waited_decides_on_what_the_other_run_left(empty_postgr
         assert current_revision(engine) == "0008"
     finally:
         engine.dispose()
+
+
+def test_a_connection_lost_mid_migration_is_reported_as_itself_and_a_rerun_repairs(
+    empty_postgres: str,
+) -> None:
+    """PostgreSQL: the migration's backend is terminated while it builds an index
+    CONCURRENTLY. The clean-up after it was refused as a PendingRollbackError, which hid the
+    database's own error (`taskrelay migrate` printed five tracebacks and exited 1 instead of
+    one line and 2). The database's error comes out now, and the next run finishes the job
+    (found by exploratory testing)."""
+    migrate(empty_postgres, "0007")
+    killer = sa.create_engine(empty_postgres)
+
+    def terminate(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "CREATE INDEX CONCURRENTLY" in statement:
+            with killer.connect() as other:
+                other.exec_driver_sql(
+                    f"SELECT pg_terminate_backend({cursor.connection.info.backend_pid})"
+                )
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", terminate)
+    try:
+        with pytest.raises(sa.exc.DBAPIError, match="terminating connection"):
+            migrate(empty_postgres)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", terminate)
+        killer.dispose()
+    engine = make_engine(empty_postgres)
+    try:
+        assert current_revision(engine) == "0007"
+    finally:
+        engine.dispose()
+    done = migrate(empty_postgres)
+    assert (done.before, done.after) == ("0007", head_revision(empty_postgres))
+    assert schema_diff(empty_postgres) == []
