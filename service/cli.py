@@ -191,9 +191,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(APP_FACTORY, workers=args.workers, **options)
     # Where the workers add up their counters for /metrics (service.metrics.WorkerMetrics):
-    # new for each run, as a process's counters are.
-    shared = tempfile.mkdtemp(prefix="taskrelay-metrics-")
-    os.environ[WORKERS_DIR_ENV] = shared
+    # new for each run, as a process's counters are, in the data folder (writable: the signing
+    # key may live there too; a read-only system with no temporary folder is common).
+    shared: str | None
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        shared = tempfile.mkdtemp(prefix=".metrics-", dir=settings.data_dir)
+    except OSError as exc:
+        shared = None
+        log.warning(
+            "cannot make a folder for the workers' metrics in %s (%s): each worker's /metrics "
+            "answer has its own counters only",
+            settings.data_dir,
+            exc,
+        )
+    else:
+        os.environ[WORKERS_DIR_ENV] = shared
     try:
         with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before its handlers are set
             supervisor = Supervisor(config, sockets=[config.bind_socket()])
@@ -201,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if supervisor.failed_to_start:
                 return STARTUP_FAILURE  # as uvicorn exits with one worker that failed to start
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
     return 0
 
 

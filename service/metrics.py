@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -161,12 +163,14 @@ FAMILIES: dict[str, Family] = {
         Family(
             "group_commit_batches_total",
             "counter",
-            "Transactions the group-commit writer of this process has committed.",
+            "Transactions the group-commit writer has committed (of serve --workers N: all "
+            "of theirs).",
         ),
         Family(
             "group_commit_updates_total",
             "counter",
-            "Updates written by the group-commit writer of this process, over all its batches.",
+            "Updates the group-commit writer has committed, over all its batches (of serve "
+            "--workers N: all of theirs).",
         ),
         Family(
             "put_aside_missed_total",
@@ -252,7 +256,7 @@ class Metrics:
                         name,
                         [list(pair) for pair in labels],
                         list(h.bounds),
-                        h.counts,
+                        list(h.counts),
                         h.total,
                         h.count,
                     ]
@@ -352,12 +356,14 @@ class WorkerMetrics:
 
     Each worker's are in-process, and the workers share one port: a scrape reached one of
     them, so each counter jumped between the workers' values, which Prometheus reads as
-    resets (``rate()`` and ``increase()`` wrong). Each worker writes its own to
-    ``<folder>/<pid>.json`` (replaced in one rename) every :data:`PUBLISH_SECONDS`, when it
-    stops, and when it answers a scrape, which then adds up every file. A file only ever
-    grows, and a worker that stopped or died keeps its file, so the sums never go back
-    between scrapes (at most a second behind for the other workers). Gauges stay the
-    answering worker's own."""
+    resets (``rate()`` and ``increase()`` wrong). Each worker writes its own to a file of its
+    own in the run's folder (its pid and a random part: a pid used again by a restarted
+    worker must not replace a dead one's file) every :data:`PUBLISH_SECONDS`, when it stops,
+    and when it answers a scrape, which then adds up every file. Writes are one at a time
+    (the ticker's and a scrape's) and each is renamed into place whole, so a file only ever
+    grows; a worker that stopped or died keeps its file: the sums never go back between
+    scrapes (the other workers' as of at most a second before). Gauges stay the answering
+    worker's own."""
 
     def __init__(
         self,
@@ -370,26 +376,31 @@ class WorkerMetrics:
         self.directory = directory
         self.metrics = metrics
         self.collect = collect  # copies in the counters kept elsewhere (Metrics.set_total)
-        self.path = directory / f"{name or os.getpid()}.json"
+        self.path = directory / f"{name or f'{os.getpid()}-{secrets.token_hex(4)}'}.json"
+        self._writing = threading.Lock()
         self._failed = False
 
     def publish(self) -> None:
-        """Write this worker's counters and histograms as they are now."""
-        self.collect()
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        try:
-            temporary.write_text(json.dumps(self.metrics.totals()))
-            os.replace(temporary, self.path)
-        except OSError as exc:
-            if not self._failed:
-                log.warning("could not write this worker's metrics to %s: %s", self.path, exc)
-            self._failed = True
-            return
-        self._failed = False
+        """Write this worker's counters and histograms as they are now (on a worker thread:
+        it writes a file)."""
+        with self._writing:
+            self.collect()
+            totals = json.dumps(self.metrics.totals())
+            try:
+                handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+                with os.fdopen(handle, "w") as file:
+                    file.write(totals)
+                os.replace(temporary, self.path)
+            except OSError as exc:
+                if not self._failed:
+                    log.warning("could not write this worker's metrics to %s: %s", self.path, exc)
+                self._failed = True
+                return
+            self._failed = False
 
     async def publish_step(self) -> int:
-        """:meth:`publish`, as a ticker's step (service/loops.py)."""
-        self.publish()
+        """:meth:`publish`, as a ticker's step (service/loops.py), off the event loop."""
+        await asyncio.to_thread(self.publish)
         return 0
 
     def combined(self) -> Metrics:
@@ -563,7 +574,8 @@ def collect_totals(runtime: Runtime) -> None:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """Prometheus text format: this process's counters and histograms, plus queue depths read
+    """Prometheus text format: this process's counters and histograms (of ``serve --workers
+    N``: every worker's, added up), plus queue depths read
     from the database now. Behind ``TASKRELAY_METRICS_TOKEN`` when it is set."""
     runtime = runtime_of(request)
     if runtime.settings.metrics_token is not None:

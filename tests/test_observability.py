@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -824,6 +825,47 @@ def test_worker_metrics_add_up_and_never_go_back(tmp_path: Path) -> None:
     # Worker 2 is gone (its file stays): its counts stay in worker 1's sums.
     first.inc("callbacks_total", provider="evolink", outcome="applied")
     assert one.combined().counter("callbacks_total") == 14
+
+
+def test_worker_metrics_scraped_at_once_while_counting_never_go_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker writes its file from its ticker and from every scrape, on several threads:
+    two writes at once shared one temporary file, so one could rename the other's half
+    written file into place, and a sum skipped that worker (found in review)."""
+    metrics = Metrics()
+    mine = metrics_module.WorkerMetrics(tmp_path, metrics, name="1")
+    other = Metrics()
+    other.inc("callbacks_total", 5, provider="evolink", outcome="applied")
+    metrics_module.WorkerMetrics(tmp_path, other, name="2").publish()
+    counting = threading.Event()
+    seen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def count() -> None:
+        for _ in range(20_000):
+            metrics.inc("callbacks_total", provider="evolink", outcome="applied")
+            metrics.observe("callback_duration_seconds", 0.01, provider="evolink")
+        counting.set()
+
+    def scrape(index: int) -> None:
+        while not counting.is_set() or len(seen[index]) < 50:
+            seen[index].append(mine.combined().counter("callbacks_total"))
+
+    def publish() -> None:
+        while not counting.is_set():
+            mine.publish()
+
+    threads = [threading.Thread(target=count), threading.Thread(target=publish)]
+    threads += [threading.Thread(target=scrape, args=(index,)) for index in (0, 1, 2)]
+    with caplog.at_level(logging.WARNING):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for values in seen.values():
+        assert values == sorted(values) and values[0] >= 5
+    assert mine.combined().counter("callbacks_total") == 20_005
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scraped(
