@@ -119,16 +119,19 @@ class GroupCommitter:
 
     def _write(self, batch: Sequence[_Pending]) -> None:
         results: Sequence[ApplyResult | BaseException]
+        failed = False
         try:
             results = self.store.apply_updates([pending.request for pending in batch])
         except Exception as exc:  # a bug, not a database error: fail this batch, keep going
             log.exception("group commit failed")
             results = [exc] * len(batch)
-        # What was committed: a batch the database refused (an outage) counts for nothing.
-        committed = sum(not isinstance(result, BaseException) for result in results)
-        if committed:
+            failed = True
+        # A batch the database refused (an outage), or that failed on a bug, committed
+        # nothing and counts for nothing; one whose items were refused one by one (an unknown
+        # task, say) committed their receipts all the same.
+        if not all(isinstance(result, StoreUnavailable) for result in results) and not failed:
             self.batches += 1
-            self.updates += committed
+            self.updates += sum(not isinstance(result, BaseException) for result in results)
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(_settle, batch, results)

@@ -575,14 +575,23 @@ async def test_the_writers_counts_are_of_what_it_committed(
         await committer.apply(UpdateRequest(task_id, progress(10), UpdateSource.callback))
         assert (committer.batches, committer.updates) == (1, 1)
 
-        def down(requests: object) -> list[Exception]:
-            raise StoreUnavailable("The database is unavailable.")
+        # An unknown task is refused alone, in a batch that committed (its receipt, say).
+        with pytest.raises(NotFound):
+            await committer.apply(UpdateRequest("tsk_unknown", progress(20), UpdateSource.callback))
+        assert (committer.batches, committer.updates) == (2, 1)
+        working = store.apply_updates
+
+        def down(requests: list[UpdateRequest]) -> list[Exception]:
+            return [StoreUnavailable("The database is unavailable.") for _ in requests]
 
         monkeypatch.setattr(store, "apply_updates", down)
         for _ in range(3):
             with pytest.raises(StoreUnavailable):
                 await committer.apply(UpdateRequest(task_id, progress(20), UpdateSource.callback))
-        assert (committer.batches, committer.updates) == (1, 1)
+        assert (committer.batches, committer.updates) == (2, 1)
+        monkeypatch.setattr(store, "apply_updates", working)
+        await committer.apply(UpdateRequest(task_id, progress(30), UpdateSource.callback))
+        assert (committer.batches, committer.updates) == (3, 2)
     finally:
         await committer.stop()
 
