@@ -40,6 +40,7 @@ from service.ratelimit import ClientRateLimiter, TokenBucket
 from service.runtime import Runtime
 from service.signing import SALT
 from service.store import MAX_BODY_SIZE
+from service.web import decode_json
 from tests.conftest import (
     ALICE,
     BOB,
@@ -771,6 +772,30 @@ async def test_request_bodies_no_column_can_hold_are_400_and_store_nothing(
         assert error_code(response) in {"invalid_json", "invalid_encoding"}
         assert fragment in response.json()["error"]["message"]
     assert relay.snapshot() == before
+
+
+async def test_commas_and_brackets_inside_strings_are_no_values(relay: Relay) -> None:
+    """The cap on a body's values counts brackets and commas, and again without the strings'
+    contents before it refuses: a prompt of numbers and a metadata text of CSV are text,
+    not values (found in review: such a body within every documented limit was a 400)."""
+    prompt = ("Plot these readings as a bar chart: " + ",".join(map(str, range(7000))))[:32_000]
+    metadata = {"series": list(range(2500)), "csv": "a,b,[c],{d}\n" * 300}
+    response = await relay.client.post(
+        "/v1/tasks/track", json={"provider": "evolink", "metadata": metadata}, headers=auth()
+    )
+    assert response.status_code == 201, response.text
+    with_prompt = {"provider": "evolink", "prompt": prompt, "metadata": metadata}
+    assert decode_json(json.dumps(with_prompt).encode()) == with_prompt  # POST /v1/tasks's
+    task = await relay.track()
+    body = {**VALID_CALLBACK, "status": "processing", "note": ",[{" * 10_000}
+    callback = await relay.client.post(callback_path(task), json=body)
+    assert callback.status_code == 200, callback.text
+    refused = await relay.client.post(
+        "/v1/tasks",
+        json={"provider": "evolink", "prompt": prompt, "metadata": {"k": [[]] * 21_000}},
+        headers=auth(),
+    )
+    assert refused.status_code == 400 and "more than 20000 JSON values" in refused.text
 
 
 async def test_cursors_beyond_any_row_are_400(relay: Relay) -> None:

@@ -301,7 +301,7 @@ def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
         "relay",
         database,
         cleanup,
-        graceful_timeout="15",
+        graceful_timeout="20",  # a drain of 16 s: the callback below holds it 10 s
         TASKRELAY_SANDBOX="true",
         TASKRELAY_SUBMIT_BACKOFF="8s",  # the first retry 4-8 s after the first answer
     )

@@ -656,19 +656,26 @@ def parse_json_body(body: bytes) -> Any:
 MAX_JSON_VALUES = 20_000
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear, and fast in re
+
+
 def too_many_values(text: str) -> bool:
-    """Whether ``text`` may hold more than :data:`MAX_JSON_VALUES` values (an upper bound:
-    each object or array opens with a bracket, and each item after the first follows a
-    comma)."""
+    """Whether ``text`` holds more than :data:`MAX_JSON_VALUES` values: each object or array
+    opens with a bracket, and each item after the first follows a comma, so their count is an
+    upper bound; counted again without the strings' contents (a prompt's or a metadata
+    text's own commas) before it refuses anything."""
     if len(text) <= MAX_JSON_VALUES:  # fewer characters than that: fewer values too
         return False
-    return text.count("[") + text.count("{") + text.count(",") > MAX_JSON_VALUES
+    if text.count("[") + text.count("{") + text.count(",") <= MAX_JSON_VALUES:
+        return False
+    bare = _JSON_STRING.sub('""', text)
+    return bare.count("[") + bare.count("{") + bare.count(",") > MAX_JSON_VALUES
 
 
 def too_many(what: str = "callback body") -> str:
     return (
         f"The {what} holds more than {MAX_JSON_VALUES} JSON values (objects, arrays and "
-        "their items); none TaskRelay takes comes near that."
+        "their items); send fewer (a long list in metadata can be one string instead)."
     )
 
 
