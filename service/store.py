@@ -1719,20 +1719,31 @@ class Store:
         """A page of the task's callback receipts, oldest first, and the cursor of the next
         page (None after the last): anyone holding the callback URL can add receipts, so
         they are never read all at once."""
-        with self.transaction(write=False) as session:
-            task = self.owned(session, owner, task_id)
-            statement = select(CallbackReceipt).where(CallbackReceipt.task_pk == task.pk)
-            if cursor is not None:
-                after = decode_cursor(cursor, "after")
-                statement = statement.where(col(CallbackReceipt.pk) > after)
-            statement = statement.order_by(col(CallbackReceipt.pk)).limit(limit + 1)
-            rows = list(session.exec(statement))
         # Bodies are kept up to 64 KiB each, and written as JSON (a control character takes
         # six): 200 of them made answers of about 80 MB each. A page stops once its bodies
         # pass MAX_RECEIPTS_PAGE_BYTES (one receipt at least), and the next goes on from there.
-        kept = 0
-        for index, receipt in enumerate(rows[:limit]):
-            kept += len(receipt.body or b"")
-            if kept > MAX_RECEIPTS_PAGE_BYTES and index > 0:
-                return paged(rows[: index + 1], index, lambda row: row.pk, "after")
-        return paged(rows, limit, lambda receipt: receipt.pk, "after")
+        # The sizes are read first, and only the page's bodies then, in the same snapshot.
+        with self.transaction(write=False) as session:
+            task = self.owned(session, owner, task_id)
+            sizes = sa.select(
+                col(CallbackReceipt.pk), sa.func.length(col(CallbackReceipt.body))
+            ).where(col(CallbackReceipt.task_pk) == task.pk)
+            if cursor is not None:
+                after = decode_cursor(cursor, "after")
+                sizes = sizes.where(col(CallbackReceipt.pk) > after)
+            listed = session.execute(sizes.order_by(col(CallbackReceipt.pk)).limit(limit + 1)).all()
+            kept = 0
+            for index, (_pk, size) in enumerate(listed[:limit]):
+                kept += int(size or 0)
+                if kept > MAX_RECEIPTS_PAGE_BYTES and index > 0:
+                    listed, limit = listed[: index + 1], index
+                    break
+            wanted = [pk for pk, _size in listed[:limit]]
+            rows = list(
+                session.exec(
+                    select(CallbackReceipt)
+                    .where(col(CallbackReceipt.pk).in_(wanted))
+                    .order_by(col(CallbackReceipt.pk))
+                )
+            )
+        return rows, (encode_cursor(wanted[-1], "after") if len(listed) > limit else None)
