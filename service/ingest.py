@@ -122,6 +122,21 @@ def _locked_tasks(dialect: str) -> sa.Select[Any]:
 
 
 _lock_tasks = prebuilt(_locked_tasks)
+
+
+def _receipt_counts(dialect: str) -> sa.Select[Any]:
+    """How many callback receipts each of the batch's tasks keeps (``ids``: their ids; a
+    task with none is not listed), for :meth:`Store.within_receipt_cap`."""
+    return (
+        sa.select(RECEIPT.c.task_pk, sa.func.count())
+        .select_from(RECEIPT.join(TASK, TASK.c.pk == RECEIPT.c.task_pk))
+        .where(one_of(dialect, TASK.c.id, "ids"))
+        .group_by(RECEIPT.c.task_pk)
+    )
+
+
+_count_receipts = prebuilt(_receipt_counts)
+_PG_RECEIPT_COUNTS = DriverSQL(_receipt_counts("postgresql"))
 _PG_CLAIM_LOCKS = DriverSQL(CLAIM_LOCKS)
 _PG_HOLDERS = DriverSQL(PG_HOLDERS)
 # Where a provider task id comes from a client, not from the provider's answer to TaskRelay:
@@ -197,10 +212,8 @@ def apply_updates(
         pipelined = connection.dialect.name == "postgresql" and psycopg.Pipeline.is_supported()
     if pipelined:
         return _apply_pipelined(store, connection, written, requests)
-    ids = sorted({request.task_id for request in requests})
-    rows = connection.execute(
-        _lock_tasks(connection), {"ids": listed(connection.dialect.name, ids)}
-    )
+    ids = {"ids": listed(connection.dialect.name, sorted({r.task_id for r in requests}))}
+    rows = connection.execute(_lock_tasks(connection), ids)
     now = store.clock()
 
     tasks = {row[1]: TaskRow(*row) for row in rows}
@@ -215,8 +228,15 @@ def apply_updates(
             written.deliveries = True
         written.events.update(event.task_id for event in decided.new_events)
     if decided.receipts:
-        _INSERT_RECEIPT.execute(connection, decided.receipts)
+        counted = connection.execute(_count_receipts(connection), ids)
+        held = {int(task_pk): int(count) for task_pk, count in counted}
+        kept = store.within_receipt_cap(decided.receipts, held, _ids_by_pk(tasks))
+        _INSERT_RECEIPT.execute(connection, kept)
     return decided.results
+
+
+def _ids_by_pk(tasks: Mapping[str, TaskRow]) -> dict[int, str]:
+    return {task.pk: task.id for task in tasks.values() if task.pk is not None}
 
 
 def _apply_pipelined(
@@ -249,8 +269,14 @@ def _apply_pipelined(
         tasks_cursor, subscriptions_cursor = driver.cursor(), driver.cursor()
         tasks_cursor.execute(lock.sql, lock.params(ids))
         subscriptions_cursor.execute(subscriptions_of.sql, subscriptions_of.params(ids))
+        counts_cursor = None
+        if any(request.receipt is not None for request in requests):
+            counts = _PG_RECEIPT_COUNTS.on(dialect)
+            counts_cursor = driver.cursor()
+            counts_cursor.execute(counts.sql, counts.params(ids))
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
+        held: dict[int, int] = {} if counts_cursor is None else dict(counts_cursor.fetchall())
         now = store.clock()
         tasks = {row[1]: TaskRow(*lock.row(row)) for row in rows}
         holders = _pg_holders(driver, dialect, requests, tasks)  # a round trip, if any
@@ -265,7 +291,8 @@ def _apply_pipelined(
             values = {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
             cursor.execute(supersede.sql, supersede.params(values))
             superseding.append(cursor)
-        _executemany(driver, _INSERT_RECEIPT.driven.on(dialect), decided.receipts)
+        kept = store.within_receipt_cap(decided.receipts, held, _ids_by_pk(tasks))
+        _executemany(driver, _INSERT_RECEIPT.driven.on(dialect), kept)
         if matches:
             assert events_cursor is not None
             seqs = _returned(events_cursor)  # round trip 2

@@ -173,6 +173,12 @@ FAMILIES: dict[str, Family] = {
             "--workers N: all of theirs).",
         ),
         Family(
+            "callback_receipts_dropped_total",
+            "counter",
+            "Callbacks answered and applied whose receipt was not kept: their task keeps the "
+            "most receipts a task keeps (1,000) already.",
+        ),
+        Family(
             "put_aside_missed_total",
             "counter",
             "Deliveries due but unable to go that only this process's periodic sweep of the "
@@ -570,6 +576,7 @@ def collect_totals(runtime: Runtime) -> None:
     committer, metrics = runtime.committer, runtime.metrics
     metrics.set_total("group_commit_batches_total", float(committer.batches))
     metrics.set_total("group_commit_updates_total", float(committer.updates))
+    metrics.set_total("callback_receipts_dropped_total", float(runtime.store.receipts_dropped))
     metrics.set_total("put_aside_missed_total", float(runtime.outbox.missed_by_window))
 
 

@@ -83,6 +83,11 @@ R = TypeVar("R")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# The most callback receipts one task keeps. Callbacks are not rate limited (a provider's
+# retries must land), so whoever holds a task's callback URL could add receipts without end,
+# up to 64 KiB each; no provider sends more than a few per task. Beyond it a callback is
+# answered and applied as ever, and its receipt not kept (counted, and logged once per task).
+MAX_RECEIPTS_PER_TASK = 1000
 # The most stored callback body bytes one page of GET /v1/tasks/{id}/callbacks carries.
 MAX_RECEIPTS_PAGE_BYTES = 1024 * 1024
 # A task's callbacks, oldest first: most tasks have a handful, a 100-step progress run 100.
@@ -627,6 +632,14 @@ def _translated_errors() -> Iterator[None]:
         ) from exc
 
 
+# How many receipts one task keeps (record_rejected_callback).
+_RECEIPTS_OF_TASK = (
+    sa.select(sa.func.count())
+    .select_from(CallbackReceipt)
+    .where(col(CallbackReceipt.task_pk) == sa.bindparam("task_pk"))
+)
+
+
 class Store:
     def __init__(
         self,
@@ -637,9 +650,14 @@ class Store:
         policies: Mapping[str, PollPolicy] | None = None,
         rng: random.Random | None = None,
         delivery_first_wait: timedelta = timedelta(0),
+        max_receipts: int = MAX_RECEIPTS_PER_TASK,
     ) -> None:
         self.engine = engine
         self.clock = clock
+        self.max_receipts = max_receipts
+        # Receipts not kept, their task holding max_receipts already (metrics).
+        self.receipts_dropped = 0
+        self._dropped_lock = threading.Lock()
         # TASKRELAY_DELIVERY_SCHEDULE's first entry: the deliveries an event owes are first
         # due this long after it (service.outbox.fan_out_many).
         self.delivery_first_wait = delivery_first_wait
@@ -1188,12 +1206,46 @@ class Store:
             return self._commit_change(session, task, change, UpdateSource.timeout)
 
     def record_rejected_callback(self, task_id: str, receipt: ReceiptDraft) -> None:
-        """Keep the raw body of a callback that could not be parsed, for audit."""
+        """Keep the raw body of a callback that could not be parsed, for audit (while its
+        task holds fewer than :attr:`max_receipts`)."""
         with self.transaction(write=True) as session:
             task = self._locked(session, task_id)
             assert task.pk is not None
             row = self.receipt_row(task.pk, receipt, ReceiptOutcome.rejected, receipt.error)
-            session.execute(sa.insert(CallbackReceipt), [row])
+            held = session.execute(_RECEIPTS_OF_TASK, {"task_pk": task.pk}).scalar_one()
+            kept = self.within_receipt_cap([row], {task.pk: held}, {task.pk: task.id})
+            if kept:
+                session.execute(sa.insert(CallbackReceipt), kept)
+
+    def within_receipt_cap(
+        self,
+        rows: Sequence[dict[str, Any]],
+        held: Mapping[int, int],
+        task_ids: Mapping[int, str],
+    ) -> list[dict[str, Any]]:
+        """Of receipt ``rows`` (in arrival order), those their tasks have room for: a task
+        keeps :attr:`max_receipts` at most, ``held`` (by task pk) already. The rest are
+        counted in :attr:`receipts_dropped`; a task that fills up is logged, once."""
+        counts = dict(held)
+        kept: list[dict[str, Any]] = []
+        for row in rows:
+            task_pk = row["task_pk"]
+            count = counts.get(task_pk, 0)
+            if count >= self.max_receipts:
+                continue
+            counts[task_pk] = count + 1
+            kept.append(row)
+            if count + 1 == self.max_receipts:
+                log.warning(
+                    "task %s now keeps %d callback receipts, the most a task keeps: its later "
+                    "callbacks are answered and applied, and their receipts not kept",
+                    task_ids.get(task_pk, task_pk),
+                    self.max_receipts,
+                )
+        if len(kept) < len(rows):
+            with self._dropped_lock:
+                self.receipts_dropped += len(rows) - len(kept)
+        return kept
 
     def _locked(self, session: Session, task_id: str) -> Task:
         task = session.exec(select(Task).where(Task.id == task_id).with_for_update()).first()

@@ -507,6 +507,37 @@ async def test_concurrent_callbacks_share_commits(store: Store) -> None:
         assert count.scalar() == 40
 
 
+def test_a_task_keeps_so_many_callback_receipts_and_no_more(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Callbacks are not rate limited, so whoever holds a task's callback URL could add
+    receipts of 64 KiB without end (a security hunt grew one failed task to 439 MB). A task
+    keeps max_receipts; later callbacks are answered and applied as ever, their receipts
+    counted, not kept: in batches (the pipeline, on PostgreSQL), alone, and refused ones."""
+    store.max_receipts = 5
+    task_id, other = new_task(store), new_task(store)
+    batch = [UpdateRequest(task_id, progress(10), UpdateSource.callback, receipt())] * 3
+    batch.append(UpdateRequest(other, progress(10), UpdateSource.callback, receipt()))
+    with caplog.at_level(logging.WARNING, logger="service.store"):
+        store.apply_updates(batch)  # 3 receipts
+        results = store.apply_updates(
+            [
+                UpdateRequest(task_id, progress(n), UpdateSource.callback, receipt())
+                for n in (20, 30, 40)
+            ]
+        )  # 2 more kept: the cap; the third dropped
+        late = store.apply_update(task_id, DONE, UpdateSource.callback, receipt=receipt())
+        store.record_rejected_callback(task_id, ReceiptDraft("evolink", b"nope", None, error="x"))
+    assert [result.task["progress"] for result in results] == [20, 30, 40]  # type: ignore[union-attr]
+    assert late.task["status"] == "succeeded"  # applied, its receipt not kept
+    outcomes = [r.outcome for r in store.list_receipts("alice", task_id)[0]]
+    assert outcomes == ["applied", "unchanged", "unchanged", "applied", "applied"]
+    assert len(store.list_receipts("alice", other)[0]) == 1
+    assert store.receipts_dropped == 3
+    filled = [r.getMessage() for r in caplog.records if "receipts" in r.getMessage()]
+    assert len(filled) == 1 and task_id in filled[0]
+
+
 def test_a_page_of_callback_receipts_is_bounded_by_its_bodies_bytes(store: Store) -> None:
     """Anyone holding the callback URL can leave receipts of 64 KiB: a page of 200 written
     as JSON was about 80 MB (found by a security hunt). A page stops once its bodies pass
