@@ -228,15 +228,36 @@ def apply_updates(
             written.deliveries = True
         written.events.update(event.task_id for event in decided.new_events)
     if decided.receipts:
-        counted = connection.execute(_count_receipts(connection), ids)
-        held = {int(task_pk): int(count) for task_pk, count in counted}
-        kept = store.within_receipt_cap(decided.receipts, held, _ids_by_pk(tasks))
+        known, unknown = _receipt_counts_known(store, requests, tasks)
+        if unknown:
+            wanted = {"ids": listed(connection.dialect.name, unknown)}
+            counted = connection.execute(_count_receipts(connection), wanted)
+            known.update((int(task_pk), int(count)) for task_pk, count in counted)
+        kept = store.within_receipt_cap(decided.receipts, known, _ids_by_pk(tasks))
         _INSERT_RECEIPT.execute(connection, kept)
     return decided.results
 
 
 def _ids_by_pk(tasks: Mapping[str, TaskRow]) -> dict[int, str]:
     return {task.pk: task.id for task in tasks.values() if task.pk is not None}
+
+
+def _receipt_counts_known(
+    store: Store, requests: Sequence[UpdateRequest], tasks: Mapping[str, TaskRow] | None = None
+) -> tuple[dict[int, int], list[str]]:
+    """The receipt counts this process knows of the tasks the batch keeps receipts for, by
+    task pk (with ``tasks``, the batch's locked tasks), and the ids of those to count."""
+    ids = sorted({request.task_id for request in requests if request.receipt is not None})
+    known = store.receipt_counts_known(ids)
+    unknown = [task_id for task_id in ids if task_id not in known]
+    by_pk = {}
+    if tasks is not None:
+        by_pk = {
+            pk: known[task_id]
+            for task_id, task in tasks.items()
+            if task_id in known and (pk := task.pk) is not None
+        }
+    return by_pk, unknown
 
 
 def _apply_pipelined(
@@ -270,13 +291,13 @@ def _apply_pipelined(
         tasks_cursor.execute(lock.sql, lock.params(ids))
         subscriptions_cursor.execute(subscriptions_of.sql, subscriptions_of.params(ids))
         counts_cursor = None
-        if any(request.receipt is not None for request in requests):
+        _, unknown = _receipt_counts_known(store, requests)
+        if unknown:
             counts = _PG_RECEIPT_COUNTS.on(dialect)
             counts_cursor = driver.cursor()
-            counts_cursor.execute(counts.sql, counts.params(ids))
+            counts_cursor.execute(counts.sql, counts.params({"ids": unknown}))
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
-        held: dict[int, int] = {} if counts_cursor is None else dict(counts_cursor.fetchall())
         now = store.clock()
         tasks = {row[1]: TaskRow(*lock.row(row)) for row in rows}
         holders = _pg_holders(driver, dialect, requests, tasks)  # a round trip, if any
@@ -291,6 +312,9 @@ def _apply_pipelined(
             values = {"s_pk": subscription_pk, "t_pk": task_pk, "superseded_at": now}
             cursor.execute(supersede.sql, supersede.params(values))
             superseding.append(cursor)
+        held, _ = _receipt_counts_known(store, requests, tasks)
+        if counts_cursor is not None:
+            held.update(counts_cursor.fetchall())
         kept = store.within_receipt_cap(decided.receipts, held, _ids_by_pk(tasks))
         _executemany(driver, _INSERT_RECEIPT.driven.on(dialect), kept)
         if matches:

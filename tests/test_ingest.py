@@ -536,6 +536,17 @@ def test_a_task_keeps_so_many_callback_receipts_and_no_more(
     assert store.receipts_dropped == 3
     filled = [r.getMessage() for r in caplog.records if "receipts" in r.getMessage()]
     assert len(filled) == 1 and task_id in filled[0]
+    # Another process (or this one after a restart) knows no counts: it counts them.
+    other_process = Store(store.engine, max_receipts=5)
+    other_process.apply_updates(
+        [
+            UpdateRequest(task_id, progress(50), UpdateSource.callback, receipt()),
+            UpdateRequest(other, progress(50), UpdateSource.callback, receipt()),
+        ]
+    )
+    assert len(store.list_receipts("alice", task_id)[0]) == 5
+    assert len(store.list_receipts("alice", other)[0]) == 2
+    assert other_process.receipts_dropped == 1
 
 
 def test_a_page_of_callback_receipts_is_bounded_by_its_bodies_bytes(store: Store) -> None:
