@@ -91,7 +91,7 @@ MAX_PAGE_SIZE = 200
 MAX_RECEIPTS_PER_TASK = 1000
 # Tasks whose receipt count this process remembers, so that a batch of callbacks need not
 # count them again (a count costs a query per batch, about 5 % of a callback's CPU).
-RECEIPT_COUNTS_KEPT = 65_536
+RECEIPT_COUNTS_KEPT = 16_384  # about 1.5 MB
 # The most stored callback body bytes one page of GET /v1/tasks/{id}/callbacks carries.
 MAX_RECEIPTS_PAGE_BYTES = 1024 * 1024
 # A task's callbacks, oldest first: most tasks have a handful, a 100-step progress run 100.
