@@ -298,6 +298,7 @@ def _apply_pipelined(
             counts_cursor.execute(counts.sql, counts.params({"ids": unknown}))
         rows = tasks_cursor.fetchall()  # round trip 1
         subscriptions = [subscriptions_of.row(row) for row in subscriptions_cursor.fetchall()]
+        counted = {} if counts_cursor is None else dict(counts_cursor.fetchall())
         now = store.clock()
         tasks = {row[1]: TaskRow(*lock.row(row)) for row in rows}
         holders = _pg_holders(driver, dialect, requests, tasks)  # a round trip, if any
@@ -313,9 +314,7 @@ def _apply_pipelined(
             cursor.execute(supersede.sql, supersede.params(values))
             superseding.append(cursor)
         held, _ = _receipt_counts_known(store, requests, tasks)
-        if counts_cursor is not None:
-            held.update(counts_cursor.fetchall())
-        kept = store.within_receipt_cap(decided.receipts, held, _ids_by_pk(tasks))
+        kept = store.within_receipt_cap(decided.receipts, held | counted, _ids_by_pk(tasks))
         _executemany(driver, _INSERT_RECEIPT.driven.on(dialect), kept)
         if matches:
             assert events_cursor is not None
