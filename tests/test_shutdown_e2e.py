@@ -188,6 +188,19 @@ def held_open(release: threading.Event, first: bytes, rest: bytes, sent: threadi
     return chunks()
 
 
+def post_held(
+    url: str, body: bytes, release: threading.Event, first_sent: threading.Event
+) -> httpx.Response:
+    """POST ``body`` to ``url``, its first 20 bytes at once and the rest once ``release``
+    is set (``first_sent`` is set in between)."""
+    with httpx.Client(timeout=WAIT) as client:
+        return client.post(
+            url,
+            content=held_open(release, body[:20], body[20:], first_sent),
+            headers={"Content-Type": "application/json"},
+        )
+
+
 # --- (a) requests in flight finish; new connections are refused ----------------------------------
 
 
@@ -248,12 +261,7 @@ def test_requests_in_flight_finish_and_new_connections_are_refused(
             )
 
     def callback() -> None:
-        with httpx.Client(timeout=WAIT) as client:
-            answers["callback"] = client.post(
-                tracked["callback_url"],
-                content=held_open(release, body[:20], body[20:], first_sent),
-                headers={"Content-Type": "application/json"},
-            )
+        answers["callback"] = post_held(tracked["callback_url"], body, release, first_sent)
 
     threads = [threading.Thread(target=refresh), threading.Thread(target=callback)]
     for thread in threads:
@@ -324,12 +332,7 @@ def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
     answers: dict[str, httpx.Response] = {}
 
     def callback() -> None:
-        with httpx.Client(timeout=WAIT) as client:
-            answers["callback"] = client.post(
-                tracked["callback_url"],
-                content=held_open(release, body[:20], body[20:], first_sent),
-                headers={"Content-Type": "application/json"},
-            )
+        answers["callback"] = post_held(tracked["callback_url"], body, release, first_sent)
 
     thread = threading.Thread(target=callback)
     thread.start()

@@ -95,6 +95,17 @@ class Relay:
     async def _sleep(self, seconds: float) -> None:
         self.waits.append(seconds)
 
+    def track(self, provider: str, provider_task_id: str) -> None:
+        """A task of the same client tracking ``provider_task_id``."""
+        self.store.create_task(
+            owner="alice",
+            provider=provider,
+            origin=TaskOrigin.tracked,
+            request={},
+            metadata={},
+            provider_task_id=provider_task_id,
+        )
+
     def create(self, provider: str) -> str:
         """A submitted task, committed and not yet sent; its id."""
         created = self.store.create_task(
@@ -759,14 +770,7 @@ async def test_a_reply_naming_an_id_another_task_of_the_client_holds_fails_the_t
     """The client tracked provider id g-7 before the provider gave it out to this submission:
     the id's updates reach the tracked task, so nothing could finish this one. It used to stay
     queued until its deadline, after a traceback in the log; it fails now, saying why."""
-    relay.store.create_task(
-        owner="alice",
-        provider="grsai",
-        origin=TaskOrigin.tracked,
-        request={},
-        metadata={},
-        provider_task_id="g-7",
-    )
+    relay.track("grsai", "g-7")
     relay.answer(httpx.Response(200, json={"code": 0, "data": {"id": "g-7"}}))
     with caplog.at_level(logging.INFO):
         task = await relay.run("grsai")
@@ -795,14 +799,7 @@ async def test_a_final_answer_naming_an_id_another_task_holds_keeps_its_result(
     """A stream's last line is the result itself: with an id another task of the client
     holds, the task still takes the image (without the id) rather than fail with a result
     in hand that was made and billed (found in review)."""
-    relay.store.create_task(
-        owner="alice",
-        provider="grsai",
-        origin=TaskOrigin.tracked,
-        request={},
-        metadata={},
-        provider_task_id="g-7",
-    )
+    relay.track("grsai", "g-7")
     final = json.loads(FINAL_LINE)
     final["id"] = "g-7"
     relay.grsai_mode = "stream"
