@@ -78,6 +78,21 @@ class PostgresDatabase:
         admin.dispose()
 
 
+@contextlib.contextmanager
+def migrated_postgres(prefix: str, why: str = "") -> Iterator[PostgresDatabase]:
+    """A fresh PostgreSQL database at the schema's head, dropped afterwards; the test is
+    skipped without TASKRELAY_TEST_DATABASE_URL (``why`` says what needs it)."""
+    admin_url = _pg_url()
+    if admin_url is None:
+        pytest.skip(f"needs {PG_ENV}" + (f" ({why})" if why else ""))
+    database = PostgresDatabase.create(admin_url, prefix=prefix)
+    try:
+        migrate(database.url)
+        yield database
+    finally:
+        database.drop()
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated SQLite file; each test gets a copy (much faster than migrating each time)."""

@@ -873,16 +873,10 @@ def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scra
 ) -> None:
     """Two workers on PostgreSQL; callbacks spread over both; every scrape, whichever worker
     answers it, has them all (found by exploratory testing: 22 and 15 in turn)."""
-    from service.db import migrate
-    from tests.conftest import PostgresDatabase, _pg_url
+    from tests.conftest import migrated_postgres
     from tests.servers import ServiceProcess
 
-    admin_url = _pg_url()
-    if admin_url is None:
-        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
-    database = PostgresDatabase.create(admin_url, prefix="taskrelay_metrics")
-    try:
-        migrate(database.url)
+    with migrated_postgres("taskrelay_metrics") as database:
         service = ServiceProcess(
             {
                 "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
@@ -913,5 +907,3 @@ def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scra
             assert [scraped() for _ in range(12)] == [37.0] * 12, service.logs()
         finally:
             service.stop()
-    finally:
-        database.drop()

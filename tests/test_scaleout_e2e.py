@@ -63,8 +63,7 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
-from service.db import migrate
-from tests.conftest import PostgresDatabase, _pg_url
+from tests.conftest import PostgresDatabase, migrated_postgres
 from tests.servers import (
     BalancerProcess,
     SandboxProcess,
@@ -187,20 +186,13 @@ def live_leases(engine: sa.Engine) -> list[Lease]:
 @pytest.fixture
 def database() -> Iterator[PostgresDatabase]:
     """A fresh, migrated PostgreSQL database that notes which replica takes each lease."""
-    admin_url = _pg_url()
-    if admin_url is None:
-        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL (several replicas need PostgreSQL)")
-    database = PostgresDatabase.create(admin_url, prefix="taskrelay_scaleout")
-    try:
-        migrate(database.url)
+    with migrated_postgres("taskrelay_scaleout", "several replicas need PostgreSQL") as database:
         engine = sa.create_engine(database.url)
         with engine.begin() as connection:
             for statement in LEASE_OWNER_AUDIT:
                 connection.exec_driver_sql(statement)
         engine.dispose()
         yield database
-    finally:
-        database.drop()
 
 
 @pytest.fixture

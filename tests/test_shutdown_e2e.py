@@ -34,7 +34,7 @@ from service.db import migrate
 from service.dispatcher import Dispatcher
 from service.metrics import Metrics
 from tests import test_events
-from tests.conftest import PostgresDatabase, _pg_url
+from tests.conftest import PostgresDatabase, _pg_url, migrated_postgres
 from tests.servers import SandboxProcess, ServiceProcess, SubscriberProcess, wait_until
 
 TOKEN = "shutdown-token-0123456789"
@@ -68,15 +68,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         migrate(url)
         yield Database(url)
         return
-    admin_url = _pg_url()
-    if admin_url is None:
-        pytest.skip("needs TASKRELAY_TEST_DATABASE_URL")
-    created = PostgresDatabase.create(admin_url, prefix="taskrelay_shutdown")
-    try:
-        migrate(created.url)
+    with migrated_postgres("taskrelay_shutdown") as created:
         yield Database(created.url)
-    finally:
-        created.drop()
 
 
 @pytest.fixture
