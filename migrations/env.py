@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import context
+from alembic.util import CommandError
 from sqlmodel import SQLModel
 
 import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -66,6 +67,9 @@ def guard_downgrade(
     extra = context.get_x_argument(as_dictionary=True)
     if config.attributes.get("discard_data") or extra.get("discard_data", "").lower() == "true":
         return
+    if context.is_offline_mode():
+        _guard_in_script(revision, down_revision, discards, tables)
+        return
     connection = context.get_bind()
     postgresql = connection.dialect.name == "postgresql"
     if postgresql:
@@ -88,6 +92,28 @@ def guard_downgrade(
 config.attributes["guard_downgrade"] = guard_downgrade
 
 
+def _guard_in_script(
+    revision: str, down_revision: str | None, discards: Mapping[str, str], tables: Sequence[str]
+) -> None:
+    """guard_downgrade in an offline script (``alembic downgrade --sql``), which cannot count
+    now: the script counts when it is run, and stops there (an exception, which rolls the
+    step's transaction back) if anything would be deleted. PostgreSQL only (see
+    run_migrations_offline)."""
+    for table in tables:
+        context.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    for what, count_sql in discards.items():
+        before, after = (
+            f"downgrading the schema from {revision} to {down_revision or 'base'} would delete "
+            f"{what}: ".replace("'", "''"),
+            f" (revision {revision}). Back the database up first; to go ahead and delete it, "
+            "write the script again with alembic -x discard_data=true.".replace("'", "''"),
+        )
+        context.execute(
+            f"DO $guard$ DECLARE n bigint := ({count_sql}); BEGIN IF n > 0 THEN "
+            f"RAISE EXCEPTION USING MESSAGE = '{before}' || n || '{after}'; END IF; END $guard$"
+        )
+
+
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
@@ -99,14 +125,33 @@ def _url() -> str:
 
 def run_migrations_offline() -> None:
     url = _url()
+    if not url.startswith("postgresql"):
+        # Alembic's batch mode (SQLite's way to alter a table) reads the table it copies,
+        # which a script cannot.
+        raise CommandError(
+            "an offline SQL script (--sql) can be written for PostgreSQL only; a SQLite "
+            "database is migrated in place: taskrelay migrate"
+        )
     context.configure(
         url=url,
         target_metadata=target_metadata,
         literal_binds=True,
-        render_as_batch=url.startswith("sqlite"),
+        # A transaction per step, as online (_run says why): a script stopped by a step's
+        # refusal or failure leaves the schema at the revision of the last step done.
+        transaction_per_migration=True,
+    )
+    # The migration lock, as online (one run at a time), but asked once: a session waiting
+    # in a statement would hold a snapshot that the other run's CREATE INDEX CONCURRENTLY
+    # waits for, and neither would finish. The session's end (the script's, or psql's on an
+    # error) releases it too.
+    context.execute(
+        f"DO $lock$ BEGIN IF NOT pg_try_advisory_lock({MIGRATION_LOCK}) THEN RAISE EXCEPTION "
+        "'another migration of this database is running (taskrelay migrate, or a script "
+        "like this one): run this script again once it is done'; END IF; END $lock$"
     )
     with context.begin_transaction():
         context.run_migrations()
+    context.execute(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
 
 
 def run_migrations_online() -> None:

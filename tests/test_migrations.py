@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import logging
 import os
 import re
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -849,3 +852,120 @@ def test_a_connection_lost_mid_migration_is_reported_as_itself_and_a_rerun_repai
     done = migrate(empty_postgres)
     assert (done.before, done.after) == ("0007", head_revision(empty_postgres))
     assert schema_diff(empty_postgres) == []
+
+
+def offline_script(url: str, revisions: str, *, down: bool = False, **extra: str) -> str:
+    """The SQL script ``alembic upgrade --sql`` (``downgrade`` if ``down``) writes for
+    ``revisions`` (``head``, ``0005:head``, ``head:0002``), with ``-x`` arguments ``extra``."""
+    config = alembic_config(url)
+    config.output_buffer = io.StringIO()
+    config.cmd_opts = argparse.Namespace(x=[f"{k}={v}" for k, v in extra.items()])
+    if down:
+        command.downgrade(config, revisions, sql=True)
+    else:
+        command.upgrade(config, revisions, sql=True)
+    return config.output_buffer.getvalue()
+
+
+def run_script(url: str, script: str) -> None:
+    """Run an offline script statement by statement, as psql does, on a session in autocommit
+    (the script's own BEGIN and COMMIT make its transactions)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            dbapi = connection.connection.dbapi_connection
+            assert dbapi is not None
+            dbapi.autocommit = True
+            for statement in re.split(r";\n", script):
+                if statement.strip():
+                    dbapi.execute(statement)
+    finally:
+        engine.dispose()
+
+
+def test_an_offline_upgrade_script_builds_the_schema_migrate_builds(empty_postgres: str) -> None:
+    """`alembic upgrade head --sql`: a DBA's script, reviewed and run by hand. The migrations
+    that build an index CONCURRENTLY read the catalog online; offline they write every step."""
+    url = empty_postgres
+    script = offline_script(url, "head")
+    assert "CREATE INDEX CONCURRENTLY ix_delivery_status_next_attempt_build" in script
+    run_script(url, script)
+    assert current_revision_of(url) == head_revision(url)
+    assert schema_diff(url) == []
+    assert partial_indexes(url) == models_partial_indexes("postgresql")
+    head = head_revision(url)
+    assert migrate(url) == Migrated(head, head, downgraded=False)
+    # From a revision in the middle, as for a database a release behind.
+    migrate(url, "0005")
+    run_script(url, offline_script(url, "0005:head"))
+    assert current_revision_of(url) == head
+    assert schema_diff(url) == []
+
+
+def test_an_offline_downgrade_script_refuses_when_run_what_it_would_delete(
+    empty_postgres: str,
+) -> None:
+    """An offline downgrade cannot count stored data when it is written: the script counts
+    when it runs, and stops at the step that would delete some, that step rolled back, as an
+    online run does."""
+    url = empty_postgres
+    migrate(url)
+    insert(url, "client_secret", owner="alice", secret="whsec_x", created_at=AT)
+    script = offline_script(url, "head:0002", down=True)
+    with pytest.raises(psycopg.errors.RaiseException) as refused:
+        run_script(url, script)
+    assert (
+        "downgrading the schema from 0003 to 0002 would delete notify secrets (their clients' "
+        "webhooks could no longer be verified): 1 (revision 0003). Back the database up first; "
+        "to go ahead and delete it, write the script again with alembic -x discard_data=true."
+    ) in str(refused.value)
+    assert current_revision_of(url) == "0003"
+    assert row_counts(url)["client_secret"] == 1
+    migrate(url)  # back up from where it stopped
+    assert schema_diff(url) == []
+    # Written with the go-ahead, the script deletes.
+    run_script(url, offline_script(url, "head:0002", down=True, discard_data="true"))
+    assert current_revision_of(url) == "0002"
+    assert "client_secret" not in table_names(url)
+
+
+def test_an_offline_script_for_sqlite_is_refused_saying_why(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    ran = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "TASKRELAY_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode != 0
+    said = ran.stdout + ran.stderr
+    assert (
+        "an offline SQL script (--sql) can be written for PostgreSQL only; a SQLite "
+        "database is migrated in place: taskrelay migrate"
+    ) in said
+    assert "Traceback" not in said
+    assert not (tmp_path / "taskrelay.db").exists()
+
+
+def test_an_offline_script_stops_while_another_migration_runs(empty_postgres: str) -> None:
+    """The script takes the migration lock `taskrelay migrate` takes, or stops at once: asked
+    without waiting, as a session waiting in a statement and a CREATE INDEX CONCURRENTLY in
+    the other run would wait for each other."""
+    url = empty_postgres
+    script = offline_script(url, "head")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as holder:
+            holder.exec_driver_sql("SELECT pg_advisory_lock(hashtext('taskrelay migrate'))")
+            holder.commit()
+            with pytest.raises(psycopg.errors.RaiseException, match="another migration of this"):
+                run_script(url, script)
+            assert table_names(url) == set()
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(hashtext('taskrelay migrate'))")
+            holder.commit()
+        run_script(url, script)
+        assert current_revision_of(url) == head_revision(url)
+    finally:
+        engine.dispose()

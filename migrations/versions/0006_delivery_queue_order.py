@@ -48,7 +48,14 @@ def _replace(columns: list[str]) -> None:
     # midway can run again, and two runs at once (replicas started with --migrate) cannot
     # undo each other: one at a time (an advisory lock), each step skipped once done, an
     # invalid index a failed build left dropped first.
+    #
+    # Offline (`alembic upgrade --sql`), nothing can be read: the script does every step,
+    # as a run on a database at the revision before needs.
     with op.get_context().autocommit_block():
+        if op.get_context().as_sql:
+            _build(columns)
+            _swap()
+            return
         bind = op.get_bind()
         bind.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK})")
         try:
@@ -59,9 +66,17 @@ def _replace(columns: list[str]) -> None:
             if columns_of(NAME) == columns:
                 return
             if columns_of(BUILDING) != columns:
-                op.drop_index(BUILDING, postgresql_concurrently=True, if_exists=True)
-                op.create_index(BUILDING, "delivery", columns, postgresql_concurrently=True)
-            op.drop_index(NAME, postgresql_concurrently=True, if_exists=True)
-            op.execute(f"ALTER INDEX {BUILDING} RENAME TO {NAME}")
+                _build(columns)
+            _swap()
         finally:
             bind.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK})")
+
+
+def _build(columns: list[str]) -> None:
+    op.drop_index(BUILDING, postgresql_concurrently=True, if_exists=True)
+    op.create_index(BUILDING, "delivery", columns, postgresql_concurrently=True)
+
+
+def _swap() -> None:
+    op.drop_index(NAME, postgresql_concurrently=True, if_exists=True)
+    op.execute(f"ALTER INDEX {BUILDING} RENAME TO {NAME}")

@@ -35,7 +35,12 @@ def upgrade() -> None:
     # the release before keeps serving while this runs. A run stopped midway can run again:
     # an index a failed build left invalid is dropped and built again. Runs started together
     # take turns (the lock in migrations/env.py); this migration's own lock predates it.
+    # Offline (`alembic upgrade --sql`), nothing can be read: the script builds the index, as
+    # a run on a database at the revision before needs.
     with op.get_context().autocommit_block():
+        if op.get_context().as_sql:
+            _create()
+            return
         bind = op.get_bind()
         bind.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK})")
         try:
@@ -44,15 +49,19 @@ def upgrade() -> None:
                 return
             if valid is not None:
                 op.drop_index(NAME, table_name="task", postgresql_concurrently=True)
-            op.create_index(
-                NAME,
-                "task",
-                ["created_at"],
-                postgresql_where=sa.text(UNSENT),
-                postgresql_concurrently=True,
-            )
+            _create()
         finally:
             bind.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK})")
+
+
+def _create() -> None:
+    op.create_index(
+        NAME,
+        "task",
+        ["created_at"],
+        postgresql_where=sa.text(UNSENT),
+        postgresql_concurrently=True,
+    )
 
 
 def downgrade() -> None:

@@ -50,7 +50,13 @@ def upgrade() -> None:
     # built is kept, and one a failed build left invalid is dropped and built again. Runs
     # started together take turns (the lock in migrations/env.py); this migration's own lock
     # predates it.
+    # Offline (`alembic upgrade --sql`), nothing can be read: the script builds both, as a run
+    # on a database at the revision before needs.
     with op.get_context().autocommit_block():
+        if op.get_context().as_sql:
+            for index in INDEXES:
+                _create(index)
+            return
         bind = op.get_bind()
         bind.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK})")
         try:
@@ -60,16 +66,14 @@ def upgrade() -> None:
                     continue
                 if valid is not None:
                     op.drop_index(index.name, table_name=index.table, postgresql_concurrently=True)
-                where = {} if index.where is None else {"postgresql_where": sa.text(index.where)}
-                op.create_index(
-                    index.name,
-                    index.table,
-                    [index.column],
-                    postgresql_concurrently=True,
-                    **where,
-                )
+                _create(index)
         finally:
             bind.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK})")
+
+
+def _create(index: _Index) -> None:
+    where = {} if index.where is None else {"postgresql_where": sa.text(index.where)}
+    op.create_index(index.name, index.table, [index.column], postgresql_concurrently=True, **where)
 
 
 def downgrade() -> None:
