@@ -253,7 +253,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+        engine = make_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            statement_timeout=settings.db_statement_timeout,
+        )
 
         def upstream_client() -> httpx.AsyncClient:
             return httpx.AsyncClient(

@@ -103,7 +103,30 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL") -> Engine:
+# A PostgreSQL server that stops answering without closing the connection (a network
+# partition, a host gone): the client's TCP notices within about 25 s (probes after 10 s of
+# silence, every 5 s, 3 lost), or 30 s after data it sent was not acknowledged, and the
+# statement waiting on it fails (StoreUnavailable) instead of waiting for the kernel's
+# default (two hours; 15 minutes of retransmissions). Values in the URL's query win.
+PG_KEEPALIVES: Mapping[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
+
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    sqlite_synchronous: str = "FULL",
+    statement_timeout: float | None = None,
+) -> Engine:
+    """An engine for ``url``. ``statement_timeout`` (seconds; PostgreSQL only, None: none):
+    the longest one statement of the serving process may take, lock waits included
+    (``TASKRELAY_DB_STATEMENT_TIMEOUT``); migrations run without one."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
@@ -123,11 +146,27 @@ def make_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FUL
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,
-            connect_args={"connect_timeout": 5},
+            connect_args=_pg_connect_args(parsed, statement_timeout),
         )
         event.listen(engine, "handle_error", _drop_stuck_connection)
     _translate_storage_faults(engine)
     return engine
+
+
+def _pg_connect_args(parsed: sa.engine.URL, statement_timeout: float | None) -> dict[str, Any]:
+    """psycopg's connection arguments: a connect timeout, :data:`PG_KEEPALIVES` and the
+    statement timeout, each unless the URL's query sets it (``options`` is added to)."""
+    query = parsed.query
+    args: dict[str, Any] = {"connect_timeout": 5}
+    args.update(PG_KEEPALIVES)
+    args = {name: value for name, value in args.items() if name not in query}
+    given = query.get("options", "")
+    options = " ".join(given) if isinstance(given, tuple) else given
+    if statement_timeout and "statement_timeout" not in options:
+        args["options"] = (
+            f"{options} -c statement_timeout={round(statement_timeout * 1000)}".strip()
+        )
+    return args
 
 
 def _drop_stuck_connection(context: sa.engine.ExceptionContext) -> None:

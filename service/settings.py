@@ -186,6 +186,9 @@ class Settings:
     shutdown_timeout: float = 30.0
     # How long a final task is kept, with its events, callbacks and deliveries (None: forever).
     retention: float | None = None
+    # PostgreSQL: the longest one statement of the serving process may take, lock waits
+    # included (None: no limit).
+    db_statement_timeout: float | None = 30.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -294,6 +297,25 @@ def _loop_period(text: str) -> float:
     value = parse_duration(text)
     if value < MIN_LOOP_PERIOD:
         raise ValueError(f"must be at least {MIN_LOOP_PERIOD * 1000:g}ms: a shorter one only spins")
+    return value
+
+
+MIN_STATEMENT_TIMEOUT = 1.0
+MAX_STATEMENT_TIMEOUT = 3600.0
+DEFAULT_STATEMENT_TIMEOUT: float | None = 30.0
+
+
+def _statement_timeout(text: str) -> float | None:
+    """A duration from 1 s to 1 h, or 0 (None: no limit). Under a second, the ordinary
+    statements of a loaded server would be cancelled."""
+    value = duration_or_zero(text)
+    if value == 0:
+        return None
+    if not MIN_STATEMENT_TIMEOUT <= value <= MAX_STATEMENT_TIMEOUT:
+        raise ValueError(
+            f"must be from {MIN_STATEMENT_TIMEOUT:g} s to {MAX_STATEMENT_TIMEOUT:g} s, or 0 "
+            "for no limit"
+        )
     return value
 
 
@@ -1010,6 +1032,12 @@ def load_settings(
             "a duration such as 30s, at most 1h",
         ),
         retention=retention,
+        db_statement_timeout=env.get(
+            "TASKRELAY_DB_STATEMENT_TIMEOUT",
+            _statement_timeout,
+            DEFAULT_STATEMENT_TIMEOUT,
+            "a duration such as 30s (1s to 1h), or 0 for no limit",
+        ),
     )
 
 

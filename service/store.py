@@ -629,11 +629,23 @@ def _translated_errors() -> Iterator[None]:
             code="value_not_storable",
         ) from exc
     except (DBAPIError, sa.exc.TimeoutError) as exc:
+        reason = _reason(exc)
         raise StoreUnavailable(
-            "The database is unavailable or refused the write; nothing was recorded. "
-            "Retry shortly.",
-            details={"reason": _reason(exc)},
+            _CANCELLED_MESSAGE if reason == "QueryCanceled" else _UNAVAILABLE_MESSAGE,
+            details={"reason": reason},
         ) from exc
+
+
+_UNAVAILABLE_MESSAGE = (
+    "The database is unavailable or refused the write; nothing was recorded. Retry shortly."
+)
+# PostgreSQL's 57014: the statement ran past TASKRELAY_DB_STATEMENT_TIMEOUT (waiting for a
+# row another session keeps locked, most likely), or an operator cancelled it.
+_CANCELLED_MESSAGE = (
+    "The database did not finish in time (TASKRELAY_DB_STATEMENT_TIMEOUT: a row another "
+    "session keeps locked, or an overloaded server) or cancelled the statement; nothing was "
+    "recorded. Retry shortly."
+)
 
 
 # How many receipts one task keeps (record_rejected_callback).

@@ -450,6 +450,26 @@ def test_the_provider_and_shutdown_timeouts_are_validated_durations(
         assert reason in caught.value.message, caught.value.message
 
 
+def test_the_database_statement_timeout_is_a_bounded_duration_or_none(tmp_path: Path) -> None:
+    variable = "TASKRELAY_DB_STATEMENT_TIMEOUT"
+    assert load(tmp_path).db_statement_timeout == 30.0
+    assert load(tmp_path, **{variable: "5s"}).db_statement_timeout == 5.0
+    assert load(tmp_path, **{variable: "1h"}).db_statement_timeout == 3600.0
+    for off in ("0", "0s", "0ms"):
+        assert load(tmp_path, **{variable: off}).db_statement_timeout is None
+    for bad, reason in [
+        ("soon", "a number of seconds"),
+        ("500ms", "must be from 1 s to 3600 s, or 0 for no limit"),
+        ("2h", "must be from 1 s to 3600 s, or 0 for no limit"),
+        ("-1s", "a number of seconds"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            load(tmp_path, **{variable: bad})
+        assert caught.value.details["variable"] == variable
+        assert "a duration such as 30s (1s to 1h), or 0 for no limit" in caught.value.message
+        assert reason in caught.value.message, caught.value.message
+
+
 def test_the_provider_timeout_bounds_reads_and_writes_but_not_connecting(tmp_path: Path) -> None:
     from service.app import upstream_timeout
 
