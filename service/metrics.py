@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -355,6 +357,26 @@ Sample = tuple[str, Labels, float]  # (name without PREFIX, labels, value)
 # takes the connection, reports them all added up.
 WORKERS_DIR_ENV = "TASKRELAY_WORKER_METRICS_DIR"
 PUBLISH_SECONDS = 1.0  # how often each worker writes its own
+# The counts of workers gone, added up in one file (WorkerMetrics.combined), and the lock a
+# scrape holds while it reads the folder and folds a dead worker's file into it.
+RETIRED_FILE = "retired.json"
+FOLD_LOCK_FILE = "fold.lock"
+
+
+def _worker_alive(path: Path) -> bool:
+    """Whether the worker whose file this is (named ``<pid>-<random>.json``) may still be
+    running: its pid names a process. A pid used again by another process keeps the file
+    as it is (added up, not folded): nothing is lost."""
+    pid_text = path.stem.split("-", 1)[0]
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 class WorkerMetrics:
@@ -369,7 +391,14 @@ class WorkerMetrics:
     (the ticker's and a scrape's) and each is renamed into place whole, so a file only ever
     grows; a worker that stopped or died keeps its file: the sums never go back between
     scrapes (the other workers' as of at most a second before). Gauges stay the answering
-    worker's own."""
+    worker's own.
+
+    A worker restarted (uvicorn replaces one that died) leaves its file behind: a crash loop
+    would leave one per restart, each read at every scrape. A scrape folds the files of
+    workers no longer running into one (:data:`RETIRED_FILE`), under a lock that the other
+    scrapes wait for, so none reads the folder halfway through: the retired file names the
+    files it holds, written before they are removed, so a fold cut off between the two
+    counts nothing twice."""
 
     def __init__(
         self,
@@ -393,10 +422,7 @@ class WorkerMetrics:
             self.collect()
             totals = json.dumps(self.metrics.totals())
             try:
-                handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-                with os.fdopen(handle, "w") as file:
-                    file.write(totals)
-                os.replace(temporary, self.path)
+                _write_whole(self.path, totals)
             except OSError as exc:
                 if not self._failed:
                     log.warning("could not write this worker's metrics to %s: %s", self.path, exc)
@@ -413,14 +439,91 @@ class WorkerMetrics:
         """Every worker's counters and histograms added up, with this worker's gauges."""
         self.publish()
         total = Metrics()
-        for path in sorted(self.directory.glob("*.json")):
-            try:
-                total.add_totals(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError, KeyError):
-                continue  # a file gone (the run ending) or not one of these
+        try:
+            lock = open(self.directory / FOLD_LOCK_FILE, "a")  # noqa: SIM115  (closed below)
+        except OSError:
+            lock = None  # the folder gone (the run ending): read what is there
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            retired, folded = self._retired()
+            if lock is not None:
+                retired, folded = self._fold(retired, folded)
+            total.add_totals(retired.totals())
+            for path in sorted(self.directory.glob("*.json")):
+                if path.name == RETIRED_FILE or path.name in folded:
+                    continue
+                try:
+                    total.add_totals(json.loads(path.read_text()))
+                except (OSError, ValueError, TypeError, KeyError):
+                    continue  # a file gone (the run ending) or not one of these
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
         with self.metrics._lock:
             total._gauges = dict(self.metrics._gauges)
         return total
+
+    def _retired(self) -> tuple[Metrics, set[str]]:
+        """The retired workers' counts, and the names of the files they came from."""
+        retired = Metrics()
+        try:
+            saved = json.loads((self.directory / RETIRED_FILE).read_text())
+            retired.add_totals(saved["totals"])
+            return retired, set(saved["folded"])
+        except FileNotFoundError:
+            return retired, set()
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("could not read the retired workers' metrics: %s", exc)
+            return Metrics(), set()
+
+    def _fold(self, retired: Metrics, folded: set[str]) -> tuple[Metrics, set[str]]:
+        """Fold the files of workers no longer running into the retired file (the lock held):
+        their counts added and their names recorded in it, written whole, then the files
+        removed. A file it names already (a fold cut off before the removal) is removed
+        without being added again. The names recorded are only those of files still there,
+        so the retired file does not grow with every restart."""
+        new = [
+            path
+            for path in sorted(self.directory.glob("*.json"))
+            if path.name not in folded
+            and path.name != RETIRED_FILE
+            and path != self.path
+            and not _worker_alive(path)
+        ]
+        leftovers = [self.directory / name for name in folded]
+        leftovers = [path for path in leftovers if path.exists()]
+        if not new and not leftovers:
+            return retired, folded
+        names = {path.name for path in (*leftovers, *new)}
+        try:
+            if new:
+                for path in new:
+                    retired.add_totals(json.loads(path.read_text()))
+                _write_whole(
+                    self.directory / RETIRED_FILE,
+                    json.dumps({"totals": retired.totals(), "folded": sorted(names)}),
+                )
+            for path in (*leftovers, *new):
+                path.unlink(missing_ok=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("could not fold a stopped worker's metrics: %s", exc)
+            return self._retired()
+        return retired, names
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file of its own, renamed into place: a reader sees
+    the old file or the new one, whole."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def render(metrics: Metrics, scraped: Iterable[Sample] = ()) -> str:

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -868,13 +870,100 @@ def test_worker_metrics_scraped_at_once_while_counting_never_go_back(
     assert [r.getMessage() for r in caplog.records] == []
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (not used again this soon)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def worker_file(directory: Path, applied: int, pid: int) -> str:
+    """A worker's file as a worker with this pid that counted ``applied`` callbacks left it."""
+    metrics = Metrics()
+    metrics.inc("callbacks_total", applied, provider="evolink", outcome="applied")
+    metrics.observe("callback_duration_seconds", 0.01, provider="evolink")
+    worker = metrics_module.WorkerMetrics(directory, metrics, name=f"{pid}-{applied:08x}")
+    worker.publish()
+    return worker.path.name
+
+
+def test_the_files_of_workers_gone_are_folded_into_one_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """uvicorn replaces a worker that died; each left its file, read at every scrape, so a
+    crash loop made scrapes ever slower. A scrape folds them into one file; the sums stay."""
+    mine = Metrics()
+    mine.inc("callbacks_total", 1, provider="evolink", outcome="applied")
+    me = metrics_module.WorkerMetrics(tmp_path, mine)
+    alive = worker_file(tmp_path, 10, os.getppid())  # a running process: kept as it is
+    first = worker_file(tmp_path, 100, dead_pid())
+    second = worker_file(tmp_path, 1000, dead_pid())
+    total = me.combined()
+    assert total.counter("callbacks_total") == 1111
+    assert total.histogram_count("callback_duration_seconds", provider="evolink") == 3
+    names = {path.name for path in tmp_path.glob("*.json")}
+    assert names == {me.path.name, alive, "retired.json"}
+    retired = json.loads((tmp_path / "retired.json").read_text())
+    assert sorted(retired["folded"]) == sorted([first, second])
+    assert me.combined().counter("callbacks_total") == 1111  # again: nothing added twice
+    # The next worker gone: folded too, and the names of files already removed are dropped.
+    third = worker_file(tmp_path, 10_000, dead_pid())
+    assert me.combined().counter("callbacks_total") == 11_111
+    assert json.loads((tmp_path / "retired.json").read_text())["folded"] == [third]
+    assert not (tmp_path / third).exists()
+    assert render(me.combined()).count("taskrelay_callbacks_total{") == 1
+
+
+def test_a_fold_cut_off_before_removing_the_files_counts_nothing_twice(tmp_path: Path) -> None:
+    me = metrics_module.WorkerMetrics(tmp_path, Metrics())
+    gone = worker_file(tmp_path, 7, dead_pid())
+    me.combined()
+    # As if the fold had stopped after writing the retired file, before removing the file:
+    # the file is back.
+    worker_file(tmp_path, 7, int(gone.split("-")[0]))
+    retired = json.loads((tmp_path / "retired.json").read_text())
+    (tmp_path / "retired.json").write_text(json.dumps({**retired, "folded": [gone]}))
+    assert me.combined().counter("callbacks_total") == 7
+    assert not (tmp_path / gone).exists()
+    assert me.combined().counter("callbacks_total") == 7
+
+
+def test_scrapes_folding_at_once_never_go_back_nor_count_twice(tmp_path: Path) -> None:
+    """Two workers' scrapes fold the same dead workers' files at once, while more die: each
+    scrape waits for the fold in progress, so none reads the folder halfway through."""
+    scrapers = [
+        metrics_module.WorkerMetrics(tmp_path, Metrics(), name=f"{os.getpid()}-{i}")
+        for i in range(2)
+    ]
+    seen: dict[int, list[float]] = {0: [], 1: []}
+    dying = threading.Event()
+
+    def scrape(index: int) -> None:
+        while not dying.is_set() or len(seen[index]) < 20:
+            seen[index].append(scrapers[index].combined().counter("callbacks_total"))
+
+    threads = [threading.Thread(target=scrape, args=(index,)) for index in seen]
+    for thread in threads:
+        thread.start()
+    for _ in range(30):
+        worker_file(tmp_path, 1, dead_pid())
+    dying.set()
+    for thread in threads:
+        thread.join()
+    for values in seen.values():
+        assert values == sorted(values), values
+    assert scrapers[0].combined().counter("callbacks_total") == 30
+    assert scrapers[1].combined().counter("callbacks_total") == 30
+    assert len(list(tmp_path.glob("*.json"))) == 3  # the two scrapers' and the retired file
+
+
 def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scraped(
     tmp_path: Path,
 ) -> None:
     """Two workers on PostgreSQL; callbacks spread over both; every scrape, whichever worker
     answers it, has them all (found by exploratory testing: 22 and 15 in turn)."""
     from tests.conftest import migrated_postgres
-    from tests.servers import ServiceProcess
+    from tests.servers import ServiceProcess, wait_until
 
     with migrated_postgres("taskrelay_metrics") as database:
         service = ServiceProcess(
@@ -904,6 +993,23 @@ def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scra
             deadline = time.monotonic() + 30
             while scraped() != 37 and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert [scraped() for _ in range(12)] == [37.0] * 12, service.logs()
+            # A worker killed: uvicorn starts another; the dead one's counts stay in the
+            # sums, and a scrape folds its file into the retired workers' one.
+            (folder,) = (tmp_path / "data").glob(".metrics-*")
+            files = {int(path.name.split("-")[0]): path for path in folder.glob("*-*.json")}
+            assert len(files) == 2, files
+            killed = min(files)
+            os.kill(killed, signal.SIGKILL)
+
+            def folded() -> bool:
+                scraped_now = scraped()
+                assert scraped_now == 37, service.logs()
+                return not files[killed].exists() and (folder / "retired.json").exists()
+
+            wait_until(folded, "the killed worker's metrics folded")
+            alive = {int(path.name.split("-")[0]) for path in folder.glob("*-*.json")}
+            assert killed not in alive
             assert [scraped() for _ in range(12)] == [37.0] * 12, service.logs()
         finally:
             service.stop()
