@@ -608,6 +608,21 @@ def test_openai_sends_no_callback_url() -> None:
 
 
 @pytest.mark.parametrize(
+    ("model", "response_format"),
+    [("gpt-image-1", None), ("gpt-image-1.5", None), ("dall-e-3", "b64_json")],
+)
+def test_openai_asks_any_other_model_for_base64_images(
+    model: str, response_format: str | None
+) -> None:
+    """A task naming another model (`dall-e-3`) got links back, which expire within the hour,
+    where TaskRelay stores base64 images and serves them (found by the provider hunt). GPT
+    Image models answer in base64 only, and are not sent the field."""
+    request = GenerationRequest(prompt="p", model=model)
+    body = make_adapter("openai").build_submit(request, None)
+    assert body.get("response_format") == response_format
+
+
+@pytest.mark.parametrize(
     ("mode", "callback_url", "webhook"),
     [
         ("callback", CALLBACK, CALLBACK),

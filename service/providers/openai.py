@@ -58,12 +58,17 @@ class OpenAIAdapter(ProviderAdapter):
 
     def build_submit(self, request: GenerationRequest, callback_url: str | None) -> dict[str, Any]:
         # callback_url is not sent: OpenAI has no callbacks.
+        model = request.model or self.settings.model
         return base.request_body(
-            model=request.model or self.settings.model,
+            model=model,
             prompt=request.prompt,
             n=request.n,
             size=None if request.size is None else SIZES[request.size],
             quality=request.quality,
+            # GPT Image models always answer with base64 images (and take no such field);
+            # another model named by the task (`dall-e-3`) answers with links that expire
+            # within the hour unless asked for base64, which TaskRelay stores and serves.
+            response_format=None if model.startswith("gpt-image") else "b64_json",
         )
 
     def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
