@@ -146,27 +146,36 @@ def make_engine(
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,
-            connect_args=_pg_connect_args(parsed, statement_timeout),
+            connect_args=_pg_connect_args(parsed),
         )
+        if statement_timeout:
+            _set_statement_timeout(engine, parsed, statement_timeout)
         event.listen(engine, "handle_error", _drop_stuck_connection)
     _translate_storage_faults(engine)
     return engine
 
 
-def _pg_connect_args(parsed: sa.engine.URL, statement_timeout: float | None) -> dict[str, Any]:
-    """psycopg's connection arguments: a connect timeout, :data:`PG_KEEPALIVES` and the
-    statement timeout, each unless the URL's query sets it (``options`` is added to)."""
-    query = parsed.query
-    args: dict[str, Any] = {"connect_timeout": 5}
-    args.update(PG_KEEPALIVES)
-    args = {name: value for name, value in args.items() if name not in query}
-    given = query.get("options", "")
-    options = " ".join(given) if isinstance(given, tuple) else given
-    if statement_timeout and "statement_timeout" not in options:
-        args["options"] = (
-            f"{options} -c statement_timeout={round(statement_timeout * 1000)}".strip()
-        )
-    return args
+def _pg_connect_args(parsed: sa.engine.URL) -> dict[str, Any]:
+    """psycopg's connection arguments: a connect timeout and :data:`PG_KEEPALIVES` (libpq's
+    own, not sent to the server), each unless the URL's query sets it."""
+    args: dict[str, Any] = {"connect_timeout": 5, **PG_KEEPALIVES}
+    return {name: value for name, value in args.items() if name not in parsed.query}
+
+
+def _set_statement_timeout(engine: Engine, parsed: sa.engine.URL, seconds: float) -> None:
+    """``SET statement_timeout`` on each new connection, committed (a later rollback must not
+    undo it), unless the URL's ``options`` set one. A SET rather than the ``options``
+    startup parameter, which PgBouncer refuses ("unsupported startup parameter")."""
+    given = parsed.query.get("options", "")
+    if "statement_timeout" in (" ".join(given) if isinstance(given, tuple) else given):
+        return
+    statement = f"SET statement_timeout = {round(seconds * 1000)}"
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(statement)
+        dbapi_connection.commit()
 
 
 def _drop_stuck_connection(context: sa.engine.ExceptionContext) -> None:
