@@ -333,7 +333,7 @@ class Dispatcher:
                 reply = await self.http.post(job.url, job.body, headers)
         except TimeoutError:
             elapsed = (self.monotonic() - started) * 1000
-            late = f"no complete answer within {ATTEMPT_DEADLINE_SECONDS:.0f} s"
+            late = f"ReadTimeout: no complete answer within {ATTEMPT_DEADLINE_SECONDS:g} s"
             return AttemptResult(None, elapsed, error=late, started_at=started_at)
         except DeliveryFailed as exc:
             return AttemptResult(

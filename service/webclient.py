@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpcore
 import httptools
@@ -60,6 +60,10 @@ __all__ = [
 
 #: How much of a subscriber's answer is kept (for the attempt log); the rest is never read.
 RESPONSE_READ_CAP = 4096
+#: The most an answer's head (status line, headers, and any 1xx answers before it) may take.
+#: Unbounded, a subscriber sending one header without end held the event loop for seconds
+#: at a time (httptools grows a header's value by copying it) and took hundreds of MB.
+MAX_HEAD_BYTES = 64 * 1024
 # The pool's limits, as httpx's defaults were: connections open at once (in use or idle), idle
 # connections kept, and how long an idle one is kept.
 MAX_CONNECTIONS = 100
@@ -167,9 +171,6 @@ class _Target(NamedTuple):
 
 # A host as urlsplit returns it (lower case, IPv6 without brackets): a name, IPv4 or IPv6.
 _HOST_RE = re.compile(r"[a-z0-9._~%:-]+")
-# Characters a request target keeps as written; anything else is percent-encoded (stored URLs
-# are httpx's normal form already, so this changes nothing for them).
-_TARGET_SAFE = "!$&'()*+,/:;=?@[]~%"
 
 
 def _parse_target(url: str) -> _Target:
@@ -195,10 +196,14 @@ def _parse_target(url: str) -> _Target:
     authority = f"[{host}]" if ":" in host else host
     if port != default_port:
         authority += f":{port}"
-    target = quote(parts.path or "/", safe=_TARGET_SAFE)
-    if parts.query:
-        target += "?" + quote(parts.query, safe=_TARGET_SAFE)
-    head = f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")
+    # The request target exactly as httpx would send it (stored URLs are its normal form):
+    # quoting of our own re-encoded what it keeps as written (`|` in a query), so the
+    # subscriber got another URL than the one it registered. (Parsed once per URL: cached.)
+    try:
+        target = httpx.URL(url).raw_path
+    except httpx.InvalidURL as exc:
+        raise DeliveryFailed(f"the webhook URL is not valid ({exc})", kind="InvalidURL") from exc
+    head = b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (target, authority.encode("ascii"))
     return _Target((scheme, host, port), head)
 
 
@@ -405,6 +410,12 @@ class _Connection(asyncio.Protocol):
                 self._fail("RemoteProtocolError", f"the answer is not valid HTTP/1.1 ({exc})")
                 return
             self._broken = True  # bytes after the answer
+        if not self._final and self._received > MAX_HEAD_BYTES:
+            # Everything so far is head (the final one's is not complete): one read more than
+            # the cap at most was parsed, so the parser's copying stays bounded.
+            message = f"the answer's head (status line and headers) is over {MAX_HEAD_BYTES} bytes"
+            self._fail("RemoteProtocolError", message)
+            return
         if self._body_seen > self._cap:
             # Enough is kept. Whatever of the rest came along is dropped, and the rest of it may
             # still be coming: the connection is closed rather than drained.

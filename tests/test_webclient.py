@@ -23,6 +23,7 @@ from service.dispatcher import Dispatcher
 from service.netguard import AddressPolicy, parse_networks
 from service.outbox import DeliveryJob, Outbox
 from service.webclient import (
+    MAX_HEAD_BYTES,
     RESPONSE_READ_CAP,
     DeliveryFailed,
     HttpxClient,
@@ -168,6 +169,26 @@ async def test_the_request_goes_in_one_piece_and_the_connection_is_kept(
     )
     assert subscriber.requests[1].body == b'{"n": 2}'
     assert client.open_connections == 1 and client.idle_connections == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [
+        ("/ok/sp%7Cpipe?a=b|c", b"/ok/sp%7Cpipe?a=b|c"),  # as stored: as registered
+        ("/a b/\u00e9?q=x y", b"/a%20b/%C3%A9?q=x%20y"),  # what cannot go on the wire
+    ],
+)
+async def test_the_request_target_is_the_url_as_httpx_would_send_it(
+    serve: Callable[..., Awaitable[Subscriber]], client: LeanClient, path: str, target: bytes
+) -> None:
+    """A `|` in a subscription's query (stored as written, httpx's normal form) was sent
+    encoded: the subscriber got another URL than the one it registered (found by the webhook
+    hunt)."""
+    subscriber = await serve(answering(OK))
+    url = f"http://127.0.0.1:{subscriber.port}{path}"
+    assert httpx.URL(url).raw_path == target
+    assert await client.post(url, b"1", HEADERS) == (200, b"ok")
+    assert subscriber.requests[0].head.startswith(b"POST " + target + b" HTTP/1.1\r\n")
 
 
 async def test_an_idle_connection_the_server_closed_is_not_reused(
@@ -356,6 +377,63 @@ async def test_broken_answers_fail_clearly(
     assert str(caught.value).startswith(message)
     assert not caught.value.timed_out
     assert client.open_connections == 0
+
+
+def endless(first: bytes, then: bytes) -> Respond:
+    """Sends ``first``, then ``then`` over and over until the client goes (or 8 MB)."""
+
+    async def respond(request: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(first)
+        for _ in range(8 * 1024 * 1024 // len(then)):
+            writer.write(then)
+            await writer.drain()
+        return False
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: ", b"a" * 65536),  # one header without end
+        (b"HTTP/1.1 200 OK\r\n", b"X-Many: header\r\n" * 1024),  # headers without end
+        (b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 1024),  # interim answers without end
+    ],
+    ids=["one-header", "many-headers", "interim-answers"],
+)
+async def test_a_head_without_end_fails_at_its_cap(
+    serve: Callable[..., Awaitable[Subscriber]], client: LeanClient, first: bytes, then: bytes
+) -> None:
+    """The head of an answer had no cap: a subscriber sending one header without end held
+    the event loop for seconds at a time (httptools copies a growing header value) and grew
+    the process by hundreds of MB per attempt, for the attempt's whole 30 s (found by the
+    webhook hunt)."""
+    subscriber = await serve(endless(first, then))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeliveryFailed) as caught:
+        await client.post(subscriber.url, b"1", HEADERS)
+    assert str(caught.value) == (
+        f"RemoteProtocolError: the answer's head (status line and headers) is over "
+        f"{MAX_HEAD_BYTES} bytes"
+    )
+    assert loop.time() - started < FAST.read  # failed at the cap, not by a timeout
+    assert client.open_connections == 0
+
+
+async def test_a_large_head_within_the_cap_is_read(
+    serve: Callable[..., Awaitable[Subscriber]], client: LeanClient
+) -> None:
+    headers = b"".join(b"X-Header-%d: %s\r\n" % (i, b"v" * 100) for i in range(500))
+    assert len(headers) < MAX_HEAD_BYTES - 1024
+    subscriber = await serve(
+        answering(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+            + headers
+            + b"Content-Length: 2\r\n\r\nok"
+        )
+    )
+    assert await client.post(subscriber.url, b"1", HEADERS) == (200, b"ok")
 
 
 # --- failures and timeouts ----------------------------------------------------------------------
@@ -670,6 +748,32 @@ async def test_the_dispatcher_records_status_body_and_failures(
     assert blocked.error is not None
     assert blocked.error.startswith("BlockedConnection: The webhook URL points to 127.0.0.1,")
     assert len(subscriber.requests) == 1
+
+
+async def test_an_attempt_past_its_deadline_is_recorded_as_a_read_timeout(
+    serve: Callable[..., Awaitable[Subscriber]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt's whole deadline (a subscriber trickling its answer a byte at a time)
+    was recorded without the kind of failure every other error names."""
+
+    async def trickle(request: Received, writer: asyncio.StreamWriter) -> bool:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        return False
+
+    monkeypatch.setattr("service.dispatcher.ATTEMPT_DEADLINE_SECONDS", 0.5)
+    subscriber = await serve(trickle)
+    lean = LeanClient(LOOPBACK, timeouts=FAST)
+    try:
+        result = await Dispatcher(cast(Outbox, None), lean, metrics=cast(Any, None)).send(
+            job(subscriber.url)
+        )
+    finally:
+        await lean.aclose()
+    assert result.status_code is None
+    assert result.error == "ReadTimeout: no complete answer within 0.5 s"
 
 
 # --- the httpx adapter --------------------------------------------------------------------------
