@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.sandbox:
         os.environ["TASKRELAY_SANDBOX"] = "true"
     if args.graceful_timeout is not None:
-        os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = f"{args.graceful_timeout:f}"
+        os.environ["TASKRELAY_SHUTDOWN_TIMEOUT"] = duration_text(args.graceful_timeout)
     settings = _settings()
     if settings.is_sqlite and args.workers > 1:
         print(
@@ -284,13 +284,20 @@ def _bind_problem(exc: OSError) -> str:
     return f"{reason}; check --host and --port (TASKRELAY_HOST, TASKRELAY_PORT)"
 
 
+def duration_text(seconds: float) -> str:
+    """``seconds`` as a duration setting reads it: in milliseconds, to the microsecond
+    ("{:f}" made 0.0000001 s "0.000000", which the setting refused, naming a variable the
+    user never set)."""
+    return f"{seconds * 1000:.3f}ms"
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    if not 0.001 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be from 0.001 to 3600 seconds")
     return value
 
 

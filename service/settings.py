@@ -221,13 +221,20 @@ class _Reader:
             return cast(value.strip())
         except (ValueError, TypeError) as exc:
             # Python's own parsers quote what they refuse (int(), ip_network(), ...): keep
-            # their reason but not the value.
-            reason = f" ({_without(value, str(exc))})" if str(exc) else ""
+            # their reason but not the value. Ours never quote it, and are shown whole: masked,
+            # "http://" made "an absolute http:// or https:// URL" unreadable.
+            said = str(exc) if isinstance(exc, Invalid) else _without(value, str(exc))
+            reason = f" ({said})" if said else ""
             raise SettingsError(
                 # The value is not repeated: it may be a token, a key or a password.
                 f"{name} is not valid: expected {expects}{reason}.",
                 details={"variable": name, "expected": expects},
             ) from exc
+
+
+class Invalid(ValueError):
+    """A value refused, in TaskRelay's own words, which never quote it: the reason is shown
+    as it is. (Python's parsers quote what they refuse: their reasons are masked.)"""
 
 
 def _without(value: str, text: str) -> str:
@@ -252,12 +259,12 @@ def parse_duration(text: str) -> float:
     """``"90"`` (seconds), ``"500ms"``, ``"30s"``, ``"15m"``, ``"12h"``, ``"7d"`` -> seconds."""
     match = _DURATION_RE.match(text)
     if not match:
-        raise ValueError("use a number of seconds or a number with ms, s, m, h or d")
+        raise Invalid("use a number of seconds or a number with ms, s, m, h or d")
     value = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     if value <= 0:
-        raise ValueError("must be greater than zero")
+        raise Invalid("must be greater than zero")
     if not value <= MAX_DURATION:  # also infinity: a run of digits too long for a float
-        raise ValueError(f"at most {MAX_DURATION / 86400:g}d, ten years")
+        raise Invalid(f"at most {MAX_DURATION / 86400:g}d, ten years")
     return value
 
 
@@ -282,7 +289,7 @@ MAX_POLL_CONCURRENCY = 150
 def _poll_concurrency(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_POLL_CONCURRENCY:
-        raise ValueError(
+        raise Invalid(
             f"must be at most {MAX_POLL_CONCURRENCY}: the provider's 200 connections are "
             "shared with its submissions"
         )
@@ -296,7 +303,7 @@ MIN_LOOP_PERIOD = 0.01
 def _loop_period(text: str) -> float:
     value = parse_duration(text)
     if value < MIN_LOOP_PERIOD:
-        raise ValueError(f"must be at least {MIN_LOOP_PERIOD * 1000:g}ms: a shorter one only spins")
+        raise Invalid(f"must be at least {MIN_LOOP_PERIOD * 1000:g}ms: a shorter one only spins")
     return value
 
 
@@ -312,7 +319,7 @@ def _statement_timeout(text: str) -> float | None:
     if value == 0:
         return None
     if not MIN_STATEMENT_TIMEOUT <= value <= MAX_STATEMENT_TIMEOUT:
-        raise ValueError(
+        raise Invalid(
             f"must be from {MIN_STATEMENT_TIMEOUT:g} s to {MAX_STATEMENT_TIMEOUT:g} s, or 0 "
             "for no limit"
         )
@@ -323,7 +330,7 @@ def _bounded_duration(most: float) -> Callable[[str], float]:
     def cast(text: str) -> float:
         value = parse_duration(text)
         if value > most:
-            raise ValueError(f"must be at most {most:g} s")
+            raise Invalid(f"must be at most {most:g} s")
         return value
 
     return cast
@@ -336,7 +343,7 @@ def parse_schedule(text: str) -> tuple[float, ...]:
         item = item.strip()
         waits.append(duration_or_zero(item))  # a wait of nothing: the attempt goes at once
     if not waits:
-        raise ValueError("at least one attempt")
+        raise Invalid("at least one attempt")
     return tuple(waits)
 
 
@@ -371,7 +378,7 @@ def parse_bool(text: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError("use true or false")
+    raise Invalid("use true or false")
 
 
 def _whole_number(text: str) -> int:
@@ -380,20 +387,29 @@ def _whole_number(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError("not a whole number") from None
+        raise Invalid("not a whole number") from None
 
 
 def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError("not a number") from None
+        raise Invalid("not a number") from None
+
+
+# The largest count or rate a setting takes: far beyond any real use, and inside what the
+# database's integers and a float's arithmetic hold (a delivery concurrency of 10**20 failed
+# every dispatcher pass, "Python int too large to convert to SQLite INTEGER"; a rate limit of
+# 1e308 made the default burst infinite, a traceback).
+MAX_SETTING_NUMBER = 1_000_000_000
 
 
 def _positive_int(text: str) -> int:
     value = _whole_number(text)
     if value <= 0:
-        raise ValueError("must be greater than zero")
+        raise Invalid("must be greater than zero")
+    if value > MAX_SETTING_NUMBER:
+        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
     return value
 
 
@@ -411,28 +427,32 @@ def _is_loopback(host: str) -> bool:
 def _positive_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError("must be a number greater than zero")
+        raise Invalid("must be a number greater than zero")
+    if value > MAX_SETTING_NUMBER:
+        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError("must be zero or more")
+        raise Invalid("must be zero or more")
+    if value > MAX_SETTING_NUMBER:
+        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
     return value
 
 
 def port_number(text: str) -> int:
     value = _whole_number(text)
     if not 0 < value < 65536:
-        raise ValueError("must be between 1 and 65535")
+        raise Invalid("must be between 1 and 65535")
     return value
 
 
 def _write_batch(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_WRITE_QUEUE:
-        raise ValueError(
+        raise Invalid(
             f"at most {MAX_WRITE_QUEUE}, the most updates the group-commit writer holds waiting"
         )
     return value
@@ -473,9 +493,9 @@ def listen_host(text: str) -> str:
     except ValueError:
         pass
     if ":" in host or "/" in host:
-        raise ValueError("no port or scheme: the port is TASKRELAY_PORT")
+        raise Invalid("no port or scheme: the port is TASKRELAY_PORT")
     if not _HOST_NAME.fullmatch(host):
-        raise ValueError("not an IP address or a host name")
+        raise Invalid("not an IP address or a host name")
     return host
 
 
@@ -574,22 +594,43 @@ def _is_unspecified(host: str) -> bool:
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("an absolute http:// or https:// URL")
+        raise Invalid("an absolute http:// or https:// URL")
     if parts.query or parts.fragment:
-        raise ValueError("no query string or fragment")
+        raise Invalid("no query string or fragment")
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number from 0 to 65535)
+    except ValueError:
+        raise Invalid("its port is not a number from 1 to 65535") from None
+    if parts.port == 0:
+        raise Invalid("its port is not a number from 1 to 65535")
+    host = parts.hostname or ""
+    if not host:
+        raise Invalid("no host name in it")
+    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+        raise Invalid("its host is not a host name or an IP address")
     return text.rstrip("/")
+
+
+def _is_ip_address(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _metrics_token(text: str) -> Secret:
     if len(text) < 16:
-        raise ValueError("fewer characters than a secret needs")
+        raise Invalid("fewer characters than a secret needs")
     return Secret(text)
 
 
 def _log_level(text: str) -> str:
     upper = text.upper()
     if upper not in _LOG_LEVELS:
-        raise ValueError("one of " + ", ".join(_LOG_LEVELS))
+        raise Invalid("one of " + ", ".join(_LOG_LEVELS))
     return upper
 
 
@@ -613,12 +654,12 @@ def _database_url(text: str) -> str:
         if text.startswith("sqlite"):
             path, _, query = text.split(":///", 1)[1].partition("?")
             if path in ("", ":memory:") or "mode=memory" in query:
-                raise ValueError(
+                raise Invalid(
                     "an in-memory SQLite database loses every task when TaskRelay stops: give "
                     "a file path, such as sqlite:///data/taskrelay.db"
                 )
         return text
-    raise ValueError("a sqlite:///path or postgresql://user@host/db URL")
+    raise Invalid("a sqlite:///path or postgresql://user@host/db URL")
 
 
 def parse_api_tokens(text: str) -> dict[str, Secret]:
@@ -632,20 +673,20 @@ def parse_api_tokens(text: str) -> dict[str, Secret]:
         name, sep, token = item.partition(":")
         name, token = name.strip(), token.strip()
         if not sep or not name or not token:
-            raise ValueError("each entry must be name:token")
+            raise Invalid("each entry must be name:token")
         if not _TOKEN_NAME_RE.match(name):
-            raise ValueError(
+            raise Invalid(
                 f"the client name of entry {number} may use only letters, digits, '.', '_', '-'"
             )
         if len(token) < 8:
-            raise ValueError(
+            raise Invalid(
                 f"the token of entry {number} is shorter than 8 characters (an entry is "
                 "name:token; one written token:name has them swapped)"
             )
         if name in tokens:
-            raise ValueError(f"entry {number} repeats the client name of an earlier entry")
+            raise Invalid(f"entry {number} repeats the client name of an earlier entry")
         if token in seen:
-            raise ValueError("two clients share one token")
+            raise Invalid("two clients share one token")
         seen.add(token)
         tokens[name] = Secret(token)
     return tokens
@@ -1044,7 +1085,7 @@ def load_settings(
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def cast(text: str) -> str:
         if text not in options:
-            raise ValueError("one of " + ", ".join(options))
+            raise Invalid("one of " + ", ".join(options))
         return text
 
     return cast

@@ -16,8 +16,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.cli import _cannot_listen, build_parser
+from service.cli import _cannot_listen, build_parser, duration_text
 from service.db import current_revision, head_revision, make_engine, migrate
+from service.settings import load_settings
 from tests.conftest import PostgresDatabase, _pg_url
 from tests.servers import SandboxProcess, ServiceProcess, closed_port, free_port
 
@@ -103,6 +104,31 @@ def test_a_doctor_timeout_that_is_no_wait_names_the_flag(
         build_parser().parse_args(["doctor", "--timeout", timeout])
     assert exited.value.code == 2
     assert "argument --timeout:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0.0000001", "0", "3601", "nan"])
+def test_a_graceful_timeout_out_of_range_names_the_flag(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0.0000001 passed the flag's check, then failed the setting it is passed on as, naming
+    TASKRELAY_SHUTDOWN_TIMEOUT, which the user never set (config hunt)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--graceful-timeout", timeout])
+    assert exited.value.code == 2
+    assert "argument --graceful-timeout:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.0015, 2.5, 30.0, 3600.0])
+def test_a_graceful_timeout_reaches_the_setting_as_given(tmp_path: Path, seconds: float) -> None:
+    environ = {
+        "TASKRELAY_DATA_DIR": str(tmp_path),
+        "TASKRELAY_SHUTDOWN_TIMEOUT": duration_text(
+            build_parser()
+            .parse_args(["serve", "--graceful-timeout", str(seconds)])
+            .graceful_timeout
+        ),
+    }
+    assert load_settings(environ, env_file=None).shutdown_timeout == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("command", ["serve", "sandbox"])

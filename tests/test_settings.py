@@ -190,6 +190,14 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_PORT", "70000", "a TCP port number"),
         ("TASKRELAY_PUBLIC_URL", "ftp://x", "an http(s) base URL"),
         ("TASKRELAY_PUBLIC_URL", "https://x/?a=1", "an http(s) base URL"),
+        # Malformed hosts and ports were taken, and handed out in callback URLs (config hunt).
+        ("TASKRELAY_PUBLIC_URL", "http://relay.example.com:notaport", "port is not a number"),
+        ("TASKRELAY_PUBLIC_URL", "https://relay.example.com:99999", "port is not a number"),
+        ("TASKRELAY_PUBLIC_URL", "https://relay.example.com:0", "port is not a number"),
+        ("TASKRELAY_PUBLIC_URL", "http://:9000", "no host name in it"),
+        ("TASKRELAY_PUBLIC_URL", "https://relay example.com", "not a host name or an IP"),
+        # ... and a provider's, which crashed `doctor` and every submission (config hunt).
+        ("TASKRELAY_GRSAI_BASE_URL", "http://api.grsai.com:notaport", "port is not a number"),
         ("TASKRELAY_DATABASE_URL", "mysql://x", "a sqlite:/// or postgresql:// URL"),
         ("TASKRELAY_API_TOKENS", "justatoken", "name:token pairs"),
         ("TASKRELAY_API_TOKENS", "a:shorttk", "name:token pairs"),
@@ -228,6 +236,13 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_HOST", "http://0.0.0.0", "no port or scheme"),
         ("TASKRELAY_HOST", "two words", "not an IP address or a host name"),
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "100000000", "from 1 to 150"),
+        # A reason in our own words is shown whole: masking the value in it made it "(an
+        # absolute ... or https:// URL)" (config hunt).
+        ("TASKRELAY_PUBLIC_URL", "http://", "(an absolute http:// or https:// URL)"),
+        # Numbers past any real use: a traceback, or every dispatcher pass failing (config hunt).
+        ("TASKRELAY_RATE_LIMIT", "1e308", "at most 1000000000"),
+        ("TASKRELAY_DELIVERY_CONCURRENCY", "9" * 20, "at most 1000000000"),
+        ("TASKRELAY_EVOLINK_POLL_RATE", "1e300", "at most 1000000000"),
         ("TASKRELAY_EVOLINK_POLL_CONCURRENCY", "0", "from 1 to 150"),
     ],
 )
