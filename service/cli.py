@@ -316,6 +316,9 @@ def _hold_sqlite_file(settings: Settings) -> str | None:
     path = sqlite_path(settings.database_url)
     if path is None:
         return None
+    # Named after the file itself: a symbolic link to it (or to its folder) is the same file,
+    # and went around the lock.
+    path = path.resolve()
     lock = path.with_name(path.name + ".serve-lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)

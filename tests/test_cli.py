@@ -225,7 +225,16 @@ def test_a_second_serve_on_one_sqlite_file_is_refused_until_the_first_stops(
         second = run_cli("serve", "--port", str(free_port()), env=env)
         assert second.returncode == 2, second.stderr
         assert "another `taskrelay serve` is using the SQLite file" in second.stderr
-        assert str(tmp_path / "data" / "taskrelay.db") in second.stderr
+        assert str((tmp_path / "data" / "taskrelay.db").resolve()) in second.stderr
+        # Through a symbolic link to the file, or to its folder: the same file (it went
+        # around the lock, named after the path as written; config hunt).
+        (tmp_path / "alias.db").symlink_to(tmp_path / "data" / "taskrelay.db")
+        (tmp_path / "folder").symlink_to(tmp_path / "data")
+        for alias in (tmp_path / "alias.db", tmp_path / "folder" / "taskrelay.db"):
+            aliased = {**env, "TASKRELAY_DATABASE_URL": f"sqlite:///{alias}"}
+            third = run_cli("serve", "--port", str(free_port()), env=aliased)
+            assert third.returncode == 2, third.stderr
+            assert "another `taskrelay serve` is using the SQLite file" in third.stderr
     finally:
         first.stop()
     after = ServiceProcess(env, log_path=tmp_path / "after.log")
