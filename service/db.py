@@ -611,6 +611,10 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
         current = heads[0] if heads else None
         if current is not None and current not in known:
             raise SchemaTooNew(current, head)
+        if current is None and revision != "base" and not revision.startswith("-"):
+            in_the_way = tables_in_the_way(context.connection)
+            if in_the_way:
+                raise SchemaError(foreign_schema(context.connection, in_the_way))
         if revision == "base" or revision.startswith("-"):
             down = current is not None
         elif target is None or current is None or target.revision == current:
@@ -670,6 +674,39 @@ def migrate(database_url: str, revision: str = "head", *, discard_data: bool = F
             raise
         raise cause from exc
     return done[0]
+
+
+def tables_in_the_way(connection: sa.Connection) -> list[str]:
+    """The tables a database with no TaskRelay schema holds that stand in the way of making
+    one: in a SQLite file, any (a file is one program's; `serve` added TaskRelay's tables to
+    another program's file found at TASKRELAY_DATABASE_URL); on PostgreSQL, where a database
+    may be shared, those with the names TaskRelay's tables need."""
+    from sqlmodel import SQLModel
+
+    import service.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+    names = set(sa.inspect(connection).get_table_names())
+    if connection.dialect.name != "sqlite":
+        names &= set(SQLModel.metadata.tables)
+    return sorted(names - {"alembic_version"})
+
+
+def foreign_schema(connection: sa.Connection, in_the_way: Sequence[str]) -> str:
+    """Why a database holding ``in_the_way`` (:func:`tables_in_the_way`) is not migrated."""
+    shown = ", ".join(in_the_way[:10]) + (", ..." if len(in_the_way) > 10 else "")
+    if connection.dialect.name == "sqlite":
+        path = sqlite_path(connection.engine.url.render_as_string(hide_password=False))
+        return (
+            f"the SQLite file {path} holds another program's tables ({shown}) and no TaskRelay "
+            "schema: TaskRelay keeps its tasks in a file of its own and changes nothing in "
+            "this one. Check TASKRELAY_DATABASE_URL (or TASKRELAY_DATA_DIR), or point it at a "
+            "new file."
+        )
+    return (
+        f"the database has no TaskRelay schema, but holds tables of the names it needs "
+        f"({shown}): another application's, or made by hand. Nothing was changed. Check "
+        "TASKRELAY_DATABASE_URL, or give TaskRelay a database of its own."
+    )
 
 
 def _database_error_in(exc: BaseException) -> sa.exc.DBAPIError | None:

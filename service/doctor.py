@@ -36,6 +36,7 @@ from service.db import (
     schema_drift,
     schema_revisions,
     sqlite_path,
+    tables_in_the_way,
 )
 from service.errors import SettingsError
 from service.providers import build_adapters
@@ -491,13 +492,8 @@ def probe_database(
     try:
         found = replace(found, revision=current_revision(engine))
         if found.revision is None:
-            from sqlmodel import SQLModel
-
-            import service.models  # noqa: F401  (the tables, in SQLModel.metadata)
-
-            ours = set(SQLModel.metadata.tables)
-            taken = ours & set(sa.inspect(engine).get_table_names())
-            found = replace(found, in_the_way=tuple(sorted(taken)))
+            with engine.connect() as connection:
+                found = replace(found, in_the_way=tuple(tables_in_the_way(connection)))
         if head is not None and found.revision == head:
             found = replace(found, drift=tuple(schema_drift(engine)))
         if path is None:
@@ -703,12 +699,22 @@ def migrations_check(probe: DatabaseProbe, head: str | None, known: Iterable[str
         return CheckResult("migrations", FAIL, message, fix=fix)
     if probe.revision is None and probe.in_the_way:
         names = ", ".join(probe.in_the_way)
+        if probe.sqlite:
+            return CheckResult(
+                "migrations",
+                FAIL,
+                f"{probe.where} holds another program's tables ({names}) and no TaskRelay "
+                "schema: `taskrelay serve` and `taskrelay migrate` refuse it, changing "
+                "nothing in it.",
+                fix="check TASKRELAY_DATABASE_URL (or TASKRELAY_DATA_DIR), or point it at a "
+                "new file.",
+            )
         return CheckResult(
             "migrations",
             FAIL,
             f"{probe.where} has no TaskRelay schema, but holds tables of the names it needs "
-            f"({names}): another application's, or made by hand. Migrating would fail to "
-            "create them, and `taskrelay serve` would not start.",
+            f"({names}): another application's, or made by hand. `taskrelay migrate` and "
+            "`taskrelay serve` refuse it, changing nothing.",
             fix="give TaskRelay a database (or SQLite file) of its own.",
         )
     found = probe.revision or "nothing (an empty database)"

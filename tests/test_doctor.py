@@ -353,22 +353,28 @@ def test_a_data_folder_that_is_a_file_fails_as_serve_would(tmp_path: Path) -> No
     assert "TASKRELAY_DATA_DIR" in str(database.fix)
 
 
-def test_another_applications_tables_of_our_names_fail_as_migrating_would(
-    tmp_path: Path,
-) -> None:
+def test_another_applications_tables_fail_as_migrating_would(tmp_path: Path) -> None:
     """No alembic_version but a table named as one of ours: doctor said "an empty database,
-    nothing to do", while serve failed with "table task already exists"."""
+    nothing to do", while serve failed with "table task already exists". A SQLite file is
+    one program's: any table of another's is in the way (serve added its tables to another
+    program's file, config hunt), and the file is left as it was."""
     path = tmp_path / "shared.db"
     with sqlite3.connect(path) as connection:
         connection.execute("CREATE TABLE task (x)")
         connection.execute("CREATE TABLE invoices (x)")
+    connection.close()
     _, migrations = database_checks(f"sqlite:///{path}")
     assert migrations.status == FAIL, migrations
-    assert "(task)" in migrations.message and "invoices" not in migrations.message
-    with sqlite3.connect(path) as connection:  # only another application's: nothing in the way
+    assert "another program's tables (invoices, task)" in migrations.message
+    with sqlite3.connect(path) as connection:
         connection.execute("DROP TABLE task")
+    connection.close()
+    before = snapshot(tmp_path)
     _, migrations = database_checks(f"sqlite:///{path}")
-    assert migrations.status == WARN and "an empty database" in migrations.message
+    assert migrations.status == FAIL, migrations
+    assert "holds another program's tables (invoices) and no TaskRelay schema" in migrations.message
+    assert "point it at a new file" in str(migrations.fix)
+    assert snapshot(tmp_path) == before
 
 
 def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:

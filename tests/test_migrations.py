@@ -35,6 +35,7 @@ from service.db import (
     head_revision,
     make_engine,
     migrate,
+    sqlite_path,
 )
 
 
@@ -626,6 +627,47 @@ def test_a_plain_alembic_downgrade_is_guarded_too(empty_database: str) -> None:
     assert current_revision_of(url) == ("0003" if postgresql else head_revision(url))
     migrate(url)  # back up from wherever it stopped
     assert schema_diff(url) == []
+
+
+def test_a_database_holding_tables_in_the_way_is_refused_and_left_as_it_was(
+    empty_database: str,
+) -> None:
+    """No TaskRelay schema, and tables TaskRelay did not make: in a SQLite file, any (a file
+    is one program's: `serve` added its tables to another program's file, config hunt); on
+    PostgreSQL, which may be shared, one named like TaskRelay's (a traceback of "table task
+    already exists" before). Refused, naming them, and nothing changed."""
+    url = empty_database
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+            connection.exec_driver_sql("INSERT INTO users VALUES (1)")
+        if url.startswith("sqlite"):
+            with pytest.raises(SchemaError) as refused:
+                migrate(url)
+            assert str(refused.value).startswith(
+                f"the SQLite file {sqlite_path(url)} holds another program's tables (users) "
+                "and no TaskRelay schema: TaskRelay keeps its tasks in a file of its own"
+            )
+            assert table_names(url) == {"users"}
+            return
+        # PostgreSQL: another application's tables beside TaskRelay's are its business...
+        migrate(url, "base")
+        migrate(url)
+        assert table_names(url) >= {"users", "task"}
+        migrate(url, "base", discard_data=True)
+        # ... but not one TaskRelay needs the name of.
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE task (id INTEGER)")
+        with pytest.raises(SchemaError) as refused:
+            migrate(url)
+        assert str(refused.value).startswith(
+            "the database has no TaskRelay schema, but holds tables of the names it needs "
+            "(task): another application's, or made by hand. Nothing was changed."
+        )
+        assert table_names(url) == {"users", "task"}
+    finally:
+        engine.dispose()
 
 
 def test_no_revision_is_one_clear_refusal(empty_database: str) -> None:
