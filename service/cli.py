@@ -525,9 +525,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM before the command's own handling of it (serve: before uvicorn's)."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.handler(args)
+    # A signal while a command starts (serve migrating, waiting for the migration lock, a
+    # doctor check): one line and an exit status, not a traceback (SIGINT) or a kill by the
+    # signal's default action midway (SIGTERM). What a migration step had begun is rolled
+    # back by its transaction. serve sets handlers of its own before it serves.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result: int = args.handler(args)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        print(f"taskrelay: stopped by {signum.name} before it finished", file=sys.stderr)
+        # serve told to stop while starting (an orchestrator scaling down) stopped cleanly.
+        return 0 if signum == signal.SIGTERM and args.handler is cmd_serve else 128 + signum
     return result
 
 

@@ -201,6 +201,50 @@ def fresh_postgres(tmp_path: Path, **environ: str) -> Iterator[tuple[str, dict[s
         database.drop()
 
 
+@pytest.mark.parametrize(
+    ("command", "sig", "status"),
+    [
+        (("migrate",), signal.SIGINT, 130),
+        (("migrate",), signal.SIGTERM, 143),
+        (("serve", "--migrate"), signal.SIGINT, 130),
+        (("serve", "--migrate"), signal.SIGTERM, 0),  # told to stop while starting: stopped
+    ],
+    ids=["migrate-sigint", "migrate-sigterm", "serve-sigint", "serve-sigterm"],
+)
+def test_a_signal_while_a_command_starts_is_one_line_and_an_exit_status(
+    tmp_path: Path, command: tuple[str, ...], sig: signal.Signals, status: int
+) -> None:
+    """Waiting for the migration lock another run holds: SIGINT was a KeyboardInterrupt
+    traceback, SIGTERM killed the process midway (config hunt)."""
+    with fresh_postgres(tmp_path) as (url, env):
+        engine = make_engine(url, pool_size=1)
+        try:
+            with engine.connect() as holder:
+                holder.exec_driver_sql("SELECT pg_advisory_lock(hashtext('taskrelay migrate'))")
+                holder.commit()
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", *command, "--port", str(free_port())]
+                    if command[0] == "serve"
+                    else [sys.executable, "-m", "service.cli", *command],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                assert process.stderr is not None
+                for line in process.stderr:  # the run says it waits for the lock
+                    if "another migration of this database is running" in line:
+                        break
+                process.send_signal(sig)
+                _, stderr = process.communicate(timeout=30)
+            assert process.returncode == status, stderr
+            assert f"taskrelay: stopped by {sig.name} before it finished" in stderr
+            assert "Traceback" not in stderr
+            assert current_revision(engine) is None  # nothing done
+        finally:
+            engine.dispose()
+
+
 def test_serve_refuses_an_unmigrated_postgresql(tmp_path: Path) -> None:
     with fresh_postgres(tmp_path) as (_, env):
         result = run_cli("serve", env=env)
