@@ -837,6 +837,10 @@ def storage_fault(exc: BaseException, sqlite_file: Path | None = None) -> Storag
         if primary == SQLITE_IOERR or "disk i/o error" in text:
             if sqlite_file is not None and _write_refused(sqlite_file) is not None:
                 return StoreReadOnly(READ_ONLY_MESSAGE, details=details)
+            # Growing the -shm file on a full disk is an I/O error to SQLite
+            # (SQLITE_IOERR_SHMSIZE), not SQLITE_FULL: "the disk failed" for a full one.
+            if sqlite_file is not None and out_of_room(sqlite_file):
+                return StoreFull(FULL_MESSAGE, details=details)
             return StoreIOError(IO_ERROR_MESSAGE, details=details)
         return None
     sqlstate = getattr(exc, "sqlstate", None)
@@ -850,6 +854,15 @@ def storage_fault(exc: BaseException, sqlite_file: Path | None = None) -> Storag
     if sqlstate == PG_IO_ERROR:
         return StoreIOError(IO_ERROR_MESSAGE, details=details)
     return None
+
+
+def out_of_room(path: Path) -> bool:
+    """Whether the disk holding the SQLite file has less than :data:`MIN_FREE_BYTES` free."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES
 
 
 def _write_refused(path: Path) -> OSError | None:

@@ -31,8 +31,10 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from service.db import (
+    MIN_FREE_BYTES,
     current_revision,
     newer_schema,
+    out_of_room,
     schema_drift,
     schema_revisions,
     sqlite_path,
@@ -438,6 +440,7 @@ class DatabaseProbe:
     # With no revision: tables of this release's schema there already (another application's,
     # or a schema made by hand), which migrating would fail to create.
     in_the_way: tuple[str, ...] = ()
+    full: bool = False  # SQLite: less than db.MIN_FREE_BYTES free on the file's disk
     # At this release's revision: how the schema still differs from its models (db.schema_drift).
     drift: tuple[str, ...] = ()
     # PostgreSQL: this host's clock minus the server's, and the round trip it was read in.
@@ -461,6 +464,7 @@ def probe_database(
 ) -> DatabaseProbe:
     where = describe_database(url)
     path = sqlite_path(url)
+    full = False
     if path is not None:
         if not path.exists():
             folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
@@ -469,6 +473,7 @@ def probe_database(
             blocked = None if folder is None or _writable(folder) else str(folder)
             return DatabaseProbe(where, sqlite=True, missing=True, unwritable=blocked)
         blocked = next((str(p) for p in (path, path.parent) if not _writable(p)), None)
+        full = out_of_room(path)
         engine = _sqlite_read_only(path, timeout)
     elif url.startswith("postgresql"):
         blocked = None
@@ -488,6 +493,7 @@ def probe_database(
         sqlite=path is not None,
         name=None if path is not None else sa.engine.make_url(url).database,
         unwritable=blocked,
+        full=full,
     )
     try:
         found = replace(found, revision=current_revision(engine))
@@ -629,6 +635,18 @@ def explain_database_error(message: str, where: str, name: str = "NAME") -> tupl
 
 
 def database_check(probe: DatabaseProbe) -> CheckResult:
+    if probe.full:
+        # SQLite in WAL mode cannot even read a file whose -shm must grow on a full disk: its
+        # error then is "disk I/O error", which said the disk had failed.
+        cannot = "cannot be read or written" if probe.error is not None else "refuses writes"
+        return CheckResult(
+            "database",
+            FAIL,
+            f"{probe.where}: the disk holding it is full (under {MIN_FREE_BYTES >> 20} MiB "
+            f"free), and it {cannot}: `taskrelay serve` refuses to start, or answers every "
+            "write 507 store_full.",
+            fix="free space on that disk (or raise its quota).",
+        )
     if probe.error is not None:
         message, fix = explain_database_error(probe.error, probe.where, probe.name or "NAME")
         return CheckResult("database", FAIL, message, fix=fix)

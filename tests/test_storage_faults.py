@@ -527,6 +527,31 @@ def test_a_read_only_database_at_start_is_one_plain_line(
     assert expected in finished.stderr
 
 
+def test_a_database_on_a_full_disk_at_start_is_called_full_not_failed(
+    tmpfs: Callable[[str], Path], sqlite_template: Path, tmp_path: Path
+) -> None:
+    """SQLite cannot even open a file in WAL mode whose -shm must grow on a full disk; it says
+    "disk I/O error" (SQLITE_IOERR_SHMSIZE), which serve and migrate reported as a failed
+    disk, and doctor as a file that "could not be read" (config hunt)."""
+    disk = tmpfs("1m")
+    db = disk / "taskrelay.db"
+    shutil.copyfile(sqlite_template, db)
+    fill(disk)
+    before = digest(db)
+    finished = serve_once(service_environment(db, tmp_path / "data"))
+    assert finished.returncode == 2, finished.stderr
+    assert "taskrelay: The database disk is full: free space on it" in finished.stderr
+    assert "disk failed" not in finished.stdout + finished.stderr
+    from service import doctor
+
+    head, _ = doctor.schema_revisions(f"sqlite:///{db}")
+    check = doctor.database_check(doctor.probe_database(f"sqlite:///{db}", head=head))
+    assert check.status == doctor.FAIL
+    assert "the disk holding it is full" in check.message, check.message
+    assert check.fix == "free space on that disk (or raise its quota)."
+    assert digest(db) == before
+
+
 def test_engines_from_make_engine_translate_storage_faults(db_path: Path) -> None:
     """Through SQLAlchemy, as the store sees it: a typed error, not a DBAPIError."""
     engine = make_engine(f"sqlite:///{db_path}", pool_size=1)
