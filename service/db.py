@@ -811,7 +811,11 @@ def _refusal(what: str, exc: OSError) -> StorageFault:
     reason = exc.strerror or type(exc).__name__
     if exc.errno in _NO_SPACE:
         return StoreFull(f"{what}: the disk is full ({reason})")
-    return StoreReadOnly(f"{what}: read-only ({reason})")
+    if exc.errno in _WRITE_REFUSED:
+        return StoreReadOnly(f"{what}: read-only ({reason})")
+    # Anything else (a folder that cannot exist there, a name too long, a loop of links):
+    # said as it is; "read-only (No such file or directory)" misled.
+    return StoreIOError(f"{what}: {reason}")
 
 
 # --- storage faults -----------------------------------------------------------------------

@@ -527,6 +527,24 @@ def test_a_read_only_database_at_start_is_one_plain_line(
     assert expected in finished.stderr
 
 
+def test_a_database_folder_that_cannot_exist_is_said_as_it_is(tmp_path: Path) -> None:
+    """/proc takes no new folder (ENOENT): it was called "read-only (No such file or
+    directory)" (config hunt)."""
+    finished = serve_once(
+        {
+            "TASKRELAY_DATABASE_URL": "sqlite:////proc/taskrelay-nowhere/taskrelay.db",
+            "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+            "TASKRELAY_API_TOKENS": "ops:token-0123456789",
+        }
+    )
+    assert finished.returncode == 2
+    assert finished.stderr.endswith(
+        "taskrelay: cannot create the database folder /proc/taskrelay-nowhere: No such file "
+        "or directory\n"
+    ), finished.stderr
+    assert "read-only" not in finished.stderr
+
+
 def test_a_database_on_a_full_disk_at_start_is_called_full_not_failed(
     tmpfs: Callable[[str], Path], sqlite_template: Path, tmp_path: Path
 ) -> None:
