@@ -55,6 +55,9 @@ def _settings() -> Settings:
         print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from exc
     configure_logging(settings.log_level)
+    unknown = settings.unknown_variables_text()
+    if unknown:
+        log.warning("unknown settings: %s", unknown)
     return settings
 
 

@@ -144,6 +144,17 @@ def load_configuration(
         return redact([failed], [value.strip() for value in quoted if value.strip()]), None
 
     results = [CheckResult("configuration", OK, f"the settings in {where} are valid.")]
+    unknown = settings.unknown_variables_text()
+    if unknown:
+        results.append(
+            CheckResult(
+                "configuration",
+                WARN,
+                unknown,
+                fix="correct the name, or remove the variable "
+                f"(in the environment or in {env_file}).",
+            )
+        )
     try:  # what only serve refuses; its public URL checks are the public URL check's
         check_local_only(settings)
     except SettingsError as exc:

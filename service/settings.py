@@ -16,7 +16,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -189,6 +189,24 @@ class Settings:
     # PostgreSQL: the longest one statement of the serving process may take, lock waits
     # included (None: no limit).
     db_statement_timeout: float | None = 30.0
+    # TASKRELAY_* variables set (environment or .env file) that no setting reads: a typo
+    # (TASKRELAY_RETENTON) silently left the setting at its default. Each with the setting
+    # it most likely meant, if one is close.
+    unknown_variables: tuple[tuple[str, str | None], ...] = ()
+
+    def unknown_variables_text(self) -> str | None:
+        """The unknown variables in words, for a warning; None if there are none."""
+        if not self.unknown_variables:
+            return None
+        named = [
+            f"{name} (did you mean {meant}?)" if meant else name
+            for name, meant in self.unknown_variables
+        ]
+        return (
+            f"{', '.join(named)}: no setting of that name, so "
+            f"{'it is' if len(named) == 1 else 'they are'} ignored (the settings are listed "
+            "in the README's Configuration table)."
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -204,8 +222,10 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str], file_values: Mapping[str, str]) -> None:
         self.environ = environ
         self.file_values = file_values
+        self.asked: set[str] = set()  # every variable read
 
     def raw(self, name: str) -> str | None:
+        self.asked.add(name)
         # An empty variable counts as unset, here as in get(): it does not hide the file's
         # value (compose passes an unset ${VAR} as an empty one).
         value = self.environ.get(name)
@@ -842,7 +862,8 @@ def load_settings(
     environ = os.environ if environ is None else environ
     if env_file is None:
         env_file = env_file_path(environ)
-    env = _Reader(environ, read_env_file(env_file))
+    file_values = read_env_file(env_file)
+    env = _Reader(environ, file_values)
 
     data_dir = env.get("TASKRELAY_DATA_DIR", _folder, Path("data"), "a folder path")
     default_db = f"sqlite:///{data_dir / 'taskrelay.db'}"
@@ -980,7 +1001,7 @@ def load_settings(
         "a positive whole number of requests",
     )
 
-    return Settings(
+    settings = Settings(
         data_dir=data_dir,
         database_url=database_url,
         public_url=public_url,
@@ -1080,6 +1101,29 @@ def load_settings(
             "a duration such as 30s (1s to 1h), or 0 for no limit",
         ),
     )
+    return replace(settings, unknown_variables=_unknown_variables(env))
+
+
+# TASKRELAY_* variables that are not settings: the .env file's name, the folder `serve
+# --workers N` gives its workers for /metrics, the test suite's PostgreSQL.
+NOT_SETTINGS = frozenset(
+    {"TASKRELAY_ENV_FILE", "TASKRELAY_WORKER_METRICS_DIR", "TASKRELAY_TEST_DATABASE_URL"}
+)
+
+
+def _unknown_variables(env: _Reader) -> tuple[tuple[str, str | None], ...]:
+    import difflib
+
+    known = sorted(env.asked | NOT_SETTINGS)
+    unknown = []
+    for name in sorted({*env.environ, *env.file_values}):
+        if not name.startswith("TASKRELAY_") or name in env.asked or name in NOT_SETTINGS:
+            continue
+        if not (env.environ.get(name, "").strip() or env.file_values.get(name, "").strip()):
+            continue  # set to nothing: unset, as every setting reads it
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        unknown.append((name, close[0] if close else None))
+    return tuple(unknown)
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:

@@ -56,6 +56,18 @@ def configuration(
     )
 
 
+def test_a_misspelt_setting_is_a_warning_naming_the_one_meant(tmp_path: Path) -> None:
+    results, settings = configuration(tmp_path, TASKRELAY_RETENTON="30d")
+    assert settings is not None and settings.retention is None  # the default: off
+    (unknown,) = [r for r in results if r.check == "configuration" and r.status == WARN]
+    assert unknown.message.startswith(
+        "TASKRELAY_RETENTON (did you mean TASKRELAY_RETENTION?): no setting of that name"
+    )
+    assert "30d" not in unknown.message
+    results, _ = configuration(tmp_path)
+    assert [r.status for r in results if r.check == "configuration"] == [OK]
+
+
 def settings_for(tmp_path: Path, **overrides: str) -> Settings:
     results, settings = configuration(tmp_path, **overrides)
     assert settings is not None, results

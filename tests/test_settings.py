@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from service import settings as settings_module
 from service.app import ANSWER_MARGIN, poll_policies, upstream_timeout
 from service.errors import SettingsError
 from service.netguard import AddressPolicy
@@ -623,3 +626,63 @@ def test_env_file_comments_after_a_value_and_a_home_folder(
 @pytest.mark.parametrize("grace", ["0", "0s", "0.0m"])
 def test_a_poll_grace_of_nothing_asks_at_the_expected_finish(tmp_path: Path, grace: str) -> None:
     assert load(tmp_path, TASKRELAY_POLL_GRACE=grace).poll_grace == 0.0
+
+
+def test_unknown_taskrelay_variables_are_named_with_the_setting_meant(tmp_path: Path) -> None:
+    """A misspelt setting (TASKRELAY_RETENTON) was ignored without a word, the setting left
+    at its default (config hunt)."""
+    (tmp_path / "x.env").write_text("TASKRELAY_LOGLEVEL=DEBUG\n")
+    settings = load_settings(
+        {
+            "TASKRELAY_DATA_DIR": str(tmp_path),
+            "TASKRELAY_ENV_FILE": str(tmp_path / "x.env"),
+            "TASKRELAY_RETENTON": "30d",
+            "TASKRELAY_OPENAI_KEY": "sk-live-1234",
+            "TASKRELAY_MIDJOURNEY_API_KEY": "mj-1234",
+            "TASKRELAY_UNSET_ONE": " ",  # set to nothing: unset, as every setting reads it
+            "TASKRELAY_RETENTION": "",
+            "OTHER_RETENTON": "1d",
+        }
+    )
+    assert settings.unknown_variables == (
+        ("TASKRELAY_LOGLEVEL", "TASKRELAY_LOG_LEVEL"),
+        ("TASKRELAY_MIDJOURNEY_API_KEY", None),
+        ("TASKRELAY_OPENAI_KEY", "TASKRELAY_OPENAI_API_KEY"),
+        ("TASKRELAY_RETENTON", "TASKRELAY_RETENTION"),
+    )
+    text = settings.unknown_variables_text()
+    assert text is not None
+    assert text.startswith(
+        "TASKRELAY_LOGLEVEL (did you mean TASKRELAY_LOG_LEVEL?), TASKRELAY_MIDJOURNEY_API_KEY, "
+    )
+    assert "sk-live-1234" not in text and "mj-1234" not in text  # names only, never values
+    assert load(tmp_path).unknown_variables == ()
+    assert load(tmp_path).unknown_variables_text() is None
+
+
+def test_the_readme_lists_every_setting_and_only_those(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Configuration table and the variables load_settings reads are the same set (not
+    counting the few TASKRELAY_* variables that are not settings)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("| Variable | Default | Meaning |") : readme.index("## API")]
+    row = re.compile(r"^\| `(TASKRELAY_[A-Z_<>0-9]+)`(?: / `(TASKRELAY_[A-Z_]+)`)?", re.M)
+    listed = set()
+    for match in row.finditer(table):
+        for name in filter(None, match.groups()):
+            providers = settings_module.PROVIDERS if "<P>" in name else ("",)
+            listed |= {name.replace("<P>", provider.upper()) for provider in providers}
+    readers: list[Any] = []
+    original = settings_module._Reader
+
+    def recording(*args: Any) -> Any:
+        readers.append(original(*args))
+        return readers[-1]
+
+    monkeypatch.setattr(settings_module, "_Reader", recording)
+    load_settings({"TASKRELAY_DATA_DIR": str(tmp_path)}, env_file=tmp_path / "none.env")
+    (reader,) = readers
+    assert len(listed) > 50
+    assert listed - reader.asked == set(), "in the README, read by nothing"
+    assert reader.asked - listed - settings_module.NOT_SETTINGS == set(), "not in the README"
