@@ -14,6 +14,9 @@ request), and sits outside Starlette's error middleware, so a 500 carries the id
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
 import random
 import re
@@ -22,6 +25,8 @@ from typing import NamedTuple
 
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID = 128
@@ -94,18 +99,63 @@ class RequestIds:
         request_id = accepted_request_id(incoming) or new_request_id()
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 # A new list: a Response object may be sent more than once.
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         token = log_context.set(LogContext(request_id=request_id))
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful drain ends (a body
+            # that never finishes arriving, say): it then answered a bare "500 Internal Server
+            # Error" without this id, and logged the cancellation as an error with its
+            # traceback. Answered here, a 503 saying what happened; the cancellation ends
+            # with this request's task, which uvicorn only waits for.
+            if started:
+                raise
+            log.warning(
+                "request cut off by the shutdown before it was answered: %s %s",
+                scope.get("method"),
+                scope.get("path"),
+            )
+            await send_with_id(dict(_CUT_OFF_START))  # a copy: its headers get the id
+            await send_with_id(_CUT_OFF_BODY)
+            return
         # Reset only after a normal return: on an exception the id stays bound, so the
         # server's own "Exception in ASGI application" line carries it too. Each request runs
         # in a task of its own, whose context ends with it.
         log_context.reset(token)
+
+
+_CUT_OFF = json.dumps(
+    {
+        "error": {
+            "code": "cut_off_by_shutdown",
+            "message": "TaskRelay shut down before this request was answered, and it may or "
+            "may not have been recorded. Send it again (a callback is applied once; a task "
+            "submission with its Idempotency-Key creates nothing twice).",
+            "details": None,
+        }
+    }
+).encode()
+_CUT_OFF_START: Message = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_CUT_OFF)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ],
+}
+_CUT_OFF_BODY: Message = {"type": "http.response.body", "body": _CUT_OFF}
 
 
 class ObservedStarlette(Starlette):

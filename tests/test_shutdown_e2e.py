@@ -631,6 +631,48 @@ def test_open_event_streams_end_at_once_on_sigterm_and_resume_on_the_next_proces
     assert terminate(second) == 0, second.logs()
 
 
+def test_a_request_still_arriving_at_the_drains_end_is_answered_503_with_its_id(
+    tmp_path: Path, cleanup: contextlib.ExitStack
+) -> None:
+    """A callback whose body stops arriving holds the drain to its end, where uvicorn cancels
+    it: it answered a bare "500 Internal Server Error" with no X-Request-ID, and logged the
+    cancellation as an error with its traceback (config hunt). Now a JSON 503 that says what
+    happened, with the request's id, and a warning line."""
+    url = f"sqlite:///{tmp_path / 'taskrelay.db'}"
+    migrate(url)
+    relay = start_relay(tmp_path, "relay", Database(url), cleanup, graceful_timeout="2")
+    with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
+        tracked = track(http)
+    release, first_sent = threading.Event(), threading.Event()
+    answers: dict[str, httpx.Response] = {}
+    body = evolink_completed("task-unified-cut-off")
+
+    def callback() -> None:
+        answers["callback"] = post_held(tracked["callback_url"], body, release, first_sent)
+
+    thread = threading.Thread(target=callback)
+    thread.start()
+    try:
+        assert first_sent.wait(WAIT)
+        code = terminate(relay)
+    finally:
+        release.set()
+        thread.join(WAIT)
+    answer = answers["callback"]
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "cut_off_by_shutdown"
+    assert answer.headers["Retry-After"] == "1"
+    request_id = answer.headers["X-Request-ID"]
+    logs = relay.logs()
+    assert code == 0, logs
+    assert "Traceback" not in logs and "Exception in ASGI application" not in logs
+    cut_off = [
+        json.loads(line) for line in logs.splitlines() if "request cut off by the shutdown" in line
+    ]
+    assert [(line["level"], line["request_id"]) for line in cut_off] == [("warning", request_id)]
+    assert Database(url).rows("SELECT status FROM task") == [{"status": "queued"}]
+
+
 BUDGET = 6.0  # --graceful-timeout: the whole shutdown
 DRAIN = BUDGET - BUDGET / 5  # of which work in flight may take this long (the rest: releasing)
 
