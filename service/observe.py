@@ -112,13 +112,15 @@ class RequestIds:
         token = log_context.set(LogContext(request_id=request_id))
         try:
             await self.app(scope, receive, send_with_id)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # uvicorn cancels the requests still running when its graceful drain ends (a body
             # that never finishes arriving, say): it then answered a bare "500 Internal Server
             # Error" without this id, and logged the cancellation as an error with its
             # traceback. Answered here, a 503 saying what happened; the cancellation ends
-            # with this request's task, which uvicorn only waits for.
-            if started:
+            # with this request's task, which uvicorn only waits for. Only that one: a request
+            # run in its caller's task (httpx's ASGITransport: the mounted sandbox called in
+            # process) is cancelled with its caller, who must see the cancellation.
+            if started or not _drain_ended(exc):
                 raise
             log.warning(
                 "request cut off by the shutdown before it was answered: %s %s",
@@ -132,6 +134,15 @@ class RequestIds:
         # server's own "Exception in ASGI application" line carries it too. Each request runs
         # in a task of its own, whose context ends with it.
         log_context.reset(token)
+
+
+# What uvicorn cancels a request's task with when its graceful drain ends (uvicorn/server.py).
+_DRAIN_ENDED = "timeout graceful shutdown exceeded"
+
+
+def _drain_ended(exc: asyncio.CancelledError) -> bool:
+    """Whether this is uvicorn cancelling the request at the end of its graceful drain."""
+    return any(isinstance(arg, str) and _DRAIN_ENDED in arg for arg in exc.args)
 
 
 _CUT_OFF = json.dumps(

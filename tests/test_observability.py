@@ -3,6 +3,7 @@ below), request ids, and the context every JSON log line carries."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -1013,3 +1014,43 @@ def test_a_multi_worker_service_answers_the_same_counts_whichever_worker_is_scra
             assert [scraped() for _ in range(12)] == [37.0] * 12, service.logs()
         finally:
             service.stop()
+
+
+@pytest.mark.parametrize("message", ["Task cancelled, timeout graceful shutdown exceeded", None])
+async def test_a_request_cancelled_at_the_drains_end_is_answered_others_are_not(
+    message: str | None,
+) -> None:
+    """uvicorn's cancellation at the end of its drain is answered 503 here and ends there;
+    any other (a request run in its caller's task, cancelled with it) reaches the caller:
+    swallowed, it made a cut-off submission to the mounted sandbox look like a 503."""
+    from service.observe import RequestIds
+
+    entered = asyncio.Event()
+
+    async def stuck(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+    request = asyncio.ensure_future(RequestIds(stuck)(scope, receive, send))
+    await entered.wait()
+    request.cancel(message)
+    if message is None:
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert sent == []
+        return
+    await request
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 503
+    headers = dict(sent[0]["headers"])
+    assert headers[b"retry-after"] == b"1" and b"x-request-id" in headers
+    assert json.loads(sent[1]["body"])["error"]["code"] == "cut_off_by_shutdown"
