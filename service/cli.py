@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -44,13 +44,22 @@ from service.settings import (
 log = logging.getLogger("taskrelay")
 
 
-def _settings() -> Settings:
+# Stands in for the signing key where a command signs nothing (migrate).
+UNUSED_SECRET = "taskrelay-unused-signing-key"  # noqa: S105
+
+
+def _settings(*, signs: bool = True) -> Settings:
     """The settings, with logging set up at their level. Logging is set up once before too:
     loading them may log (the warning that a signing key was generated), and every log line
-    is a JSON line. A bad value is one line naming it, and exit 2."""
+    is a JSON line. A bad value is one line naming it, and exit 2. A command that signs
+    nothing (``signs=False``: migrate) neither reads nor makes the signing key file: migrate
+    run in an init container with a read-only data folder failed for want of it."""
     configure_logging("INFO")
+    environ: Mapping[str, str] = os.environ
+    if not signs:
+        environ = {**os.environ, "TASKRELAY_SECRET_KEY": UNUSED_SECRET}
     try:
-        settings = load_settings()
+        settings = load_settings(environ)
     except SettingsError as exc:
         print(f"taskrelay: configuration error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -376,7 +385,7 @@ def _describe(settings: Settings) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _settings(signs=False)
     try:
         done = migrate(settings.database_url, args.revision, discard_data=args.discard_data)
     except (StoreUnavailable, SchemaError, DBAPIError) as exc:

@@ -56,6 +56,18 @@ def test_migrate_creates_the_sqlite_store(tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'taskrelay.db'}")
     assert {"task", "task_event", "callback_receipt"} <= set(sa.inspect(engine).get_table_names())
     engine.dispose()
+    # It signs nothing: no signing key was made (nor read), and no warning about one.
+    assert not (tmp_path / "data" / "secret_key").exists()
+    assert "signing key" not in result.stderr
+
+
+def test_migrate_on_postgresql_needs_no_writable_data_folder(tmp_path: Path) -> None:
+    """It made a signing key in the data folder, and failed where that folder was read-only
+    (an init container; config hunt)."""
+    with fresh_postgres(tmp_path, TASKRELAY_DATA_DIR="/proc/taskrelay-nowhere") as (_, env):
+        result = run_cli("migrate", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "database upgraded from nothing" in result.stdout
 
 
 def test_bad_configuration_stops_start_up_with_the_variable_named(tmp_path: Path) -> None:
