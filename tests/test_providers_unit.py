@@ -609,14 +609,20 @@ def test_openai_sends_no_callback_url() -> None:
 
 @pytest.mark.parametrize(
     ("model", "response_format"),
-    [("gpt-image-1", None), ("gpt-image-1.5", None), ("dall-e-3", "b64_json")],
+    [
+        ("gpt-image-1", None),
+        ("gpt-image-1.5", None),
+        ("chatgpt-image-latest", None),
+        ("dall-e-2", "b64_json"),
+        ("dall-e-3", "b64_json"),
+    ],
 )
-def test_openai_asks_any_other_model_for_base64_images(
+def test_openai_asks_dall_e_models_for_base64_images(
     model: str, response_format: str | None
 ) -> None:
-    """A task naming another model (`dall-e-3`) got links back, which expire within the hour,
+    """A task naming a DALL-E model (`dall-e-3`) got links back, which expire within the hour,
     where TaskRelay stores base64 images and serves them (found by the provider hunt). GPT
-    Image models answer in base64 only, and are not sent the field."""
+    Image models answer in base64 only and refuse the field, whatever their name (review)."""
     request = GenerationRequest(prompt="p", model=model)
     body = make_adapter("openai").build_submit(request, None)
     assert body.get("response_format") == response_format

@@ -65,10 +65,11 @@ class OpenAIAdapter(ProviderAdapter):
             n=request.n,
             size=None if request.size is None else SIZES[request.size],
             quality=request.quality,
-            # GPT Image models always answer with base64 images (and take no such field);
-            # another model named by the task (`dall-e-3`) answers with links that expire
-            # within the hour unless asked for base64, which TaskRelay stores and serves.
-            response_format=None if model.startswith("gpt-image") else "b64_json",
+            # GPT Image models always answer with base64 images, and refuse the field (a 400,
+            # "Unknown parameter"), whatever their name (`chatgpt-image-latest`); DALL-E
+            # models, which a task may name, answer with links that expire within the hour
+            # unless asked for base64, which TaskRelay stores and serves.
+            response_format="b64_json" if model.startswith("dall-e") else None,
         )
 
     def parse_submit_reply(self, status_code: int, body: Any) -> SubmitResult:
