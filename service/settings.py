@@ -626,7 +626,15 @@ def _http_url(text: str) -> str:
     host = parts.hostname or ""
     if not host:
         raise Invalid("no host name in it")
-    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+    if "[" in parts.netloc:  # only an IPv6 address goes in brackets (not "[v1.api]")
+        if ":" not in host or not _is_ip_address(host.partition("%")[0]):
+            raise Invalid("its host in brackets is not an IPv6 address")
+        return text.rstrip("/")
+    try:  # a name in another script is taken as its IDNA form ("bücher" -> "xn--bcher-kva")
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise Invalid("its host is not a host name or an IP address") from None
+    if not (_HOST_NAME.fullmatch(ascii_host) or _is_ip_address(host)):
         raise Invalid("its host is not a host name or an IP address")
     return text.rstrip("/")
 

@@ -201,6 +201,8 @@ def test_an_env_file_with_a_byte_order_mark_and_an_empty_variable_keep_their_val
         ("TASKRELAY_PUBLIC_URL", "https://relay example.com", "not a host name or an IP"),
         # ... and a provider's, which crashed `doctor` and every submission (config hunt).
         ("TASKRELAY_GRSAI_BASE_URL", "http://api.grsai.com:notaport", "port is not a number"),
+        ("TASKRELAY_GRSAI_BASE_URL", "http://[v1.api]", "in brackets is not an IPv6 address"),
+        ("TASKRELAY_PUBLIC_URL", "http://[v1.relay]:8000", "in brackets is not an IPv6"),
         ("TASKRELAY_DATABASE_URL", "mysql://x", "a sqlite:/// or postgresql:// URL"),
         ("TASKRELAY_API_TOKENS", "justatoken", "name:token pairs"),
         ("TASKRELAY_API_TOKENS", "a:shorttk", "name:token pairs"),
@@ -686,3 +688,18 @@ def test_the_readme_lists_every_setting_and_only_those(
     assert len(listed) > 50
     assert listed - reader.asked == set(), "in the README, read by nothing"
     assert reader.asked - listed - settings_module.NOT_SETTINGS == set(), "not in the README"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://relay.example.com:8443",
+        "http://[::1]:8000",
+        "https://bücher.example",
+        "http://10.0.0.5",
+    ],
+)
+def test_public_urls_of_every_kind_of_host_are_taken(tmp_path: Path, url: str) -> None:
+    """IPv6 in brackets, an IP address, and a name in another script (taken as its IDNA
+    form, as httpx sends it; refused by the first version of the host check, review)."""
+    assert load(tmp_path, TASKRELAY_PUBLIC_URL=url).public_url == url
