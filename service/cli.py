@@ -537,8 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(BaseException):
-    """SIGTERM before the command's own handling of it (serve: before uvicorn's)."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the command's own handling of it (serve: before uvicorn's). A
+    KeyboardInterrupt, as psycopg cancels the statement running on the server only for one:
+    otherwise a migration waiting for a table lock left its session running after the exit,
+    holding the migration lock, its lock request queueing every other user of the table."""
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -554,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result: int = args.handler(args)
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:  # _Terminated too
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
         print(f"taskrelay: stopped by {signum.name} before it finished", file=sys.stderr)
         # serve told to stop while starting (an orchestrator scaling down) stopped cleanly.

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,6 +254,57 @@ def test_a_signal_while_a_command_starts_is_one_line_and_an_exit_status(
             assert f"taskrelay: stopped by {sig.name} before it finished" in stderr
             assert "Traceback" not in stderr
             assert current_revision(engine) is None  # nothing done
+        finally:
+            engine.dispose()
+
+
+def test_sigterm_while_a_migration_waits_on_a_table_lock_ends_its_statement_too(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM stopped the process but not its statement on the server: the step waiting for
+    the table's lock stayed queued there (every later user of the table behind it), holding
+    the migration lock (review). Ended like Ctrl-C now: psycopg cancels it."""
+    with fresh_postgres(tmp_path) as (url, env):
+        migrate(url, "0009")
+        engine = make_engine(url, pool_size=2)
+        try:
+            with engine.connect() as holder:
+                holder.exec_driver_sql("LOCK TABLE task IN ACCESS SHARE MODE")
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", "migrate"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                waiting = sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'ALTER TABLE task%'"
+                )
+
+                def waits() -> bool:
+                    with engine.connect() as watcher:
+                        return bool(watcher.execute(waiting).scalar_one())
+
+                deadline = time.monotonic() + 30
+                while not waits() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert waits(), "the migration never waited for the table lock"
+                process.send_signal(signal.SIGTERM)
+                _, stderr = process.communicate(timeout=30)
+                assert process.returncode == 143, stderr
+                assert "taskrelay: stopped by SIGTERM before it finished" in stderr
+                deadline = time.monotonic() + 10
+                while waits() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not waits(), "the migration's statement still waits on the server"
+                holder.rollback()
+            with engine.connect() as connection:
+                held = connection.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                ).scalar_one()
+            assert held == 0
+            assert current_revision(engine) == "0009"
         finally:
             engine.dispose()
 
