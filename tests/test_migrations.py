@@ -944,6 +944,31 @@ def test_an_offline_upgrade_script_builds_the_schema_migrate_builds(empty_postgr
     assert schema_diff(url) == []
 
 
+def test_an_offline_script_stopped_after_an_index_was_built_runs_again(
+    empty_postgres: str,
+) -> None:
+    """A script stopped partway through 0009 (one of its indexes built, or left invalid, the
+    revision still 0008) failed on "already exists" when run again (review); each index is
+    dropped first now, as the online run drops an invalid one."""
+    url = empty_postgres
+    migrate(url, "0008")
+    script = offline_script(url, "0008:head")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(
+                "CREATE INDEX ix_task_completed_at ON task (completed_at) "
+                "WHERE completed_at IS NOT NULL"
+            )
+            connection.commit()
+    finally:
+        engine.dispose()
+    run_script(url, script)
+    assert current_revision_of(url) == head_revision(url)
+    assert schema_diff(url) == []
+    assert partial_indexes(url) == models_partial_indexes("postgresql")
+
+
 def test_an_offline_downgrade_script_refuses_when_run_what_it_would_delete(
     empty_postgres: str,
 ) -> None:

@@ -39,6 +39,9 @@ def upgrade() -> None:
     # a run on a database at the revision before needs.
     with op.get_context().autocommit_block():
         if op.get_context().as_sql:
+            # Dropped first, as the online run drops an invalid one: a script stopped after
+            # the build (or during it) can be run again.
+            op.drop_index(NAME, table_name="task", postgresql_concurrently=True, if_exists=True)
             _create()
             return
         bind = op.get_bind()

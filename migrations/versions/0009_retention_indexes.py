@@ -54,7 +54,15 @@ def upgrade() -> None:
     # on a database at the revision before needs.
     with op.get_context().autocommit_block():
         if op.get_context().as_sql:
+            # Each dropped first, as the online run drops an invalid one: a script stopped
+            # after one index was built (or during a build) can be run again.
             for index in INDEXES:
+                op.drop_index(
+                    index.name,
+                    table_name=index.table,
+                    postgresql_concurrently=True,
+                    if_exists=True,
+                )
                 _create(index)
             return
         bind = op.get_bind()
