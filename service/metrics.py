@@ -443,9 +443,13 @@ class WorkerMetrics:
             lock = open(self.directory / FOLD_LOCK_FILE, "a")  # noqa: SIM115  (closed below)
         except OSError:
             lock = None  # the folder gone (the run ending): read what is there
-        try:
-            if lock is not None:
+        if lock is not None:
+            try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system that takes no locks: read, fold nothing
+                lock.close()
+                lock = None
+        try:
             retired, folded = self._retired()
             if lock is not None:
                 retired, folded = self._fold(retired, folded)

@@ -929,6 +929,21 @@ def test_a_fold_cut_off_before_removing_the_files_counts_nothing_twice(tmp_path:
     assert me.combined().counter("callbacks_total") == 7
 
 
+def test_a_file_system_without_locks_sums_and_folds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock refused (ENOLCK: some network file systems) failed every scrape (review)."""
+
+    def no_locks(*args: Any) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(metrics_module.fcntl, "flock", no_locks)
+    me = metrics_module.WorkerMetrics(tmp_path, Metrics())
+    gone = worker_file(tmp_path, 5, dead_pid())
+    assert me.combined().counter("callbacks_total") == 5
+    assert (tmp_path / gone).exists()  # not folded without the lock
+
+
 def test_scrapes_folding_at_once_never_go_back_nor_count_twice(tmp_path: Path) -> None:
     """Two workers' scrapes fold the same dead workers' files at once, while more die: each
     scrape waits for the fold in progress, so none reads the folder halfway through."""
