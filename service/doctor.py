@@ -489,14 +489,23 @@ def probe_database(
     elif url.startswith("postgresql"):
         blocked = None
         engine = sa.create_engine(
-            url,
-            poolclass=NullPool,
-            connect_args={
-                "connect_timeout": max(2, round(timeout)),
-                "options": "-c default_transaction_read_only=on "
-                f"-c statement_timeout={round(timeout * 1000)}",
-            },
+            url, poolclass=NullPool, connect_args={"connect_timeout": max(2, round(timeout))}
         )
+        # Read-only, and no statement longer than the check's timeout: SETs on connecting,
+        # not the `options` startup parameter, which PgBouncer refuses and which replaced
+        # the URL's own `options`.
+        session = (
+            "SET default_transaction_read_only = on",
+            f"SET statement_timeout = {round(timeout * 1000)}",
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def read_only(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                for statement in session:
+                    cursor.execute(statement)
+            dbapi_connection.commit()
+
     else:
         return DatabaseProbe(where, sqlite=False, error="unsupported database URL")
     found = DatabaseProbe(
