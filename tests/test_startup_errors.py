@@ -144,18 +144,27 @@ def test_a_data_folder_that_cannot_hold_the_generated_key(tmp_path: Path) -> Non
 
 
 def test_the_generated_key_warning_is_a_json_log_line(tmp_path: Path) -> None:
+    """serve makes the key (migrate, which signs nothing, no longer does); here it then stops
+    at the missing public URL, before it would listen."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "migrate"],
+        [sys.executable, "-m", "service.cli", "serve"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "TASKRELAY_DATA_DIR": str(tmp_path / "data")},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "TASKRELAY_DATA_DIR": str(tmp_path / "data"),
+            "TASKRELAY_API_TOKENS": "ops:token-0123456789",
+            "TASKRELAY_HOST": "0.0.0.0",
+        },
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
-    assert lines[0]["level"] == "warning"
-    assert lines[0]["message"].startswith("TASKRELAY_SECRET_KEY is not set: generated a signing")
+    assert result.returncode == 2, result.stderr
+    warning, *rest = result.stderr.splitlines()
+    line = json.loads(warning)  # a JSON log line
+    assert line["level"] == "warning"
+    assert line["message"].startswith("TASKRELAY_SECRET_KEY is not set: generated a signing")
+    assert rest[-1].startswith("taskrelay: configuration error: TASKRELAY_PUBLIC_URL is not set")
     assert (tmp_path / "data" / "secret_key").is_file()
 
 
