@@ -17,6 +17,7 @@ tests, each pass waiting for its queries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -215,6 +216,8 @@ class Scheduler:
         self._claim_failures = Failures("scheduler claim")
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        # The lease owners of the refreshes (POST /v1/tasks/{id}/refresh) under way.
+        self._refreshing: set[str] = set()
         # Each provider's batch still being queried, and its claim in progress: the loop
         # claims no more for that provider meanwhile.
         self._busy: dict[str, set[asyncio.Task[None]]] = {}
@@ -257,10 +260,14 @@ class Scheduler:
                 for job in cut_off:
                     job.cancel()
                 await asyncio.wait(cut_off)
-        try:
-            await run_in_threadpool(self.store.release_leases, self.worker_id)
-        except StoreUnavailable:
-            log.warning("could not release polling leases; they expire on their own")
+        # The scheduler's own leases, and those of refreshes still under way (one cut off at
+        # the end of uvicorn's drain releases its own too; this is for one still running).
+        for worker in (self.worker_id, *sorted(self._refreshing)):
+            try:
+                await run_in_threadpool(self.store.release_leases, worker)
+            except StoreUnavailable:
+                log.warning("could not release polling leases; they expire on their own")
+                break
 
     def wake(self) -> None:
         self._ticker.wake()
@@ -605,14 +612,45 @@ class Scheduler:
             )
         worker = f"refresh-{uuid.uuid4().hex[:12]}"
         until = self._lease_until(asyncio.get_running_loop().time())
-        claimed = await run_in_threadpool(
-            self.store.claim_task, task["id"], worker, lease_seconds=self.lease_seconds
-        )
-        if not claimed:
-            raise Conflict(
-                "The provider is being asked about this task right now; try again in a moment.",
-                code="poll_in_progress",
+        self._refreshing.add(worker)
+        claiming = asyncio.ensure_future(
+            run_in_threadpool(
+                self.store.claim_task, task["id"], worker, lease_seconds=self.lease_seconds
             )
+        )
+        try:
+            if not await asyncio.shield(claiming):
+                raise Conflict(
+                    "The provider is being asked about this task right now; try again in a moment.",
+                    code="poll_in_progress",
+                )
+            return await self._refresh_claimed(adapter, task, worker, until)
+        except (ProviderError, Conflict):
+            raise  # recorded (the lease handed back with the record), or never leased
+        except BaseException:
+            # Cut off (uvicorn cancels what still runs when its drain ends), even while the
+            # lease was being taken, or failed before it was handed back with a record:
+            # handed back here, or the restarted process (or another replica) could not poll
+            # the task until the lease ran out, past its deadline. Only this refresh's lease.
+            release = asyncio.ensure_future(self._hand_back(claiming, worker))
+            # Unavailable: it expires on its own; cancelled again: the release goes on.
+            with contextlib.suppress(StoreUnavailable, asyncio.CancelledError):
+                await asyncio.shield(release)
+            raise
+        finally:
+            self._refreshing.discard(worker)
+
+    async def _hand_back(self, claiming: asyncio.Future[bool], worker: str) -> None:
+        """Release ``worker``'s lease once its claim (perhaps still running) is done."""
+        await asyncio.wait([claiming])
+        if not claiming.cancelled() and claiming.exception() is None and claiming.result():
+            await run_in_threadpool(self.store.release_leases, worker)
+
+    async def _refresh_claimed(
+        self, adapter: ProviderAdapter, task: dict[str, Any], worker: str, until: float
+    ) -> dict[str, Any]:
+        """:meth:`refresh` once the task is leased to ``worker``: ask, and record the answer
+        (which hands the lease back)."""
         claim = Claim(task["id"], task["provider"], task["provider_task_id"], _FAR_FUTURE)
         try:
             update = await self._ask(adapter, claim, until=until)

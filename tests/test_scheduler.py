@@ -5,6 +5,7 @@ milliseconds. The scheduler is driven pass by pass (``run_until_idle``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -27,7 +28,7 @@ from service.metrics import Metrics
 from service.models import Task, TaskStatus
 from service.runtime import Runtime
 from service.scheduler import ProviderLimiter, ProviderPaused, Scheduler
-from tests.conftest import BOB, auth, error_code, make_settings
+from tests.conftest import BOB, auth, error_code, make_settings, until
 
 ASYNC_PROVIDERS = ["grsai", "gptimage15", "evolink", "apiinone"]
 
@@ -1021,6 +1022,98 @@ async def test_one_providers_slow_claim_does_not_hold_up_the_others(
     finally:
         release.set()
         await scheduler.stop(grace=1.0)
+
+
+def lease_owner(harness: Harness, task_id: str) -> str | None:
+    with Session(harness.runtime.engine) as session:
+        return session.exec(select(Task).where(Task.id == task_id)).one().lease_owner
+
+
+async def refreshing_forever(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, asyncio.Future[Any]]:
+    """A task, and its refresh as uvicorn runs a request (a task of its own), leased, its
+    status query at the provider never answered."""
+    task_id = await harness.submit("evolink", "hang sandbox:duration=5 sandbox:callback=drop")
+    adapter = harness.runtime.scheduler.adapters["evolink"]
+    asked = asyncio.Event()
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        asked.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(adapter, "query_status", never)
+    await until(lambda: (harness.runtime.store.find_task(task_id) or {}).get("provider_task_id"))
+    task = harness.runtime.store.find_task(task_id)
+    refresh = asyncio.ensure_future(harness.runtime.scheduler.refresh(task))
+    await asyncio.wait_for(asked.wait(), 10)
+    assert (lease_owner(harness, task_id) or "").startswith("refresh-")
+    return task_id, refresh
+
+
+async def test_a_refresh_cut_off_hands_its_lease_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off while the provider had not answered (uvicorn cancels what still runs at the end
+    of its drain), a refresh kept its lease: the restarted process could not poll the task
+    until the lease ran out, 40 s past its deadline (found by the stuck-task hunt)."""
+    task_id, refresh = await refreshing_forever(harness, monkeypatch)
+    refresh.cancel("Task cancelled, timeout graceful shutdown exceeded")  # as uvicorn does
+    with pytest.raises(asyncio.CancelledError):
+        await refresh
+    assert lease_owner(harness, task_id) is None
+    assert harness.runtime.scheduler._refreshing == set()
+
+
+async def test_a_refresh_cut_off_while_taking_its_lease_hands_it_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is taken on a worker thread: cut off meanwhile, the claim still lands, and
+    is handed back once it has."""
+    task_id = await harness.submit("evolink", "slow claim sandbox:duration=5")
+    await until(lambda: (harness.runtime.store.find_task(task_id) or {}).get("provider_task_id"))
+    store = harness.runtime.store
+    claim, entered, go_on, landed = (
+        store.claim_task,
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+
+    def slow_claim(*args: Any, **kwargs: Any) -> bool:
+        entered.set()
+        go_on.wait(10)
+        try:
+            return claim(*args, **kwargs)
+        finally:
+            landed.set()
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(store, "claim_task", slow_claim)
+    monkeypatch.setattr(harness.runtime.scheduler.adapters["evolink"], "query_status", never)
+    refresh = asyncio.ensure_future(harness.runtime.scheduler.refresh(store.find_task(task_id)))
+    await asyncio.to_thread(entered.wait, 10)
+    refresh.cancel()
+    await asyncio.sleep(0)
+    go_on.set()  # the claim lands after the cut-off
+    with pytest.raises(asyncio.CancelledError):
+        await refresh
+    await asyncio.to_thread(landed.wait, 10)
+    await asyncio.sleep(0.2)  # anything still to run after it has
+    assert lease_owner(harness, task_id) is None
+
+
+async def test_stopping_hands_back_the_lease_of_a_refresh_still_running(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_id, refresh = await refreshing_forever(harness, monkeypatch)
+    await harness.runtime.scheduler.stop(grace=0)
+    assert lease_owner(harness, task_id) is None
+    refresh.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresh
 
 
 async def test_refresh_waits_for_nobody_and_never_overlaps_a_poll(harness: Harness) -> None:
