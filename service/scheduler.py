@@ -419,12 +419,23 @@ class Scheduler:
                 # The provider asked us to back off: hand the task back for when the pause ends
                 # instead of sleeping on its lease (and holding up this pass for other
                 # providers). Even at the deadline: the last look is made after the pause,
-                # before the task may expire.
-                task = await run_in_threadpool(
-                    self.store.defer, claim.task_id, worker, seconds=paused.seconds
+                # before the task may expire. But once only, as for a refused last look: each
+                # pause's one query (another task's) renewed the pause, and the tasks past
+                # their deadline behind it were put off again and again, the n-th expiring n
+                # pauses late (found by the stuck-task hunt).
+                if not (final_look and await run_in_threadpool(self._put_off, claim)):
+                    task = await run_in_threadpool(
+                        self.store.defer, claim.task_id, worker, seconds=paused.seconds
+                    )
+                    return PollOutcome(task, queried=False, expired=False)
+                failure = UpstreamRateLimited(
+                    f"{claim.provider} kept status queries paused (it answered 429) past the "
+                    "task's deadline and the one wait after it",
+                    provider=claim.provider,
+                    retry_after=paused.seconds,
                 )
-                return PollOutcome(task, queried=False, expired=False)
-            queried = True
+            else:
+                queried = True
         if final_look and (task is None or task["status"] not in _FINAL):
             result = await run_in_threadpool(
                 self.store.expire_task,

@@ -309,6 +309,32 @@ async def test_a_pause_at_the_deadline_puts_off_the_last_look_instead_of_expirin
     assert harness.queries() == queries + 1
 
 
+async def test_a_pause_renewed_at_the_end_of_the_put_off_last_look_expires_the_task(
+    harness: Harness,
+) -> None:
+    """A provider answering 429 to every query: each pause let one query out (another
+    task's), whose 429 renewed the pause, and the tasks past their deadline behind it were
+    put off again and again, the n-th expiring n pauses late (found by the stuck-task hunt).
+    A pause puts the last look off once, as a refusal does."""
+    task_id = await harness.submit("evolink", "late sandbox:duration=900 sandbox:callback=drop")
+    harness.clock.advance(600)
+    queries = harness.queries()
+    harness.scheduler.limiters["evolink"].pause(120)
+    await harness.scheduler.run_until_idle()
+    assert (await harness.task(task_id))["status"] == "queued"  # put off once
+    harness.clock.advance(121)
+    harness.scheduler.limiters["evolink"].pause(120)  # another task's 429, just now
+    await harness.scheduler.run_until_idle()
+    task = await harness.task(task_id)
+    assert task["status"] == "expired"
+    assert task["error"]["code"] == "deadline_exceeded"
+    assert (
+        "the last status query failed (upstream_rate_limited: evolink kept status "
+        in (task["error"]["message"])
+    )
+    assert harness.queries() == queries  # never asked: the provider said not to
+
+
 async def test_a_429_on_the_last_look_puts_it_off_by_retry_after_instead_of_expiring(
     harness: Harness,
 ) -> None:
