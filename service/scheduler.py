@@ -216,8 +216,8 @@ class Scheduler:
         self._claim_failures = Failures("scheduler claim")
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
-        # The lease owners of the refreshes (POST /v1/tasks/{id}/refresh) under way.
-        self._refreshing: set[str] = set()
+        # The refreshes (POST /v1/tasks/{id}/refresh) under way: lease owner -> its task.
+        self._refreshing: dict[str, asyncio.Task[Any]] = {}
         # Each provider's batch still being queried, and its claim in progress: the loop
         # claims no more for that provider meanwhile.
         self._busy: dict[str, set[asyncio.Task[None]]] = {}
@@ -260,8 +260,14 @@ class Scheduler:
                 for job in cut_off:
                     job.cancel()
                 await asyncio.wait(cut_off)
-        # The scheduler's own leases, and those of refreshes still under way (one cut off at
-        # the end of uvicorn's drain releases its own too; this is for one still running).
+        # Refreshes are requests, which uvicorn drains meanwhile: their leases stay theirs
+        # until they end (or uvicorn cuts them off at the drain's end, and each hands its own
+        # back); released at once, another replica queried the task while the refresh's own
+        # query ran (found by the replica hunt). Any still running at the deadline are
+        # released with the scheduler's own.
+        refreshing = set(self._refreshing.values())
+        if refreshing:
+            await asyncio.wait(refreshing, timeout=max(0.0, deadline - loop.time()))
         for worker in (self.worker_id, *sorted(self._refreshing)):
             try:
                 await run_in_threadpool(self.store.release_leases, worker)
@@ -623,7 +629,9 @@ class Scheduler:
             )
         worker = f"refresh-{uuid.uuid4().hex[:12]}"
         until = self._lease_until(asyncio.get_running_loop().time())
-        self._refreshing.add(worker)
+        current = asyncio.current_task()
+        assert current is not None
+        self._refreshing[worker] = current
         claiming = asyncio.ensure_future(
             run_in_threadpool(
                 self.store.claim_task, task["id"], worker, lease_seconds=self.lease_seconds
@@ -649,7 +657,7 @@ class Scheduler:
                 await asyncio.shield(release)
             raise
         finally:
-            self._refreshing.discard(worker)
+            self._refreshing.pop(worker, None)
 
     async def _hand_back(self, claiming: asyncio.Future[bool], worker: str) -> None:
         """Release ``worker``'s lease once its claim (perhaps still running) is done."""

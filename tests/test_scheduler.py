@@ -1088,7 +1088,7 @@ async def test_a_refresh_cut_off_hands_its_lease_back(
     with pytest.raises(asyncio.CancelledError):
         await refresh
     assert lease_owner(harness, task_id) is None
-    assert harness.runtime.scheduler._refreshing == set()
+    assert not harness.runtime.scheduler._refreshing
 
 
 async def test_a_refresh_cut_off_while_taking_its_lease_hands_it_back(
@@ -1128,6 +1128,24 @@ async def test_a_refresh_cut_off_while_taking_its_lease_hands_it_back(
         await refresh
     await asyncio.to_thread(landed.wait, 10)
     await asyncio.sleep(0.2)  # anything still to run after it has
+    assert lease_owner(harness, task_id) is None
+
+
+async def test_stopping_leaves_a_running_refresh_its_lease_while_it_may_finish(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler's stop, at the signal, handed back the lease of a refresh uvicorn was
+    still draining: another replica queried the task while the refresh's own query ran
+    (found by the replica hunt). It waits for the refresh, up to its grace."""
+    task_id, refresh = await refreshing_forever(harness, monkeypatch)
+    stopping = asyncio.ensure_future(harness.runtime.scheduler.stop(grace=30))
+    await asyncio.sleep(0.3)
+    assert not stopping.done()
+    assert (lease_owner(harness, task_id) or "").startswith("refresh-")  # still the refresh's
+    refresh.cancel("Task cancelled, timeout graceful shutdown exceeded")  # the drain's end
+    with pytest.raises(asyncio.CancelledError):
+        await refresh
+    await asyncio.wait_for(stopping, 10)
     assert lease_owner(harness, task_id) is None
 
 
