@@ -169,7 +169,10 @@ class ImageFiles:
 
 
 # One byte range, first-last (last optional) or a suffix: the only Range served as a 206.
-_ONE_RANGE = re.compile(r"bytes=(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))", re.ASCII)
+# The unit is case-insensitive (RFC 9110 §14.1): `BYTES=0-1` is the same range.
+_ONE_RANGE = re.compile(
+    r"bytes=(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))", re.ASCII | re.IGNORECASE
+)
 
 
 def _range_to_serve(wanted: str, size: int) -> str | None:

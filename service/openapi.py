@@ -20,9 +20,12 @@ from service.schemas import (
     DeliveryOut,
     ErrorResponse,
     EventPage,
+    NotifySecretOut,
     Replay,
+    ReplayResult,
     SecretRotation,
     SubscriptionCreate,
+    SubscriptionList,
     SubscriptionOut,
     SubscriptionUpdate,
     TaskCreate,
@@ -55,6 +58,9 @@ _MODELS: list[type[BaseModel]] = [
     Replay,
     DeliveryOut,
     DeliveryDetail,
+    SubscriptionList,
+    NotifySecretOut,
+    ReplayResult,
 ]
 
 
@@ -86,7 +92,19 @@ def _errors(*statuses: int) -> dict[str, Any]:
         answers[str(status)] = _json("ErrorResponse", text[status])
         if status in _RETRIED:
             answers[str(status)]["headers"] = {"Retry-After": _RETRY_AFTER}
+        if status == 401:
+            answers[str(status)]["headers"] = {"WWW-Authenticate": _WWW_AUTHENTICATE}
     return answers
+
+
+_WWW_AUTHENTICATE = {
+    "description": 'The scheme the API wants: `Bearer realm="taskrelay"`',
+    "schema": {"type": "string"},
+}
+_REPLAYED = {
+    "description": "`true`: this answer replays an earlier request's (same Idempotency-Key)",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 
 
 # Answers that carry Retry-After: the database's outages and storage faults.
@@ -155,9 +173,6 @@ def _with_rate_limits(paths: dict[str, Any]) -> dict[str, Any]:
     return paths
 
 
-_OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-
-
 def _op(summary: str, op_id: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
         "summary": summary,
@@ -208,11 +223,14 @@ def _event_paths() -> dict[str, Any]:
                 {
                     "200": _json("TaskOut", "The updated task"),
                     **_errors(401, 404, 409, 502, 507),
-                    "503": _json(
-                        "ErrorResponse",
-                        "Database unavailable, or the provider unavailable or rate limiting "
-                        "(`upstream_unavailable`, `upstream_rate_limited`)",
-                    ),
+                    "503": {
+                        **_json(
+                            "ErrorResponse",
+                            "Database unavailable, or the provider unavailable or rate "
+                            "limiting (`upstream_unavailable`, `upstream_rate_limited`)",
+                        ),
+                        "headers": {"Retry-After": _RETRY_AFTER},
+                    },
                 },
                 parameters=[_TASK_ID],
             )
@@ -275,7 +293,7 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "Your subscriptions",
                 "listSubscriptions",
-                {"200": _OBJECT, **_errors(400, 401, 503)},
+                {"200": _json("SubscriptionList", "Your subscriptions"), **_errors(400, 401, 503)},
             ),
         },
         "/v1/subscriptions/{subscription_id}": {
@@ -346,7 +364,10 @@ def _event_paths() -> dict[str, Any]:
             "post": _op(
                 "Send the events since a time again",
                 "replayEvents",
-                {"202": _OBJECT, **_errors(400, 401, 404, 409, 413, 415, *_STORE)},
+                {
+                    "202": _json("ReplayResult", "The events are sent again"),
+                    **_errors(400, 401, 404, 409, 413, 415, *_STORE),
+                },
                 parameters=sub_params,
                 requestBody=_json_body("Replay"),
             )
@@ -371,14 +392,17 @@ def _event_paths() -> dict[str, Any]:
             "get": _op(
                 "The secret that signs your tasks' notify_url deliveries (made on first use)",
                 "getNotifySecret",
-                {"200": _OBJECT, **_errors(401, *_STORE)},
+                {"200": _json("NotifySecretOut", "The notify secret"), **_errors(401, *_STORE)},
             )
         },
         "/v1/notify-secret/rotate": {
             "post": _op(
                 "Rotate the notify secret",
                 "rotateNotifySecret",
-                {"200": _OBJECT, **_errors(400, 401, 413, 415, *_STORE)},
+                {
+                    "200": _json("NotifySecretOut", "The new notify secret"),
+                    **_errors(400, 401, 413, 415, *_STORE),
+                },
                 requestBody={
                     "required": False,
                     "content": {"application/json": {"schema": _ref("SecretRotation")}},
@@ -468,7 +492,10 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": _json_body("TaskCreate"),
                 "responses": {
                     "202": _json("TaskOut", "Task recorded; submission runs in the background"),
-                    "200": _json("TaskOut", "Idempotent replay of an earlier request"),
+                    "200": {
+                        **_json("TaskOut", "Idempotent replay of an earlier request"),
+                        "headers": {"Idempotent-Replayed": _REPLAYED},
+                    },
                     **_errors(400, 401, 413, 415, 422, *_STORE),
                 },
             },
@@ -492,7 +519,10 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": _json_body("TaskTrack"),
                 "responses": {
                     "201": _json("TrackedTaskOut", "Task registered, with its callback URL"),
-                    "200": _json("TrackedTaskOut", "Idempotent replay of an earlier request"),
+                    "200": {
+                        **_json("TrackedTaskOut", "Idempotent replay of an earlier request"),
+                        "headers": {"Idempotent-Replayed": _REPLAYED},
+                    },
                     **_errors(400, 401, 409, 413, 415, 422, *_STORE),
                 },
             }
@@ -621,9 +651,13 @@ def build_openapi() -> dict[str, Any]:
                         "description": "The exposition",
                         "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
                     },
-                    "401": _json(
-                        "ErrorResponse", "TASKRELAY_METRICS_TOKEN is set and was not sent"
-                    ),
+                    "401": {
+                        **_json(
+                            "ErrorResponse",
+                            "TASKRELAY_METRICS_TOKEN is set and was not sent (or another was)",
+                        ),
+                        "headers": {"WWW-Authenticate": _WWW_AUTHENTICATE},
+                    },
                 },
             }
         },

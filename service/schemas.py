@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -91,13 +92,25 @@ def _iso_timestamp(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 timestamp string, e.g. 2026-11-20T10:00:00Z")
     try:
-        datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        datetime.fromisoformat(utc_suffix(value.strip()))
     except ValueError:
         raise ValueError("not an ISO 8601 timestamp; use e.g. 2026-11-20T10:00:00Z") from None
     return value
 
 
-ISOTimestamp = Annotated[datetime, BeforeValidator(_iso_timestamp)]
+def utc_suffix(text: str) -> str:
+    """An RFC 3339 time's ``Z`` (or ``z``, which RFC 3339 allows too) as ``+00:00``, which
+    ``datetime.fromisoformat`` reads."""
+    return text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+
+
+def _parsed_timestamp(value: Any) -> Any:
+    return datetime.fromisoformat(utc_suffix(value.strip())) if isinstance(value, str) else value
+
+
+ISOTimestamp = Annotated[
+    datetime, BeforeValidator(_parsed_timestamp), BeforeValidator(_iso_timestamp)
+]
 
 
 def _once_each(values: list[ValueT]) -> list[ValueT]:
@@ -182,12 +195,26 @@ class SubscriptionCreate(_Body):
     description: Annotated[str, Field(max_length=500)] | None = None
 
 
+def _unset() -> None:
+    """A field left out of a PATCH body."""
+    return None
+
+
 class SubscriptionUpdate(_Body):
-    url: Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+    # url and enabled may be left out, not set to null (the subscription needs both): the
+    # document says so, or a client generated from it sent null for each unset field and
+    # had every PATCH refused.
+    url: Annotated[
+        Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)] | None,
+        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_URL_CHARS}),
+    ] = Field(default_factory=_unset)  # a factory: a `"default": null` would contradict it
     event_types: EventTypes | None = None
     providers: Providers | None = None
     description: Annotated[str, Field(max_length=500)] | None = None
-    enabled: Annotated[bool, Field(strict=True)] | None = None  # true or false, not "yes"
+    enabled: Annotated[
+        Annotated[bool, Field(strict=True)] | None,  # true or false, not "yes"
+        WithJsonSchema({"type": "boolean"}),
+    ] = Field(default_factory=_unset)
 
 
 class SecretRotation(_Body):
@@ -309,6 +336,21 @@ class SubscriptionOut(BaseModel):
     )
 
 
+class SubscriptionList(BaseModel):
+    data: list[SubscriptionOut]
+
+
+class NotifySecretOut(BaseModel):
+    secret: str = Field(description="whsec_..., the secret signing your notify_url deliveries.")
+    previous_secret_expires_at: str | None = Field(
+        description="Until when the previous secret signs too (a rotation's overlap)."
+    )
+
+
+class ReplayResult(BaseModel):
+    replayed: int = Field(description="How many events are sent again.")
+
+
 class DeliveryOut(BaseModel):
     id: str
     event_id: str
@@ -352,7 +394,7 @@ def isoformat(value: datetime | None) -> str | None:
 
 def parse_timestamp(name: str, text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+        value = datetime.fromisoformat(utc_suffix(text.replace(" ", "+")))
     except ValueError as exc:
         raise ValidationFailed(
             f"Query parameter {name!r} is not an ISO 8601 timestamp.",
