@@ -122,10 +122,15 @@ class RequestIds:
             # process) is cancelled with its caller, who must see the cancellation.
             if started or not _drain_ended(exc):
                 raise
+            from starlette.requests import Request
+
+            from service.web import route_path  # here: web imports this module
+
+            # The route's template, never the path: a callback's carries its token.
             log.warning(
                 "request cut off by the shutdown before it was answered: %s %s",
                 scope.get("method"),
-                scope.get("path"),
+                route_path(Request(scope)),
             )
             await send_with_id(dict(_CUT_OFF_START))  # a copy: its headers get the id
             await send_with_id(_CUT_OFF_BODY)

@@ -670,6 +670,10 @@ def test_a_request_still_arriving_at_the_drains_end_is_answered_503_with_its_id(
         json.loads(line) for line in logs.splitlines() if "request cut off by the shutdown" in line
     ]
     assert [(line["level"], line["request_id"]) for line in cut_off] == [("warning", request_id)]
+    # The route's template: the first version logged the path, callback token and all.
+    assert cut_off[0]["message"].endswith("POST /callbacks/{provider}/{token}")
+    token = httpx.URL(tracked["callback_url"]).path.rsplit("/", 1)[1]
+    assert token not in logs
     assert Database(url).rows("SELECT status FROM task") == [{"status": "queued"}]
 
 
