@@ -214,6 +214,12 @@ class Scheduler:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._ticker = Ticker("scheduler", self._step, tick_seconds)
         self._claim_failures = Failures("scheduler claim")
+        # Providers whose latest claim failed for want of the database: the outage is over
+        # when none is left. A provider with nothing due claims by reading alone, which a
+        # read-only store answers: its success ended the outage that the providers with due
+        # tasks still met, and the two lines alternated every second (found by the metrics
+        # and logs hunt).
+        self._claims_failing: set[str] = set()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         # The refreshes (POST /v1/tasks/{id}/refresh) under way: lease owner -> its task.
@@ -309,7 +315,7 @@ class Scheduler:
         provider's next claim; so a slow claim (plans moved after a stall) or a batch of
         hanging queries holds up its own provider only."""
         for claiming in self._start_claims():
-            claiming.add_done_callback(self._report_claim)
+            claiming.add_done_callback(partial(self._report_claim, claiming.get_name()))
         return 0
 
     def _start_claims(self) -> list[asyncio.Task[list[asyncio.Task[None]]]]:
@@ -319,7 +325,7 @@ class Scheduler:
                 break
             if self._busy.get(provider) or provider in self._claiming:
                 continue  # its batch is still out, or its claim: the next when that ends
-            claiming = asyncio.create_task(self._claim_for(provider))
+            claiming = asyncio.create_task(self._claim_for(provider), name=provider)
             self._claiming[provider] = claiming
             claiming.add_done_callback(partial(self._claimed, provider))
             started.append(claiming)
@@ -328,14 +334,18 @@ class Scheduler:
     def _claimed(self, provider: str, claiming: asyncio.Task[Any]) -> None:
         self._claiming.pop(provider, None)
 
-    def _report_claim(self, claiming: asyncio.Task[Any]) -> None:
-        """The loop's claims run on their own: their failures (and an outage's end) are
-        logged here."""
+    def _report_claim(self, provider: str, claiming: asyncio.Task[Any]) -> None:
+        """The loop's claims run on their own: their failures (and an outage's end, once
+        every provider's claim works again) are logged here."""
         if claiming.cancelled():
             return
         if (exc := claiming.exception()) is not None:
+            if isinstance(exc, StoreUnavailable):
+                self._claims_failing.add(provider)
             self._claim_failures.failed(exc)
-        else:
+            return
+        self._claims_failing.discard(provider)
+        if not self._claims_failing:
             self._claim_failures.succeeded()
 
     async def _claim_for(self, provider: str) -> list[asyncio.Task[None]]:

@@ -1017,6 +1017,49 @@ async def test_a_claim_that_fails_loses_no_query_started_before_it(
     ) in lines
 
 
+async def test_an_outage_one_provider_still_meets_is_not_over_for_anothers_claim(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only store answers a claim with nothing due (a read) but not one that writes:
+    the provider with nothing due said "works again" after every pass while the other's
+    claims still failed, two lines a second (found by the metrics and logs hunt). The outage
+    is over once every provider's claim works again: one line when it starts, one when it
+    ends."""
+    store = harness.runtime.store
+    real_claim, broken = store.claim_due, [True]
+
+    def claim(provider: str, worker: str, **kwargs: Any) -> Any:
+        if provider == "apiinone" and broken[0]:
+            raise StoreUnavailable("read-only", details={"reason": "SQLITE_READONLY"})
+        return real_claim(provider, worker, **kwargs)
+
+    monkeypatch.setattr(store, "claim_due", claim)
+    scheduler = looping_scheduler(harness)
+    calls = [0]
+    original = store.claim_due
+
+    def counting(provider: str, worker: str, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(provider, worker, **kwargs)
+
+    monkeypatch.setattr(store, "claim_due", counting)
+    with caplog.at_level(logging.WARNING, logger="service.loops"):
+        for _ in range(5):  # passes: both providers claim in each
+            await scheduler._step()
+            assert await eventually(lambda: asyncio.sleep(0, not scheduler._claiming))
+        broken[0] = False
+        for _ in range(3):
+            await scheduler._step()
+            assert await eventually(lambda: asyncio.sleep(0, not scheduler._claiming))
+    lines = [r.getMessage() for r in caplog.records if "scheduler claim" in r.getMessage()]
+    assert calls[0] >= 10
+    assert lines == [
+        "scheduler claim skipped: the database is unavailable (SQLITE_READONLY); retried "
+        "until it answers",
+        "scheduler claim works again, after 5 skipped",
+    ], lines
+
+
 async def test_one_providers_slow_claim_does_not_hold_up_the_others(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
