@@ -220,7 +220,13 @@ class Submitter:
         try:
             await self._attempts(task_id, attempts_made)
         except StoreUnavailable:
-            log.error("submission of %s stopped: the database is unavailable", task_id)
+            # A warning: the sweep (or the next start) sends it once the database answers,
+            # and an outage logs no error line (README, "When the database fails").
+            log.warning(
+                "submission of %s stopped: the database is unavailable (the submission sweep "
+                "and the scheduler take it up once it answers)",
+                task_id,
+            )
         except Exception:
             log.exception("submission of %s failed unexpectedly", task_id)
 

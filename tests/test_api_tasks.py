@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from service.errors import StoreUnavailable
 from service.retry import Backoff, submit_backoff
 from service.runtime import Runtime
 from service.store import encode_cursor
@@ -1122,6 +1124,24 @@ async def test_a_submission_another_replica_left_unsent_is_sent_by_the_sweep(
     assert done["status"] == "succeeded"
     assert done["submit_attempts"] == 1
     assert len([t for t in app.state.sandbox.tasks.values() if t.provider == "evolink"]) == 1
+
+
+async def test_a_submission_the_database_outage_stops_is_a_warning_not_an_error(
+    app: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage logs no error line (README, "When the database fails"), and the submission
+    sweep takes up what it stopped: it was an error (found by the metrics and logs hunt)."""
+    submitter = app.state.runtime.submitter
+
+    def gone(task_id: str) -> Any:
+        raise StoreUnavailable("gone", details={"reason": "OperationalError"})
+
+    monkeypatch.setattr(submitter.store, "find_task", gone)
+    with caplog.at_level(logging.INFO, logger="service.submitter"):
+        await submitter._submit("tsk_AAAAAAAAAAAAAAAAAAAAAA", 0)
+    (record,) = [r for r in caplog.records if "stopped" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "the database is unavailable" in record.getMessage()
 
 
 async def cut_off_by_the_shutdown(client: httpx.AsyncClient, app: Any, provider: str) -> str:
