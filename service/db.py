@@ -278,7 +278,15 @@ def without_fsync(connection: sa.Connection) -> Iterator[None]:
         try:
             driver.execute(f"PRAGMA synchronous={level}")
         except sqlite3.Error:
-            log.warning("could not restore synchronous=%s; discarding the connection", level)
+            # During a storage fault, which has its own line, this came once per dispatcher
+            # pass, every second (found by the metrics and logs hunt): quiet then.
+            health = _HEALTH.get(connection.engine)
+            faulted = health is not None and health.fault is not None
+            log.log(
+                logging.DEBUG if faulted else logging.WARNING,
+                "could not restore synchronous=%s; discarding the connection",
+                level,
+            )
             connection.invalidate()
 
 
@@ -935,6 +943,23 @@ class StorageHealth:
 
 
 _HEALTH: weakref.WeakKeyDictionary[Engine, StorageHealth] = weakref.WeakKeyDictionary()
+
+
+def writes_worked(engine: Engine) -> None:
+    """A write transaction on ``engine`` committed: a storage fault it recorded is over, and
+    its end logged. Before, only the write check of ``/readyz`` ended one: without a probe
+    the end was never logged, and the next fault of the same kind went unsaid (found by the
+    metrics and logs hunt). A full SQLite disk stays a fault while it has under
+    :data:`MIN_FREE_BYTES` free, as the write check says: a write squeezed into the last
+    bytes is no end of it. Costs a lookup when there is no fault."""
+    health = _HEALTH.get(engine)
+    if health is None or health.fault is None:
+        return
+    if isinstance(health.fault, StoreFull):
+        path = sqlite_path(engine.url.render_as_string(hide_password=False))
+        if path is not None and out_of_room(path):
+            return
+    health.clear()
 
 
 def storage_health(engine: Engine) -> StorageHealth | None:

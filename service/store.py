@@ -33,7 +33,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
-from service.db import WRITE_OPTION, listed, one_of, prebuilt, sync_log, without_fsync
+from service.db import (
+    WRITE_OPTION,
+    listed,
+    one_of,
+    prebuilt,
+    sync_log,
+    without_fsync,
+    writes_worked,
+)
 from service.errors import (
     BadRequest,
     Conflict,
@@ -757,6 +765,7 @@ class Store:
             yield session
             if write:
                 session.commit()
+                writes_worked(self.engine)
                 self._tell(session.info[WRITTEN])
 
     @contextmanager
@@ -774,6 +783,7 @@ class Store:
             connection.execution_options(**{WRITE_OPTION: True})
             with nullcontext() if fsync else without_fsync(connection), connection.begin():
                 yield connection, written
+            writes_worked(self.engine)
             if written.must_sync and not fsync:
                 sync_log(self.engine)
             self._tell(written)

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -44,6 +45,8 @@ from service.db import (
     make_engine,
     migrate,
     storage_fault,
+    storage_health,
+    without_fsync,
 )
 from service.errors import StoreFull, StoreIOError, StoreReadOnly, StoreUnavailable
 from service.settings import Settings
@@ -605,5 +608,61 @@ def test_checking_the_file_never_releases_sqlites_locks(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=30)
         assert wal.exists(), "another process checkpointed and deleted the log under ours"
         holder.close()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("faulted", [True, False])
+def test_a_lost_fsync_setting_is_a_warning_unless_a_storage_fault_is_known(
+    db_path: Path, faulted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a storage fault the dispatcher's every pass logged "could not restore
+    synchronous=FULL", once a second, beside the fault's own line (found by the metrics and
+    logs hunt): quiet while the fault is known, a warning otherwise."""
+    engine = make_engine(f"sqlite:///{db_path}")
+    try:
+        if faulted:
+            health = storage_health(engine)
+            assert health is not None
+            health.record(StoreReadOnly(READ_ONLY_MESSAGE))
+        with (
+            caplog.at_level(logging.DEBUG, logger="service.db"),
+            engine.connect() as connection,
+            without_fsync(connection),
+        ):
+            driver = connection.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            driver.close()  # restoring the setting fails now
+        lost = [r for r in caplog.records if "could not restore synchronous" in r.getMessage()]
+        assert [r.levelno for r in lost] == [logging.DEBUG if faulted else logging.WARNING]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("fault", [StoreReadOnly(READ_ONLY_MESSAGE), StoreFull(FULL_MESSAGE)])
+def test_a_committed_write_ends_a_storage_fault_and_says_so(
+    db_path: Path, fault: StoreUnavailable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only /readyz's write check ended a fault: without a probe, its end was never logged
+    and the next fault of that kind went unsaid (found by the metrics and logs hunt). A
+    write that commits ends it (a full disk: once it has room again)."""
+    from service.store import Store
+
+    engine = make_engine(f"sqlite:///{db_path}")
+    try:
+        health = storage_health(engine)
+        assert health is not None
+        assert isinstance(fault, StoreReadOnly | StoreFull)
+        health.record(fault)
+        store = Store(engine)
+        with caplog.at_level(logging.WARNING, logger="service.db"):
+            with store.transaction(write=False):
+                pass  # a read proves nothing
+            assert health.fault is fault
+            with store.core_transaction() as (connection, _):
+                connection.exec_driver_sql("PRAGMA user_version = 0")
+        assert health.fault is None
+        over = [r.getMessage() for r in caplog.records if "database writes work" in r.getMessage()]
+        assert len(over) == 1 and f"({fault.code} is over)" in over[0]
     finally:
         engine.dispose()
