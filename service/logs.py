@@ -79,6 +79,22 @@ class SecondaryPipelineError(logging.Filter):
 _SECONDARY_PIPELINE_ERROR = SecondaryPipelineError()  # one instance: added once however often
 
 
+class DrainCutOffIsAWarning(logging.Filter):
+    """uvicorn logs "Cancel N running task(s), timeout graceful shutdown exceeded" as an error:
+    the shutdown's budget doing its job (each request cut off gets its 503 and a warning of
+    its own, service/observe.py), not a fault. Logged as a warning, so that error lines stay
+    for real errors (found by the metrics and logs hunt)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if isinstance(message, str) and message.startswith("Cancel %s running task(s)"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_DRAIN_CUT_OFF = DrainCutOffIsAWarning()
+
+
 def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [json_handler(sys.stderr)]
@@ -91,3 +107,4 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("psycopg").addFilter(_SECONDARY_PIPELINE_ERROR)
+    logging.getLogger("uvicorn.error").addFilter(_DRAIN_CUT_OFF)

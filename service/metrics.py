@@ -177,8 +177,9 @@ FAMILIES: dict[str, Family] = {
         Family(
             "callback_receipts_dropped_total",
             "counter",
-            "Callbacks answered and applied whose receipt was not kept: their task keeps the "
-            "most receipts a task keeps (1,000) already.",
+            "Callbacks whose receipt was not kept: their task keeps the most receipts a task "
+            "keeps (1,000) already. Those answered and applied, and those refused (a body "
+            "that cannot be read) alike.",
         ),
         Family(
             "put_aside_missed_total",
