@@ -194,6 +194,26 @@ def post_held(
         )
 
 
+@contextlib.contextmanager
+def callback_held(url: str, body: bytes) -> Iterator[dict[str, httpx.Response]]:
+    """A callback POSTed on a thread of its own, its body held after the first bytes until
+    the block ends; its answer is then ``answers["callback"]``."""
+    release, first_sent = threading.Event(), threading.Event()
+    answers: dict[str, httpx.Response] = {}
+
+    def callback() -> None:
+        answers["callback"] = post_held(url, body, release, first_sent)
+
+    thread = threading.Thread(target=callback)
+    thread.start()
+    try:
+        assert first_sent.wait(WAIT)
+        yield answers
+    finally:
+        release.set()
+        thread.join(WAIT)
+
+
 # --- (a) requests in flight finish; new connections are refused ----------------------------------
 
 
@@ -320,23 +340,11 @@ def test_no_attempt_to_openai_starts_once_the_shutdown_has_begun(
 
     wait_until(retry_planned, "the first attempt's 500 and its retry planned")
     # A callback whose body is still arriving holds the drain open past the retry's time.
-    release, first_sent = threading.Event(), threading.Event()
     body = evolink_completed("task-unified-shutdown-retry")
-    answers: dict[str, httpx.Response] = {}
-
-    def callback() -> None:
-        answers["callback"] = post_held(tracked["callback_url"], body, release, first_sent)
-
-    thread = threading.Thread(target=callback)
-    thread.start()
-    try:
-        assert first_sent.wait(WAIT)
+    with callback_held(tracked["callback_url"], body) as answers:
         relay.process.send_signal(signal.SIGTERM)
         time.sleep(10)  # past the retry's due time (8 s at most), inside the drain
         assert relay.process.poll() is None, "exited with a callback still arriving"
-    finally:
-        release.set()
-        thread.join(WAIT)
     code = relay.process.wait(timeout=EXIT_WITHIN)
     assert code == 0, relay.logs()
     assert answers["callback"].status_code == 200, answers["callback"].text
@@ -643,21 +651,9 @@ def test_a_request_still_arriving_at_the_drains_end_is_answered_503_with_its_id(
     relay = start_relay(tmp_path, "relay", Database(url), cleanup, graceful_timeout="2")
     with httpx.Client(base_url=relay.url, headers=HEADERS, timeout=WAIT) as http:
         tracked = track(http)
-    release, first_sent = threading.Event(), threading.Event()
-    answers: dict[str, httpx.Response] = {}
     body = evolink_completed("task-unified-cut-off")
-
-    def callback() -> None:
-        answers["callback"] = post_held(tracked["callback_url"], body, release, first_sent)
-
-    thread = threading.Thread(target=callback)
-    thread.start()
-    try:
-        assert first_sent.wait(WAIT)
+    with callback_held(tracked["callback_url"], body) as answers:
         code = terminate(relay)
-    finally:
-        release.set()
-        thread.join(WAIT)
     answer = answers["callback"]
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"]["code"] == "cut_off_by_shutdown"
