@@ -169,12 +169,18 @@ def _set_statement_timeout(engine: Engine, parsed: sa.engine.URL, seconds: float
     given = parsed.query.get("options", "")
     if "statement_timeout" in (" ".join(given) if isinstance(given, tuple) else given):
         return
-    statement = f"SET statement_timeout = {round(seconds * 1000)}"
+    set_on_connect(engine, f"SET statement_timeout = {round(seconds * 1000)}")
+
+
+def set_on_connect(engine: Engine, *statements: str) -> None:
+    """Run ``statements`` (session SETs) on each new PostgreSQL connection of ``engine``,
+    committed: a later rollback must not undo them."""
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         with dbapi_connection.cursor() as cursor:
-            cursor.execute(statement)
+            for statement in statements:
+                cursor.execute(statement)
         dbapi_connection.commit()
 
 

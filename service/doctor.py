@@ -37,6 +37,7 @@ from service.db import (
     out_of_room,
     schema_drift,
     schema_revisions,
+    set_on_connect,
     sqlite_path,
     tables_in_the_way,
 )
@@ -494,18 +495,11 @@ def probe_database(
         # Read-only, and no statement longer than the check's timeout: SETs on connecting,
         # not the `options` startup parameter, which PgBouncer refuses and which replaced
         # the URL's own `options`.
-        session = (
+        set_on_connect(
+            engine,
             "SET default_transaction_read_only = on",
             f"SET statement_timeout = {round(timeout * 1000)}",
         )
-
-        @sa.event.listens_for(engine, "connect")
-        def read_only(dbapi_connection: Any, _record: Any) -> None:
-            with dbapi_connection.cursor() as cursor:
-                for statement in session:
-                    cursor.execute(statement)
-            dbapi_connection.commit()
-
     else:
         return DatabaseProbe(where, sqlite=False, error="unsupported database URL")
     found = DatabaseProbe(
