@@ -86,16 +86,15 @@ ImageCount = Annotated[int, Field(ge=1, le=10), BeforeValidator(_json_number)]
 OverlapSeconds = Annotated[int, Field(ge=0, le=7 * 86400), BeforeValidator(_json_number)]
 
 
-def _iso_timestamp(value: Any) -> Any:
-    """An ISO 8601 timestamp, as text, as the query parameters take them: lax validation
-    would also read a number (0, or "1700000000") as Unix seconds."""
+def _iso_timestamp(value: Any) -> datetime:
+    """An ISO 8601 timestamp, as text, as the query parameters take them (lax validation
+    would also read a number, 0 or "1700000000", as Unix seconds), parsed once here."""
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 timestamp string, e.g. 2026-11-20T10:00:00Z")
     try:
-        datetime.fromisoformat(utc_suffix(value.strip()))
+        return datetime.fromisoformat(utc_suffix(value.strip()))
     except ValueError:
         raise ValueError("not an ISO 8601 timestamp; use e.g. 2026-11-20T10:00:00Z") from None
-    return value
 
 
 def utc_suffix(text: str) -> str:
@@ -104,13 +103,7 @@ def utc_suffix(text: str) -> str:
     return text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
 
 
-def _parsed_timestamp(value: Any) -> Any:
-    return datetime.fromisoformat(utc_suffix(value.strip())) if isinstance(value, str) else value
-
-
-ISOTimestamp = Annotated[
-    datetime, BeforeValidator(_parsed_timestamp), BeforeValidator(_iso_timestamp)
-]
+ISOTimestamp = Annotated[datetime, BeforeValidator(_iso_timestamp)]
 
 
 def _once_each(values: list[ValueT]) -> list[ValueT]:

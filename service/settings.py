@@ -424,12 +424,17 @@ def _number(text: str) -> float:
 MAX_SETTING_NUMBER = 1_000_000_000
 
 
+def _refuse_absurd(value: float) -> None:
+    """Refuse a count or a rate over :data:`MAX_SETTING_NUMBER`."""
+    if value > MAX_SETTING_NUMBER:
+        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
+
+
 def _positive_int(text: str) -> int:
     value = _whole_number(text)
     if value <= 0:
         raise Invalid("must be greater than zero")
-    if value > MAX_SETTING_NUMBER:
-        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
+    _refuse_absurd(value)
     return value
 
 
@@ -448,8 +453,7 @@ def _positive_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise Invalid("must be a number greater than zero")
-    if value > MAX_SETTING_NUMBER:
-        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
+    _refuse_absurd(value)
     return value
 
 
@@ -457,8 +461,7 @@ def _non_negative_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value >= 0):
         raise Invalid("must be zero or more")
-    if value > MAX_SETTING_NUMBER:
-        raise Invalid(f"at most {MAX_SETTING_NUMBER}")
+    _refuse_absurd(value)
     return value
 
 
